@@ -1,0 +1,58 @@
+"""Error types shared by the core. Messages never contain patient data.
+
+Every error carries a ``reason``: one of the fixed codes the audit table uses.
+"""
+
+from __future__ import annotations
+
+# Fixed reason codes of the audit table (``schemas.audit``); extend, never rename.
+REASONS = (
+    "not_dicom",
+    "empty",
+    "truncated",
+    "too_deep",
+    "too_large",
+    "invalid_uid",
+    "invalid_value",
+    "refused_by_request",
+    "duplicate_instance",
+    "cannot_transcode",
+    "not_selected",
+    "read_error",
+    "write_error",
+    "internal_error",
+)
+
+
+class DeidError(Exception):
+    """Base class. ``reason`` is an audit reason code."""
+
+    reason = "internal_error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            if reason not in REASONS:
+                raise ValueError(f"unknown reason code {reason!r}; allowed: {', '.join(REASONS)}")
+            self.reason = reason
+
+
+class RequestError(DeidError, ValueError):
+    """The request body (or command line) is refused before any data is touched.
+
+    The message names the offending key and says what is allowed.
+    """
+
+    reason = "refused_by_request"
+
+
+class InputError(DeidError):
+    """An input file cannot be processed (not DICOM, truncated, too deep, ...)."""
+
+    reason = "read_error"
+
+
+class CannotTranscode(DeidError):
+    """The requested transfer syntax cannot be produced without losing data."""
+
+    reason = "cannot_transcode"
