@@ -1,0 +1,176 @@
+"""Reading and writing DICOM bytes: round trips, fresh meta, bad-input classification."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from tests.conftest import SAMPLES, sample
+from transforms import dicomio
+from transforms.errors import InputError
+
+CT = get_testdata_file("CT_small.dcm")
+
+
+def _elements(ds: Dataset) -> dict:
+    return {t: ds[t].value for t in ds.keys() if (t >> 16) != 2 and (t & 0xFFFF) != 0}
+
+
+def test_unchanged_round_trip_is_byte_identical_after_the_meta():
+    data = open(CT, "rb").read()
+    ds = dicomio.read_dataset(data)
+    out = dicomio.write_dataset(ds)
+    original = pydicom.dcmread(BytesIO(data))
+    body_offset = 132 + 12 + original.file_meta.FileMetaInformationGroupLength
+    assert out.endswith(data[body_offset:])
+    reread = pydicom.dcmread(BytesIO(out))
+    assert _elements(reread) == _elements(original)
+
+
+def test_fresh_meta_follows_the_dataset():
+    ds = dicomio.shallow_copy(dicomio.read_dataset(open(CT, "rb").read()))
+    ds.SOPInstanceUID = "1.2.3.4"
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    assert out.SOPInstanceUID == "1.2.3.4"
+    assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert out.file_meta.ImplementationClassUID == dicomio.IMPLEMENTATION_CLASS_UID
+    assert out.preamble == b"\0" * 128
+
+
+def test_shallow_copy_edits_leave_the_input_alone():
+    data = open(CT, "rb").read()
+    ds = dicomio.read_dataset(data)
+    copy = dicomio.shallow_copy(ds)
+    copy.PatientName = "Changed^Name"
+    del copy.StudyDate
+    copy.ReferencedStudySequence = Sequence([Dataset()])
+    copy.ReferencedStudySequence[0].ReferencedSOPInstanceUID = "1.2.3"
+    assert ds.PatientName == "CompressedSamples^CT1"
+    assert ds.StudyDate == "20040119"
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(copy)))
+    assert out.PatientName == "Changed^Name"
+    assert "StudyDate" not in out
+    assert out.ReferencedStudySequence[0].ReferencedSOPInstanceUID == "1.2.3"
+    assert out.PixelData == pydicom.dcmread(CT).PixelData
+
+
+def test_implicit_input_written_as_explicit_on_request():
+    data = open(get_testdata_file("MR_small_implicit.dcm"), "rb").read()
+    ds = dicomio.read_dataset(data)
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds, "1.2.840.10008.1.2.1")))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert out.original_encoding == (False, True)
+    assert _elements(out) == _elements(pydicom.dcmread(BytesIO(data)))
+
+
+def test_deflated_output_reads_back():
+    ds = dicomio.read_dataset(open(CT, "rb").read())
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds, "1.2.840.10008.1.2.1.99")))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    assert out.PatientName == "CompressedSamples^CT1"
+    assert out.PixelData == pydicom.dcmread(CT).PixelData
+
+
+def test_every_shared_sample_round_trips(samples):
+    checked = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            ds = dicomio.read_dataset(data)
+        except InputError as exc:
+            assert exc.reason == "invalid_uid", path.name  # the C-FIND query file has no SOP UIDs
+            continue
+        out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+        assert _elements(out) == _elements(pydicom.dcmread(BytesIO(data), force=True)), path.name
+        checked += 1
+    assert checked >= 150
+
+
+def test_file_without_meta_header_is_read(samples):
+    data = sample("TransferSyntaxes/1.2.840.10008.1.2.dcm").read_bytes()
+    assert data[128:132] != b"DICM"
+    ds = dicomio.read_dataset(data)
+    assert dicomio.transfer_syntax_of(ds) == "1.2.840.10008.1.2"
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert out.SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d: b"", "empty"),
+        (lambda d: b"hello world, not DICOM at all" * 10, "not_dicom"),
+        (lambda d: b"\0" * 128 + b"DICM" + b"\xff" * 40, "not_dicom"),
+        (lambda d: d[: len(d) - 1000], "truncated"),
+        (lambda d: d[: len(d) - 3], "truncated"),
+    ],
+    ids=["empty", "text", "bad-meta", "truncated-pixels", "truncated-header"],
+)
+def test_bad_input_gets_a_reason(make, reason):
+    data = open(CT, "rb").read()
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(make(data))
+    assert info.value.reason == reason
+
+
+def test_absurd_length_is_truncation():
+    data = bytearray(open(CT, "rb").read())
+    ds = pydicom.dcmread(BytesIO(bytes(data)))
+    raw = ds._dict[0x00100010]  # PatientName, explicit VR: 2-byte length before the value
+    struct.pack_into("<H", data, raw.value_tell - 2, 0xFFF0)
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(bytes(data))
+    assert info.value.reason in ("truncated", "not_dicom")
+    assert "CompressedSamples" not in str(info.value)
+
+
+def _nested(depth: int) -> bytes:
+    """Explicit VR LE data set with ``depth`` undefined-length nested sequences."""
+    item_start = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    seq_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    seq_start = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+    body = (seq_start + item_start) * depth + (item_end + seq_end) * depth
+    meta = dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.840.10008.1.2.1")
+    return meta + body
+
+
+def test_deep_nesting_is_too_deep():
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(_nested(20000), check_uids=False)
+    assert info.value.reason == "too_deep"
+
+
+def test_missing_and_malformed_uids():
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = "../../etc/passwd"
+    buf = BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(buf.getvalue())
+    assert info.value.reason == "invalid_uid"
+    assert "passwd" not in str(info.value)
+    ds.SOPInstanceUID = "1.2.3.4"
+    del ds.StudyInstanceUID
+    buf = BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InputError, match="StudyInstanceUID is missing"):
+        dicomio.read_dataset(buf.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("uid", "valid"),
+    [("1.2.840.10008.1.2", True), ("2.25.123", True), ("", False), ("1..2", False), ("1.2.", False),
+     ("1.2.a", False), ("1" * 65, False), ("../x", False)],
+)
+def test_uid_syntax(uid, valid):
+    assert dicomio.is_valid_uid(uid) is valid
