@@ -26,6 +26,7 @@ from typing import Any
 
 from pydicom import config as _pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -141,17 +142,32 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
         raise InputError(f"unreadable DICOM structure ({type(exc).__name__})", reason="not_dicom") from None
     if not ds._dict:
         raise InputError("no data elements after the file meta header", reason="not_dicom")
-    _attach_source(ds, data)
+    _attach_source(ds, data)  # first: truncation explains missing identifiers
     if check_uids:
         check_identifiers(ds)
     return ds
+
+
+def peek(ds: Dataset, keyword_or_tag: str | int) -> Any:
+    """The value of a top-level element without converting it in place (None if absent).
+
+    ``ds.get()`` stores the decoded element back into the data set, which would make
+    :func:`write_dataset` re-encode it instead of copying its original bytes.
+    """
+    tag = keyword_or_tag if isinstance(keyword_or_tag, int) else tag_for_keyword(keyword_or_tag)
+    elem = ds._dict.get(tag) if tag is not None else None
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        elem = convert_raw_data_element(elem, encoding=_character_set(ds), ds=ds)
+    return elem.value
 
 
 def check_identifiers(ds: Dataset) -> None:
     """Refuse a data set whose main identifiers are missing or malformed."""
     for keyword in REQUIRED_UIDS:
         try:
-            value = ds.get(keyword)
+            value = peek(ds, keyword)
         except Exception as exc:  # undecodable raw value
             raise InputError(f"{keyword} cannot be decoded ({type(exc).__name__})", reason="invalid_uid") from None
         if value is None or str(value).strip(" \0") == "":
@@ -281,7 +297,7 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
 
 
 def _uid_value(ds: Dataset, keyword: str, fallback: str) -> str:
-    value = ds.get(keyword)
+    value = peek(ds, keyword)
     return str(value).strip(" \0") if value else fallback
 
 
@@ -384,6 +400,7 @@ __all__ = [
     "check_identifiers",
     "encode_file_meta",
     "is_valid_uid",
+    "peek",
     "read_dataset",
     "shallow_copy",
     "transfer_syntax_of",
