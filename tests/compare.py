@@ -1,0 +1,342 @@
+"""Tag-by-tag comparison of our output with Orthanc's, for the differential tests.
+
+``compare_datasets(ours, reference, uids=...)`` walks both datasets (file meta included,
+recursing into sequences) and returns a list of ``Difference``: each names the tag keyword, the
+path of sequence items leading to it and both values, so a failing test prints exactly what
+differs.
+
+Regenerated identifiers cannot be equal (Orthanc draws random DCMTK UIDs and UUIDs, we derive
+``2.25.<int>`` UIDs and pseudonyms from a key), so they are compared by *structure* instead:
+``UidStructure`` maps every identifier Orthanc generated to ours and reports a difference when
+the mapping stops being a bijection (Orthanc gave two elements the same new value and we gave
+them different ones, or the reverse), when Orthanc kept an original identifier and we changed
+it, or when Orthanc regenerated one and we kept the original. One ``UidStructure`` shared over
+all instances of a study checks cross-instance references too (ReferencedSOPInstanceUID equal
+to another instance's new SOPInstanceUID, a shared FrameOfReferenceUID, ...).
+
+``split_deliberate`` separates the differences listed in a test module's table of deliberate
+differences from the unexpected ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.datadict import keyword_for_tag
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
+FILE_META_GROUP = 0x0002
+
+# File-meta elements that name the writing software or depend on it: never compared.
+SOFTWARE_META_TAGS = frozenset({
+    0x00020000,  # FileMetaInformationGroupLength (depends on the version name length)
+    0x00020012,  # ImplementationClassUID
+    0x00020013,  # ImplementationVersionName
+    0x00020016,  # SourceApplicationEntityTitle
+})
+
+# Identifier tags compared structurally even though their VR is not UI.
+STRUCTURAL_NON_UI_TAGS = frozenset({
+    0x00100020,  # PatientID: Orthanc draws a UUID, we derive a keyed pseudonym
+})
+
+Path = tuple[tuple[int, int], ...]  # ((sequence tag, item index), ...)
+
+
+def tag_name(tag: int) -> str:
+    """Keyword if the tag has one, else ``gggg,eeee``."""
+    keyword = keyword_for_tag(tag)
+    return keyword or f"{tag >> 16:04x},{tag & 0xFFFF:04x}"
+
+
+def format_path(path: Path, tag: int) -> str:
+    parts = [f"{tag_name(seq)}[{index}]" for seq, index in path]
+    parts.append(tag_name(tag))
+    return ".".join(parts) + f" ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _short(value: Any, limit: int = 96) -> str:
+    if isinstance(value, bytes):
+        head = value[:24].hex()
+        return f"<{len(value)} bytes {head}{'...' if len(value) > 24 else ''}>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """One difference between our dataset and Orthanc's (``reference``)."""
+
+    path: Path
+    tag: int
+    kind: str  # 'missing' (absent in ours), 'extra' (absent in Orthanc's), 'vr', 'value',
+    # 'items' (sequence lengths), 'uid-structure'
+    ours: Any
+    reference: Any
+    detail: str = ""
+
+    @property
+    def keyword(self) -> str:
+        return tag_name(self.tag)
+
+    @property
+    def nested(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        where = format_path(self.path, self.tag)
+        text = f"{where}: {self.kind}: ours={_short(self.ours)} orthanc={_short(self.reference)}"
+        return f"{text} [{self.detail}]" if self.detail else text
+
+
+def element_value(elem: DataElement) -> Any:
+    """A comparable, printable form of a non-sequence element's value."""
+    value = elem.value
+    if value is None:
+        return ""
+    if elem.VR in BINARY_VRS or isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (list, MultiValue)):
+        return tuple(_scalar(v) for v in value)
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        original = getattr(value, "original_string", None)  # DS/IS keep the text they came from
+        return original.strip() if isinstance(original, str) else value
+    if isinstance(value, bytes):
+        return value
+    return str(value).rstrip(" \x00")
+
+
+def identifier_value(elem: DataElement) -> str | None:
+    """The whole value of an identifier element as one string (how Orthanc maps it)."""
+    if elem.VR == "SQ":
+        return None
+    value = element_value(elem)
+    if isinstance(value, tuple):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").rstrip(" \x00")
+    return str(value)
+
+
+def is_identifier(elem: DataElement) -> bool:
+    return elem.VR == "UI" or int(elem.tag) in STRUCTURAL_NON_UI_TAGS
+
+
+class UidStructure:
+    """A bijection between identifiers Orthanc generated and ours, built across datasets.
+
+    ``originals``: every identifier value of the *input* datasets (see ``collect_identifiers``).
+    A reference value in it was kept by Orthanc; any other reference value was generated (or
+    given by the request) and must correspond to exactly one value of ours, and vice versa.
+    """
+
+    def __init__(self, originals: Iterable[str]) -> None:
+        self.originals = frozenset(originals)
+        self.forward: dict[str, str] = {}  # Orthanc's value -> ours
+        self.backward: dict[str, str] = {}  # ours -> Orthanc's value
+        self.first_seen: dict[str, str] = {}  # Orthanc's value -> where first mapped
+
+    def check(self, path: Path, tag: int, ours: str, reference: str,
+              where: str = "") -> Difference | None:
+        location = (where + ": " if where else "") + format_path(path, tag)
+        if reference == ours:
+            if reference in self.originals or reference == "":
+                return None
+            # A value given by the request (e.g. Replace StudyInstanceUID "1.2.3.4"): it still
+            # takes part in the bijection.
+        elif reference in self.originals:
+            return Difference(path, tag, "uid-structure", ours, reference,
+                              "Orthanc kept the original identifier, we changed it")
+        elif ours in self.originals:
+            return Difference(path, tag, "uid-structure", ours, reference,
+                              "Orthanc generated a new identifier, we kept the original")
+        mapped = self.forward.get(reference)
+        if mapped is not None and mapped != ours:
+            return Difference(
+                path, tag, "uid-structure", ours, reference,
+                f"Orthanc uses this new value also at {self.first_seen[reference]}, where ours "
+                f"is {_short(mapped)}")
+        previous = self.backward.get(ours)
+        if previous is not None and previous != reference:
+            return Difference(
+                path, tag, "uid-structure", ours, reference,
+                f"ours equals the value at {self.first_seen[previous]}, where Orthanc has "
+                f"{_short(previous)}")
+        if mapped is None:
+            self.forward[reference] = ours
+            self.backward[ours] = reference
+            self.first_seen[reference] = location
+        return None
+
+
+def iter_identifiers(ds: Dataset, extra: frozenset[int] = frozenset()) -> Iterator[str]:
+    """Every identifier value (UI elements, PatientID, ``extra`` tags) anywhere in ``ds``."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        yield from _identifiers_in(meta, extra)
+    yield from _identifiers_in(ds, extra)
+
+
+def _identifiers_in(ds: Dataset, extra: frozenset[int]) -> Iterator[str]:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                yield from _identifiers_in(item, extra)
+        elif is_identifier(elem) or int(elem.tag) in extra:
+            value = identifier_value(elem)
+            if value:
+                yield value
+
+
+def collect_identifiers(datasets: Iterable[Dataset], extra_tags: Iterable[int] = ()) -> set[str]:
+    """Identifier values of the input datasets: what ``UidStructure`` calls originals."""
+    extra = frozenset(int(t) for t in extra_tags)
+    found: set[str] = set()
+    for ds in datasets:
+        found.update(iter_identifiers(ds, extra))
+    return found
+
+
+def compare_datasets(ours: Dataset, reference: Dataset, *, uids: UidStructure,
+                     structural_tags: Iterable[int] = (), where: str = "") -> list[Difference]:
+    """Every difference between ``ours`` and Orthanc's ``reference``, file meta included.
+
+    Identifier elements (VR UI, PatientID and ``structural_tags``) are checked through
+    ``uids``; all other elements must be equal (VR and value). ``where`` labels the dataset
+    in structural messages (e.g. the source file name).
+    """
+    extra = frozenset(int(t) for t in structural_tags)
+    differences: list[Difference] = []
+    ours_meta = getattr(ours, "file_meta", None) or Dataset()
+    ref_meta = getattr(reference, "file_meta", None) or Dataset()
+    _compare_level(ours_meta, ref_meta, (), uids, extra, where, differences,
+                   skip=SOFTWARE_META_TAGS)
+    _compare_level(ours, reference, (), uids, extra, where, differences,
+                   skip=frozenset(), skip_group=FILE_META_GROUP)
+    return differences
+
+
+def _compare_level(ours: Dataset, reference: Dataset, path: Path, uids: UidStructure,
+                   extra: frozenset[int], where: str, out: list[Difference],
+                   skip: frozenset[int], skip_group: int | None = None) -> None:
+    tags = sorted(set(ours.keys()) | set(reference.keys()))
+    for raw_tag in tags:
+        tag = int(raw_tag)
+        if tag in skip:
+            continue
+        if tag >> 16 == skip_group:
+            continue  # group 2 inside the dataset proper: compared through file_meta
+        in_ours, in_ref = raw_tag in ours, raw_tag in reference
+        if not in_ref:
+            elem = ours[raw_tag]
+            out.append(Difference(path, tag, "extra", _display(elem), None))
+            continue
+        if not in_ours:
+            elem = reference[raw_tag]
+            out.append(Difference(path, tag, "missing", None, _display(elem)))
+            continue
+        mine, theirs = ours[raw_tag], reference[raw_tag]
+        if mine.VR != theirs.VR:
+            out.append(Difference(path, tag, "vr", mine.VR, theirs.VR,
+                                  f"values ours={_short(_display(mine))} "
+                                  f"orthanc={_short(_display(theirs))}"))
+            continue
+        if mine.VR == "SQ":
+            mine_items, their_items = list(mine.value or []), list(theirs.value or [])
+            if len(mine_items) != len(their_items):
+                out.append(Difference(path, tag, "items", len(mine_items), len(their_items)))
+            for index, (a, b) in enumerate(zip(mine_items, their_items)):
+                _compare_level(a, b, path + ((tag, index),), uids, extra, where, out,
+                               skip=frozenset())
+            continue
+        if is_identifier(mine) or tag in extra:
+            a, b = identifier_value(mine), identifier_value(theirs)
+            assert a is not None and b is not None
+            problem = uids.check(path, tag, a, b, where)
+            if problem is not None:
+                out.append(problem)
+            continue
+        a, b = element_value(mine), element_value(theirs)
+        if a != b:
+            out.append(Difference(path, tag, "value", a, b))
+
+
+def _display(elem: DataElement) -> Any:
+    if elem.VR == "SQ":
+        return f"<sequence of {len(elem.value or [])} items>"
+    try:
+        return element_value(elem)
+    except Exception as error:  # a value pydicom cannot decode: show why, keep comparing
+        return f"<undecodable: {type(error).__name__}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Deliberate:
+    """A known, deliberate difference with its reason.
+
+    Matches a ``Difference`` whose ``tag & mask == value`` (a single tag, or a range such as
+    overlay data 60xx,3000), whose kind is one of ``kinds`` (empty = any kind), at the depth
+    ``where`` ('any', 'top' or 'nested').
+    """
+
+    name: str
+    mask: int
+    value: int
+    kinds: frozenset[str]
+    where: str
+    reason: str
+
+    def matches(self, difference: Difference) -> bool:
+        if difference.tag & self.mask != self.value:
+            return False
+        if self.kinds and difference.kind not in self.kinds:
+            return False
+        if self.where == "top":
+            return not difference.nested
+        if self.where == "nested":
+            return difference.nested
+        return True
+
+
+def deliberate(tag: str | int, kinds: Iterable[str] = (), where: str = "any", *,
+               reason: str, mask: int = 0xFFFFFFFF) -> Deliberate:
+    """A table entry: ``tag`` is a keyword or an int; ``mask`` selects a range of tags."""
+    value = int(Tag(tag)) if isinstance(tag, str) else int(BaseTag(tag))
+    if where not in ("any", "top", "nested"):
+        raise ValueError(f"where must be 'any', 'top' or 'nested', not {where!r}")
+    name = tag if isinstance(tag, str) else f"{value >> 16:04x},{value & 0xFFFF:04x}"
+    if mask != 0xFFFFFFFF:
+        name = "".join(c if (mask >> (4 * (7 - i))) & 0xF else "x"
+                       for i, c in enumerate(f"{value:08x}"))
+        name = f"{name[:4]},{name[4:]}"
+    return Deliberate(name, mask, value & mask, frozenset(kinds), where, reason)
+
+
+def split_deliberate(differences: Iterable[Difference], table: Iterable[Deliberate]
+                     ) -> tuple[list[Difference], list[tuple[Difference, Deliberate]]]:
+    """(unexpected differences, [(deliberate difference, its table entry)])."""
+    rules = list(table)
+    unexpected: list[Difference] = []
+    known: list[tuple[Difference, Deliberate]] = []
+    for difference in differences:
+        rule = next((r for r in rules if r.matches(difference)), None)
+        if rule is None:
+            unexpected.append(difference)
+        else:
+            known.append((difference, rule))
+    return unexpected, known
+
+
+def format_differences(differences: Iterable[Difference], header: str = "") -> str:
+    lines = [str(d) for d in differences]
+    return "\n".join(([header] if header else []) + ["  " + line for line in lines])
