@@ -21,9 +21,13 @@ differences from the unexpected ones.
 from __future__ import annotations
 
 import dataclasses
+import re
+from io import BytesIO
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import pydicom
+import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.datadict import keyword_for_tag
@@ -340,3 +344,67 @@ def split_deliberate(differences: Iterable[Difference], table: Iterable[Delibera
 def format_differences(differences: Iterable[Difference], header: str = "") -> str:
     lines = [str(d) for d in differences]
     return "\n".join(([header] if header else []) + ["  " + line for line in lines])
+
+
+# --- Running our side -------------------------------------------------------------------
+
+#: The key of our side in every differential test (one key per comparison = one Orthanc job).
+KEY_BYTES = b"k" * 32
+
+
+def engine_modules() -> tuple[Any, Any, Any, Any]:
+    """(request, engine, identity, dicomio), or skip while the engine is not importable."""
+    try:
+        from transforms import dicomio, engine, identity, request
+    except ImportError as error:
+        pytest.skip(f"engine modules not importable yet: {error}")
+    return request, engine, identity, dicomio
+
+
+def ours_for(plan: Any, data: bytes, key_bytes: bytes = KEY_BYTES) -> Dataset:
+    """Our result for one file, written and read back (as downloaded from Orthanc)."""
+    _, engine, identity, dicomio = engine_modules()
+    key = identity.Key.from_bytes(key_bytes)
+    out = engine.apply(plan, dicomio.read_dataset(data), key)
+    return pydicom.dcmread(BytesIO(dicomio.write_dataset(out)))
+
+
+_STEP = re.compile(r"^(?:\((?P<tag>[0-9a-fA-F]{4},[0-9a-fA-F]{4})\)|(?P<kw>[A-Za-z0-9]+))"
+                   r"(?:\[(?P<index>\d+)\])?$")
+
+
+def value_at(ds: Dataset, path: str) -> Any:
+    """The value at ``Seq[0].(gggg,eeee)[1].Keyword`` (None when any step is absent)."""
+    current: Any = ds
+    for step in path.split("."):
+        match = _STEP.match(step)
+        assert match, f"bad path step {step!r}"
+        tag: Any = (int(match["tag"].replace(",", ""), 16) if match["tag"] else match["kw"])
+        if tag not in current:
+            return None
+        elem = current[tag]
+        if match["index"] is not None:
+            items = elem.value or []
+            index = int(match["index"])
+            if index >= len(items):
+                return None
+            current = items[index]
+        else:
+            current = elem
+    value = current.value
+    if isinstance(value, (list, MultiValue)):
+        return tuple(str(v) for v in value)
+    if value is None:
+        return ""
+    if isinstance(value, bytes) or (isinstance(value, int) and current.VR not in ("IS", "DS")):
+        return value  # binary, US/SS/UL/SL/AT
+    return str(value)
+
+
+def check_expectations(ds: Dataset, expect: dict[str, Any], side: str) -> list[str]:
+    problems = []
+    for path, wanted in expect.items():
+        got = value_at(ds, path)
+        if got != wanted:
+            problems.append(f"{side}: {path} = {got!r}, expected {wanted!r}")
+    return problems

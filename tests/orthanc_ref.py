@@ -113,13 +113,54 @@ class OrthancClient:
         """POST /instances/{id}/anonymize: the anonymized file (not stored)."""
         return self.post_json(f"/instances/{instance_id}/anonymize", body)
 
+    def run_job(self, level: str, resource_id: str, operation: str,
+                body: dict[str, Any]) -> dict[str, Any]:
+        """POST /{level}/{id}/{operation} synchronously: the job content (results stored)."""
+        answer = self.post_json(f"/{level}/{resource_id}/{operation}", {**body, "Synchronous": True})
+        return dict(json.loads(answer))
+
     def modify_study(self, study_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST /studies/{id}/modify, synchronous: the job content (new study stored)."""
-        return json.loads(self.post_json(f"/studies/{study_id}/modify", {**body, "Synchronous": True}))
+        return self.run_job("studies", study_id, "modify", body)
 
     def anonymize_study(self, study_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST /studies/{id}/anonymize, synchronous: the job content (new study stored)."""
-        return json.loads(self.post_json(f"/studies/{study_id}/anonymize", {**body, "Synchronous": True}))
+        return self.run_job("studies", study_id, "anonymize", body)
+
+    def upload_study(self, relatives: list[str]) -> tuple[str, dict[str, str]]:
+        """Store the sample files of one study so that the study holds exactly them.
+
+        Returns (Orthanc study id, {Orthanc instance id: relative path}). Instances of that
+        study uploaded earlier by other tests are deleted first, so study-level jobs see
+        exactly ``relatives``.
+        """
+        by_id = {self.upload_sample(relative): relative for relative in relatives}
+        studies = {self.instance_parent(instance, "study") for instance in by_id}
+        if len(studies) != 1:
+            raise AssertionError(f"{relatives} span {len(studies)} studies")
+        [study] = studies
+        for instance in self.study_instances(study):
+            if instance not in by_id:
+                self.delete("instances", instance)
+        if set(self.study_instances(study)) != set(by_id):
+            raise AssertionError(f"study {study} does not hold exactly {relatives}")
+        return study, by_id
+
+    def job_results(self, job: dict[str, Any], source_level_metadata: str
+                    ) -> dict[str, bytes]:
+        """{source instance id: result file} for the study a job produced.
+
+        ``source_level_metadata`` is 'ModifiedFrom' or 'AnonymizedFrom'.
+        """
+        if job.get("Type") != "Study":
+            raise AssertionError(f"expected a Study job result, got {job!r}")
+        results: dict[str, bytes] = {}
+        for instance in self.study_instances(str(job["ID"])):
+            source = self.metadata("instances", instance, source_level_metadata)
+            if source is None:
+                raise AssertionError(f"instance {instance} has no {source_level_metadata}")
+            results[source] = self.instance_file(instance)
+        return results
 
     def study_instances(self, study_id: str) -> list[str]:
         return sorted(str(item["ID"]) for item in self.get_json(f"/studies/{study_id}/instances"))

@@ -1,0 +1,287 @@
+"""Differential test: our /modify against a live Orthanc 1.10.1, tag by tag.
+
+Each case sends one body to Orthanc (``POST /instances/{id}/modify``, or a study/series job)
+and runs the same body through our engine on the same file, then compares every element
+(file meta included, recursively into sequences) except the UIDs that both sides regenerate;
+those are compared by structure (``tests/compare.py``). A few exact values per case make sure
+the body did what it says on both sides.
+
+Differences we keep on purpose are listed in ``DELIBERATE_DIFFERENCES`` with their reason.
+Needs ``/usr/sbin/Orthanc`` (skipped otherwise) and ``../shared/dicom-samples``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from io import BytesIO
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.compare import (
+    Deliberate,
+    UidStructure,
+    check_expectations,
+    collect_identifiers,
+    compare_datasets,
+    deliberate,
+    engine_modules,
+    format_differences,
+    ours_for,
+    split_deliberate,
+)
+from tests.conftest import SAMPLES, sample
+from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
+
+pytestmark = pytest.mark.orthanc
+
+#: Differences between our output and Orthanc 1.10.1's that we keep on purpose.
+DELIBERATE_DIFFERENCES: list[Deliberate] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class ModifyCase:
+    """One body on one sample file; ``expect`` maps a path to the value both outputs must have
+    (None = absent)."""
+
+    name: str
+    file: str
+    body: dict[str, Any]
+    expect: dict[str, Any]
+
+
+_PDF_LIKE = b"%PDF-1.4 not really a document\n"
+_SECRET = b"secret!!"
+_OW_BYTES = bytes(range(16))
+
+
+def _data_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
+CASES = [
+    ModifyCase(
+        "replace-strings", "DummyCT.dcm",
+        {"Replace": {"PatientName": "hello", "StudyDescription": "Some study"}},
+        {"PatientName": "hello", "StudyDescription": "Some study"}),
+    ModifyCase(  # TC-01 test_modify_instance
+        "remove-private-tags", "PrivateTags.dcm",
+        {"Replace": {"PatientName": "hello"}, "Remove": ["StationName"], "RemovePrivateTags": True},
+        {"PatientName": "hello", "StationName": None, "(6003,1010)": None, "(7fe1,1001)": None}),
+    ModifyCase(
+        "remove-tags", "Knee/T1/IM-0001-0001.dcm",
+        {"Remove": ["StationName", "InstitutionName", "0008-0090", "ReferencedImageSequence",
+                    "0010,1000"]},
+        {"StationName": None, "InstitutionName": None, "ReferringPhysicianName": None,
+         "ReferencedImageSequence": None, "OtherPatientIDs": None, "PatientID": "887"}),
+    ModifyCase(  # orthanc-behavior.md section 13
+        "keep-sop-with-force", "Brainix/Flair/IM-0001-0001.dcm",
+        {"Replace": {"PatientName": "Jodogne", "InstitutionName": "Nowhere"},
+         "Keep": ["SOPInstanceUID"], "Force": True},
+        {"PatientName": "Jodogne", "InstitutionName": "Nowhere",
+         "SOPInstanceUID": "1.3.46.670589.11.0.0.11.4.2.0.8743.5.5396.2006120114314079549"}),
+    ModifyCase(  # TC-25 test_modify_subsequences (instance route)
+        "subsequence-paths", "Issue22-NoPixelData.dcm",
+        {"Replace": {
+            "PatientName": "Hello1",
+            "DimensionIndexSequence[1].DimensionDescriptionLabel": "Hello2",
+            "DimensionIndexSequence[*].PatientName": "Hello3",
+            "ReferencedImageEvidenceSequence[2].ReferencedSeriesSequence[0]"
+            ".ReferencedSOPSequence[0].ReferencedSOPInstanceUID": "Hello4",
+            "DimensionOrganizationSequence[0].DimensionOrganizationUID": "1.2.3.4"},
+         "Remove": [
+            "ReferencedPerformedProcedureStepSequence",
+            "PerformedProtocolCodeSequence[0].CodeValue",
+            "SharedFunctionalGroupsSequence[*].ReferencedImageSequence[*].ReferencedSOPInstanceUID",
+            "SharedFunctionalGroupsSequence[*].ReferencedImageSequence[1].ReferencedSOPClassUID",
+            "SharedFunctionalGroupsSequence[2].ReferencedImageSequence"]},
+        {"PatientName": "Hello1",
+         "DimensionIndexSequence[0].DimensionDescriptionLabel": "Stack ID",
+         "DimensionIndexSequence[1].DimensionDescriptionLabel": "Hello2",
+         "DimensionIndexSequence[2].PatientName": "Hello3",
+         "ReferencedImageEvidenceSequence[2].ReferencedSeriesSequence[0]"
+         ".ReferencedSOPSequence[0].ReferencedSOPInstanceUID": "Hello4",
+         "ReferencedPerformedProcedureStepSequence": None,
+         "PerformedProtocolCodeSequence[0].CodeValue": None,
+         "SharedFunctionalGroupsSequence[0].ReferencedImageSequence[1].ReferencedSOPInstanceUID": None,
+         "SharedFunctionalGroupsSequence[0].ReferencedImageSequence[1].ReferencedSOPClassUID": None,
+         "SharedFunctionalGroupsSequence[0].ReferencedImageSequence[2].ReferencedSOPClassUID":
+             "1.2.840.10008.5.1.4.1.1.4.1",
+         "DimensionOrganizationSequence[0].DimensionOrganizationUID": "1.2.3.4"}),
+    ModifyCase(
+        "private-subsequence-paths", "Issue22-NoPixelData.dcm",
+        {"Replace": {"PerFrameFunctionalGroupsSequence[*].2005,140f[*].SOPInstanceUID": "1.2.3",
+                     "(5200,9230)[1].2005,140f[0].(0008,0023)": "20010101"},
+         "Remove": ["PerFrameFunctionalGroupsSequence[*].2005,140f[*].(0008,0033)",
+                    "PerFrameFunctionalGroupsSequence[3].FrameContentSequence"]},
+        {"PerFrameFunctionalGroupsSequence[5].(2005,140f)[0].SOPInstanceUID": "1.2.3",
+         "PerFrameFunctionalGroupsSequence[1].(2005,140f)[0].ContentDate": "20010101",
+         "PerFrameFunctionalGroupsSequence[2].(2005,140f)[0].ContentDate": "20141008",
+         "PerFrameFunctionalGroupsSequence[2].(2005,140f)[0].ContentTime": None,
+         "PerFrameFunctionalGroupsSequence[3].FrameContentSequence": None}),
+    ModifyCase(  # TC-08 test_modify_sequence
+        "replace-sequence-json", "PrivateTags.dcm",
+        {"Replace": {"PatientName": "hello", "ReferencedStudySequence": [
+            {"StudyDescription": "Hello^", "ReferencedStudySequence": [
+                {"StudyDescription": "Toto"}, {"StudyDescription": "Tata"}]},
+            {"StudyDescription": "Sebastien^", "StudyDate": "19700202"}]}},
+        {"ReferencedStudySequence[0].ReferencedStudySequence[1].StudyDescription": "Tata",
+         "ReferencedStudySequence[1].StudyDate": "19700202"}),
+    ModifyCase(
+        "data-uri-binary", "sample-pdf.dcm",
+        {"Replace": {
+            "EncryptedContent": _data_uri(_SECRET),
+            "RedPaletteColorLookupTableData": _data_uri(_OW_BYTES),
+            "EncryptedAttributesSequence": [
+                {"EncryptedContentTransferSyntaxUID": "1.2.840.10008.1.2.1",
+                 "EncryptedContent": _data_uri(_SECRET)}]}},
+        {"EncryptedContent": _SECRET, "RedPaletteColorLookupTableData": _OW_BYTES,
+         "EncryptedAttributesSequence[0].EncryptedContent": _SECRET}),
+    ModifyCase(  # level detected as Study: new Series and SOP UIDs too
+        "study-level-by-replace", "Brainix/Epi/IM-0001-0001.dcm",
+        {"Replace": {"StudyInstanceUID": "1.2.3.4.5", "StudyDescription": "moved"}, "Force": True},
+        {"StudyInstanceUID": "1.2.3.4.5", "StudyDescription": "moved"}),
+    ModifyCase(
+        "series-level-by-replace", "Knee/T2/IM-0001-0001.dcm",
+        {"Replace": {"SeriesInstanceUID": "1.2.3.4.6", "SeriesDescription": "re-series"},
+         "Force": True},
+        {"SeriesInstanceUID": "1.2.3.4.6",
+         "StudyInstanceUID": "2.16.840.1.113669.632.20.121711.10000160881"}),
+    ModifyCase(
+        "patient-level-by-replace", "DicomSeg.dcm",
+        {"Replace": {"PatientID": "new-patient", "PatientName": "New^Patient"}, "Force": True},
+        {"PatientID": "new-patient", "PatientName": "New^Patient"}),
+    ModifyCase(
+        "insert-absent-tags", "Knee/T1/IM-0001-0002.dcm",
+        {"Replace": {"PatientComments": "added", "0010,21b0": "history", "ImageComments": "c"}},
+        {"PatientComments": "added", "AdditionalPatientHistory": "history", "ImageComments": "c"}),
+    ModifyCase(
+        "null-and-empty", "Brainix/Epi/IM-0001-0002.dcm",
+        {"Replace": {"InstitutionName": None, "StudyDescription": "",
+                     "ReferencedImageSequence": "", "PatientWeight": ""}},
+        {"InstitutionName": "", "StudyDescription": "", "PatientWeight": ""}),
+    ModifyCase(  # UTF-8 in the body, ISO_IR 100 in the file
+        "non-ascii-latin1", "Brainix/Flair/IM-0001-0005.dcm",
+        {"Replace": {"PatientName": "J\u00f6dogne^S\u00e9bastien", "StudyDescription": "cr\u00e2ne"}},
+        {"PatientName": "J\u00f6dogne^S\u00e9bastien", "StudyDescription": "cr\u00e2ne",
+         "SpecificCharacterSet": "ISO_IR 100"}),
+    ModifyCase(  # no SpecificCharacterSet in the file
+        "non-ascii-no-charset", "PrivateTags.dcm",
+        {"Replace": {"InstitutionName": "S\u00e9bastien"}},
+        {"InstitutionName": "S\u00e9bastien"}),
+    ModifyCase(  # TC-35 test_bitbucket_issue_140, on a file without that private block
+        "private-tag-with-creator", "DummyCT.dcm",
+        {"Replace": {"RadioButton3": "aaabbbccc"}, "PrivateCreator": "RadioLogic"},
+        {"(4321,1012)": "aaabbbccc"}),
+    ModifyCase(
+        "keep-beats-replace-beats-remove", "Brainix/Flair/IM-0001-0002.dcm",
+        {"Remove": ["StationName", "InstitutionName", "Manufacturer"],
+         "Replace": {"InstitutionName": "x", "StationName": "y"}, "Keep": ["StationName"]},
+        {"StationName": "intera", "InstitutionName": "x", "Manufacturer": None}),
+    ModifyCase(  # JSON members are visited in sorted order: the last spelling wins
+        "tag-spellings", "DummyCT.dcm",
+        {"Replace": {"0008,1030": "comma", "0008-103E": "dash", "00081030": "plain",
+                     "(0008,1090)": "parenthesised"}},
+        {"StudyDescription": "plain", "SeriesDescription": "dash",
+         "ManufacturerModelName": "parenthesised"}),
+    ModifyCase(  # TC-24 test_modify_attribute for AT
+        "numeric-and-at-values", "Knee/T1/IM-0001-0003.dcm",
+        {"Replace": {"PatientWeight": "70.5", "SeriesNumber": "42", "Rows": "256",
+                     "ImagePositionPatient": "1\\2\\3.5", "0020,9165": "0020,9056"}},
+        {"PatientWeight": "70.5", "SeriesNumber": "42", "Rows": 256,
+         "ImagePositionPatient": ("1", "2", "3.5"), "DimensionIndexPointer": 0x00209056}),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobCase:
+    """A body sent to /{level}/{id}/modify over several files of one study."""
+
+    name: str
+    level: str  # 'studies' or 'series'
+    files: tuple[str, ...]
+    body: dict[str, Any]
+    expect: dict[str, Any]
+
+
+JOB_CASES = [
+    JobCase(  # TC-03 test_modify_study: two series, new study/series/SOP UIDs
+        "study-job", "studies",
+        ("Brainix/Flair/IM-0001-0003.dcm", "Brainix/Flair/IM-0001-0004.dcm",
+         "Brainix/Epi/IM-0001-0003.dcm", "Brainix/Epi/IM-0001-0004.dcm"),
+        {"Replace": {"PatientName": "Jodogne", "StudyDescription": "study job"},
+         "Remove": ["InstitutionName"]},
+        {"PatientName": "Jodogne", "InstitutionName": None, "PatientID": "5Yp0E"}),
+    JobCase(  # TC-06: series level keeps StudyInstanceUID
+        "series-job", "series",
+        ("Knee/T1/IM-0001-0004.dcm", "Knee/T1/IM-0001-0005.dcm"),
+        {"Replace": {"SeriesDate": "19990101", "SeriesDescription": "series job"}},
+        {"SeriesDate": "19990101",
+         "StudyInstanceUID": "2.16.840.1.113669.632.20.121711.10000160881"}),
+]
+
+
+def assert_same(ours: Dataset, reference: Dataset, uids: UidStructure, label: str) -> None:
+    differences = compare_datasets(ours, reference, uids=uids, where=label)
+    unexpected, _known = split_deliberate(differences, DELIBERATE_DIFFERENCES)
+    assert not unexpected, format_differences(unexpected, f"{label}: ours differs from Orthanc 1.10.1")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_instance_modify_matches_orthanc(orthanc: OrthancClient, case: ModifyCase) -> None:
+    data = sample(case.file).read_bytes()
+    reference = pydicom.dcmread(BytesIO(orthanc.modify_instance(orthanc.upload_sample(case.file), case.body)))
+    assert check_expectations(reference, case.expect, "Orthanc") == []
+
+    request = engine_modules()[0]
+    ours = ours_for(request.parse_modify(case.body, dictionary=TEST_DICTIONARY), data)
+    assert check_expectations(ours, case.expect, "ours") == []
+    uids = UidStructure(collect_identifiers([pydicom.dcmread(BytesIO(data))]))
+    assert_same(ours, reference, uids, f"{case.file} {case.name}")
+
+
+_LEVEL_OF_ROUTE = {"studies": "Study", "series": "Series"}
+
+
+@pytest.mark.parametrize("case", JOB_CASES, ids=[c.name for c in JOB_CASES])
+def test_job_modify_matches_orthanc(orthanc: OrthancClient, case: JobCase) -> None:
+    data = {relative: sample(relative).read_bytes() for relative in case.files}
+    study, by_id = orthanc.upload_study(list(case.files))
+    route_id = study if case.level == "studies" else orthanc.instance_parent(next(iter(by_id)), "series")
+    job = orthanc.run_job(case.level, route_id, "modify", case.body)
+    assert job["InstancesCount"] == len(case.files) and job["FailedInstancesCount"] == 0
+    if case.level == "series":  # the new series stays in the source study
+        results = {}
+        for instance in orthanc.get_json(f"/series/{job['ID']}/instances"):
+            source = orthanc.metadata("instances", instance["ID"], "ModifiedFrom")
+            results[source] = orthanc.instance_file(instance["ID"])
+    else:
+        results = orthanc.job_results(job, "ModifiedFrom")
+    assert set(results) == set(by_id)
+
+    request = engine_modules()[0]
+    plan = request.parse_modify(case.body, dictionary=TEST_DICTIONARY,
+                                level=_LEVEL_OF_ROUTE[case.level])
+    uids = UidStructure(collect_identifiers(pydicom.dcmread(BytesIO(b)) for b in data.values()))
+    for source_id, reference_bytes in sorted(results.items(), key=lambda kv: by_id[kv[0]]):
+        relative = by_id[source_id]
+        reference = pydicom.dcmread(BytesIO(reference_bytes))
+        assert check_expectations(reference, case.expect, f"Orthanc {relative}") == []
+        ours = ours_for(plan, data[relative])
+        assert check_expectations(ours, case.expect, f"ours {relative}") == []
+        assert_same(ours, reference, uids, f"{relative} {case.name}")
+
+
+def test_orthanc_listens_on_loopback_only(orthanc_process: Any) -> None:
+    from tests.orthanc_ref import listening_addresses
+
+    assert listening_addresses(orthanc_process.pid) == {f"127.0.0.1:{orthanc_process.port}"}
+
+
+def test_samples_present_or_skipped() -> None:
+    if not SAMPLES.is_dir():
+        pytest.skip(f"shared DICOM samples not found at {SAMPLES}")
+    assert len(CASES) >= 10 and all((SAMPLES / c.file).is_file() for c in CASES)
