@@ -195,7 +195,7 @@ def _private(ds: Dataset, group: int, nested_pn: str) -> None:
     block.add_new(0x14, "SQ", DicomSequence([inner]))
 
 
-def _ct(seed: int, index: int, ids: dict[str, str], n_ct: int, rows: int, columns: int,
+def _ct(seed: int, index: int, ids: dict[str, str], rows: int, columns: int,
         patient_name: str, patient_id: str) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
@@ -444,7 +444,7 @@ def make_study(
     if n_ct < 1:
         raise ValueError("n_ct must be at least 1")
     ids = study_uids(seed, n_ct)
-    datasets = [_ct(seed, i, ids, n_ct, rows, columns, patient_name, patient_id) for i in range(n_ct)]
+    datasets = [_ct(seed, i, ids, rows, columns, patient_name, patient_id) for i in range(n_ct)]
     if rtstruct:
         datasets.append(_rtstruct(ids, n_ct, patient_name, patient_id))
     if sr:
@@ -520,7 +520,6 @@ def planted_paths(datasets: Iterable[Dataset], values: Iterable[str] = PLANTED) 
                 for v in wanted:
                     if v in text:
                         where[v].add(path)
-        # A private creator's text is its value; it is found above like any other.
     return where
 
 

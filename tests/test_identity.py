@@ -264,3 +264,9 @@ def test_load_precedence(tmp_path, monkeypatch):
     assert Key.load(None, {}).reproducible is False
     with pytest.raises(InvalidKey, match="set but empty"):
         Key.load(None, {ENV_VAR: ""})
+
+
+def test_undecodable_text_does_not_crash(key):
+    # pydicom can hand back lone surrogates for bytes it could not decode.
+    assert key.patient_name("BAD\udcff^NAME") != key.patient_name("BAD^NAME")
+    assert re.fullmatch(r"ANON\^[A-Z2-7]{16}", key.patient_name("BAD\udcff^NAME"))

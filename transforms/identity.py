@@ -70,7 +70,7 @@ def _strip(value: str | bytes) -> bytes:
     if isinstance(value, bytes):
         return value.strip(_PADDING_BYTES)
     if isinstance(value, str):
-        return value.strip(_PADDING).encode("utf-8")
+        return value.strip(_PADDING).encode("utf-8", "surrogatepass")
     raise TypeError(f"identity values must be str or bytes, not {type(value).__name__}")
 
 
