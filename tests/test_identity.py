@@ -270,3 +270,10 @@ def test_undecodable_text_does_not_crash(key):
     # pydicom can hand back lone surrogates for bytes it could not decode.
     assert key.patient_name("BAD\udcff^NAME") != key.patient_name("BAD^NAME")
     assert re.fullmatch(r"ANON\^[A-Z2-7]{16}", key.patient_name("BAD\udcff^NAME"))
+
+
+def test_from_file_bytes_same_rules_as_from_file():
+    assert Key.from_file_bytes(SECRET + b"\n", name="gs://bucket/key") == Key.from_bytes(SECRET)
+    assert Key.from_file_bytes(SECRET, name="gs://bucket/key").source == "--key-file 'gs://bucket/key'"
+    with pytest.raises(InvalidKey, match=re.escape("--key-file 'gs://bucket/key': the key file is empty")):
+        Key.from_file_bytes(b"\r\n", name="gs://bucket/key")

@@ -116,13 +116,19 @@ class Key:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise InvalidKey(f"--key-file {str(path)!r}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        return cls.from_file_bytes(data, name=str(path))
+
+    @classmethod
+    def from_file_bytes(cls, data: bytes, *, name: str) -> Key:
+        """Key from the content of a key file read elsewhere (e.g. through Beam's filesystems
+        for ``gs://``), with the same rules as ``from_file``; ``name`` appears in errors."""
         if data.endswith(b"\r\n"):
             data = data[:-2]
         elif data.endswith(b"\n"):
             data = data[:-1]
         if not data:
-            raise InvalidKey(f"--key-file {str(path)!r}: the key file is empty")
-        return cls(data, source=f"--key-file {str(path)!r}")
+            raise InvalidKey(f"--key-file {name!r}: the key file is empty")
+        return cls(data, source=f"--key-file {name!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Key:
