@@ -1,0 +1,427 @@
+"""The ``dicom-deid`` command.
+
+Usage::
+
+    dicom-deid anonymize INPUT OUTPUT [--body JSON | --config FILE] [--key-file KEY]
+                         [--audit AUDIT] [--crosswalk PATH] [--max-bytes N] [Beam options]
+    dicom-deid modify    INPUT OUTPUT [--body JSON | --config FILE] [--level L] [same options]
+
+INPUT is a file, a folder (recursive), a glob, or a ``gs://`` prefix or glob; OUTPUT a folder
+or ``gs://`` prefix. When INPUT is one local file and OUTPUT ends in ``.dcm``, the file is
+processed directly without Beam (like downloading ``/instances/{id}/modify``). Arguments that
+are not ours go to Beam's ``PipelineOptions`` (``--runner``, ``--direct_num_workers``,
+``--direct_running_mode``, Dataflow's options, ...); the runner defaults to the DirectRunner.
+
+Exit status: 0 every input written (or skipped because ``Resources`` did not select it);
+3 some inputs failed (see the audit and the summary's ``Reasons``); 2 refused request or
+command line (one line on stderr, nothing processed); 1 internal error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, NoReturn, Sequence
+
+from transforms.errors import DeidError, RequestError
+
+PROG = "dicom-deid"
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+DEFAULT_MAX_BYTES = 2 << 30
+_SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class UsageError(RequestError):
+    """A refused command line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _size(text: str) -> int:
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB, 500MB or 1048576, not {text!r}")
+    value = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "")[:1].lower()]
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="file, folder (recursive), glob, or gs:// prefix or glob")
+    p.add_argument("output", metavar="OUTPUT", help="output folder or gs:// prefix (or a .dcm file for one INPUT file)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--body", metavar="JSON", help="the Orthanc request body, as JSON text")
+    src.add_argument(
+        "--config", metavar="FILE", help="a JSON file holding the Orthanc body (plus optionally `Dictionary`)"
+    )
+    p.add_argument(
+        "--key-file",
+        metavar="KEY",
+        help="secret key file (local or gs://); default: $DICOM_DEID_KEY, else a random key (not reproducible)",
+    )
+    p.add_argument("--audit", metavar="AUDIT", help="audit folder or gs:// prefix (default: OUTPUT + '-audit')")
+    p.add_argument(
+        "--crosswalk",
+        metavar="PATH",
+        help="also write original -> new identifiers as Parquet here (keep it away from the audit and output)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help="larger inputs fail with too_large without being read (default 2GiB)",
+    )
+    prog = p.add_mutually_exclusive_group()
+    prog.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress on stderr")
+    prog.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
+    p.add_argument("--quiet", action="store_true", help="do not print the summary on stdout")
+    p.add_argument("--verbose", action="store_true", help="show Beam's log messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Orthanc-compatible DICOM modification and de-identification, on Apache Beam.",
+        epilog="Unrecognised options are Beam pipeline options (e.g. --runner DataflowRunner --project P ...).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    anonymize = sub.add_parser("anonymize", help="de-identify like /tools/bulk-anonymize")
+    _add_common(anonymize)
+    modify = sub.add_parser("modify", help="modify like /tools/bulk-modify")
+    _add_common(modify)
+    modify.add_argument("--level", metavar="L", help="Patient, Study, Series or Instance (default: detected)")
+    try:
+        from pipelines import splitmerge
+    except ImportError:
+        splitmerge = None  # type: ignore[assignment]
+    if splitmerge is not None and hasattr(splitmerge, "register"):
+        splitmerge.register(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- request
+
+
+def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The request body and its optional ``Dictionary`` (private tags), from --body or --config."""
+    if config is not None:
+        try:
+            with open(config, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UsageError(f"--config {config!r}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--config {config!r}: not UTF-8 text") from None
+        where = f"--config {config!r}"
+    elif body is not None:
+        text, where = body, "--body"
+    else:
+        return {}, None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(parsed, dict):
+        raise RequestError(f"{where}: the request body must be a JSON object, not {type(parsed).__name__}")
+    request = dict(parsed)
+    dictionary = request.pop("Dictionary", None)
+    if dictionary is not None and not isinstance(dictionary, dict):
+        raise RequestError(f"{where}: Dictionary must be a JSON object like {{\"4321,1012\": [\"LO\", \"Name\", 1, 1, \"Creator\"]}}")
+    return request, dictionary
+
+
+def parse_plan(command: str, request: dict[str, Any], dictionary: dict[str, Any] | None, level: str | None) -> Any:
+    from transforms import request as req
+
+    if command == "anonymize":
+        return req.parse_anonymize(request, dictionary=dictionary)
+    return req.parse_modify(request, dictionary=dictionary, level=level)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def _scheme(uri: str) -> str | None:
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    return m.group(1).lower() if m else None
+
+
+def normalize(uri: str) -> str:
+    """Absolute local paths; remote URIs without trailing slash."""
+    if _scheme(uri) in (None, "file"):
+        if uri.startswith("file://"):
+            uri = uri[len("file://") :]
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri.rstrip("/")
+
+
+def _glob_base(uri: str) -> str:
+    """The part of a glob before its first wildcard, cut back to a folder."""
+    cut = min((i for i, c in enumerate(uri) if c in "*?["), default=None)
+    if cut is None:
+        return uri
+    head = uri[:cut]
+    return head.rsplit("/", 1)[0] if "/" in head else head
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = child.rstrip("/"), parent.rstrip("/")
+    return child == parent or child.startswith(parent + "/")
+
+
+def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
+    """Refuse overlapping locations: outputs are never read back as inputs, audit never in OUTPUT."""
+    base = _glob_base(input_uri)
+    if _inside(output, base) or _inside(base, output):
+        raise UsageError("OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
+    if _inside(audit, output):
+        raise UsageError("--audit is inside OUTPUT: the audit must live beside the output, not in it")
+    if _inside(audit, base):
+        raise UsageError("--audit is inside INPUT: it would be read as input by the next run")
+    if crosswalk is not None:
+        if _inside(crosswalk, output):
+            raise UsageError("--crosswalk is inside OUTPUT: original identifiers must never sit with the output")
+        if _inside(crosswalk, base):
+            raise UsageError("--crosswalk is inside INPUT: it would be read as input by the next run")
+        if _inside(crosswalk, audit):
+            raise UsageError("--crosswalk is inside --audit: keep original identifiers apart from the audit")
+
+
+def _local_input_exists(uri: str) -> bool:
+    if _scheme(uri) not in (None, "file"):
+        return True  # checked at run time (no remote I/O before the pipeline runs)
+    if any(c in uri for c in "*?["):
+        import glob
+
+        return bool(glob.glob(uri, recursive=True)) or os.path.isdir(_glob_base(uri))
+    return os.path.exists(uri)
+
+
+# --------------------------------------------------------------------------- key
+
+
+def load_key(key_file: str | None) -> tuple[Any, str | None]:
+    """(Key, remote key URI or None). A remote key file is read here (to check it and get its id)
+    and again by each worker, so the key itself never travels in the pipeline description."""
+    from transforms.identity import Key
+
+    if key_file is not None and _scheme(key_file) not in (None, "file"):
+        from transforms.beam import load_key_uri
+
+        return load_key_uri(key_file), key_file
+    return Key.load(key_file), None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+class _DropNoise(logging.Filter):
+    """Beam warns at import time that BigQuery's optional client is missing: not our concern."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+def _configure_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_dicom_deid", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_DropNoise())
+        handler._dicom_deid = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # Beam and google-auth log warnings meant for developers (e.g. "No project ID could be
+        # determined" against the emulator); errors still show.
+        logging.getLogger("apache_beam").setLevel(logging.ERROR)
+        logging.getLogger("google").setLevel(logging.ERROR)
+
+
+def _warn_random_key(key: Any) -> None:
+    if not key.reproducible:
+        _err(f"warning: no --key-file and no DICOM_DEID_KEY: random key {key.key_id}, pseudonyms cannot be reproduced")
+
+
+def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipelines import run as pipeline_run
+    from transforms.beam import RunConfig
+
+    request, dictionary = load_request(args.body, args.config)
+    plan = parse_plan(args.command, request, dictionary, getattr(args, "level", None))
+    if request.get("KeepSource") is False:
+        _err("note: KeepSource false is ignored: dicom-deid never deletes its inputs")
+    key, key_uri = load_key(args.key_file)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+    input_uri = normalize(args.input)
+    output = normalize(args.output)
+    local_in = _scheme(input_uri) is None
+    single = local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
+    if not single and output.lower().endswith(".dcm") and _scheme(output) is None:
+        raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
+    if not _local_input_exists(input_uri):
+        raise UsageError(f"INPUT {args.input!r} does not exist")
+
+    if single:
+        if beam_args:
+            raise UsageError(f"unknown option(s): {' '.join(beam_args)} (one-file mode takes no Beam options)")
+        _warn_random_key(key)
+        return _run_single(args, plan, key, run_id, input_uri, output)
+
+    audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
+    crosswalk = normalize(args.crosswalk) if args.crosswalk else None
+    check_locations(input_uri, output, audit, crosswalk)
+    try:
+        options = pipeline_run.pipeline_options(beam_args)
+    except pipeline_run.UnknownOptions as exc:
+        raise UsageError(str(exc)) from None
+    _warn_random_key(key)
+    runner = options.view_as(pipeline_run.StandardOptions).runner
+    local_runner = runner in ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
+    progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
+    progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
+    cfg = RunConfig(
+        plan=plan,
+        output_root=output,
+        run_id=run_id,
+        key_id=key.key_id,
+        key=None if key_uri else key,
+        key_uri=key_uri,
+        max_bytes=args.max_bytes,
+        crosswalk=crosswalk is not None,
+        progress_dir=progress_dir,
+    )
+    extra = {"Audit": audit}
+    if crosswalk:
+        extra["Crosswalk"] = crosswalk
+    try:
+        outcome = pipeline_run.execute(
+            options,
+            input_uri,
+            cfg,
+            audit,
+            crosswalk,
+            reproducible=key.reproducible,
+            extra_summary=extra,
+            progress=bool(progress_dir),
+        )
+    finally:
+        if progress_dir:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+    summary = outcome.summary
+    if summary["InputFiles"] == 0:
+        _err(f"INPUT {args.input!r} matched no files")
+        return EXIT_USAGE
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+    if outcome.exit_code:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
+        _err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")
+    return outcome.exit_code
+
+
+def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, input_uri: str, output: str) -> int:
+    """One file, no Beam: read, apply, write atomically (like /instances/{id}/modify|anonymize)."""
+    from pipelines import run as pipeline_run
+    from transforms.beam import RunConfig, process_file
+
+    cfg = RunConfig(
+        plan=plan,
+        output_root=os.path.dirname(output),
+        run_id=run_id,
+        key_id=key.key_id,
+        key=key,
+        max_bytes=args.max_bytes,
+        crosswalk=args.crosswalk is not None,
+    )
+    row, crosswalk = process_file(input_uri, os.path.getsize(input_uri), cfg, key, target=output)
+    if args.audit:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
+
+        audit = normalize(args.audit)
+        if _inside(audit, output) or _inside(audit, input_uri):
+            raise UsageError("--audit must not be the INPUT or OUTPUT file")
+        os.makedirs(audit, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([row], schema=AUDIT_SCHEMA), os.path.join(audit, f"audit-{run_id}-00000-of-00001.parquet"))
+        summary = pipeline_run.summarize([row], cfg=cfg, reproducible=key.reproducible, extra={"Audit": audit})
+        pipeline_run.write_summary(audit, run_id, summary)
+        if crosswalk is not None and args.crosswalk:
+            cw = normalize(args.crosswalk)
+            os.makedirs(cw, exist_ok=True)
+            pq.write_table(
+                pa.Table.from_pylist([crosswalk], schema=CROSSWALK_SCHEMA),
+                os.path.join(cw, f"crosswalk-{run_id}-00000-of-00001.parquet"),
+            )
+    if row["status"] == "failed":
+        _err(f"{args.input}: {row['reason']}: {row['detail']}")
+        return EXIT_USAGE if row["reason"] == "refused_by_request" else EXIT_SOME_FAILED
+    if row["status"] == "skipped":
+        _err(f"{args.input}: not selected by Resources; nothing written")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-deid`` console command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("DICOM_DEID_DEBUG") == "1"
+    try:
+        _configure_logging("--verbose" in argv)
+        parser = build_parser()
+        args, beam_args = parser.parse_known_args(argv)
+        if args.command in ("anonymize", "modify"):
+            return run_deid(args, beam_args)
+        handler = getattr(args, "func", None)
+        if handler is None:
+            raise UsageError(f"unknown command {args.command!r}")
+        return int(handler(args, beam_args) or 0)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except RequestError as exc:  # refused request or command line (UsageError, InvalidKey too)
+        if debug:
+            raise
+        _err(str(exc))
+        return EXIT_USAGE
+    except DeidError as exc:
+        if debug:
+            raise
+        _err(f"{exc.reason}: {exc}")
+        return EXIT_SOME_FAILED
+    except Exception as exc:  # noqa: BLE001 - never a traceback by default; messages may quote data
+        if debug:
+            raise
+        _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

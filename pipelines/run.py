@@ -1,0 +1,342 @@
+"""Pipeline construction and execution: INPUT -> de-identified files + Parquet audit + summary.
+
+``build(pipeline, input_uri, cfg, audit_root, crosswalk_root)`` wires the graph::
+
+    Create([INPUT]) | ExpandInput (match + reshuffle (path, size))
+                    | DeidentifyInstances ──audit──> WriteToParquet(<audit>/audit-<run_id>-*.parquet)
+                                          └crosswalk─> WriteToParquet(<crosswalk>/crosswalk-<run_id>-*.parquet)
+
+No GroupByKey: UIDs derive from the key, so every file is processed alone. ``execute`` runs
+it, then reads this run's audit back, writes ``<audit>/summary.json`` (and
+``summary-<run_id>.json``) and removes the run's temporary folder.
+
+Local runs use Beam's DirectRunner with its Prism attempt switched off (``LocalDirectRunner``):
+Beam 2.77's ``DirectRunner`` name maps to ``SwitchingDirectRunner``, which first tries to
+download and run Prism; offline that fails and falls back, online it would silently run on a
+different engine. Naming ``--runner DirectRunner`` therefore selects the same local runner.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, TextIO
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
+
+from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITTEN
+from transforms.beam import (
+    TMP_DIR_NAME,
+    DeidentifyInstances,
+    ExpandInput,
+    RunConfig,
+    is_local,
+    read_progress,
+)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3
+
+_LOCAL_RUNNER_NAMES = ("DirectRunner", "SwitchingDirectRunner")
+
+
+class LocalDirectRunner(SwitchingDirectRunner):
+    """Beam's DirectRunner (FnApiRunner engine) without the attempt to run on Prism first.
+
+    ``SwitchingDirectRunner`` skips Prism for interactive pipelines; declaring ours
+    interactive has no other effect in Beam 2.77 (a test pins that the FnApiRunner runs).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_interactive()
+
+
+class UnknownOptions(ValueError):
+    """Command-line arguments that neither dicom-deid nor any Beam option class knows."""
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options from the pass-through arguments; the runner defaults to DirectRunner.
+
+    Raises:
+        UnknownOptions: an argument no Beam option class accepts (Beam itself would only log
+            "Discarding unparseable args" and go on).
+    """
+    options = PipelineOptions(beam_args)
+    discarded: list[str] = []
+
+    class _Catch(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "Discarding unparseable args" in record.getMessage():
+                arg = record.args[0] if isinstance(record.args, tuple) and record.args else record.getMessage()
+                discarded.append(" ".join(map(str, arg)) if isinstance(arg, (list, tuple)) else str(arg))
+                return False
+            return True
+
+    beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
+    catcher = _Catch()
+    saved_level = beam_logger.level
+    beam_logger.setLevel(logging.WARNING)
+    beam_logger.addFilter(catcher)
+    try:
+        options.get_all_options()
+    finally:
+        beam_logger.removeFilter(catcher)
+        beam_logger.setLevel(saved_level)
+    if discarded:
+        raise UnknownOptions(f"unknown option(s): {discarded[0]} (not a dicom-deid option nor a Beam pipeline option)")
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "DirectRunner"
+    return options
+
+
+def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    runner_name = options.view_as(StandardOptions).runner
+    if runner_name in _LOCAL_RUNNER_NAMES:
+        return beam.Pipeline(runner=LocalDirectRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def audit_prefix(audit_root: str, run_id: str) -> str:
+    return FileSystems.join(audit_root, f"audit-{run_id}")
+
+
+def crosswalk_prefix(crosswalk_root: str, run_id: str) -> str:
+    return FileSystems.join(crosswalk_root, f"crosswalk-{run_id}")
+
+
+def build(
+    pipeline: beam.Pipeline,
+    input_uri: str,
+    cfg: RunConfig,
+    audit_root: str,
+    crosswalk_root: str | None = None,
+) -> None:
+    """Add the de-identification graph to ``pipeline`` (no I/O happens here)."""
+    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput()
+    outputs = files | "DeidentifyInstances" >> DeidentifyInstances(cfg)
+    outputs.audit | "WriteAudit" >> beam.io.WriteToParquet(
+        audit_prefix(audit_root, cfg.run_id),
+        AUDIT_SCHEMA,
+        file_name_suffix=".parquet",
+    )
+    if crosswalk_root is not None:
+        outputs.crosswalk | "WriteCrosswalk" >> beam.io.WriteToParquet(
+            crosswalk_prefix(crosswalk_root, cfg.run_id),
+            CROSSWALK_SCHEMA,
+            file_name_suffix=".parquet",
+        )
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def read_parquet_prefix(prefix: str, schema: pa.Schema) -> pa.Table:
+    """All Parquet shards written under ``prefix`` (local or gs://) as one table."""
+    paths = sorted(m.path for m in FileSystems.match([prefix + "-*.parquet"])[0].metadata_list)
+    tables = []
+    for path in paths:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            tables.append(pq.read_table(io.BytesIO(f.read())))
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def read_audit(audit_root: str, run_id: str) -> pa.Table:
+    return read_parquet_prefix(audit_prefix(audit_root, run_id), AUDIT_SCHEMA)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+_RESOURCE_LEVELS = (
+    ("Instance", "instances", "instance_orthanc_id"),
+    ("Series", "series", "series_orthanc_id"),
+    ("Study", "studies", "study_orthanc_id"),
+    ("Patient", "patients", "patient_orthanc_id"),
+)
+
+
+def summarize(rows: Iterable[Mapping[str, Any]], *, cfg: RunConfig, reproducible: bool, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's answer, shaped like Orthanc's bulk job content (behaviour §10.3).
+
+    ``InstancesCount`` counts the selected inputs (written + failed), ``FailedInstancesCount``
+    the failed ones; ``Resources`` lists every new instance, then series, studies, patients,
+    each group sorted by ``ID``. ``Statuses`` and ``Reasons`` count every input file.
+    """
+    statuses: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    ids: dict[str, set[str]] = {level: set() for level, _, _ in _RESOURCE_LEVELS}
+    for row in rows:
+        statuses[row["status"]] += 1
+        if row["reason"]:
+            reasons[row["reason"]] += 1
+        if row["status"] == WRITTEN:
+            for level, _, column in _RESOURCE_LEVELS:
+                if row[column]:
+                    ids[level].add(row[column])
+    resources = [
+        {"ID": rid, "Path": f"/{path}/{rid}", "Type": level}
+        for level, path, _ in _RESOURCE_LEVELS
+        for rid in sorted(ids[level])
+    ]
+    plan = cfg.plan
+    summary: dict[str, Any] = {
+        "Description": f"dicom-deid {getattr(plan, 'operation', None) or ('anonymize' if plan.is_anonymization else 'modify')}",
+        "InstancesCount": statuses[WRITTEN] + statuses[FAILED],
+        "FailedInstancesCount": statuses[FAILED],
+        "IsAnonymization": bool(plan.is_anonymization),
+        "Resources": resources,
+        "InputFiles": sum(statuses.values()),
+        "Statuses": {s: statuses[s] for s in (WRITTEN, FAILED, SKIPPED)},
+        "Reasons": dict(sorted(reasons.items())),
+        "KeyId": cfg.key_id,
+        "Reproducible": bool(reproducible),
+        "RunId": cfg.run_id,
+        "Output": cfg.output_root,
+    }
+    if plan.is_anonymization:
+        summary["Profile"] = getattr(plan, "profile_version", None)
+    else:
+        summary["Level"] = getattr(plan, "level", None)
+    if getattr(plan, "transcode", None):
+        summary["Transcode"] = plan.transcode
+    if not reproducible:
+        summary["Warning"] = (
+            "no --key-file and no DICOM_DEID_KEY: a random key was used, "
+            "so these pseudonyms and UIDs cannot be reproduced by a later run"
+        )
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def exit_code(summary: Mapping[str, Any]) -> int:
+    """0 when every input was written or skipped by request, 3 when any failed."""
+    return EXIT_SOME_FAILED if summary["FailedInstancesCount"] else EXIT_OK
+
+
+def write_text(uri: str, text: str) -> None:
+    with FileSystems.create(uri, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(text.encode("utf-8"))
+
+
+def write_summary(audit_root: str, run_id: str, summary: Mapping[str, Any]) -> None:
+    text = json.dumps(summary, indent=2, sort_keys=False) + "\n"
+    write_text(FileSystems.join(audit_root, f"summary-{run_id}.json"), text)
+    write_text(FileSystems.join(audit_root, "summary.json"), text)
+
+
+def cleanup_tmp(output_root: str, run_id: str) -> None:
+    """Remove this run's temporary folder (leftovers of killed workers included)."""
+    tmp_root = FileSystems.join(output_root, TMP_DIR_NAME)
+    run_tmp = FileSystems.join(tmp_root, run_id)
+    if is_local(output_root):
+        import shutil
+
+        shutil.rmtree(run_tmp, ignore_errors=True)
+        try:
+            os.rmdir(tmp_root)
+        except OSError:
+            pass  # other runs' leftovers, or never created
+        return
+    leftovers = [m.path for m in FileSystems.match([run_tmp + "/**"])[0].metadata_list]
+    if leftovers:
+        FileSystems.delete(leftovers)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class ProgressPrinter:
+    """A thread printing ``N done, F failed, R files/s`` on one terminal line (stderr)."""
+
+    def __init__(self, folder: str, stream: TextIO = sys.stderr, interval: float = 1.0) -> None:
+        self._folder = folder
+        self._stream = stream
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dicom-deid-progress", daemon=True)
+        self._start = time.monotonic()
+        self._printed = False
+
+    def __enter__(self) -> ProgressPrinter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._print()
+        if self._printed:
+            self._stream.write("\n")
+            self._stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._print()
+
+    def _print(self) -> None:
+        counts = read_progress(self._folder)
+        done = sum(counts.values())
+        if not done and not self._printed:
+            return
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        self._stream.write(
+            f"\r{done} files: {counts[WRITTEN]} written, {counts[FAILED]} failed, "
+            f"{counts[SKIPPED]} skipped, {done / elapsed:.0f} files/s   "
+        )
+        self._stream.flush()
+        self._printed = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    summary: dict[str, Any]
+    exit_code: int
+
+
+def execute(
+    options: PipelineOptions,
+    input_uri: str,
+    cfg: RunConfig,
+    audit_root: str,
+    crosswalk_root: str | None = None,
+    *,
+    reproducible: bool,
+    extra_summary: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Outcome:
+    """Build, run and wait for the pipeline; then summarise this run's audit."""
+    pipeline = make_pipeline(options)
+    build(pipeline, input_uri, cfg, audit_root, crosswalk_root)
+    try:
+        if progress and cfg.progress_dir:
+            with ProgressPrinter(cfg.progress_dir):
+                pipeline.run().wait_until_finish()
+        else:
+            pipeline.run().wait_until_finish()
+    finally:
+        cleanup_tmp(cfg.output_root, cfg.run_id)
+    table = read_audit(audit_root, cfg.run_id)
+    summary = summarize(table.to_pylist(), cfg=cfg, reproducible=reproducible, extra=extra_summary)
+    write_summary(audit_root, cfg.run_id, summary)
+    return Outcome(summary, exit_code(summary))

@@ -1,0 +1,655 @@
+"""The Beam shell around the pure core: one DoFn per input file, failures as audit rows.
+
+Element shapes:
+
+- ``ExpandInput``: ``str`` (a file, folder, glob, ``gs://`` prefix or glob) -> ``(uri, size)``.
+- ``DeidentifyInstances``: ``(uri, size)`` -> ``DeidentifyOutputs(audit, crosswalk)`` where
+  ``audit`` holds exactly one ``schemas.audit.audit_row`` dict per input file and ``crosswalk``
+  one ``crosswalk_row`` dict per written file (only when the run asked for a crosswalk).
+
+The per-file work is the plain function :func:`process_file`; the DoFn only adds the key,
+counters and progress. Every exception raised while processing a file becomes a ``failed`` row
+(dead letter as data): ``DeidError.reason`` for the core's own errors, ``too_deep`` for
+``RecursionError``, ``too_large`` for ``MemoryError``, ``read_error``/``write_error`` for I/O
+errors and ``internal_error`` (with the exception *type* only: messages may quote data)
+for anything else. A bug in the row builder itself still fails the pipeline.
+
+Outputs are written atomically to ``<OUTPUT>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` (the *new*
+UIDs, each checked against ``^[0-9]+(\\.[0-9]+)*$`` and 64 characters before it becomes a path
+component): the bytes go to a temporary name under ``<OUTPUT>/.dicom-deid-tmp/<run_id>/`` and
+are then published under the final name.
+
+- Local disk: ``os.link(temp, final)`` publishes only if ``final`` does not exist (atomic
+  create-if-absent), so two workers racing for one name cannot both win. A loser compares
+  SHA-256: identical bytes are an idempotent rerun or retried bundle (``written``), different
+  bytes are ``failed``/``duplicate_instance`` and the first file stays.
+- ``gs://`` and other object stores: Beam's filesystems offer no create-if-absent, so the order
+  is exists-check, temp upload, ``FileSystems.rename`` (copy + delete), then a checksum check of
+  the published object against the temp object. Two workers producing the *same name from
+  different content* at the same moment can both pass the exists-check; the checksum check
+  then turns the overwritten one into ``duplicate_instance``, but if both checks run before the
+  second copy lands, both rows say ``written`` and the object holds the later bytes. This
+  window needs two different inputs that map to one SOPInstanceUID processed in the same
+  instant; a GCS generation precondition (``if_generation_match=0``) would close it, but Beam's
+  ``FileSystems`` cannot express it (and the emulator used by the tests does not enforce it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
+from transforms.errors import DeidError, InputError
+
+TMP_DIR_NAME = ".dicom-deid-tmp"
+CROSSWALK_TAG = "crosswalk"
+AUDIT_TAG = "audit"
+_UID_PATH_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
+_GLOB_CHARS = frozenset("*?[")
+_READ_CHUNK = 8 << 20
+_DETAIL_MAX = 300
+_METRICS_NAMESPACE = "dicom_deid"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a worker needs, validated once by the CLI; picklable.
+
+    Attributes:
+        plan: the parsed request (``transforms.request.Plan``).
+        output_root: OUTPUT as an absolute local path or a ``scheme://`` prefix, no trailing slash.
+        run_id: identifies the run in every audit row and names the temporary folder.
+        key_id: the key's id; a worker loading ``key_uri`` checks it got the same key.
+        key: the key itself, shipped with the DoFn (local runs, env or random keys).
+        key_uri: a key file on a remote filesystem (``gs://...``), read by each worker in
+            ``setup()`` so the key never travels inside the pipeline description.
+        max_bytes: inputs larger than this are ``too_large`` without being read.
+        crosswalk: emit crosswalk rows (original -> new identifiers) for written files.
+        progress_dir: local folder where workers drop their counters for the CLI's progress
+            line (DirectRunner only); None disables it.
+    """
+
+    plan: Any
+    output_root: str
+    run_id: str
+    key_id: str
+    key: Any = None
+    key_uri: str | None = None
+    max_bytes: int = 2 << 30
+    crosswalk: bool = False
+    progress_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.key_uri is None):
+            raise ValueError("RunConfig: exactly one of key and key_uri must be given")
+        if self.max_bytes <= 0:
+            raise ValueError("RunConfig: max_bytes must be positive")
+
+    def __repr__(self) -> str:  # never show the key, even by accident
+        return f"RunConfig(output_root={self.output_root!r}, run_id={self.run_id!r}, key_id={self.key_id!r})"
+
+
+def load_key_uri(uri: str) -> Any:
+    """Read a key file through Beam's filesystems (``gs://`` included), as ``Key.from_file`` does."""
+    from transforms.identity import InvalidKey, Key
+
+    try:
+        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            data = f.read(1 << 20)
+    except Exception as exc:  # noqa: BLE001 - any filesystem failure means "cannot read"
+        raise InvalidKey(f"--key-file {uri!r}: cannot read ({type(exc).__name__})") from None
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise InvalidKey(f"--key-file {uri!r}: the key file is empty")
+    return Key(data, source=f"--key-file {uri!r}")
+
+
+def _selection(plan: Any) -> frozenset[str]:
+    return frozenset(str(r).strip().lower() for r in (getattr(plan, "resources", None) or ()))
+
+
+# --------------------------------------------------------------------------- input expansion
+
+
+def is_local(uri: str) -> bool:
+    """True for a plain path (Beam's local filesystem)."""
+    return FileSystems.get_scheme(uri) in (None, "file")
+
+
+def has_glob(uri: str) -> bool:
+    return any(c in _GLOB_CHARS for c in uri)
+
+
+def expand_input(uri: str) -> Iterator[tuple[str, int]]:
+    """Yield ``(path, size)`` for every file INPUT names.
+
+    A glob is matched as is (``**`` crosses folders); an existing file is itself; anything
+    else is a folder or prefix, matched recursively. Our own temporary folder is never input.
+    """
+    if has_glob(uri):
+        pattern = uri
+    elif is_local(uri) and os.path.isfile(uri):
+        yield uri, os.path.getsize(uri)
+        return
+    elif not is_local(uri) and FileSystems.exists(uri):
+        yield uri, FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
+        return
+    else:
+        pattern = uri.rstrip("/") + "/**"
+    for result in FileSystems.match([pattern]):
+        for meta in result.metadata_list:
+            path = meta.path
+            if f"/{TMP_DIR_NAME}/" in path or path.endswith("/"):
+                continue  # our temporaries; "folder" placeholder objects on object stores
+            if is_local(path) and not os.path.isfile(path):
+                continue
+            yield path, int(meta.size_in_bytes)
+
+
+class ExpandInputFn(beam.DoFn):
+    """``str`` INPUT -> ``(path, size)`` per file (I/O at run time, not at construction)."""
+
+    def process(self, uri: str) -> Iterator[tuple[str, int]]:
+        yield from expand_input(uri)
+
+
+# --------------------------------------------------------------------------- per-file work
+
+
+def _safe_str(ds: Any, keyword: str) -> str | None:
+    """A top-level string value, or None when absent or undecodable (hostile files)."""
+    from transforms.dicomio import peek
+
+    try:
+        # peek, not ds.get: get() converts the raw element in place, which would make the
+        # writer re-encode it instead of copying its bytes.
+        value = peek(ds, keyword)
+    except Exception:  # noqa: BLE001 - an undecodable raw element is simply "unknown" here
+        return None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return None
+    return value.strip(" \0")
+
+
+def _safe_uid(ds: Any, keyword: str) -> str | None:
+    value = _safe_str(ds, keyword)
+    if value and len(value) <= 64 and _UID_PATH_RE.match(value):
+        return value
+    return None
+
+
+def _safe_modality(ds: Any) -> str | None:
+    value = _safe_str(ds, "Modality")
+    return value if value and _MODALITY_RE.match(value) else None
+
+
+def _transfer_syntax(ds: Any) -> str | None:
+    from transforms.dicomio import transfer_syntax_of
+
+    try:
+        value = str(transfer_syntax_of(ds)).strip(" \0")
+    except Exception:  # noqa: BLE001
+        return None
+    return value if value and len(value) <= 64 and _UID_PATH_RE.match(value) else None
+
+
+def output_name(study: str | None, series: str | None, sop: str | None) -> str:
+    """``<study>/<series>/<sop>.dcm`` from new UIDs; refuses anything that is not a plain UID.
+
+    Raises:
+        InputError (invalid_uid): a missing, too long or non-numeric component, so that a value
+        such as ``../../x`` never becomes a path.
+    """
+    parts = []
+    for keyword, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop)):
+        if not value:
+            raise InputError(f"new {keyword} is missing: no output name", reason="invalid_uid")
+        if len(value) > 64 or not _UID_PATH_RE.match(value):
+            raise InputError(
+                f"new {keyword} is not a valid UID (digits and dots, at most 64 characters): no output name",
+                reason="invalid_uid",
+            )
+        parts.append(value)
+    return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+
+
+def read_bounded(path: str, max_bytes: int) -> bytes:
+    """The file's bytes, refusing (``too_large``) to hold more than ``max_bytes``."""
+    chunks = []
+    total = 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while True:
+            chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
+    return b"".join(chunks)
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Duplicate(DeidError):
+    reason = "duplicate_instance"
+
+
+def _duplicate() -> _Duplicate:
+    return _Duplicate(
+        "another input already produced this output name (same new SOPInstanceUID) with different content",
+        reason="duplicate_instance",
+    )
+
+
+def _tmp_root(output_root: str, run_id: str) -> str:
+    return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
+
+
+def publish(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    """Write ``data`` to ``final`` atomically; never overwrite different content.
+
+    Returns normally when ``final`` holds exactly ``data`` (newly written or already there).
+
+    Raises:
+        _Duplicate: ``final`` holds different bytes.
+        OSError / BeamIOError: the filesystem failed.
+    """
+    if is_local(final):
+        _publish_local(data, sha256, final, output_root, run_id)
+    else:
+        _publish_remote(data, sha256, final, output_root, run_id)
+
+
+def _publish_local(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    if os.path.exists(final):
+        if _sha256_of(final) != sha256:
+            raise _duplicate()
+        return
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp_dir = _tmp_root(output_root, run_id)
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, final)  # atomic create-if-absent
+        except FileExistsError:
+            if _sha256_of(final) != sha256:
+                raise _duplicate() from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A filesystem without hard links: rename is still atomic but may replace a file
+            # that appeared since the exists-check above (documented race).
+            if os.path.exists(final):
+                if _sha256_of(final) != sha256:
+                    raise _duplicate() from None
+            else:
+                os.replace(tmp, final)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def replace_local(data: bytes, target: str) -> None:
+    """Write ``target`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _publish_remote(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    if FileSystems.exists(final):
+        if _sha256_of(final) != sha256:
+            raise _duplicate()
+        return
+    tmp = FileSystems.join(_tmp_root(output_root, run_id), uuid.uuid4().hex + ".tmp")
+    with FileSystems.create(tmp, mime_type="application/dicom", compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+    expected = FileSystems.checksum(tmp)
+    FileSystems.rename([tmp], [final])
+    if FileSystems.checksum(final) != expected and _sha256_of(final) != sha256:
+        raise _duplicate()
+
+
+def _detail(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+
+
+def _is_selected(ds: Any, selection: frozenset[str]) -> bool:
+    from transforms.orthanc_ids import orthanc_ids
+
+    study = _safe_str(ds, "StudyInstanceUID") or ""
+    series = _safe_str(ds, "SeriesInstanceUID") or ""
+    sop = _safe_str(ds, "SOPInstanceUID") or ""
+    if {study, series, sop} & selection:
+        return True
+    ids = orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop)
+    return any(v in selection for v in ids.values())
+
+
+def process_file(
+    path: str, size: int, cfg: RunConfig, key: Any, *, target: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """De-identify one input file. Never raises for a bad file: returns its audit row.
+
+    The output goes to ``<output_root>/<study>/<series>/<sop>.dcm`` (never overwriting other
+    content), or, with ``target`` (single-file mode), exactly to that local path, replacing it
+    atomically as a download would.
+
+    Returns:
+        ``(audit_row, crosswalk_row or None)``.
+    """
+    from transforms import dicomio, engine
+    from transforms.orthanc_ids import orthanc_ids
+
+    plan = cfg.plan
+    started = utc_now()
+    row: dict[str, Any] = {
+        "source_uri": path,
+        "operation": getattr(plan, "operation", None) or ("anonymize" if plan.is_anonymization else "modify"),
+        "profile": getattr(plan, "profile_version", None) if plan.is_anonymization else None,
+        "level": getattr(plan, "level", None),
+        "request": _plan_description(plan),
+        "key_id": cfg.key_id,
+        "run_id": cfg.run_id,
+        "bytes_in": int(size),
+        "started_at": started,
+    }
+    stage = "read"
+    ds = new = None
+    try:
+        if size > cfg.max_bytes:
+            raise InputError(f"file is larger than --max-bytes ({cfg.max_bytes} bytes)", reason="too_large")
+        data = read_bounded(path, cfg.max_bytes)
+        row["bytes_in"] = len(data)
+        stage = "parse"
+        ds = dicomio.read_dataset(data)
+        row["sop_class_uid"] = _safe_uid(ds, "SOPClassUID")
+        row["modality"] = _safe_modality(ds)
+        row["transfer_syntax_in"] = _transfer_syntax(ds)
+        selection = _selection(plan)
+        if selection:
+            stage = "select"
+            if not _is_selected(ds, selection):
+                row.update(status=SKIPPED, reason="not_selected", detail="not selected by Resources")
+                return audit_row(**row, finished_at=utc_now()), None
+        stage = "apply"
+        new = engine.apply(plan, ds, key)
+        if getattr(plan, "transcode", None):
+            stage = "transcode"
+            from transforms.transcode import transcode
+
+            new = transcode(new, plan.transcode)
+        stage = "name"
+        study, series, sop = (_safe_str(new, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        ids = orthanc_ids(_safe_str(new, "PatientID") or "", study or "", series or "", sop or "")
+        row.update(
+            study_instance_uid=study if study and _UID_PATH_RE.match(study) and len(study) <= 64 else None,
+            series_instance_uid=series if series and _UID_PATH_RE.match(series) and len(series) <= 64 else None,
+            sop_instance_uid=sop if sop and _UID_PATH_RE.match(sop) and len(sop) <= 64 else None,
+        )
+        name = output_name(study, series, sop)
+        row.update(
+            patient_orthanc_id=ids["patient"],
+            study_orthanc_id=ids["study"],
+            series_orthanc_id=ids["series"],
+            instance_orthanc_id=ids["instance"],
+        )
+        stage = "encode"
+        out = dicomio.write_dataset(new)
+        sha = hashlib.sha256(out).hexdigest()
+        stage = "write"
+        if target is None:
+            final = FileSystems.join(cfg.output_root, *name.split("/"))
+            publish(out, sha, final, cfg.output_root, cfg.run_id)
+        else:
+            final = target
+            replace_local(out, target)
+        row.update(
+            status=WRITTEN,
+            output_uri=final,
+            transfer_syntax_out=_transfer_syntax(new) if not getattr(plan, "transcode", None) else plan.transcode,
+            bytes_out=len(out),
+            output_sha256=sha,
+        )
+        crosswalk = None
+        if cfg.crosswalk:
+            orig_pid = _safe_str(ds, "PatientID") or ""
+            orig = [_safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+            crosswalk = crosswalk_row(
+                source_uri=path,
+                output_uri=final,
+                run_id=cfg.run_id,
+                key_id=cfg.key_id,
+                original_patient_id=orig_pid,
+                original_study_instance_uid=orig[0],
+                original_series_instance_uid=orig[1],
+                original_sop_instance_uid=orig[2],
+                new_patient_id=_safe_str(new, "PatientID"),
+                new_study_instance_uid=study,
+                new_series_instance_uid=series,
+                new_sop_instance_uid=sop,
+                original_instance_orthanc_id=orthanc_ids(orig_pid, *(o or "" for o in orig))["instance"],
+                new_instance_orthanc_id=ids["instance"],
+            )
+        return audit_row(**row, finished_at=utc_now()), crosswalk
+    except DeidError as exc:
+        reason, detail = exc.reason, f"{stage}: {exc}"
+    except RecursionError:
+        reason, detail = "too_deep", f"{stage}: nesting too deep (RecursionError)"
+    except MemoryError:
+        reason, detail = "too_large", f"{stage}: out of memory (MemoryError)"
+    except OSError as exc:
+        reason = "write_error" if stage == "write" else ("read_error" if stage == "read" else "internal_error")
+        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+        detail = f"{stage}: {type(exc).__name__}{' ' + code if code else ''}"
+    except Exception as exc:  # noqa: BLE001 - dead letter: the type only, messages may quote data
+        reason = "write_error" if stage == "write" else ("read_error" if stage == "read" else "internal_error")
+        detail = f"{stage}: {type(exc).__name__}"
+    finally:
+        ds = new = None  # drop large data sets before building the row
+    row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
+    if reason != "duplicate_instance":
+        for k in (
+            "study_instance_uid",
+            "series_instance_uid",
+            "sop_instance_uid",
+            "patient_orthanc_id",
+            "study_orthanc_id",
+            "series_orthanc_id",
+            "instance_orthanc_id",
+        ):
+            row.pop(k, None)
+    return audit_row(**row, finished_at=utc_now()), None
+
+
+def _plan_description(plan: Any) -> str | None:
+    describe = getattr(plan, "describe", None)
+    if describe is None:
+        return None
+    try:
+        return _detail(str(describe()))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _ProgressFile:
+    """Counters a worker drops into a local folder; the CLI sums them for its progress line."""
+
+    def __init__(self, folder: str) -> None:
+        self._path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self.counts = {WRITTEN: 0, FAILED: 0, SKIPPED: 0}
+        self._last = 0.0
+
+    def add(self, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        now = time.monotonic()
+        if now - self._last >= 0.5:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        self._last = time.monotonic() if now is None else now
+        tmp = self._path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.counts, f)
+            os.replace(tmp, self._path)
+        except OSError:
+            pass  # progress is cosmetic; never fail a file for it
+
+
+def read_progress(folder: str) -> dict[str, int]:
+    """Sum the counters every worker left in ``folder``."""
+    total = {WRITTEN: 0, FAILED: 0, SKIPPED: 0}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return total
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                counts = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for k in total:
+            total[k] += int(counts.get(k, 0))
+    return total
+
+
+# --------------------------------------------------------------------------- DoFn / PTransforms
+
+
+class DeidentifyFn(beam.DoFn):
+    """``(path, size)`` -> one audit row dict; crosswalk rows on ``CROSSWALK_TAG``."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self._cfg = cfg
+        self._key: Any = None
+        self._progress: _ProgressFile | None = None
+        self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in (WRITTEN, FAILED, SKIPPED)}
+        self._bytes_in = Metrics.distribution(_METRICS_NAMESPACE, "bytes_in")
+
+    def setup(self) -> None:
+        cfg = self._cfg
+        self._key = cfg.key if cfg.key is not None else load_key_uri(cfg.key_uri)
+        if self._key.key_id != cfg.key_id:
+            raise RuntimeError(
+                f"the key read by this worker has id {self._key.key_id}, the run was started with {cfg.key_id}: "
+                "the key file changed during the run"
+            )
+        if cfg.progress_dir and os.path.isdir(cfg.progress_dir):
+            self._progress = _ProgressFile(cfg.progress_dir)
+
+    def process(self, element: tuple[str, int]) -> Iterator[Any]:
+        path, size = element
+        audit, crosswalk = process_file(path, size, self._cfg, self._key)
+        self._counters[audit["status"]].inc()
+        if audit["reason"]:
+            Metrics.counter(_METRICS_NAMESPACE, f"reason_{audit['reason']}").inc()
+        self._bytes_in.update(int(audit["bytes_in"] or 0))
+        if self._progress is not None:
+            self._progress.add(audit["status"])
+        yield audit
+        if crosswalk is not None:
+            yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)
+
+    def finish_bundle(self) -> None:
+        if self._progress is not None:
+            self._progress.flush()
+
+    def teardown(self) -> None:
+        if self._progress is not None:
+            self._progress.flush()
+
+
+class DeidentifyOutputs(NamedTuple):
+    audit: beam.PCollection  # audit_row dicts, one per input file
+    crosswalk: beam.PCollection  # crosswalk_row dicts, one per written file (empty without --crosswalk)
+
+
+class ExpandInput(beam.PTransform):
+    """INPUT strings -> ``(path, size)`` per file, redistributed so every worker gets files.
+
+    The reshuffle moves only (path, size) pairs: without it the whole listing would stay in
+    the one bundle that read the single INPUT element, i.e. on one worker.
+    """
+
+    def expand(self, pcoll: beam.PCollection[str]) -> beam.PCollection[tuple[str, int]]:
+        return (
+            pcoll
+            | "MatchFiles" >> beam.ParDo(ExpandInputFn())
+            | "SpreadFiles" >> beam.Reshuffle()
+        )
+
+
+class DeidentifyInstances(beam.PTransform):
+    """``(path, size)`` -> ``DeidentifyOutputs``; see :func:`process_file`."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, pcoll: beam.PCollection[tuple[str, int]]) -> DeidentifyOutputs:
+        results = pcoll | "Deidentify" >> beam.ParDo(DeidentifyFn(self._cfg)).with_outputs(CROSSWALK_TAG, main=AUDIT_TAG)
+        return DeidentifyOutputs(results[AUDIT_TAG], results[CROSSWALK_TAG])
+
+
+def iter_rows(elements: Iterable[tuple[str, int]], cfg: RunConfig, key: Any) -> Iterator[dict[str, Any]]:
+    """Plain-Python equivalent of ``DeidentifyInstances`` (audit rows only), for single-file use."""
+    for path, size in elements:
+        yield process_file(path, size, cfg, key)[0]
