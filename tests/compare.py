@@ -374,7 +374,11 @@ _STEP = re.compile(r"^(?:\((?P<tag>[0-9a-fA-F]{4},[0-9a-fA-F]{4})\)|(?P<kw>[A-Za
 
 
 def value_at(ds: Dataset, path: str) -> Any:
-    """The value at ``Seq[0].(gggg,eeee)[1].Keyword`` (None when any step is absent)."""
+    """The value at ``Seq[0].(gggg,eeee)[1].Keyword`` (None when any step is absent).
+
+    Strings (DS/IS too) as text, numbers and AT as int, binary as bytes, multiple values as a
+    tuple of text, a sequence as ``"<n> items"``.
+    """
     current: Any = ds
     for step in path.split("."):
         match = _STEP.match(step)
@@ -391,6 +395,8 @@ def value_at(ds: Dataset, path: str) -> Any:
             current = items[index]
         else:
             current = elem
+    if current.VR == "SQ":
+        return f"{len(current.value or [])} items"
     value = current.value
     if isinstance(value, (list, MultiValue)):
         return tuple(str(v) for v in value)
