@@ -15,7 +15,9 @@ source_uri             string       the input file (local path or ``gs://`` URI)
 output_uri             string       the file written, ``<OUTPUT>/<study>/<series>/<sop>.dcm``;
                                     null when nothing was written (failed, skipped)
 status                 string       ``written`` (output exists with this row's content), ``failed``
-                                    (see ``reason``), ``skipped`` (not selected by ``Resources``)
+                                    (see ``reason``), ``skipped`` (not selected by ``Resources``);
+                                    split/merge add ``moved`` (re-parented, new UIDs) and ``copied``
+                                    (written unchanged: --copy-unselected)
 reason                 string       null when written; else a code of ``transforms.errors.REASONS``:
                                     ``not_dicom``, ``empty``, ``truncated``, ``too_deep``,
                                     ``too_large``, ``invalid_uid``, ``invalid_value``,
@@ -69,7 +71,14 @@ from transforms.errors import REASONS
 WRITTEN = "written"
 FAILED = "failed"
 SKIPPED = "skipped"
-STATUSES = (WRITTEN, FAILED, SKIPPED)
+# Added by the split/merge stage (pipelines/splitmerge.py): ``moved`` = re-parented into
+# another study and written under new UIDs; ``copied`` = written unchanged (--copy-unselected,
+# KeepSource). Both carry an output_uri and no reason, like ``written``.
+MOVED = "moved"
+COPIED = "copied"
+STATUSES = (WRITTEN, FAILED, SKIPPED, MOVED, COPIED)
+#: Statuses whose row names an output file (and has no reason code).
+OUTPUT_STATUSES = (WRITTEN, MOVED, COPIED)
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -155,10 +164,10 @@ def audit_row(**fields: Any) -> dict[str, Any]:
         raise ValueError(f"audit_row: status {row['status']!r} not in {STATUSES}")
     if row["reason"] is not None and row["reason"] not in REASONS:
         raise ValueError(f"audit_row: reason {row['reason']!r} not in transforms.errors.REASONS")
-    if (row["status"] == WRITTEN) != (row["reason"] is None):
-        raise ValueError("audit_row: a reason is required exactly when status is not 'written'")
-    if (row["status"] == WRITTEN) != (row["output_uri"] is not None):
-        raise ValueError("audit_row: output_uri is set exactly when status is 'written'")
+    if (row["status"] in OUTPUT_STATUSES) != (row["reason"] is None):
+        raise ValueError(f"audit_row: a reason is required exactly when status is not one of {OUTPUT_STATUSES}")
+    if (row["status"] in OUTPUT_STATUSES) != (row["output_uri"] is not None):
+        raise ValueError(f"audit_row: output_uri is set exactly when status is one of {OUTPUT_STATUSES}")
     return row
 
 
