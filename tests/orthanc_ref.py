@@ -90,13 +90,16 @@ class OrthancClient:
             raise AssertionError(f"unexpected multi-instance answer: {answer!r}")
         return str(answer["ID"])
 
-    def upload_sample(self, relative: str | Path) -> str:
-        """Store ``SAMPLES/relative`` once per client (cached by content hash)."""
-        data = (SAMPLES / relative).read_bytes()
+    def upload_once(self, data: bytes) -> str:
+        """Store ``data`` unless this client already did (cached by content hash)."""
         digest = hashlib.sha256(data).hexdigest()
         if digest not in self._uploaded:
             self._uploaded[digest] = self.upload(data)
         return self._uploaded[digest]
+
+    def upload_sample(self, relative: str | Path) -> str:
+        """Store ``SAMPLES/relative`` once per client."""
+        return self.upload_once((SAMPLES / relative).read_bytes())
 
     def instance_file(self, instance_id: str) -> bytes:
         return self._call("GET", f"/instances/{instance_id}/file")
@@ -127,23 +130,22 @@ class OrthancClient:
         """POST /studies/{id}/anonymize, synchronous: the job content (new study stored)."""
         return self.run_job("studies", study_id, "anonymize", body)
 
-    def upload_study(self, relatives: list[str]) -> tuple[str, dict[str, str]]:
-        """Store the sample files of one study so that the study holds exactly them.
+    def upload_study(self, files: dict[str, bytes]) -> tuple[str, dict[str, str]]:
+        """Store the files of one study ({label: bytes}) so that the study holds exactly them.
 
-        Returns (Orthanc study id, {Orthanc instance id: relative path}). Instances of that
-        study uploaded earlier by other tests are deleted first, so study-level jobs see
-        exactly ``relatives``.
+        Returns (Orthanc study id, {Orthanc instance id: label}). Other instances of that
+        study (uploaded by other tests) are deleted, so study-level jobs see exactly ``files``.
         """
-        by_id = {self.upload_sample(relative): relative for relative in relatives}
+        by_id = {self.upload_once(data): label for label, data in files.items()}
         studies = {self.instance_parent(instance, "study") for instance in by_id}
         if len(studies) != 1:
-            raise AssertionError(f"{relatives} span {len(studies)} studies")
+            raise AssertionError(f"{sorted(files)} span {len(studies)} studies")
         [study] = studies
         for instance in self.study_instances(study):
             if instance not in by_id:
                 self.delete("instances", instance)
         if set(self.study_instances(study)) != set(by_id):
-            raise AssertionError(f"study {study} does not hold exactly {relatives}")
+            raise AssertionError(f"study {study} does not hold exactly {sorted(files)}")
         return study, by_id
 
     def job_results(self, job: dict[str, Any], source_level_metadata: str

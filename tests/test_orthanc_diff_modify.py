@@ -22,16 +22,15 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.compare import (
+    WRITER_DIFFERENCES,
     Deliberate,
     UidStructure,
     check_expectations,
     collect_identifiers,
     compare_datasets,
-    deliberate,
     engine_modules,
-    format_differences,
+    judge,
     ours_for,
-    split_deliberate,
 )
 from tests.conftest import SAMPLES, sample
 from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
@@ -39,7 +38,7 @@ from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_p
 pytestmark = pytest.mark.orthanc
 
 #: Differences between our output and Orthanc 1.10.1's that we keep on purpose.
-DELIBERATE_DIFFERENCES: list[Deliberate] = []
+DELIBERATE_DIFFERENCES: list[Deliberate] = [*WRITER_DIFFERENCES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,12 +223,6 @@ JOB_CASES = [
 ]
 
 
-def assert_same(ours: Dataset, reference: Dataset, uids: UidStructure, label: str) -> None:
-    differences = compare_datasets(ours, reference, uids=uids, where=label)
-    unexpected, _known = split_deliberate(differences, DELIBERATE_DIFFERENCES)
-    assert not unexpected, format_differences(unexpected, f"{label}: ours differs from Orthanc 1.10.1")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_instance_modify_matches_orthanc(orthanc: OrthancClient, case: ModifyCase) -> None:
     data = sample(case.file).read_bytes()
@@ -240,7 +233,9 @@ def test_instance_modify_matches_orthanc(orthanc: OrthancClient, case: ModifyCas
     ours = ours_for(request.parse_modify(case.body, dictionary=TEST_DICTIONARY), data)
     assert check_expectations(ours, case.expect, "ours") == []
     uids = UidStructure(collect_identifiers([pydicom.dcmread(BytesIO(data))]))
-    assert_same(ours, reference, uids, f"{case.file} {case.name}")
+    label = f"{case.file} [{case.name}]"
+    judge([(label, compare_datasets(ours, reference, uids=uids, where=label))],
+          DELIBERATE_DIFFERENCES)
 
 
 _LEVEL_OF_ROUTE = {"studies": "Study", "series": "Series"}
@@ -249,7 +244,7 @@ _LEVEL_OF_ROUTE = {"studies": "Study", "series": "Series"}
 @pytest.mark.parametrize("case", JOB_CASES, ids=[c.name for c in JOB_CASES])
 def test_job_modify_matches_orthanc(orthanc: OrthancClient, case: JobCase) -> None:
     data = {relative: sample(relative).read_bytes() for relative in case.files}
-    study, by_id = orthanc.upload_study(list(case.files))
+    study, by_id = orthanc.upload_study(data)
     route_id = study if case.level == "studies" else orthanc.instance_parent(next(iter(by_id)), "series")
     job = orthanc.run_job(case.level, route_id, "modify", case.body)
     assert job["InstancesCount"] == len(case.files) and job["FailedInstancesCount"] == 0
@@ -266,13 +261,16 @@ def test_job_modify_matches_orthanc(orthanc: OrthancClient, case: JobCase) -> No
     plan = request.parse_modify(case.body, dictionary=TEST_DICTIONARY,
                                 level=_LEVEL_OF_ROUTE[case.level])
     uids = UidStructure(collect_identifiers(pydicom.dcmread(BytesIO(b)) for b in data.values()))
+    compared = []
     for source_id, reference_bytes in sorted(results.items(), key=lambda kv: by_id[kv[0]]):
         relative = by_id[source_id]
         reference = pydicom.dcmread(BytesIO(reference_bytes))
         assert check_expectations(reference, case.expect, f"Orthanc {relative}") == []
         ours = ours_for(plan, data[relative])
         assert check_expectations(ours, case.expect, f"ours {relative}") == []
-        assert_same(ours, reference, uids, f"{relative} {case.name}")
+        label = f"{relative} [{case.name}]"
+        compared.append((label, compare_datasets(ours, reference, uids=uids, where=label)))
+    judge(compared, DELIBERATE_DIFFERENCES)
 
 
 def test_orthanc_listens_on_loopback_only(orthanc_process: Any) -> None:

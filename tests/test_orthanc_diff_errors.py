@@ -1,0 +1,123 @@
+"""Differential test: the bodies Orthanc 1.10.1 refuses, we refuse too (and vice versa).
+
+Each body goes to ``POST /instances/{id}/modify|anonymize`` on DummyCT.dcm. Orthanc's answer
+is an HTTP error (400, or 500 for an unknown tag name) or a file; ours is a ``DeidError``
+(``RequestError`` for the body, raised by the parser or, for values that only fail when cast
+to the tag's VR, by the engine) or a dataset. The message must name the offending key or tag,
+never a value from the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from typing import Any
+
+import pytest
+
+from tests.compare import KEY_BYTES, engine_modules
+from tests.conftest import sample
+from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, OrthancHTTPError, orthanc, orthanc_process  # noqa: F401
+
+pytestmark = pytest.mark.orthanc
+
+FILE = "DummyCT.dcm"
+#: Values of DummyCT.dcm that must never appear in an error message.
+FILE_VALUES = ("KNIX", "ozp00SjY2xG", "1.2.840.113619.2.176.2025.1499492.7040.1171286242.109")
+
+
+@dataclasses.dataclass(frozen=True)
+class BodyCase:
+    name: str
+    operation: str  # 'modify' or 'anonymize'
+    body: Any
+    orthanc_status: int | None  # None: Orthanc accepts it
+    mentions: str = ""  # a word our message must contain (the key or tag)
+    deliberate: str = ""  # why we decide the other way than Orthanc 1.10.1 (see below)
+
+    @property
+    def ours_refuses(self) -> bool:
+        return (self.orthanc_status is not None) != bool(self.deliberate)
+
+
+def _uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
+CASES = [
+    BodyCase("replace-patientid-without-force", "modify", {"Replace": {"PatientID": "x"}}, 400, "PatientID"),
+    BodyCase("keep-sop-without-force", "modify", {"Keep": ["SOPInstanceUID"]}, 400, "SOPInstanceUID"),
+    BodyCase("remove-study-uid-with-force", "modify", {"Remove": ["StudyInstanceUID"], "Force": True}, 400, "StudyInstanceUID"),
+    BodyCase("anonymize-keep-series-uid-without-force", "anonymize", {"Keep": ["SeriesInstanceUID"], "DicomVersion": "2021b"}, 400, "SeriesInstanceUID"),
+    BodyCase("unknown-tag-name", "modify", {"Replace": {"NoSuchTag": "x"}}, 500, "NoSuchTag"),
+    BodyCase("remove-not-array", "modify", {"Remove": "StationName"}, 400, "Remove"),
+    BodyCase("replace-not-object", "modify", {"Replace": ["StationName"]}, 400, "Replace"),
+    BodyCase("keep-entry-not-string", "modify", {"Keep": [7]}, 400, "Keep"),
+    BodyCase("force-not-boolean", "modify", {"Force": "yes"}, 400, "Force"),
+    BodyCase("remove-private-not-boolean", "modify", {"RemovePrivateTags": 1}, 400, "RemovePrivateTags"),
+    BodyCase("private-creator-not-string", "modify", {"PrivateCreator": 5}, 400, "PrivateCreator"),
+    BodyCase("body-not-object", "modify", ["StationName"], 400, ""),
+    BodyCase("value-number", "modify", {"Replace": {"StationName": 3}}, 400, "StationName"),
+    BodyCase("value-array-on-string-tag", "modify", {"Replace": {"StationName": [{}]}}, 400, "StationName"),
+    BodyCase("us-not-a-number", "modify", {"Replace": {"Rows": "abc"}}, 400, "Rows"),
+    BodyCase("us-out-of-range", "modify", {"Replace": {"Rows": "70000"}}, 400, "Rows"),
+    BodyCase("us-null", "modify", {"Replace": {"Rows": None}}, 400, "Rows"),
+    BodyCase("fd-not-a-number", "modify", {"Replace": {"0018,9087": "x"}}, 400, "0018,9087"),
+    BodyCase("bad-path-index", "modify", {"Replace": {"DerivationCodeSequence[x].CodeValue": "a"}}, 400, "DerivationCodeSequence"),
+    BodyCase("path-parent-without-index", "modify", {"Remove": ["DerivationCodeSequence.CodeValue"]}, 400, "DerivationCodeSequence"),
+    BodyCase("bad-data-uri", "modify", {"Replace": {"EncryptedContent": "data:application/octet-stream;base64,@@"}}, 400, "EncryptedContent"),
+    BodyCase("ow-odd-length", "modify", {"Replace": {"RedPaletteColorLookupTableData": _uri(b"abc")}}, 500, "RedPaletteColorLookupTableData"),
+    BodyCase("sop-uid-not-string", "modify", {"Replace": {"SOPInstanceUID": 5}, "Force": True}, 400, "SOPInstanceUID"),
+    BodyCase("sequence-item-not-object", "modify", {"Replace": {"ReferencedStudySequence": ["x"]}}, 400, "ReferencedStudySequence"),
+    BodyCase("unknown-transcode", "modify", {"Transcode": "1.2.3.4"}, 400, "Transcode"),
+    BodyCase("unknown-dicom-version", "anonymize", {"DicomVersion": "nope"}, 400, "DicomVersion"),
+    BodyCase("dicom-version-not-string", "anonymize", {"DicomVersion": 2021}, 400, "DicomVersion"),
+    # Accepted by both:
+    BodyCase("keep-sop-with-force", "modify", {"Keep": ["SOPInstanceUID"], "Force": True}, None),
+    BodyCase("nested-patientid-needs-no-force", "modify", {"Replace": {"ReferencedImageSequence[*].PatientID": "x"}}, None),
+    BodyCase("empty-body", "modify", {}, None),
+    BodyCase("anonymize-2008", "anonymize", {"DicomVersion": "2008"}, None),
+    # Decided differently on purpose:
+    BodyCase("ds-not-a-number", "modify", {"Replace": {"PatientWeight": "abc"}}, None, "PatientWeight",
+             deliberate="values are cast to the tag's VR and refused when they do not fit; "
+                        "Orthanc stores DS/IS/DA/... strings unchecked"),
+    BodyCase("is-not-a-number", "modify", {"Replace": {"SeriesNumber": "1.5"}}, None, "SeriesNumber",
+             deliberate="as above, for IS"),
+    BodyCase("anonymize-2023b", "anonymize", {"DicomVersion": "2023b"}, 400,
+             deliberate="we implement the 2023b edition (our default, as in Orthanc >= 1.12); "
+                        "Orthanc 1.10.1 predates it"),
+]
+
+#: Bodies on which we decide differently from Orthanc 1.10.1, with the reason.
+DELIBERATE_DIFFERENCES = {case.name: case.deliberate for case in CASES if case.deliberate}
+
+
+def _orthanc_answer(orthanc: OrthancClient, case: BodyCase) -> int | None:
+    instance = orthanc.upload_sample(FILE)
+    call = orthanc.modify_instance if case.operation == "modify" else orthanc.anonymize_instance
+    try:
+        call(instance, case.body)
+    except OrthancHTTPError as error:
+        return error.status
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_refusals_match_orthanc(orthanc: OrthancClient, case: BodyCase) -> None:
+    data = sample(FILE).read_bytes()
+    assert _orthanc_answer(orthanc, case) == case.orthanc_status
+
+    request, engine, identity, dicomio = engine_modules()
+    from transforms.errors import DeidError, RequestError
+
+    parse = request.parse_modify if case.operation == "modify" else request.parse_anonymize
+    key = identity.Key.from_bytes(KEY_BYTES)
+    if not case.ours_refuses:
+        engine.apply(parse(case.body, dictionary=TEST_DICTIONARY), dicomio.read_dataset(data), key)
+        return
+    with pytest.raises(DeidError) as refused:
+        engine.apply(parse(case.body, dictionary=TEST_DICTIONARY), dicomio.read_dataset(data), key)
+    assert isinstance(refused.value, RequestError), f"{type(refused.value).__name__}: {refused.value}"
+    message = str(refused.value)
+    assert case.mentions in message
+    assert not any(value in message for value in FILE_VALUES)
