@@ -315,7 +315,6 @@ def copied_study_tags(ds: Dataset) -> tuple[tuple[int, str | None], ...]:
 # --------------------------------------------------------------------------- plan
 
 MOVE = "move"
-DUPLICATE = "duplicate"
 UNSELECTED = "unselected"
 
 
@@ -324,6 +323,8 @@ class Plan:
     """Everything the per-instance pass needs; immutable by convention, picklable.
 
     ``moves`` maps a moved input's URI to its (new SeriesInstanceUID, new SOPInstanceUID).
+    Inputs sharing a SOPInstanceUID (``duplicates`` lists all but the first) get the same new
+    UIDs: identical files then give identical outputs, and the writer refuses differing ones.
     ``sop_map`` / ``series_map`` / ``study_map`` map old UIDs to new ones for references;
     ``partial`` holds the old series / study UIDs from which only some instances move, and
     ``staying`` the SOPInstanceUIDs left behind in them.
@@ -345,15 +346,12 @@ class Plan:
     source_studies: tuple[str, ...] = field(default=())  # Orthanc ids, sorted
 
     def disposition(self, source: str) -> str:
-        """``move``, ``duplicate`` (same SOPInstanceUID as a moved input) or ``unselected``."""
-        if source in self.moves:
-            return MOVE
-        if source in self.duplicates:
-            return DUPLICATE
-        return UNSELECTED
+        """``move`` or ``unselected``."""
+        return MOVE if source in self.moves else UNSELECTED
 
     @property
     def instances_count(self) -> int:
+        """Number of inputs that move (duplicates included)."""
         return len(self.moves)
 
     def describe(self) -> str:
@@ -436,23 +434,26 @@ def _resolve_members(entries: Sequence[IndexEntry], specs: Sequence[str], level:
     return chosen
 
 
-def _dedupe(moved: Iterable[IndexEntry]) -> tuple[list[IndexEntry], frozenset[str]]:
-    """One input per SOPInstanceUID moves (the smallest Orthanc id, then URI); the rest are duplicates."""
+def _dedupe(moved: Iterable[IndexEntry]) -> tuple[list[IndexEntry], dict[str, str]]:
+    """One input per SOPInstanceUID defines the new UIDs (the smallest Orthanc id, then URI).
+
+    Returns the defining entries and ``{duplicate source: defining source}`` for the others.
+    """
     winners: dict[str, IndexEntry] = {}
-    losers: set[str] = set()
+    losers: dict[str, str] = {}
     for e in sorted(set(moved), key=lambda e: (e.instance, e.source)):
         if e.sop_uid in winners:
-            losers.add(e.source)
+            losers[e.source] = winners[e.sop_uid].source
         else:
             winners[e.sop_uid] = e
-    return sorted(winners.values(), key=lambda e: (e.instance, e.source)), frozenset(losers)
+    return sorted(winners.values(), key=lambda e: (e.instance, e.source)), losers
 
 
 def _build(
     operation: str,
     index: _Index,
     moved: list[IndexEntry],
-    duplicates: frozenset[str],
+    duplicates: dict[str, str],
     key: Key,
     *,
     study_uid: str,
@@ -475,6 +476,8 @@ def _build(
         new_sop = key.uid(f"{operation}-instance", f"{seed}|{e.sop_uid}")
         moves[e.source] = (new_series, new_sop)
         sop_map[e.sop_uid] = new_sop
+    for loser, winner in sorted(duplicates.items()):
+        moves[loser] = moves[winner]
     source_studies = sorted({e.study for e in moved})
     study_uids = {e.study_uid for e in moved}
     # Containers some of whose instances stay behind: references to them follow the move only
@@ -496,7 +499,7 @@ def _build(
         study_uid=study_uid,
         study_id=study_id,
         moves=moves,
-        duplicates=duplicates,
+        duplicates=frozenset(duplicates),
         sop_map=sop_map,
         series_map=series_map,
         study_map={uid: study_map_to for uid in sorted(study_uids) if uid != study_map_to},
@@ -784,7 +787,6 @@ def apply_plan(plan: Plan, ds: Dataset, source: str) -> Dataset:
 
 
 __all__ = [
-    "DUPLICATE",
     "GENERAL_STUDY_MODULE_TAGS",
     "MERGE",
     "MODULE_TAGS",
