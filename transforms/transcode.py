@@ -1,0 +1,718 @@
+"""Change the transfer syntax of one dataset: the ``Transcode`` key of a request.
+
+``transcode(ds, uid)`` returns a new dataset whose pixel data is encoded in the target transfer
+syntax, with ``file_meta.TransferSyntaxUID`` set; ``ds`` itself is never modified.
+
+* Lossless targets are proven lossless: unless ``verify=False``, the new pixel data is decoded
+  again and compared with the source pixels; a difference raises
+  :class:`~transforms.errors.CannotTranscode`, as does any codec error. A transcode never
+  silently changes an image.
+* Lossy targets (``LOSSY``) set LossyImageCompression ``01``, its ratio and method (appended to
+  earlier lossy steps), ImageType value 1 ``DERIVED``, DerivationDescription and
+  DerivationCodeSequence (113040), as DCMTK does for Orthanc. The caller gives such an instance a
+  new SOPInstanceUID (``is_lossy(uid)`` / ``TranscodeResult.lossy``): this module never
+  changes UIDs.
+* Objects without pixel data (SR, PDF, ...) only change transfer syntax, even to an encapsulated
+  one (the data set is then explicit VR little endian, as PS3.5 A.4 says), as Orthanc 1.10.1
+  does for JPEG targets.
+* Colour: JPEG lossy codestreams (.4.50/.4.51) in YCbCr are decoded to RGB, as DCMTK does; other
+  sources keep their photometric interpretation (RGB, YBR_FULL, ...). JPEG lossy output of colour
+  data is YBR_FULL_422 (4:2:2 subsampled, as DCMTK writes it), JPEG 2000 output of RGB is
+  YBR_RCT (lossless) or YBR_ICT (lossy). PlanarConfiguration follows PS3.5: 1 for RLE
+  (Annex G.2), 0 for the other encapsulated syntaxes, unchanged between native syntaxes.
+* 1-bit (BitsAllocated 1) data only goes to the native syntaxes; it is refused for the others
+  before any codec is called (python-gdcm aborts the process on it, so GDCM is never used for it).
+
+Codecs (the ``codecs`` extra): imagecodecs (libjpeg-turbo) for the JPEG syntaxes, pyjpegls
+(CharLS) for JPEG-LS, pylibjpeg + pylibjpeg-openjpeg (OpenJPEG) for JPEG 2000, pydicom's own
+RLE codec (or pylibjpeg-rle when installed), Pillow (a dependency of Apache Beam) for 8-bit JPEG
+decoding. The native syntaxes need nothing but pydicom. Without a codec, the transcode fails with
+``CannotTranscode`` naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
+from pydicom.filewriter import correct_ambiguous_vr
+from pydicom.pixels import get_decoder
+from pydicom.pixels.processing import convert_color_space
+from pydicom.pixels.utils import compress as _pydicom_compress
+from pydicom.pixels.utils import pack_bits
+from pydicom.sequence import Sequence
+from pydicom.uid import UID
+
+from transforms.errors import CannotTranscode, RequestError
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEGLS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+JPEGLS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+J2K = "1.2.840.10008.1.2.4.91"
+
+#: Target transfer syntaxes this module can write, with their names.
+SUPPORTED: dict[str, str] = {
+    IMPLICIT_LE: "Implicit VR Little Endian",
+    EXPLICIT_LE: "Explicit VR Little Endian",
+    DEFLATED_LE: "Deflated Explicit VR Little Endian",
+    EXPLICIT_BE: "Explicit VR Big Endian",
+    RLE_LOSSLESS: "RLE Lossless",
+    JPEG_BASELINE: "JPEG Baseline (Process 1), 8-bit lossy",
+    JPEG_EXTENDED: "JPEG Extended (Process 2 & 4), 8/12-bit lossy",
+    JPEG_LOSSLESS: "JPEG Lossless, Non-Hierarchical (Process 14)",
+    JPEG_LOSSLESS_SV1: "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 SV1)",
+    JPEGLS_LOSSLESS: "JPEG-LS Lossless",
+    JPEGLS_NEAR_LOSSLESS: "JPEG-LS Lossy (Near-Lossless)",
+    J2K_LOSSLESS: "JPEG 2000 Lossless Only",
+    J2K: "JPEG 2000 (lossy)",
+}
+
+#: Supported targets that lose information (a new SOPInstanceUID is due).
+LOSSY: frozenset[str] = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEGLS_NEAR_LOSSLESS, J2K})
+
+#: Targets where only the data set encoding changes; the pixel bytes are not compressed.
+NATIVE: frozenset[str] = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE})
+
+#: The 42 transfer syntaxes Orthanc 1.10.1 knows (Enumerations_TransferSyntaxes.impl.h), so a
+#: request naming one we cannot write is told "known but unsupported", not "unknown".
+ORTHANC_KNOWN: frozenset[str] = frozenset(
+    [IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE]
+    + [f"1.2.840.10008.1.2.4.{n}" for n in range(50, 67)]
+    + [JPEG_LOSSLESS_SV1, JPEGLS_LOSSLESS, JPEGLS_NEAR_LOSSLESS]
+    + [f"1.2.840.10008.1.2.4.{n}" for n in range(90, 96)]
+    + [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
+    + [RLE_LOSSLESS, "1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2"]
+)
+
+# Codec parameters. Orthanc (DCMTK) uses IJG quality 90 and NEAR=2 by default; it cannot write
+# lossy JPEG 2000, for which 10:1 is a common clinical ceiling for CT/MR.
+JPEG_QUALITY = 90
+JLS_NEAR = 2
+J2K_COMPRESSION_RATIO = 10.0
+# A lossy round trip whose mean absolute error exceeds this share of the full scale
+# (2**BitsStored) is treated as a codec failure, not as compression noise.
+LOSSY_MAX_MEAN_ERROR = 0.05
+
+_LOSSY_METHOD = {
+    JPEG_BASELINE: "ISO_10918_1",
+    JPEG_EXTENDED: "ISO_10918_1",
+    JPEGLS_NEAR_LOSSLESS: "ISO_14495_1",
+    J2K: "ISO_15444_1",
+}
+_JPEG = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV1})
+_JPEG_LOSSY = frozenset({JPEG_BASELINE, JPEG_EXTENDED})
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+_PIXEL_DATA_TAG = 0x7FE00010
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Decoding plugins in order of preference. GDCM comes last and is never used on 1-bit data.
+_DECODERS_JPEG = ("pillow", "imagecodecs", "pylibjpeg", "gdcm")
+_DECODERS_OTHER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow", "gdcm")
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscodeResult:
+    """What ``transcode_result`` did.
+
+    Attributes:
+      dataset: the new dataset (``file_meta.TransferSyntaxUID == target_syntax``).
+      source_syntax: the input's transfer syntax.
+      target_syntax: the requested one.
+      recoded: the pixel data was decoded and encoded again (not just re-wrapped).
+      lossy: a lossy compression step was applied here: the instance needs a new SOPInstanceUID.
+      compression_ratio: uncompressed / compressed size of the new pixel data, when compressed.
+      verified: the new pixel data was decoded and compared with the source pixels.
+    """
+
+    dataset: Dataset
+    source_syntax: str
+    target_syntax: str
+    recoded: bool = False
+    lossy: bool = False
+    compression_ratio: float | None = None
+    verified: bool = False
+
+
+def validate_target(uid: object) -> str:
+    """Return ``uid`` if it is a supported target transfer syntax.
+
+    Raises:
+      RequestError: naming ``Transcode`` and listing the supported UIDs; the message says when
+        the UID is one Orthanc knows but this project cannot write.
+    """
+    allowed = ", ".join(SUPPORTED)
+    if isinstance(uid, str) and uid in SUPPORTED:
+        return uid
+    if isinstance(uid, str) and uid in ORTHANC_KNOWN:
+        raise RequestError(
+            f"Transcode: transfer syntax {uid} ({UID(uid).name}) is known but cannot be "
+            f"written here; supported: {allowed}"
+        )
+    if not isinstance(uid, str):
+        raise RequestError(f"Transcode: expected a transfer syntax UID string; supported: {allowed}")
+    shown = f" {uid}" if len(uid) <= 64 and _UID_RE.match(uid) else ""
+    raise RequestError(f"Transcode: unknown transfer syntax UID{shown}; supported: {allowed}")
+
+
+def is_lossy(uid: str) -> bool:
+    """True when transcoding to ``uid`` loses information (a new SOPInstanceUID is due)."""
+    return uid in LOSSY
+
+
+def source_syntax(ds: Dataset) -> str:
+    """Return the transfer syntax ``ds`` is encoded in.
+
+    From ``file_meta.TransferSyntaxUID``, else from how pydicom read the data set (files without
+    a meta header), else explicit VR little endian (a data set built in memory).
+    """
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid:
+        return str(uid)
+    implicit, little = ds.original_encoding
+    if little is False:
+        return EXPLICIT_BE
+    return IMPLICIT_LE if implicit else EXPLICIT_LE
+
+
+def transcode(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Dataset:
+    """Return a copy of ``ds`` with its pixel data in transfer syntax ``ts_uid``.
+
+    Args:
+      ds: the source dataset; it is not modified.
+      ts_uid: the target transfer syntax, one of ``SUPPORTED``.
+      verify: decode the new pixel data and compare it with the source (exact for lossless
+        targets, a sanity bound for lossy ones). On by default; costs one extra decode.
+
+    Raises:
+      RequestError: ``ts_uid`` is not a supported target.
+      CannotTranscode: the pixel data cannot be written in ``ts_uid`` without loss (or at all);
+        the message names the attribute or codec, never patient data.
+    """
+    return transcode_result(ds, ts_uid, verify=verify).dataset
+
+
+def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> TranscodeResult:
+    """Like ``transcode``, returning what was done along with the new dataset."""
+    target = validate_target(ts_uid)
+    source = source_syntax(ds)
+    out = copy.deepcopy(ds)
+    if getattr(out, "file_meta", None) is None:
+        out.file_meta = FileMetaDataset()
+    out.file_meta.TransferSyntaxUID = UID(source)
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in out), None)
+    try:
+        if keyword is None or source == target:
+            _change_byte_order(out, source, target)
+            return _done(out, source, target)
+        if keyword != "PixelData":
+            if target not in NATIVE:
+                raise CannotTranscode(
+                    f"{_target_text(target)}: {keyword} (floating point pixels) can only be "
+                    "written uncompressed"
+                )
+            _change_byte_order(out, source, target)
+            return _done(out, source, target)
+        if source in NATIVE and target in NATIVE:
+            return _native_to_native(out, source, target, verify)
+        return _recode(out, source, target, verify)
+    except CannotTranscode:
+        raise
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
+        raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from exc
+
+
+def _done(out: Dataset, source: str, target: str, **kwargs: object) -> TranscodeResult:
+    out.file_meta.TransferSyntaxUID = UID(target)
+    return TranscodeResult(out, source, target, **kwargs)  # type: ignore[arg-type]
+
+
+def _target_text(target: str) -> str:
+    return f"Transcode to {target} ({SUPPORTED[target]})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+# --- native <-> native -------------------------------------------------------------------------
+
+
+def _is_little(uid: str) -> bool:
+    return uid != EXPLICIT_BE
+
+
+def _change_byte_order(out: Dataset, source: str, target: str) -> None:
+    """Byte-swap every OW/OL/OF/OD/OV value when the byte order changes (pydicom does not)."""
+    if _is_little(source) == _is_little(target):
+        return
+    correct_ambiguous_vr(out, _is_little(source))
+    _swap_values(out)
+
+
+def _swap_values(ds: Dataset) -> None:
+    for elem in ds:  # iterating converts raw elements, read in the source byte order
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _swap_values(item)
+            continue
+        if elem.tag == _PIXEL_DATA_TAG:
+            bits = int(ds.get("BitsAllocated", 8) or 8)
+            if bits <= 8:
+                elem.VR = "OB"  # bytes have no order; DCMTK writes OB here too
+                continue
+            width = bits // 8
+        elif elem.VR in _SWAP_WIDTH:
+            width = _SWAP_WIDTH[elem.VR]
+        else:
+            continue
+        value = elem.value
+        if not isinstance(value, (bytes, bytearray)) or not value:
+            continue
+        if elem.is_undefined_length or len(value) % width:
+            raise CannotTranscode(
+                f"element {elem.keyword or elem.tag} ({elem.VR}) cannot be byte-swapped: "
+                f"length is not a multiple of {width}"
+            )
+        elem.value = np.frombuffer(value, dtype=f"u{width}").byteswap().tobytes()
+
+
+def _native_to_native(out: Dataset, source: str, target: str, verify: bool) -> TranscodeResult:
+    if _is_little(source) == _is_little(target):
+        # Same pixel bytes, only the data set encoding changes: lossless by construction.
+        return _done(out, source, target)
+    before = _decode(out, source)[0] if verify else None
+    _change_byte_order(out, source, target)
+    out.file_meta.TransferSyntaxUID = UID(target)
+    if before is not None:
+        after = _decode(out, target)[0]
+        if not np.array_equal(before, after):
+            raise CannotTranscode(f"{_target_text(target)}: pixels differ after byte swapping")
+    return _done(out, source, target, verified=before is not None)
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def _frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def _dtype(ds: Dataset) -> np.dtype:
+    bits = int(ds.BitsAllocated)
+    if bits == 1:
+        return np.dtype("u1")
+    kind = "i" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "u"
+    return np.dtype(f"<{kind}{max(1, bits // 8)}")
+
+
+def _as4d(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Shape as (frames, rows, columns, samples) with the dtype of BitsAllocated."""
+    shape = (_frames(ds), int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1))
+    return arr.reshape(shape).astype(_dtype(ds), copy=False)
+
+
+def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
+    """Decode all frames of ``ds`` (encoded in ``ts``) without colour conversion.
+
+    Returns the (frames, rows, columns, samples) array and its photometric interpretation. JPEG
+    lossy codestreams in YCbCr come back as RGB, which is what their decoder (IJG in DCMTK)
+    produces; everything else keeps its colour space.
+    """
+    if int(ds.BitsAllocated) not in (1, 8, 16, 32, 64):
+        raise CannotTranscode(f"BitsAllocated {int(ds.BitsAllocated)} is not decodable")
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise CannotTranscode(f"no pixel data decoder for source transfer syntax {ts}") from exc
+    pi = str(ds.get("PhotometricInterpretation", ""))
+    if decoder.is_native:
+        arr, props = decoder.as_array(ds, raw=True)
+        return _as4d(arr, ds), str(props.get("photometric_interpretation", pi))
+
+    failures: list[str] = []
+    for plugin in _decoder_order(ts, decoder, int(ds.BitsAllocated)):
+        try:
+            if plugin == "imagecodecs":
+                arr, pi_out = _decode_jpeg_imagecodecs(ds)
+            else:
+                arr, props = decoder.as_array(ds, raw=True, decoding_plugin=plugin)
+                pi_out = str(props.get("photometric_interpretation", pi))
+            arr = _as4d(arr, ds)
+        except Exception as exc:  # noqa: BLE001 - try the next plugin
+            failures.append(f"{plugin}: {_describe(exc)}")
+            continue
+        if ts in _JPEG_LOSSY and pi_out in ("YBR_FULL", "YBR_FULL_422") and arr.shape[-1] == 3:
+            arr = convert_color_space(arr, "YBR_FULL", "RGB", per_frame=True)
+            pi_out = "RGB"
+        return arr, pi_out
+    if not failures:
+        raise CannotTranscode(
+            f"no decoder installed for source transfer syntax {ts} (install the codecs extra)"
+        )
+    raise CannotTranscode(f"cannot decode source transfer syntax {ts}: {'; '.join(failures)}")
+
+
+def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[str]:
+    available = set(getattr(decoder, "available_plugins", ()))
+    if ts in _JPEG and _have_imagecodecs():
+        available.add("imagecodecs")
+    if bits_allocated == 1:
+        available.discard("gdcm")  # python-gdcm aborts the process on 1-bit data
+    for plugin in _DECODERS_JPEG if ts in _JPEG else _DECODERS_OTHER:
+        if plugin in available:
+            yield plugin
+
+
+def _have_imagecodecs() -> bool:
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    return bool(imagecodecs.JPEG8.available)
+
+
+def _decode_jpeg_imagecodecs(ds: Dataset) -> tuple[np.ndarray, str]:
+    """Decode JPEG frames with libjpeg-turbo (8/12-bit lossy, 2-16 bit lossless)."""
+    import imagecodecs
+
+    pi = str(ds.get("PhotometricInterpretation", ""))
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    # Colour: no conversion inside the codec; the photometric interpretation says what it is.
+    space = None if samples == 1 else ("YCbCr" if pi.startswith("YBR") else "RGB")
+    frames = []
+    for fragment in generate_frames(ds.PixelData, number_of_frames=_frames(ds)):
+        if space is None:
+            frames.append(imagecodecs.jpeg8_decode(fragment))
+        else:
+            frames.append(imagecodecs.jpeg8_decode(fragment, colorspace=space, outcolorspace=space))
+    arr = np.stack(frames).astype(np.int64)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        bits = int(ds.BitsStored)
+        arr = np.where(arr >= 1 << (bits - 1), arr - (1 << bits), arr)
+    return arr, ("YBR_FULL" if pi == "YBR_FULL_422" else pi)
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeResult:
+    if int(out.BitsAllocated) == 1 and target not in NATIVE:
+        raise CannotTranscode(
+            f"{_target_text(target)}: BitsAllocated 1 (bit-packed) pixel data can only be "
+            f"written in {', '.join(sorted(NATIVE))}"
+        )
+    arr, pi = _decode(out, source)
+    if target in NATIVE:
+        _store_native(out, arr, pi)
+        if not _is_little(target):
+            out.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+            _change_byte_order(out, EXPLICIT_LE, target)
+        out.file_meta.TransferSyntaxUID = UID(target)
+        if verify:
+            _check(out, target, arr)
+        return _done(out, source, target, recoded=True, verified=verify)
+
+    _check_encodable(out, arr, pi, target)
+    if target in _JPEG:
+        encoded, pi_out, arr = _encode_jpeg(out, arr, pi, target)
+        _store_encapsulated(out, encoded, pi_out, target)
+    else:
+        encoded_pi = _encoded_pi(pi, target)
+        _encode_pydicom(out, arr, encoded_pi, target)
+    ratio = _compression_ratio(out)
+    lossy = target in LOSSY
+    if lossy:
+        _mark_lossy(out, target, ratio)
+    if verify:
+        _check(out, target, arr)
+    return _done(
+        out, source, target, recoded=True, lossy=lossy, compression_ratio=ratio, verified=verify
+    )
+
+
+def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None:
+    signed = int(out.get("PixelRepresentation", 0) or 0) == 1
+    bits_stored = int(out.BitsStored)
+    text = _target_text(target)
+    if target in LOSSY and pi == "PALETTE COLOR":
+        raise CannotTranscode(f"{text}: PALETTE COLOR indices cannot be compressed lossily")
+    if target in _JPEG_LOSSY:
+        if signed:
+            raise CannotTranscode(f"{text}: JPEG lossy cannot hold signed pixel data")
+        bits_allocated = int(out.BitsAllocated)
+        if (target == JPEG_BASELINE or arr.shape[-1] == 3) and bits_allocated != 8:
+            raise CannotTranscode(
+                f"{text}: BitsAllocated {bits_allocated} is not allowed; this syntax holds "
+                "8-bit data" + ("" if target == JPEG_BASELINE else " (12-bit for greyscale)")
+            )
+        if bits_stored > 12:
+            raise CannotTranscode(
+                f"{text}: BitsStored {bits_stored} exceeds the 12 bits this syntax holds"
+            )
+    if target in _JPEG and bits_stored > 16:
+        raise CannotTranscode(f"{text}: BitsStored {bits_stored} exceeds 16")
+    if target in (JPEG_LOSSLESS, JPEG_LOSSLESS_SV1) and pi.startswith("YBR"):
+        # libjpeg-turbo marks 3-sample lossless data as RGB (Adobe APP14) or corrupts it when
+        # told it is YCbCr; readers would then show the YCbCr samples as RGB.
+        raise CannotTranscode(
+            f"{text}: {pi} colour data cannot be stored losslessly by the JPEG encoder; "
+            "use JPEG-LS, JPEG 2000 or RLE"
+        )
+
+
+def _encoded_pi(pi: str, target: str) -> str:
+    if pi == "RGB" and target == J2K_LOSSLESS:
+        return "YBR_RCT"
+    if pi == "RGB" and target == J2K:
+        return "YBR_ICT"
+    return pi
+
+
+def _pydicom_shape(arr: np.ndarray) -> np.ndarray:
+    frames, rows, cols, samples = arr.shape
+    shape: tuple[int, ...] = (rows, cols) if frames == 1 else (frames, rows, cols)
+    return arr.reshape(shape + ((samples,) if samples > 1 else ()))
+
+
+def _encode_pydicom(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None:
+    """RLE, JPEG-LS and JPEG 2000 through pydicom's encoders (from the array, never raw bytes)."""
+    from pydicom.pixels import get_encoder
+
+    encoder = get_encoder(target)
+    plugins = encoder.available_plugins
+    preferred = {RLE_LOSSLESS: ("pylibjpeg", "pydicom")}.get(target, ("pyjpegls", "pylibjpeg"))
+    plugin = next((p for p in preferred if p in plugins), None)
+    if plugin is None:
+        raise CannotTranscode(
+            f"{_target_text(target)}: no encoder installed (install the codecs extra)"
+        )
+    out.PhotometricInterpretation = pi
+    if arr.shape[-1] > 1:
+        out.PlanarConfiguration = 0  # the array is colour-by-pixel
+    kwargs: dict[str, object] = {}
+    if target == JPEGLS_NEAR_LOSSLESS:
+        kwargs["jls_error"] = JLS_NEAR
+    if target == J2K:
+        kwargs["j2k_cr"] = [J2K_COMPRESSION_RATIO]
+    _drop_offset_tables(out)
+    _pydicom_compress(
+        out,
+        target,
+        arr=_pydicom_shape(arr),
+        encoding_plugin=plugin,
+        generate_instance_uid=False,
+        **kwargs,
+    )
+    if arr.shape[-1] > 1 and target == RLE_LOSSLESS:
+        out.PlanarConfiguration = 1  # PS3.5 G.2: RLE segments are colour planes
+
+
+def _encode_jpeg(
+    out: Dataset, arr: np.ndarray, pi: str, target: str
+) -> tuple[list[bytes], str, np.ndarray]:
+    """Encode with libjpeg-turbo; returns the frames, their photometric interpretation and the
+    array they encode (colour data may be converted to RGB for lossy JPEG)."""
+    try:
+        import imagecodecs
+    except ImportError as exc:
+        raise CannotTranscode(
+            f"{_target_text(target)}: imagecodecs is not installed (install the codecs extra)"
+        ) from exc
+    bits_stored = int(out.BitsStored)
+    samples = arr.shape[-1]
+    frames: list[bytes] = []
+    if target in _JPEG_LOSSY:
+        precision = 8 if int(out.BitsAllocated) == 8 else 12
+        if samples == 3 and pi != "RGB":
+            arr = convert_color_space(arr, "YBR_FULL", "RGB", per_frame=True)
+        for frame in arr:
+            data = frame[..., 0] if samples == 1 else frame
+            frames.append(
+                imagecodecs.jpeg8_encode(
+                    np.ascontiguousarray(data, dtype=np.uint8 if precision == 8 else np.uint16),
+                    level=JPEG_QUALITY,
+                    subsampling="422" if samples == 3 else None,
+                    bitspersample=precision,
+                )
+            )
+        if precision == 12 and bits_stored != 12:
+            out.BitsStored, out.HighBit = 12, 11
+        return frames, ("YBR_FULL_422" if samples == 3 else pi), arr
+
+    # Lossless: the codec sees unsigned integers of BitsStored bits (two's complement for
+    # signed data, PS3.5 8.2.1), at least 2 bits (JPEG's minimum precision).
+    precision = max(2, bits_stored)
+    mask = (1 << bits_stored) - 1
+    unsigned = np.dtype(f"u{arr.dtype.itemsize}")
+    predictor = 1 if target == JPEG_LOSSLESS_SV1 else 6  # DCMTK's defaults for .70 / .57
+    for frame in arr:
+        data = (frame.view(unsigned) & unsigned.type(mask)) if arr.dtype.kind == "i" else frame
+        data = data[..., 0] if samples == 1 else data
+        frames.append(
+            imagecodecs.jpeg8_encode(
+                np.ascontiguousarray(data, dtype=np.uint8 if precision <= 8 else np.uint16),
+                lossless=True,
+                predictor=predictor,
+                bitspersample=precision,
+            )
+        )
+    return frames, pi, arr
+
+
+def _store_encapsulated(out: Dataset, frames: list[bytes], pi: str, target: str) -> None:
+    _drop_offset_tables(out)
+    total = sum(len(f) + 8 for f in frames)
+    if total > 2**32 - 1 - 8 * len(frames):
+        out.PixelData, out.ExtendedOffsetTable, out.ExtendedOffsetTableLengths = (
+            encapsulate_extended(frames)
+        )
+    else:
+        out.PixelData = encapsulate(frames)
+    elem = out["PixelData"]
+    elem.VR = "OB"
+    elem.is_undefined_length = True
+    out.PhotometricInterpretation = pi
+    if int(out.get("SamplesPerPixel", 1) or 1) > 1:
+        out.PlanarConfiguration = 0
+    out.file_meta.TransferSyntaxUID = UID(target)
+
+
+def _store_native(out: Dataset, arr: np.ndarray, pi: str) -> None:
+    _drop_offset_tables(out)
+    if int(out.BitsAllocated) == 1:
+        data = pack_bits(arr.ravel())
+    else:
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    if len(data) % 2:
+        data += b"\x00"
+    out.PixelData = data
+    elem = out["PixelData"]
+    elem.VR = "OB" if int(out.BitsAllocated) <= 8 else "OW"
+    elem.is_undefined_length = False
+    out.PhotometricInterpretation = pi
+    if arr.shape[-1] > 1:
+        out.PlanarConfiguration = 0
+
+
+def _drop_offset_tables(out: Dataset) -> None:
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in out:
+            del out[keyword]
+
+
+def _compression_ratio(out: Dataset) -> float:
+    samples = int(out.get("SamplesPerPixel", 1) or 1)
+    size = _frames(out) * int(out.Rows) * int(out.Columns) * samples * int(out.BitsAllocated) / 8
+    compressed = sum(len(f) for f in generate_frames(out.PixelData, number_of_frames=_frames(out)))
+    return size / max(1, compressed)
+
+
+def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
+    """Record a lossy step (PS3.3 C.7.6.1.1.5) the way DCMTK does for Orthanc."""
+    ratio_text = f"{ratio:.5g}"
+    method = _LOSSY_METHOD[target]
+    ratios = list(_values(out, "LossyImageCompressionRatio"))
+    methods = list(_values(out, "LossyImageCompressionMethod"))
+    if len(ratios) != len(methods) or out.get("LossyImageCompression") != "01":
+        ratios, methods = [], []
+    out.LossyImageCompression = "01"
+    out.LossyImageCompressionRatio = [*ratios, ratio_text] if ratios else ratio_text
+    out.LossyImageCompressionMethod = [*methods, method] if methods else method
+    image_type = list(_values(out, "ImageType"))
+    if image_type:
+        out.ImageType = ["DERIVED", *image_type[1:]]
+    description = {
+        JPEG_BASELINE: f"Lossy compression with JPEG baseline, IJG quality factor {JPEG_QUALITY}",
+        JPEG_EXTENDED: (
+            f"Lossy compression with JPEG extended sequential {int(out.BitsStored)} bit, "
+            f"IJG quality factor {JPEG_QUALITY}"
+        ),
+        JPEGLS_NEAR_LOSSLESS: "near lossless JPEG-LS compression",
+        J2K: "Lossy compression with JPEG 2000",
+    }[target]
+    if target == JPEGLS_NEAR_LOSSLESS:
+        text = f"{description}, factor {ratio_text} (NEAR={JLS_NEAR})"
+    else:
+        text = f"{description}, compression ratio {ratio_text}"
+    old = str(out.get("DerivationDescription", "") or "")
+    if old:
+        text = f"{text} [{old}]"
+        if len(text) > 1024:  # ST holds 1024 characters
+            text = text[:1020] + "...]"
+    out.DerivationDescription = text
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
+        "113040",
+        "DCM",
+        "Lossy Compression",
+    )
+    items = list(out.get("DerivationCodeSequence", None) or [])
+    if not any(getattr(i, "CodeValue", None) == "113040" for i in items):
+        out.DerivationCodeSequence = Sequence([*items, code])
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def _check(out: Dataset, target: str, expected: np.ndarray) -> None:
+    """Decode the new pixel data and compare it with what was encoded."""
+    got, _ = _decode(out, target)
+    text = _target_text(target)
+    if got.shape != expected.shape:
+        raise CannotTranscode(f"{text}: decoded shape {got.shape} != source {expected.shape}")
+    if target not in LOSSY:
+        if not np.array_equal(got, expected):
+            count = int(np.count_nonzero(got != expected))
+            raise CannotTranscode(f"{text}: round trip differs in {count} samples")
+        return
+    error = np.abs(got.astype(np.int64) - expected.astype(np.int64))
+    if target == JPEGLS_NEAR_LOSSLESS and int(error.max()) > JLS_NEAR:
+        raise CannotTranscode(f"{text}: round-trip error {int(error.max())} exceeds NEAR={JLS_NEAR}")
+    scale = float(2 ** int(out.BitsStored))
+    if float(error.mean()) > LOSSY_MAX_MEAN_ERROR * scale:
+        raise CannotTranscode(
+            f"{text}: round-trip mean error {float(error.mean()):.1f} exceeds "
+            f"{LOSSY_MAX_MEAN_ERROR:.0%} of the {int(out.BitsStored)}-bit range"
+        )
+
+
+__all__ = [
+    "LOSSY",
+    "NATIVE",
+    "ORTHANC_KNOWN",
+    "SUPPORTED",
+    "TranscodeResult",
+    "is_lossy",
+    "source_syntax",
+    "transcode",
+    "transcode_result",
+    "validate_target",
+]
