@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from typing import Any, NoReturn, Sequence
 
 from transforms.errors import DeidError, RequestError
@@ -395,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("DICOM_DEID_DEBUG") == "1"
     try:
         _configure_logging("--verbose" in argv)
+        # pydicom's warnings can quote values; the audit row records what went wrong.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
         parser = build_parser()
         args, beam_args = parser.parse_known_args(argv)
         if args.command in ("anonymize", "modify"):

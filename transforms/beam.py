@@ -44,6 +44,7 @@ import os
 import re
 import time
 import uuid
+import warnings
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
@@ -116,17 +117,18 @@ def load_key_uri(uri: str) -> Any:
             data = f.read(1 << 20)
     except Exception as exc:  # noqa: BLE001 - any filesystem failure means "cannot read"
         raise InvalidKey(f"--key-file {uri!r}: cannot read ({type(exc).__name__})") from None
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    if not data:
-        raise InvalidKey(f"--key-file {uri!r}: the key file is empty")
-    return Key(data, source=f"--key-file {uri!r}")
+    return Key.from_file_bytes(data, name=uri)
 
 
 def _selection(plan: Any) -> frozenset[str]:
     return frozenset(str(r).strip().lower() for r in (getattr(plan, "resources", None) or ()))
+
+
+def quiet_pydicom_warnings() -> None:
+    """Silence pydicom's UserWarnings in this process: some quote element values (patient data)
+    and they would flood the console of a run over thousands of files; the audit row is the
+    record of what went wrong."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 # --------------------------------------------------------------------------- input expansion
@@ -185,13 +187,26 @@ def _safe_str(ds: Any, keyword: str) -> str | None:
         # peek, not ds.get: get() converts the raw element in place, which would make the
         # writer re-encode it instead of copying its bytes.
         value = peek(ds, keyword)
-    except Exception:  # noqa: BLE001 - an undecodable raw element is simply "unknown" here
-        return None
+    except Exception:  # noqa: BLE001 - fall back to the raw bytes (identifiers are ASCII)
+        value = _raw_text(ds, keyword)
     if value is None:
         return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
     if not isinstance(value, str):
         return None
     return value.strip(" \0")
+
+
+def _raw_text(ds: Any, keyword: str) -> str | None:
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    elem = ds._dict.get(tag) if tag is not None else None
+    raw = getattr(elem, "value", None)
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw).decode("ascii", "replace")
+    return raw if isinstance(raw, str) else None
 
 
 def _safe_uid(ds: Any, keyword: str) -> str | None:
@@ -585,6 +600,7 @@ class DeidentifyFn(beam.DoFn):
         self._bytes_in = Metrics.distribution(_METRICS_NAMESPACE, "bytes_in")
 
     def setup(self) -> None:
+        quiet_pydicom_warnings()
         cfg = self._cfg
         self._key = cfg.key if cfg.key is not None else load_key_uri(cfg.key_uri)
         if self._key.key_id != cfg.key_id:

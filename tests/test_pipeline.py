@@ -1,0 +1,378 @@
+"""The Beam pipeline end to end (DirectRunner in-memory and multi_processing), read back exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import cli
+from pipelines import run as pipeline_run
+from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
+from tests.pipeline_support import (
+    IGNORE,
+    KEY,
+    SECRET,
+    all_bytes_under,
+    expected_row,
+    output_files,
+    read_rows,
+    write_key,
+)
+from tests.synthetic import PLANTED, make_study, original_uids, write_study
+from transforms import request
+from transforms.beam import TMP_DIR_NAME, _Duplicate, expand_input, publish
+
+ANONYMIZE = request.parse_anonymize({})
+
+
+@pytest.fixture
+def study_folder(tmp_path: Path) -> Path:
+    """Two synthetic studies (two patients: 3 CT + RTSTRUCT + SR each) and one text file."""
+    folder = tmp_path / "in"
+    write_study(make_study(seed=1), folder / "a")
+    write_study(make_study(seed=2, patient_name="OTHERFAMILY^OTHERGIVEN", patient_id="PID-OTHER-0002"), folder / "b" / "deep")
+    (folder / "notes.txt").write_text("not a DICOM file\n")
+    return folder
+
+
+def _run(tmp_path: Path, input_: Path | str, *extra: str, command: str = "anonymize", out: str = "out") -> tuple[int, Path, Path]:
+    key = write_key(tmp_path)
+    output = tmp_path / out
+    code = cli.main([command, str(input_), str(output), "--key-file", str(key), "--quiet", *extra])
+    return code, output, Path(str(output) + "-audit")
+
+
+def _assert_matches_core(rows: list[dict], folder: Path, output: Path, plan=ANONYMIZE) -> None:
+    """Every row equals what the pure core makes of its file; outputs are exactly the written rows."""
+    written = {}
+    for row in rows:
+        exp = expected_row(Path(row["source_uri"]), plan)
+        assert row["status"] == exp["status"], row["source_uri"]
+        assert row["reason"] == exp["reason"], row["source_uri"]
+        if exp["status"] == "written":
+            assert row["output_uri"] == str(output / exp["name"])
+            for column in (
+                "output_sha256",
+                "bytes_in",
+                "bytes_out",
+                "study_instance_uid",
+                "series_instance_uid",
+                "sop_instance_uid",
+                "instance_orthanc_id",
+                "series_orthanc_id",
+                "study_orthanc_id",
+                "patient_orthanc_id",
+            ):
+                assert row[column] == exp[column], (row["source_uri"], column)
+            written[exp["name"]] = exp["output_sha256"]
+        else:
+            assert row["output_uri"] is None
+    assert output_files(output) == written
+
+
+# --------------------------------------------------------------------------- unit level
+
+
+def test_expand_input_folder_glob_file_and_our_temporaries(tmp_path: Path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one.dcm").write_bytes(b"1")
+    (tmp_path / "a" / "b" / "two.dcm").write_bytes(b"22")
+    (tmp_path / "a" / "b" / "three.txt").write_bytes(b"333")
+    (tmp_path / "a" / TMP_DIR_NAME / "run").mkdir(parents=True)
+    (tmp_path / "a" / TMP_DIR_NAME / "run" / "x.tmp").write_bytes(b"x")
+    root = str(tmp_path / "a")
+    assert sorted(expand_input(root)) == [(f"{root}/b/three.txt", 3), (f"{root}/b/two.dcm", 2), (f"{root}/one.dcm", 1)]
+    assert sorted(expand_input(root + "/")) == sorted(expand_input(root))
+    assert sorted(expand_input(root + "/**.dcm")) == [(f"{root}/b/two.dcm", 2), (f"{root}/one.dcm", 1)]
+    assert sorted(expand_input(root + "/*.dcm")) == [(f"{root}/one.dcm", 1)]
+    assert list(expand_input(root + "/b/two.dcm")) == [(f"{root}/b/two.dcm", 2)]
+    assert list(expand_input(str(tmp_path / "missing"))) == []
+
+
+def test_publish_local_is_create_if_absent(tmp_path: Path):
+    out = tmp_path / "out"
+    final = str(out / "1.2" / "3.4" / "5.6.dcm")
+    data = b"first content"
+    publish(data, hashlib.sha256(data).hexdigest(), final, str(out), "run1")
+    publish(data, hashlib.sha256(data).hexdigest(), final, str(out), "run2")  # idempotent rerun
+    other = b"other content"
+    with pytest.raises(_Duplicate) as info:
+        publish(other, hashlib.sha256(other).hexdigest(), final, str(out), "run1")
+    assert info.value.reason == "duplicate_instance"
+    assert Path(final).read_bytes() == data
+    # temporaries are removed right away; only the run folders remain, empty
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["1.2/3.4/5.6.dcm"]
+
+
+def test_publish_local_race_has_exactly_one_winner(tmp_path: Path):
+    out = tmp_path / "out"
+    final = str(out / "1" / "2" / "3.dcm")
+    contents = [f"content {i}".encode() * 1000 for i in range(8)]
+    outcomes: list[str | None] = [None] * len(contents)
+    barrier = threading.Barrier(len(contents))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            publish(contents[i], hashlib.sha256(contents[i]).hexdigest(), final, str(out), "race")
+            outcomes[i] = "written"
+        except _Duplicate:
+            outcomes[i] = "duplicate"
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(contents))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("written") == 1
+    assert outcomes.count("duplicate") == len(contents) - 1
+    assert Path(final).read_bytes() == contents[outcomes.index("written")]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_in_memory_run_matches_core_exactly(tmp_path: Path, study_folder: Path):
+    code, output, audit = _run(tmp_path, study_folder)
+    assert code == cli.EXIT_SOME_FAILED  # the text file
+    rows = read_rows(audit)
+    assert len(rows) == 11
+    assert pq.read_table(str(audit), ignore_prefixes=IGNORE).schema == AUDIT_SCHEMA
+    by_name = {Path(r["source_uri"]).name: r for r in rows}
+    assert (by_name["notes.txt"]["status"], by_name["notes.txt"]["reason"]) == ("failed", "not_dicom")
+    assert [r["status"] for r in rows].count("written") == 10
+    _assert_matches_core(rows, study_folder, output)
+    # constant columns
+    run_ids = {r["run_id"] for r in rows}
+    assert len(run_ids) == 1
+    assert {(r["operation"], r["profile"], r["level"], r["key_id"]) for r in rows} == {
+        ("anonymize", "2023b", "Patient", KEY.key_id)
+    }
+    assert {r["modality"] for r in rows if r["status"] == "written"} == {"CT", "RTSTRUCT", "SR"}
+    assert all(r["started_at"] <= r["finished_at"] for r in rows)
+    # the summary: Orthanc's bulk answer plus counts
+    summary = json.loads((audit / "summary.json").read_text())
+    assert summary == json.loads((audit / f"summary-{run_ids.pop()}.json").read_text())
+    assert {k: summary[k] for k in ("Description", "InstancesCount", "FailedInstancesCount", "IsAnonymization")} == {
+        "Description": "dicom-deid anonymize",
+        "InstancesCount": 11,
+        "FailedInstancesCount": 1,
+        "IsAnonymization": True,
+    }
+    assert summary["Statuses"] == {"written": 10, "failed": 1, "skipped": 0}
+    assert summary["Reasons"] == {"not_dicom": 1}
+    assert (summary["KeyId"], summary["Reproducible"], summary["Profile"]) == (KEY.key_id, True, "2023b")
+    types = [r["Type"] for r in summary["Resources"]]
+    assert types == ["Instance"] * 10 + ["Series"] * 6 + ["Study"] * 2 + ["Patient"] * 2
+    written = [r for r in rows if r["status"] == "written"]
+    assert [r["ID"] for r in summary["Resources"][:10]] == sorted(r["instance_orthanc_id"] for r in written)
+    assert summary["Resources"][0]["Path"] == "/instances/" + summary["Resources"][0]["ID"]
+    assert summary["Resources"][-1]["Path"] == "/patients/" + summary["Resources"][-1]["ID"]
+    # de-identified: no planted PHI, no original UID, no key in outputs, audit or summary
+    everything = all_bytes_under(output) + all_bytes_under(audit)
+    originals = original_uids(make_study(seed=1)) | original_uids(make_study(seed=2))
+    for value in [*PLANTED, "PID-OTHER-0002", *sorted(originals)]:
+        assert value.encode() not in everything, value
+    assert SECRET not in everything
+    assert not (output / TMP_DIR_NAME).exists()
+
+
+def test_rerun_is_idempotent(tmp_path: Path, study_folder: Path):
+    code1, output, audit = _run(tmp_path, study_folder)
+    first = output_files(output)
+    code2, _, _ = _run(tmp_path, study_folder)
+    assert (code1, code2) == (3, 3)
+    assert output_files(output) == first
+    rows = read_rows(audit)  # both runs' shards are kept; run_id tells them apart
+    assert len(rows) == 22
+    runs = sorted({r["run_id"] for r in rows})
+    assert len(runs) == 2
+    per_run = [
+        sorted((r["source_uri"], r["status"], r["output_uri"], r["output_sha256"]) for r in rows if r["run_id"] == run)
+        for run in runs
+    ]
+    assert per_run[0] == per_run[1]
+    assert json.loads((audit / "summary.json").read_text())["RunId"] in runs
+
+
+def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Path):
+    study_a = make_study(seed=1)
+    study_b = make_study(seed=2, patient_name="OTHERFAMILY^OTHERGIVEN", patient_id="PID-OTHER-0002")
+    from transforms.orthanc_ids import orthanc_ids
+
+    b_sr = study_b[-1]
+    sr_instance_id = orthanc_ids(b_sr.PatientID, b_sr.StudyInstanceUID, b_sr.SeriesInstanceUID, b_sr.SOPInstanceUID)
+    body = {"Resources": [study_a[0].StudyInstanceUID, sr_instance_id["instance"].upper()]}
+    code, output, audit = _run(tmp_path, study_folder, "--body", json.dumps(body))
+    rows = read_rows(audit)
+    got = {Path(r["source_uri"]).relative_to(study_folder).as_posix(): (r["status"], r["reason"]) for r in rows}
+    assert got == {
+        "a/000_CT.dcm": ("written", None),
+        "a/001_CT.dcm": ("written", None),
+        "a/002_CT.dcm": ("written", None),
+        "a/003_RTSTRUCT.dcm": ("written", None),
+        "a/004_SR.dcm": ("written", None),
+        "b/deep/000_CT.dcm": ("skipped", "not_selected"),
+        "b/deep/001_CT.dcm": ("skipped", "not_selected"),
+        "b/deep/002_CT.dcm": ("skipped", "not_selected"),
+        "b/deep/003_RTSTRUCT.dcm": ("skipped", "not_selected"),
+        "b/deep/004_SR.dcm": ("written", None),
+        "notes.txt": ("failed", "not_dicom"),
+    }
+    assert len(output_files(output)) == 6
+    summary = json.loads((audit / "summary.json").read_text())
+    assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (7, 1)
+    assert summary["Statuses"] == {"written": 6, "failed": 1, "skipped": 4}
+    assert summary["Reasons"] == {"not_dicom": 1, "not_selected": 4}
+    assert code == 3
+
+
+def test_crosswalk_holds_originals_and_audit_does_not(tmp_path: Path, study_folder: Path):
+    crosswalk = tmp_path / "custodian" / "crosswalk"
+    code, output, audit = _run(tmp_path, study_folder, "--crosswalk", str(crosswalk))
+    rows = {r["source_uri"]: r for r in read_rows(audit)}
+    table = pq.read_table(str(crosswalk), ignore_prefixes=IGNORE)
+    assert table.schema == CROSSWALK_SCHEMA
+    cross = {r["source_uri"]: r for r in table.to_pylist()}
+    assert len(cross) == 10  # written files only
+    study_a = {f"{i:03d}": ds for i, ds in enumerate(make_study(seed=1))}
+    for source, c in cross.items():
+        row = rows[source]
+        assert (c["output_uri"], c["run_id"], c["key_id"]) == (row["output_uri"], row["run_id"], row["key_id"])
+        assert (c["new_study_instance_uid"], c["new_series_instance_uid"], c["new_sop_instance_uid"]) == (
+            row["study_instance_uid"],
+            row["series_instance_uid"],
+            row["sop_instance_uid"],
+        )
+        assert c["new_instance_orthanc_id"] == row["instance_orthanc_id"]
+        if "/a/" in source:
+            ds = study_a[Path(source).name[:3]]
+            assert (
+                c["original_patient_id"],
+                c["original_study_instance_uid"],
+                c["original_series_instance_uid"],
+                c["original_sop_instance_uid"],
+            ) == ("PID-PLANTED-0001", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    audit_bytes = all_bytes_under(audit)
+    for c in cross.values():
+        for column in ("original_patient_id", "original_study_instance_uid", "original_sop_instance_uid"):
+            assert c[column].encode() not in audit_bytes
+    assert json.loads((audit / "summary.json").read_text())["Crosswalk"] == str(crosswalk)
+
+
+def test_two_inputs_one_output_name_is_duplicate_instance(tmp_path: Path):
+    folder = tmp_path / "in"
+    ct = make_study(seed=3, n_ct=1, rtstruct=False, sr=False)[0]
+    write_study([ct], folder / "first")
+    changed = make_study(seed=3, n_ct=1, rtstruct=False, sr=False)[0]
+    changed.PixelData = bytes(reversed(changed.PixelData))  # other pixels, same SOPInstanceUID
+    write_study([changed], folder / "second")
+    code, output, audit = _run(tmp_path, folder)
+    rows = read_rows(audit)
+    assert sorted((r["status"], r["reason"]) for r in rows) == [("failed", "duplicate_instance"), ("written", None)]
+    winner = next(r for r in rows if r["status"] == "written")
+    loser = next(r for r in rows if r["status"] == "failed")
+    # the loser names the contested identifiers so the pair can be found
+    assert loser["sop_instance_uid"] == winner["sop_instance_uid"]
+    assert loser["output_uri"] is None
+    assert output_files(output) == {winner["output_uri"][len(str(output)) + 1 :]: winner["output_sha256"]}
+    assert code == cli.EXIT_SOME_FAILED
+
+
+def test_modify_with_level(tmp_path: Path, study_folder: Path):
+    body = {"Replace": {"StudyDescription": "relabelled"}}
+    code, output, audit = _run(tmp_path, study_folder, "--body", json.dumps(body), "--level", "Series", command="modify")
+    rows = read_rows(audit)
+    plan = request.parse_modify(body, level="Series")
+    _assert_matches_core(rows, study_folder, output, plan)
+    written = [r for r in rows if r["status"] == "written"]
+    assert {(r["operation"], r["profile"], r["level"]) for r in rows} == {("modify", None, "Series")}
+    # Series level keeps the original StudyInstanceUIDs
+    originals = {make_study(seed=1)[0].StudyInstanceUID, make_study(seed=2)[0].StudyInstanceUID}
+    assert {r["study_instance_uid"] for r in written} == originals
+    assert code == 3
+
+
+def test_multi_processing_equals_in_memory_on_shared_samples(tmp_path: Path, samples: Path):
+    code1, out1, audit1 = _run(tmp_path, samples, "--direct_running_mode", "in_memory", out="mem")
+    code2, out2, audit2 = _run(
+        tmp_path, samples, "--direct_running_mode", "multi_processing", "--direct_num_workers", "2", out="mp"
+    )
+    rows1, rows2 = read_rows(audit1), read_rows(audit2)
+    n_files = sum(1 for p in samples.rglob("*") if p.is_file())
+    assert len(rows1) == len(rows2) == n_files
+    for rows, output in ((rows1, out1), (rows2, out2)):
+        dup_names = {r["sop_instance_uid"] for r in rows if r["reason"] == "duplicate_instance"}
+        plain = [r for r in rows if r["sop_instance_uid"] not in dup_names]
+        for row in plain:
+            exp = expected_row(Path(row["source_uri"]), ANONYMIZE)
+            assert (row["status"], row["reason"]) == (exp["status"], exp["reason"]), row["source_uri"]
+            if exp["status"] == "written":
+                assert (row["output_uri"], row["output_sha256"]) == (str(output / exp["name"]), exp["output_sha256"])
+        # colliding inputs: exactly one winner per name, whose bytes are on disk
+        for sop in dup_names:
+            group = [r for r in rows if r["sop_instance_uid"] == sop]
+            assert sorted(r["status"] for r in group) == ["failed"] * (len(group) - 1) + ["written"]
+        files = output_files(output)
+        assert files == {
+            r["output_uri"][len(str(output)) + 1 :]: r["output_sha256"] for r in rows if r["status"] == "written"
+        }
+    # same fate for every input, except which of two colliding inputs wins the name
+    contested = set()
+    for rows in (rows1, rows2):
+        dup = {r["sop_instance_uid"] for r in rows if r["reason"] == "duplicate_instance"}
+        contested |= {r["source_uri"] for r in rows if r["sop_instance_uid"] in dup}
+
+    def fate(rows):
+        return sorted((r["source_uri"], r["status"], r["reason"], r["output_sha256"]) for r in rows if r["source_uri"] not in contested)
+
+    assert fate(rows1) == fate(rows2)
+    assert len(fate(rows1)) == n_files - len(contested) > 0
+    assert (code1, code2) == (3, 3)  # the samples include a README and a C-FIND query file
+
+
+def test_local_direct_runner_never_tries_prism(monkeypatch: pytest.MonkeyPatch):
+    import apache_beam as beam
+    from apache_beam.runners.portability import prism_runner
+
+    calls = []
+
+    def fake_run(self, pipeline, options):
+        calls.append(1)
+        raise RuntimeError("prism is not available in this test")
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", fake_run)
+    options = pipeline_run.pipeline_options([])
+    with pipeline_run.make_pipeline(options) as p:
+        p | beam.Create([1, 2]) | beam.Map(lambda x: x)
+    assert calls == []
+    # Beam's own DirectRunner name does try Prism first (what LocalDirectRunner avoids)
+    with beam.Pipeline(runner="DirectRunner", options=options) as p:
+        p | beam.Create([1, 2]) | beam.Map(lambda x: x)
+    assert calls == [1]
+
+
+def test_pipeline_options_default_runner_and_unknown_options():
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    options = pipeline_run.pipeline_options(["--direct_num_workers", "2"])
+    assert options.view_as(StandardOptions).runner == "DirectRunner"
+    assert options.view_as(DirectOptions).direct_num_workers == 2
+    with pytest.raises(pipeline_run.UnknownOptions, match="--no_such_option"):
+        pipeline_run.pipeline_options(["--no_such_option", "3"])
+
+
+def test_audit_default_location_is_a_sibling(tmp_path: Path, study_folder: Path):
+    code, output, audit = _run(tmp_path, study_folder)
+    assert audit == tmp_path / "out-audit"
+    assert sorted(p.name for p in audit.iterdir() if p.suffix == ".json") == sorted(
+        ["summary.json", f"summary-{read_rows(audit)[0]['run_id']}.json"]
+    )
+    assert not any(p.suffix == ".parquet" for p in output.rglob("*"))
+    assert os.listdir(output)  # the outputs themselves
