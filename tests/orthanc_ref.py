@@ -39,6 +39,29 @@ TEST_DICTIONARY: dict[str, list[Any]] = {
     "0009,1001": ["DS", "Abnormality score", 1, 1, "Lunit"],
 }
 
+#: Single instances of ../shared/dicom-samples swept by the differential tests: every
+#: transfer syntax, character set and odd file that is not already part of a study case.
+SWEEP_FILES: tuple[str, ...] = (
+    "2020-08-12-Christopher.dcm", "2020-09-11-Christopher-ELSCINT1-Raw.dcm",
+    "2020-09-12-ELSCINT1-PMSCT_RLE1.dcm", "2022-03-08-RicSmi.dcm",
+    "2022-11-14-RLEPlanarConfiguration.dcm", "2023-04-21-RLEPlanarConfigurationYBR_FULL.dcm",
+    "2024-05-30-GuillemVela.dcm", "2026-03-16-OD-OF-OL.dcm", "Beaufix/IM-0001-0001.dcm",
+    "ColorTestImageJ.dcm", "ColorTestMalaterre.dcm", "Comunix/Pet/IM-0001-0001.dcm",
+    "DummyCT-overwrite.dcm", "Issue124.dcm", "Issue141.dcm", "Issue143.dcm", "Issue154-d1.dcm",
+    "Issue16.dcm", "Issue164.dcm", "Issue19.dcm", "Issue44/Monochrome1-Jpeg.dcm",
+    "Issue56-NoPixelData.dcm", "Issue94.dcm", "KarstenHilbertRF.dcm", "LenaTwiceWithFragments.dcm",
+    "PatientWith2studies/TEST_1_study_2345.dcm", "PilatesArgenturGEUltrasoundOsiriX.dcm",
+    "Series/Lena-1.dcm", "SignedCT.dcm", "WithEmptyPatientComments.dcm",
+    *(f"Encodings/{name}.dcm" for name in (
+        "ISO_IR13", "Lena-arabic", "Lena-ascii", "Lena-cyrillic", "Lena-greek", "Lena-hebrew",
+        "Lena-latin1", "Lena-latin2", "Lena-latin3", "Lena-latin4", "Lena-latin5",
+        "Lena-shift-jis", "Lena-tis-620", "Lena-utf8")),
+    *(f"Formats/{name}.dcm" for name in ("Jpeg", "JpegLossless", "Rle", "jp2k91YBR-ICT")),
+    *(f"TransferSyntaxes/1.2.840.10008.{suffix}.dcm" for suffix in (
+        "1.2", "1.2.1", "1.2.1.99", "1.2.2", "1.2.4.50", "1.2.4.51", "1.2.4.57", "1.2.4.70",
+        "1.2.4.80", "1.2.4.81", "1.2.4.90", "1.2.4.91", "1.2.5")),
+)
+
 _STARTUP_DEADLINE_S = 60.0
 _STOP_GRACE_S = 15.0
 
@@ -94,7 +117,11 @@ class OrthancClient:
         """Store ``data`` unless this client already did (cached by content hash)."""
         digest = hashlib.sha256(data).hexdigest()
         if digest not in self._uploaded:
-            self._uploaded[digest] = self.upload(data)
+            instance = self.upload(data)
+            # OverwriteInstances: another file with the same identifiers (DummyCT-overwrite.dcm
+            # and DummyCT.dcm) has just been replaced and must be uploaded again when needed.
+            self._uploaded = {k: v for k, v in self._uploaded.items() if v != instance}
+            self._uploaded[digest] = instance
         return self._uploaded[digest]
 
     def upload_sample(self, relative: str | Path) -> str:

@@ -40,7 +40,8 @@ from tests.compare import (
     ours_for,
 )
 from tests.conftest import sample
-from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
+from tests.orthanc_ref import SWEEP_FILES, TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
+from tests.test_orthanc_diff_modify import sweep_params
 
 pytestmark = pytest.mark.orthanc
 
@@ -57,6 +58,15 @@ DELIBERATE_DIFFERENCES: list[Deliberate] = [
                       "customised requests too (Orthanc 1.10.1 then writes nothing)"),
     deliberate("DeidentificationMethodCodeSequence", ["extra"], "top",
                reason="we add the PS3.16 CID 7050 code of the basic profile (113100)"),
+    deliberate("PatientName", ["uid-structure"], "top", detail="ours is empty",
+               reason="an empty or absent PatientName stays empty (nothing to pseudonymize); "
+                      "Orthanc writes 'Anonymized<N>'"),
+    deliberate("PatientID", ["uid-structure"], "top", detail="ours is empty",
+               reason="an empty PatientID stays empty (nothing to pseudonymize); Orthanc "
+                      "maps '' to a fresh UUID"),
+    deliberate(0, ["uid-structure"], "nested", mask=0, detail="ours is empty",
+               reason="empty identifiers inside sequences stay empty; Orthanc maps '' to a "
+                      "fresh UID (e.g. an empty nested ReferencedSOPInstanceUID)"),
     deliberate("PatientName", ["uid-structure"], "nested",
                reason="a nested PatientName is pseudonymized like the top-level one; "
                       "Orthanc leaks it (orthanc-behavior.md 5.7)"),
@@ -198,7 +208,7 @@ INSTANCE_CASES = [
 
 
 def _datasets(data: dict[str, bytes]) -> list[Dataset]:
-    return [pydicom.dcmread(BytesIO(b)) for b in data.values()]
+    return [pydicom.dcmread(BytesIO(b), force=True) for b in data.values()]
 
 
 def _differences(ours: Dataset, reference: Dataset, uids: UidStructure, label: str) -> tuple[str, list[Any]]:
@@ -241,6 +251,20 @@ def test_instance_anonymize_matches_orthanc(orthanc: OrthancClient, case: Instan
     assert check_expectations(ours, case.expect, "ours") == []
     uids = UidStructure(collect_identifiers(_datasets({case.file: data}), extra_tags=[PATIENT_NAME]))
     judge([_differences(ours, reference, uids, f"{case.file} [{case.name}]")], DELIBERATE_DIFFERENCES)
+
+
+@pytest.mark.parametrize("relative", sweep_params())
+def test_instance_anonymize_sweep_matches_orthanc(orthanc: OrthancClient, relative: str) -> None:
+    body = {"DicomVersion": "2021b"}
+    data = sample(relative).read_bytes()
+    reference = pydicom.dcmread(BytesIO(orthanc.anonymize_instance(orthanc.upload_sample(relative), body)))
+    assert check_expectations(reference, _ALWAYS, "Orthanc") == []
+
+    request = engine_modules()[0]
+    ours = ours_for(request.parse_anonymize(body, dictionary=TEST_DICTIONARY), data)
+    assert check_expectations(ours, _ALWAYS, "ours") == []
+    uids = UidStructure(collect_identifiers(_datasets({relative: data}), extra_tags=[PATIENT_NAME]))
+    judge([_differences(ours, reference, uids, f"{relative} [sweep 2021b]")], DELIBERATE_DIFFERENCES)
 
 
 def test_orthanc_refuses_2023b(orthanc: OrthancClient) -> None:

@@ -155,3 +155,12 @@ def test_split_deliberate_by_tag_range_and_depth() -> None:
         (overlay, "overlay removed"), (nested_name, "nested names pseudonymized")]
     assert format_differences(unexpected, "header") == (
         "header\n  PatientName (0010,0010): value: ours='A' orthanc='B'")
+
+
+def test_uid_structure_reports_an_emptied_identifier(ct: Dataset) -> None:
+    uids = UidStructure(collect_identifiers([ct]))
+    ours, reference = copy.deepcopy(ct), copy.deepcopy(ct)
+    ours.PatientID, reference.PatientID = "", "0b51d862-9f0a-4f5e-96db-ebaa14a61233"
+    [difference] = compare_datasets(ours, reference, uids=uids)
+    assert (difference.keyword, difference.detail) == ("PatientID", "ours is empty, Orthanc's is not")
+    assert uids.forward == {}  # an empty value never enters the bijection
