@@ -52,6 +52,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from transforms.errors import InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
@@ -273,7 +274,7 @@ class _Run:
         # 5. Replacements, then (anonymization) the PatientName pseudonym.
         for value in plan.replacements:
             elem = self.ws.owned_element(build_element(value, little_endian=self.little))
-            d[value.tag] = elem
+            d[BaseTag(value.tag)] = elem  # pydicom's writer needs BaseTag keys
             self._sync_meta(value.tag, elem)
             if self.anonymize and value.vr == "SQ":
                 sequences.append(value.tag)
@@ -281,7 +282,7 @@ class _Run:
             elem = self.source._dict.get(PATIENT_NAME)
             names = _text_of(elem, self.source) if elem is not None else None
             pseudonym = "\\".join(self.key.patient_name(n) for n in names) if names else ""
-            d[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", pseudonym)
+            d[BaseTag(PATIENT_NAME)] = DataElement(PATIENT_NAME, "PN", pseudonym)
 
         # 6. Hierarchy UIDs by level, unless replaced or kept.
         rank = _LEVEL_RANK[plan.level]
@@ -294,7 +295,7 @@ class _Run:
             new_uid = self.map_uid(kind, "\\".join(original) if original else "")
             new_elem = self._uid_element(tag, elem, new_uid) if elem is not None else \
                 DataElement(tag, "UI", new_uid)
-            d[tag] = new_elem
+            d[BaseTag(tag)] = new_elem
             self._sync_meta(tag, new_elem)
 
         # 7. Nested pass over every top-level sequence (anonymization only).
@@ -333,7 +334,7 @@ class _Run:
         if meta_tag is None or meta is None:
             return
         values = _text_of(elem, self.out)
-        meta._dict[meta_tag] = DataElement(meta_tag, "UI", values[0] if values else "")
+        meta._dict[BaseTag(meta_tag)] = DataElement(meta_tag, "UI", values[0] if values else "")
 
     # ------------------------------------------------------------------ nested pass
 
