@@ -269,9 +269,9 @@ def cleanup_tmp(output_root: str, run_id: str) -> None:
 class ProgressPrinter:
     """A thread printing ``N done, F failed, R files/s`` on one terminal line (stderr)."""
 
-    def __init__(self, folder: str, stream: TextIO = sys.stderr, interval: float = 1.0) -> None:
+    def __init__(self, folder: str, stream: TextIO | None = None, interval: float = 1.0) -> None:
         self._folder = folder
-        self._stream = stream
+        self._stream = stream if stream is not None else sys.stderr
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dicom-deid-progress", daemon=True)

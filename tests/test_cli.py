@@ -1,0 +1,284 @@
+"""The ``dicom-deid`` command: one-file mode, request/key/location handling, exit statuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from pipelines import cli
+from tests.pipeline_support import KEY, SECRET, all_bytes_under, expected_row, read_rows, write_key
+from tests.synthetic import make_study, write_study
+from transforms import request
+from transforms.identity import ENV_VAR, Key
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+DICTIONARY = {"4321,1012": ["LO", "RadioButton3", 1, 1, "RadioLogic"]}
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dicom-deid: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+# --------------------------------------------------------------------------- one-file mode
+
+
+def test_single_file_anonymize_equals_core(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "sub" / "out.dcm"
+    code = cli.main(["anonymize", str(CT), str(out), "--key-file", str(write_key(tmp_path))])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    exp = expected_row(CT, request.parse_anonymize({}))
+    import hashlib
+
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == exp["output_sha256"]
+    assert [p.name for p in out.parent.iterdir()] == ["out.dcm"]  # no temporary left beside it
+
+
+def test_single_file_modify_with_config_dictionary_and_level(tmp_path: Path):
+    config = tmp_path / "modify.json"
+    config.write_text(
+        json.dumps({"Replace": {"4321,1012": "Yes", "StudyDescription": "relabelled"}, "PrivateCreator": "RadioLogic", "Dictionary": DICTIONARY})
+    )
+    out = tmp_path / "out.dcm"
+    code = cli.main(["modify", str(CT), str(out), "--config", str(config), "--level", "Series", "--key-file", str(write_key(tmp_path))])
+    assert code == 0
+    ds, orig = pydicom.dcmread(out), pydicom.dcmread(CT)
+    assert ds.StudyDescription == "relabelled"
+    assert ds.StudyInstanceUID == orig.StudyInstanceUID  # Series level keeps the study
+    assert ds.SeriesInstanceUID != orig.SeriesInstanceUID
+    assert ds.SOPInstanceUID != orig.SOPInstanceUID
+    assert ds[0x4321, 0x1012].value == "Yes"  # the private tag the Dictionary declares
+
+
+def test_single_file_refused_body_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "out.dcm"
+    code = cli.main(["modify", str(CT), str(out), "--body", '{"Replace": {"Rows": "abc"}}'])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == cli.EXIT_USAGE
+    assert "Rows" in line
+    assert not out.exists()
+
+
+def test_dictionary_names_private_tags(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    body = {"Replace": {"RadioButton3": "Yes"}, "PrivateCreator": "RadioLogic"}
+    code = cli.main(["modify", str(CT), str(tmp_path / "o.dcm"), "--body", json.dumps(body)])
+    assert "unknown tag 'RadioButton3'" in _one_line_error(capsys.readouterr().err)
+    assert code == cli.EXIT_USAGE
+    config = tmp_path / "modify.json"
+    config.write_text(json.dumps({**body, "Dictionary": DICTIONARY}))
+    code = cli.main(["modify", str(CT), str(tmp_path / "o.dcm"), "--config", str(config), "--key-file", str(write_key(tmp_path))])
+    assert code == 0
+    assert pydicom.dcmread(tmp_path / "o.dcm")[0x4321, 0x1012].value == "Yes"
+
+
+def test_single_file_unreadable_input_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(CT.read_bytes()[:1000])
+    out = tmp_path / "out.dcm"
+    code = cli.main(["anonymize", str(bad), str(out), "--key-file", str(write_key(tmp_path))])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == cli.EXIT_SOME_FAILED
+    assert line.startswith(f"dicom-deid: {bad}: truncated: parse: ")
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "deid.key", bad])  # nothing partial
+
+
+def test_single_file_audit_on_request(tmp_path: Path):
+    audit = tmp_path / "audit"
+    out = tmp_path / "out.dcm"
+    code = cli.main(["anonymize", str(CT), str(out), "--key-file", str(write_key(tmp_path)), "--audit", str(audit)])
+    assert code == 0
+    (row,) = read_rows(audit)
+    assert (row["source_uri"], row["output_uri"], row["status"]) == (str(CT), str(out), "written")
+    summary = json.loads((audit / "summary.json").read_text())
+    assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (1, 0)
+    assert [r["Type"] for r in summary["Resources"]] == ["Instance", "Series", "Study", "Patient"]
+
+
+# --------------------------------------------------------------------------- request and usage errors
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--body", "{bad json"], "dicom-deid: --body: invalid JSON at line 1 column 2: Expecting property name enclosed in double quotes"),
+        (["--body", "[1, 2]"], "dicom-deid: --body: the request body must be a JSON object, not list"),
+        (["--body", "{}", "--config", "x.json"], "dicom-deid: argument --config: not allowed with argument --body (see `dicom-deid anonymize --help`)"),
+        (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
+        (["--no_such_beam_option", "1"], "dicom-deid: unknown option(s): --no_such_beam_option 1 (not a dicom-deid option nor a Beam pipeline option)"),
+        (["--body", '{"DicomVersion": "1999"}'], None),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], samples: Path, args, expected):
+    code = cli.main(["anonymize", str(samples / "Knee"), str(tmp_path / "out"), *args])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == cli.EXIT_USAGE
+    if expected is not None:
+        assert line == expected
+    else:
+        assert "DicomVersion" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    code = cli.main(["anonymize", str(CT), str(tmp_path / "out"), "--config", str(tmp_path / "nope.json")])
+    assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: --config {str(tmp_path / 'nope.json')!r}: cannot read (No such file or directory)"
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"output": "in/out"}, "OUTPUT and INPUT overlap"),
+        ({"input": "in/sub", "output": "in"}, "OUTPUT and INPUT overlap"),
+        ({"audit": "out/audit"}, "--audit is inside OUTPUT"),
+        ({"audit": "in/audit"}, "--audit is inside INPUT"),
+        ({"crosswalk": "out/cw"}, "--crosswalk is inside OUTPUT"),
+        ({"crosswalk": "audit/cw", "audit": "audit"}, "--crosswalk is inside --audit"),
+        ({"output": "out.dcm"}, "OUTPUT ends in .dcm (one file) but INPUT is not one local file"),
+        ({"input": "missing"}, "INPUT 'IN/missing' does not exist"),
+    ],
+)
+def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout, message):
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in" / "sub")
+    argv = ["anonymize", str(tmp_path / layout.get("input", "in")), str(tmp_path / layout.get("output", "out"))]
+    if "audit" in layout:
+        argv += ["--audit", str(tmp_path / layout["audit"])]
+    if "crosswalk" in layout:
+        argv += ["--crosswalk", str(tmp_path / layout["crosswalk"])]
+    code = cli.main(argv)
+    line = _one_line_error(capsys.readouterr().err)
+    assert message.replace("IN/", f"{tmp_path}/") in line
+    assert code == cli.EXIT_USAGE
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_matching_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    (tmp_path / "empty").mkdir()
+    code = cli.main(["anonymize", str(tmp_path / "empty"), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path))])
+    assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: INPUT {str(tmp_path / 'empty')!r} matched no files"
+    assert code == cli.EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    write_study(make_study(seed=6, n_ct=2, rtstruct=False, sr=False), folder)
+    return folder
+
+
+def test_key_from_env_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setenv(ENV_VAR, SECRET.decode())
+    folder = _folder(tmp_path)
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "a")]) == 0
+    first = capsys.readouterr()
+    summary = json.loads(first.out)
+    assert (summary["KeyId"], summary["Reproducible"]) == (Key.from_env().key_id, True)
+    assert "Warning" not in summary
+    assert first.err == ""
+    # the same key from a file gives the same files
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "b"), "--key-file", str(write_key(tmp_path)), "--quiet"]) == 0
+    rel = lambda root: sorted(p.relative_to(root) for p in root.rglob("*.dcm"))  # noqa: E731
+    assert rel(tmp_path / "a") == rel(tmp_path / "b")
+    assert Key.from_env().key_id == KEY.key_id
+
+
+def test_random_key_is_announced_and_not_reproducible(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = _folder(tmp_path)
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "a")]) == 0
+    first = capsys.readouterr()
+    summary = json.loads(first.out)
+    assert summary["Reproducible"] is False
+    assert "cannot be reproduced" in summary["Warning"]
+    assert first.err == f"dicom-deid: warning: no --key-file and no DICOM_DEID_KEY: random key {summary['KeyId']}, pseudonyms cannot be reproduced\n"
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "b"), "--quiet"]) == 0
+    names = lambda root: {p.name for p in root.rglob("*.dcm")}  # noqa: E731
+    assert len(names(tmp_path / "a")) == 2
+    assert names(tmp_path / "a").isdisjoint(names(tmp_path / "b"))
+
+
+def test_key_is_never_printed_or_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = _folder(tmp_path)
+    (folder / "junk.bin").write_bytes(b"junk")
+    key = write_key(tmp_path)
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(key), "--crosswalk", str(tmp_path / "cw")])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_SOME_FAILED
+    for blob in (captured.out.encode(), captured.err.encode(), all_bytes_under(tmp_path / "out"), all_bytes_under(tmp_path / "out-audit"), all_bytes_under(tmp_path / "cw")):
+        assert SECRET not in blob
+        assert SECRET.hex().encode() not in blob
+
+
+def test_short_key_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    key = tmp_path / "short.key"
+    key.write_bytes(b"short")
+    code = cli.main(["anonymize", str(CT), str(tmp_path / "o.dcm"), "--key-file", str(key)])
+    line = _one_line_error(capsys.readouterr().err)
+    assert "at least 16" in line and "short" not in line.split(":", 2)[-1].replace("short.key", "")
+    assert code == cli.EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- summary, exit status, progress
+
+
+def test_summary_on_stdout_and_exit_3_names_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = _folder(tmp_path)
+    (folder / "empty.dcm").write_bytes(b"")
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path))])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_SOME_FAILED
+    summary = json.loads(captured.out)
+    assert json.loads((tmp_path / "out-audit" / "summary.json").read_text()) == summary
+    assert (summary["InstancesCount"], summary["FailedInstancesCount"], summary["Reasons"]) == (3, 1, {"empty": 1})
+    assert captured.err == f"dicom-deid: 1 of 3 input files failed (empty 1); see {tmp_path / 'out-audit'}\n"
+
+
+def test_progress_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = _folder(tmp_path)
+    (folder / "x.txt").write_text("x")
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet", "--progress"])
+    err = capsys.readouterr().err
+    assert code == 3
+    progress, failure = err.split("\r")[-1].split("\n", 1)
+    assert progress.startswith("3 files: 2 written, 1 failed, 0 skipped, ")
+    assert progress.rstrip().endswith(" files/s")
+    assert failure.startswith("dicom-deid: 1 of 3 input files failed (not_dicom 1)")
+
+
+def test_console_script_end_to_end(tmp_path: Path):
+    """The installed entry point, in its own process."""
+    exe = Path(sys.executable).with_name("dicom-deid")
+    folder = _folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    done = subprocess.run(
+        [str(exe), "anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["Statuses"] == {"written": 2, "failed": 0, "skipped": 0}
+    helped = subprocess.run([str(exe), "modify", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0
+    for option in ("--body", "--config", "--level", "--key-file", "--audit", "--crosswalk", "--max-bytes"):
+        assert option in helped.stdout
