@@ -1,0 +1,736 @@
+"""``dicom-deid split`` and ``dicom-deid merge``: two Beam passes around the pure planner.
+
+::
+
+    pass 1  Create([INPUT]) | ExpandInput | ReadHeaders (stop_before_pixels) -> IndexEntry
+            split: keep the entries of the --study study (no shuffle)
+            merge: GroupByKey(Orthanc study id) and keep the studies that hold the target or
+                   a requested resource (series/instance ids need their whole study)
+            | WriteToText(<OUTPUT>/.dicom-deid-tmp/<run_id>/index-*.jsonl)
+    driver  read the index, transforms.splitmerge.plan_split/plan_merge (refusals end the run
+            here, before any output), write the plan next to the index
+    pass 2  Create([INPUT]) | ExpandInput | ApplySplitMerge (plan loaded in setup())
+            -> one audit row per input -> WriteToParquet(<AUDIT>/audit-<run_id>-*.parquet)
+
+Pass 2 needs no grouping: the plan already holds every new UID. The key stays on the driver;
+workers only read the plan file (which can be large: it lists every moved instance, so it
+is not embedded in the pipeline description, whose size Dataflow limits).
+
+Audit statuses of an input: ``moved`` (re-parented and written under its new UIDs; with
+``KeepSource: true`` the unchanged original is also written under its own UIDs, which the
+row's ``detail`` says), ``copied`` (not selected, written unchanged: ``--copy-unselected``),
+``skipped`` (not selected; reason ``not_selected``), ``failed`` (reason code). Copied files
+keep their original identifiers, so their output paths and UID columns show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from schemas.audit import COPIED, FAILED, MOVED, SKIPPED, STATUSES, audit_row, crosswalk_row, utc_now
+from transforms import splitmerge as sm
+from transforms.errors import DeidError, InputError, RequestError
+
+TMP_DIR_NAME = ".dicom-deid-tmp"
+CROSSWALK_TAG = "crosswalk"
+AUDIT_TAG = "audit"
+_METRICS_NAMESPACE = "dicom_deid_splitmerge"
+_DETAIL_MAX = 300
+_DICM_OFFSET = 128
+EXIT_OK = 0
+EXIT_SOME_FAILED = 3
+
+
+# --------------------------------------------------------------------------- pass 1: the index
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSelector:
+    """Which index entries the planner needs, and whether that takes a group-by-study.
+
+    ``studies`` are the identifiers naming the study to split or the merge target;
+    ``resources`` the merge's ``Resources``. An entry *matches* when one of its identifiers
+    (UIDs or Orthanc ids) is among them.
+    """
+
+    operation: str
+    studies: frozenset[str]
+    resources: frozenset[str] = frozenset()
+    study_tags_for: str | None = None
+
+    @classmethod
+    def for_split(cls, request: sm.SplitRequest) -> IndexSelector:
+        return cls(sm.SPLIT, frozenset({request.study}))
+
+    @classmethod
+    def for_merge(cls, request: sm.MergeRequest) -> IndexSelector:
+        return cls(sm.MERGE, frozenset({request.target}), frozenset(request.resources), request.target)
+
+    @property
+    def grouped(self) -> bool:
+        """Merge resources may be series or instances: their whole study is needed."""
+        return self.operation == sm.MERGE
+
+    def matches(self, e: sm.IndexEntry) -> bool:
+        if e.study_uid in self.studies or e.study in self.studies:
+            return True
+        ids = (e.study_uid, e.study, e.series_uid, e.series, e.sop_uid, e.instance, e.patient)
+        return any(i in self.resources for i in ids)
+
+
+def read_header(path: str, size: int, max_bytes: int) -> Any:
+    """The data set up to its pixel data, or None when the file is not usable DICOM.
+
+    Pass 2 reads every file again in full and records why a file failed; here an unreadable
+    file is simply not in the index.
+    """
+    from pydicom import dcmread
+
+    from transforms.dicomio import _looks_like_bare_dataset, check_identifiers
+
+    if size > max_bytes or size == 0:
+        return None
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            head = f.read(_DICM_OFFSET + 4)
+            marker = head[_DICM_OFFSET:] == b"DICM"
+            if not marker and not _looks_like_bare_dataset(head):
+                return None
+            f.seek(0)
+            ds = dcmread(f, stop_before_pixels=True, force=not marker)
+        check_identifiers(ds)
+    except (Exception, RecursionError):  # noqa: BLE001 - any failure: not indexed, pass 2 says why
+        return None
+    return ds
+
+
+def index_file(path: str, size: int, selector: IndexSelector, max_bytes: int) -> sm.IndexEntry | None:
+    """The index entry of one input file, or None (unreadable, or not needed for a split)."""
+    ds = read_header(path, size, max_bytes)
+    if ds is None:
+        return None
+    try:
+        entry = sm.index_entry(path, ds, study_tags_for=selector.study_tags_for)
+    except Exception:  # noqa: BLE001 - an undecodable value: pass 2 records the failure
+        return None
+    if not selector.grouped and not selector.matches(entry):
+        return None
+    return entry
+
+
+class _IndexFn(beam.DoFn):
+    def __init__(self, selector: IndexSelector, max_bytes: int) -> None:
+        self._selector = selector
+        self._max_bytes = max_bytes
+        self._indexed = Metrics.counter(_METRICS_NAMESPACE, "indexed")
+
+    def setup(self) -> None:
+        _quiet_pydicom()
+
+    def process(self, element: tuple[str, int]) -> Iterator[sm.IndexEntry]:
+        path, size = element
+        entry = index_file(path, size, self._selector, self._max_bytes)
+        if entry is not None:
+            self._indexed.inc()
+            yield entry
+
+
+def _relevant_study(group: tuple[str, Iterable[sm.IndexEntry]], selector: IndexSelector) -> Iterator[sm.IndexEntry]:
+    _, entries = group
+    entries = list(entries)
+    if any(selector.matches(e) for e in entries):
+        yield from entries
+
+
+class BuildStudyIndex(beam.PTransform):
+    """``(path, size)`` -> the :class:`IndexEntry` records the planner needs.
+
+    A split needs only the entries of its study: they are filtered file by file. A merge's
+    resources may name a series or an instance, yet the plan needs the whole study (to know
+    what stays behind), so entries are grouped by Orthanc study id and whole studies kept.
+    """
+
+    def __init__(self, selector: IndexSelector, max_bytes: int) -> None:
+        super().__init__()
+        self._selector = selector
+        self._max_bytes = max_bytes
+
+    def expand(self, pcoll: beam.PCollection[tuple[str, int]]) -> beam.PCollection[sm.IndexEntry]:
+        entries = pcoll | "ReadHeaders" >> beam.ParDo(_IndexFn(self._selector, self._max_bytes))
+        if not self._selector.grouped:
+            return entries
+        return (
+            entries
+            | "KeyByStudy" >> beam.Map(lambda e: (e.study, e))
+            | "GroupByStudy" >> beam.GroupByKey()
+            | "KeepRelevantStudies" >> beam.FlatMap(_relevant_study, self._selector)
+        )
+
+
+def encode_entry(e: sm.IndexEntry) -> str:
+    """One JSON line per entry (the index travels from the workers to the driver as text)."""
+    return json.dumps(list(e), separators=(",", ":"), ensure_ascii=True)
+
+
+def decode_entry(line: str) -> sm.IndexEntry:
+    fields = json.loads(line)
+    tags = fields[-1]
+    return sm.IndexEntry(*fields[:-1], tuple((int(t), v) for t, v in tags) if tags is not None else None)
+
+
+# --------------------------------------------------------------------------- pass 2: apply
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyConfig:
+    """What a pass-2 worker needs besides the plan (which it reads from ``plan_uri``)."""
+
+    plan_uri: str
+    output_root: str
+    run_id: str
+    key_id: str
+    max_bytes: int = 2 << 30
+    copy_unselected: bool = False
+    crosswalk: bool = False
+
+
+_PLAN_CACHE: dict[str, sm.Plan] = {}
+
+
+def load_plan(uri: str) -> sm.Plan:
+    """The pickled plan at ``uri``, read once per worker process."""
+    plan = _PLAN_CACHE.get(uri)
+    if plan is None:
+        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            plan = pickle.loads(f.read())
+        if not isinstance(plan, sm.Plan):
+            raise TypeError(f"{uri}: not a split/merge plan")
+        _PLAN_CACHE.clear()
+        _PLAN_CACHE[uri] = plan
+    return plan
+
+
+def write_plan(uri: str, plan: sm.Plan) -> None:
+    with FileSystems.create(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _detail(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+
+
+def _identity_columns(ds: Any) -> dict[str, Any]:
+    """The UID and Orthanc-id columns describing the file ``ds`` becomes."""
+    from transforms.beam import _safe_str
+    from transforms.orthanc_ids import orthanc_ids
+
+    study, series, sop = (_safe_str(ds, k) or "" for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    ids = orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop)
+    return {
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "sop_instance_uid": sop,
+        "patient_orthanc_id": ids["patient"],
+        "study_orthanc_id": ids["study"],
+        "series_orthanc_id": ids["series"],
+        "instance_orthanc_id": ids["instance"],
+    }
+
+
+def _publish_named(data: bytes, ds: Any, cfg: ApplyConfig) -> tuple[str, str]:
+    """Publish ``data`` at ``<OUTPUT>/<study>/<series>/<sop>.dcm`` from ``ds``'s UIDs."""
+    from transforms.beam import _safe_str, output_name, publish
+
+    name = output_name(*(_safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")))
+    final = FileSystems.join(cfg.output_root, *name.split("/"))
+    sha = hashlib.sha256(data).hexdigest()
+    publish(data, sha, final, cfg.output_root, cfg.run_id)
+    return final, sha
+
+
+def process_instance(
+    path: str, size: int, plan: sm.Plan, cfg: ApplyConfig
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Move, copy or skip one input file as the plan says. Never raises for a bad file.
+
+    Returns:
+        ``(audit_row, crosswalk_row or None)``.
+    """
+    from transforms import dicomio
+    from transforms.beam import _safe_modality, _safe_str, _safe_uid, _transfer_syntax, read_bounded
+
+    started = utc_now()
+    row: dict[str, Any] = {
+        "source_uri": path,
+        "operation": plan.operation,
+        "level": "Study",
+        "request": _detail(plan.describe()),
+        "key_id": cfg.key_id,
+        "run_id": cfg.run_id,
+        "bytes_in": int(size),
+        "started_at": started,
+    }
+    stage = "read"
+    try:
+        if size > cfg.max_bytes:
+            raise InputError(f"file is larger than --max-bytes ({cfg.max_bytes} bytes)", reason="too_large")
+        data = read_bounded(path, cfg.max_bytes)
+        row["bytes_in"] = len(data)
+        stage = "parse"
+        ds = dicomio.read_dataset(data)
+        row.update(
+            sop_class_uid=_safe_uid(ds, "SOPClassUID"),
+            modality=_safe_modality(ds),
+            transfer_syntax_in=_transfer_syntax(ds),
+        )
+        if plan.disposition(path) == sm.UNSELECTED:
+            if not cfg.copy_unselected:
+                row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")
+                return audit_row(**row, finished_at=utc_now()), None
+            stage = "write"
+            final, sha = _publish_named(data, ds, cfg)
+            row.update(
+                _identity_columns(ds),
+                status=COPIED,
+                output_uri=final,
+                transfer_syntax_out=row["transfer_syntax_in"],
+                bytes_out=len(data),
+                output_sha256=sha,
+            )
+            return audit_row(**row, finished_at=utc_now()), None
+        stage = "apply"
+        new = sm.apply_plan(plan, ds, path)
+        stage = "encode"
+        out = dicomio.write_dataset(new)
+        stage = "write"
+        final, sha = _publish_named(out, new, cfg)
+        row.update(
+            _identity_columns(new),
+            status=MOVED,
+            output_uri=final,
+            transfer_syntax_out=_transfer_syntax(new),
+            bytes_out=len(out),
+            output_sha256=sha,
+        )
+        if plan.keep_source:
+            stage = "keep source"
+            _publish_named(data, ds, cfg)
+            row["detail"] = "KeepSource: the original was also written unchanged under its own UIDs"
+        crosswalk = None
+        if cfg.crosswalk:
+            original = _identity_columns(ds)
+            crosswalk = crosswalk_row(
+                source_uri=path,
+                output_uri=final,
+                run_id=cfg.run_id,
+                key_id=cfg.key_id,
+                original_patient_id=_safe_str(ds, "PatientID") or "",
+                original_study_instance_uid=original["study_instance_uid"],
+                original_series_instance_uid=original["series_instance_uid"],
+                original_sop_instance_uid=original["sop_instance_uid"],
+                new_patient_id=_safe_str(new, "PatientID") or "",
+                new_study_instance_uid=row["study_instance_uid"],
+                new_series_instance_uid=row["series_instance_uid"],
+                new_sop_instance_uid=row["sop_instance_uid"],
+                original_instance_orthanc_id=original["instance_orthanc_id"],
+                new_instance_orthanc_id=row["instance_orthanc_id"],
+            )
+        return audit_row(**row, finished_at=utc_now()), crosswalk
+    except DeidError as exc:
+        reason, detail = exc.reason, f"{stage}: {exc}"
+    except RecursionError:
+        reason, detail = "too_deep", f"{stage}: nesting too deep (RecursionError)"
+    except MemoryError:
+        reason, detail = "too_large", f"{stage}: out of memory (MemoryError)"
+    except OSError as exc:
+        reason = "write_error" if stage in ("write", "keep source") else ("read_error" if stage == "read" else "internal_error")
+        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+        detail = f"{stage}: {type(exc).__name__}{' ' + code if code else ''}"
+    except Exception as exc:  # noqa: BLE001 - dead letter: the type only, messages may quote data
+        reason = "write_error" if stage in ("write", "keep source") else ("read_error" if stage == "read" else "internal_error")
+        detail = f"{stage}: {type(exc).__name__}"
+    if stage == "keep source" and row.get("output_uri"):
+        detail += f" (the re-parented instance was written to {row['output_uri']})"
+    for column in ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256"):
+        row.pop(column, None)
+    if reason != "duplicate_instance":  # a duplicate's row keeps the identity it collided on
+        for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "patient_orthanc_id",
+                       "study_orthanc_id", "series_orthanc_id", "instance_orthanc_id"):  # fmt: skip
+            row.pop(column, None)
+    row.update(status=FAILED, reason=reason, detail=_detail(detail))
+    return audit_row(**row, finished_at=utc_now()), None
+
+
+def _quiet_pydicom() -> None:
+    try:
+        from transforms.beam import quiet_pydicom_warnings
+    except ImportError:
+        return
+    quiet_pydicom_warnings()
+
+
+class _ApplyFn(beam.DoFn):
+    """``(path, size)`` -> one audit row; crosswalk rows on ``CROSSWALK_TAG``."""
+
+    def __init__(self, cfg: ApplyConfig) -> None:
+        self._cfg = cfg
+        self._plan: sm.Plan | None = None
+        self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in STATUSES}
+
+    def setup(self) -> None:
+        _quiet_pydicom()
+        self._plan = load_plan(self._cfg.plan_uri)
+
+    def process(self, element: tuple[str, int]) -> Iterator[Any]:
+        assert self._plan is not None
+        path, size = element
+        audit, crosswalk = process_instance(path, size, self._plan, self._cfg)
+        self._counters[audit["status"]].inc()
+        yield audit
+        if crosswalk is not None:
+            yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)
+
+
+class ApplyOutputs(tuple):  # NamedTuple-like, kept simple for Beam's pickler
+    __slots__ = ()
+
+    def __new__(cls, audit: beam.PCollection, crosswalk: beam.PCollection) -> ApplyOutputs:
+        return super().__new__(cls, (audit, crosswalk))
+
+    @property
+    def audit(self) -> beam.PCollection:
+        return self[0]
+
+    @property
+    def crosswalk(self) -> beam.PCollection:
+        return self[1]
+
+
+class ApplySplitMerge(beam.PTransform):
+    """``(path, size)`` -> ``ApplyOutputs(audit rows, crosswalk rows)``; see :func:`process_instance`."""
+
+    def __init__(self, cfg: ApplyConfig) -> None:
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, pcoll: beam.PCollection[tuple[str, int]]) -> ApplyOutputs:
+        results = pcoll | "Apply" >> beam.ParDo(_ApplyFn(self._cfg)).with_outputs(CROSSWALK_TAG, main=AUDIT_TAG)
+        return ApplyOutputs(results[AUDIT_TAG], results[CROSSWALK_TAG])
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def tmp_folder(output_root: str, run_id: str) -> str:
+    return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
+
+
+def build_index_pass(pipeline: beam.Pipeline, input_uri: str, selector: IndexSelector, max_bytes: int, prefix: str) -> None:
+    from transforms.beam import ExpandInput
+
+    (
+        pipeline
+        | "Input" >> beam.Create([input_uri])
+        | "ExpandInput" >> ExpandInput()
+        | "BuildStudyIndex" >> BuildStudyIndex(selector, max_bytes)
+        | "EncodeIndex" >> beam.Map(encode_entry)
+        | "WriteIndex" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
+    )
+
+
+def read_index(prefix: str) -> list[sm.IndexEntry]:
+    entries: list[sm.IndexEntry] = []
+    for result in FileSystems.match([prefix + "*.jsonl"]):
+        for meta in sorted(result.metadata_list, key=lambda m: m.path):
+            with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                for line in io.TextIOWrapper(f, encoding="utf-8"):
+                    if line.strip():
+                        entries.append(decode_entry(line))
+    return entries
+
+
+def build_apply_pass(
+    pipeline: beam.Pipeline, input_uri: str, cfg: ApplyConfig, audit_root: str, crosswalk_root: str | None
+) -> None:
+    from pipelines.run import audit_prefix, crosswalk_prefix
+    from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
+    from transforms.beam import ExpandInput
+
+    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput()
+    outputs = files | "ApplySplitMerge" >> ApplySplitMerge(cfg)
+    outputs.audit | "WriteAudit" >> beam.io.WriteToParquet(
+        audit_prefix(audit_root, cfg.run_id), AUDIT_SCHEMA, file_name_suffix=".parquet"
+    )
+    if crosswalk_root is not None:
+        outputs.crosswalk | "WriteCrosswalk" >> beam.io.WriteToParquet(
+            crosswalk_prefix(crosswalk_root, cfg.run_id), CROSSWALK_SCHEMA, file_name_suffix=".parquet"
+        )
+
+
+_RESOURCE_LEVELS = (
+    ("Instance", "instances", "instance_orthanc_id"),
+    ("Series", "series", "series_orthanc_id"),
+    ("Study", "studies", "study_orthanc_id"),
+    ("Patient", "patients", "patient_orthanc_id"),
+)
+
+
+def summarize(rows: Iterable[Mapping[str, Any]], plan: sm.Plan, *, key_id: str, run_id: str, output: str,
+              reproducible: bool, copy_unselected: bool, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The run's answer, shaped like Orthanc's split/merge job content (behaviour §11, §12).
+
+    ``InstancesCount`` counts the instances the request moved, ``FailedInstancesCount`` every
+    failed input; ``Resources`` the new instances, series, study and patient (moved rows).
+    """
+    statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    ids: dict[str, set[str]] = {level: set() for level, _, _ in _RESOURCE_LEVELS}
+    for row in rows:
+        statuses[row["status"]] += 1
+        if row["reason"]:
+            reasons[row["reason"]] += 1
+        if row["status"] == MOVED:
+            for level, _, column in _RESOURCE_LEVELS:
+                ids[level].add(row[column])
+    summary: dict[str, Any] = {
+        "Description": f"dicom-deid {plan.operation}",
+        "InstancesCount": plan.instances_count,
+        "FailedInstancesCount": statuses[FAILED],
+        "TargetStudy": plan.study_id,
+        "TargetStudyUID": plan.study_uid,
+        "Resources": [
+            {"ID": rid, "Path": f"/{path}/{rid}", "Type": level}
+            for level, path, _ in _RESOURCE_LEVELS
+            for rid in sorted(ids[level])
+        ],
+        "InputFiles": sum(statuses.values()),
+        "Statuses": {s: statuses[s] for s in STATUSES},
+        "Reasons": dict(sorted(reasons.items())),
+        "KeepSource": plan.keep_source,
+        "CopyUnselected": copy_unselected,
+        "KeyId": key_id,
+        "Reproducible": reproducible,
+        "RunId": run_id,
+        "Output": output,
+    }
+    if not reproducible:
+        summary["Warning"] = (
+            "no --key-file and no DICOM_DEID_KEY: a random key was used, so the new UIDs cannot be "
+            "reproduced by a later run"
+        )
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    plan: sm.Plan
+    summary: dict[str, Any]
+    exit_code: int
+
+
+def execute(
+    options: PipelineOptions,
+    input_uri: str,
+    request: sm.SplitRequest | sm.MergeRequest,
+    key: Any,
+    *,
+    output_root: str,
+    audit_root: str,
+    crosswalk_root: str | None = None,
+    run_id: str,
+    max_bytes: int = 2 << 30,
+    copy_unselected: bool = False,
+    extra_summary: Mapping[str, Any] | None = None,
+) -> Outcome:
+    """Index, plan, apply; then summarise this run's audit.
+
+    Raises:
+        RequestError: the request does not fit INPUT (unknown study, empty selection, ...);
+            nothing has been written then (the run's temporary folder is removed).
+    """
+    from pipelines.run import cleanup_tmp, make_pipeline, read_audit, write_summary
+
+    created_output = _is_local(output_root) and not os.path.exists(output_root)
+    tmp = tmp_folder(output_root, run_id)
+    try:
+        selector = (
+            IndexSelector.for_split(request) if isinstance(request, sm.SplitRequest) else IndexSelector.for_merge(request)
+        )
+        index_prefix = FileSystems.join(tmp, "index")
+        pipeline = make_pipeline(options)
+        build_index_pass(pipeline, input_uri, selector, max_bytes, index_prefix)
+        pipeline.run().wait_until_finish()
+        entries = read_index(index_prefix)
+        if isinstance(request, sm.SplitRequest):
+            plan = sm.plan_split(entries, request, key)
+        else:
+            plan = sm.plan_merge(entries, request, key)
+        plan_uri = FileSystems.join(tmp, "plan.pickle")
+        write_plan(plan_uri, plan)
+        cfg = ApplyConfig(
+            plan_uri=plan_uri,
+            output_root=output_root,
+            run_id=run_id,
+            key_id=key.key_id,
+            max_bytes=max_bytes,
+            copy_unselected=copy_unselected,
+            crosswalk=crosswalk_root is not None,
+        )
+        pipeline = make_pipeline(options)
+        build_apply_pass(pipeline, input_uri, cfg, audit_root, crosswalk_root)
+        pipeline.run().wait_until_finish()
+    except RequestError:
+        cleanup_tmp(output_root, run_id)
+        if created_output:
+            try:
+                os.rmdir(output_root)  # only if empty: refused means nothing was written
+            except OSError:
+                pass
+        raise
+    finally:
+        cleanup_tmp(output_root, run_id)
+    rows = read_audit(audit_root, run_id).to_pylist()
+    summary = summarize(
+        rows,
+        plan,
+        key_id=key.key_id,
+        run_id=run_id,
+        output=output_root,
+        reproducible=key.reproducible,
+        copy_unselected=copy_unselected,
+        extra=extra_summary,
+    )
+    write_summary(audit_root, run_id, summary)
+    return Outcome(plan, summary, EXIT_SOME_FAILED if summary["FailedInstancesCount"] else EXIT_OK)
+
+
+def _is_local(uri: str) -> bool:
+    return FileSystems.get_scheme(uri) in (None, "file")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+_HELP = {
+    sm.SPLIT: (
+        "move series or instances of a study to a new study, like /studies/{id}/split",
+        "the study to split: StudyInstanceUID or Orthanc study id",
+        'JSON body: {"Series": [...], "Instances": [...], "Replace": {...}, "Remove": [...], "KeepSource": false}',
+    ),
+    sm.MERGE: (
+        "move studies, series or instances into a target study, like /studies/{id}/merge",
+        "the target study: StudyInstanceUID or Orthanc study id",
+        'JSON body: {"Resources": [...], "KeepSource": false}',
+    ),
+}
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``split`` and ``merge`` subcommands to the ``dicom-deid`` parser."""
+    from pipelines.cli import _add_common
+
+    for command, (summary, study_help, body_help) in _HELP.items():
+        p = subparsers.add_parser(command, help=summary, description=f"{summary}. {body_help}")
+        _add_common(p)
+        p.add_argument("--study", required=True, metavar="STUDY" if command == sm.SPLIT else "TARGET", help=study_help)
+        p.add_argument(
+            "--copy-unselected",
+            action="store_true",
+            help="also copy every input the request does not move, unchanged, so OUTPUT is the whole new archive",
+        )
+        p.set_defaults(func=run_command)
+
+
+def parse_request(command: str, study: str, body: Mapping[str, Any]) -> sm.SplitRequest | sm.MergeRequest:
+    if command == sm.SPLIT:
+        return sm.parse_split(study, body)
+    return sm.parse_merge(study, body)
+
+
+def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    """The ``split`` / ``merge`` subcommand (called by ``pipelines.cli.main``)."""
+    from pipelines import cli
+    from pipelines import run as pipeline_run
+
+    if args.body is None and args.config is None:
+        raise cli.UsageError(f"{args.command}: give the request body with --body JSON or --config FILE")
+    body, _dictionary = cli.load_request(args.body, args.config)  # no private tags in these modules
+    request = parse_request(args.command, args.study, body)
+    key, _key_uri = cli.load_key(args.key_file)
+    input_uri = cli.normalize(args.input)
+    output = cli.normalize(args.output)
+    if output.lower().endswith(".dcm"):
+        raise cli.UsageError(f"{args.command}: OUTPUT must be a folder or gs:// prefix, not a .dcm file")
+    if not cli._local_input_exists(input_uri):
+        raise cli.UsageError(f"INPUT {args.input!r} does not exist")
+    audit = cli.normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
+    crosswalk = cli.normalize(args.crosswalk) if args.crosswalk else None
+    cli.check_locations(input_uri, output, audit, crosswalk)
+    try:
+        options = pipeline_run.pipeline_options(beam_args)
+    except pipeline_run.UnknownOptions as exc:
+        raise cli.UsageError(str(exc)) from None
+    cli._warn_random_key(key)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    extra = {"Audit": audit}
+    if crosswalk:
+        extra["Crosswalk"] = crosswalk
+    outcome = execute(
+        options,
+        input_uri,
+        request,
+        key,
+        output_root=output,
+        audit_root=audit,
+        crosswalk_root=crosswalk,
+        run_id=run_id,
+        max_bytes=args.max_bytes,
+        copy_unselected=args.copy_unselected,
+        extra_summary=extra,
+    )
+    summary = outcome.summary
+    if summary["InputFiles"] == 0:
+        cli._err(f"INPUT {args.input!r} matched no files")
+        return cli.EXIT_USAGE
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+    if outcome.exit_code:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
+        cli._err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")
+    return outcome.exit_code
+
+
+__all__ = [
+    "ApplyConfig",
+    "ApplySplitMerge",
+    "BuildStudyIndex",
+    "IndexSelector",
+    "execute",
+    "index_file",
+    "process_instance",
+    "register",
+    "run_command",
+    "summarize",
+]

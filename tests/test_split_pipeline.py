@@ -1,0 +1,216 @@
+"""``dicom-deid split`` end to end on the DirectRunner: files, audit rows, summary, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+import apache_beam as beam
+from pipelines import cli
+from pipelines import splitmerge as psm
+from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
+from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
+from transforms import splitmerge as sm
+from transforms.dicomio import read_dataset
+from transforms.errors import InputError
+
+KNEE_STUDY_ID = "0a9b3153-2512774b-2d9580de-1fc3dcf6-3bd83918"
+KNEE_T2_UID = "1.3.46.670589.11.17521.5.0.3124.2008081909090037350"
+KEY_BYTES = b"split-merge-pipeline-test-key-01"
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "key"
+    path.write_bytes(KEY_BYTES)
+    return path
+
+
+def audit_rows(audit: Path) -> list[dict]:
+    tables = [pq.read_table(p) for p in sorted(audit.glob("audit-*.parquet"))]
+    assert tables and all(t.schema.equals(AUDIT_SCHEMA) for t in tables)
+    return sorted((row for t in tables for row in t.to_pylist()), key=lambda r: r["source_uri"])
+
+
+def statuses(rows: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
+def run(argv: list[str]) -> int:
+    return cli.main([*argv, "--quiet"])
+
+
+def test_split_knee_t2(samples: Path, tmp_path: Path, key_file: Path) -> None:
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    body = {"Series": [KNEE_T2_UID], "Replace": {"PatientName": "Hello"}, "Remove": ["ReferringPhysicianName"]}
+    argv = ["split", str(samples / "Knee"), str(out), "--study", KNEE_STUDY_ID, "--body", json.dumps(body),
+            "--key-file", str(key_file), "--audit", str(audit), "--crosswalk", str(tmp_path / "cw")]  # fmt: skip
+    assert run(argv) == 0
+    rows = audit_rows(audit)
+    assert statuses(rows) == {"moved": 26, "skipped": 24}
+    moved = [r for r in rows if r["status"] == "moved"]
+    assert {r["source_uri"].split("/")[-2] for r in moved} == {"T2"}
+    assert {r["reason"] for r in rows if r["status"] == "skipped"} == {"not_selected"}
+    assert {(r["operation"], r["level"], r["key_id"]) for r in rows} == {("split", "Study", moved[0]["key_id"])}
+    assert rows[0]["request"] == "split: 26 instance(s) in 1 series; Replace PatientName; Remove ReferringPhysicianName; KeepSource false"
+    study_uid = {r["study_instance_uid"] for r in moved}
+    assert len(study_uid) == 1 and len({r["series_instance_uid"] for r in moved}) == 1
+    files = sorted(out.rglob("*.dcm"))
+    assert sorted(r["output_uri"] for r in moved) == [str(p) for p in files]
+    for row in moved:
+        path = Path(row["output_uri"])
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == row["output_sha256"]
+        ds = pydicom.dcmread(path)
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == (
+            row["study_instance_uid"], row["series_instance_uid"], row["sop_instance_uid"])  # fmt: skip
+        assert ds.PatientName == "Hello" and "ReferringPhysicianName" not in ds
+        assert path.relative_to(out).parts == (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID + ".dcm")
+    summary = json.loads((audit / "summary.json").read_text())
+    assert summary["Description"] == "dicom-deid split"
+    assert summary["InstancesCount"] == 26 and summary["FailedInstancesCount"] == 0
+    assert summary["TargetStudyUID"] == study_uid.pop()
+    assert summary["Statuses"] == {"written": 0, "failed": 0, "skipped": 24, "moved": 26, "copied": 0}
+    assert [r["Type"] for r in summary["Resources"]] == ["Instance"] * 26 + ["Series", "Study", "Patient"]
+    assert summary["Resources"][-2]["ID"] == summary["TargetStudy"]
+    crosswalk = pq.read_table(next((tmp_path / "cw").glob("*.parquet")))
+    assert crosswalk.schema.equals(CROSSWALK_SCHEMA) and crosswalk.num_rows == 26
+    assert set(crosswalk.column("original_study_instance_uid").to_pylist()) == {"2.16.840.1.113669.632.20.121711.10000160881"}
+    assert not (out / psm.TMP_DIR_NAME).exists()
+    # A rerun with the same key into a fresh folder gives the same files, byte for byte.
+    again = tmp_path / "again"
+    assert run([*argv[:2], str(again), *argv[3:-4], "--audit", str(tmp_path / "audit2")]) == 0
+    assert [p.relative_to(again) for p in sorted(again.rglob("*.dcm"))] == [p.relative_to(out) for p in files]
+    assert all((again / p.relative_to(out)).read_bytes() == p.read_bytes() for p in files)
+
+
+def test_keep_source_and_copy_unselected(samples: Path, tmp_path: Path, key_file: Path) -> None:
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    body = json.dumps({"Instances": ["1.3.46.670589.11.17521.5.0.3124.2008081908590448738"], "KeepSource": True})
+    assert run(["split", str(samples / "Knee"), str(out), "--study", KNEE_STUDY_ID, "--body", body,
+                "--key-file", str(key_file), "--audit", str(audit), "--copy-unselected"]) == 0  # fmt: skip
+    rows = audit_rows(audit)
+    assert statuses(rows) == {"moved": 1, "copied": 49}
+    moved = next(r for r in rows if r["status"] == "moved")
+    assert moved["detail"] == "KeepSource: the original was also written unchanged under its own UIDs"
+    assert moved["source_uri"].endswith("Knee/T1/IM-0001-0001.dcm")
+    files = sorted(out.rglob("*.dcm"))
+    assert len(files) == 51  # 1 new instance + every original (49 copied + 1 kept source)
+    for row in rows:
+        if row["status"] == "copied":
+            assert Path(row["output_uri"]).read_bytes() == Path(row["source_uri"]).read_bytes()
+            assert row["study_instance_uid"] == "2.16.840.1.113669.632.20.121711.10000160881"
+    original = pydicom.dcmread(moved["source_uri"])
+    kept = out / original.StudyInstanceUID / original.SeriesInstanceUID / f"{original.SOPInstanceUID}.dcm"
+    assert kept.read_bytes() == Path(moved["source_uri"]).read_bytes()
+    new = pydicom.dcmread(moved["output_uri"])
+    assert new.InstanceNumber == 1 and new.StudyInstanceUID != original.StudyInstanceUID
+    summary = json.loads((audit / "summary.json").read_text())
+    assert (summary["KeepSource"], summary["CopyUnselected"], summary["InstancesCount"]) == (True, True, 1)
+
+
+def test_bad_files_get_failure_rows(samples: Path, tmp_path: Path, key_file: Path) -> None:
+    src = tmp_path / "in"
+    shutil.copytree(samples / "Knee" / "T2", src / "T2")
+    (src / "notes.txt").write_text("not a DICOM file")
+    whole = (samples / "Knee" / "T2" / "IM-0001-0001.dcm").read_bytes()
+    (src / "truncated.dcm").write_bytes(whole[: len(whole) // 2])
+    (src / "empty.dcm").write_bytes(b"")
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    code = run(["split", str(src), str(out), "--study", "2.16.840.1.113669.632.20.121711.10000160881",
+                "--body", json.dumps({"Series": [KNEE_T2_UID]}), "--key-file", str(key_file), "--audit", str(audit)])  # fmt: skip
+    assert code == cli.EXIT_SOME_FAILED
+    rows = audit_rows(audit)
+    assert statuses(rows) == {"moved": 26, "failed": 3}
+    failed = {Path(r["source_uri"]).name: (r["reason"], r["output_uri"], r["study_instance_uid"]) for r in rows if r["status"] == "failed"}
+    with pytest.raises(InputError) as truncated:  # the reader's own classification of that file
+        read_dataset((src / "truncated.dcm").read_bytes())
+    assert failed == {
+        "notes.txt": ("not_dicom", None, None),
+        "truncated.dcm": (truncated.value.reason, None, None),
+        "empty.dcm": ("empty", None, None),
+    }
+    assert len(list(out.rglob("*.dcm"))) == 26
+
+
+@pytest.mark.parametrize(
+    ("body", "study", "message"),
+    [
+        ({"Series": [KNEE_T2_UID]}, "1.2.3", "split: --study: no instance of this study in INPUT (cannot split an unknown study)"),
+        ({"Series": ["1.2.3"]}, KNEE_STUDY_ID, "split: Series[0]: this series does not belong to the study to be split "
+                                                "(give a SeriesInstanceUID or an Orthanc series id of that study)"),
+        ({"Series": []}, KNEE_STUDY_ID, 'split: both the "Series" and the "Instances" fields are missing or empty: nothing to split'),
+        ({"Series": [KNEE_T2_UID], "Replace": {"Modality": "CT"}}, KNEE_STUDY_ID,
+         "split: Replace: cannot modify tag 'Modality' (0008,0060) while splitting a study (not in the patient/study modules)"),
+    ],
+)
+def test_refusals_write_nothing(
+    samples: Path, tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str], body: dict, study: str, message: str
+) -> None:
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    code = run(["split", str(samples / "Knee"), str(out), "--study", study, "--body", json.dumps(body),
+                "--key-file", str(key_file), "--audit", str(audit)])  # fmt: skip
+    assert code == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"dicom-deid: {message}\n"
+    assert not out.exists() and not audit.exists()
+
+
+def test_command_line_refusals(samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["split", str(samples / "Knee"), str(tmp_path / "o"), "--study", KNEE_STUDY_ID]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.endswith("split: give the request body with --body JSON or --config FILE\n")
+    assert run(["split", str(samples / "Knee"), str(tmp_path / "o.dcm"), "--study", "1.2", "--body", '{"Series":["1"]}']) == 2
+    assert capsys.readouterr().err.endswith("split: OUTPUT must be a folder or gs:// prefix, not a .dcm file\n")
+    assert run(["merge", str(samples / "Knee"), str(tmp_path / "o"), "--body", '{"Resources":["1"]}']) == 2
+    assert "the following arguments are required: --study" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_split_generated_rtstruct_with_its_ct(tmp_path: Path, key_file: Path) -> None:
+    write_reference_studies(tmp_path / "in")
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    assert run(["split", str(tmp_path / "in"), str(out), "--study", STUDY_A, "--body",
+                json.dumps({"Series": [CT_SERIES, RT_SERIES]}), "--key-file", str(key_file), "--audit", str(audit)]) == 0  # fmt: skip
+    rows = audit_rows(audit)
+    assert statuses(rows) == {"moved": 4, "skipped": 5}
+    moved = {Path(r["source_uri"]).name: pydicom.dcmread(r["output_uri"]) for r in rows if r["status"] == "moved"}
+    rt = moved["rtstruct.dcm"]
+    items = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+    assert items.ReferencedSOPInstanceUID == rt.StudyInstanceUID
+    series = items.RTReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == moved["ct1.dcm"].SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in series.ContourImageSequence] == [
+        moved[f"ct{i}.dcm"].SOPInstanceUID for i in (1, 2, 3)]  # fmt: skip
+
+
+def test_index_pass_keeps_only_what_the_planner_needs(tmp_path: Path, samples: Path) -> None:
+    paths = write_reference_studies(tmp_path)
+    knee = sorted((samples / "Knee" / "T1").glob("*.dcm"))[:2]
+    files = [(str(p), p.stat().st_size) for p in [*paths.values(), *knee]]
+    mr1 = str(paths["A/mr1.dcm"])
+    merge = psm.IndexSelector.for_merge(sm.parse_merge(STUDY_B, {"Resources": [sm.index_entry(mr1, pydicom.dcmread(mr1)).instance]}))
+    split = psm.IndexSelector.for_split(sm.parse_split(STUDY_B, {"Series": ["1.2"]}))
+    with test_pipeline.TestPipeline() as p:
+        created = p | beam.Create(files)
+        merged = created | "Merge" >> psm.BuildStudyIndex(merge, 1 << 30) | "M" >> beam.Map(lambda e: (e.study_uid, e.study_tags is not None))
+        split_ = created | "Split" >> psm.BuildStudyIndex(split, 1 << 30) | "S" >> beam.Map(lambda e: Path(e.source).name)
+        # Merge: the target study (with its tags) and all of study A, whose MR image was named.
+        assert_that(merged, equal_to([(STUDY_A, False)] * 7 + [(STUDY_B, True)] * 2), label="merge")
+        assert_that(split_, equal_to(["ct1.dcm", "ct2.dcm"]), label="split")
+
+
+def test_index_entries_round_trip_as_json(tmp_path: Path) -> None:
+    paths = write_reference_studies(tmp_path)
+    entry = sm.index_entry(str(paths["B/ct1.dcm"]), pydicom.dcmread(paths["B/ct1.dcm"]), study_tags_for=STUDY_B)
+    assert psm.decode_entry(psm.encode_entry(entry)) == entry
+    plain = entry._replace(study_tags=None)
+    assert psm.decode_entry(psm.encode_entry(plain)) == plain
