@@ -1,0 +1,246 @@
+"""Hostile input: every bad file gets exactly one failure row, the run goes on, nothing partial.
+
+The hostile folder is built here: not DICOM, empty, truncated, an absurd element length,
+100,000 nested sequences (pydicom raises RecursionError; Orthanc 1.10.1 segfaults), invalid
+UIDs, a multi-megabyte value, a 3 GiB (sparse) file above ``--max-bytes``. A hypothesis test
+mutates real files (truncate, flip bytes, insert garbage, cut/duplicate slices) and checks the
+one-row-per-input and no-partial-output invariants, directly and through Beam.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.data import get_testdata_file
+
+from pipelines import cli
+from pipelines import run as pipeline_run
+from tests.pipeline_support import KEY, output_files, read_rows, write_key
+from transforms import dicomio, request
+from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+BASES = [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "no_meta.dcm")]
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr in (b"OB", b"SQ", b"UT", b"UN", b"OW"):
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _instance(sop: bytes = b"1.2.3.4.5.6", study: bytes = b"1.2.3.4", series: bytes = b"1.2.3.4.5", extra: bytes = b"") -> bytes:
+    """A minimal explicit-VR little-endian file; ``extra`` goes between the 0008 and 0020 groups."""
+    meta = dicomio.encode_file_meta(CT_CLASS, "1.2.3.4.5.6", EXPLICIT_LE)
+    body = (
+        _element(0x0008, 0x0016, b"UI", CT_CLASS.encode())
+        + _element(0x0008, 0x0018, b"UI", sop)
+        + _element(0x0008, 0x0060, b"CS", b"CT")
+        + extra
+        + _element(0x0010, 0x0020, b"LO", b"HOSTILE-PATIENT")
+        + _element(0x0020, 0x000D, b"UI", study)
+        + _element(0x0020, 0x000E, b"UI", series)
+    )
+    return meta + body
+
+
+def _deep(levels: int) -> bytes:
+    """``levels`` nested ReferencedSeriesSequence items, undefined lengths, properly closed."""
+    opening = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return opening * levels + closing * levels
+
+
+def build_hostile_folder(folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Write the hostile files; return ``{name: (status, reason)}`` expected for each."""
+    folder.mkdir(parents=True)
+    ct = CT.read_bytes()
+    files = {
+        "good.dcm": (ct, ("written", None)),
+        "minimal.dcm": (_instance(), ("written", None)),
+        "not_dicom.txt": (b"Patient list\nDOE^JOHN 1970-01-01\n" * 10, ("failed", "not_dicom")),
+        "empty.dcm": (b"", ("failed", "empty")),
+        "truncated.dcm": (ct[: len(ct) // 2], ("failed", "truncated")),
+        "absurd_length.dcm": (
+            _instance(extra=struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, 0xFFFFFFF0) + b"abcd"),
+            ("failed", "truncated"),
+        ),
+        "deep.dcm": (_instance(extra=_deep(100_000)), ("failed", "too_deep")),
+        "dotdot_uid.dcm": (_instance(sop=b"../../x"), ("failed", "invalid_uid")),
+        "long_uid.dcm": (_instance(study=b"1." * 40 + b"1"), ("failed", "invalid_uid")),
+        "no_sop.dcm": (_instance(sop=b""), ("failed", "invalid_uid")),
+        "garbage_after_dicm.dcm": (b"\0" * 128 + b"DICM" + os.urandom(64) * 0 + b"\xff" * 300, ("failed", "not_dicom")),
+        # a 6 MB value: above the run's --max-bytes (4 MiB), so refused before being read
+        "huge_value.dcm": (_instance(extra=_element(0x0009, 0x0010, b"LO", b"BIG") + _element(0x0009, 0x1011, b"OB", b"\x01" * (6 << 20))), ("failed", "too_large")),
+        # a 3 MB value below the cap: processed normally
+        "big_value.dcm": (_instance(sop=b"1.2.3.4.5.7", extra=_element(0x0009, 0x0010, b"LO", b"BIG") + _element(0x0009, 0x1011, b"OB", b"\x02" * (3 << 20))), ("written", None)),
+    }
+    expected = {}
+    for name, (data, outcome) in files.items():
+        (folder / name).write_bytes(data)
+        expected[name] = outcome
+    # 3 GiB without using disk: reading it would show in the peak memory
+    with open(folder / "sparse_3gib.dcm", "wb") as f:
+        f.truncate(3 << 30)
+    expected["sparse_3gib.dcm"] = ("failed", "too_large")
+    return expected
+
+
+def test_each_hostile_file_fails_alone(tmp_path: Path):
+    """Direct check of the reader's classification, so the end-to-end test's table is honest."""
+    expected = build_hostile_folder(tmp_path / "in")
+    for name, (status, reason) in expected.items():
+        if name == "sparse_3gib.dcm" or reason == "too_large":
+            continue
+        try:
+            dicomio.read_dataset((tmp_path / "in" / name).read_bytes())
+            got = ("written", None)
+        except Exception as exc:  # noqa: BLE001
+            got = ("failed", getattr(exc, "reason", type(exc).__name__))
+        assert got == (status, reason), name
+
+
+def test_hostile_folder_end_to_end_in_a_subprocess(tmp_path: Path):
+    expected = build_hostile_folder(tmp_path / "in")
+    key = write_key(tmp_path)
+    script = (
+        "import resource, sys\n"
+        "from pipelines.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print('PEAK_KIB', peak, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--key-file", str(key), "--max-bytes", "4MiB", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("dicom-deid: 11 of 14 input files failed (empty 1, invalid_uid 3, not_dicom 2, too_deep 1, too_large 2, truncated 2); see ")
+    peak_kib = int(lines[-1].split()[1])
+    assert peak_kib < 1_500_000, f"peak memory {peak_kib} KiB: a large input was read"
+    rows = read_rows(tmp_path / "out-audit")
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"]) for r in rows}
+    assert got == expected
+    assert len(rows) == len(expected)
+    for row in rows:
+        assert "HOSTILE-PATIENT" not in (row["detail"] or "")
+        assert "DOE^JOHN" not in (row["detail"] or "")
+    # exactly the written files, nothing partial, no temporary left
+    assert output_files(tmp_path / "out") == {
+        r["output_uri"][len(str(tmp_path / "out")) + 1 :]: r["output_sha256"] for r in rows if r["status"] == "written"
+    }
+    assert not (tmp_path / "out" / TMP_DIR_NAME).exists()
+    summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    assert summary["Reasons"] == {"empty": 1, "invalid_uid": 3, "not_dicom": 2, "too_deep": 1, "too_large": 2, "truncated": 2}
+    assert summary["Statuses"] == {"written": 3, "failed": 11, "skipped": 0}
+
+
+def test_default_max_bytes_refuses_without_reading(tmp_path: Path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(folder / "sparse.dcm", "wb") as f:
+        f.truncate((2 << 30) + 1)
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert code == cli.EXIT_SOME_FAILED
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"], r["bytes_in"]) for r in read_rows(tmp_path / "out-audit")}
+    assert got == {"sparse.dcm": ("failed", "too_large", (2 << 30) + 1), "good.dcm": ("written", None, CT.stat().st_size)}
+    assert after - before < 1_000_000  # KiB: the 2 GiB file was never read
+
+
+# --------------------------------------------------------------------------- property tests
+
+_mutation = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(1, 255)),
+    st.tuples(st.just("insert"), st.floats(0, 1), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("cut"), st.floats(0, 1), st.integers(1, 512)),
+    st.tuples(st.just("duplicate"), st.floats(0, 1), st.integers(1, 512)),
+)
+
+
+def _mutate(data: bytes, mutations: list[tuple]) -> bytes:
+    for m in mutations:
+        pos = int(m[1] * len(data))
+        if m[0] == "truncate":
+            data = data[:pos]
+        elif m[0] == "flip" and data:
+            pos = min(pos, len(data) - 1)
+            data = data[:pos] + bytes([data[pos] ^ m[2]]) + data[pos + 1 :]
+        elif m[0] == "insert":
+            data = data[:pos] + m[2] + data[pos:]
+        elif m[0] == "cut":
+            data = data[:pos] + data[pos + m[2] :]
+        elif m[0] == "duplicate":
+            data = data[:pos] + data[pos : pos + m[2]] * 2 + data[pos + m[2] :]
+    return data
+
+
+_mutated_file = st.tuples(st.sampled_from(range(len(BASES))), st.lists(_mutation, min_size=1, max_size=3))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_mutated_file)
+def test_mutated_file_gives_one_row_and_no_partial_output(case):
+    base, mutations = case
+    data = _mutate(BASES[base].read_bytes(), mutations)
+    plan = request.parse_anonymize({})
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in.dcm"
+        src.write_bytes(data)
+        out = Path(tmp) / "out"
+        cfg = RunConfig(plan=plan, output_root=str(out), run_id="prop", key_id=KEY.key_id, key=KEY)
+        row, _ = process_file(str(src), len(data), cfg, KEY)
+        files = output_files(out) if out.exists() else {}
+        if row["status"] == "written":
+            assert files == {row["output_uri"][len(str(out)) + 1 :]: row["output_sha256"]}
+            dicomio.read_dataset(Path(row["output_uri"]).read_bytes())  # what we write reads back
+        else:
+            assert row["status"] == "failed"
+            assert row["reason"] in ("not_dicom", "empty", "truncated", "too_deep", "invalid_uid", "invalid_value", "internal_error", "refused_by_request")
+            assert files == {}
+        if row["reason"] == "internal_error":
+            # the dead letter names the stage and the exception type only
+            stage, kind = row["detail"].split(": ")
+            assert stage in ("parse", "apply", "name", "encode") and kind.isidentifier()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases=st.lists(_mutated_file, min_size=1, max_size=5))
+def test_mutated_folder_through_beam_one_row_per_input(cases):
+    plan = request.parse_anonymize({})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i, (base, mutations) in enumerate(cases):
+            (folder / f"{i:02d}.dcm").write_bytes(_mutate(BASES[base].read_bytes(), mutations))
+        out, audit = Path(tmp) / "out", Path(tmp) / "audit"
+        cfg = RunConfig(plan=plan, output_root=str(out), run_id="prop", key_id=KEY.key_id, key=KEY)
+        outcome = pipeline_run.execute(pipeline_run.pipeline_options([]), str(folder), cfg, str(audit), reproducible=True)
+        rows = read_rows(audit)
+        assert sorted(r["source_uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+        written = {r["output_uri"][len(str(out)) + 1 :]: r["output_sha256"] for r in rows if r["status"] == "written"}
+        assert (output_files(out) if out.exists() else {}) == written
+        assert outcome.summary["InputFiles"] == len(cases)
+        assert outcome.exit_code == (3 if any(r["status"] == "failed" for r in rows) else 0)
