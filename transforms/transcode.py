@@ -253,6 +253,30 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
+def decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
+    """Decode the pixel data of ``ds`` with the codecs ``transcode`` uses.
+
+    Returns a (frames, rows, columns, samples) array and its photometric interpretation: no
+    colour conversion, except JPEG lossy YCbCr codestreams, which come back as RGB.
+
+    Raises:
+      CannotTranscode: no pixel data, or no codec can decode it.
+    """
+    if "PixelData" not in ds:
+        raise CannotTranscode("decode: the dataset has no PixelData")
+    ts = source_syntax(ds)
+    ds = copy.deepcopy(ds)  # decoding converts raw elements: keep the caller's dataset as it was
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(ts)
+    try:
+        return _decode(ds, ts)
+    except CannotTranscode:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a codec failure is a failed decode
+        raise CannotTranscode(f"decode {ts}: {_describe(exc)}") from exc
+
+
 # --- native <-> native -------------------------------------------------------------------------
 
 
@@ -361,7 +385,7 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
             failures.append(f"{plugin}: {_describe(exc)}")
             continue
         if ts in _JPEG_LOSSY and pi_out in ("YBR_FULL", "YBR_FULL_422") and arr.shape[-1] == 3:
-            arr = convert_color_space(arr, "YBR_FULL", "RGB", per_frame=True)
+            arr = convert_color_space(arr.copy(), "YBR_FULL", "RGB", per_frame=True)
             pi_out = "RGB"
         return arr, pi_out
     if not failures:
@@ -543,7 +567,7 @@ def _encode_jpeg(
     if target in _JPEG_LOSSY:
         precision = 8 if int(out.BitsAllocated) == 8 else 12
         if samples == 3 and pi != "RGB":
-            arr = convert_color_space(arr, "YBR_FULL", "RGB", per_frame=True)
+            arr = convert_color_space(arr.copy(), "YBR_FULL", "RGB", per_frame=True)
         for frame in arr:
             data = frame[..., 0] if samples == 1 else frame
             frames.append(
@@ -706,6 +730,7 @@ def _check(out: Dataset, target: str, expected: np.ndarray) -> None:
 
 __all__ = [
     "LOSSY",
+    "decode_pixels",
     "NATIVE",
     "ORTHANC_KNOWN",
     "SUPPORTED",
