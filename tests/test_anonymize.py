@@ -461,3 +461,20 @@ def test_implicit_rtstruct_nested_uids_are_remapped():
         [new.FrameOfReferenceUID] * 3
     assert new.RTReferencedStudySequence[0].ReferencedSOPClassUID == "1.2.840.10008.3.1.2.3.1"
     assert result.InstanceCreatorUID == _uid("instance", source.InstanceCreatorUID)
+
+
+def test_identifiers_stored_with_explicit_vr_un_are_still_anonymized():
+    # Every element of this file is explicit VR UN; Orthanc 1.10.1 then leaves PatientID and
+    # FrameOfReferenceUID untouched, we read them through the dictionary VR.
+    source = _read(sample("2022-03-08-RicSmi.dcm"))
+    assert source._dict[0x00100020].VR == "UN"
+    result = _anonymize({}, source)
+    assert result.PatientID == KEY.patient_id("b6a45b55-6441-4993-a151-498a0cb0fb66")
+    assert result.PatientName == KEY.patient_name("Anonymized1")
+    assert result.FrameOfReferenceUID == \
+        _uid("instance", "1.2.276.0.7230010.3.1.4.2358427580.3460.1646695830.797")
+    assert result.SOPInstanceUID == \
+        _uid("instance", "1.2.276.0.7230010.3.1.4.2358427580.3460.1646695830.795")
+    assert result[0x00080018].VR == "UI"
+    assert result.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+    assert result.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.4"

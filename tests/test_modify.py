@@ -270,3 +270,13 @@ def test_modify_implicit_vr_file_without_preamble():
     assert [i.get("ROIName") for i in result.StructureSetROISequence] == \
         [None, "Isocenter 1", "iso"]
     assert result.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+
+
+def test_characters_the_file_charset_cannot_encode_are_dropped():
+    source = _read(sample("Encodings/Lena-greek.dcm"))
+    assert source.SpecificCharacterSet == "ISO_IR 126"
+    result = _modify({"Replace": {"InstitutionalDepartmentName": "Sw\u00e9ep \u03a9\u03bc\u03ad\u03b3\u03b1",
+                                  "ReferencedStudySequence": [{"StudyDescription": "\u00e9\u03a9"}]}},
+                     source)
+    assert result.InstitutionalDepartmentName == "Swep \u03a9\u03bc\u03ad\u03b3\u03b1"
+    assert result.ReferencedStudySequence[0].StudyDescription == "\u03a9"

@@ -152,3 +152,10 @@ def test_built_elements_round_trip_through_bytes():
     assert back.ReferencedStudySequence[0].StudyDescription == "A"
     assert len(back.ReferencedStudySequence[1]) == 0
     assert back.StudyDate == ""
+
+
+@pytest.mark.parametrize(("tag", "text"), [(ROWS, "1\\2"), (0x00189087, "1.5\\2")])
+def test_numbers_for_single_valued_tags_refuse_lists(tag, text):
+    with pytest.raises(RequestError, match=re.escape("takes a single value (VM 1), got 2 "
+                                                     "backslash-separated values")):
+        _prepare(tag, text)

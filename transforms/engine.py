@@ -64,6 +64,7 @@ from transforms.tags import (
     SERIES_INSTANCE_UID,
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,
+    SPECIFIC_CHARACTER_SET,
     SQ_TAGS,
     STUDY_INSTANCE_UID,
 )
@@ -101,6 +102,15 @@ def _character_set(ds: Dataset) -> Any:
         return ds.original_character_set or ds._character_set
     except Exception:  # undecodable SpecificCharacterSet
         return "iso8859"
+
+
+def _python_encodings(ds: Dataset) -> list[str]:
+    """The Python codecs pydicom will encode ``ds``'s text with."""
+    try:
+        encodings = ds._character_set
+    except Exception:
+        return ["iso8859"]
+    return [encodings] if isinstance(encodings, str) else list(encodings)
 
 
 def _dict_vr(tag: int) -> str | None:
@@ -206,11 +216,13 @@ class _Run:
 
     def _uid_element(self, tag: int, old: Any, text: str) -> Any:
         """A UI element holding ``text``, raw when ``old`` was raw (the writer copies it)."""
+        tag = BaseTag(tag)  # pydicom's hooks need BaseTag on raw elements
         if type(old) is RawDataElement:
             data = text.encode("ascii")
             if len(data) % 2:
                 data += b"\x00"
-            return RawDataElement(tag, old.VR, len(data), data, old.value_tell,
+            vr = "UI" if old.VR == "UN" else old.VR  # an explicit UN UID is written as UI
+            return RawDataElement(tag, vr, len(data), data, old.value_tell,
                                   old.is_implicit_VR, old.is_little_endian)
         if self.implicit is not None:
             data = text.encode("ascii")
@@ -272,9 +284,13 @@ class _Run:
                 sequences.append(tag)
 
         # 5. Replacements, then (anonymization) the PatientName pseudonym.
+        encodings = _python_encodings(out)
         for value in plan.replacements:
-            elem = self.ws.owned_element(build_element(value, little_endian=self.little))
+            elem = self.ws.owned_element(build_element(value, little_endian=self.little,
+                                                       encodings=encodings))
             d[BaseTag(value.tag)] = elem  # pydicom's writer needs BaseTag keys
+            if value.tag == SPECIFIC_CHARACTER_SET:
+                encodings = _python_encodings(out)
             self._sync_meta(value.tag, elem)
             if self.anonymize and value.vr == "SQ":
                 sequences.append(value.tag)
@@ -311,9 +327,11 @@ class _Run:
         # 8. Nested path edits: removals, then replacements, in request order.
         for path in plan.remove_paths:
             remove_at(self.ws, out, path)
+        encodings = _python_encodings(out)
         for path, value in plan.replace_paths:
             replace_at(self.ws, out, path,
-                       lambda value=value: build_element(value, little_endian=self.little))
+                       lambda value=value: build_element(value, little_endian=self.little,
+                                                         encodings=encodings))
         return out
 
     def _cleared_top(self, tag: int, elem: Any) -> Any:

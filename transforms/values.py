@@ -23,10 +23,12 @@ import math
 import re
 import struct
 from collections.abc import Mapping
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import config
+from pydicom.datadict import dictionary_VM
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -158,6 +160,14 @@ def _prepare_item(item: object, seq_tag: int, index: int, ctx: _Context) -> tupl
     return tuple(values[t] for t in sorted(values))
 
 
+def _single_valued(tag: int) -> bool:
+    """True when the public dictionary allows exactly one value (VM "1")."""
+    try:
+        return dictionary_VM(tag) == "1"
+    except KeyError:
+        return False
+
+
 def _resolve_ambiguous(vr: str, text: str) -> str:
     if vr in ("US or SS", "US or SS or OW"):
         return "SS" if "-" in text else "US"
@@ -209,6 +219,11 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
                     "a decimal string like '1.5' or '-2e3'"
                 raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not {what}")
         return Value(tag, vr, text)
+    # (OF/OD/OL/OV hold one packed stream: VM 1 whatever the number of values.)
+    if (vr in _INT_RANGES or vr in _FLOAT_VRS) and vr not in _PACKED and "\\" in text \
+            and _single_valued(tag):
+        raise RequestError(f"{_label(tag, vr, ctx)}: takes a single value (VM 1), got "
+                           f"{text.count(chr(92)) + 1} backslash-separated values")
     if vr in _INT_RANGES:
         low, high = _INT_RANGES[vr]
         numbers = []
@@ -244,8 +259,40 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
     raise RequestError(f"{_label(tag, vr, ctx)}: this VR cannot be set from a request")
 
 
-def build_element(value: Value, *, little_endian: bool = True) -> DataElement:
-    """A new ``DataElement`` (and, for SQ, new item datasets) for a prepared value."""
+# Text VRs whose bytes depend on the SpecificCharacterSet (the others are ASCII only).
+CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+
+
+def fit_text(text: str, encodings: Sequence_[str]) -> str:
+    """``text`` without the characters none of the Python ``encodings`` can represent.
+
+    Orthanc converts a replacement to the file's SpecificCharacterSet and drops what does
+    not fit; pydicom would write ``?`` instead.
+    """
+    if text.isascii():
+        return text
+    kept = []
+    for char in text:
+        for encoding in encodings:
+            try:
+                char.encode(encoding)
+            except (UnicodeEncodeError, LookupError):
+                continue
+            kept.append(char)
+            break
+    return "".join(kept)
+
+
+def build_element(value: Value, *, little_endian: bool = True,
+                  encodings: Sequence_[str] | None = None) -> DataElement:
+    """A new ``DataElement`` (and, for SQ, new item datasets) for a prepared value.
+
+    Args:
+        value: from :func:`prepare_value`.
+        little_endian: byte order for packed OF/OD/OL/OV values.
+        encodings: Python codecs of the target dataset's character set; text that they
+            cannot represent is dropped (see :func:`fit_text`).
+    """
     vr = value.vr
     raw = value.value
     if vr == "SQ":
@@ -253,7 +300,7 @@ def build_element(value: Value, *, little_endian: bool = True) -> DataElement:
         for item_values in raw or ():
             item = Dataset()
             for v in item_values:
-                item[v.tag] = build_element(v, little_endian=little_endian)
+                item[v.tag] = build_element(v, little_endian=little_endian, encodings=encodings)
             items.append(item)
         return DataElement(value.tag, "SQ", Sequence(items), validation_mode=_NO_VALIDATION)
     if raw is None:
@@ -265,5 +312,7 @@ def build_element(value: Value, *, little_endian: bool = True) -> DataElement:
     if isinstance(raw, tuple):
         return DataElement(value.tag, vr, raw[0] if len(raw) == 1 else list(raw),
                            validation_mode=_NO_VALIDATION)
+    if encodings is not None and vr in CHARSET_VRS and isinstance(raw, str):
+        raw = fit_text(raw, encodings)
     return DataElement(value.tag, vr, raw, validation_mode=_NO_VALIDATION)
 
