@@ -19,10 +19,8 @@ Needs ``/usr/sbin/Orthanc`` (skipped otherwise) and ``../shared/dicom-samples``.
 from __future__ import annotations
 
 import dataclasses
-from io import BytesIO
 from typing import Any
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -38,9 +36,10 @@ from tests.compare import (
     engine_modules,
     judge,
     ours_for,
+    read,
 )
 from tests.conftest import sample
-from tests.orthanc_ref import SWEEP_FILES, TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
+from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
 from tests.test_orthanc_diff_modify import sweep_params
 
 pytestmark = pytest.mark.orthanc
@@ -67,6 +66,15 @@ DELIBERATE_DIFFERENCES: list[Deliberate] = [
     deliberate(0, ["uid-structure"], "nested", mask=0, detail="ours is empty",
                reason="empty identifiers inside sequences stay empty; Orthanc maps '' to a "
                       "fresh UID (e.g. an empty nested ReferencedSOPInstanceUID)"),
+    deliberate("PatientID", ["uid-structure"], "nested",
+               detail="Orthanc kept the original identifier, we changed it",
+               reason="nested PatientID stays pseudonymized when the user replaces the "
+                      "top-level one (only Keep exempts it); Orthanc then leaks the nested "
+                      "originals"),
+    deliberate(0, ["vr"], "top", mask=0, reference="UN", sample="2022-03-08-RicSmi.dcm",
+               reason="identifiers stored with explicit VR UN (PatientID, FrameOfReferenceUID "
+                      "of 2022-03-08-RicSmi.dcm) are pseudonymized or remapped according to "
+                      "their dictionary VR; Orthanc treats UN as opaque bytes and leaks them"),
     deliberate("PatientName", ["uid-structure"], "nested",
                reason="a nested PatientName is pseudonymized like the top-level one; "
                       "Orthanc leaks it (orthanc-behavior.md 5.7)"),
@@ -173,6 +181,31 @@ STUDY_CASES = [
         {"DimensionIndexSequence[1].DimensionDescriptionLabel": "Hello1",
          "DimensionOrganizationSequence[0].DimensionOrganizationUID": "1.2.3.4",
          "SharedFunctionalGroupsSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID": None}),
+    StudyCase(  # a replaced non-hierarchy UID: nested copies keep their value (4.4)
+        "synthetic-replace-frame-of-reference", "synthetic",
+        {"DicomVersion": "2021b", "Replace": {"FrameOfReferenceUID": "1.2.3.4.5.6"}},
+        {"StudyDescription": None}),
+    StudyCase(  # a replaced top-level sequence still goes through the nested pass (5.6)
+        "synthetic-replace-sequence", "synthetic",
+        {"DicomVersion": "2017c", "Replace": {"ReferencedStudySequence": [
+            {"StudyDescription": "gone", "ReferencedSOPInstanceUID": "1.2.3",
+             "ReferencedSOPClassUID": "1.2.840.10008.3.1.2.3.1"}]}},
+        {"ReferencedStudySequence[0].StudyDescription": None,
+         "ReferencedStudySequence[0].ReferencedSOPClassUID": "1.2.840.10008.3.1.2.3.1"}),
+    StudyCase(  # path edits run after the nested pass: never remapped (3, step 8)
+        "synthetic-path-edits", "synthetic",
+        {"DicomVersion": "2021b",
+         "Replace": {"ReferencedImageSequence[*].ReferencedSOPInstanceUID": "1.2.9"},
+         "Remove": ["ReferencedFrameOfReferenceSequence[*].RTReferencedStudySequence"]},
+        {"ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence": None}),
+    StudyCase(  # Keep StudyInstanceUID: top level kept, nested references still remapped
+        "synthetic-keep-study-uid", "synthetic",
+        {"DicomVersion": "2021b", "Keep": ["StudyInstanceUID"], "Force": True}),
+    StudyCase(
+        "synthetic-replace-patient-id-keep-private", "synthetic",
+        {"DicomVersion": "2008", "KeepPrivateTags": True, "Replace": {"PatientID": "x"},
+         "Force": True},
+        {"PatientID": "x"}),
     StudyCase(
         "pdf-remove-and-replace", "pdf",
         {"DicomVersion": "2008", "Remove": ["ConversionType"],
@@ -208,7 +241,7 @@ INSTANCE_CASES = [
 
 
 def _datasets(data: dict[str, bytes]) -> list[Dataset]:
-    return [pydicom.dcmread(BytesIO(b), force=True) for b in data.values()]
+    return [read(b) for b in data.values()]
 
 
 def _differences(ours: Dataset, reference: Dataset, uids: UidStructure, label: str) -> tuple[str, list[Any]]:
@@ -224,7 +257,7 @@ def test_study_anonymize_matches_orthanc(orthanc: OrthancClient, case: StudyCase
     assert (job["InstancesCount"], job["FailedInstancesCount"]) == (len(data), 0)
     results = orthanc.job_results(job, "AnonymizedFrom")
     assert set(results) == set(by_id)
-    references = {by_id[s]: pydicom.dcmread(BytesIO(b)) for s, b in results.items()}
+    references = {by_id[s]: read(b) for s, b in results.items()}
     assert [p for r, ds in sorted(references.items())
             for p in check_expectations(ds, case.expect, f"Orthanc {r}")] == []
 
@@ -243,7 +276,7 @@ def test_study_anonymize_matches_orthanc(orthanc: OrthancClient, case: StudyCase
 @pytest.mark.parametrize("case", INSTANCE_CASES, ids=[c.name for c in INSTANCE_CASES])
 def test_instance_anonymize_matches_orthanc(orthanc: OrthancClient, case: InstanceCase) -> None:
     data = sample(case.file).read_bytes()
-    reference = pydicom.dcmread(BytesIO(orthanc.anonymize_instance(orthanc.upload_sample(case.file), case.body)))
+    reference = read(orthanc.anonymize_instance(orthanc.upload_sample(case.file), case.body))
     assert check_expectations(reference, case.expect, "Orthanc") == []
 
     request = engine_modules()[0]
@@ -257,7 +290,7 @@ def test_instance_anonymize_matches_orthanc(orthanc: OrthancClient, case: Instan
 def test_instance_anonymize_sweep_matches_orthanc(orthanc: OrthancClient, relative: str) -> None:
     body = {"DicomVersion": "2021b"}
     data = sample(relative).read_bytes()
-    reference = pydicom.dcmread(BytesIO(orthanc.anonymize_instance(orthanc.upload_sample(relative), body)))
+    reference = read(orthanc.anonymize_instance(orthanc.upload_sample(relative), body))
     assert check_expectations(reference, _ALWAYS, "Orthanc") == []
 
     request = engine_modules()[0]

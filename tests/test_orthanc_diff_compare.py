@@ -164,3 +164,24 @@ def test_uid_structure_reports_an_emptied_identifier(ct: Dataset) -> None:
     [difference] = compare_datasets(ours, reference, uids=uids)
     assert (difference.keyword, difference.detail) == ("PatientID", "ours is empty, Orthanc's is not")
     assert uids.forward == {}  # an empty value never enters the bijection
+
+
+def test_read_keeps_un_so_a_vr_change_is_reported(ct: Dataset) -> None:
+    from io import BytesIO
+
+    from pydicom.dataelem import DataElement
+
+    from tests.compare import read
+
+    def file_bytes(ds: Dataset) -> bytes:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    as_un = copy.deepcopy(ct)
+    as_un["PatientName"] = DataElement(0x00100010, "UN", b"CompressedSamples^CT1 ")
+    a, b = read(file_bytes(as_un)), read(file_bytes(ct))
+    assert (a["PatientName"].VR, b["PatientName"].VR) == ("UN", "PN")
+    uids = UidStructure(collect_identifiers([ct]))
+    assert [(d.keyword, d.kind, d.ours, d.reference)
+            for d in compare_datasets(a, b, uids=uids)] == [("PatientName", "vr", "UN", "PN")]
