@@ -174,3 +174,12 @@ def test_missing_and_malformed_uids():
 )
 def test_uid_syntax(uid, valid):
     assert dicomio.is_valid_uid(uid) is valid
+
+
+def test_encapsulated_pixel_data_declared_ow_is_written_ob(samples):
+    data = sample("Knee/T1/IM-0001-0001.dcm").read_bytes()
+    original = pydicom.dcmread(BytesIO(data))
+    assert original["PixelData"].VR == "OW"  # the source file says OW for JPEG 2000 fragments
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(dicomio.read_dataset(data))))
+    assert out["PixelData"].VR == "OB"
+    assert out.PixelData == original.PixelData

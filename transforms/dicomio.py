@@ -340,6 +340,17 @@ def _fast_body(ds: Dataset, source: _Source) -> bytes:
         elem = ds._dict[tag]
         span = spans.get(tag)
         if span is not None and span[0] is elem:
+            if tag == 0x7FE00010 and _encapsulated_as_ow(elem, source):
+                # PS3.5 A.4: encapsulated pixel data is OB. Some writers say OW; DCMTK (and
+                # so Orthanc) write OB. Copy the element with its VR bytes corrected.
+                if run_end > run_start >= 0:
+                    parts.append(source.data[run_start:run_end])
+                run_start = run_end = -1
+                start, end = span[1], span[2]
+                parts.append(source.data[start : start + 4])
+                parts.append(b"OB")
+                parts.append(source.data[start + 6 : end])
+                continue
             if span[1] == run_end:
                 run_end = span[2]
             else:
@@ -356,6 +367,15 @@ def _fast_body(ds: Dataset, source: _Source) -> bytes:
     if run_end > run_start >= 0:
         parts.append(source.data[run_start:run_end])
     return b"".join(parts)
+
+
+def _encapsulated_as_ow(elem: Any, source: _Source) -> bool:
+    return (
+        not source.implicit
+        and isinstance(elem, RawDataElement)
+        and elem.VR == "OW"
+        and elem.length == 0xFFFFFFFF
+    )
 
 
 def _character_set(ds: Dataset) -> Any:
