@@ -169,18 +169,16 @@ def test_uid_structure_reports_an_emptied_identifier(ct: Dataset) -> None:
 def test_read_keeps_un_so_a_vr_change_is_reported(ct: Dataset) -> None:
     from io import BytesIO
 
-    from pydicom.dataelem import DataElement
-
     from tests.compare import read
 
-    def file_bytes(ds: Dataset) -> bytes:
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
-
-    as_un = copy.deepcopy(ct)
-    as_un["PatientName"] = DataElement(0x00100010, "UN", b"CompressedSamples^CT1 ")
-    a, b = read(file_bytes(as_un)), read(file_bytes(ct))
+    ct.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"  # explicit VR
+    buffer = BytesIO()
+    ct.save_as(buffer, enforce_file_format=True)
+    as_pn = buffer.getvalue()
+    header = b"\x10\x00\x10\x00PN\x16\x00"  # PatientName, 22 bytes
+    assert as_pn.count(header) == 1
+    as_un = as_pn.replace(header, b"\x10\x00\x10\x00UN\x00\x00\x16\x00\x00\x00")
+    a, b = read(as_un), read(as_pn)
     assert (a["PatientName"].VR, b["PatientName"].VR) == ("UN", "PN")
     uids = UidStructure(collect_identifiers([ct]))
     assert [(d.keyword, d.kind, d.ours, d.reference)
