@@ -38,6 +38,8 @@ import re
 from collections.abc import Iterator
 
 import numpy as np
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
@@ -49,6 +51,7 @@ from pydicom.pixels.utils import pack_bits
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
+from transforms.dicomio import shallow_copy
 from transforms.errors import CannotTranscode, RequestError
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -211,10 +214,8 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
     """Like ``transcode``, returning what was done along with the new dataset."""
     target = validate_target(ts_uid)
     source = source_syntax(ds)
-    out = copy.deepcopy(ds)
-    if getattr(out, "file_meta", None) is None:
-        out.file_meta = FileMetaDataset()
-    out.file_meta.TransferSyntaxUID = UID(source)
+    out = _copy(ds, deep=_is_little(source) != _is_little(target))
+    _set(out.file_meta, "TransferSyntaxUID", UID(source))
     keyword = next((k for k in _PIXEL_KEYWORDS if k in out), None)
     try:
         if keyword is None or source == target:
@@ -240,7 +241,7 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
 
 
 def _done(out: Dataset, source: str, target: str, **kwargs: object) -> TranscodeResult:
-    out.file_meta.TransferSyntaxUID = UID(target)
+    _set(out.file_meta, "TransferSyntaxUID", UID(target))
     return TranscodeResult(out, source, target, **kwargs)  # type: ignore[arg-type]
 
 
@@ -265,16 +266,44 @@ def decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     if "PixelData" not in ds:
         raise CannotTranscode("decode: the dataset has no PixelData")
     ts = source_syntax(ds)
-    ds = copy.deepcopy(ds)  # decoding converts raw elements: keep the caller's dataset as it was
-    if getattr(ds, "file_meta", None) is None:
-        ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(ts)
+    ds = _copy(ds, deep=False)  # decoding converts raw elements: in the copy, not the caller's
+    _set(ds.file_meta, "TransferSyntaxUID", UID(ts))
     try:
         return _decode(ds, ts)
     except CannotTranscode:
         raise
     except Exception as exc:  # noqa: BLE001 - a codec failure is a failed decode
         raise CannotTranscode(f"decode {ts}: {_describe(exc)}") from exc
+
+
+def _copy(ds: Dataset, *, deep: bool) -> Dataset:
+    """A new dataset whose elements can be changed without touching ``ds``.
+
+    Raw elements (immutable, as read) are shared, which keeps ``dicomio.write_dataset`` on its
+    fast path; decoded elements are copied, since pydicom edits them in place (its writer fixes
+    ambiguous VRs on the element objects). This module only ever *replaces* elements of the
+    copy (``_set``). ``deep`` copies raw elements too, for byte swapping.
+    """
+    out = shallow_copy(ds)
+    for tag, elem in list(out._dict.items()):
+        if deep or not isinstance(elem, RawDataElement):
+            out._dict[tag] = copy.deepcopy(elem)
+    meta = getattr(out, "file_meta", None)
+    if meta is None:
+        out.file_meta = FileMetaDataset()
+    else:
+        for tag, elem in list(meta._dict.items()):
+            meta._dict[tag] = copy.deepcopy(elem)
+    return out
+
+
+def _set(ds: Dataset, keyword: str, value: object) -> DataElement:
+    """Set ``keyword`` on ``ds`` with a new element (an existing one may be shared)."""
+    tag = tag_for_keyword(keyword)
+    if tag in ds:
+        del ds[tag]
+    setattr(ds, keyword, value)
+    return ds[tag]
 
 
 # --- native <-> native -------------------------------------------------------------------------
@@ -325,7 +354,7 @@ def _native_to_native(out: Dataset, source: str, target: str, verify: bool) -> T
         return _done(out, source, target)
     before = _decode(out, source)[0] if verify else None
     _change_byte_order(out, source, target)
-    out.file_meta.TransferSyntaxUID = UID(target)
+    _set(out.file_meta, "TransferSyntaxUID", UID(target))
     if before is not None:
         after = _decode(out, target)[0]
         if not np.array_equal(before, after):
@@ -448,9 +477,9 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
     if target in NATIVE:
         _store_native(out, arr, pi)
         if not _is_little(target):
-            out.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+            _set(out.file_meta, "TransferSyntaxUID", UID(EXPLICIT_LE))
             _change_byte_order(out, EXPLICIT_LE, target)
-        out.file_meta.TransferSyntaxUID = UID(target)
+        _set(out.file_meta, "TransferSyntaxUID", UID(target))
         if verify:
             _check(out, target, arr)
         return _done(out, source, target, recoded=True, verified=verify)
@@ -529,15 +558,17 @@ def _encode_pydicom(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None
         raise CannotTranscode(
             f"{_target_text(target)}: no encoder installed (install the codecs extra)"
         )
-    out.PhotometricInterpretation = pi
+    _set(out, "PhotometricInterpretation", pi)
     if arr.shape[-1] > 1:
-        out.PlanarConfiguration = 0  # the array is colour-by-pixel
+        _set(out, "PlanarConfiguration", 0)  # the array is colour-by-pixel
     kwargs: dict[str, object] = {}
     if target == JPEGLS_NEAR_LOSSLESS:
         kwargs["jls_error"] = JLS_NEAR
     if target == J2K:
         kwargs["j2k_cr"] = [J2K_COMPRESSION_RATIO]
     _drop_offset_tables(out)
+    del out[_PIXEL_DATA_TAG]  # compress() would assign into the (shared) element
+    del out.file_meta[0x00020010]
     _pydicom_compress(
         out,
         target,
@@ -547,7 +578,7 @@ def _encode_pydicom(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None
         **kwargs,
     )
     if arr.shape[-1] > 1 and target == RLE_LOSSLESS:
-        out.PlanarConfiguration = 1  # PS3.5 G.2: RLE segments are colour planes
+        _set(out, "PlanarConfiguration", 1)  # PS3.5 G.2: RLE segments are colour planes
 
 
 def _encode_jpeg(
@@ -579,7 +610,8 @@ def _encode_jpeg(
                 )
             )
         if precision == 12 and bits_stored != 12:
-            out.BitsStored, out.HighBit = 12, 11
+            _set(out, "BitsStored", 12)
+            _set(out, "HighBit", 11)
         return frames, ("YBR_FULL_422" if samples == 3 else pi), arr
 
     # Lossless: the codec sees unsigned integers of BitsStored bits (two's complement for
@@ -606,18 +638,18 @@ def _store_encapsulated(out: Dataset, frames: list[bytes], pi: str, target: str)
     _drop_offset_tables(out)
     total = sum(len(f) + 8 for f in frames)
     if total > 2**32 - 1 - 8 * len(frames):
-        out.PixelData, out.ExtendedOffsetTable, out.ExtendedOffsetTableLengths = (
-            encapsulate_extended(frames)
-        )
+        data, offsets, lengths = encapsulate_extended(frames)
+        _set(out, "ExtendedOffsetTable", offsets)
+        _set(out, "ExtendedOffsetTableLengths", lengths)
     else:
-        out.PixelData = encapsulate(frames)
-    elem = out["PixelData"]
+        data = encapsulate(frames)
+    elem = _set(out, "PixelData", data)
     elem.VR = "OB"
     elem.is_undefined_length = True
-    out.PhotometricInterpretation = pi
+    _set(out, "PhotometricInterpretation", pi)
     if int(out.get("SamplesPerPixel", 1) or 1) > 1:
-        out.PlanarConfiguration = 0
-    out.file_meta.TransferSyntaxUID = UID(target)
+        _set(out, "PlanarConfiguration", 0)
+    _set(out.file_meta, "TransferSyntaxUID", UID(target))
 
 
 def _store_native(out: Dataset, arr: np.ndarray, pi: str) -> None:
@@ -628,13 +660,12 @@ def _store_native(out: Dataset, arr: np.ndarray, pi: str) -> None:
         data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
     if len(data) % 2:
         data += b"\x00"
-    out.PixelData = data
-    elem = out["PixelData"]
+    elem = _set(out, "PixelData", data)
     elem.VR = "OB" if int(out.BitsAllocated) <= 8 else "OW"
     elem.is_undefined_length = False
-    out.PhotometricInterpretation = pi
+    _set(out, "PhotometricInterpretation", pi)
     if arr.shape[-1] > 1:
-        out.PlanarConfiguration = 0
+        _set(out, "PlanarConfiguration", 0)
 
 
 def _drop_offset_tables(out: Dataset) -> None:
@@ -658,12 +689,12 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     methods = list(_values(out, "LossyImageCompressionMethod"))
     if len(ratios) != len(methods) or out.get("LossyImageCompression") != "01":
         ratios, methods = [], []
-    out.LossyImageCompression = "01"
-    out.LossyImageCompressionRatio = [*ratios, ratio_text] if ratios else ratio_text
-    out.LossyImageCompressionMethod = [*methods, method] if methods else method
+    _set(out, "LossyImageCompression", "01")
+    _set(out, "LossyImageCompressionRatio", [*ratios, ratio_text] if ratios else ratio_text)
+    _set(out, "LossyImageCompressionMethod", [*methods, method] if methods else method)
     image_type = list(_values(out, "ImageType"))
     if image_type:
-        out.ImageType = ["DERIVED", *image_type[1:]]
+        _set(out, "ImageType", ["DERIVED", *image_type[1:]])
     description = {
         JPEG_BASELINE: f"Lossy compression with JPEG baseline, IJG quality factor {JPEG_QUALITY}",
         JPEG_EXTENDED: (
@@ -682,7 +713,7 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
         text = f"{text} [{old}]"
         if len(text) > 1024:  # ST holds 1024 characters
             text = text[:1020] + "...]"
-    out.DerivationDescription = text
+    _set(out, "DerivationDescription", text)
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
         "113040",
@@ -691,7 +722,7 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     )
     items = list(out.get("DerivationCodeSequence", None) or [])
     if not any(getattr(i, "CodeValue", None) == "113040" for i in items):
-        out.DerivationCodeSequence = Sequence([*items, code])
+        _set(out, "DerivationCodeSequence", Sequence([*items, code]))
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
