@@ -96,10 +96,8 @@ CASES = [
     BodyCase("us-list-for-vm-4", "modify", {"Replace": {"AcquisitionMatrix": "0\\256\\256\\0"}}, 400,
              deliberate="a backslash list for a multi-valued US/FD tag (AcquisitionMatrix, VM 4) "
                         "is accepted; Orthanc refuses every list for binary numbers"),
-    BodyCase("us-list-for-vm-1", "modify", {"Replace": {"Rows": "1\\2"}}, 400, "Rows",
-             known_bug="two values accepted for Rows (VM 1); Orthanc refuses"),
-    BodyCase("fd-list-for-vm-1", "modify", {"Replace": {"0018,9087": "1.5\\2"}}, 400, "0018,9087",
-             known_bug="two values accepted for DiffusionBValue (FD, VM 1); Orthanc refuses"),
+    BodyCase("us-list-for-vm-1", "modify", {"Replace": {"Rows": "1\\2"}}, 400, "Rows"),
+    BodyCase("fd-list-for-vm-1", "modify", {"Replace": {"0018,9087": "1.5\\2"}}, 400, "0018,9087"),
 ]
 
 #: Bodies on which we decide differently from Orthanc 1.10.1, with the reason.
