@@ -1,0 +1,265 @@
+"""gs:// end to end against gcp-storage-emulator on 127.0.0.1 (inputs, outputs, audit and key in buckets).
+
+The emulator is started by the fixture on a free loopback port and stopped by its PID. Every
+run is a separate ``dicom-deid`` process with ``STORAGE_EMULATOR_HOST`` set, so Beam's GCS
+filesystem (built on google-cloud-storage) talks to it in the main process and in every
+multi_processing worker.
+
+Credentials: with the ``[gcp]`` extra installed, Beam's first ``gs://`` call in every process
+retries ``google.auth.default()`` for ~26 s before falling back to an anonymous client. The
+runs below put a ``sitecustomize.py`` on ``PYTHONPATH`` that makes Beam's credential lookup
+return "anonymous" at once, in every process (workers inherit the environment).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.pipeline_support import KEY, SECRET, expected_row
+from tests.synthetic import make_study, write_study
+from transforms import request
+
+EMULATOR = Path(sys.executable).with_name("gcp-storage-emulator")
+ANONYMOUS_GCP_AUTH = '''\
+"""Test-only: make Beam's GCP credential lookup anonymous at once (no 26 s retry stall)."""
+import importlib.abc
+import importlib.util
+import sys
+
+
+class _PatchBeamAuth(importlib.abc.MetaPathFinder):
+    NAME = "apache_beam.internal.gcp.auth"
+
+    def find_spec(self, name, path, target=None):
+        if name != self.NAME:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        original = spec.loader.exec_module
+
+        def exec_module(module):
+            original(module)
+
+            def _anonymous(pipeline_options):
+                return None
+
+            module._Credentials._get_service_credentials = staticmethod(_anonymous)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _PatchBeamAuth())
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory):
+    """``(host URL, env for child processes)``; buckets are created by the tests."""
+    if not EMULATOR.exists():
+        pytest.skip("gcp-storage-emulator is not installed (pip install -e '.[test]')")
+    port = _free_port()
+    home = tmp_path_factory.mktemp("gcs")
+    log = open(home / "emulator.log", "wb")
+    proc = subprocess.Popen(
+        [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=home,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"gcp-storage-emulator did not start: {(home / 'emulator.log').read_text()}")
+                time.sleep(0.1)
+        site = home / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(ANONYMOUS_GCP_AUTH)
+        host = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if k not in ("DICOM_DEID_KEY", "GOOGLE_APPLICATION_CREDENTIALS")}
+        env.update(
+            STORAGE_EMULATOR_HOST=host,
+            PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            GOOGLE_CLOUD_PROJECT="test-project",
+            NO_GCE_CHECK="true",
+        )
+        yield host, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def gcs(emulator):
+    """A google-cloud-storage client on the emulator."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    host, _ = emulator
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    try:
+        yield storage.Client(project="test-project", credentials=AnonymousCredentials())
+    finally:
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+def _upload_folder(gcs, bucket: str, prefix: str, folder: Path) -> dict[str, Path]:
+    b = gcs.bucket(bucket)
+    uploaded = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            name = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            b.blob(name).upload_from_filename(str(path))
+            uploaded[f"gs://{bucket}/{name}"] = path
+    return uploaded
+
+
+def _objects(gcs, bucket: str, prefix: str) -> dict[str, bytes]:
+    return {f"gs://{bucket}/{blob.name}": blob.download_as_bytes() for blob in gcs.list_blobs(bucket, prefix=prefix)}
+
+
+def _read_audit(gcs, bucket: str, prefix: str) -> list[dict]:
+    import pyarrow as pa
+
+    tables = [
+        pq.read_table(io.BytesIO(data))
+        for name, data in _objects(gcs, bucket, prefix).items()
+        if name.endswith(".parquet")
+    ]
+    return sorted(pa.concat_tables(tables).to_pylist(), key=lambda r: r["source_uri"])
+
+
+def _dicom_deid(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("dicom-deid")), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.mark.parametrize("mode", ["in_memory", "multi_processing"])
+def test_bucket_to_bucket(tmp_path: Path, emulator, gcs, mode: str):
+    _, env = emulator
+    tag = mode.replace("_", "-")
+    for name in (f"in-{tag}", f"out-{tag}", f"keys-{tag}"):
+        gcs.create_bucket(name)
+    local = tmp_path / "in"
+    write_study(make_study(seed=11, n_ct=2), local / "study")
+    (local / "study" / "readme.txt").write_text("not DICOM")
+    uploaded = _upload_folder(gcs, f"in-{tag}", "archive", local)
+    gcs.bucket(f"keys-{tag}").blob("deid.key").upload_from_string(SECRET + b"\n")
+    beam_args = ["--direct_running_mode", mode] + (["--direct_num_workers", "2"] if mode == "multi_processing" else [])
+    done = _dicom_deid(
+        env,
+        "anonymize",
+        f"gs://in-{tag}/archive",
+        f"gs://out-{tag}/deid",
+        "--key-file",
+        f"gs://keys-{tag}/deid.key",
+        "--crosswalk",
+        f"gs://keys-{tag}/crosswalk",
+        *beam_args,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["InstancesCount"], summary["FailedInstancesCount"], summary["Reasons"]) == (5, 1, {"not_dicom": 1})
+    assert (summary["KeyId"], summary["Audit"]) == (KEY.key_id, f"gs://out-{tag}/deid-audit")
+    # outputs: exactly what the core makes of each input, under gs://out/deid/<study>/<series>/<sop>.dcm
+    plan = request.parse_anonymize({})
+    objects = _objects(gcs, f"out-{tag}", "deid/")
+    import hashlib
+
+    expected = {}
+    for uri, path in uploaded.items():
+        exp = expected_row(path, plan)
+        if exp["status"] == "written":
+            expected[f"gs://out-{tag}/deid/{exp['name']}"] = exp["output_sha256"]
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in objects.items()} == expected  # no temporaries left
+    rows = _read_audit(gcs, f"out-{tag}", "deid-audit/")
+    assert [r["source_uri"] for r in rows] == sorted(uploaded)
+    assert {r["output_uri"]: r["output_sha256"] for r in rows if r["status"] == "written"} == expected
+    assert [(r["status"], r["reason"]) for r in rows if r["source_uri"].endswith("readme.txt")] == [("failed", "not_dicom")]
+    stored_summary = json.loads(_objects(gcs, f"out-{tag}", "deid-audit/summary.json")[f"gs://out-{tag}/deid-audit/summary.json"])
+    assert stored_summary == summary
+    cross = _read_audit(gcs, f"keys-{tag}", "crosswalk/")
+    assert len(cross) == 4  # written files only
+    assert {c["original_patient_id"] for c in cross} == {"PID-PLANTED-0001"}
+    if mode != "in_memory":
+        return
+    # rerun: same objects, every input's fate unchanged (idempotent publishing on GCS)
+    again = _dicom_deid(env, "anonymize", f"gs://in-{tag}/archive", f"gs://out-{tag}/deid", "--key-file", f"gs://keys-{tag}/deid.key", "--quiet", *beam_args)
+    assert again.returncode == 3, again.stderr
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in _objects(gcs, f"out-{tag}", "deid/").items()} == expected
+    rows = _read_audit(gcs, f"out-{tag}", "deid-audit/")
+    runs = sorted({r["run_id"] for r in rows})
+    assert len(runs) == 2
+    fates = [sorted((r["source_uri"], r["status"], r["output_uri"]) for r in rows if r["run_id"] == run) for run in runs]
+    assert fates[0] == fates[1]
+
+
+def test_gcs_duplicate_instance_and_glob(tmp_path: Path, emulator, gcs):
+    _, env = emulator
+    gcs.create_bucket("dup-in")
+    gcs.create_bucket("dup-out")
+    ct = make_study(seed=12, n_ct=1, rtstruct=False, sr=False)[0]
+    write_study([ct], tmp_path / "in" / "a")
+    other = make_study(seed=12, n_ct=1, rtstruct=False, sr=False)[0]
+    other.PixelData = bytes(reversed(other.PixelData))
+    write_study([other], tmp_path / "in" / "b")
+    (tmp_path / "in" / "b" / "ignored.txt").write_text("not matched by the glob")
+    _upload_folder(gcs, "dup-in", "x", tmp_path / "in")
+    key = tmp_path / "k"
+    key.write_bytes(SECRET)
+    done = _dicom_deid(env, "anonymize", "gs://dup-in/x/**.dcm", "gs://dup-out/o", "--key-file", str(key), "--audit", "gs://dup-out/audit")
+    assert done.returncode == 3, done.stderr
+    rows = _read_audit(gcs, "dup-out", "audit/")
+    assert [r["source_uri"] for r in rows] == ["gs://dup-in/x/a/000_CT.dcm", "gs://dup-in/x/b/000_CT.dcm"]
+    assert sorted((r["status"], r["reason"]) for r in rows) == [("failed", "duplicate_instance"), ("written", None)]
+    winner = next(r for r in rows if r["status"] == "written")
+    import hashlib
+
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in _objects(gcs, "dup-out", "o/").items()} == {
+        winner["output_uri"]: winner["output_sha256"]
+    }
+
+
+def test_sitecustomize_makes_beam_auth_anonymous(tmp_path: Path, emulator):
+    _, env = emulator
+    probe = (
+        "import logging, sys\n"
+        "import apache_beam.internal.gcp.auth as auth\n"
+        "fn = auth._Credentials._get_service_credentials\n"
+        "print(fn.__name__, fn(None))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == "_anonymous None", done.stderr
