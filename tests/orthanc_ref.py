@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
+REFERENCE_VERSION = "1.10.1"  # Debian bookworm's package
 SHIM_SOURCE = Path(__file__).with_name("bind_loopback.c")
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
 
@@ -359,6 +360,10 @@ def orthanc_process(request: pytest.FixtureRequest,
             raise
         stash[_PROCESS_KEY] = process
         existing = process
+    version = existing.client.version
+    if version != REFERENCE_VERSION:
+        pytest.skip(f"the differential tests are calibrated on Orthanc {REFERENCE_VERSION}, "
+                    f"found {version}")
     return existing
 
 
