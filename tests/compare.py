@@ -14,23 +14,27 @@ it, or when Orthanc regenerated one and we kept the original. One ``UidStructure
 all instances of a study checks cross-instance references too (ReferencedSOPInstanceUID equal
 to another instance's new SOPInstanceUID, a shared FrameOfReferenceUID, ...).
 
-``split_deliberate`` separates the differences listed in a test module's table of deliberate
-differences from the unexpected ones.
+``judge(results, table)`` fails a test on any difference that is neither in the module's
+table of deliberate differences nor in ``KNOWN_BUGS`` (our bugs, reported to their owner: the
+test is then marked xfail, naming the bug); ``WRITER_DIFFERENCES`` are the deliberate ones
+every module shares. ``read`` decodes a file for comparison (keeping VR UN as written);
+``ours_for`` runs our engine on one file with the fixed test key; ``value_at`` and
+``check_expectations`` pin a few exact values per case on both sides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from io import BytesIO
 from collections.abc import Iterable, Iterator
+from io import BytesIO
 from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
 from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
@@ -518,3 +522,15 @@ def check_expectations(ds: Dataset, expect: dict[str, Any], side: str) -> list[s
         if got != wanted:
             problems.append(f"{side}: {path} = {got!r}, expected {wanted!r}")
     return problems
+
+
+def sweep_params() -> list[Any]:
+    """orthanc_ref.SWEEP_FILES as pytest params, known crashes marked xfail (non-strict)."""
+    from tests.orthanc_ref import SWEEP_FILES
+
+    params = []
+    for relative in SWEEP_FILES:
+        crash = KNOWN_CRASHES.get(relative)
+        marks = [pytest.mark.xfail(raises=crash[0], reason=f"known bug: {crash[1]}")] if crash else []
+        params.append(pytest.param(relative, id=relative, marks=marks))
+    return params

@@ -37,10 +37,10 @@ from tests.compare import (
     judge,
     ours_for,
     read,
+    sweep_params,
 )
 from tests.conftest import sample
 from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
-from tests.test_orthanc_diff_modify import sweep_params
 
 pytestmark = pytest.mark.orthanc
 

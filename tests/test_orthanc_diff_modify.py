@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from tests.compare import (
-    KNOWN_CRASHES,
     WRITER_DIFFERENCES,
     Deliberate,
     UidStructure,
@@ -31,9 +30,10 @@ from tests.compare import (
     judge,
     ours_for,
     read,
+    sweep_params,
 )
 from tests.conftest import SAMPLES, sample
-from tests.orthanc_ref import SWEEP_FILES, TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
+from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
 
 pytestmark = pytest.mark.orthanc
 
@@ -271,16 +271,6 @@ def test_instance_modify_matches_orthanc(orthanc: OrthancClient, case: ModifyCas
     label = f"{case.file} [{case.name}]"
     judge([(label, compare_datasets(ours, reference, uids=uids, where=label))],
           DELIBERATE_DIFFERENCES)
-
-
-def sweep_params() -> list[Any]:
-    """SWEEP_FILES as pytest params, known crashes marked xfail (non-strict: fixed = passes)."""
-    params = []
-    for relative in SWEEP_FILES:
-        crash = KNOWN_CRASHES.get(relative)
-        marks = [pytest.mark.xfail(raises=crash[0], reason=f"known bug: {crash[1]}")] if crash else []
-        params.append(pytest.param(relative, id=relative, marks=marks))
-    return params
 
 
 @pytest.mark.parametrize("relative", sweep_params())
