@@ -124,7 +124,7 @@ _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA_TAG = 0x7FE00010
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Decoding plugins in order of preference. GDCM comes last and is never used on 1-bit data.
-_DECODERS_JPEG = ("pillow", "imagecodecs", "pylibjpeg", "gdcm")
+_DECODERS_JPEG = ("imagecodecs", "pillow", "pylibjpeg", "gdcm")
 _DECODERS_OTHER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow", "gdcm")
 
 
@@ -405,7 +405,7 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
     for plugin in _decoder_order(ts, decoder, int(ds.BitsAllocated)):
         try:
             if plugin == "imagecodecs":
-                arr, pi_out = _decode_jpeg_imagecodecs(ds)
+                arr, pi_out = _decode_jpeg_imagecodecs(ds, ts)
             else:
                 arr, props = decoder.as_array(ds, raw=True, decoding_plugin=plugin)
                 pi_out = str(props.get("photometric_interpretation", pi))
@@ -443,24 +443,35 @@ def _have_imagecodecs() -> bool:
     return bool(imagecodecs.JPEG8.available)
 
 
-def _decode_jpeg_imagecodecs(ds: Dataset) -> tuple[np.ndarray, str]:
-    """Decode JPEG frames with libjpeg-turbo (8/12-bit lossy, 2-16 bit lossless)."""
+def _decode_jpeg_imagecodecs(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
+    """Decode JPEG frames with libjpeg-turbo (8/12-bit lossy, 2-16 bit lossless).
+
+    Lossy YCbCr colour comes back as RGB, converted by libjpeg as DCMTK's IJG code does; other
+    colour data is returned as stored, as the photometric interpretation says it is.
+    """
     import imagecodecs
 
     pi = str(ds.get("PhotometricInterpretation", ""))
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    # Colour: no conversion inside the codec; the photometric interpretation says what it is.
-    space = None if samples == 1 else ("YCbCr" if pi.startswith("YBR") else "RGB")
+    space = out_space = None
+    if samples == 3:
+        space = out_space = "YCbCr" if pi.startswith("YBR") else "RGB"
+        if ts in _JPEG_LOSSY and pi.startswith("YBR"):
+            out_space, pi = "RGB", "RGB"
     frames = []
     for fragment in generate_frames(ds.PixelData, number_of_frames=_frames(ds)):
         if space is None:
             frames.append(imagecodecs.jpeg8_decode(fragment))
         else:
-            frames.append(imagecodecs.jpeg8_decode(fragment, colorspace=space, outcolorspace=space))
-    arr = np.stack(frames).astype(np.int64)
+            frames.append(
+                imagecodecs.jpeg8_decode(fragment, colorspace=space, outcolorspace=out_space)
+            )
+    arr = np.stack(frames)
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        bits = int(ds.BitsStored)
-        arr = np.where(arr >= 1 << (bits - 1), arr - (1 << bits), arr)
+        # The codec returns the two's complement bit pattern of BitsStored bits: sign-extend.
+        signed = _dtype(ds)
+        shift = signed.itemsize * 8 - int(ds.BitsStored)
+        arr = (arr.astype(signed) << shift) >> shift
     return arr, ("YBR_FULL" if pi == "YBR_FULL_422" else pi)
 
 
