@@ -16,7 +16,10 @@
 Speed: the dataset is a shallow copy whose unchanged elements stay the very raw elements read
 from the file (so ``transforms.dicomio.write_dataset`` copies their bytes). Only tags named
 by the plan or selected by the profile are decoded; sequences are parsed only to be walked,
-and a walked sequence in which nothing changed is left raw. Pixel data is never decoded.
+and a walked sequence in which nothing changed is left as it was. What the engine writes
+(mapped UIDs, pseudonyms, emptied values, replacements, changed sequences) is produced as raw
+encoded elements, so the writer never runs pydicom's per-element encoder on them. Pixel data
+is never decoded.
 
 All new identifiers come from the secret :class:`~transforms.identity.Key`:
 ``key.uid(namespace, original)``, ``key.patient_id``, ``key.patient_name``. Namespaces keep
@@ -46,18 +49,22 @@ Deliberate differences from Orthanc 1.12 (listed for the README):
 
 from __future__ import annotations
 
+import struct
+import weakref
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from transforms.errors import InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
-from transforms.request import Plan
+from transforms.request import Plan, basic_profile_code
 from transforms.tags import (
     PATIENT_ID,
     PATIENT_NAME,
@@ -68,15 +75,7 @@ from transforms.tags import (
     SQ_TAGS,
     STUDY_INSTANCE_UID,
 )
-from transforms.values import build_element
-
-_UNDEFINED = 0xFFFFFFFF
-_STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
-_HIERARCHY = {STUDY_INSTANCE_UID: STUDY, SERIES_INSTANCE_UID: SERIES, SOP_INSTANCE_UID: INSTANCE}
-_MEDIA_STORAGE = {SOP_CLASS_UID: 0x00020002, SOP_INSTANCE_UID: 0x00020003}
-_REFERENCED_SOP_INSTANCE_UID = 0x00081155
-_RT_STUDY_PARENTS = (0x30060010, 0x30060012)  # ReferencedFrameOfReference > RTReferencedStudy
-_LEVEL_RANK = {"Patient": 0, "Study": 1, "Series": 2, "Instance": 3}
+from transforms.values import Value, build_element
 
 
 def apply(plan: Plan, ds: Dataset, key: Any) -> Dataset:
@@ -95,6 +94,24 @@ def apply(plan: Plan, ds: Dataset, key: Any) -> Dataset:
         return _Run(plan, ds, key).result
     except RecursionError:
         raise InputError("sequences nested too deeply to process", reason="too_deep") from None
+
+
+_UNDEFINED = 0xFFFFFFFF
+_STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+_HIERARCHY = {STUDY_INSTANCE_UID: STUDY, SERIES_INSTANCE_UID: SERIES, SOP_INSTANCE_UID: INSTANCE}
+_MEDIA_STORAGE = {SOP_CLASS_UID: 0x00020002, SOP_INSTANCE_UID: 0x00020003}
+_REFERENCED_SOP_INSTANCE_UID = 0x00081155
+_RT_STUDY_PARENTS = (0x30060010, 0x30060012)  # ReferencedFrameOfReference > RTReferencedStudy
+_LEVEL_RANK = {"Patient": 0, "Study": 1, "Series": 2, "Instance": 3}
+# Raw VRs that may hold a sequence: SQ, and unknown/UN ones with a sequence's layout.
+_MAYBE_SQ_VRS = frozenset({"SQ", "UN", None})
+
+# Markers of the per-plan action tables.
+_DELETE = object()
+_CLEAR = object()
+_KEEP = object()
+_SKIP = object()  # handled by another step (replaced tags, the PatientName pseudonym)
+_REFERENCED = "referenced"  # ReferencedSOPInstanceUID: instance map, except the RT quirk
 
 
 def _character_set(ds: Dataset) -> Any:
@@ -121,42 +138,32 @@ def _dict_vr(tag: int) -> str | None:
 
 
 def _vr_of(elem: Any, tag: int) -> str | None:
-    return elem.VR or _dict_vr(tag)
-
-
-def _maybe_sequence(elem: Any, tag: int) -> bool:
-    """Whether ``elem`` may hold a sequence, judged without decoding it."""
-    if type(elem) is RawDataElement:
-        vr = elem.VR
-        if vr == "SQ":
-            return True
-        if vr is None or vr == "UN":
-            return elem.length == _UNDEFINED or tag in SQ_TAGS
-        return False
-    return elem.VR == "SQ"
+    vr = elem.VR
+    if vr is None or (vr == "UN" and type(elem) is RawDataElement):
+        return _dict_vr(tag) or vr
+    return vr
 
 
 def _text_of(elem: Any, ds: Dataset) -> list[str] | None:
-    """The values of a text element as strings (None if empty or undecodable)."""
+    """The values of a text element as strings (None if empty)."""
     if type(elem) is RawDataElement:
-        if elem.value is None or elem.length == 0:
+        data = elem.value
+        if not data:
             return None
-        vr = elem.VR
-        if vr is None or vr == "UN":
-            vr = _dict_vr(elem.tag)
-        if vr == "UI":
-            text = elem.value.decode("ascii", "replace")
-            parts = [p.strip(" \x00") for p in text.split("\\")]
+        if data.isascii():  # every DICOM character set is ASCII-compatible
+            parts = [p.strip(" \x00") for p in data.decode("ascii").split("\\")]
             return parts if any(parts) else None
         elem = convert_raw_data_element(elem, encoding=_character_set(ds), ds=ds)
     value = elem.value
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [str(v).strip(" \x00") for v in value]
-    if isinstance(value, bytes):
-        return [value.decode("ascii", "replace").strip(" \x00")]
-    return [str(value).strip(" \x00")]
+        parts = [str(v).strip(" \x00") for v in value]
+    elif isinstance(value, bytes):
+        parts = [value.decode("ascii", "replace").strip(" \x00")]
+    else:
+        parts = [str(value).strip(" \x00")]
+    return parts if any(parts) else None
 
 
 class _Run:
@@ -166,22 +173,19 @@ class _Run:
         self.plan = plan
         self.key = key
         self.source = ds
-        out = shallow_copy(ds)
-        self.out = out
-        self.ws = Workspace(out)
+        self.out = shallow_copy(ds)
+        self.ws = Workspace(self.out)
         implicit, little = ds.original_encoding
-        self.implicit = implicit
+        # With a file encoding, new elements are made raw in that encoding.
+        self.implicit: bool | None = None if implicit is None else bool(implicit)
         self.little = True if little is None else bool(little)
-        if plan.is_anonymization:
-            prefix = "anonymize."
-        else:
-            prefix = f"modify.{plan.fingerprint}."
-        self.ns = {kind: prefix + kind for kind in (STUDY, SERIES, INSTANCE)}
         self.anonymize = plan.is_anonymization
-        ranges = plan.removed_ranges
-        self.ranges = ranges
-        self.range_lo = min((r[0] for r in ranges), default=1)
-        self.range_hi = max((r[1] for r in ranges), default=0)
+        prefix = "anonymize." if self.anonymize else f"modify.{plan.fingerprint}."
+        self.ns = {kind: prefix + kind for kind in (STUDY, SERIES, INSTANCE)}
+        tables = _tables(plan)
+        self.top_actions, self.nested_actions = tables.top, tables.nested
+        self.ranges = plan.removed_ranges
+        self.range_lo, self.range_hi = tables.range_lo, tables.range_hi
         self.forced: dict[tuple[str, str], str] = {}
         self.result = self._run()
 
@@ -194,10 +198,7 @@ class _Run:
         return self.key.uid(self.ns[kind], value)
 
     def in_range(self, tag: int) -> bool:
-        group = tag >> 16
-        if not self.range_lo <= group <= self.range_hi:
-            return False
-        element = tag & 0xFFFF
+        group, element = tag >> 16, tag & 0xFFFF
         return any(glo <= group <= ghi and elo <= element <= ehi
                    for glo, ghi, elo, ehi in self.ranges)
 
@@ -207,30 +208,31 @@ class _Run:
         if values is None:
             return None
         if kind == PATIENT:
-            mapped = [self.key.patient_id(v) if tag == PATIENT_ID else self.key.patient_name(v)
-                      for v in values]
-            vr = "LO" if tag == PATIENT_ID else "PN"
-            return DataElement(tag, vr, "\\".join(mapped))
-        mapped = [self.map_uid(kind, v) if v else "" for v in values]
-        return self._uid_element(tag, elem, "\\".join(mapped))
+            if tag == PATIENT_ID:
+                return self._ascii_element(tag, "LO", "\\".join(
+                    self.key.patient_id(v) if v else "" for v in values), elem)
+            return self._ascii_element(tag, "PN", "\\".join(
+                self.key.patient_name(v) if v else "" for v in values), elem)
+        return self._ascii_element(tag, "UI", "\\".join(
+            self.map_uid(kind, v) if v else "" for v in values), elem)
 
-    def _uid_element(self, tag: int, old: Any, text: str) -> Any:
-        """A UI element holding ``text``, raw when ``old`` was raw (the writer copies it)."""
+    def _ascii_element(self, tag: int, vr: str, text: str, old: Any = None) -> Any:
+        """An element holding ASCII ``text``: raw in the dataset's encoding when it has one
+        (pseudonyms and UIDs are ASCII, valid in every DICOM character set)."""
         tag = BaseTag(tag)  # pydicom's hooks need BaseTag on raw elements
+        data = text.encode("ascii")
+        if len(data) % 2:
+            data += b"\x00" if vr == "UI" else b" "
         if type(old) is RawDataElement:
-            data = text.encode("ascii")
-            if len(data) % 2:
-                data += b"\x00"
-            vr = "UI" if old.VR == "UN" else old.VR  # an explicit UN UID is written as UI
-            return RawDataElement(tag, vr, len(data), data, old.value_tell,
-                                  old.is_implicit_VR, old.is_little_endian)
+            raw_vr = old.VR if old.VR not in ("UN", None) or old.is_implicit_VR else vr
+            if old.is_implicit_VR:
+                raw_vr = None
+            return RawDataElement(tag, raw_vr if raw_vr != "UN" else vr, len(data), data,
+                                  old.value_tell, old.is_implicit_VR, old.is_little_endian)
         if self.implicit is not None:
-            data = text.encode("ascii")
-            if len(data) % 2:
-                data += b"\x00"
-            return RawDataElement(tag, None if self.implicit else "UI", len(data), data, 0,
-                                  bool(self.implicit), self.little)
-        return DataElement(tag, "UI", text)
+            return RawDataElement(tag, None if self.implicit else vr, len(data), data, 0,
+                                  self.implicit, self.little)
+        return DataElement(tag, vr, text)
 
     # ------------------------------------------------------------------ steps
 
@@ -239,9 +241,10 @@ class _Run:
         out = self.out
         d = out._dict
         replaced = plan.replaced_tags
+        anonymize = self.anonymize
 
         # 1. Forced hierarchy UIDs: nested references to the original follow the new value.
-        if self.anonymize and plan.forced_uids:
+        if anonymize and plan.forced_uids:
             for value in plan.replacements:
                 kind = _HIERARCHY.get(value.tag)
                 if kind is None or not isinstance(value.value, str):
@@ -254,54 +257,57 @@ class _Run:
         # 2-4 (and the top-level half of 7) in one pass over the top-level tags.
         remove_private = plan.remove_private_tags
         private_keep = plan.private_keep
-        removals = plan.removals
-        clearings = plan.clearings
-        keep = plan.keep
-        uids = plan.uids if self.anonymize else frozenset()
+        actions = self.top_actions
+        range_lo, range_hi = self.range_lo, self.range_hi
         sequences: list[int] = []
-        for tag in list(d):
-            if tag in keep:
-                continue
-            if tag >> 16 & 1:
-                if remove_private and tag not in private_keep:
+        for tag, elem in list(d.items()):
+            group = tag >> 16
+            if group & 1:
+                if int(tag) in private_keep:
+                    continue
+                if remove_private:
                     del d[tag]
                     continue
-            elif tag in clearings:
-                d[tag] = self._cleared_top(tag, d[tag])
-                continue
-            elif tag in removals or (self.ranges and self.in_range(tag)):
+                action = None
+            else:
+                action = actions.get(int(tag))  # int: a BaseTag key would call its Python __eq__
+            if action is None:
+                if range_lo <= group <= range_hi and self.in_range(tag):
+                    del d[tag]
+                elif anonymize and (
+                        elem.VR == "SQ" if type(elem) is not RawDataElement else
+                        elem.VR in _MAYBE_SQ_VRS and (
+                            elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS)):
+                    sequences.append(tag)
+            elif action is _DELETE:
                 del d[tag]
-                continue
-            elif tag in uids and tag not in replaced:
-                if tag == PATIENT_NAME:
-                    continue  # step 5 writes the pseudonym
-                new = self._mapped_element(tag, d[tag], out,
-                                           PATIENT if tag == PATIENT_ID else INSTANCE)
+            elif action is _CLEAR:
+                d[tag] = self._cleared_top(tag, elem)
+            elif action is PATIENT or action is INSTANCE:
+                new = self._mapped_element(tag, elem, out, action)
                 if new is not None:
                     d[tag] = new
-                continue
-            if self.anonymize and tag not in replaced and _maybe_sequence(d[tag], tag):
-                sequences.append(tag)
+            # _KEEP and _SKIP: nothing here
 
         # 5. Replacements, then (anonymization) the PatientName pseudonym.
         encodings = _python_encodings(out)
         for value in plan.replacements:
-            elem = self.ws.owned_element(build_element(value, little_endian=self.little,
-                                                       encodings=encodings))
+            elem = self._replacement(value, encodings)
             d[BaseTag(value.tag)] = elem  # pydicom's writer needs BaseTag keys
             if value.tag == SPECIFIC_CHARACTER_SET:
                 encodings = _python_encodings(out)
             self._sync_meta(value.tag, elem)
-            if self.anonymize and value.vr == "SQ":
-                sequences.append(value.tag)
-        if self.anonymize and PATIENT_NAME in uids:
+            if anonymize and value.vr == "SQ" and value != _BASIC_PROFILE_CODE:
+                sequences.append(value.tag)  # a replaced sequence gets the nested pass too
+        if anonymize and PATIENT_NAME in plan.uids:
             elem = self.source._dict.get(PATIENT_NAME)
             names = _text_of(elem, self.source) if elem is not None else None
             pseudonym = "\\".join(self.key.patient_name(n) for n in names) if names else ""
-            d[BaseTag(PATIENT_NAME)] = DataElement(PATIENT_NAME, "PN", pseudonym)
+            d[BaseTag(PATIENT_NAME)] = self._ascii_element(PATIENT_NAME, "PN", pseudonym, elem)
 
         # 6. Hierarchy UIDs by level, unless replaced or kept.
         rank = _LEVEL_RANK[plan.level]
+        keep = plan.keep
         for tag, kind, needed in ((STUDY_INSTANCE_UID, STUDY, 1), (SERIES_INSTANCE_UID, SERIES, 2),
                                   (SOP_INSTANCE_UID, INSTANCE, 3)):
             if rank > needed or tag in replaced or tag in keep:
@@ -309,34 +315,90 @@ class _Run:
             elem = d.get(tag)
             original = _text_of(elem, out) if elem is not None else None
             new_uid = self.map_uid(kind, "\\".join(original) if original else "")
-            new_elem = self._uid_element(tag, elem, new_uid) if elem is not None else \
-                DataElement(tag, "UI", new_uid)
+            new_elem = self._ascii_element(tag, "UI", new_uid, elem)
             d[BaseTag(tag)] = new_elem
             self._sync_meta(tag, new_elem)
 
         # 7. Nested pass over every top-level sequence (anonymization only).
-        if self.anonymize:
-            self.nested_uids = uids | ({PATIENT_ID, PATIENT_NAME} - keep)
+        if anonymize:
             keep_paths = plan.keep_paths
             for tag in sequences:
                 if keep_paths and any(p.matches((), tag) for p in keep_paths):
                     continue
-                if tag in d:
-                    self._descend(out, tag, ())
+                elem = d.get(tag)
+                if elem is not None:
+                    new = self._walk_sequence(elem, tag, (), out)
+                    if new is not None:
+                        d[tag] = new
 
         # 8. Nested path edits: removals, then replacements, in request order.
         for path in plan.remove_paths:
             remove_at(self.ws, out, path)
-        encodings = _python_encodings(out)
+            sequences.append(path.parents[0][0])
+        if plan.replace_paths:
+            encodings = _python_encodings(out)
         for path, value in plan.replace_paths:
             replace_at(self.ws, out, path,
                        lambda value=value: build_element(value, little_endian=self.little,
                                                          encodings=encodings))
+            sequences.append(path.parents[0][0])
+
+        # Changed sequences are encoded here, once, and handed to the writer as raw bytes:
+        # pydicom's writer would spend tens of microseconds on every nested element.
+        if self.implicit is not None:
+            source = self.source._dict
+            encodings = _python_encodings(out)
+            for tag in set(sequences):
+                elem = d.get(tag)
+                if type(elem) is DataElement and elem.VR == "SQ" and source.get(tag) is not elem:
+                    raw = self._raw_sequence(tag, elem, encodings)
+                    if raw is not None:
+                        d[tag] = raw
         return out
+
+    def _replacement(self, value: Value, encodings: list[str]) -> Any:
+        """The element of a top-level replacement, raw in the dataset's encoding if any.
+
+        Replacement values are constants of the plan: their encoded form is cached and the
+        (immutable) raw element shared between outputs.
+        """
+        if self.implicit is None:
+            return self.ws.owned_element(build_element(value, little_endian=self.little,
+                                                       encodings=encodings))
+        cache_key = (value, self.implicit, self.little, tuple(encodings))
+        cached = _REPLACEMENT_CACHE.get(cache_key)
+        if cached is not None:
+            return cached
+        elem = build_element(value, little_endian=self.little, encodings=encodings)
+        if elem.VR == "SQ":
+            raw = self._raw_sequence(value.tag, elem, encodings)
+        else:
+            raw = _raw_element(elem, self.implicit, self.little, encodings)
+        if raw is None:
+            return self.ws.owned_element(elem)
+        if len(_REPLACEMENT_CACHE) > 1024:
+            _REPLACEMENT_CACHE.clear()
+        _REPLACEMENT_CACHE[cache_key] = raw
+        return raw
+
+    def _raw_sequence(self, tag: int, elem: DataElement,
+                      encodings: list[str]) -> RawDataElement | None:
+        implicit = bool(self.implicit)
+        if implicit and tag not in SQ_TAGS:
+            # As raw bytes, pydicom would read an implicit-VR private sequence back as UN
+            # before it is written: keep it decoded.
+            return None
+        body = _encode_items(elem.value, implicit, self.little, encodings)
+        # Implicit VR: undefined length (the writer adds the delimiter).
+        return RawDataElement(BaseTag(tag), None if implicit else "SQ",
+                              _UNDEFINED if implicit else len(body), body, 0, implicit,
+                              self.little)
 
     def _cleared_top(self, tag: int, elem: Any) -> Any:
         """Top-level clearing: a zero-length element of the same VR (SQ: empty sequence)."""
         if type(elem) is RawDataElement and elem.length != _UNDEFINED:
+            if elem.length == 0:
+                return elem
             return RawDataElement(tag, elem.VR, 0, b"", elem.value_tell, elem.is_implicit_VR,
                                   elem.is_little_endian)
         vr = _vr_of(elem, tag) or "UN"
@@ -348,26 +410,33 @@ class _Run:
 
     def _sync_meta(self, tag: int, elem: Any) -> None:
         meta_tag = _MEDIA_STORAGE.get(tag)
+        if meta_tag is None:
+            return
         meta = self.out.__dict__.get("file_meta")
-        if meta_tag is None or meta is None:
+        if meta is None:
             return
         values = _text_of(elem, self.out)
-        meta._dict[BaseTag(meta_tag)] = DataElement(meta_tag, "UI", values[0] if values else "")
+        text = values[0] if values else ""
+        data = text.encode("ascii", "replace")
+        if len(data) % 2:
+            data += b"\x00"
+        # The file meta group is always explicit VR little endian.
+        meta._dict[BaseTag(meta_tag)] = RawDataElement(BaseTag(meta_tag), "UI", len(data),
+                                                       data, 0, False, True)
 
     # ------------------------------------------------------------------ nested pass
 
-    def _descend(self, parent: Dataset, tag: int, parents: tuple) -> bool:
-        """Walk the sequence ``tag`` of the owned ``parent``; True if anything changed.
+    def _walk_sequence(self, elem: Any, tag: int, parents: tuple,
+                       holder: Dataset) -> DataElement | None:
+        """The sequence ``elem`` after the nested rules, or None if nothing in it changes.
 
-        A raw sequence is parsed into new objects and stored back only if it changed; a decoded
-        sequence shared with the input is walked on copies of its items.
+        Nothing reachable from the input is modified: a raw sequence is parsed into new
+        objects, and a changed item of an already decoded sequence is a shallow copy.
         """
-        dd = parent._dict
-        elem = dd[tag]
-        ws = self.ws
         if type(elem) is RawDataElement:
             try:
-                parsed = convert_raw_data_element(elem, encoding=_character_set(parent), ds=parent)
+                parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
+                                                  ds=holder)
             except RecursionError:
                 raise
             except Exception:
@@ -375,80 +444,249 @@ class _Run:
                     f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed",
                     reason="read_error") from None
             if parsed.VR != "SQ":
-                return False
-            items = parsed.value
-            changed = False
-            for index, item in enumerate(items):
-                changed |= self._walk(item, parents + ((tag, index),))
-            if changed:
-                dd[tag] = ws.adopt_sequence(parsed)
-            return changed
-        if elem.VR != "SQ":
-            return False
-        if ws.owns_element(elem):
-            changed = False
-            for index, item in enumerate(elem.value):
-                changed |= self._walk(item, parents + ((tag, index),))
-            return changed
-        copies = [shallow_copy(item) for item in elem.value]
-        changed = False
-        for index, item in enumerate(copies):
-            changed |= self._walk(item, parents + ((tag, index),))
-        if changed:
-            new = DataElement(tag, "SQ", Sequence(copies), elem.file_tell,
-                              elem.is_undefined_length, already_converted=True)
-            dd[tag] = ws.adopt_sequence(new)
-        return changed
+                return None
+            items, fresh = parsed.value, True
+        elif elem.VR == "SQ":
+            items, fresh = elem.value, False
+        else:
+            return None
+        new_items = None
+        for index, item in enumerate(items):
+            new = self._walk_item(item, parents + ((tag, index),), fresh)
+            if new is not None:
+                if new_items is None:
+                    new_items = list(items)
+                new_items[index] = new
+        if new_items is None:
+            return None
+        return DataElement(tag, "SQ", Sequence(new_items), already_converted=True)
 
-    def _walk(self, item: Dataset, parents: tuple) -> bool:
-        """Orthanc's nested rules on one (owned) item; True if anything changed."""
-        plan = self.plan
-        dd = item._dict
-        keep_paths = plan.keep_paths
-        remove_private = plan.remove_private_tags
-        removals = plan.removals
-        clearings = plan.clearings
-        nested_uids = self.nested_uids
-        changed = False
-        for tag in list(dd):
+    def _walk_item(self, item: Dataset, parents: tuple, fresh: bool) -> Dataset | None:
+        """Orthanc's nested rules on one item: a changed item (``item`` itself when
+        ``fresh``, i.e. parsed for this output, else a copy), or None if nothing changes."""
+        actions = self.nested_actions
+        keep_paths = self.plan.keep_paths
+        remove_private = self.plan.remove_private_tags
+        range_lo, range_hi = self.range_lo, self.range_hi
+        changes: dict[int, Any] | None = None
+        for tag, elem in item._dict.items():
             if keep_paths and any(p.matches(parents, tag) for p in keep_paths):
-                continue
-            elem = dd[tag]
-            if tag >> 16 & 1 and remove_private:
-                del dd[tag]
-                changed = True
-                continue
-            if tag in removals or (self.ranges and self.in_range(tag)):
-                del dd[tag]
-                changed = True
-                continue
-            if tag in clearings:
-                vr = _vr_of(elem, tag)
-                if vr in _STRING_VRS:
-                    if type(elem) is RawDataElement:
-                        dd[tag] = RawDataElement(tag, elem.VR, 0, b"", elem.value_tell,
-                                                 elem.is_implicit_VR, elem.is_little_endian)
+                continue  # a kept element and its whole subtree are untouched
+            group = tag >> 16
+            if group & 1:
+                if remove_private:
+                    new: Any = _DELETE
+                elif type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
+                    continue
+                else:
+                    new = self._nested_sequence(elem, tag, parents, item)
+            else:
+                action = actions.get(int(tag))  # int: a BaseTag key would call its Python __eq__
+                if action is None:
+                    if range_lo <= group <= range_hi and self.in_range(tag):
+                        new = _DELETE
+                    elif type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
+                        continue
                     else:
-                        dd[tag] = DataElement(tag, vr, "")
+                        new = self._nested_sequence(elem, tag, parents, item)
+                elif action is _DELETE:
+                    new = _DELETE
+                elif action is _CLEAR:
+                    new = _nested_cleared(tag, elem)
                 else:
-                    del dd[tag]  # Orthanc deletes non-string values it should clear
-                changed = True
-                continue
-            kind = _HIERARCHY.get(tag)
-            if kind is None and tag in nested_uids:
-                if tag == PATIENT_ID or tag == PATIENT_NAME:
-                    kind = PATIENT
-                elif (tag == _REFERENCED_SOP_INSTANCE_UID and len(parents) == 2
-                      and (parents[0][0], parents[1][0]) == _RT_STUDY_PARENTS):
-                    kind = STUDY  # RT-STRUCT: this reference names the study
-                else:
-                    kind = INSTANCE
-            if kind is not None:
-                new = self._mapped_element(tag, elem, item, kind)
-                if new is not None:
-                    dd[tag] = new
-                    changed = True
-                continue
-            if _maybe_sequence(elem, tag):
-                changed |= self._descend(item, tag, parents)
-        return changed
+                    kind = action
+                    if kind is _REFERENCED:
+                        kind = STUDY if (len(parents) == 2 and (parents[0][0], parents[1][0])
+                                         == _RT_STUDY_PARENTS) else INSTANCE  # RT-STRUCT quirk
+                    new = self._mapped_element(tag, elem, item, kind)
+            if new is not None:
+                if changes is None:
+                    changes = {}
+                changes[tag] = new
+        if changes is None:
+            return None
+        target = item if fresh else shallow_copy(item)
+        target_dict = target._dict
+        for tag, new in changes.items():
+            if new is _DELETE:
+                del target_dict[tag]
+            else:
+                target_dict[tag] = new
+        return target
+
+    def _nested_sequence(self, elem: Any, tag: int, parents: tuple,
+                         holder: Dataset) -> DataElement | None:
+        if type(elem) is RawDataElement:
+            if not (elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
+                return None
+        elif elem.VR != "SQ":
+            return None
+        return self._walk_sequence(elem, tag, parents, holder)
+
+
+def _nested_cleared(tag: int, elem: Any) -> Any:
+    """Nested clearing: string VRs emptied, other VRs deleted (as Orthanc does)."""
+    vr = _vr_of(elem, tag)
+    if vr not in _STRING_VRS:
+        return _DELETE
+    if type(elem) is RawDataElement:
+        if elem.length == 0:
+            return None
+        return RawDataElement(tag, elem.VR, 0, b"", elem.value_tell, elem.is_implicit_VR,
+                              elem.is_little_endian)
+    if elem.value in ("", None):
+        return None
+    return DataElement(tag, vr, "")
+
+
+# ---------------------------------------------------------------------- per-plan tables
+
+
+class _Tables:
+    """What each tag gets, derived once per plan (plans are immutable)."""
+
+    def __init__(self, plan: Plan) -> None:
+        uids = plan.uids if plan.is_anonymization else frozenset()
+        top: dict[int, Any] = {}
+        for tag in uids:
+            top[tag] = PATIENT if tag == PATIENT_ID else INSTANCE
+        for tag in plan.clearings:
+            top[tag] = _CLEAR
+        for tag in plan.removals:
+            top[tag] = _DELETE
+        for tag in plan.keep:
+            top[tag] = _KEEP
+        for tag in plan.replaced_tags:
+            top[tag] = _SKIP
+        if PATIENT_NAME in uids:
+            top[PATIENT_NAME] = _SKIP  # step 5 writes the pseudonym
+        self.top = top
+
+        nested: dict[int, Any] = {}
+        if plan.is_anonymization:
+            # Nested PatientName/PatientID are pseudonymized unless the user keeps them.
+            nested_uids = uids | ({PATIENT_ID, PATIENT_NAME} - plan.keep)
+            for tag in nested_uids:
+                nested[tag] = PATIENT if tag in (PATIENT_ID, PATIENT_NAME) else INSTANCE
+            if _REFERENCED_SOP_INSTANCE_UID in nested_uids:
+                nested[_REFERENCED_SOP_INSTANCE_UID] = _REFERENCED
+            nested.update(_HIERARCHY)
+            for tag in plan.clearings:
+                nested[tag] = _CLEAR
+            for tag in plan.removals:
+                nested[tag] = _DELETE
+        self.nested = nested
+        self.range_lo = min((r[0] for r in plan.removed_ranges), default=1)
+        self.range_hi = max((r[1] for r in plan.removed_ranges), default=0)
+
+
+_TABLES: dict[int, tuple[Any, _Tables]] = {}
+
+
+def _tables(plan: Plan) -> _Tables:
+    # Kept beside the plan (by identity), not in it: pickling a plan never carries them.
+    cached = _TABLES.get(id(plan))
+    if cached is not None and cached[0]() is plan:
+        return cached[1]
+    tables = _Tables(plan)
+    if len(_TABLES) > 64:
+        _TABLES.clear()
+    _TABLES[id(plan)] = (weakref.ref(plan), tables)
+    return tables
+
+
+_REPLACEMENT_CACHE: dict[tuple, RawDataElement] = {}
+_BASIC_PROFILE_CODE = basic_profile_code()
+
+
+# ---------------------------------------------------------------------- encoding
+
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
+                       "UV"})
+
+
+def _header(tag: int, vr: str | None, length: int, implicit: bool, little: bool) -> bytes:
+    order = "<" if little else ">"
+    group, element = tag >> 16, tag & 0xFFFF
+    if implicit:
+        return struct.pack(order + "HHL", group, element, length)
+    vr_bytes = vr.encode("ascii")  # type: ignore[union-attr]
+    if vr in _LONG_VRS:
+        return struct.pack(order + "HH2sHL", group, element, vr_bytes, 0, length)
+    return struct.pack(order + "HH2sH", group, element, vr_bytes, length)
+
+
+def _encode_items(items: Any, implicit: bool, little: bool, encodings: list[str]) -> bytes:
+    """Sequence items, each with a defined length (as DCMTK writes them)."""
+    order = "<" if little else ">"
+    item_tag = struct.pack(order + "HH", 0xFFFE, 0xE000)
+    parts = []
+    for item in items:
+        body = _encode_dataset(item, implicit, little, encodings)
+        parts.append(item_tag + struct.pack(order + "L", len(body)) + body)
+    return b"".join(parts)
+
+
+def _encode_dataset(ds: Dataset, implicit: bool, little: bool, encodings: list[str]) -> bytes:
+    """One item's elements: raw ones copied with a new header, others through pydicom."""
+    elements = ds._dict
+    if SPECIFIC_CHARACTER_SET in elements:
+        encodings = _python_encodings(ds)
+    delimiter = struct.pack(("<" if little else ">") + "HHL", 0xFFFE, 0xE0DD, 0)
+    parts = []
+    for tag in sorted(elements):
+        if tag & 0xFFFF == 0:
+            continue  # group lengths are not written (pydicom and DCMTK drop or recompute them)
+        elem = elements[tag]
+        if type(elem) is RawDataElement and elem.is_implicit_VR == implicit \
+                and elem.is_little_endian == little and elem.value is not None \
+                and (implicit or elem.VR is not None):
+            if elem.length == _UNDEFINED:
+                parts.append(_header(tag, elem.VR, _UNDEFINED, implicit, little))
+                parts.append(elem.value)
+                parts.append(delimiter)
+            else:
+                parts.append(_header(tag, elem.VR, len(elem.value), implicit, little))
+                parts.append(elem.value)
+        elif type(elem) is DataElement and elem.VR == "SQ":
+            body = _encode_items(elem.value, implicit, little, encodings)
+            if implicit:  # only an undefined length tells readers an unknown tag is a sequence
+                parts.append(_header(tag, None, _UNDEFINED, True, little))
+                parts.append(body)
+                parts.append(delimiter)
+            else:
+                parts.append(_header(tag, "SQ", len(body), False, little))
+                parts.append(body)
+        else:
+            parts.append(_pydicom_element(ds, elem, implicit, little, encodings))
+    return b"".join(parts)
+
+
+def _pydicom_element(ds: Dataset | None, elem: Any, implicit: bool, little: bool,
+                     encodings: list[str]) -> bytes:
+    if type(elem) is RawDataElement:
+        elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)
+    if " or " in (elem.VR or "") and ds is not None:
+        elem = correct_ambiguous_vr_element(elem, ds, little)
+    fp = DicomBytesIO()
+    fp.is_little_endian = little
+    fp.is_implicit_VR = implicit
+    write_data_element(fp, elem, encodings)
+    return fp.getvalue()
+
+
+def _raw_element(elem: DataElement, implicit: bool, little: bool,
+                 encodings: list[str]) -> RawDataElement | None:
+    """``elem`` encoded once by pydicom and kept as a raw element (None if not possible)."""
+    if " or " in (elem.VR or ""):
+        return None
+    encoded = _pydicom_element(None, elem, implicit, little, encodings)
+    if implicit:
+        offset = 8
+    else:
+        vr = encoded[4:6].decode("ascii")
+        offset = 12 if vr in _LONG_VRS else 8
+        if vr != elem.VR:
+            return None  # pydicom changed the VR (e.g. a too long value became UN)
+    value = encoded[offset:]
+    return RawDataElement(BaseTag(elem.tag), elem.VR, len(value), value, 0, implicit, little)

@@ -453,7 +453,7 @@ def parse_anonymize(
     builder.clearings = set(profile.clearings)
     builder.uids = set(profile.uids) | {PATIENT_ID, PATIENT_NAME}
     pending_method = Value(DEIDENTIFICATION_METHOD, "LO", None)  # text decided below
-    pending_code = _basic_profile_code()
+    pending_code = basic_profile_code()
     builder.replacements = {
         PATIENT_IDENTITY_REMOVED: Value(PATIENT_IDENTITY_REMOVED, "CS", "YES"),
         DEIDENTIFICATION_METHOD: pending_method,
@@ -507,7 +507,7 @@ def parse_anonymize(
     )
 
 
-def _basic_profile_code() -> Value:
+def basic_profile_code() -> Value:
     from transforms.profiles import BASIC_PROFILE_CODE
 
     code_value, scheme, meaning = BASIC_PROFILE_CODE

@@ -1,0 +1,152 @@
+"""Core engine throughput against a plain Python file copy, side by side (one process).
+
+The shared samples (``../shared/dicom-samples/**/*.dcm`` that the project reader accepts) are
+replicated into a temporary folder until it holds ``--files`` files (or ``--size-mb``
+megabytes). Each mode reads every file and writes one output file, three runs each, warm
+cache; the median is reported:
+
+- ``copy``: plain Python ``read_bytes`` + ``write_bytes`` (the baseline, ratio 1.00);
+- ``read+write``: ``dicomio.read_dataset`` + ``dicomio.write_dataset`` of the unchanged dataset;
+- ``anonymize``: read + ``engine.apply`` with a default ``/anonymize`` body (2023b) + write;
+- ``modify``: read + ``engine.apply`` with a small ``/modify`` body + write.
+
+Usage::
+
+    python benchmarks/core.py [--files 1000 | --size-mb 1024] [--runs 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from transforms import dicomio  # noqa: E402
+from transforms.engine import apply  # noqa: E402
+from transforms.errors import DeidError  # noqa: E402
+from transforms.identity import Key  # noqa: E402
+from transforms.request import parse_anonymize, parse_modify  # noqa: E402
+
+SAMPLES = REPO.parent / "shared" / "dicom-samples"
+MODIFY_BODY = {"Replace": {"PatientName": "Bench^Mark", "InstitutionName": "Bench"},
+               "Remove": ["StationName"], "RemovePrivateTags": True}
+
+
+def usable_samples(root: Path) -> list[tuple[Path, bytes]]:
+    """Sample files the reader and the default anonymization both accept."""
+    plan = parse_anonymize({})
+    key = Key.from_bytes(b"benchmark-key-0123456789")
+    found = []
+    for path in sorted(root.glob("**/*.dcm")):
+        data = path.read_bytes()
+        try:
+            dicomio.write_dataset(apply(plan, dicomio.read_dataset(data), key))
+        except DeidError:
+            continue
+        found.append((path, data))
+    return found
+
+
+def replicate(samples: list[tuple[Path, bytes]], folder: Path, files: int | None,
+              size_mb: float | None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    total = 0
+    limit = size_mb * 1024 * 1024 if size_mb else None
+    index = 0
+    while (limit is None and len(paths) < (files or 1000)) or (limit is not None and total < limit):
+        _, data = samples[index % len(samples)]
+        path = folder / f"{index:06d}.dcm"
+        path.write_bytes(data)
+        paths.append(path)
+        total += len(data)
+        index += 1
+    return paths
+
+
+def _copy(data: bytes) -> bytes:
+    return data
+
+
+def _read_write(data: bytes) -> bytes:
+    return dicomio.write_dataset(dicomio.read_dataset(data))
+
+
+def _engine(plan, key: Key) -> Callable[[bytes], bytes]:
+    def run(data: bytes) -> bytes:
+        return dicomio.write_dataset(apply(plan, dicomio.read_dataset(data), key))
+    return run
+
+
+def time_mode(paths: list[Path], out: Path, work: Callable[[bytes], bytes]) -> float:
+    """Seconds to read each input, transform it and write it under ``out``."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    for path in paths:
+        (out / path.name).write_bytes(work(path.read_bytes()))
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=1000, help="number of files (default 1000)")
+    parser.add_argument("--size-mb", type=float, default=None, help="replicate to this many MB instead")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--samples", type=Path, default=SAMPLES)
+    parser.add_argument("--profile", action="store_true", help="cProfile one anonymize pass")
+    args = parser.parse_args(argv)
+
+    if not args.samples.is_dir():
+        print(f"samples not found: {args.samples}", file=sys.stderr)
+        return 2
+    samples = usable_samples(args.samples)
+    key = Key.from_bytes(b"benchmark-key-0123456789")
+    modes: dict[str, Callable[[bytes], bytes]] = {
+        "copy": _copy,
+        "read+write": _read_write,
+        "anonymize": _engine(parse_anonymize({}), key),
+        "modify": _engine(parse_modify(MODIFY_BODY), key),
+    }
+    with tempfile.TemporaryDirectory(prefix="dicom-deid-bench-") as tmp:
+        tmp_path = Path(tmp)
+        paths = replicate(samples, tmp_path / "in", args.files, args.size_mb)
+        size = sum(p.stat().st_size for p in paths)
+        print(f"{len(samples)} distinct sample files replicated to {len(paths)} files, "
+              f"{size / 1e6:.1f} MB; {args.runs} runs each, median")
+        for path in paths:  # warm the page cache
+            path.read_bytes()
+        results: dict[str, float] = {}
+        for name, work in modes.items():
+            times = [time_mode(paths, tmp_path / "out", work) for _ in range(args.runs)]
+            results[name] = statistics.median(times)
+        base = results["copy"]
+        print(f"{'mode':<12}{'files/s':>10}{'MB/s':>10}{'vs copy':>10}")
+        for name, seconds in results.items():
+            print(f"{name:<12}{len(paths) / seconds:>10.0f}{size / 1e6 / seconds:>10.1f}"
+                  f"{base / seconds:>10.2f}")
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            time_mode(paths, tmp_path / "out", modes["anonymize"])
+            profiler.disable()
+            stream = io.StringIO()
+            pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(30)
+            print(stream.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
