@@ -23,11 +23,12 @@ syntax, with ``file_meta.TransferSyntaxUID`` set; ``ds`` itself is never modifie
 * 1-bit (BitsAllocated 1) data only goes to the native syntaxes; it is refused for the others
   before any codec is called (python-gdcm aborts the process on it, so GDCM is never used for it).
 
-Codecs (the ``codecs`` extra): imagecodecs (libjpeg-turbo) for the JPEG syntaxes, pyjpegls
-(CharLS) for JPEG-LS, pylibjpeg + pylibjpeg-openjpeg (OpenJPEG) for JPEG 2000, pydicom's own
-RLE codec (or pylibjpeg-rle when installed), Pillow (a dependency of Apache Beam) for 8-bit JPEG
-decoding. The native syntaxes need nothing but pydicom. Without a codec, the transcode fails with
-``CannotTranscode`` naming it.
+Codecs (the ``codecs`` extra): imagecodecs (libjpeg-turbo) encodes and decodes the JPEG
+syntaxes, pyjpegls (CharLS) JPEG-LS, pylibjpeg + pylibjpeg-openjpeg (OpenJPEG) JPEG 2000,
+pylibjpeg-rle RLE (pydicom's own RLE codec when it is absent). Pillow, python-gdcm and
+pylibjpeg-libjpeg are used as fallback decoders when installed (GDCM never on 1-bit data). The
+native syntaxes need nothing but pydicom. Without a codec, the transcode fails with
+``CannotTranscode`` naming the missing extra.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ import numpy as np
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.multival import MultiValue
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.filewriter import correct_ambiguous_vr
-from pydicom.pixels import get_decoder
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import compress as _pydicom_compress
 from pydicom.pixels.utils import pack_bits
@@ -102,8 +103,8 @@ ORTHANC_KNOWN: frozenset[str] = frozenset(
     + [RLE_LOSSLESS, "1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2"]
 )
 
-# Codec parameters. Orthanc (DCMTK) uses IJG quality 90 and NEAR=2 by default; it cannot write
-# lossy JPEG 2000, for which 10:1 is a common clinical ceiling for CT/MR.
+# Codec parameters. Orthanc (DCMTK) uses IJG quality 90 and NEAR=2 by default. It cannot write
+# lossy JPEG 2000, so there is no default to follow: 10:1 is a conservative ratio.
 JPEG_QUALITY = 90
 JLS_NEAR = 2
 J2K_COMPRESSION_RATIO = 10.0
@@ -233,8 +234,6 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
             return _native_to_native(out, source, target, verify)
         return _recode(out, source, target, verify)
     except CannotTranscode:
-        raise
-    except RequestError:
         raise
     except Exception as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
         raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from exc
@@ -534,6 +533,13 @@ def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> Non
             )
     if target in _JPEG and bits_stored > 16:
         raise CannotTranscode(f"{text}: BitsStored {bits_stored} exceeds 16")
+    if target in _JPEG and arr.size:
+        low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (
+            0, (1 << bits_stored) - 1)
+        if int(arr.min()) < low or int(arr.max()) > high:
+            raise CannotTranscode(
+                f"{text}: pixel values lie outside the range of BitsStored {bits_stored}"
+            )
     if target in (JPEG_LOSSLESS, JPEG_LOSSLESS_SV1) and pi.startswith("YBR"):
         # libjpeg-turbo marks 3-sample lossless data as RGB (Adobe APP14) or corrupts it when
         # told it is YCbCr; readers would then show the YCbCr samples as RGB.
@@ -559,8 +565,6 @@ def _pydicom_shape(arr: np.ndarray) -> np.ndarray:
 
 def _encode_pydicom(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None:
     """RLE, JPEG-LS and JPEG 2000 through pydicom's encoders (from the array, never raw bytes)."""
-    from pydicom.pixels import get_encoder
-
     encoder = get_encoder(target)
     plugins = encoder.available_plugins
     preferred = {RLE_LOSSLESS: ("pylibjpeg", "pydicom")}.get(target, ("pyjpegls", "pylibjpeg"))
@@ -632,7 +636,7 @@ def _encode_jpeg(
     unsigned = np.dtype(f"u{arr.dtype.itemsize}")
     predictor = 1 if target == JPEG_LOSSLESS_SV1 else 6  # DCMTK's defaults for .70 / .57
     for frame in arr:
-        data = (frame.view(unsigned) & unsigned.type(mask)) if arr.dtype.kind == "i" else frame
+        data = frame.view(unsigned) & unsigned.type(mask)
         data = data[..., 0] if samples == 1 else data
         frames.append(
             imagecodecs.jpeg8_encode(
@@ -647,8 +651,7 @@ def _encode_jpeg(
 
 def _store_encapsulated(out: Dataset, frames: list[bytes], pi: str, target: str) -> None:
     _drop_offset_tables(out)
-    total = sum(len(f) + 8 for f in frames)
-    if total > 2**32 - 1 - 8 * len(frames):
+    if sum(len(f) + 8 for f in frames[:-1]) > 2**32 - 1:  # offsets no longer fit the BOT
         data, offsets, lengths = encapsulate_extended(frames)
         _set(out, "ExtendedOffsetTable", offsets)
         _set(out, "ExtendedOffsetTableLengths", lengths)
