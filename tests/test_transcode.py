@@ -174,11 +174,20 @@ def _reread(ds: Dataset) -> Dataset:
     return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
+# The 1475x1475 planar RLE file costs ~1 s per target: only the targets that matter for it.
+ONLY = {
+    "2022-11-14-RLEPlanarConfiguration.dcm": {
+        "1.2.840.10008.1.2.1", RLE, JLS, J2K_LOSSLESS, JPEG_LOSSY[0], JPEG_LOSSLESS[1],
+    },
+}
+
+
 def _matrix_cases() -> list[object]:
     cases = []
     for name in PYDICOM_INPUTS + SHARED_INPUTS:
         for target in TARGETS:
-            cases.append(pytest.param(name, target, id=f"{name}->{target}"))
+            if target in ONLY.get(name, TARGETS):
+                cases.append(pytest.param(name, target, id=f"{name}->{target}"))
     return cases
 
 

@@ -2,6 +2,8 @@
 
 ``transcode(ds, uid)`` returns a new dataset whose pixel data is encoded in the target transfer
 syntax, with ``file_meta.TransferSyntaxUID`` set; ``ds`` itself is never modified.
+``transcode_result`` also says what was done (lossy step, ratio, verified); ``validate_target``
+checks a request's ``Transcode`` value up front; ``decode_pixels`` decodes with the same codecs.
 
 * Lossless targets are proven lossless: unless ``verify=False``, the new pixel data is decoded
   again and compared with the source pixels; a difference raises
