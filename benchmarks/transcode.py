@@ -15,7 +15,7 @@ input bytes of the files written.
 Usage::
 
     python benchmarks/transcode.py [--samples DIR] [--targets UID ...] [--repeat 3]
-        [--no-verify-too] [--images-only] [--json FILE]
+        [--no-verify-too] [--images-only] [--sources all|native|encapsulated] [--json FILE]
 
 Each figure is the median of ``--repeat`` passes over all files.
 """
@@ -42,8 +42,9 @@ from transforms.errors import CannotTranscode, DeidError  # noqa: E402
 DEFAULT_SAMPLES = REPO.parent / "shared" / "dicom-samples"
 
 
-def load(folder: Path, images_only: bool) -> list[bytes]:
-    """Every readable DICOM file under ``folder`` (with pixel data only, if asked)."""
+def load(folder: Path, images_only: bool, sources: str = "all") -> list[bytes]:
+    """Every readable DICOM file under ``folder``; with pixel data only (``images_only``);
+    ``sources`` ``native`` / ``encapsulated`` keeps the files stored uncompressed / compressed."""
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = path.read_bytes()
@@ -52,6 +53,9 @@ def load(folder: Path, images_only: bool) -> list[bytes]:
         except DeidError:
             continue
         if images_only and "PixelData" not in ds:
+            continue
+        native = tc.source_syntax(ds) in tc.NATIVE
+        if (sources == "native" and not native) or (sources == "encapsulated" and native):
             continue
         files.append(data)
     return files
@@ -101,15 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure every target with verify=False")
     parser.add_argument("--images-only", action="store_true",
                         help="skip files without PixelData (SR, PDF, ...)")
+    parser.add_argument("--sources", choices=("all", "native", "encapsulated"), default="all",
+                        help="only the files stored uncompressed / compressed")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if not args.samples.is_dir():
         print(f"no sample folder at {args.samples}", file=sys.stderr)
         return 2
     warnings.simplefilter("ignore")
-    files = load(args.samples, args.images_only)
+    files = load(args.samples, args.images_only, args.sources)
     size = sum(len(f) for f in files)
-    print(f"{len(files)} files, {size / 1e6:.1f} MB from {args.samples}; "
+    print(f"{len(files)} files ({args.sources} sources), {size / 1e6:.1f} MB from {args.samples}; "
           f"median of {args.repeat}; Python {platform.python_version()}, 1 process")
     rows = [measure(files, None, True, args.repeat)]
     base = rows[0]["files_per_s"]
