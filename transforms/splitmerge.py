@@ -38,7 +38,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -710,21 +711,58 @@ class _Remapper:
         return changed
 
 
+# UID-shaped runs of bytes. Inside a raw sequence a UID may be followed by one digit that is
+# the low byte of the next element's group (0x0030-0x0039), hence the t[:-1] lookups below.
+_UID_TOKEN = re.compile(rb"[0-9][0-9.]{1,64}")
+
+
+def _tokens(elem: Any) -> Iterator[str]:
+    """UID candidates in an element, read-only: raw bytes are scanned, never converted."""
+    if isinstance(elem, RawDataElement):
+        for token in _UID_TOKEN.findall(elem.value or b""):
+            text = token.decode("ascii")
+            yield text
+            yield text[:-1]
+        return
+    if elem.VR == "SQ":
+        for item in elem.value or ():
+            for sub in item._dict.values():
+                yield from _tokens(sub)
+    elif elem.VR == "UI" and elem.value:
+        values = elem.value if isinstance(elem.value, (MultiValue, list, tuple)) else [elem.value]
+        for value in values:
+            yield str(value).strip(" \0")
+
+
 def _remap_references(new: Dataset, plan: Plan) -> None:
     """Rewrite the references of ``new``, a shallow copy whose elements the input shares.
 
-    The UI and SQ elements go to a scratch data set (already-decoded ones deep-copied first,
-    raw ones converted there), are rewritten there, and only those that changed replace the
-    shared ones: unchanged elements keep their original bytes on writing.
+    A read-only scan finds the sequences that mention a moved UID; only those are converted
+    (raw) or deep-copied (already decoded) into a scratch data set, rewritten there, and put
+    in ``new`` if something changed. Everything else keeps its original bytes on writing.
     """
-    if not (plan.sop_map or plan.series_map or plan.study_map):
+    mapped = plan.sop_map.keys() | plan.series_map.keys() | plan.study_map.keys()
+    if not mapped:
+        return
+    candidates: list[int] = []
+    moved = staying = False
+    for tag, elem in new._dict.items():
+        if tag in _HIERARCHY or _vr_of(new, tag, elem) not in ("SQ", "UI"):
+            continue
+        tokens = set(_tokens(elem))
+        moved |= not tokens.isdisjoint(plan.sop_map.keys())
+        staying |= not tokens.isdisjoint(plan.staying)
+        if not tokens.isdisjoint(mapped):
+            candidates.append(tag)
+    if not candidates:
         return
     scratch = Dataset()
     scratch._parent_encoding = convert_encodings(peek(new, _CHARSET) or None)
-    for tag, elem in new._dict.items():
-        if tag not in _HIERARCHY and _vr_of(new, tag, elem) in ("SQ", "UI"):
-            scratch._dict[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
-    for tag in _Remapper(plan).rewrite(scratch, {}, top=True):
+    for tag in candidates:
+        elem = new._dict[tag]
+        scratch._dict[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+    memo = {id(scratch): (moved, staying)}  # the whole data set is the context of top-level UIDs
+    for tag in _Remapper(plan).rewrite(scratch, memo, top=True):
         new._dict[tag] = scratch._dict[tag]
 
 
