@@ -525,3 +525,33 @@ def test_implicit_private_sequences_survive_an_edit_inside_them():
     assert len(outer[0][0x00010001][0]) == 0
     assert outer[0][0x00010002].value == b"Nested SQ"
     assert source[0x00010001][0][0x00010001][0][0x00010001].value == b"Double Nested SQ"
+
+
+@pytest.mark.parametrize("name", ["Issue22-NoPixelData.dcm", "DicomSeg.dcm",
+                                  "HierarchicalAnonymization/StructuredReports/IM0"])
+def test_input_dataset_is_never_modified_even_when_decoded(name):
+    """Decoded (not raw) input sequences are shared with the output until changed: check the
+    whole input tree, not just its bytes (the writer copies unchanged originals verbatim)."""
+    source = _read(sample(name))
+    before = source.to_json_dict()  # decodes every element of the input in place
+    identities = {tag: id(elem) for tag, elem in source._dict.items()}
+    body = {"Keep": ["ReferencedImageEvidenceSequence[0].ReferencedSeriesSequence"],
+            "Replace": {"ReferencedImageEvidenceSequence[1].StudyInstanceUID": "1.2",
+                        "ReferencedImageSequence[*].ReferencedSOPClassUID": "1.2.3",
+                        "ContentSequence": [{"TextValue": "x"}]},
+            "Remove": ["SharedFunctionalGroupsSequence[*].ReferencedImageSequence[0]"
+                       ".ReferencedSOPClassUID"]}
+    for plan in (parse_anonymize(body), parse_anonymize({"KeepPrivateTags": True})):
+        dicomio.write_dataset(apply(plan, source, KEY))
+    from transforms.request import parse_modify
+
+    dicomio.write_dataset(apply(parse_modify(body), source, KEY))
+    assert source.to_json_dict() == before
+    assert {tag: id(elem) for tag, elem in source._dict.items()} == identities
+
+
+def test_cleared_explicit_un_elements_get_their_dictionary_vr():
+    source = _read(sample("2022-03-08-RicSmi.dcm"))
+    assert source._dict[0x00080020].VR == "UN"
+    result = _anonymize({}, source)
+    assert (result[0x00080020].VR, result.StudyDate) == ("DA", "")

@@ -159,3 +159,10 @@ def test_numbers_for_single_valued_tags_refuse_lists(tag, text):
     with pytest.raises(RequestError, match=re.escape("takes a single value (VM 1), got 2 "
                                                      "backslash-separated values")):
         _prepare(tag, text)
+
+
+def test_attribute_tag_lists_only_for_multi_valued_tags():
+    with pytest.raises(RequestError, match=re.escape("(AT): takes a single value (VM 1)")):
+        _prepare(0x00209165, "0020,9056\\0020,9057")
+    assert _prepare(0x00280009, "0020,9056\\FrameTime") == \
+        Value(0x00280009, "AT", (0x00209056, 0x00181063))  # FrameIncrementPointer, VM 1-n

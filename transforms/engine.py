@@ -44,7 +44,12 @@ Deliberate differences from Orthanc 1.12 (listed for the README):
   empty UIDs inside the data stay empty (only the three hierarchy UIDs are always written);
 * a forced (``Replace`` + ``Force``) Study/Series/SOP Instance UID replaces nested references
   to the original value of the same instance; references to other instances' originals are
-  mapped with the key (Orthanc depends on which instance its job processed first).
+  mapped with the key (Orthanc depends on which instance its job processed first);
+* identifiers stored with an explicit VR of UN are read through the dictionary VR and
+  anonymized (Orthanc 1.10.1 leaves such PatientID/UID values untouched);
+* changed sequences are written with defined lengths (explicit VR) or undefined lengths
+  (implicit VR, so unknown private sequences stay recognisable); unchanged ones keep their
+  original bytes.
 """
 
 from __future__ import annotations
@@ -397,9 +402,10 @@ class _Run:
     def _cleared_top(self, tag: int, elem: Any) -> Any:
         """Top-level clearing: a zero-length element of the same VR (SQ: empty sequence)."""
         if type(elem) is RawDataElement and elem.length != _UNDEFINED:
-            if elem.length == 0:
+            vr = _cleared_vr(elem, tag)
+            if elem.length == 0 and vr == elem.VR:
                 return elem
-            return RawDataElement(tag, elem.VR, 0, b"", elem.value_tell, elem.is_implicit_VR,
+            return RawDataElement(tag, vr, 0, b"", elem.value_tell, elem.is_implicit_VR,
                                   elem.is_little_endian)
         vr = _vr_of(elem, tag) or "UN"
         if vr == "SQ" or (type(elem) is RawDataElement and elem.length == _UNDEFINED):
@@ -524,15 +530,26 @@ class _Run:
         return self._walk_sequence(elem, tag, parents, holder)
 
 
+def _cleared_vr(elem: RawDataElement, tag: int) -> str | None:
+    """The VR an emptied raw element is written with: an explicit UN becomes the dictionary
+    VR (as DCMTK writes it), anything else keeps its VR."""
+    if elem.VR == "UN" and not elem.is_implicit_VR:
+        vr = _dict_vr(tag)
+        if vr and vr != "UN" and " or " not in vr:
+            return vr
+    return elem.VR
+
+
 def _nested_cleared(tag: int, elem: Any) -> Any:
     """Nested clearing: string VRs emptied, other VRs deleted (as Orthanc does)."""
     vr = _vr_of(elem, tag)
     if vr not in _STRING_VRS:
         return _DELETE
     if type(elem) is RawDataElement:
-        if elem.length == 0:
+        cleared_vr = _cleared_vr(elem, tag)
+        if elem.length == 0 and cleared_vr == elem.VR:
             return None
-        return RawDataElement(tag, elem.VR, 0, b"", elem.value_tell, elem.is_implicit_VR,
+        return RawDataElement(tag, cleared_vr, 0, b"", elem.value_tell, elem.is_implicit_VR,
                               elem.is_little_endian)
     if elem.value in ("", None):
         return None

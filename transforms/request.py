@@ -475,7 +475,8 @@ def parse_anonymize(
         method = (f"{PRODUCT} {__version__}" if builder.customised
                   else profile.deidentification_method(__version__))
         replacements[DEIDENTIFICATION_METHOD] = Value(DEIDENTIFICATION_METHOD, "LO", method)
-    if builder.customised and replacements.get(DEIDENTIFICATION_METHOD_CODE_SEQUENCE) is pending_code:
+    code = replacements.get(DEIDENTIFICATION_METHOD_CODE_SEQUENCE)
+    if builder.customised and code is pending_code:
         # The code claims the plain Basic Profile: only true for an uncustomised request.
         del replacements[DEIDENTIFICATION_METHOD_CODE_SEQUENCE]
 

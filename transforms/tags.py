@@ -217,7 +217,8 @@ def parse_tag(
     did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
     raise RequestError(
         f"{key}: unknown tag {name!r} (expected a DICOM keyword such as 'PatientName', a name "
-        f"from the configured Dictionary, or hex 'gggg,eeee', 'gggg-eeee', 'ggggeeee'){did_you_mean}"
+        "from the configured Dictionary, or hex 'gggg,eeee', 'gggg-eeee', 'ggggeeee')"
+        f"{did_you_mean}"
     )
 
 

@@ -220,8 +220,8 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
                 raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not {what}")
         return Value(tag, vr, text)
     # (OF/OD/OL/OV hold one packed stream: VM 1 whatever the number of values.)
-    if (vr in _INT_RANGES or vr in _FLOAT_VRS) and vr not in _PACKED and "\\" in text \
-            and _single_valued(tag):
+    if (vr in _INT_RANGES or vr in _FLOAT_VRS or vr == "AT") and vr not in _PACKED \
+            and "\\" in text and _single_valued(tag):
         raise RequestError(f"{_label(tag, vr, ctx)}: takes a single value (VM 1), got "
                            f"{text.count(chr(92)) + 1} backslash-separated values")
     if vr in _INT_RANGES:
