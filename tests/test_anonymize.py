@@ -555,3 +555,17 @@ def test_cleared_explicit_un_elements_get_their_dictionary_vr():
     assert source._dict[0x00080020].VR == "UN"
     result = _anonymize({}, source)
     assert (result[0x00080020].VR, result.StudyDate) == ("DA", "")
+
+
+def test_nested_overlay_data_is_removed_and_plans_pickle_after_use():
+    import pickle
+
+    ds = _issue146_like()
+    item = Dataset()
+    item.add_new(0x60003000, "OB", b"\x01\x02")
+    item.add_new(0x60000010, "US", 1)
+    ds.ReferencedImageSequence = Sequence([item])
+    plan = parse_anonymize({})
+    result = dicomio.read_dataset(dicomio.write_dataset(apply(plan, ds, KEY)), check_uids=False)
+    assert [str(e.tag) for e in result.ReferencedImageSequence[0]] == ["(6000,0010)"]
+    assert pickle.loads(pickle.dumps(plan)) == plan

@@ -229,11 +229,10 @@ class _Run:
         if len(data) % 2:
             data += b"\x00" if vr == "UI" else b" "
         if type(old) is RawDataElement:
-            raw_vr = old.VR if old.VR not in ("UN", None) or old.is_implicit_VR else vr
-            if old.is_implicit_VR:
-                raw_vr = None
-            return RawDataElement(tag, raw_vr if raw_vr != "UN" else vr, len(data), data,
-                                  old.value_tell, old.is_implicit_VR, old.is_little_endian)
+            # Implicit VR writes no VR; an explicit UN becomes the proper VR (as DCMTK does).
+            raw_vr = None if old.is_implicit_VR else (vr if old.VR in ("UN", None) else old.VR)
+            return RawDataElement(tag, raw_vr, len(data), data, old.value_tell,
+                                  old.is_implicit_VR, old.is_little_endian)
         if self.implicit is not None:
             return RawDataElement(tag, None if self.implicit else vr, len(data), data, 0,
                                   self.implicit, self.little)
