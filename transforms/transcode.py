@@ -126,9 +126,11 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA_TAG = 0x7FE00010
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-# Decoding plugins in order of preference. GDCM comes last and is never used on 1-bit data.
+# Decoding plugins in order of preference (fastest correct first). GDCM comes last (it decodes
+# some lossy RGB JPEG wrongly) and is never used on 1-bit data (it aborts the process).
 _DECODERS_JPEG = ("imagecodecs", "pillow", "pylibjpeg", "gdcm")
-_DECODERS_OTHER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow", "gdcm")
+_DECODERS_JPEGLS = ("pyjpegls", "pylibjpeg", "gdcm")
+_DECODERS_OTHER = ("pylibjpeg", "pydicom", "pyjpegls", "pillow", "gdcm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +433,13 @@ def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[st
         available.add("imagecodecs")
     if bits_allocated == 1:
         available.discard("gdcm")  # python-gdcm aborts the process on 1-bit data
-    for plugin in _DECODERS_JPEG if ts in _JPEG else _DECODERS_OTHER:
+    if ts in _JPEG:
+        order = _DECODERS_JPEG
+    elif ts in (JPEGLS_LOSSLESS, JPEGLS_NEAR_LOSSLESS):
+        order = _DECODERS_JPEGLS
+    else:
+        order = _DECODERS_OTHER
+    for plugin in order:
         if plugin in available:
             yield plugin
 
