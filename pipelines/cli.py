@@ -298,10 +298,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
     crosswalk = normalize(args.crosswalk) if args.crosswalk else None
     check_locations(input_uri, output, audit, crosswalk)
-    try:
-        options = pipeline_run.pipeline_options(beam_args)
-    except pipeline_run.UnknownOptions as exc:
-        raise UsageError(str(exc)) from None
+    options = pipeline_run.pipeline_options(beam_args)
     _warn_random_key(key)
     runner = options.view_as(pipeline_run.StandardOptions).runner
     local_runner = runner in ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")

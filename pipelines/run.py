@@ -38,6 +38,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
 
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITTEN
+from transforms.errors import RequestError
 from transforms.beam import (
     TMP_DIR_NAME,
     DeidentifyInstances,
@@ -67,8 +68,12 @@ class LocalDirectRunner(SwitchingDirectRunner):
         self.is_interactive()
 
 
-class UnknownOptions(ValueError):
+class UnknownOptions(RequestError):
     """Command-line arguments that neither dicom-deid nor any Beam option class knows."""
+
+
+class InvalidOptions(RequestError):
+    """Beam refused the pipeline options (e.g. Dataflow's project or temp_location checks)."""
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
@@ -108,10 +113,19 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
 
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A Pipeline on the chosen runner (``LocalDirectRunner`` for the DirectRunner names).
+
+    Raises:
+        InvalidOptions: Beam's own option validation failed (one line, no traceback).
+    """
     runner_name = options.view_as(StandardOptions).runner
-    if runner_name in _LOCAL_RUNNER_NAMES:
-        return beam.Pipeline(runner=LocalDirectRunner(), options=options)
-    return beam.Pipeline(options=options)
+    try:
+        if runner_name in _LOCAL_RUNNER_NAMES:
+            return beam.Pipeline(runner=LocalDirectRunner(), options=options)
+        return beam.Pipeline(options=options)
+    except ValueError as exc:
+        text = " ".join(str(exc).split())
+        raise InvalidOptions(f"Beam options: {text}") from None
 
 
 def audit_prefix(audit_root: str, run_id: str) -> str:
