@@ -185,9 +185,8 @@ class _Run:
         self.implicit: bool | None = None if implicit is None else bool(implicit)
         self.little = True if little is None else bool(little)
         self.anonymize = plan.is_anonymization
-        prefix = "anonymize." if self.anonymize else f"modify.{plan.fingerprint}."
-        self.ns = {kind: prefix + kind for kind in (STUDY, SERIES, INSTANCE)}
         tables = _tables(plan)
+        self.ns = tables.namespaces
         self.top_actions, self.nested_actions = tables.top, tables.nested
         self.ranges = plan.removed_ranges
         self.range_lo, self.range_hi = tables.range_lo, tables.range_hi
@@ -592,6 +591,8 @@ class _Tables:
             for tag in plan.removals:
                 nested[tag] = _DELETE
         self.nested = nested
+        prefix = "anonymize." if plan.is_anonymization else f"modify.{plan.fingerprint}."
+        self.namespaces = {kind: prefix + kind for kind in (STUDY, SERIES, INSTANCE)}
         self.range_lo = min((r[0] for r in plan.removed_ranges), default=1)
         self.range_hi = max((r[1] for r in plan.removed_ranges), default=0)
 
