@@ -183,3 +183,35 @@ def test_encapsulated_pixel_data_declared_ow_is_written_ob(samples):
     out = pydicom.dcmread(BytesIO(dicomio.write_dataset(dicomio.read_dataset(data))))
     assert out["PixelData"].VR == "OB"
     assert out.PixelData == original.PixelData
+
+
+def _dump(ds: Dataset, out: list, path: str = "") -> list:
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.append((path + str(elem.tag), "SQ", len(elem.value)))
+            for i, item in enumerate(elem.value):
+                _dump(item, out, f"{path}{elem.tag}[{i}].")
+        else:
+            out.append((path + str(elem.tag), elem.VR, elem.value))
+    return out
+
+
+def test_fast_scanner_reads_exactly_what_pydicom_reads(samples):
+    """The header scanner is only a speed-up: every decoded value, nested ones included,
+    must equal pydicom's own reading of the file."""
+    fast_paths = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        data = path.read_bytes()
+        fast = dicomio._fast_read(data) if data[128:132] == b"DICM" else None
+        if fast is None:
+            continue
+        fast_paths += 1
+        assert _dump(fast, []) == _dump(pydicom.dcmread(BytesIO(data)), []), path.name
+    assert fast_paths >= 165  # all but deflated files and files without a meta header
+
+
+def test_fast_scanner_refuses_nesting_beyond_the_limit():
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(_nested(dicomio._MAX_DEPTH + 5), check_uids=False)
+    assert info.value.reason == "too_deep"
+    assert dicomio.read_dataset(_nested(10), check_uids=False)[0x00081115].VR == "SQ"

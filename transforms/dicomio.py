@@ -28,6 +28,8 @@ from pydicom import config as _pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHARSET
+from pydicom.tag import BaseTag
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import dcmread
@@ -128,6 +130,12 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
     has_marker = len(data) >= _DICM_OFFSET + 4 and data[_DICM_OFFSET : _DICM_OFFSET + 4] == b"DICM"
     if not has_marker and not _looks_like_bare_dataset(data):
         raise InputError("not a DICOM file: no DICM marker and no recognisable data set", reason="not_dicom")
+    if has_marker:
+        fast = _fast_read(data)
+        if fast is not None:
+            if check_uids:
+                check_identifiers(fast)
+            return fast
     try:
         ds = dcmread(BytesIO(data), force=not has_marker)
     except RecursionError:
@@ -235,6 +243,181 @@ def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
         return False
     group, element = struct.unpack_from("<HH" if little else ">HH", data, offset)
     return (group << 16 | element) == tag
+
+
+# --------------------------------------------------------------------------- fast reading
+#
+# pydicom's dcmread spends most of its time building Dataset objects for every item of every
+# undefined-length sequence and reading the meta group through its general machinery. The
+# scanner below only walks element headers: it yields the same RawDataElement objects pydicom
+# would (undefined-length sequences stay raw bytes; pydicom decodes them on access with
+# convert_SQ), and records each top-level element's byte span at the same time. Anything it
+# does not recognise (unknown VR bytes, a misplaced item tag, deflate) makes it give up and
+# the caller falls back to dcmread, so its only effect is speed.
+
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_MAX_DEPTH = 64
+_KNOWN_VRS = frozenset(
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+
+
+class _GiveUp(Exception):
+    """The fast scanner met something it leaves to pydicom."""
+
+
+def _skip_undefined(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int) -> int:
+    """Position of the sequence delimiter that closes the items starting at ``pos``.
+
+    Iterative over items; recursion only for undefined-length items holding undefined-length
+    elements, bounded by ``_MAX_DEPTH`` (deeper input is refused as ``too_deep``).
+    """
+    if depth > _MAX_DEPTH:
+        raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep", reason="too_deep")
+    head = struct.Struct("<HHL" if little else ">HHL").unpack_from
+    while True:
+        if pos + 8 > end:
+            raise InputError("file ends inside a sequence", reason="truncated")
+        group, element, length = head(data, pos)
+        tag = group << 16 | element
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _GiveUp
+        pos += 8
+        if length != 0xFFFFFFFF:
+            pos += length
+            continue
+        pos = _scan_elements(data, pos, end, implicit, little, depth + 1, None)  # at the item delimiter
+        pos += 8
+
+
+def _scan_elements(
+    data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int, out: dict | None
+) -> int:
+    """Walk elements from ``pos``; at top level (``out`` given) collect RawDataElements.
+
+    Returns the position where it stopped: ``end``, or an item delimiter inside an item.
+    """
+    order = "<" if little else ">"
+    tag_len = struct.Struct(order + "HHL").unpack_from
+    tag_vr_short = struct.Struct(order + "HH2sH").unpack_from
+    long_len = struct.Struct(order + "L").unpack_from
+    spans = [] if out is not None else None
+    while pos < end:
+        if end - pos < 8:
+            if out is not None and not any(data[pos:end]):
+                break  # zero padding after the last element
+            raise InputError("file ends inside an element header", reason="truncated")
+        start = pos
+        if implicit:
+            group, element, length = tag_len(data, pos)
+            vr = None
+            pos += 8
+        else:
+            group, element, vr_bytes, length = tag_vr_short(data, pos)
+            if group == 0xFFFE:  # item / delimiters carry no VR
+                length = tag_len(data, pos)[2]
+                vr = None
+                pos += 8
+            else:
+                try:
+                    vr = vr_bytes.decode("ascii")
+                except UnicodeDecodeError:
+                    raise _GiveUp from None
+                if vr not in _KNOWN_VRS:
+                    raise _GiveUp
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise InputError("file ends inside an element header", reason="truncated")
+                    length = long_len(data, pos + 8)[0]
+                    pos += 12
+                else:
+                    pos += 8
+        tag = group << 16 | element
+        if tag == _ITEM_END:
+            if out is not None:
+                raise _GiveUp
+            return start
+        if group == 0xFFFE:
+            raise _GiveUp
+        value_tell = pos
+        if length == 0xFFFFFFFF:
+            stop = _skip_undefined(data, pos, end, implicit, little, depth)
+            value = data[pos:stop]
+            pos = stop + 8
+            if tag != 0x7FE00010 and vr in (None, "UN", "SQ"):
+                vr = "SQ"  # as pydicom: undefined length UN (PS3.5 6.2.2) or implicit SQ
+        else:
+            if pos + length > end:
+                raise InputError(
+                    f"element ({group:04X},{element:04X}) declares more bytes than the file holds",
+                    reason="truncated",
+                )
+            value = data[pos : pos + length] if out is not None else None
+            pos += length
+        if out is not None:
+            raw = RawDataElement(BaseTag(tag), vr, length, value, value_tell, implicit, little)
+            out[raw.tag] = raw
+            spans.append((raw.tag, raw, start, pos))
+    if out is not None:
+        out["__spans__"] = spans
+    return pos
+
+
+def _fast_read(data: bytes) -> Dataset | None:
+    """The data set of a Part 10 file (with ``DICM``), or None to let pydicom read it."""
+    size = len(data)
+    pos = _DICM_OFFSET + 4
+    meta: dict = {}
+    try:
+        # Group 0002: explicit VR little endian, up to the first element of another group.
+        meta_end = pos
+        while meta_end + 8 <= size and struct.unpack_from("<H", data, meta_end)[0] == 0x0002:
+            vr = data[meta_end + 4 : meta_end + 6]
+            if vr in (b"OB", b"UN", b"SQ", b"UT", b"OW"):
+                meta_end += 12 + struct.unpack_from("<L", data, meta_end + 8)[0]
+            else:
+                meta_end += 8 + struct.unpack_from("<H", data, meta_end + 6)[0]
+        if meta_end > size:
+            return None
+        _scan_elements(data, pos, meta_end, False, True, 0, meta)
+        meta.pop("__spans__", None)
+        ts_raw = meta.get(0x00020010)
+        if ts_raw is None or not ts_raw.value:
+            return None
+        ts = ts_raw.value.decode("ascii", "replace").strip(" \0")
+        if ts == DeflatedExplicitVRLittleEndian:
+            return None
+        implicit, little, _ = _encoding_of(ts)
+        elements: dict = {}
+        _scan_elements(data, meta_end, size, implicit, little, 0, elements)
+    except _GiveUp:
+        return None
+    except struct.error:
+        return None
+    spans_list = elements.pop("__spans__")
+    if not elements:
+        raise InputError("no data elements after the file meta header", reason="not_dicom")
+    ds = Dataset(elements)
+    file_meta = FileMetaDataset()
+    file_meta._dict.update(meta)
+    ds.file_meta = file_meta
+    charset = _DEFAULT_CHARSET
+    raw_charset = elements.get(0x00080005)
+    if raw_charset is not None:
+        try:
+            value = convert_raw_data_element(raw_charset).value
+            charset = convert_encodings(value)
+        except Exception:
+            charset = _DEFAULT_CHARSET
+    ds.set_original_encoding(implicit, little, charset)
+    view = memoryview(data)
+    spans = {tag: (elem, start, end) for tag, elem, start, end in spans_list}
+    object.__setattr__(ds, _SOURCE_ATTR, _Source(view, spans, implicit, little))
+    return ds
 
 
 def shallow_copy(ds: Dataset) -> Dataset:
@@ -382,7 +565,7 @@ def _character_set(ds: Dataset) -> Any:
     try:
         return ds._character_set
     except Exception:  # an undecodable SpecificCharacterSet: fall back to the default
-        return _pydicom_config.default_encoding
+        return _DEFAULT_CHARSET
 
 
 def _raw_element_bytes(elem: RawDataElement, implicit: bool, little: bool) -> bytes | None:
