@@ -309,20 +309,25 @@ def publish(data: bytes, sha256: str, final: str, output_root: str, run_id: str)
 
 
 def _publish_local(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
-    if os.path.exists(final):
-        if _sha256_of(final) != sha256:
-            raise _duplicate()
-        return
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    # No exists-check and no makedirs up front: os.link itself says "exists" or "no folder",
+    # which saves three system calls per file on the common path.
     tmp_dir = _tmp_root(output_root, run_id)
-    os.makedirs(tmp_dir, exist_ok=True)
     tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        os.makedirs(tmp_dir, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         try:
-            os.link(tmp, final)  # atomic create-if-absent
+            try:
+                os.link(tmp, final)  # atomic create-if-absent
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.link(tmp, final)
         except FileExistsError:
             if _sha256_of(final) != sha256:
                 raise _duplicate() from None
@@ -330,7 +335,7 @@ def _publish_local(data: bytes, sha256: str, final: str, output_root: str, run_i
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 raise
             # A filesystem without hard links: rename is still atomic but may replace a file
-            # that appeared since the exists-check above (documented race).
+            # that appeared since the exists-check below (documented race).
             if os.path.exists(final):
                 if _sha256_of(final) != sha256:
                     raise _duplicate() from None

@@ -1,0 +1,242 @@
+"""Pipeline throughput: ``dicom-deid anonymize`` against a plain Python copy of the same files.
+
+Usage::
+
+    python benchmarks/pipeline.py                      # quick: ~100 MB
+    python benchmarks/pipeline.py --size-mb 1024       # the issue's ~1 GB
+    python benchmarks/pipeline.py --size-mb 1024 --scaling 1000,10000 --json results.json
+
+The shared samples (``../shared/dicom-samples``) are replicated until the corpus reaches
+``--size-mb``: every replica gets its own Study/Series/SOP Instance UIDs (keyed on the replica
+number), so no two inputs collide on an output name and every file is really written. Files
+the pipeline cannot process (the README, a C-FIND query) are left out so that both sides move
+the same bytes. Then, in the same run, on the same (page-cached) files:
+
+- ``copy``: a plain Python loop reading each file and writing it to a new folder tree;
+- ``dicom-deid``: the console command with defaults (DirectRunner, in-memory), in a child process;
+- optionally ``dicom-deid`` with ``--direct_running_mode multi_processing --direct_num_workers 2``.
+
+Reported: files/s, MB/s (input bytes), the ratio to the copy, peak memory of the child
+(``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` delta, which covers the command and the
+worker processes it waited for), and with ``--scaling`` how files/s changes from 1k to 10k
+instances. Wall-clock times include process start-up (~2 s for Beam), as a user sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource  # noqa: F401 - used by the wrapper's code
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO.parent / "shared" / "dicom-samples"
+SECRET = b"benchmark-key-not-secret-0123456789"
+
+
+def _usable_samples(samples: Path) -> list[tuple[Path, bytes]]:
+    """Sample files the core reads and writes (so both sides of the comparison move them)."""
+    from transforms import dicomio, engine, request
+    from transforms.identity import Key
+
+    plan, key = request.parse_anonymize({}), Key.from_bytes(SECRET)
+    usable, sops = [], set()
+    for path in sorted(p for p in samples.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        try:
+            ds = dicomio.read_dataset(data)
+            dicomio.write_dataset(engine.apply(plan, ds, key))
+            sop = str(ds["SOPInstanceUID"].value)
+        except Exception:  # noqa: BLE001 - not part of the corpus
+            continue
+        if sop in sops:
+            continue  # the samples hold a few duplicate SOPInstanceUIDs: keep the first
+        sops.add(sop)
+        usable.append((path, data))
+    return usable
+
+
+def _replica_uid(uid: str, replica: int) -> str:
+    digest = hashlib.sha256(f"{replica}|{uid}".encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def _with_new_uids(data: bytes, replica: int) -> bytes:
+    from io import BytesIO
+
+    import pydicom
+
+    ds = pydicom.dcmread(BytesIO(data), force=True)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, _replica_uid(str(ds[keyword].value), replica))
+    if getattr(ds, "file_meta", None) is not None and "MediaStorageSOPInstanceUID" in ds.file_meta:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+def replicate(samples: Path, target: Path, size_mb: float, max_files: int | None = None) -> tuple[int, int]:
+    """Fill ``target`` with replicas of the samples; returns (files, bytes)."""
+    usable = _usable_samples(samples)
+    if not usable:
+        raise SystemExit(f"no usable DICOM files under {samples}")
+    limit = int(size_mb * 1e6)
+    files = total = 0
+    replica = 0
+    while total < limit and (max_files is None or files < max_files):
+        folder = target / f"r{replica:04d}"
+        for path, data in usable:
+            if total >= limit or (max_files is not None and files >= max_files):
+                break
+            if replica == 0:
+                out = data
+            else:
+                try:
+                    out = _with_new_uids(data, replica)
+                except Exception:  # noqa: BLE001 - pydicom cannot re-encode this one: skip it
+                    continue
+            dest = folder / path.relative_to(samples)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(out)
+            files += 1
+            total += len(out)
+        replica += 1
+    return files, total
+
+
+def plain_copy(src: Path, dst: Path) -> float:
+    """Read every file and write it under ``dst``; returns seconds."""
+    start = time.perf_counter()
+    for dirpath, _, names in os.walk(src):
+        out_dir = dst / Path(dirpath).relative_to(src)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                data = f.read()
+            with open(out_dir / name, "wb") as f:
+                f.write(data)
+    return time.perf_counter() - start
+
+
+def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, int, dict]:
+    """Run the console command; returns (seconds, peak child RSS in KiB, summary)."""
+    exe = Path(sys.executable).with_name("dicom-deid")
+    # A wrapper process, so RUSAGE_CHILDREN holds this run's peak only (the command and the
+    # worker processes it waited for), not the maximum over earlier runs.
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:])\n"
+        "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, str(exe), "anonymize", str(src), str(dst), "--key-file", str(key), "--no-progress", *extra],
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode not in (0, 3):
+        raise SystemExit(f"dicom-deid failed ({done.returncode}): {done.stderr}")
+    peak = int(done.stderr.strip().splitlines()[-1].split()[1])
+    summary = json.loads(done.stdout)
+    return seconds, peak, summary
+
+
+def _row(name: str, files: int, nbytes: int, seconds: float, baseline: float | None, peak_kib: int | None) -> dict:
+    return {
+        "what": name,
+        "files": files,
+        "MB": round(nbytes / 1e6, 1),
+        "seconds": round(seconds, 2),
+        "files_per_s": round(files / seconds, 1),
+        "MB_per_s": round(nbytes / 1e6 / seconds, 1),
+        "ratio_to_copy": None if baseline is None else round((files / seconds) / baseline, 3),
+        "peak_rss_MiB": None if peak_kib is None else round(peak_kib / 1024, 1),
+    }
+
+
+def measure(src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bool, label: str = "") -> list[dict]:
+    rows = []
+    copy_s = plain_copy(src, work / "copy")
+    baseline = files / copy_s
+    rows.append(_row(f"plain Python copy{label}", files, nbytes, copy_s, baseline, None))
+    shutil.rmtree(work / "copy")
+    variants = [("dicom-deid anonymize (DirectRunner in-memory)", [])]
+    if multi:
+        variants.append(
+            ("dicom-deid anonymize (multi_processing, 2 workers)", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+        )
+    for name, extra in variants:
+        out = work / "deid"
+        seconds, peak, summary = run_cli(src, out, key, extra)
+        written = summary["Statuses"]["written"]
+        if written != files:
+            print(f"warning: {name}: {written} of {files} written ({summary['Reasons']})", file=sys.stderr)
+        rows.append(_row(name + label, files, nbytes, seconds, baseline, peak))
+        shutil.rmtree(out)
+        shutil.rmtree(Path(str(out) + "-audit"))
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    header = f"{'what':<62} {'files':>6} {'MB':>7} {'s':>7} {'files/s':>8} {'MB/s':>7} {'ratio':>6} {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = "" if r["ratio_to_copy"] is None else f"{r['ratio_to_copy']:.2f}"
+        peak = "" if r["peak_rss_MiB"] is None else f"{r['peak_rss_MiB']:.0f}"
+        print(
+            f"{r['what']:<62} {r['files']:>6} {r['MB']:>7.1f} {r['seconds']:>7.2f} {r['files_per_s']:>8.1f} "
+            f"{r['MB_per_s']:>7.1f} {ratio:>6} {peak:>9}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size-mb", type=float, default=100, help="corpus size (default 100; the issue's figure: 1024)")
+    parser.add_argument("--samples", type=Path, default=SAMPLES)
+    parser.add_argument("--work", type=Path, help="work folder (default: a temporary folder, removed)")
+    parser.add_argument("--no-multi", action="store_true", help="skip the multi_processing run")
+    parser.add_argument("--scaling", help="comma-separated instance counts, e.g. 1000,10000")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not args.samples.is_dir():
+        print(f"samples not found at {args.samples}", file=sys.stderr)
+        return 2
+    work = args.work or Path(tempfile.mkdtemp(prefix="dicom-deid-bench-"))
+    key = work / "bench.key"
+    work.mkdir(parents=True, exist_ok=True)
+    key.write_bytes(SECRET)
+    rows: list[dict] = []
+    try:
+        corpus = work / "corpus"
+        start = time.perf_counter()
+        files, nbytes = replicate(args.samples, corpus, args.size_mb)
+        print(f"corpus: {files} files, {nbytes / 1e6:.1f} MB (built in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        rows += measure(corpus, files, nbytes, work, key, not args.no_multi)
+        shutil.rmtree(corpus)
+        for count in [int(c) for c in args.scaling.split(",")] if args.scaling else []:
+            corpus = work / f"corpus-{count}"
+            files, nbytes = replicate(args.samples, corpus, float("inf"), max_files=count)
+            rows += measure(corpus, files, nbytes, work, key, False, label=f" [{count} instances]")
+            shutil.rmtree(corpus)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    _print(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
