@@ -52,7 +52,8 @@ from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import compress as _pydicom_compress
 from pydicom.pixels.utils import pack_bits
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
+from pydicom.pixels.encoders.base import ENCODING_PROFILES
+from pydicom.uid import UID, AllTransferSyntaxes
 
 from transforms.dicomio import shallow_copy
 from transforms.errors import CannotTranscode, RequestError
@@ -123,6 +124,18 @@ _LOSSY_METHOD = {
 _JPEG = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV1})
 _JPEG_LOSSY = frozenset({JPEG_BASELINE, JPEG_EXTENDED})
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_ENCODER_NAME = {
+    RLE_LOSSLESS: "RLE (pylibjpeg-rle or pydicom)",
+    JPEG_BASELINE: "libjpeg-turbo (imagecodecs)",
+    JPEG_EXTENDED: "libjpeg-turbo (imagecodecs)",
+    JPEG_LOSSLESS: "libjpeg-turbo (imagecodecs)",
+    JPEG_LOSSLESS_SV1: "libjpeg-turbo (imagecodecs)",
+    JPEGLS_LOSSLESS: "CharLS (pyjpegls)",
+    JPEGLS_NEAR_LOSSLESS: "CharLS (pyjpegls)",
+    J2K_LOSSLESS: "OpenJPEG (pylibjpeg-openjpeg)",
+    J2K: "OpenJPEG (pylibjpeg-openjpeg)",
+}
+_PYDICOM_SYNTAXES = frozenset(str(u) for u in AllTransferSyntaxes)
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA_TAG = 0x7FE00010
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -240,7 +253,8 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
     except CannotTranscode:
         raise
     except Exception as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
-        raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from exc
+        # The library's text may quote element values (patient data): name the class only.
+        raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from None
 
 
 def _done(out: Dataset, source: str, target: str, **kwargs: object) -> TranscodeResult:
@@ -253,8 +267,13 @@ def _target_text(target: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    """The exception's class only: codec and pydicom messages quote element values."""
+    return f"{type(exc).__name__} raised"
+
+
+def _syntax_text(uid: str) -> str:
+    """A transfer syntax UID for a message: only UIDs we know (a file's value could be PHI)."""
+    return uid if uid in ORTHANC_KNOWN or uid in _PYDICOM_SYNTAXES else "an unknown syntax"
 
 
 def decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
@@ -276,7 +295,7 @@ def decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     except CannotTranscode:
         raise
     except Exception as exc:  # noqa: BLE001 - a codec failure is a failed decode
-        raise CannotTranscode(f"decode {ts}: {_describe(exc)}") from exc
+        raise CannotTranscode(f"decode {_syntax_text(ts)}: {_describe(exc)}") from None
 
 
 def _copy(ds: Dataset, *, deep: bool) -> Dataset:
@@ -394,11 +413,13 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
     produces; everything else keeps its colour space.
     """
     if int(ds.BitsAllocated) not in (1, 8, 16, 32, 64):
-        raise CannotTranscode(f"BitsAllocated {int(ds.BitsAllocated)} is not decodable")
+        raise CannotTranscode("BitsAllocated must be 1, 8, 16, 32 or 64 to decode")
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise CannotTranscode(f"no pixel data decoder for source transfer syntax {ts}") from exc
+        raise CannotTranscode(
+            f"no pixel data decoder for source transfer syntax {_syntax_text(ts)}"
+        ) from None
     pi = str(ds.get("PhotometricInterpretation", ""))
     if decoder.is_native:
         arr, props = decoder.as_array(ds, raw=True)
@@ -422,9 +443,12 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
         return arr, pi_out
     if not failures:
         raise CannotTranscode(
-            f"no decoder installed for source transfer syntax {ts} (install the codecs extra)"
+            f"no decoder installed for source transfer syntax {_syntax_text(ts)} "
+            "(install the codecs extra)"
         )
-    raise CannotTranscode(f"cannot decode source transfer syntax {ts}: {'; '.join(failures)}")
+    raise CannotTranscode(
+        f"cannot decode source transfer syntax {_syntax_text(ts)}: {'; '.join(failures)}"
+    )
 
 
 def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[str]:
@@ -505,12 +529,19 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
         return _done(out, source, target, recoded=True, verified=verify)
 
     _check_encodable(out, arr, pi, target)
-    if target in _JPEG:
-        encoded, pi_out, arr = _encode_jpeg(out, arr, pi, target)
-        _store_encapsulated(out, encoded, pi_out, target)
-    else:
-        encoded_pi = _encoded_pi(pi, target)
-        _encode_pydicom(out, arr, encoded_pi, target)
+    try:
+        if target in _JPEG:
+            encoded, pi_out, arr = _encode_jpeg(out, arr, pi, target)
+            _store_encapsulated(out, encoded, pi_out, target)
+        else:
+            _encode_pydicom(out, arr, _encoded_pi(pi, target), target)
+    except CannotTranscode:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the codec refused this image
+        raise CannotTranscode(
+            f"{_target_text(target)}: the {_ENCODER_NAME[target]} encoder failed "
+            f"({_describe(exc)})"
+        ) from None
     ratio = _compression_ratio(out)
     lossy = target in LOSSY
     if lossy:
@@ -534,29 +565,38 @@ def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> Non
         bits_allocated = int(out.BitsAllocated)
         if (target == JPEG_BASELINE or arr.shape[-1] == 3) and bits_allocated != 8:
             raise CannotTranscode(
-                f"{text}: BitsAllocated {bits_allocated} is not allowed; this syntax holds "
-                "8-bit data" + ("" if target == JPEG_BASELINE else " (12-bit for greyscale)")
+                f"{text}: BitsAllocated must be 8"
+                + ("" if target == JPEG_BASELINE else " (16 with BitsStored <= 12 for greyscale)")
             )
         if bits_stored > 12:
-            raise CannotTranscode(
-                f"{text}: BitsStored {bits_stored} exceeds the 12 bits this syntax holds"
-            )
+            raise CannotTranscode(f"{text}: BitsStored must be at most 12")
     if target in _JPEG and bits_stored > 16:
-        raise CannotTranscode(f"{text}: BitsStored {bits_stored} exceeds 16")
+        raise CannotTranscode(f"{text}: BitsStored must be at most 16")
     if target in _JPEG and arr.size:
         low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (
             0, (1 << bits_stored) - 1)
         if int(arr.min()) < low or int(arr.max()) > high:
             raise CannotTranscode(
-                f"{text}: pixel values lie outside the range of BitsStored {bits_stored}"
+                f"{text}: pixel values lie outside the range BitsStored allows"
             )
     if target in (JPEG_LOSSLESS, JPEG_LOSSLESS_SV1) and pi.startswith("YBR"):
         # libjpeg-turbo marks 3-sample lossless data as RGB (Adobe APP14) or corrupts it when
         # told it is YCbCr; readers would then show the YCbCr samples as RGB.
         raise CannotTranscode(
-            f"{text}: {pi} colour data cannot be stored losslessly by the JPEG encoder; "
+            f"{text}: YBR colour data cannot be stored losslessly by the JPEG encoder "
+            "(PhotometricInterpretation allowed: RGB, MONOCHROME1, MONOCHROME2, PALETTE COLOR); "
             "use JPEG-LS, JPEG 2000 or RLE"
         )
+    if target in (J2K_LOSSLESS, J2K):
+        if min(int(out.Rows), int(out.Columns)) < 32:
+            raise CannotTranscode(
+                f"{text}: Rows and Columns must be at least 32 for the OpenJPEG encoder "
+                "(6 resolution levels)"
+            )
+        if bits_stored > 24:
+            raise CannotTranscode(f"{text}: BitsStored must be at most 24 for OpenJPEG")
+    if target not in _JPEG:  # libjpeg-turbo's limits are checked above
+        _check_profile(out, _encoded_pi(pi, target), target)
 
 
 def _encoded_pi(pi: str, target: str) -> str:
@@ -565,6 +605,32 @@ def _encoded_pi(pi: str, target: str) -> str:
     if pi == "RGB" and target == J2K:
         return "YBR_ICT"
     return pi
+
+
+def _check_profile(out: Dataset, pi: str, target: str) -> None:
+    """PS3.5 8.2 pixel module constraints as pydicom encodes them (its own error quotes values)."""
+    found = (
+        pi,
+        int(out.get("SamplesPerPixel", 1) or 1),
+        int(out.get("PixelRepresentation", 0) or 0),
+        int(out.BitsAllocated),
+        int(out.BitsStored),
+    )
+    allowed = []
+    for p_pi, spp, px_repr, bits_a, bits_s in ENCODING_PROFILES[UID(target)]:
+        if (found[0], found[1]) == (p_pi, spp) and found[2] in px_repr and found[3] in bits_a and (
+            found[4] in bits_s
+        ):
+            return
+        stored = list(bits_s)
+        allowed.append(
+            f"{p_pi}/{spp} sample(s), BitsAllocated {'|'.join(map(str, bits_a))}, BitsStored "
+            f"{stored[0]}-{stored[-1]}, PixelRepresentation {'|'.join(map(str, px_repr))}"
+        )
+    raise CannotTranscode(
+        f"{_target_text(target)}: the image pixel module is not allowed in this syntax; "
+        f"allowed: {'; '.join(allowed)}"
+    )
 
 
 def _pydicom_shape(arr: np.ndarray) -> np.ndarray:
@@ -766,7 +832,7 @@ def _check(out: Dataset, target: str, expected: np.ndarray) -> None:
     got, _ = _decode(out, target)
     text = _target_text(target)
     if got.shape != expected.shape:
-        raise CannotTranscode(f"{text}: decoded shape {got.shape} != source {expected.shape}")
+        raise CannotTranscode(f"{text}: the decoded shape differs from the source")
     if target not in LOSSY:
         if not np.array_equal(got, expected):
             count = int(np.count_nonzero(got != expected))
