@@ -24,6 +24,9 @@ checks a request's ``Transcode`` value up front; ``decode_pixels`` decodes with 
   (Annex G.2), 0 for the other encapsulated syntaxes, unchanged between native syntaxes.
 * 1-bit (BitsAllocated 1) data only goes to the native syntaxes; it is refused for the others
   before any codec is called (python-gdcm aborts the process on it, so GDCM is never used for it).
+* Failure messages name the target, the attribute keyword or the codec and what is allowed; they
+  never quote a value from the file, and never chain the library's exception (pydicom and codec
+  messages quote element values).
 
 Codecs (the ``codecs`` extra): imagecodecs (libjpeg-turbo) encodes and decodes the JPEG
 syntaxes, pyjpegls (CharLS) JPEG-LS, pylibjpeg + pylibjpeg-openjpeg (OpenJPEG) JPEG 2000,
@@ -155,7 +158,8 @@ class TranscodeResult:
       source_syntax: the input's transfer syntax.
       target_syntax: the requested one.
       recoded: the pixel data was decoded and encoded again (not just re-wrapped).
-      lossy: a lossy compression step was applied here: the instance needs a new SOPInstanceUID.
+      lossy: a lossy compression step was applied here: the instance needs a new SOPInstanceUID
+        (False when nothing was re-encoded: no pixel data, or already in the target syntax).
       compression_ratio: uncompressed / compressed size of the new pixel data, when compressed.
       verified: the new pixel data was decoded and compared with the source pixels.
     """
