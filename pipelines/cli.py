@@ -338,6 +338,13 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         return EXIT_USAGE
     if not args.quiet:
         print(json.dumps(summary, indent=2))
+    missing = summary.get("ResourcesNotFound")
+    if missing:
+        positions = ", ".join(str(i) for i in missing)
+        _err(
+            f"warning: {len(missing)} of {len(plan.resources)} Resources entries matched no input "
+            f"(positions {positions}, counting from 0)"
+        )
     if outcome.exit_code:
         reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
         _err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")

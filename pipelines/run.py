@@ -136,6 +136,23 @@ def crosswalk_prefix(crosswalk_root: str, run_id: str) -> str:
     return FileSystems.join(crosswalk_root, f"crosswalk-{run_id}")
 
 
+def matched_prefix(audit_root: str, run_id: str) -> str:
+    # Hidden (leading dot): Parquet readers of the audit folder skip it; removed after the run.
+    return FileSystems.join(audit_root, f".matched-{run_id}")
+
+
+def read_matched(audit_root: str, run_id: str) -> set[int]:
+    """Positions written by WriteMatches; the files are deleted once read."""
+    paths = [m.path for m in FileSystems.match([matched_prefix(audit_root, run_id) + "-*.txt"])[0].metadata_list]
+    found: set[int] = set()
+    for path in paths:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            found.update(int(line) for line in f.read().decode("ascii").split())
+    if paths:
+        FileSystems.delete(paths)
+    return found
+
+
 def build(
     pipeline: beam.Pipeline,
     input_uri: str,
@@ -151,6 +168,14 @@ def build(
         AUDIT_SCHEMA,
         file_name_suffix=".parquet",
     )
+    if getattr(cfg.plan, "resources", None):
+        # A few ints (positions in Resources, never the identifiers): which entries named an input.
+        (
+            outputs.matched
+            | "DistinctMatches" >> beam.Distinct()
+            | "FormatMatches" >> beam.Map(str)
+            | "WriteMatches" >> beam.io.WriteToText(matched_prefix(audit_root, cfg.run_id), file_name_suffix=".txt")
+        )
     if crosswalk_root is not None:
         outputs.crosswalk | "WriteCrosswalk" >> beam.io.WriteToParquet(
             crosswalk_prefix(crosswalk_root, cfg.run_id),
@@ -351,6 +376,11 @@ def execute(
     finally:
         cleanup_tmp(cfg.output_root, cfg.run_id)
     table = read_audit(audit_root, cfg.run_id)
-    summary = summarize(table.to_pylist(), cfg=cfg, reproducible=reproducible, extra=extra_summary)
+    extra = dict(extra_summary or {})
+    resources = getattr(cfg.plan, "resources", None) or ()
+    if resources:
+        matched = read_matched(audit_root, cfg.run_id)
+        extra["ResourcesNotFound"] = [i for i in range(len(resources)) if i not in matched]
+    summary = summarize(table.to_pylist(), cfg=cfg, reproducible=reproducible, extra=extra)
     write_summary(audit_root, cfg.run_id, summary)
     return Outcome(summary, exit_code(summary))

@@ -54,6 +54,10 @@ def expected_row(path: Path, plan: Any, key: Key = KEY) -> dict[str, Any]:
     try:
         ds = dicomio.read_dataset(data)
         new = engine.apply(plan, ds, key)
+        if plan.transcode:
+            from transforms.transcode import transcode
+
+            new = transcode(new, plan.transcode)
         out = dicomio.write_dataset(new)
     except DeidError as exc:
         return {"status": "failed", "reason": exc.reason}

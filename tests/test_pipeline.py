@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 
 from pipelines import cli
@@ -25,7 +26,7 @@ from tests.pipeline_support import (
     write_key,
 )
 from tests.synthetic import PLANTED, make_study, original_uids, write_study
-from transforms import request
+from transforms import dicomio, request
 from transforms.beam import TMP_DIR_NAME, _Duplicate, expand_input, publish
 
 ANONYMIZE = request.parse_anonymize({})
@@ -201,14 +202,14 @@ def test_rerun_is_idempotent(tmp_path: Path, study_folder: Path):
     assert json.loads((audit / "summary.json").read_text())["RunId"] in runs
 
 
-def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Path):
+def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Path, capsys: pytest.CaptureFixture[str]):
     study_a = make_study(seed=1)
     study_b = make_study(seed=2, patient_name="OTHERFAMILY^OTHERGIVEN", patient_id="PID-OTHER-0002")
     from transforms.orthanc_ids import orthanc_ids
 
     b_sr = study_b[-1]
     sr_instance_id = orthanc_ids(b_sr.PatientID, b_sr.StudyInstanceUID, b_sr.SeriesInstanceUID, b_sr.SOPInstanceUID)
-    body = {"Resources": [study_a[0].StudyInstanceUID, sr_instance_id["instance"].upper()]}
+    body = {"Resources": [study_a[0].StudyInstanceUID, "1.2.3.404", sr_instance_id["instance"].upper()]}
     code, output, audit = _run(tmp_path, study_folder, "--body", json.dumps(body))
     rows = read_rows(audit)
     got = {Path(r["source_uri"]).relative_to(study_folder).as_posix(): (r["status"], r["reason"]) for r in rows}
@@ -230,6 +231,9 @@ def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Pa
     assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (7, 1)
     assert summary["Statuses"] == {"written": 6, "failed": 1, "skipped": 4}
     assert summary["Reasons"] == {"not_dicom": 1, "not_selected": 4}
+    assert summary["ResourcesNotFound"] == [1]  # positions only: no identifier is echoed
+    assert not list(audit.glob(".matched-*"))
+    assert "dicom-deid: warning: 1 of 3 Resources entries matched no input (positions 1, counting from 0)\n" in capsys.readouterr().err
     assert code == 3
 
 
@@ -335,6 +339,30 @@ def test_multi_processing_equals_in_memory_on_shared_samples(tmp_path: Path, sam
     assert fate(rows1) == fate(rows2)
     assert len(fate(rows1)) == n_files - len(contested) > 0
     assert (code1, code2) == (3, 3)  # the samples include a README and a C-FIND query file
+
+
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"])
+def test_transcode_mixed_folder_fills_syntax_columns(tmp_path: Path, samples: Path, target: str):
+    folder = samples / "TransferSyntaxes"
+    body = {"Transcode": target}
+    code, output, audit = _run(tmp_path, folder, "--body", json.dumps(body))
+    rows = read_rows(audit)
+    _assert_matches_core(rows, folder, output, request.parse_anonymize(body))
+    assert len(rows) == len(list(folder.iterdir()))
+    for row in rows:
+        source_syntax = dicomio.transfer_syntax_of(dicomio.read_dataset(Path(row["source_uri"]).read_bytes()))
+        assert row["transfer_syntax_in"] == source_syntax
+        if row["status"] == "written":
+            assert row["transfer_syntax_out"] == target
+            assert pydicom.dcmread(row["output_uri"], stop_before_pixels=True).file_meta.TransferSyntaxUID == target
+        else:
+            assert (row["reason"], row["transfer_syntax_out"]) == ("cannot_transcode", None)
+            assert row["detail"].startswith(f"transcode: Transcode to {target}")
+    statuses = [r["status"] for r in rows]
+    assert code == (0 if "failed" not in statuses else 3)
+    assert "written" in statuses
+    summary = json.loads((audit / "summary.json").read_text())
+    assert summary["Transcode"] == target
 
 
 def test_local_direct_runner_never_tries_prism(monkeypatch: pytest.MonkeyPatch):

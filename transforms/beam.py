@@ -58,6 +58,7 @@ from transforms.errors import DeidError, InputError
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
+MATCHED_TAG = "matched_resources"
 AUDIT_TAG = "audit"
 _UID_PATH_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
@@ -120,8 +121,9 @@ def load_key_uri(uri: str) -> Any:
     return Key.from_file_bytes(data, name=uri)
 
 
-def _selection(plan: Any) -> frozenset[str]:
-    return frozenset(str(r).strip().lower() for r in (getattr(plan, "resources", None) or ()))
+def _selection(plan: Any) -> tuple[str, ...]:
+    """The request's ``Resources``, normalised (Orthanc ids are case-insensitive hex)."""
+    return tuple(str(r).strip().lower() for r in (getattr(plan, "resources", None) or ()))
 
 
 def quiet_pydicom_warnings() -> None:
@@ -267,6 +269,31 @@ def read_bounded(path: str, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def meta_transfer_syntax(data: bytes) -> str | None:
+    """(0002,0010) of a Part 10 file's meta group (explicit VR little endian), without pydicom."""
+    import struct
+
+    if data[128:132] != b"DICM":
+        return None
+    pos, end = 132, len(data)
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return None
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            value_at = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            value_at = pos + 8
+        if element == 0x0010:
+            value = data[value_at : value_at + length].decode("ascii", "replace").strip(" \0")
+            return value if _UID_PATH_RE.match(value) and len(value) <= 64 else None
+        pos = value_at + length
+    return None
+
+
 def _sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -399,26 +426,34 @@ def _detail(text: str) -> str:
     return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
 
 
-def _is_selected(ds: Any, selection: frozenset[str]) -> bool:
+def _matching_resources(ds: Any, selection: tuple[str, ...]) -> list[int]:
+    """Positions of the ``Resources`` entries that name this instance (by DICOM UID of its
+    study, series or instance, or by the Orthanc id of its patient, study, series or instance)."""
     from transforms.orthanc_ids import orthanc_ids
 
     study = _safe_str(ds, "StudyInstanceUID") or ""
     series = _safe_str(ds, "SeriesInstanceUID") or ""
     sop = _safe_str(ds, "SOPInstanceUID") or ""
-    if {study, series, sop} & selection:
-        return True
-    ids = orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop)
-    return any(v in selection for v in ids.values())
+    names = {study, series, sop} | set(orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop).values())
+    names.discard("")
+    return [i for i, entry in enumerate(selection) if entry in names]
 
 
 def process_file(
-    path: str, size: int, cfg: RunConfig, key: Any, *, target: str | None = None
+    path: str,
+    size: int,
+    cfg: RunConfig,
+    key: Any,
+    *,
+    target: str | None = None,
+    matched: list[int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """De-identify one input file. Never raises for a bad file: returns its audit row.
 
     The output goes to ``<output_root>/<study>/<series>/<sop>.dcm`` (never overwriting other
     content), or, with ``target`` (single-file mode), exactly to that local path, replacing it
-    atomically as a download would.
+    atomically as a download would. With ``Resources`` in the plan, the positions of the
+    entries naming this file are appended to ``matched`` (if given).
 
     Returns:
         ``(audit_row, crosswalk_row or None)``.
@@ -454,7 +489,10 @@ def process_file(
         selection = _selection(plan)
         if selection:
             stage = "select"
-            if not _is_selected(ds, selection):
+            hits = _matching_resources(ds, selection)
+            if matched is not None:
+                matched.extend(hits)
+            if not hits:
                 row.update(status=SKIPPED, reason="not_selected", detail="not selected by Resources")
                 return audit_row(**row, finished_at=utc_now()), None
         stage = "apply"
@@ -492,7 +530,7 @@ def process_file(
         row.update(
             status=WRITTEN,
             output_uri=final,
-            transfer_syntax_out=_transfer_syntax(new) if not getattr(plan, "transcode", None) else plan.transcode,
+            transfer_syntax_out=meta_transfer_syntax(out),
             bytes_out=len(out),
             output_sha256=sha,
         )
@@ -632,7 +670,8 @@ class DeidentifyFn(beam.DoFn):
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         path, size = element
-        audit, crosswalk = process_file(path, size, self._cfg, self._key)
+        matched: list[int] = []
+        audit, crosswalk = process_file(path, size, self._cfg, self._key, matched=matched)
         self._counters[audit["status"]].inc()
         if audit["reason"]:
             Metrics.counter(_METRICS_NAMESPACE, f"reason_{audit['reason']}").inc()
@@ -642,6 +681,8 @@ class DeidentifyFn(beam.DoFn):
         yield audit
         if crosswalk is not None:
             yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)
+        for position in matched:
+            yield pvalue.TaggedOutput(MATCHED_TAG, position)
 
     def finish_bundle(self) -> None:
         if self._progress is not None:
@@ -655,6 +696,7 @@ class DeidentifyFn(beam.DoFn):
 class DeidentifyOutputs(NamedTuple):
     audit: beam.PCollection  # audit_row dicts, one per input file
     crosswalk: beam.PCollection  # crosswalk_row dicts, one per written file (empty without --crosswalk)
+    matched: beam.PCollection  # int positions of Resources entries that named an input (with repeats)
 
 
 class ExpandInput(beam.PTransform):
@@ -680,8 +722,10 @@ class DeidentifyInstances(beam.PTransform):
         self._cfg = cfg
 
     def expand(self, pcoll: beam.PCollection[tuple[str, int]]) -> DeidentifyOutputs:
-        results = pcoll | "Deidentify" >> beam.ParDo(DeidentifyFn(self._cfg)).with_outputs(CROSSWALK_TAG, main=AUDIT_TAG)
-        return DeidentifyOutputs(results[AUDIT_TAG], results[CROSSWALK_TAG])
+        results = pcoll | "Deidentify" >> beam.ParDo(DeidentifyFn(self._cfg)).with_outputs(
+            CROSSWALK_TAG, MATCHED_TAG, main=AUDIT_TAG
+        )
+        return DeidentifyOutputs(results[AUDIT_TAG], results[CROSSWALK_TAG], results[MATCHED_TAG])
 
 
 def iter_rows(elements: Iterable[tuple[str, int]], cfg: RunConfig, key: Any) -> Iterator[dict[str, Any]]:
