@@ -16,9 +16,13 @@ Deliberate differences from Orthanc 1.12 (user-friendly refusals, all before any
   Orthanc, not enforced by it);
 * removing PatientID/Study/Series/SOPInstanceUID with ``Force`` is refused at parse time
   (Orthanc fails each instance at apply time);
-* DS/IS values must be numbers (Orthanc stores ``"abc"`` verbatim); integer VRs accept
-  backslash-separated lists; replacing a file-meta (0002,xxxx) tag is refused (the meta header
-  is regenerated on write, so the value would be silently lost).
+* DS/IS values must be numbers (Orthanc stores ``"abc"`` verbatim); numeric and AT values
+  accept backslash-separated lists where the tag's VM allows several values and are refused
+  for single-valued tags (Orthanc refuses every list for US/SS/SL/FL/FD and silently keeps the
+  first AT); replacing a file-meta (0002,xxxx) tag is refused (the meta header is regenerated
+  on write, so the value would be silently lost);
+* modification UIDs are derived from the key under the plan's fingerprint: reruns of the same
+  body give the same new UIDs, different bodies never share one (Orthanc: random per request).
 """
 
 from __future__ import annotations
