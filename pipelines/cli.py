@@ -41,6 +41,7 @@ EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 DEFAULT_MAX_BYTES = 2 << 30
+_TTY_RESOURCES = 40
 _SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -284,7 +285,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     output = normalize(args.output)
     local_in = _scheme(input_uri) is None
     single = local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
-    if not single and output.lower().endswith(".dcm") and _scheme(output) is None:
+    if not single and output.lower().endswith(".dcm"):
         raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
     if not _local_input_exists(input_uri):
         raise UsageError(f"INPUT {args.input!r} does not exist")
@@ -337,7 +338,11 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         _err(f"INPUT {args.input!r} matched no files")
         return EXIT_USAGE
     if not args.quiet:
-        print(json.dumps(summary, indent=2))
+        shown = summary
+        if sys.stdout.isatty() and len(summary["Resources"]) > _TTY_RESOURCES:
+            # A terminal gets the counts, not thousands of ids; summary.json has them all.
+            shown = {**summary, "Resources": f"{len(summary['Resources'])} entries, see {audit}/summary.json"}
+        print(json.dumps(shown, indent=2))
     missing = summary.get("ResourcesNotFound")
     if missing:
         positions = ", ".join(str(i) for i in missing)

@@ -282,3 +282,18 @@ def test_console_script_end_to_end(tmp_path: Path):
     assert helped.returncode == 0
     for option in ("--body", "--config", "--level", "--key-file", "--audit", "--crosswalk", "--max-bytes"):
         assert option in helped.stdout
+
+
+def test_terminal_gets_counts_not_every_resource(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "in"
+    write_study(make_study(seed=8, n_ct=12), folder)  # 14 instances, 3 series, 1 study, 1 patient
+    write_study(make_study(seed=9, n_ct=12, patient_id="PID-2"), folder / "b")
+    write_study(make_study(seed=10, n_ct=1, rtstruct=False, sr=False), folder / "c")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--no-progress"])
+    shown = json.loads(capsys.readouterr().out)
+    stored = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    assert code == 0
+    assert len(stored["Resources"]) == 29 + 7 + 3 + 2  # the third study shares patient 1
+    assert shown["Resources"] == f"41 entries, see {tmp_path / 'out-audit'}/summary.json"
+    assert {k: v for k, v in shown.items() if k != "Resources"} == {k: v for k, v in stored.items() if k != "Resources"}
