@@ -569,3 +569,61 @@ def test_nested_overlay_data_is_removed_and_plans_pickle_after_use():
     result = dicomio.read_dataset(dicomio.write_dataset(apply(plan, ds, KEY)), check_uids=False)
     assert [str(e.tag) for e in result.ReferencedImageSequence[0]] == ["(6000,0010)"]
     assert pickle.loads(pickle.dumps(plan)) == plan
+
+
+def _all_samples():
+    from .conftest import SAMPLES
+
+    return sorted(SAMPLES.glob("**/*.dcm")) if SAMPLES.is_dir() else []
+
+
+def test_item_scanner_matches_pydicom_on_every_sample_sequence(samples):
+    """The engine's struct-based item scanner gives the same content as pydicom's parser."""
+    from pydicom.dataelem import convert_raw_data_element
+
+    from transforms.engine import _character_set, parse_items
+    from transforms.errors import InputError
+
+    compared = 0
+    for path in _all_samples():
+        try:
+            source = _read(path)
+        except InputError:
+            continue
+        for tag, elem in list(source._dict.items()):
+            if type(elem) is not RawDataElement or elem.VR not in ("SQ", None):
+                continue
+            items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
+                                _character_set(source))
+            if items is None:
+                continue
+            reference = convert_raw_data_element(elem, encoding=_character_set(source), ds=source)
+            if reference.VR != "SQ":
+                continue
+            mine, theirs = Dataset(), Dataset()
+            mine[tag] = reference.__class__(tag, "SQ", Sequence(items))
+            theirs[tag] = reference
+            assert mine.to_json_dict() == theirs.to_json_dict(), (path.name, str(tag))
+            compared += 1
+    assert compared > 50
+
+
+def test_item_scanner_refuses_truncated_and_too_deep_values():
+    from transforms.engine import parse_items
+    from transforms.errors import InputError
+
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\x08\x00\x50\x00SH\x04\x00ACC1"
+    with pytest.raises(InputError, match="no end") as info:
+        parse_items(item, False, True, "iso8859")
+    assert info.value.reason == "truncated"
+    element_past_end = b"\xfe\xff\x00\xe0\x0c\x00\x00\x00" + b"\x08\x00\x50\x00SH\x08\x00ACC1"
+    with pytest.raises(InputError, match="runs past"):
+        parse_items(element_past_end, False, True, "iso8859")
+    # 70 nested undefined-length sequences of undefined-length items.
+    deep = b""
+    for _ in range(70):
+        deep = (b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
+                + deep + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00")
+    with pytest.raises(InputError) as info:
+        parse_items(deep, False, True, "iso8859")
+    assert info.value.reason == "too_deep"

@@ -438,18 +438,24 @@ class _Run:
         objects, and a changed item of an already decoded sequence is a shallow copy.
         """
         if type(elem) is RawDataElement:
-            try:
-                parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
-                                                  ds=holder)
-            except RecursionError:
-                raise
-            except Exception:
-                raise InputError(
-                    f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed",
-                    reason="read_error") from None
-            if parsed.VR != "SQ":
-                return None
-            items, fresh = parsed.value, True
+            items = None
+            if elem.VR == "SQ" or (elem.VR is None and elem.is_implicit_VR):
+                items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
+                                    _character_set(holder), len(parents))
+            if items is None:  # a layout the item scanner leaves to pydicom (e.g. UN)
+                try:
+                    parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
+                                                      ds=holder)
+                except RecursionError:
+                    raise
+                except Exception:
+                    raise InputError(
+                        f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed",
+                        reason="read_error") from None
+                if parsed.VR != "SQ":
+                    return None
+                items = parsed.value
+            fresh = True
         elif elem.VR == "SQ":
             items, fresh = elem.value, False
         else:
@@ -614,6 +620,172 @@ def _tables(plan: Plan) -> _Tables:
 
 _REPLACEMENT_CACHE: dict[tuple, RawDataElement] = {}
 _BASIC_PROFILE_CODE = basic_profile_code()
+
+
+# ---------------------------------------------------------------------- item scanning
+#
+# Sequences are walked far more often than they change. pydicom parses an item into a Dataset
+# through ~20 attribute assignments and decodes every element header in Python objects; this
+# scanner reads the headers with struct and leaves every value raw (bytes), which is all the
+# nested pass needs. Anything unusual (explicit UN with undefined length, stray delimiters,
+# unknown VRs) returns None and the caller lets pydicom parse the sequence.
+
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_MAX_DEPTH = 64
+_KNOWN_VRS = frozenset("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
+                       "SV TM UC UI UL UN UR US UT UV".split())
+
+
+class _Unusual(Exception):
+    """The item scanner met a layout it leaves to pydicom."""
+
+
+_STRUCTS = {
+    order: (struct.Struct(order + "HHL").unpack_from, struct.Struct(order + "HH2sH").unpack_from,
+            struct.Struct(order + "L").unpack_from)
+    for order in "<>"
+}
+_ITEM_TEMPLATE = dict(Dataset().__dict__)
+
+
+def parse_items(data: bytes | None, implicit: bool, little: bool, charset: Any,
+                depth: int = 0) -> list[Dataset] | None:
+    """The items of a raw sequence value as Datasets of raw elements (None: use pydicom).
+
+    Raises:
+        InputError: ``truncated`` when a length runs past the value, ``too_deep`` beyond
+            64 nested levels.
+    """
+    if data is None:
+        return None
+    try:
+        return _items(data, 0, len(data), implicit, little, charset, depth)
+    except (_Unusual, struct.error):
+        return None
+
+
+def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charset: Any,
+           depth: int) -> list[Dataset]:
+    tag_len = _STRUCTS["<" if little else ">"][0]
+    items = []
+    while pos < end:
+        group, element, length = tag_len(data, pos)
+        tag = group << 16 | element
+        if tag == _SEQ_END:
+            break
+        if tag != _ITEM:
+            raise _Unusual
+        pos += 8
+        if length == _UNDEFINED:
+            elements, pos = _elements(data, pos, end, implicit, little, depth, True)
+            if pos >= end:
+                raise InputError("a sequence item has no end", reason="truncated")
+            pos += 8  # the item delimiter
+        else:
+            if pos + length > end:
+                raise InputError("a sequence item runs past the end of its sequence",
+                                 reason="truncated")
+            elements, _ = _elements(data, pos, pos + length, implicit, little, depth, True)
+            pos += length
+        item = object.__new__(Dataset)
+        attrs = item.__dict__
+        attrs.update(_ITEM_TEMPLATE)
+        attrs["_dict"] = elements
+        attrs["_private_blocks"] = {}
+        attrs["_pixel_id"] = {}
+        attrs["_pixel_array_opts"] = {"use_pdh": False}
+        attrs["_parent_encoding"] = charset
+        attrs["_read_charset"] = charset
+        attrs["_read_implicit"] = implicit
+        attrs["_read_little"] = little
+        if "_is_implicit_VR" in attrs:
+            attrs["_is_implicit_VR"] = implicit
+            attrs["_is_little_endian"] = little
+        attrs["is_undefined_length_sequence_item"] = length == _UNDEFINED
+        items.append(item)
+    return items
+
+
+def _elements(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int,
+              collect: bool) -> tuple[dict, int]:
+    """Raw elements from ``pos`` to ``end`` or to an item delimiter (whose position is
+    returned)."""
+    if depth > _MAX_DEPTH:
+        raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep",
+                         reason="too_deep")
+    tag_len, tag_vr_short, long_len = _STRUCTS["<" if little else ">"]
+    elements: dict = {}
+    while pos < end:
+        if implicit:
+            group, element, length = tag_len(data, pos)
+            vr = None
+            value_pos = pos + 8
+        else:
+            group, element, vr_bytes, length = tag_vr_short(data, pos)
+            if group == 0xFFFE:
+                length = tag_len(data, pos)[2]
+                vr = None
+                value_pos = pos + 8
+            else:
+                vr = vr_bytes.decode("latin-1")
+                if vr not in _KNOWN_VRS:
+                    raise _Unusual
+                if vr in _LONG_VRS:
+                    length = long_len(data, pos + 8)[0]
+                    value_pos = pos + 12
+                else:
+                    value_pos = pos + 8
+        tag = group << 16 | element
+        if tag == _ITEM_END:
+            return elements, pos
+        if group == 0xFFFE:
+            raise _Unusual
+        if length == _UNDEFINED:
+            if vr == "UN" or tag == _PIXEL_DATA:
+                raise _Unusual  # implicit-VR content inside UN, or encapsulated fragments
+            stop = _sequence_end(data, value_pos, end, implicit, little, depth + 1)
+            if collect:
+                btag = BaseTag(tag)
+                elements[btag] = RawDataElement(btag, "SQ", _UNDEFINED, data[value_pos:stop],
+                                                value_pos, implicit, little)
+            pos = stop + 8
+        else:
+            pos = value_pos + length
+            if pos > end:
+                raise InputError("an element runs past the end of its sequence item",
+                                 reason="truncated")
+            if collect:
+                btag = BaseTag(tag)
+                elements[btag] = RawDataElement(btag, vr, length, data[value_pos:pos],
+                                                value_pos, implicit, little)
+    return elements, pos
+
+
+def _sequence_end(data: bytes, pos: int, end: int, implicit: bool, little: bool,
+                  depth: int) -> int:
+    """Position of the delimiter closing the undefined-length sequence starting at ``pos``."""
+    if depth > _MAX_DEPTH:
+        raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep",
+                         reason="too_deep")
+    tag_len = _STRUCTS["<" if little else ">"][0]
+    while True:
+        if pos + 8 > end:
+            raise InputError("a sequence runs past the end of its value", reason="truncated")
+        group, element, length = tag_len(data, pos)
+        tag = group << 16 | element
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unusual
+        pos += 8
+        if length == _UNDEFINED:
+            _, pos = _elements(data, pos, end, implicit, little, depth, False)
+            pos += 8
+        else:
+            pos += length
 
 
 # ---------------------------------------------------------------------- encoding
