@@ -303,6 +303,13 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     _warn_random_key(key)
     runner = options.view_as(pipeline_run.StandardOptions).runner
     local_runner = runner in ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
+    if local_runner and not args.verbose:
+        from apache_beam.options.pipeline_options import WorkerOptions
+
+        harness = options.view_as(WorkerOptions)
+        if "--default_sdk_harness_log_level" not in " ".join(beam_args):
+            # multi_processing workers share our terminal; their INFO chatter is not for users.
+            harness.default_sdk_harness_log_level = "ERROR"
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
     cfg = RunConfig(
