@@ -58,6 +58,7 @@ import struct
 import weakref
 from typing import Any
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
@@ -120,19 +121,34 @@ _REFERENCED = "referenced"  # ReferencedSOPInstanceUID: instance map, except the
 
 
 def _character_set(ds: Dataset) -> Any:
-    try:
-        return ds.original_character_set or ds._character_set
-    except Exception:  # undecodable SpecificCharacterSet
-        return "iso8859"
+    """The character set ``ds``'s raw text was encoded with, without decoding in place.
+
+    (``Dataset._character_set`` would store a decoded SpecificCharacterSet back into the
+    dataset, which the writer then re-encodes.)
+    """
+    original = ds.__dict__.get("_read_charset")
+    if original:
+        return original
+    return _python_encodings(ds)
 
 
 def _python_encodings(ds: Dataset) -> list[str]:
-    """The Python codecs pydicom will encode ``ds``'s text with."""
+    """The Python codecs pydicom will encode ``ds``'s text with (its current
+    SpecificCharacterSet, else the parent's, else the default)."""
+    elem = ds._dict.get(SPECIFIC_CHARACTER_SET)
+    if elem is None:
+        parent = ds.__dict__.get("_parent_encoding") or "iso8859"
+        return [parent] if isinstance(parent, str) else list(parent)
     try:
-        encodings = ds._character_set
-    except Exception:
+        if type(elem) is RawDataElement:
+            terms = [t.strip(" \x00") for t in (elem.value or b"").decode("ascii").split("\\")]
+        else:
+            value = elem.value
+            terms = [str(v) for v in value] if isinstance(value, (list, tuple)) or \
+                type(value).__name__ == "MultiValue" else [str(value or "")]
+        return list(convert_encodings(terms if any(terms) else ["ISO_IR 6"]))
+    except Exception:  # an undecodable or unknown SpecificCharacterSet: pydicom's default
         return ["iso8859"]
-    return [encodings] if isinstance(encodings, str) else list(encodings)
 
 
 def _dict_vr(tag: int) -> str | None:
