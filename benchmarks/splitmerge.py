@@ -9,7 +9,8 @@ section measures, on a generated archive (default 10,000 instances: 200 studies 
 - ``header loop``: plain Python, read every header (``stop_before_pixels``) - the floor;
 - ``index, split``: the Beam index pass without grouping;
 - ``index, merge``: the same with ``GroupByKey`` by study;
-- ``GroupByKey only``: 10,000 index entries created in memory, keyed and grouped;
+- ``in-memory entries, keyed [+ GroupByKey]``: 10,000 index entries created in memory and
+  keyed by study, without and with the grouping: the difference is the shuffle alone;
 - ``plan``: ``plan_merge`` over the whole index (driver side);
 - ``split``/``merge`` end to end: both passes, moving 25 / 50 instances out of 10,000.
 
@@ -17,7 +18,8 @@ Usage::
 
     python benchmarks/splitmerge.py [--instances 10000] [--workers 1 2] [--repeat 3] [--workdir DIR]
 
-Each figure is the median of ``--repeat`` runs (seconds, and instances/s over all inputs).
+Each figure is the median of ``--repeat`` runs: wall seconds (and instances/s over all inputs)
+and CPU seconds of this process plus its worker processes, with the 1-minute load average.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -132,17 +135,15 @@ def index_pass(input_dir: Path, selector: psm.IndexSelector, workers: int, scrat
     return _read_count(prefix)
 
 
-def group_only(entries: list[sm.IndexEntry], workers: int, scratch: Path) -> int:
-    """Create the entries in memory, key by study, GroupByKey; returns the number of groups."""
+def group_only(entries: list[sm.IndexEntry], workers: int, scratch: Path, *, group: bool) -> int:
+    """Create the entries in memory and key them by study, then (``group``) GroupByKey.
+
+    Returns the number of elements (entries, or groups) at the end.
+    """
     prefix = str(scratch / f"groups-{time.monotonic_ns()}")
     p = pipeline_run.make_pipeline(_options(workers))
-    groups = (
-        p
-        | "Create" >> beam.Create(entries, reshuffle=False)
-        | "KeyByStudy" >> beam.Map(lambda e: (e.study, e))
-        | "GroupByStudy" >> beam.GroupByKey()
-    )
-    _count_to(groups, prefix)
+    keyed = p | "Create" >> beam.Create(entries, reshuffle=False) | "KeyByStudy" >> beam.Map(lambda e: (e.study, e))
+    _count_to(keyed | "GroupByStudy" >> beam.GroupByKey() if group else keyed, prefix)
     p.run().wait_until_finish()
     return _read_count(prefix)
 
@@ -155,13 +156,25 @@ def empty_pipeline(workers: int, scratch: Path) -> int:
     return _read_count(prefix)
 
 
-def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    times, result = [], None
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (multi_processing workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
+    """Median wall and CPU seconds of ``repeat`` calls, and the last result.
+
+    CPU time is the steadier figure on a shared machine: other processes' load stretches
+    wall time but not the CPU this run needs.
+    """
+    walls, cpus, result = [], [], None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        walls.append(time.perf_counter() - start)
+        cpus.append(_cpu() - cpu)
+    return statistics.median(walls), statistics.median(cpus), result
 
 
 def group_by_study(instances: int, workers_list: list[int], repeat: int, workdir: Path) -> list[dict[str, Any]]:
@@ -175,32 +188,37 @@ def group_by_study(instances: int, workers_list: list[int], repeat: int, workdir
     scratch.mkdir(exist_ok=True)
     results: list[dict[str, Any]] = []
 
-    def record(name: str, workers: int, seconds: float, detail: str = "") -> None:
-        results.append({"measure": name, "workers": workers, "seconds": round(seconds, 3),
-                        "instances_per_s": round(instances / seconds) if seconds else None, "detail": detail})  # fmt: skip
-        print(f"{name:<34} workers={workers}  {seconds:7.2f} s  {instances / seconds:8.0f} inst/s  {detail}", flush=True)
+    def record(name: str, workers: int, timing: tuple[float, float, Any], detail: str = "") -> None:
+        wall, cpu, _ = timing
+        results.append({"measure": name, "workers": workers, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                        "instances_per_wall_s": round(instances / wall), "load": os.getloadavg()[0],
+                        "detail": detail})  # fmt: skip
+        print(f"{name:<38} workers={workers}  wall {wall:6.2f} s ({instances / wall:6.0f} inst/s)  "
+              f"cpu {cpu:6.2f} s  load {os.getloadavg()[0]:.1f}  {detail}", flush=True)  # fmt: skip
 
-    seconds, entries = _median(
+    timing = _median(
         lambda: [sm.index_entry(str(p), psm.read_header(str(p), p.stat().st_size, 1 << 30)) for p in paths], repeat
     )
-    record("header loop (plain Python)", 1, seconds, f"{len(entries)} entries")
+    entries = timing[2]
+    record("header loop (plain Python)", 1, timing, f"{len(entries)} entries")
     first_study = f"{ROOT}.0"
     split_sel = psm.IndexSelector.for_split(sm.parse_split(first_study, {"Series": [f"{ROOT}.0.0"]}))
     merge_req = sm.parse_merge(first_study, {"Resources": [f"{ROOT}.1"]})
     merge_sel = psm.IndexSelector.for_merge(merge_req)
     for workers in workers_list:
-        seconds, _ = _median(lambda: empty_pipeline(workers, scratch), repeat)
-        record("empty pipeline (overhead)", workers, seconds)
-        seconds, kept = _median(lambda: index_pass(input_dir, split_sel, workers, scratch), repeat)
-        record("index, split (no shuffle)", workers, seconds, f"{kept} entries kept")
-        seconds, kept = _median(lambda: index_pass(input_dir, merge_sel, workers, scratch), repeat)
-        record("index, merge (GroupByKey study)", workers, seconds, f"{kept} entries kept")
-        seconds, groups = _median(lambda: group_only(entries, workers, scratch), repeat)
-        record("GroupByKey only (in-memory entries)", workers, seconds, f"{groups} groups")
+        record("empty pipeline (overhead)", workers, _median(lambda: empty_pipeline(workers, scratch), repeat))
+        timing = _median(lambda: index_pass(input_dir, split_sel, workers, scratch), repeat)
+        record("index, split (no shuffle)", workers, timing, f"{timing[2]} entries kept")
+        timing = _median(lambda: index_pass(input_dir, merge_sel, workers, scratch), repeat)
+        record("index, merge (GroupByKey by study)", workers, timing, f"{timing[2]} entries kept")
+        timing = _median(lambda: group_only(entries, workers, scratch, group=False), repeat)
+        record("in-memory entries, keyed", workers, timing, f"{timing[2]} elements")
+        timing = _median(lambda: group_only(entries, workers, scratch, group=True), repeat)
+        record("in-memory entries, keyed + GroupByKey", workers, timing, f"{timing[2]} groups")
     with_tags = [e._replace(study_tags=sm.copied_study_tags(read_dataset(Path(e.source).read_bytes())))
                  if e.study_uid == first_study else e for e in entries]  # fmt: skip
-    seconds, plan = _median(lambda: sm.plan_merge(with_tags, merge_req, KEY), repeat)
-    record("plan_merge over the index (driver)", 1, seconds, f"{plan.instances_count} moved")
+    timing = _median(lambda: sm.plan_merge(with_tags, merge_req, KEY), repeat)
+    record("plan_merge over the index (driver)", 1, timing, f"{timing[2].instances_count} moved")
     for workers in workers_list:
         for command, body in (("split", {"Series": [f"{ROOT}.0.0"]}), ("merge", {"Resources": [f"{ROOT}.1"]})):
             def run_cli(command: str = command, body: dict = body, workers: int = workers) -> int:
@@ -214,8 +232,8 @@ def group_by_study(instances: int, workers_list: list[int], repeat: int, workdir
 
                 return cli.main(argv)
 
-            seconds, code = _median(run_cli, repeat)
-            record(f"{command} end to end (2 passes)", workers, seconds, f"exit {code}")
+            timing = _median(run_cli, repeat)
+            record(f"{command} end to end (2 passes)", workers, timing, f"exit {timing[2]}")
     return results
 
 

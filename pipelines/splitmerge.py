@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -118,7 +118,7 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
             f.seek(0)
             ds = dcmread(f, stop_before_pixels=True, force=not marker)
         check_identifiers(ds)
-    except (Exception, RecursionError):  # noqa: BLE001 - any failure: not indexed, pass 2 says why
+    except Exception:  # noqa: BLE001 - any failure (RecursionError included): not indexed, pass 2 says why
         return None
     return ds
 
@@ -411,19 +411,9 @@ class _ApplyFn(beam.DoFn):
             yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)
 
 
-class ApplyOutputs(tuple):  # NamedTuple-like, kept simple for Beam's pickler
-    __slots__ = ()
-
-    def __new__(cls, audit: beam.PCollection, crosswalk: beam.PCollection) -> ApplyOutputs:
-        return super().__new__(cls, (audit, crosswalk))
-
-    @property
-    def audit(self) -> beam.PCollection:
-        return self[0]
-
-    @property
-    def crosswalk(self) -> beam.PCollection:
-        return self[1]
+class ApplyOutputs(NamedTuple):
+    audit: beam.PCollection  # audit_row dicts, one per input file
+    crosswalk: beam.PCollection  # crosswalk_row dicts, one per moved file (empty without --crosswalk)
 
 
 class ApplySplitMerge(beam.PTransform):

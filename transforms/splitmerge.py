@@ -55,6 +55,7 @@ from transforms.dicomio import peek, shallow_copy
 from transforms.errors import RequestError
 from transforms.identity import Key
 from transforms.orthanc_ids import is_orthanc_id, orthanc_ids
+from transforms.tags import describe_tag as _label
 from transforms.tags import parse_tag
 
 SPLIT = "split"
@@ -90,12 +91,6 @@ _UTF8 = "ISO_IR 192"
 _JOB_KEYS = frozenset({"Asynchronous", "Synchronous", "Priority", "Permissive", "KeepLabels"})
 _SPLIT_KEYS = frozenset({"Series", "Instances", "Replace", "Remove", "KeepSource"}) | _JOB_KEYS
 _MERGE_KEYS = frozenset({"Resources", "KeepSource"}) | _JOB_KEYS
-
-
-def _label(tag: int) -> str:
-    keyword = keyword_for_tag(tag)
-    hex_ = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-    return f"'{keyword}' {hex_}" if keyword else hex_
 
 
 # --------------------------------------------------------------------------- requests
