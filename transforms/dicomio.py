@@ -234,7 +234,7 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
         end = starts[i + 1][0] if i + 1 < len(starts) else size
         if start < 0 or end <= start or not _tag_at(data, start, tag, little):
             return  # layout we do not understand: the writer uses the slow path
-        spans[tag] = (elem, start, end)
+        spans[int(tag)] = (elem, start, end)
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, spans, implicit, little))
 
 
@@ -276,7 +276,7 @@ def _skip_undefined(data: bytes, pos: int, end: int, implicit: bool, little: boo
     """
     if depth > _MAX_DEPTH:
         raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep", reason="too_deep")
-    head = struct.Struct("<HHL" if little else ">HHL").unpack_from
+    head = _STRUCTS[little][0]
     while True:
         if pos + 8 > end:
             raise InputError("file ends inside a sequence", reason="truncated")
@@ -294,6 +294,18 @@ def _skip_undefined(data: bytes, pos: int, end: int, implicit: bool, little: boo
         pos += 8
 
 
+_STRUCTS = {
+    little: (
+        struct.Struct(order + "HHL").unpack_from,
+        struct.Struct(order + "HH2sH").unpack_from,
+        struct.Struct(order + "L").unpack_from,
+    )
+    for little, order in ((True, "<"), (False, ">"))
+}
+#: VR bytes -> (VR, has a 4-byte length); unknown VR bytes make the scanner give up.
+_VR_TABLE = {vr.encode("ascii"): (vr, vr in _LONG_VRS) for vr in _KNOWN_VRS}
+
+
 def _scan_elements(
     data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int, out: dict | None
 ) -> int:
@@ -301,11 +313,10 @@ def _scan_elements(
 
     Returns the position where it stopped: ``end``, or an item delimiter inside an item.
     """
-    order = "<" if little else ">"
-    tag_len = struct.Struct(order + "HHL").unpack_from
-    tag_vr_short = struct.Struct(order + "HH2sH").unpack_from
-    long_len = struct.Struct(order + "L").unpack_from
+    tag_len, tag_vr_short, long_len = _STRUCTS[little]
+    vr_table = _VR_TABLE
     spans = [] if out is not None else None
+    append = spans.append if spans is not None else None
     while pos < end:
         if end - pos < 8:
             if out is not None and not any(data[pos:end]):
@@ -323,30 +334,26 @@ def _scan_elements(
                 vr = None
                 pos += 8
             else:
-                try:
-                    vr = vr_bytes.decode("ascii")
-                except UnicodeDecodeError:
-                    raise _GiveUp from None
-                if vr not in _KNOWN_VRS:
+                info = vr_table.get(vr_bytes)
+                if info is None:
                     raise _GiveUp
-                if vr in _LONG_VRS:
+                vr, is_long = info
+                if is_long:
                     if pos + 12 > end:
                         raise InputError("file ends inside an element header", reason="truncated")
                     length = long_len(data, pos + 8)[0]
                     pos += 12
                 else:
                     pos += 8
-        tag = group << 16 | element
-        if tag == _ITEM_END:
-            if out is not None:
-                raise _GiveUp
-            return start
         if group == 0xFFFE:
+            if (group << 16 | element) == _ITEM_END and out is None:
+                return start
             raise _GiveUp
         value_tell = pos
         if length == 0xFFFFFFFF:
+            tag = group << 16 | element
             stop = _skip_undefined(data, pos, end, implicit, little, depth)
-            value = data[pos:stop]
+            value = data[pos:stop] if out is not None else None
             pos = stop + 8
             if tag != 0x7FE00010 and vr in (None, "UN", "SQ"):
                 vr = "SQ"  # as pydicom: undefined length UN (PS3.5 6.2.2) or implicit SQ
@@ -356,12 +363,16 @@ def _scan_elements(
                     f"element ({group:04X},{element:04X}) declares more bytes than the file holds",
                     reason="truncated",
                 )
-            value = data[pos : pos + length] if out is not None else None
+            if out is None:
+                pos += length
+                continue
+            value = data[pos : pos + length]
             pos += length
         if out is not None:
-            raw = RawDataElement(BaseTag(tag), vr, length, value, value_tell, implicit, little)
-            out[raw.tag] = raw
-            spans.append((raw.tag, raw, start, pos))
+            tag = BaseTag(group << 16 | element)
+            raw = RawDataElement(tag, vr, length, value, value_tell, implicit, little)
+            out[tag] = raw
+            append((tag, raw, start, pos))
     if out is not None:
         out["__spans__"] = spans
     return pos
@@ -415,7 +426,7 @@ def _fast_read(data: bytes) -> Dataset | None:
             charset = _DEFAULT_CHARSET
     ds.set_original_encoding(implicit, little, charset)
     view = memoryview(data)
-    spans = {tag: (elem, start, end) for tag, elem, start, end in spans_list}
+    spans = {int(tag): (elem, start, end) for tag, elem, start, end in spans_list}
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, spans, implicit, little))
     return ds
 
@@ -517,10 +528,12 @@ def _fast_body(ds: Dataset, source: _Source) -> bytes:
     run_start = run_end = -1  # the current run of contiguous original bytes
     spans = source.spans
     encodings = None
-    for tag in sorted(ds._dict):
-        if _excluded(tag):
+    # Plain int keys: BaseTag's Python-level __eq__/__lt__ would dominate this loop.
+    elements = {int(tag): elem for tag, elem in ds._dict.items()}
+    for tag in sorted(elements):
+        if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0:  # see _excluded
             continue
-        elem = ds._dict[tag]
+        elem = elements[tag]
         span = spans.get(tag)
         if span is not None and span[0] is elem:
             if tag == 0x7FE00010 and _encapsulated_as_ow(elem, source):
