@@ -16,7 +16,9 @@ the same bytes. Then, in the same run, on the same (page-cached) files:
 - ``dicom-deid``: the console command with defaults (DirectRunner, in-memory), in a child process;
 - optionally ``dicom-deid`` with ``--direct_running_mode multi_processing --direct_num_workers 2``.
 
-Reported: files/s, MB/s (input bytes), the ratio to the copy, peak memory of the child
+Reported: files/s, MB/s (input bytes), the ratio to the copy, CPU seconds and files per
+CPU-second (robust when other work shares the machine; for the multi-process run it sums
+every worker, so it shows cost, not speed-up), peak memory of the child
 (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` delta, which covers the command and the
 worker processes it waited for), and with ``--scaling`` how files/s changes from 1k to 10k
 instances. Wall-clock times include process start-up (~2 s for Beam), as a user sees them.
@@ -28,7 +30,7 @@ import argparse
 import hashlib
 import json
 import os
-import resource  # noqa: F401 - used by the wrapper's code
+import resource
 import shutil
 import subprocess
 import sys
@@ -112,8 +114,14 @@ def replicate(samples: Path, target: Path, size_mb: float, max_files: int | None
     return files, total
 
 
-def plain_copy(src: Path, dst: Path) -> float:
-    """Read every file and write it under ``dst``; returns seconds."""
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def plain_copy(src: Path, dst: Path) -> tuple[float, float]:
+    """Read every file and write it under ``dst``; returns (wall seconds, CPU seconds)."""
+    cpu = _cpu_self()
     start = time.perf_counter()
     for dirpath, _, names in os.walk(src):
         out_dir = dst / Path(dirpath).relative_to(src)
@@ -123,18 +131,19 @@ def plain_copy(src: Path, dst: Path) -> float:
                 data = f.read()
             with open(out_dir / name, "wb") as f:
                 f.write(data)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_self() - cpu
 
 
-def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, int, dict]:
-    """Run the console command; returns (seconds, peak child RSS in KiB, summary)."""
+def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, float, int, dict]:
+    """Run the console command; returns (seconds, CPU seconds, peak child RSS in KiB, summary)."""
     exe = Path(sys.executable).with_name("dicom-deid")
     # A wrapper process, so RUSAGE_CHILDREN holds this run's peak only (the command and the
     # worker processes it waited for), not the maximum over earlier runs.
     wrapper = (
         "import resource, subprocess, sys\n"
         "done = subprocess.run(sys.argv[1:])\n"
-        "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print('PEAK_KIB', r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)\n"
         "sys.exit(done.returncode)\n"
     )
     start = time.perf_counter()
@@ -146,12 +155,14 @@ def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, i
     seconds = time.perf_counter() - start
     if done.returncode not in (0, 3):
         raise SystemExit(f"dicom-deid failed ({done.returncode}): {done.stderr}")
-    peak = int(done.stderr.strip().splitlines()[-1].split()[1])
+    _, peak, cpu = done.stderr.strip().splitlines()[-1].split()
     summary = json.loads(done.stdout)
-    return seconds, peak, summary
+    return seconds, float(cpu), int(peak), summary
 
 
-def _row(name: str, files: int, nbytes: int, seconds: float, baseline: float | None, peak_kib: int | None) -> dict:
+def _row(
+    name: str, files: int, nbytes: int, seconds: float, cpu: float, baseline: tuple[float, float], peak_kib: int | None
+) -> dict:
     return {
         "what": name,
         "files": files,
@@ -159,16 +170,19 @@ def _row(name: str, files: int, nbytes: int, seconds: float, baseline: float | N
         "seconds": round(seconds, 2),
         "files_per_s": round(files / seconds, 1),
         "MB_per_s": round(nbytes / 1e6 / seconds, 1),
-        "ratio_to_copy": None if baseline is None else round((files / seconds) / baseline, 3),
+        "ratio_to_copy": round((files / seconds) / baseline[0], 3),
+        "cpu_seconds": round(cpu, 2),
+        "files_per_cpu_s": round(files / cpu, 1),
+        "cpu_ratio_to_copy": round((files / cpu) / baseline[1], 3),
         "peak_rss_MiB": None if peak_kib is None else round(peak_kib / 1024, 1),
     }
 
 
 def measure(src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bool, label: str = "") -> list[dict]:
     rows = []
-    copy_s = plain_copy(src, work / "copy")
-    baseline = files / copy_s
-    rows.append(_row(f"plain Python copy{label}", files, nbytes, copy_s, baseline, None))
+    copy_s, copy_cpu = plain_copy(src, work / "copy")
+    baseline = (files / copy_s, files / copy_cpu)
+    rows.append(_row(f"plain Python copy{label}", files, nbytes, copy_s, copy_cpu, baseline, None))
     shutil.rmtree(work / "copy")
     variants = [("dicom-deid anonymize (DirectRunner in-memory)", [])]
     if multi:
@@ -177,26 +191,29 @@ def measure(src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bo
         )
     for name, extra in variants:
         out = work / "deid"
-        seconds, peak, summary = run_cli(src, out, key, extra)
+        seconds, cpu, peak, summary = run_cli(src, out, key, extra)
         written = summary["Statuses"]["written"]
         if written != files:
             print(f"warning: {name}: {written} of {files} written ({summary['Reasons']})", file=sys.stderr)
-        rows.append(_row(name + label, files, nbytes, seconds, baseline, peak))
+        rows.append(_row(name + label, files, nbytes, seconds, cpu, baseline, peak))
         shutil.rmtree(out)
         shutil.rmtree(Path(str(out) + "-audit"))
     return rows
 
 
 def _print(rows: list[dict]) -> None:
-    header = f"{'what':<62} {'files':>6} {'MB':>7} {'s':>7} {'files/s':>8} {'MB/s':>7} {'ratio':>6} {'peak MiB':>9}"
+    header = (
+        f"{'what':<62} {'files':>6} {'MB':>7} {'s':>7} {'files/s':>8} {'MB/s':>7} {'ratio':>6} "
+        f"{'CPU s':>7} {'files/CPU-s':>11} {'CPU ratio':>9} {'peak MiB':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        ratio = "" if r["ratio_to_copy"] is None else f"{r['ratio_to_copy']:.2f}"
         peak = "" if r["peak_rss_MiB"] is None else f"{r['peak_rss_MiB']:.0f}"
         print(
             f"{r['what']:<62} {r['files']:>6} {r['MB']:>7.1f} {r['seconds']:>7.2f} {r['files_per_s']:>8.1f} "
-            f"{r['MB_per_s']:>7.1f} {ratio:>6} {peak:>9}"
+            f"{r['MB_per_s']:>7.1f} {r['ratio_to_copy']:>6.2f} {r['cpu_seconds']:>7.2f} {r['files_per_cpu_s']:>11.1f} "
+            f"{r['cpu_ratio_to_copy']:>9.2f} {peak:>9}"
         )
 
 
