@@ -57,6 +57,8 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UID_LAX_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Identifiers every instance must carry (Orthanc refuses to store a file without them).
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_REQUIRED_UID_TAGS = tuple((k, tag_for_keyword(k)) for k in REQUIRED_UIDS)
+_UID_LAX_BYTES_RE = re.compile(rb"^[0-9]+(\.[0-9]+)*\Z")
 
 _SOURCE_ATTR = "_deid_source"
 
@@ -173,7 +175,12 @@ def peek(ds: Dataset, keyword_or_tag: str | int) -> Any:
 
 def check_identifiers(ds: Dataset) -> None:
     """Refuse a data set whose main identifiers are missing or malformed."""
-    for keyword in REQUIRED_UIDS:
+    for keyword, tag in _REQUIRED_UID_TAGS:
+        raw = ds._dict.get(tag)
+        if type(raw) is RawDataElement and type(raw.value) is bytes and raw.value:
+            # Fast path on the raw bytes (UIDs are ASCII; padding is NUL or space).
+            if _UID_LAX_BYTES_RE.match(raw.value.rstrip(b" \0")) and len(raw.value.rstrip(b" \0")) <= 64:
+                continue
         try:
             value = peek(ds, keyword)
         except Exception as exc:  # undecodable raw value
@@ -518,7 +525,8 @@ def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
     else:
         body = _slow_body(ds, implicit, little)
     if deflated:
-        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        # Level 1: ~5x faster than the default on pixel data for a few percent more bytes.
+        compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = compressor.compress(body) + compressor.flush()
     return encode_file_meta(sop_class, sop_instance, ts) + body
 
