@@ -46,6 +46,18 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+_Raw = argparse.RawDescriptionHelpFormatter
+_EPILOG = """\
+Any other option goes to Beam: --runner (default DirectRunner), --direct_running_mode
+in_memory|multi_threading|multi_processing, --direct_num_workers N (0 = all cores), and
+Dataflow's --project --region --temp_location --setup_file ... When INPUT is one file and
+OUTPUT ends in .dcm, the file is processed directly, without Beam.
+
+Exit status: 0 every input written or skipped by Resources; 3 some inputs failed (summary
+Reasons, audit rows); 2 refused request or command line; 1 internal error; 130 interrupted.
+"""
+
+
 class UsageError(RequestError):
     """A refused command line (exit status 2)."""
 
@@ -108,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    anonymize = sub.add_parser("anonymize", help="de-identify like /tools/bulk-anonymize")
+    anonymize = sub.add_parser(
+        "anonymize", help="de-identify like /tools/bulk-anonymize", epilog=_EPILOG, formatter_class=_Raw
+    )
     _add_common(anonymize)
-    modify = sub.add_parser("modify", help="modify like /tools/bulk-modify")
+    modify = sub.add_parser("modify", help="modify like /tools/bulk-modify", epilog=_EPILOG, formatter_class=_Raw)
     _add_common(modify)
     modify.add_argument("--level", metavar="L", help="Patient, Study, Series or Instance (default: detected)")
     try:
