@@ -387,9 +387,6 @@ WRITER_DIFFERENCES: list[Deliberate] = [
 #: Differences that are our bugs, reported to the owner; a test that meets one (and nothing
 #: unexpected) is marked xfail with the bug's description. Remove an entry once fixed.
 KNOWN_BUGS: list[Deliberate] = [
-    deliberate("DimensionIndexPointer", ["value"], "top", ours=(0x00209056, 0x00209057),
-               reason="two values written for an AT tag of VM 1 (DimensionIndexPointer); "
-                      "Orthanc keeps the first (numeric VRs now refuse such lists)"),
     deliberate(0, ["vr"], "top", mask=0, ours="UN", sample="2022-03-08-RicSmi.dcm",
                reason="an element stored with explicit VR UN that the profile clears stays "
                       "UN (empty); Orthanc writes the empty element with its dictionary VR "

@@ -98,6 +98,10 @@ CASES = [
                         "is accepted; Orthanc refuses every list for binary numbers"),
     BodyCase("us-list-for-vm-1", "modify", {"Replace": {"Rows": "1\\2"}}, 400, "Rows"),
     BodyCase("fd-list-for-vm-1", "modify", {"Replace": {"0018,9087": "1.5\\2"}}, 400, "0018,9087"),
+    BodyCase("at-list-for-vm-1", "modify", {"Replace": {"DimensionIndexPointer": "0020,9056\\0020,9057"}},
+             None, "DimensionIndexPointer",
+             deliberate="two values for an AT tag of VM 1 are refused with a message naming the "
+                        "tag; Orthanc silently keeps the first value"),
 ]
 
 #: Bodies on which we decide differently from Orthanc 1.10.1, with the reason.

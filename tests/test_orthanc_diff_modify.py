@@ -180,10 +180,6 @@ CASES = [
         "at-list", "DummyCT.dcm",
         {"Replace": {"FrameIncrementPointer": "0018,1063\\0018,1065"}},
         {}),
-    ModifyCase(
-        "at-list-for-vm-1", "DummyCT.dcm",
-        {"Replace": {"DimensionIndexPointer": "0020,9056\\0020,9057"}},
-        {}),
     ModifyCase(  # characters ISO_IR 126 cannot encode
         "unrepresentable-characters", "Encodings/Lena-greek.dcm",
         {"Replace": {"InstitutionalDepartmentName": "Sw\u00e9ep \u03a9\u03bc\u03ad\u03b3\u03b1"}},
