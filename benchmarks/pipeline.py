@@ -90,7 +90,7 @@ def replicate(samples: Path, target: Path, size_mb: float, max_files: int | None
     usable = _usable_samples(samples)
     if not usable:
         raise SystemExit(f"no usable DICOM files under {samples}")
-    limit = int(size_mb * 1e6)
+    limit = size_mb * 1e6
     files = total = 0
     replica = 0
     while total < limit and (max_files is None or files < max_files):
@@ -215,6 +215,7 @@ def _print(rows: list[dict]) -> None:
             f"{r['MB_per_s']:>7.1f} {r['ratio_to_copy']:>6.2f} {r['cpu_seconds']:>7.2f} {r['files_per_cpu_s']:>11.1f} "
             f"{r['cpu_ratio_to_copy']:>9.2f} {peak:>9}"
         )
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,14 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: {files} files, {nbytes / 1e6:.1f} MB (built in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
         rows += measure(corpus, files, nbytes, work, key, not args.no_multi)
         shutil.rmtree(corpus)
+        _print(rows)  # partial results first: the scaling runs take a while
         for count in [int(c) for c in args.scaling.split(",")] if args.scaling else []:
             corpus = work / f"corpus-{count}"
             files, nbytes = replicate(args.samples, corpus, float("inf"), max_files=count)
+            print(f"scaling corpus: {files} files, {nbytes / 1e6:.1f} MB", file=sys.stderr)
             rows += measure(corpus, files, nbytes, work, key, False, label=f" [{count} instances]")
             shutil.rmtree(corpus)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    print()
     _print(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
