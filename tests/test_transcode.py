@@ -641,3 +641,39 @@ def test_failure_messages_never_quote_file_values(planted: str) -> None:
             assert "PLANTED" not in str(exc)
             assert exc.__cause__ is None and exc.__suppress_context__
     assert refused >= 9  # every compressed target: the photometric interpretation is invalid
+
+
+def test_lossy_transcode_for_plan_gives_a_new_sop_instance_uid_unless_kept():
+    from io import BytesIO as _BytesIO
+
+    from pydicom.data import get_testdata_file as _get
+
+    from transforms import dicomio as _dicomio
+    from transforms.engine import apply as _apply
+    from transforms.identity import Key as _Key
+    from transforms.request import parse_modify as _parse_modify
+    from transforms.transcode import transcode_for_plan
+
+    data = open(_get("CT_small.dcm"), "rb").read()
+    ds = _dicomio.read_dataset(data)
+    key = _Key.from_bytes(b"t" * 32)
+    original = str(ds.SOPInstanceUID)
+
+    lossless = _parse_modify({"Transcode": "1.2.840.10008.1.2.4.70"})
+    out = transcode_for_plan(lossless, _apply(lossless, ds, key), key).dataset
+    modified_uid = str(_apply(lossless, ds, key).SOPInstanceUID)
+    assert out.SOPInstanceUID == modified_uid  # lossless: the modification's UID stays
+
+    lossy = _parse_modify({"Transcode": "1.2.840.10008.1.2.4.91"})
+    result = transcode_for_plan(lossy, _apply(lossy, ds, key), key)
+    assert result.lossy
+    new_uid = str(result.dataset.SOPInstanceUID)
+    assert new_uid.startswith("2.25.") and new_uid not in (original, str(_apply(lossy, ds, key).SOPInstanceUID))
+    assert new_uid == key.uid("lossy.1.2.840.10008.1.2.4.91", str(_apply(lossy, ds, key).SOPInstanceUID))
+    written = pydicom.dcmread(_BytesIO(_dicomio.write_dataset(result.dataset)))
+    assert written.file_meta.MediaStorageSOPInstanceUID == new_uid == written.SOPInstanceUID
+    assert written.LossyImageCompression == "01"
+
+    kept = _parse_modify({"Transcode": "1.2.840.10008.1.2.4.91", "Keep": ["SOPInstanceUID"], "Force": True})
+    result = transcode_for_plan(kept, _apply(kept, ds, key), key)
+    assert result.lossy and result.dataset.SOPInstanceUID == original

@@ -866,3 +866,30 @@ __all__ = [
     "transcode_result",
     "validate_target",
 ]
+
+
+_SOP_INSTANCE_UID = 0x00080018
+
+
+def transcode_for_plan(plan: object, ds: Dataset, key: object) -> TranscodeResult:
+    """Apply a request's ``Transcode`` to the engine's output (``plan.transcode`` must be set).
+
+    A lossy re-encoding makes a new image, so it gets a new SOPInstanceUID (as Orthanc's
+    instance route does), derived from the key and the instance's current UID, unless the
+    body kept or replaced SOPInstanceUID (both need ``Force``): then the caller asked for that
+    identity and it stays. The meta header follows when the file is written.
+    """
+    result = transcode_result(ds, plan.transcode)  # type: ignore[attr-defined]
+    if not result.lossy:
+        return result
+    kept = getattr(plan, "keep", frozenset()) | getattr(plan, "forced_uids", frozenset())
+    if _SOP_INSTANCE_UID in kept:
+        return result
+    out = result.dataset
+    current = str(out.get("SOPInstanceUID", "") or "").strip(" \0")
+    new_uid = key.uid(f"lossy.{plan.transcode}", current)  # type: ignore[attr-defined]
+    out.SOPInstanceUID = new_uid
+    meta = getattr(out, "file_meta", None)
+    if meta is not None:
+        meta.MediaStorageSOPInstanceUID = new_uid
+    return dataclasses.replace(result, dataset=out)
