@@ -55,9 +55,9 @@ def expected_row(path: Path, plan: Any, key: Key = KEY) -> dict[str, Any]:
         ds = dicomio.read_dataset(data)
         new = engine.apply(plan, ds, key)
         if plan.transcode:
-            from transforms.transcode import transcode
+            from transforms.transcode import transcode_for_plan
 
-            new = transcode(new, plan.transcode)
+            new = transcode_for_plan(plan, new, key).dataset
         out = dicomio.write_dataset(new)
     except DeidError as exc:
         return {"status": "failed", "reason": exc.reason}
