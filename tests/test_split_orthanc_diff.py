@@ -7,7 +7,6 @@ series, one new SOP per instance" is checked without equal values. Skipped witho
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -92,7 +91,7 @@ def test_merge_matches_orthanc(orthanc: OrthancClient) -> None:
             orthanc.delete("instances", instance)
 
 
-def test_split_with_references_differs_only_where_we_follow_them(orthanc: OrthancClient, tmp_path: Path) -> None:
+def test_split_with_references_differs_only_where_we_follow_them(orthanc: OrthancClient) -> None:
     """A CT series and its RTSTRUCT split out of study A: Orthanc leaves the RTSTRUCT's nested
     references on the old UIDs; ours follow (the one deliberate difference)."""
     import io
