@@ -520,18 +520,23 @@ def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
     sop_instance = _uid_value(ds, "SOPInstanceUID", str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ""))
     implicit, little, deflated = _encoding_of(ts)
     source: _Source | None = getattr(ds, _SOURCE_ATTR, None)
+    head = encode_file_meta(sop_class, sop_instance, ts)
     if source is not None and source.implicit == implicit and source.little == little:
-        body = _fast_body(ds, source)
+        parts = _fast_body(ds, source)
+        if not deflated:
+            return b"".join([head, *parts])  # one copy of the (large) body, not two
+        body = b"".join(parts)
     else:
         body = _slow_body(ds, implicit, little)
     if deflated:
         # Level 1: ~5x faster than the default on pixel data for a few percent more bytes.
         compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = compressor.compress(body) + compressor.flush()
-    return encode_file_meta(sop_class, sop_instance, ts) + body
+    return head + body
 
 
-def _fast_body(ds: Dataset, source: _Source) -> bytes:
+def _fast_body(ds: Dataset, source: _Source) -> list[Any]:
+    """The encoded elements as a list of byte strings and slices of the original file."""
     parts: list[Any] = []
     run_start = run_end = -1  # the current run of contiguous original bytes
     spans = source.spans
@@ -570,7 +575,7 @@ def _fast_body(ds: Dataset, source: _Source) -> bytes:
         parts.append(_encode_element(ds, elem, source.implicit, source.little, encodings))
     if run_end > run_start >= 0:
         parts.append(source.data[run_start:run_end])
-    return b"".join(parts)
+    return parts
 
 
 def _encapsulated_as_ow(elem: Any, source: _Source) -> bool:
