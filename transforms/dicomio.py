@@ -407,9 +407,15 @@ def _fast_read(data: bytes) -> Dataset | None:
         if ts_raw is None or not ts_raw.value:
             return None
         ts = ts_raw.value.decode("ascii", "replace").strip(" \0")
-        if ts == DeflatedExplicitVRLittleEndian:
-            return None
-        implicit, little, _ = _encoding_of(ts)
+        implicit, little, deflated = _encoding_of(ts)
+        if deflated:
+            # The data set is a raw deflate stream: scan (and later copy from) its inflation.
+            try:
+                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                data = inflater.decompress(data[meta_end:]) + inflater.flush()
+            except zlib.error:
+                raise InputError("the deflated data set cannot be inflated", reason="truncated") from None
+            meta_end, size = 0, len(data)
         elements: dict = {}
         _scan_elements(data, meta_end, size, implicit, little, 0, elements)
     except _GiveUp:
