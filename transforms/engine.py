@@ -15,8 +15,10 @@
 
 Speed: the dataset is a shallow copy whose unchanged elements stay the very raw elements read
 from the file (so ``transforms.dicomio.write_dataset`` copies their bytes). Only tags named
-by the plan or selected by the profile are decoded; sequences are parsed only to be walked,
-and a walked sequence in which nothing changed is left as it was. What the engine writes
+by the plan or selected by the profile are decoded. The nested pass reads raw sequences on
+their bytes (element headers only, no Datasets), leaves a sequence in which nothing changes
+as it was, and rebuilds a changed one from the bytes of its unchanged elements plus the
+re-encoded changed ones; other sequences are parsed to be walked. What the engine writes
 (mapped UIDs, pseudonyms, emptied values, replacements, changed sequences) is produced as raw
 encoded elements, so the writer never runs pydicom's per-element encoder on them. Pixel data
 is never decoded.
@@ -56,6 +58,9 @@ from __future__ import annotations
 
 import struct
 import weakref
+from array import array
+from itertools import compress
+from operator import attrgetter
 from typing import Any
 
 from pydicom.charset import convert_encodings
@@ -106,6 +111,7 @@ _UNDEFINED = 0xFFFFFFFF
 _STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _HIERARCHY = {STUDY_INSTANCE_UID: STUDY, SERIES_INSTANCE_UID: SERIES, SOP_INSTANCE_UID: INSTANCE}
 _MEDIA_STORAGE = {SOP_CLASS_UID: 0x00020002, SOP_INSTANCE_UID: 0x00020003}
+_MEDIA_STORAGE_TAGS = {tag: BaseTag(tag) for tag in _MEDIA_STORAGE.values()}
 _REFERENCED_SOP_INSTANCE_UID = 0x00081155
 _RT_STUDY_PARENTS = (0x30060010, 0x30060012)  # ReferencedFrameOfReference > RTReferencedStudy
 _LEVEL_RANK = {"Patient": 0, "Study": 1, "Series": 2, "Instance": 3}
@@ -118,6 +124,31 @@ _CLEAR = object()
 _KEEP = object()
 _SKIP = object()  # handled by another step (replaced tags, the PatientName pseudonym)
 _REFERENCED = "referenced"  # ReferencedSOPInstanceUID: instance map, except the RT quirk
+# Byte-level nested pass: a tag without action (walked when its VR is SQ or its length
+# undefined), a dictionary sequence tag without action (also walked with implicit VR), and
+# "let the object walk handle this sequence".
+_PLAIN = object()
+_SEQ_TAG = object()
+_FALLBACK = object()
+_NOTHING = object()  # a kept private tag: not even the nested pass
+_PSEUDONYM = object()  # PatientName, pseudonymized in step 5
+_HIERARCHY_CODES = {tag: object() for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID,
+                                              SOP_INSTANCE_UID)}  # regenerated in step 6
+_CAPTURED = frozenset({_PSEUDONYM, *_HIERARCHY_CODES.values()})
+_GET_VR = attrgetter("VR")
+_BYTE_MAX_DEPTH = 60  # below the scanner's 64: deeper input gets the object walk's errors
+
+
+def _raw(tag: int, vr: str | None, length: int, value: bytes, value_tell: int,
+         implicit: bool, little: bool) -> RawDataElement:
+    """``RawDataElement(...)`` without the namedtuple's Python-level ``__new__``."""
+    return _tuple_new(RawDataElement, (tag, vr, length, value, value_tell, implicit, little)
+                      + _RAW_DEFAULTS)
+
+
+_tuple_new = tuple.__new__
+_RAW_DEFAULTS = tuple(RawDataElement._field_defaults[name]  # pydicom 3: is_raw, is_buffered
+                      for name in RawDataElement._fields[7:])
 
 
 def _character_set(ds: Dataset) -> Any:
@@ -203,18 +234,26 @@ class _Run:
         self.anonymize = plan.is_anonymization
         tables = _tables(plan)
         self.ns = tables.namespaces
-        self.top_actions, self.nested_actions = tables.top, tables.nested
+        self.nested_actions = tables.nested
+        self.top_codes = tables.top_codes
+        self.replacements = tables.replacements
+        self.replacement_cache = tables.replacement_cache
         self.ranges = plan.removed_ranges
         self.range_lo, self.range_hi = tables.range_lo, tables.range_hi
+        self.byte_actions = tables.byte_actions
+        self.structs = _BYTE_STRUCTS[self.little]
+        self.headers = _HEADER_PACKERS[self.little]
+        self.byte_memo: dict[tuple, bytes] = {}  # mapped identifiers of this dataset
         self.forced: dict[tuple[str, str], str] = {}
         self.result = self._run()
 
     # ------------------------------------------------------------------ identifiers
 
     def map_uid(self, kind: str, value: str) -> str:
-        forced = self.forced.get((kind, value))
-        if forced is not None:
-            return forced
+        if self.forced:
+            forced = self.forced.get((kind, value))
+            if forced is not None:
+                return forced
         return self.key.uid(self.ns[kind], value)
 
     def in_range(self, tag: int) -> bool:
@@ -224,6 +263,19 @@ class _Run:
 
     def _mapped_element(self, tag: int, elem: Any, ds: Dataset, kind: str) -> Any | None:
         """``elem`` with every value mapped in ``kind``'s namespace (None: leave as is)."""
+        if type(elem) is RawDataElement:
+            data = elem.value
+            if not data:
+                return None
+            if b"\\" not in data and data.isascii():  # one ASCII value (as _text_of reads it)
+                text = data.decode("ascii").strip(" \x00")
+                if not text:
+                    return None
+                if kind != PATIENT:
+                    return self._ascii_element(tag, "UI", self.map_uid(kind, text), elem)
+                if int(tag) == PATIENT_ID:
+                    return self._ascii_element(tag, "LO", self.key.patient_id(text), elem)
+                return self._ascii_element(tag, "PN", self.key.patient_name(text), elem)
         values = _text_of(elem, ds)
         if values is None:
             return None
@@ -246,11 +298,11 @@ class _Run:
         if type(old) is RawDataElement:
             # Implicit VR writes no VR; an explicit UN becomes the proper VR (as DCMTK does).
             raw_vr = None if old.is_implicit_VR else (vr if old.VR in ("UN", None) else old.VR)
-            return RawDataElement(tag, raw_vr, len(data), data, old.value_tell,
-                                  old.is_implicit_VR, old.is_little_endian)
+            return _raw(tag, raw_vr, len(data), data, old.value_tell, old.is_implicit_VR,
+                        old.is_little_endian)
         if self.implicit is not None:
-            return RawDataElement(tag, None if self.implicit else vr, len(data), data, 0,
-                                  self.implicit, self.little)
+            return _raw(tag, None if self.implicit else vr, len(data), data, 0, self.implicit,
+                        self.little)
         return DataElement(tag, vr, text)
 
     # ------------------------------------------------------------------ steps
@@ -273,56 +325,52 @@ class _Run:
                 if original:
                     self.forced.setdefault((kind, "\\".join(original)), value.value)
 
-        # 2-4 (and the top-level half of 7) in one pass over the top-level tags.
-        remove_private = plan.remove_private_tags
-        private_keep = plan.private_keep
-        actions = self.top_actions
-        range_lo, range_hi = self.range_lo, self.range_hi
+        # 2-4 (and the top-level half of 7): each tag's action comes from a per-plan table
+        # (looked up with plain ints in C-level maps: BaseTag's Python-level __eq__ would run
+        # on every lookup), and only tags with an action are visited.
+        tags = list(d)
+        values = list(d.values())
+        codes = list(map(self.top_codes.__getitem__, array("L", tags).tolist()))
         sequences: list[int] = []
-        for tag, elem in list(d.items()):
-            group = tag >> 16
-            if group & 1:
-                if int(tag) in private_keep:
-                    continue
-                if remove_private:
-                    del d[tag]
-                    continue
-                action = None
-            else:
-                action = actions.get(int(tag))  # int: a BaseTag key would call its Python __eq__
-            if action is None:
-                if range_lo <= group <= range_hi and self.in_range(tag):
-                    del d[tag]
-                elif anonymize and (
+        captured: dict[Any, tuple[BaseTag, Any]] = {}  # by code: (key as in d, element)
+        if anonymize:
+            for tag, elem, code in compress(zip(tags, values, codes),
+                                            map(_MAYBE_SQ_VRS.__contains__,
+                                                map(_GET_VR, values))):
+                if code is None and (
                         elem.VR == "SQ" if type(elem) is not RawDataElement else
-                        elem.VR in _MAYBE_SQ_VRS and (
-                            elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS)):
+                        elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
                     sequences.append(tag)
-            elif action is _DELETE:
+        for tag, elem, code in compress(zip(tags, values, codes), codes):
+            if code is _DELETE:
                 del d[tag]
-            elif action is _CLEAR:
+            elif code is _CLEAR:
                 d[tag] = self._cleared_top(tag, elem)
-            elif action is PATIENT or action is INSTANCE:
-                new = self._mapped_element(tag, elem, out, action)
+            elif code is PATIENT or code is INSTANCE:
+                new = self._mapped_element(tag, elem, out, code)
                 if new is not None:
                     d[tag] = new
-            # _KEEP and _SKIP: nothing here
+            elif code in _CAPTURED:  # PatientName, hierarchy UIDs: read by steps 5 and 6
+                captured[code] = (tag, elem)
+            # _KEEP, _SKIP and _NOTHING: nothing here
 
         # 5. Replacements, then (anonymization) the PatientName pseudonym.
-        encodings = _python_encodings(out)
-        for value in plan.replacements:
-            elem = self._replacement(value, encodings)
-            d[BaseTag(value.tag)] = elem  # pydicom's writer needs BaseTag keys
-            if value.tag == SPECIFIC_CHARACTER_SET:
-                encodings = _python_encodings(out)
-            self._sync_meta(value.tag, elem)
-            if anonymize and value.vr == "SQ" and value != _BASIC_PROFILE_CODE:
-                sequences.append(value.tag)  # a replaced sequence gets the nested pass too
+        if plan.replacements:
+            encodings = _python_encodings(out)
+            for index, (value, key, walk) in enumerate(self.replacements):
+                elem = self._replacement(value, encodings, index)
+                d[key] = elem  # pydicom's writer needs BaseTag keys
+                if value.tag == SPECIFIC_CHARACTER_SET:
+                    encodings = _python_encodings(out)
+                if value.tag in _MEDIA_STORAGE:
+                    self._sync_meta(value.tag, elem)
+                if walk:
+                    sequences.append(value.tag)  # a replaced sequence gets the nested pass too
         if anonymize and PATIENT_NAME in plan.uids:
-            elem = self.source._dict.get(PATIENT_NAME)
+            key, elem = captured.get(_PSEUDONYM) or (BaseTag(PATIENT_NAME), None)
             names = _text_of(elem, self.source) if elem is not None else None
             pseudonym = "\\".join(self.key.patient_name(n) for n in names) if names else ""
-            d[BaseTag(PATIENT_NAME)] = self._ascii_element(PATIENT_NAME, "PN", pseudonym, elem)
+            d[key] = self._ascii_element(PATIENT_NAME, "PN", pseudonym, elem)
 
         # 6. Hierarchy UIDs by level, unless replaced or kept.
         rank = _LEVEL_RANK[plan.level]
@@ -331,22 +379,34 @@ class _Run:
                                   (SOP_INSTANCE_UID, INSTANCE, 3)):
             if rank > needed or tag in replaced or tag in keep:
                 continue
-            elem = d.get(tag)
+            found = captured.get(_HIERARCHY_CODES[tag])
+            if found is None:
+                key, elem = BaseTag(tag), d.get(tag)
+            else:
+                key, elem = found
             original = _text_of(elem, out) if elem is not None else None
             new_uid = self.map_uid(kind, "\\".join(original) if original else "")
             new_elem = self._ascii_element(tag, "UI", new_uid, elem)
-            d[BaseTag(tag)] = new_elem
+            d[key] = new_elem
             self._sync_meta(tag, new_elem)
 
         # 7. Nested pass over every top-level sequence (anonymization only).
         if anonymize:
             keep_paths = plan.keep_paths
+            # The byte-level walk covers plans without nested paths (step 8 edits decoded
+            # sequences, Keep paths need item indices); the object walk does the rest.
+            bytewise = self.implicit is not None and not (
+                keep_paths or plan.remove_paths or plan.replace_paths)
             for tag in sequences:
                 if keep_paths and any(p.matches((), tag) for p in keep_paths):
                     continue
                 elem = d.get(tag)
                 if elem is not None:
-                    new = self._walk_sequence(elem, tag, (), out)
+                    new = _FALLBACK
+                    if bytewise:
+                        new = self._byte_sequence(elem, tag)
+                    if new is _FALLBACK:
+                        new = self._walk_sequence(elem, tag, (), out)
                     if new is not None:
                         d[tag] = new
 
@@ -366,16 +426,18 @@ class _Run:
         # pydicom's writer would spend tens of microseconds on every nested element.
         if self.implicit is not None:
             source = self.source._dict
-            encodings = _python_encodings(out)
+            encodings = None
             for tag in set(sequences):
                 elem = d.get(tag)
                 if type(elem) is DataElement and elem.VR == "SQ" and source.get(tag) is not elem:
+                    if encodings is None:
+                        encodings = _python_encodings(out)
                     raw = self._raw_sequence(tag, elem, encodings)
                     if raw is not None:
                         d[tag] = raw
         return out
 
-    def _replacement(self, value: Value, encodings: list[str]) -> Any:
+    def _replacement(self, value: Value, encodings: list[str], index: int) -> Any:
         """The element of a top-level replacement, raw in the dataset's encoding if any.
 
         Replacement values are constants of the plan: their encoded form is cached and the
@@ -384,8 +446,8 @@ class _Run:
         if self.implicit is None:
             return self.ws.owned_element(build_element(value, little_endian=self.little,
                                                        encodings=encodings))
-        cache_key = (value, self.implicit, self.little, tuple(encodings))
-        cached = _REPLACEMENT_CACHE.get(cache_key)
+        cache_key = (index, self.implicit, self.little, tuple(encodings))
+        cached = self.replacement_cache.get(cache_key)
         if cached is not None:
             return cached
         elem = build_element(value, little_endian=self.little, encodings=encodings)
@@ -395,9 +457,9 @@ class _Run:
             raw = _raw_element(elem, self.implicit, self.little, encodings)
         if raw is None:
             return self.ws.owned_element(elem)
-        if len(_REPLACEMENT_CACHE) > 1024:
-            _REPLACEMENT_CACHE.clear()
-        _REPLACEMENT_CACHE[cache_key] = raw
+        if len(self.replacement_cache) > 1024:
+            self.replacement_cache.clear()
+        self.replacement_cache[cache_key] = raw
         return raw
 
     def _raw_sequence(self, tag: int, elem: DataElement,
@@ -419,8 +481,8 @@ class _Run:
             vr = _cleared_vr(elem, tag)
             if elem.length == 0 and vr == elem.VR:
                 return elem
-            return RawDataElement(tag, vr, 0, b"", elem.value_tell, elem.is_implicit_VR,
-                                  elem.is_little_endian)
+            return _raw(tag, vr, 0, b"", elem.value_tell, elem.is_implicit_VR,
+                        elem.is_little_endian)
         vr = _vr_of(elem, tag) or "UN"
         if vr == "SQ" or (type(elem) is RawDataElement and elem.length == _UNDEFINED):
             return DataElement(tag, "SQ", Sequence())
@@ -435,14 +497,18 @@ class _Run:
         meta = self.out.__dict__.get("file_meta")
         if meta is None:
             return
-        values = _text_of(elem, self.out)
-        text = values[0] if values else ""
+        value = elem.value if type(elem) is RawDataElement else None
+        if type(value) is bytes and value.isascii() and b"\\" not in value:
+            text = value.decode("ascii").strip(" \x00")  # as _text_of reads it
+        else:
+            values = _text_of(elem, self.out)
+            text = values[0] if values else ""
         data = text.encode("ascii", "replace")
         if len(data) % 2:
             data += b"\x00"
         # The file meta group is always explicit VR little endian.
-        meta._dict[BaseTag(meta_tag)] = RawDataElement(BaseTag(meta_tag), "UI", len(data),
-                                                       data, 0, False, True)
+        meta_tag = _MEDIA_STORAGE_TAGS[meta_tag]
+        meta._dict[meta_tag] = _raw(meta_tag, "UI", len(data), data, 0, False, True)
 
     # ------------------------------------------------------------------ nested pass
 
@@ -540,6 +606,291 @@ class _Run:
                 target_dict[tag] = new
         return target
 
+    # ------------------------------------------------------------------ byte-level nested pass
+    #
+    # The nested pass straight on the bytes of a raw sequence: element headers are read with
+    # struct (no Dataset, no RawDataElement for unaffected elements), each tag's action comes
+    # from a per-plan cache, and a changed sequence is rebuilt by copying the bytes of
+    # unchanged elements and encoding only the changed ones, exactly as ``_encode_items``
+    # writes what the object walk (``_walk_sequence``) produces: items with defined lengths,
+    # nested changed sequences with defined (explicit VR) or undefined (implicit VR) lengths.
+    # Whatever that walk treats in another way (layouts the item scanner leaves to pydicom,
+    # explicit UN sequences, non-ASCII identifiers, items whose re-encoding would not be their
+    # original bytes: unsorted tags, group lengths, non-zero reserved bytes or delimiter
+    # lengths; truncation and runaway nesting, whose errors the object walk reports) raises
+    # _Unusual, and the object walk handles the whole top-level sequence.
+
+    def _byte_sequence(self, elem: Any, tag: int) -> Any:
+        """The nested pass on a raw top-level sequence: a new raw element, None (unchanged)
+        or ``_FALLBACK`` (use the object walk)."""
+        implicit = self.implicit
+        if type(elem) is not RawDataElement or elem.is_implicit_VR != implicit \
+                or elem.is_little_endian != self.little or type(elem.value) is not bytes \
+                or not (elem.VR == "SQ" or (elem.VR is None and implicit)):
+            return _FALLBACK
+        data = elem.value
+        try:
+            body = self._byte_items(data, 0, len(data), (tag,), 1)[0]
+        except (_Unusual, InputError, struct.error):
+            return _FALLBACK
+        if body is None:
+            return None
+        if implicit and tag not in SQ_TAGS:
+            return _FALLBACK  # kept decoded for the writer (see _raw_sequence)
+        return _raw(BaseTag(tag), None if implicit else "SQ",
+                    _UNDEFINED if implicit else len(body), body, 0, implicit, self.little)
+
+    def _byte_items(self, data: bytes, pos: int, end: int, ptags: tuple,
+                    depth: int) -> tuple[bytes | None, int, bool]:
+        """The items from ``pos`` to ``end`` or to a sequence delimiter: (new encoding of all
+        items, or None if nothing in them changes; where the walk stopped; whether a
+        delimiter stopped it). Elements are walked inline; nested sequences recurse."""
+        if depth > _BYTE_MAX_DEPTH:
+            raise _Unusual
+        implicit = self.implicit
+        tag_len, tag_vr_short, long_len, pack_item = self.structs
+        vr_table = _VR_TABLE
+        cache = self.byte_actions
+        items = []
+        changed = closed = False
+        while pos < end:
+            if pos + 8 > end:
+                raise _Unusual
+            group, element, length = tag_len(data, pos)
+            if group == 0xFFFE and element == 0xE0DD:
+                closed = True
+                break
+            if group != 0xFFFE or element != 0xE000:
+                raise _Unusual
+            item_start = pos
+            pos += 8
+            body_start = pos
+            defined = length != _UNDEFINED
+            if defined:
+                item_end = pos + length
+                if item_end > end:
+                    raise _Unusual
+            else:
+                item_end = end
+            edits: list | None = None
+            canonical = True  # its unchanged elements re-encode to their original bytes
+            last = -1
+            while True:  # the item's elements
+                if pos >= item_end:
+                    if not defined:
+                        raise _Unusual  # no item delimiter
+                    body_end = pos
+                    break
+                start = pos
+                if pos + 8 > item_end:
+                    raise _Unusual
+                if implicit:
+                    group, element, length = tag_len(data, pos)
+                    vr = None
+                    pos += 8
+                else:
+                    group, element, vr_bytes, length = tag_vr_short(data, pos)
+                    if group == 0xFFFE:
+                        vr = None
+                        pos += 8
+                    else:
+                        vr_info = vr_table.get(vr_bytes)
+                        if vr_info is None:
+                            raise _Unusual  # an unknown VR
+                        vr, is_long = vr_info
+                        if is_long:
+                            if length:
+                                canonical = False  # reserved bytes, written back as zeros
+                            if pos + 12 > item_end:
+                                raise _Unusual
+                            length = long_len(data, pos + 8)[0]
+                            pos += 12
+                        else:
+                            pos += 8
+                if group == 0xFFFE:
+                    if element == 0xE00D and not defined:
+                        body_end = start
+                        pos = start + 8
+                        break
+                    raise _Unusual
+                tag = group << 16 | element
+                if tag <= last or not element:
+                    canonical = False  # re-encoding sorts and drops group lengths
+                last = tag
+                action = cache.get(tag)
+                if action is None:
+                    action = self._byte_action(tag)
+                if length == _UNDEFINED:
+                    if (vr is not None and vr != "SQ") or tag == _PIXEL_DATA:
+                        raise _Unusual
+                    if action is _PLAIN or action is _SEQ_TAG:
+                        body, stop, inner_closed = self._byte_items(
+                            data, pos, item_end, ptags + (tag,), depth + 1)
+                        if not inner_closed:
+                            raise _Unusual
+                    elif action is _DELETE or action is _CLEAR:
+                        stop = _sequence_end(data, pos, item_end, implicit, self.little,
+                                             depth + 1)
+                        body = None
+                    else:
+                        raise _Unusual  # an identifier with undefined length
+                    if tag_len(data, stop)[2]:
+                        canonical = False  # the delimiter's length, written back as zero
+                    pos = stop + 8
+                    if action is _DELETE or action is _CLEAR:  # an emptied sequence is deleted
+                        encoded = b""
+                    elif body is None:
+                        continue
+                    else:
+                        encoded = self._sequence_bytes(tag, body)
+                else:
+                    value_end = pos + length
+                    if value_end > item_end:
+                        raise _Unusual
+                    if action is _PLAIN:
+                        if vr != "SQ":
+                            pos = value_end
+                            continue
+                    elif action is _SEQ_TAG:
+                        if vr == "UN":
+                            raise _Unusual  # pydicom decides whether it is a sequence
+                        if vr is not None and vr != "SQ":
+                            pos = value_end
+                            continue
+                    if action is _PLAIN or action is _SEQ_TAG:
+                        body = self._byte_items(data, pos, value_end, ptags + (tag,),
+                                                depth + 1)[0]
+                        pos = value_end
+                        if body is None:
+                            continue
+                        encoded = self._sequence_bytes(tag, body)
+                    elif action is _DELETE:
+                        pos = value_end
+                        encoded = b""
+                    else:
+                        encoded = self._byte_changed(data, pos, value_end, tag, vr, action,
+                                                     ptags)
+                        pos = value_end
+                        if encoded is None:
+                            continue
+                if edits is None:
+                    edits = []
+                edits.append((start, pos, encoded))
+            items.append((item_start, body_start, body_end, edits, canonical, defined))
+            if edits:
+                changed = True
+        if not changed:
+            return None, pos, closed
+        parts = []
+        for item_start, body_start, body_end, edits, canonical, defined in items:
+            if not canonical:
+                raise _Unusual
+            if edits is None:
+                if defined:
+                    parts.append(data[item_start:body_end])  # written back as it is
+                    continue
+                body = data[body_start:body_end]
+            else:
+                pieces = []
+                cursor = body_start
+                for edit_start, edit_end, encoded in edits:
+                    pieces.append(data[cursor:edit_start])
+                    pieces.append(encoded)
+                    cursor = edit_end
+                pieces.append(data[cursor:body_end])
+                body = b"".join(pieces)
+            parts.append(pack_item(0xFFFE, 0xE000, len(body)))
+            parts.append(body)
+        return b"".join(parts), pos, closed
+
+    def _sequence_bytes(self, tag: int, body: bytes) -> bytes:
+        """A changed nested sequence, as ``_encode_dataset`` writes one."""
+        if self.implicit:
+            return b"".join((self.headers[0](tag >> 16, tag & 0xFFFF, _UNDEFINED), body,
+                             self.headers[0](0xFFFE, 0xE0DD, 0)))
+        return self.headers[2](tag >> 16, tag & 0xFFFF, b"SQ", 0, len(body)) + body
+
+    def _element_bytes(self, tag: int, vr: str | None, value: bytes) -> bytes:
+        """Header and value of an element, as ``_header`` writes them."""
+        implicit_pack, short_pack, long_pack = self.headers
+        if self.implicit:
+            return implicit_pack(tag >> 16, tag & 0xFFFF, len(value)) + value
+        if vr in _LONG_VRS:
+            return long_pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0,  # type: ignore
+                             len(value)) + value
+        return short_pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"),  # type: ignore
+                          len(value)) + value
+
+    def _byte_changed(self, data: bytes, pos: int, end: int, tag: int, vr: str | None,
+                      action: Any, ptags: tuple) -> bytes | None:
+        """A cleared or mapped element's new bytes (b"": deleted; None: unchanged), as the
+        object walk's ``_nested_cleared`` / ``_mapped_element`` and ``_encode_dataset``
+        make them."""
+        value = data[pos:end]
+        implicit = bool(self.implicit)
+        if action is not _CLEAR:
+            if action is _REFERENCED:
+                action = STUDY if ptags == _RT_STUDY_PARENTS else INSTANCE  # RT-STRUCT quirk
+            if not value:
+                return None
+            if not value.isascii():
+                raise _Unusual  # decoded with the item's character set by the object walk
+            memo_key = (action, tag, vr, value)
+            encoded = self.byte_memo.get(memo_key)
+            if encoded is None:
+                if b"\\" in value:
+                    new = self._mapped_element(
+                        tag, _raw(tag, vr, end - pos, value, pos, implicit, self.little),
+                        None, action)  # type: ignore[arg-type]
+                    if new is None:
+                        return None
+                    text = new.value
+                    new_vr = new.VR
+                else:
+                    text = value.decode("ascii").strip(" \x00")
+                    if not text:
+                        return None
+                    if action != PATIENT:
+                        new_vr, text = "UI", self.map_uid(action, text)
+                    elif tag == PATIENT_ID:
+                        new_vr, text = "LO", self.key.patient_id(text)
+                    else:
+                        new_vr, text = "PN", self.key.patient_name(text)
+                    text = text.encode("ascii")
+                    if len(text) % 2:
+                        text += b"\x00" if new_vr == "UI" else b" "
+                    # As _ascii_element: an explicit UN becomes the proper VR.
+                    new_vr = None if implicit else (new_vr if vr == "UN" else vr)
+                encoded = self._element_bytes(tag, new_vr, text)
+                self.byte_memo[memo_key] = encoded
+            return encoded
+        new = _nested_cleared(tag, _raw(tag, vr, end - pos, value, pos, implicit, self.little))
+        if new is None:
+            return None
+        if new is _DELETE:
+            return b""
+        if type(new) is not RawDataElement:
+            raise _Unusual
+        return self._element_bytes(tag, new.VR, new.value)
+
+    def _byte_action(self, tag: int) -> Any:
+        """The nested action for ``tag`` (as ``_walk_item`` decides it), cached per plan."""
+        group = tag >> 16
+        if group & 1:
+            action = _DELETE if self.plan.remove_private_tags else None
+        else:
+            action = self.nested_actions.get(tag)
+            if action is None and self.range_lo <= group <= self.range_hi \
+                    and self.in_range(tag):
+                action = _DELETE
+        if action is None:
+            action = _SEQ_TAG if tag in SQ_TAGS else _PLAIN
+        cache = self.byte_actions
+        if len(cache) > 65536:
+            cache.clear()
+        cache[tag] = action
+        return action
+
     def _nested_sequence(self, elem: Any, tag: int, parents: tuple,
                          holder: Dataset) -> DataElement | None:
         if type(elem) is RawDataElement:
@@ -596,7 +947,7 @@ class _Tables:
         for tag in plan.replaced_tags:
             top[tag] = _SKIP
         if PATIENT_NAME in uids:
-            top[PATIENT_NAME] = _SKIP  # step 5 writes the pseudonym
+            top[PATIENT_NAME] = _PSEUDONYM  # step 5 writes the pseudonym
         self.top = top
 
         nested: dict[int, Any] = {}
@@ -617,6 +968,45 @@ class _Tables:
         self.namespaces = {kind: prefix + kind for kind in (STUDY, SERIES, INSTANCE)}
         self.range_lo = min((r[0] for r in plan.removed_ranges), default=1)
         self.range_hi = max((r[1] for r in plan.removed_ranges), default=0)
+        self.byte_actions: dict[int, Any] = {}  # nested action by tag, filled as tags are met
+        for tag, code in _HIERARCHY_CODES.items():
+            top.setdefault(tag, code)  # (Remove/Clear/Keep/Replace take precedence)
+        self.top_codes = _TopCodes(top, plan)
+        # Replacements: (value, key for the dataset, whether the nested pass walks it); their
+        # raw elements by (index, implicit VR, little endian, encodings).
+        self.replacements = tuple(
+            (value, BaseTag(value.tag), plan.is_anonymization and value.vr == "SQ"
+             and value != _BASIC_PROFILE_CODE) for value in plan.replacements)
+        self.replacement_cache: dict[tuple, RawDataElement] = {}
+
+
+class _TopCodes(dict):
+    """Top-level action by int tag, filled as tags are met: None (none, but a sequence gets
+    the nested pass), _DELETE (also private tags and removed ranges), _CLEAR, PATIENT,
+    INSTANCE, _KEEP, _SKIP, or _NOTHING (a kept private tag: not even the nested pass)."""
+
+    def __init__(self, top: dict[int, Any], plan: Plan) -> None:
+        super().__init__()
+        self._top = top
+        self._plan = plan
+
+    def __missing__(self, tag: int) -> Any:
+        plan = self._plan
+        group, element = tag >> 16, tag & 0xFFFF
+        if group & 1:
+            if tag in plan.private_keep:
+                code = _NOTHING
+            else:
+                code = _DELETE if plan.remove_private_tags else None
+        else:
+            code = self._top.get(tag)
+        if code is None and any(glo <= group <= ghi and elo <= element <= ehi
+                                for glo, ghi, elo, ehi in plan.removed_ranges):
+            code = _DELETE
+        if len(self) > 65536:
+            self.clear()
+        self[tag] = code
+        return code
 
 
 _TABLES: dict[int, tuple[Any, _Tables]] = {}
@@ -634,7 +1024,6 @@ def _tables(plan: Plan) -> _Tables:
     return tables
 
 
-_REPLACEMENT_CACHE: dict[tuple, RawDataElement] = {}
 _BASIC_PROFILE_CODE = basic_profile_code()
 
 
@@ -665,6 +1054,11 @@ _STRUCTS = {
     for order in "<>"
 }
 _ITEM_TEMPLATE = dict(Dataset().__dict__)
+_BYTE_STRUCTS = {
+    little: (struct.Struct(order + "HHL").unpack_from, struct.Struct(order + "HH2sH").unpack_from,
+             struct.Struct(order + "L").unpack_from, struct.Struct(order + "HHL").pack)
+    for little, order in ((True, "<"), (False, ">"))
+}
 
 
 def parse_items(data: bytes | None, implicit: bool, little: bool, charset: Any,
@@ -808,6 +1202,13 @@ def _sequence_end(data: bytes, pos: int, end: int, implicit: bool, little: bool,
 
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
                        "UV"})
+_HEADER_PACKERS = {
+    little: (struct.Struct(order + "HHL").pack, struct.Struct(order + "HH2sH").pack,
+             struct.Struct(order + "HH2sHL").pack)
+    for little, order in ((True, "<"), (False, ">"))
+}
+#: Raw VR bytes -> (VR, has a 4-byte length), for the byte-level nested pass.
+_VR_TABLE = {vr.encode("ascii"): (vr, vr in _LONG_VRS) for vr in _KNOWN_VRS}
 
 
 def _header(tag: int, vr: str | None, length: int, implicit: bool, little: bool) -> bytes:
