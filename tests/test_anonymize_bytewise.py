@@ -139,6 +139,40 @@ def test_implicit_vr_changed_nested_sequences_get_undefined_lengths(monkeypatch)
     assert (changed.VR, changed.length, changed.value) == (None, 0xFFFFFFFF, _item(nested))
 
 
+def test_repeated_nested_sequences_are_rewritten_alike(monkeypatch):
+    """Per-frame groups repeat identical nested sequences (walked once per dataset); one that
+    differs only in a UID, and a value holding the delimiter pattern, still come out right."""
+    lut = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)  # a sequence delimiter inside a value
+
+    def source_image(uid: bytes) -> bytes:
+        purpose = _sq(0x0040A170, _item(_el(0x00080100, b"SH", b"121322"), defined=False),
+                      defined=False)
+        return _sq(0x00082112, _item(_el(0x00081150, b"UI", MR_STORAGE.encode())
+                                     + _el(0x00081155, b"UI", uid) + _el(0x00281201, b"OW", lut)
+                                     + purpose, defined=False), defined=False)
+
+    def frame(uid: bytes, index: int) -> bytes:
+        derivation = _sq(0x00089124, _item(source_image(uid), defined=False), defined=False)
+        content = _sq(0x00209111, _item(_el(0x00209157, b"UL", struct.pack("<L", index))))
+        return _item(derivation + content, defined=False)
+
+    uids = [b"1.2.3", b"1.2.3", b"1.2.4", b"1.2.3"]
+    per_frame = b"".join(frame(uid, index) for index, uid in enumerate(uids))
+    source = _dataset((0x52009230, _sq(0x52009230, per_frame, defined=False)))
+
+    output, seen = _byte_results(monkeypatch, DEFAULT, source)
+
+    assert len(seen) == 1 and seen[0] is not engine._FALLBACK
+    assert output == _object_walk(monkeypatch, DEFAULT, source)
+    frames = dicomio.read_dataset(output).PerFrameFunctionalGroupsSequence
+    for index, (item, uid) in enumerate(zip(frames, uids)):
+        image = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert image.ReferencedSOPInstanceUID == _uid("instance", uid.decode())
+        assert image[0x00281201].value == lut
+        assert image.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        assert item.FrameContentSequence[0].DimensionIndexValues == index
+
+
 @pytest.mark.parametrize("case", ["group length", "unsorted", "reserved bytes",
                                   "delimiter length", "explicit UN", "non-ASCII name"])
 def test_layouts_left_to_the_object_walk(monkeypatch, case):

@@ -244,6 +244,8 @@ class _Run:
         self.structs = _BYTE_STRUCTS[self.little]
         self.headers = _HEADER_PACKERS[self.little]
         self.byte_memo: dict[tuple, bytes] = {}  # mapped identifiers of this dataset
+        self.sequences_memo: dict[tuple, tuple] = {}  # nested sequences of this dataset
+        self.delimiter = _SEQUENCE_DELIMITER[self.little]
         self.forced: dict[tuple[str, str], str] = {}
         self.result = self._run()
 
@@ -651,6 +653,7 @@ class _Run:
         tag_len, tag_vr_short, long_len, pack_item = self.structs
         vr_table = _VR_TABLE
         cache = self.byte_actions
+        sequences_memo = self.sequences_memo
         items = []
         changed = closed = False
         while pos < end:
@@ -724,10 +727,8 @@ class _Run:
                     if (vr is not None and vr != "SQ") or tag == _PIXEL_DATA:
                         raise _Unusual
                     if action is _PLAIN or action is _SEQ_TAG:
-                        body, stop, inner_closed = self._byte_items(
-                            data, pos, item_end, ptags + (tag,), depth + 1)
-                        if not inner_closed:
-                            raise _Unusual
+                        body, stop = self._byte_undefined(data, pos, item_end, tag, ptags,
+                                                          depth)
                     elif action is _DELETE or action is _CLEAR:
                         stop = _sequence_end(data, pos, item_end, implicit, self.little,
                                              depth + 1)
@@ -758,8 +759,14 @@ class _Run:
                             pos = value_end
                             continue
                     if action is _PLAIN or action is _SEQ_TAG:
-                        body = self._byte_items(data, pos, value_end, ptags + (tag,),
-                                                depth + 1)[0]
+                        # Multi-frame objects repeat identical nested sequences: the result
+                        # depends only on these bytes, where they are and how deep.
+                        memo_key = (tag, ptags, depth, data[pos:value_end])
+                        found = sequences_memo.get(memo_key)
+                        if found is None:
+                            found = sequences_memo[memo_key] = self._byte_items(
+                                data, pos, value_end, ptags + (tag,), depth + 1)[:1]
+                        body = found[0]
                         pos = value_end
                         if body is None:
                             continue
@@ -802,6 +809,36 @@ class _Run:
             parts.append(pack_item(0xFFFE, 0xE000, len(body)))
             parts.append(body)
         return b"".join(parts), pos, closed
+
+    def _byte_undefined(self, data: bytes, pos: int, end: int, tag: int, ptags: tuple,
+                        depth: int) -> tuple[bytes | None, int]:
+        """A nested undefined-length sequence from ``pos`` (within ``end``): (new items or
+        None, position of its delimiter).
+
+        Memoized like defined-length ones: a walk that went from ``pos`` to a delimiter
+        ``stop`` read nothing but those bytes and the delimiter, so identical bytes followed
+        by the delimiter pattern, with the delimiter still within ``end``, give the same
+        result. Candidates are found by the bytes up to the first delimiter pattern (the
+        whole value for a sequence without nested undefined-length ones).
+        """
+        delimiter = self.delimiter
+        first = data.find(delimiter, pos, end)
+        memo_key = None
+        if first >= 0:
+            memo_key = (tag, ptags, depth, data[pos:first])
+            for value, body in self.sequences_memo.get(memo_key, ()):
+                stop = pos + len(value)
+                if stop + 8 <= end and data.startswith(value, pos) \
+                        and data.startswith(delimiter, stop):
+                    return body, stop
+        body, stop, closed = self._byte_items(data, pos, end, ptags + (tag,), depth + 1)
+        if not closed:
+            raise _Unusual  # no sequence delimiter
+        if memo_key is not None:
+            candidates = self.sequences_memo.setdefault(memo_key, [])
+            if len(candidates) < 16:
+                candidates.append((data[pos:stop], body))
+        return body, stop
 
     def _sequence_bytes(self, tag: int, body: bytes) -> bytes:
         """A changed nested sequence, as ``_encode_dataset`` writes one."""
@@ -1202,6 +1239,7 @@ def _sequence_end(data: bytes, pos: int, end: int, implicit: bool, little: bool,
 
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
                        "UV"})
+_SEQUENCE_DELIMITER = {True: b"\xfe\xff\xdd\xe0", False: b"\xff\xfe\xe0\xdd"}
 _HEADER_PACKERS = {
     little: (struct.Struct(order + "HHL").pack, struct.Struct(order + "HH2sH").pack,
              struct.Struct(order + "HH2sHL").pack)
