@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from transforms import dicomio, engine
 from transforms.engine import apply
@@ -259,7 +263,7 @@ def test_byte_walk_matches_object_walk_on_every_sample(monkeypatch):
             for syntax in (ImplicitVRLittleEndian, ExplicitVRBigEndian):
                 try:
                     encoded = dicomio.write_dataset(source, syntax)
-                except Exception:  # a syntax pydicom cannot write this file in
+                except ValueError:  # pydicom refuses big endian for many files
                     continue
                 variants.append(dicomio.read_dataset(encoded, check_uids=False))
         for ds in variants:
