@@ -377,12 +377,15 @@ def _scan_elements(
             pos += length
         if out is not None:
             tag = BaseTag(group << 16 | element)
-            raw = RawDataElement(tag, vr, length, value, value_tell, implicit, little)
+            raw = _tuple_new(RawDataElement, (tag, vr, length, value, value_tell, implicit, little, True, False))
             out[tag] = raw
             append((tag, raw, start, pos))
     if out is not None:
         out["__spans__"] = spans
     return pos
+
+
+_tuple_new = tuple.__new__
 
 
 def _fast_read(data: bytes) -> Dataset | None:
@@ -503,9 +506,22 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
     return b"\0" * _DICM_OFFSET + b"DICM" + length + body
 
 
-def _uid_value(ds: Dataset, keyword: str, fallback: str) -> str:
-    value = peek(ds, keyword)
-    return str(value).strip(" \0") if value else fallback
+def _ascii_raw(ds: Any, tag: int) -> str | None:
+    """A raw ASCII top-level value read without pydicom (None: ask pydicom)."""
+    elem = ds._dict.get(tag) if ds is not None else None
+    if type(elem) is RawDataElement and type(elem.value) is bytes and elem.value.isascii():
+        return elem.value.decode("ascii").strip(" \0")
+    return None
+
+
+def _uid_value(ds: Dataset, keyword: str, fallback: Any) -> str:
+    tag = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018}[keyword]
+    value = _ascii_raw(ds, tag)
+    if value is None:
+        value = peek(ds, keyword)
+    if value:
+        return str(value).strip(" \0")
+    return fallback() if callable(fallback) else fallback
 
 
 def _excluded(tag: int) -> bool:
@@ -520,10 +536,10 @@ def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
     here (implicit/explicit VR, endianness, deflate); changing pixel compression is
     ``transforms.transcode``'s job, which returns a data set already in its target syntax.
     """
-    ts = str(transfer_syntax) if transfer_syntax else transfer_syntax_of(ds)
-    meta = getattr(ds, "file_meta", None)
-    sop_class = _uid_value(ds, "SOPClassUID", str(getattr(meta, "MediaStorageSOPClassUID", "") or ""))
-    sop_instance = _uid_value(ds, "SOPInstanceUID", str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ""))
+    meta = ds.__dict__.get("file_meta")
+    ts = str(transfer_syntax) if transfer_syntax else (_ascii_raw(meta, 0x00020010) or transfer_syntax_of(ds))
+    sop_class = _uid_value(ds, "SOPClassUID", lambda: str(getattr(meta, "MediaStorageSOPClassUID", "") or ""))
+    sop_instance = _uid_value(ds, "SOPInstanceUID", lambda: str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ""))
     implicit, little, deflated = _encoding_of(ts)
     source: _Source | None = getattr(ds, _SOURCE_ATTR, None)
     head = encode_file_meta(sop_class, sop_instance, ts)
