@@ -1,0 +1,132 @@
+"""The pipeline's local fast paths (plain ``os`` calls instead of Beam's filesystem layer) give
+exactly what the general paths give: same bytes, same refusals, same error types."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import apache_beam as beam
+import pydicom
+import pytest
+
+from pipelines import run as pipeline_run
+from schemas.audit import AUDIT_SCHEMA, audit_row, utc_now
+from tests.pipeline_support import KEY
+from transforms import request
+from transforms.beam import RunConfig, publish, process_file, read_bounded
+from transforms.errors import InputError
+
+CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+
+
+def test_read_bounded_local_returns_the_file_bytes(tmp_path: Path):
+    data = CT.read_bytes()
+    assert read_bounded(str(CT), 2 << 30) == data
+    assert read_bounded(str(CT), len(data)) == data  # exactly at the limit: accepted
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    assert read_bounded(str(empty), 10) == b""
+
+
+def test_read_bounded_local_refuses_one_byte_over(tmp_path: Path):
+    with pytest.raises(InputError) as info:
+        read_bounded(str(CT), CT.stat().st_size - 1)
+    assert info.value.reason == "too_large"
+    assert str(info.value) == f"file is larger than --max-bytes ({CT.stat().st_size - 1} bytes)"
+
+
+def test_read_bounded_local_reads_past_a_stale_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A file that grew after fstat (here: fstat reporting 100 bytes) is read to its end, and
+    still refused once it passes the limit."""
+    data = CT.read_bytes()
+    monkeypatch.setattr(os, "fstat", lambda fd: SimpleNamespace(st_size=100))
+    assert read_bounded(str(CT), 2 << 30) == data
+    with pytest.raises(InputError) as info:
+        read_bounded(str(CT), len(data) - 1)
+    assert info.value.reason == "too_large"
+
+
+def test_unreadable_local_input_is_a_read_error_naming_the_type(tmp_path: Path):
+    cfg = RunConfig(plan=request.parse_anonymize({}), output_root=str(tmp_path / "out"), run_id="r", key_id=KEY.key_id, key=KEY)
+    folder = tmp_path / "a-folder.dcm"
+    folder.mkdir()
+    row, _ = process_file(str(folder), 4096, cfg, KEY)
+    assert (row["status"], row["reason"], row["detail"]) == ("failed", "read_error", "read: IsADirectoryError EISDIR")
+    row, _ = process_file(str(tmp_path / "gone.dcm"), 10, cfg, KEY)
+    assert (row["status"], row["reason"], row["detail"]) == ("failed", "read_error", "read: FileNotFoundError ENOENT")
+
+
+def test_publish_local_creates_missing_levels_and_reports_a_file_in_the_way(tmp_path: Path):
+    out = tmp_path / "out"
+    data = b"DICM-bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    final = out / "1.2" / "1.2.3" / "1.2.3.4.dcm"  # neither folder exists yet
+    publish(data, sha, str(final), str(out), "run")
+    assert final.read_bytes() == data
+    second = out / "1.2" / "1.2.9" / "1.2.9.1.dcm"  # study folder exists, series does not
+    publish(data, sha, str(second), str(out), "run")
+    assert second.read_bytes() == data
+    (out / "1.5").write_bytes(b"a file where a study folder belongs")
+    with pytest.raises(NotADirectoryError):
+        publish(data, sha, str(out / "1.5" / "1.5.1" / "1.5.1.1.dcm"), str(out), "run")
+    assert not list((out / ".dicom-deid-tmp" / "run").iterdir())  # no temporary left behind
+
+
+def test_local_runs_skip_beams_runner_api_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Beam skips the to_runner_api/from_runner_api round trip for its own DirectRunner in batch;
+    execute() asks the same for LocalDirectRunner (a subclass Beam does not recognise)."""
+    calls: list[bool] = []
+    real_run = beam.Pipeline.run
+
+    def spy(self, test_runner_api="AUTO"):
+        calls.append(test_runner_api)
+        return real_run(self, test_runner_api)
+
+    monkeypatch.setattr(beam.Pipeline, "run", spy)
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "ct.dcm").write_bytes(CT.read_bytes())
+    cfg = RunConfig(plan=request.parse_anonymize({}), output_root=str(tmp_path / "out"), run_id="r1", key_id=KEY.key_id, key=KEY)
+    outcome = pipeline_run.execute(
+        pipeline_run.pipeline_options([]), str(src), cfg, str(tmp_path / "audit"), reproducible=True
+    )
+    assert outcome.summary["Statuses"] == {"written": 1, "failed": 0, "skipped": 0}
+    assert calls == [False]
+
+
+def _audit_rows(count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        fields = dict(
+            source_uri=f"/in/{i}.dcm", operation="anonymize", profile="2023b", request="{}", key_id="k", run_id="r",
+            bytes_in=1000 + i, started_at=utc_now(), finished_at=utc_now(),
+        )
+        if i % 3:
+            fields.update(status="written", output_uri=f"/out/{i}.dcm", bytes_out=2000 + i, output_sha256="ab" * 32, modality="CT")
+        else:
+            fields.update(status="failed", reason="truncated", detail="parse: file ends inside an element header")
+        rows.append(audit_row(**fields))
+    return rows
+
+
+@pytest.mark.parametrize("batch_rows, table_bytes", [(1000, 64 << 20), (3, 64 << 20), (3, 1)])
+def test_rows_to_parquet_writes_what_beams_writer_writes(tmp_path: Path, batch_rows: int, table_bytes: int, monkeypatch: pytest.MonkeyPatch):
+    """Same table as beam.io.WriteToParquet for the same rows, whatever the batch boundaries
+    (one table per bundle, several record batches, a table per batch)."""
+    rows = _audit_rows(8)
+    real_init = pipeline_run.RowsToArrow.__init__
+    monkeypatch.setattr(
+        pipeline_run.RowsToArrow, "__init__", lambda self, schema: real_init(self, schema, batch_rows=batch_rows, table_bytes=table_bytes)
+    )
+    with beam.Pipeline(runner=pipeline_run.LocalDirectRunner()) as p:
+        pcoll = p | beam.Create(rows)
+        pcoll | "Ours" >> pipeline_run.WriteRowsToParquet(str(tmp_path / "ours"), AUDIT_SCHEMA)
+        pcoll | "Beams" >> beam.io.WriteToParquet(str(tmp_path / "beams"), AUDIT_SCHEMA, file_name_suffix=".parquet")
+    ours = pipeline_run.read_parquet_prefix(str(tmp_path / "ours"), AUDIT_SCHEMA)
+    beams = pipeline_run.read_parquet_prefix(str(tmp_path / "beams"), AUDIT_SCHEMA)
+    assert ours.schema == beams.schema == AUDIT_SCHEMA
+    assert ours.num_rows == 8
+    assert sorted(ours.to_pylist(), key=lambda r: r["source_uri"]) == sorted(beams.to_pylist(), key=lambda r: r["source_uri"])
