@@ -17,11 +17,23 @@ the same bytes. Then, in the same run, on the same (page-cached) files:
 - optionally ``dicom-deid`` with ``--direct_running_mode multi_processing --direct_num_workers 2``.
 
 Reported: files/s, MB/s (input bytes), the ratio to the copy, CPU seconds and files per
-CPU-second (robust when other work shares the machine; for the multi-process run it sums
-every worker, so it shows cost, not speed-up), peak memory of the child
+CPU-second (more robust than wall time when other work shares the machine, though not immune:
+on these VMs another busy process also slows ours per instruction; for the multi-process run
+it sums every worker, so it shows cost, not speed-up), peak memory of the child
 (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` delta, which covers the command and the
 worker processes it waited for), and with ``--scaling`` how files/s changes from 1k to 10k
 instances. Wall-clock times include process start-up (~2 s for Beam), as a user sees them.
+With ``--repeat N`` every variant runs N times, interleaved (copy, dicom-deid, ..., copy,
+...), and the table shows medians of wall and CPU time (``--json`` keeps every run).
+
+Nothing is deleted between measured phases (every phase writes to a fresh folder; the work
+folder goes at the very end) and ``os.sync()`` runs before each phase. Reason: on ext4
+without a journal (these build machines), creating a file soon after many files were deleted
+can cost ~1 ms instead of ~0.02 ms (the inode allocator skips inodes freed in the last 60 s,
+300 s while their inode table block is dirty: ``recently_deleted`` in the kernel profile), so
+deleting the copy's folder used to tax the dicom-deid run that followed it, which creates
+more inodes (one folder per series). The benchmark probes the cost of creating a file before
+it starts and warns when the filesystem is in that state (e.g. files deleted minutes ago).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "dicom-samples"
 SECRET = b"benchmark-key-not-secret-0123456789"
+_SLOW_CREATE_S = 0.2e-3
 
 
 def _usable_samples(samples: Path) -> list[tuple[Path, bytes]]:
@@ -178,26 +192,63 @@ def _row(
     }
 
 
-def measure(src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bool, label: str = "") -> list[dict]:
-    rows = []
-    copy_s, copy_cpu = plain_copy(src, work / "copy")
-    baseline = (files / copy_s, files / copy_cpu)
-    rows.append(_row(f"plain Python copy{label}", files, nbytes, copy_s, copy_cpu, baseline, None))
-    shutil.rmtree(work / "copy")
-    variants = [("dicom-deid anonymize (DirectRunner in-memory)", [])]
+def create_probe(folder: Path, count: int = 300) -> float:
+    """Median seconds to create (and write a byte to) one new file in a fresh sub-folder of
+    ``folder``; the probe's files are left in place (deleting them would slow the next phase)."""
+    probe = folder / f"probe-{time.time_ns()}"
+    probe.mkdir(parents=True)
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        with open(probe / f"{i}.bin", "wb") as f:
+            f.write(b"x")
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(
+    src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bool, label: str = "", repeat: int = 1
+) -> list[dict]:
+    """Copy and dicom-deid variants, ``repeat`` times each, interleaved; medians per variant.
+
+    Every phase writes to its own new folder under ``work`` and nothing is deleted here (see
+    the module docstring): the caller removes ``work`` when all measurements are done.
+    """
+    variants: list[tuple[str, list[str] | None]] = [
+        ("plain Python copy", None),
+        ("dicom-deid anonymize (DirectRunner in-memory)", []),
+    ]
     if multi:
         variants.append(
             ("dicom-deid anonymize (multi_processing, 2 workers)", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
         )
-    for name, extra in variants:
-        out = work / "deid"
-        seconds, cpu, peak, summary = run_cli(src, out, key, extra)
-        written = summary["Statuses"]["written"]
-        if written != files:
-            print(f"warning: {name}: {written} of {files} written ({summary['Reasons']})", file=sys.stderr)
-        rows.append(_row(name + label, files, nbytes, seconds, cpu, baseline, peak))
-        shutil.rmtree(out)
-        shutil.rmtree(Path(str(out) + "-audit"))
+    tag = label.strip(" []").replace(" ", "-")
+    samples: dict[str, list[tuple[float, float, int | None]]] = {name: [] for name, _ in variants}
+    for r in range(repeat):
+        for i, (name, extra) in enumerate(variants):
+            out = work / f"out{'-' + tag if tag else ''}-{r}-{i}"
+            os.sync()  # the previous phase's dirty pages are not this phase's cost
+            if extra is None:
+                seconds, cpu = plain_copy(src, out)
+                samples[name].append((seconds, cpu, None))
+                continue
+            seconds, cpu, peak, summary = run_cli(src, out, key, extra)
+            written = summary["Statuses"]["written"]
+            if written != files:
+                print(f"warning: {name}: {written} of {files} written ({summary['Reasons']})", file=sys.stderr)
+            samples[name].append((seconds, cpu, peak))
+    copy_runs = samples["plain Python copy"]
+    baseline = (files / statistics.median(s for s, _, _ in copy_runs), files / statistics.median(c for _, c, _ in copy_runs))
+    rows = []
+    for name, runs in samples.items():
+        seconds = statistics.median(s for s, _, _ in runs)
+        cpu = statistics.median(c for _, c, _ in runs)
+        peak = max((p for _, _, p in runs if p is not None), default=None)
+        row = _row(name + label, files, nbytes, seconds, cpu, baseline, peak)
+        row["runs"] = len(runs)
+        row["seconds_all"] = [round(s, 2) for s, _, _ in runs]
+        row["cpu_seconds_all"] = [round(c, 2) for _, c, _ in runs]
+        rows.append(row)
     return rows
 
 
@@ -222,11 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size-mb", type=float, default=100, help="corpus size (default 100; the issue's figure: 1024)")
     parser.add_argument("--samples", type=Path, default=SAMPLES)
-    parser.add_argument("--work", type=Path, help="work folder (default: a temporary folder, removed)")
+    parser.add_argument("--work", type=Path, help="work folder (default: a temporary folder, removed at the end; a given one keeps every output)")
     parser.add_argument("--no-multi", action="store_true", help="skip the multi_processing run")
     parser.add_argument("--scaling", help="comma-separated instance counts, e.g. 1000,10000")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant, interleaved; medians reported (default 1)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if not args.samples.is_dir():
         print(f"samples not found at {args.samples}", file=sys.stderr)
         return 2
@@ -240,15 +294,24 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         files, nbytes = replicate(args.samples, corpus, args.size_mb)
         print(f"corpus: {files} files, {nbytes / 1e6:.1f} MB (built in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        rows += measure(corpus, files, nbytes, work, key, not args.no_multi)
-        shutil.rmtree(corpus)
+        os.sync()
+        probe = create_probe(work)
+        print(f"file creation probe: {probe * 1e3:.3f} ms per new file", file=sys.stderr)
+        if probe > _SLOW_CREATE_S:
+            print(
+                "warning: creating a file costs over 0.2 ms here: the filesystem is probably still "
+                "skipping recently freed inodes (ext4 without a journal, many files deleted in the "
+                "last ~5 minutes); every variant pays it per created file and folder, dicom-deid "
+                "more (one folder per series). Wait a few minutes and rerun for representative figures.",
+                file=sys.stderr,
+            )
+        rows += measure(corpus, files, nbytes, work, key, not args.no_multi, repeat=args.repeat)
         _print(rows)  # partial results first: the scaling runs take a while
         for count in [int(c) for c in args.scaling.split(",")] if args.scaling else []:
             corpus = work / f"corpus-{count}"
             files, nbytes = replicate(args.samples, corpus, float("inf"), max_files=count)
             print(f"scaling corpus: {files} files, {nbytes / 1e6:.1f} MB", file=sys.stderr)
-            rows += measure(corpus, files, nbytes, work, key, False, label=f" [{count} instances]")
-            shutil.rmtree(corpus)
+            rows += measure(corpus, files, nbytes, work, key, False, label=f" [{count} instances]", repeat=args.repeat)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
