@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import apache_beam as beam
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
 
 from pipelines import run as pipeline_run
 from schemas.audit import AUDIT_SCHEMA, audit_row, utc_now
 from tests.pipeline_support import KEY
-from transforms import request
-from transforms.beam import RunConfig, publish, process_file, read_bounded
+from transforms import dicomio, engine, request
+from transforms.beam import RunConfig, _safe_str, _transfer_syntax, publish, process_file, read_bounded
 from transforms.errors import InputError
 
 CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+ANONYMIZE = request.parse_anonymize({})
 
 
 def test_read_bounded_local_returns_the_file_bytes(tmp_path: Path):
@@ -130,3 +133,87 @@ def test_rows_to_parquet_writes_what_beams_writer_writes(tmp_path: Path, batch_r
     assert ours.schema == beams.schema == AUDIT_SCHEMA
     assert ours.num_rows == 8
     assert sorted(ours.to_pylist(), key=lambda r: r["source_uri"]) == sorted(beams.to_pylist(), key=lambda r: r["source_uri"])
+
+
+# --------------------------------------------------------------------------- identifiers read raw
+
+
+def _pydicom_str(ds, keyword: str):
+    """What _safe_str returned before its raw fast path: pydicom's conversion, stripped."""
+    value = dicomio.peek(ds, keyword)
+    return value.strip(" \0") if isinstance(value, str) else None
+
+
+def _pydicom_syntax(ds):
+    """What _transfer_syntax returned before its raw fast path (pydicom converts in place)."""
+    value = str(dicomio.transfer_syntax_of(ds)).strip(" \0")
+    return value if value and len(value) <= 64 and re.match(r"^[0-9]+(\.[0-9]+)*$", value) else None
+
+
+def _all_test_files(samples: Path) -> list[Path]:
+    paths = [p for p in sorted(samples.rglob("*")) if p.is_file()]
+    paths += sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm"))  # bundled only, no download
+    return paths
+
+
+def test_raw_identifier_fast_paths_agree_with_pydicom_on_real_files(samples: Path):
+    """PatientID and the transfer syntax read from the raw bytes equal pydicom's decoding on
+    every shared sample and pydicom test file that the reader accepts (and on the engine's
+    output), and reading them leaves the elements raw."""
+    from pydicom.dataelem import RawDataElement
+
+    compared = raw_pids = raw_syntaxes = 0
+    for path in _all_test_files(samples):
+        try:
+            ds = dicomio.read_dataset(path.read_bytes())
+        except Exception:  # noqa: BLE001 - not readable: not part of this comparison
+            continue
+        for dataset in (ds, engine.apply(ANONYMIZE, ds, KEY)):
+            fresh = dicomio.shallow_copy(dataset)
+            meta = getattr(fresh, "file_meta", None)
+            fresh_meta = FileMetaDataset(dict(meta._dict)) if meta is not None else None
+            if fresh_meta is not None:
+                fresh.file_meta = fresh_meta
+            pid_raw = type(fresh._dict.get(0x00100020)) is RawDataElement
+            ts_raw = fresh_meta is not None and type(fresh_meta._dict.get(0x00020010)) is RawDataElement
+            got = (_safe_str(fresh, "PatientID"), _transfer_syntax(fresh))
+            if pid_raw:
+                assert type(fresh._dict[0x00100020]) is RawDataElement, path  # not converted in place
+            if ts_raw:
+                assert type(fresh_meta._dict[0x00020010]) is RawDataElement, path
+            assert got == (_pydicom_str(dataset, "PatientID"), _pydicom_syntax(dataset)), path
+            compared += 1
+            raw_pids += pid_raw
+            raw_syntaxes += ts_raw
+    assert compared > 100 and raw_pids > 100 and raw_syntaxes > 100, (compared, raw_pids, raw_syntaxes)
+
+
+@pytest.mark.parametrize(
+    "charset, raw, expected",
+    [
+        (None, b"PAT-0001 ", "PAT-0001"),
+        (None, b" \0", ""),
+        (None, b"", ""),
+        (None, b"A\\B", None),  # two values: not a str
+        ("ISO_IR 100", "Müller".encode("latin-1"), "Müller"),  # not ASCII: pydicom decodes
+        ("ISO 2022 IR 87", b"\x1b$B;3ED\x1b(B", "山田"),  # escapes: pydicom decodes
+        ("ISO_IR 192", "Ωmega".encode("utf-8"), "Ωmega"),
+    ],
+)
+def test_patient_id_fast_path_edges(charset, raw: bytes, expected):
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.Dataset()
+    if charset:
+        ds._dict[0x00080005] = RawDataElement(pydicom.tag.Tag(0x00080005), "CS", len(charset), charset.encode(), 0, False, True)
+    ds._dict[0x00100020] = RawDataElement(pydicom.tag.Tag(0x00100020), "LO", len(raw), raw, 0, False, True)
+    assert _safe_str(ds, "PatientID") == expected == _pydicom_str(ds, "PatientID")
+
+
+def test_patient_id_with_a_sequence_vr_is_not_read_as_text():
+    """A hostile PatientID encoded as SQ: pydicom's answer (not a str: None), not its bytes."""
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.Dataset()
+    ds._dict[0x00100020] = RawDataElement(pydicom.tag.Tag(0x00100020), "SQ", 0, b"", 0, False, True)
+    assert _safe_str(ds, "PatientID") is None

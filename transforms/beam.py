@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import time
 import uuid
 import warnings
@@ -206,6 +207,25 @@ def _safe_str(ds: Any, keyword: str) -> str | None:
             return None
         if isinstance(elem, RawDataElement) and isinstance(elem.value, (bytes, bytearray)):
             return bytes(elem.value).decode("ascii", "replace").strip(" \0")
+    tag = _LO_KEYWORDS.get(keyword)
+    if tag is not None:
+        # LO depends on the character set, but every DICOM character set reads bytes 0x00-0x7F
+        # as ASCII except ISO 2022's escape sequences; a backslash makes several values (not a
+        # str). Plain ASCII single values are decoded here: pydicom's conversion was ~30 us.
+        elem = ds._dict.get(tag)
+        if elem is None:
+            return None
+        value = elem.value
+        if (
+            type(elem) is RawDataElement
+            and type(value) is bytes
+            and elem.VR in ("LO", None)
+            and elem.length != 0xFFFFFFFF
+            and value.isascii()
+            and b"\\" not in value
+            and b"\x1b" not in value
+        ):
+            return value.decode("ascii").strip(" \0")
     try:
         # peek, not ds.get: get() converts the raw element in place, which would make the
         # writer re-encode it instead of copying its bytes.
@@ -232,6 +252,9 @@ def _raw_text(ds: Any, keyword: str) -> str | None:
     return raw if isinstance(raw, str) else None
 
 
+_LO_KEYWORDS = {"PatientID": 0x00100020}
+
+
 def _safe_uid(ds: Any, keyword: str) -> str | None:
     value = _safe_str(ds, keyword)
     if value and len(value) <= 64 and _UID_PATH_RE.match(value):
@@ -245,8 +268,18 @@ def _safe_modality(ds: Any) -> str | None:
 
 
 def _transfer_syntax(ds: Any) -> str | None:
+    from pydicom.dataelem import RawDataElement
+
     from transforms.dicomio import transfer_syntax_of
 
+    meta = getattr(ds, "file_meta", None)
+    raw = meta._dict.get(0x00020010) if meta is not None else None
+    if type(raw) is RawDataElement and raw.VR == "UI" and type(raw.value) is bytes and raw.value.isascii():
+        # The raw (0002,0010) as read: what pydicom would decode, without converting it in place
+        # (~35 us per file). An empty value means "derive it from the encoding": pydicom's way.
+        value = raw.value.decode("ascii").strip(" \0")
+        if value:
+            return value if len(value) <= 64 and _UID_PATH_RE.match(value) else None
     try:
         value = str(transfer_syntax_of(ds)).strip(" \0")
     except Exception:  # noqa: BLE001
@@ -323,23 +356,23 @@ def _read_local(path: str, max_bytes: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+_META_TAG_VR_LEN = struct.Struct("<HH2sH").unpack_from
+_META_LONG_LEN = struct.Struct("<I").unpack_from
+
+
 def meta_transfer_syntax(data: bytes) -> str | None:
     """(0002,0010) of a Part 10 file's meta group (explicit VR little endian), without pydicom."""
-    import struct
-
     if data[128:132] != b"DICM":
         return None
     pos, end = 132, len(data)
     while pos + 8 <= end:
-        group, element = struct.unpack_from("<HH", data, pos)
+        group, element, vr, length = _META_TAG_VR_LEN(data, pos)
         if group != 0x0002:
             return None
-        vr = data[pos + 4 : pos + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            (length,) = struct.unpack_from("<I", data, pos + 8)
+            (length,) = _META_LONG_LEN(data, pos + 8)
             value_at = pos + 12
         else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
             value_at = pos + 8
         if element == 0x0010:
             value = data[value_at : value_at + length].decode("ascii", "replace").strip(" \0")
