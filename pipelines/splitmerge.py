@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -48,7 +47,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas.audit import COPIED, FAILED, MOVED, SKIPPED, STATUSES, audit_row, crosswalk_row, utc_now
 from transforms import splitmerge as sm
-from transforms.errors import DeidError, InputError, RequestError
+from transforms.beam import failure_reason
+from transforms.errors import InputError, RequestError
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
@@ -356,19 +356,8 @@ def process_instance(
                 new_instance_orthanc_id=row["instance_orthanc_id"],
             )
         return audit_row(**row, finished_at=utc_now()), crosswalk
-    except DeidError as exc:
-        reason, detail = exc.reason, f"{stage}: {exc}"
-    except RecursionError:
-        reason, detail = "too_deep", f"{stage}: nesting too deep (RecursionError)"
-    except MemoryError:
-        reason, detail = "too_large", f"{stage}: out of memory (MemoryError)"
-    except OSError as exc:
-        reason = "write_error" if stage in ("write", "keep source") else ("read_error" if stage == "read" else "internal_error")
-        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
-        detail = f"{stage}: {type(exc).__name__}{' ' + code if code else ''}"
-    except Exception as exc:  # noqa: BLE001 - dead letter: the type only, messages may quote data
-        reason = "write_error" if stage in ("write", "keep source") else ("read_error" if stage == "read" else "internal_error")
-        detail = f"{stage}: {type(exc).__name__}"
+    except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        reason, detail = failure_reason(exc, stage, ("write", "keep source"))
     if stage == "keep source" and row.get("output_uri"):
         detail += f" (the re-parented instance was written to {row['output_uri']})"
     for column in ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256"):

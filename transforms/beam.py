@@ -549,6 +549,25 @@ def _matching_resources(ds: Any, selection: tuple[str, ...]) -> list[int]:
     return [i for i, entry in enumerate(selection) if entry in names]
 
 
+
+def failure_reason(exc: Exception, stage: str, write_stages: tuple[str, ...] = ("write",)) -> tuple[str, str]:
+    """(reason code, detail) of the audit row for a file whose processing raised ``exc``.
+
+    Our own errors carry their reason and a value-free message; anything else is named by its
+    type only (and errno code), because library messages may quote data from the file.
+    """
+    if isinstance(exc, DeidError):
+        return exc.reason, f"{stage}: {exc}"
+    if isinstance(exc, RecursionError):
+        return "too_deep", f"{stage}: nesting too deep (RecursionError)"
+    if isinstance(exc, MemoryError):
+        return "too_large", f"{stage}: out of memory (MemoryError)"
+    reason = "write_error" if stage in write_stages else ("read_error" if stage == "read" else "internal_error")
+    if isinstance(exc, OSError) and isinstance(exc.errno, int):
+        code = errno.errorcode.get(exc.errno, "")
+        return reason, f"{stage}: {type(exc).__name__}{' ' + code if code else ''}"
+    return reason, f"{stage}: {type(exc).__name__}"
+
 def process_file(
     path: str,
     size: int,
@@ -668,19 +687,8 @@ def process_file(
                 new_instance_orthanc_id=ids["instance"],
             )
         return audit_row(**row, finished_at=utc_now()), crosswalk
-    except DeidError as exc:
-        reason, detail = exc.reason, f"{stage}: {exc}"
-    except RecursionError:
-        reason, detail = "too_deep", f"{stage}: nesting too deep (RecursionError)"
-    except MemoryError:
-        reason, detail = "too_large", f"{stage}: out of memory (MemoryError)"
-    except OSError as exc:
-        reason = "write_error" if stage == "write" else ("read_error" if stage == "read" else "internal_error")
-        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
-        detail = f"{stage}: {type(exc).__name__}{' ' + code if code else ''}"
-    except Exception as exc:  # noqa: BLE001 - dead letter: the type only, messages may quote data
-        reason = "write_error" if stage == "write" else ("read_error" if stage == "read" else "internal_error")
-        detail = f"{stage}: {type(exc).__name__}"
+    except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        reason, detail = failure_reason(exc, stage)
     finally:
         ds = new = None  # drop large data sets before building the row
     row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
