@@ -21,6 +21,12 @@ Audit statuses of an input: ``moved`` (re-parented and written under its new UID
 row's ``detail`` says), ``copied`` (not selected, written unchanged: ``--copy-unselected``),
 ``skipped`` (not selected; reason ``not_selected``), ``failed`` (reason code). Copied files
 keep their original identifiers, so their output paths and UID columns show them.
+
+``--progress`` (default: stderr is a terminal and the runner is local) shows the anonymize
+command's line during pass 2: pass-2 workers count every input's final status into a local
+folder (``transforms.beam._ProgressFile``) and ``pipelines.run.ProgressPrinter`` sums them.
+That line knows ``written``, ``failed`` and ``skipped``: ``moved`` and ``copied`` inputs, the
+statuses that write a file to OUTPUT (``schemas.audit.OUTPUT_STATUSES``), count as written.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ import io
 import json
 import os
 import pickle
+import shutil
+import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -45,9 +54,20 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from schemas.audit import COPIED, FAILED, MOVED, SKIPPED, STATUSES, audit_row, crosswalk_row, utc_now
+from schemas.audit import (
+    COPIED,
+    FAILED,
+    MOVED,
+    OUTPUT_STATUSES,
+    SKIPPED,
+    STATUSES,
+    WRITTEN,
+    audit_row,
+    crosswalk_row,
+    utc_now,
+)
 from transforms import splitmerge as sm
-from transforms.beam import failure_reason
+from transforms.beam import _ProgressFile, failure_reason
 from transforms.errors import InputError, RequestError
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
@@ -58,6 +78,8 @@ _DETAIL_MAX = 300
 _DICM_OFFSET = 128
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
+# The runners pipelines.cli.run_deid treats as local (the progress folder must be on this machine).
+_LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
 
 
 # --------------------------------------------------------------------------- pass 1: the index
@@ -211,6 +233,7 @@ class ApplyConfig:
     max_bytes: int = 2 << 30
     copy_unselected: bool = False
     crosswalk: bool = False
+    progress_dir: str | None = None  # local folder for the CLI's progress line (local runners only)
 
 
 _PLAN_CACHE: dict[str, sm.Plan] = {}
@@ -378,26 +401,44 @@ def _quiet_pydicom() -> None:
     quiet_pydicom_warnings()
 
 
+def progress_status(status: str) -> str:
+    """The progress line's word for an audit status: ``moved`` and ``copied`` are ``written``."""
+    return WRITTEN if status in OUTPUT_STATUSES else status
+
+
 class _ApplyFn(beam.DoFn):
     """``(path, size)`` -> one audit row; crosswalk rows on ``CROSSWALK_TAG``."""
 
     def __init__(self, cfg: ApplyConfig) -> None:
         self._cfg = cfg
         self._plan: sm.Plan | None = None
+        self._progress: _ProgressFile | None = None
         self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in STATUSES}
 
     def setup(self) -> None:
         _quiet_pydicom()
         self._plan = load_plan(self._cfg.plan_uri)
+        if self._cfg.progress_dir and os.path.isdir(self._cfg.progress_dir):
+            self._progress = _ProgressFile(self._cfg.progress_dir)
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         assert self._plan is not None
         path, size = element
         audit, crosswalk = process_instance(path, size, self._plan, self._cfg)
         self._counters[audit["status"]].inc()
+        if self._progress is not None:
+            self._progress.add(progress_status(audit["status"]))
         yield audit
         if crosswalk is not None:
             yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)
+
+    def finish_bundle(self) -> None:
+        if self._progress is not None:
+            self._progress.flush()
+
+    def teardown(self) -> None:
+        if self._progress is not None:
+            self._progress.flush()
 
 
 class ApplyOutputs(NamedTuple):
@@ -542,14 +583,18 @@ def execute(
     max_bytes: int = 2 << 30,
     copy_unselected: bool = False,
     extra_summary: Mapping[str, Any] | None = None,
+    progress_dir: str | None = None,
 ) -> Outcome:
     """Index, plan, apply; then summarise this run's audit.
+
+    With ``progress_dir`` (an existing local folder), pass 2 shows
+    :class:`pipelines.run.ProgressPrinter`'s line on stderr; the caller removes the folder.
 
     Raises:
         RequestError: the request does not fit INPUT (unknown study, empty selection, ...);
             nothing has been written then (the run's temporary folder is removed).
     """
-    from pipelines.run import cleanup_tmp, make_pipeline, read_audit, write_summary
+    from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, read_audit, write_summary
 
     created_output = _is_local(output_root) and not os.path.exists(output_root)
     tmp = tmp_folder(output_root, run_id)
@@ -576,10 +621,15 @@ def execute(
             max_bytes=max_bytes,
             copy_unselected=copy_unselected,
             crosswalk=crosswalk_root is not None,
+            progress_dir=progress_dir,
         )
         pipeline = make_pipeline(options)
         build_apply_pass(pipeline, input_uri, cfg, audit_root, crosswalk_root)
-        pipeline.run().wait_until_finish()
+        if progress_dir:
+            with ProgressPrinter(progress_dir):
+                pipeline.run().wait_until_finish()
+        else:
+            pipeline.run().wait_until_finish()
     except RequestError:
         cleanup_tmp(output_root, run_id)
         if created_output:
@@ -676,19 +726,28 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     extra = {"Audit": audit}
     if crosswalk:
         extra["Crosswalk"] = crosswalk
-    outcome = execute(
-        options,
-        input_uri,
-        request,
-        key,
-        output_root=output,
-        audit_root=audit,
-        crosswalk_root=crosswalk,
-        run_id=run_id,
-        max_bytes=args.max_bytes,
-        copy_unselected=args.copy_unselected,
-        extra_summary=extra,
-    )
+    # As for anonymize/modify: workers on another machine could not reach a local folder.
+    local_runner = options.view_as(pipeline_run.StandardOptions).runner in _LOCAL_RUNNERS
+    progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
+    progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
+    try:
+        outcome = execute(
+            options,
+            input_uri,
+            request,
+            key,
+            output_root=output,
+            audit_root=audit,
+            crosswalk_root=crosswalk,
+            run_id=run_id,
+            max_bytes=args.max_bytes,
+            copy_unselected=args.copy_unselected,
+            extra_summary=extra,
+            progress_dir=progress_dir,
+        )
+    finally:
+        if progress_dir:
+            shutil.rmtree(progress_dir, ignore_errors=True)
     summary = outcome.summary
     if summary["InputFiles"] == 0:
         cli._err(f"INPUT {args.input!r} matched no files")

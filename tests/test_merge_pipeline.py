@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from pipelines import cli
-from tests.test_split_pipeline import audit_rows, statuses
+from tests.test_split_pipeline import PROGRESS_LINE, audit_rows, statuses
 from tests.test_split_synthetic import MR_SERIES, MR_SOPS, SR_SOP, STUDY_A, STUDY_B, write_reference_studies
 from transforms import splitmerge as sm
 from transforms.orthanc_ids import orthanc_ids
@@ -26,7 +26,9 @@ def key_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_merge_comunix_pet_into_brainix_multi_processing(samples: Path, tmp_path: Path, key_file: Path) -> None:
+def test_merge_comunix_pet_into_brainix_multi_processing(
+    samples: Path, tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "in"
     shutil.copytree(samples / "Comunix", src / "Comunix")
     shutil.copytree(samples / "Brainix" / "Flair", src / "Brainix" / "Flair")
@@ -35,11 +37,13 @@ def test_merge_comunix_pet_into_brainix_multi_processing(samples: Path, tmp_path
     code = cli.main([
         "merge", str(src), str(out), "--study", BRAINIX_STUDY_UID, "--body", json.dumps({"Resources": [pet_series]}),
         "--key-file", str(key_file), "--audit", str(audit), "--copy-unselected", "--quiet",
-        "--direct_running_mode=multi_processing", "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing", "--direct_num_workers=2", "--progress",
     ])  # fmt: skip
     assert code == 0
     rows = audit_rows(audit)
     assert statuses(rows) == {"moved": 2, "copied": 24}
+    # worker processes counted into the progress folder: moved + copied inputs are "written"
+    assert PROGRESS_LINE.findall(capsys.readouterr().err)[-1] == ("26", "26", "0", "0")
     moved = [r for r in rows if r["status"] == "moved"]
     assert all("/Comunix/Pet/" in r["source_uri"] for r in moved)
     flair = sorted((src / "Brainix" / "Flair").glob("*.dcm"))

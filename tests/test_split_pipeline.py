@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,6 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import apache_beam as beam
 from pipelines import cli
+from pipelines import run as pipeline_run
 from pipelines import splitmerge as psm
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
 from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
@@ -214,3 +218,66 @@ def test_index_entries_round_trip_as_json(tmp_path: Path) -> None:
     assert psm.decode_entry(psm.encode_entry(entry)) == entry
     plain = entry._replace(study_tags=None)
     assert psm.decode_entry(psm.encode_entry(plain)) == plain
+
+
+# --------------------------------------------------------------------------- progress
+
+
+PROGRESS_LINE = re.compile(r"\r(\d+) files: (\d+) written, (\d+) failed, (\d+) skipped, \d+ files/s   ")
+
+
+@pytest.mark.parametrize(("copy_unselected", "expected"), [
+    (False, {"moved": 4, "skipped": 5, "failed": 1}),
+    (True, {"moved": 4, "copied": 5, "failed": 1}),
+])  # fmt: skip
+def test_progress_line_counts_every_input(
+    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    copy_unselected: bool, expected: dict[str, int],
+) -> None:  # fmt: skip
+    write_reference_studies(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not a DICOM file")
+    seen: list[tuple[str, list[str]]] = []
+
+    class Recording(pipeline_run.ProgressPrinter):
+        def __exit__(self, *exc: object) -> None:
+            seen.append((self._folder, sorted(os.listdir(self._folder))))
+            super().__exit__(*exc)
+
+    monkeypatch.setattr(pipeline_run, "ProgressPrinter", Recording)
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    argv = ["split", str(tmp_path / "in"), str(out), "--study", STUDY_A, "--body", json.dumps({"Series": [CT_SERIES, RT_SERIES]}),
+            "--key-file", str(key_file), "--audit", str(audit), "--progress"]  # fmt: skip
+    assert run([*argv, "--copy-unselected"] if copy_unselected else argv) == cli.EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    rows = audit_rows(audit)
+    counts = statuses(rows)
+    assert counts == expected
+    # ProgressPrinter prints once more when the pass ends, then a newline; the failure note follows.
+    lines = PROGRESS_LINE.findall(err)
+    assert lines and err.endswith(f"\n{cli.PROG}: 1 of 10 input files failed (not_dicom 1); see {audit}\n")
+    total, written, failed, skipped = map(int, lines[-1])
+    assert (total, written, failed, skipped) == (
+        len(rows), counts.get("moved", 0) + counts.get("copied", 0), counts.get("failed", 0), counts.get("skipped", 0))  # fmt: skip
+    assert err.split("\r")[-1].split("\n")[0].startswith(f"10 files: {4 + 5 * copy_unselected} written, 1 failed, ")
+    # the workers' counters were in the folder when the pass ended; the folder is gone now
+    ((folder, names),) = seen
+    assert Path(folder).name.startswith("dicom-deid-progress-") and names and all(n.endswith(".json") for n in names)
+    assert not os.path.exists(folder)
+
+
+def test_progress_default_follows_the_terminal(
+    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_reference_studies(tmp_path / "in")
+
+    def split(out: str, *extra: str) -> int:
+        return run(["split", str(tmp_path / "in"), str(tmp_path / out), "--study", STUDY_A,
+                    "--body", json.dumps({"Series": [CT_SERIES]}), "--key-file", str(key_file), *extra])  # fmt: skip
+
+    assert split("not-a-tty") == 0
+    assert capsys.readouterr().err == ""  # stderr is captured, not a terminal: no progress line
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert split("tty") == 0
+    assert [tuple(map(int, m)) for m in PROGRESS_LINE.findall(capsys.readouterr().err)][-1] == (9, 3, 0, 6)
+    assert split("tty-no-progress", "--no-progress") == 0
+    assert capsys.readouterr().err == ""
