@@ -23,7 +23,6 @@ import io
 import os
 import pstats
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -101,8 +100,6 @@ def time_mode(paths: list[Path], out: Path,
     also given apart: system time (page cache, dirty-page writeback throttling) varies a lot
     between runs, user time is what the Python code costs.
     """
-    if out.exists():
-        shutil.rmtree(out)
     out.mkdir(parents=True)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start, cpu = time.perf_counter(), time.process_time()
@@ -144,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         # Modes are interleaved run by run, each starting after os.sync(): otherwise the mode
         # timed first (copy) writes into a clean page cache and every later mode pays the
         # write-back of the gigabytes written before it (system time x5 in a measured run).
+        # Every phase writes into a fresh folder and nothing is deleted before the end: on ext4
+        # without a journal (these machines), creating files soon after many were deleted costs
+        # ~1 ms each instead of ~0.02 ms (see benchmarks/pipeline.py), which inflated every
+        # mode's system time, the copy's most of all in relative terms.
         samples_by_mode: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in modes}
-        for _ in range(args.runs):
+        for run in range(args.runs):
             for name, work in modes.items():
-                if (tmp_path / "out").exists():
-                    shutil.rmtree(tmp_path / "out")
                 os.sync()
-                samples_by_mode[name].append(time_mode(paths, tmp_path / "out", work))
+                out = tmp_path / f"out-{run}-{name.replace('+', '-')}"
+                samples_by_mode[name].append(time_mode(paths, out, work))
         results: dict[str, tuple[float, ...]] = {
             name: tuple(statistics.median(t[i] for t in times) for i in range(4))
             for name, times in samples_by_mode.items()
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
-            time_mode(paths, tmp_path / "out", modes["anonymize"])
+            time_mode(paths, tmp_path / "out-profile", modes["anonymize"])
             profiler.disable()
             stream = io.StringIO()
             pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(30)

@@ -215,3 +215,79 @@ def test_fast_scanner_refuses_nesting_beyond_the_limit():
         dicomio.read_dataset(_nested(dicomio._MAX_DEPTH + 5), check_uids=False)
     assert info.value.reason == "too_deep"
     assert dicomio.read_dataset(_nested(10), check_uids=False)[0x00081115].VR == "SQ"
+
+
+def _writer_plans():
+    from transforms.request import parse_anonymize, parse_modify
+
+    return [
+        None,  # unchanged
+        parse_anonymize({}),
+        parse_anonymize({"DicomVersion": "2008", "KeepPrivateTags": True}),
+        parse_modify({"Replace": {"PatientName": "A^B", "0009,0010": "X"}, "Remove": ["StationName"],
+                      "RemovePrivateTags": True}),
+    ]
+
+
+def test_ordered_writer_equals_the_general_writer(samples):
+    """The writer's C-level comparison path (tags ascending in the source) must emit exactly
+    the bytes of the element-by-element path, whatever the engine changed, removed or added."""
+    from transforms.engine import apply
+    from transforms.errors import DeidError
+    from transforms.identity import Key
+
+    key = Key.from_bytes(b"writer-test-key-0123456789abcdef")
+    compared = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        try:
+            ds = dicomio.read_dataset(path.read_bytes())
+        except InputError:
+            continue
+        source = getattr(ds, dicomio._SOURCE_ATTR, None)
+        if source is None or not source.ordered:
+            continue
+        for plan in _writer_plans():
+            try:
+                out = apply(plan, ds, key) if plan is not None else ds
+            except DeidError:
+                continue
+            parts = dicomio.write_parts(out)
+            fast = dicomio.write_dataset(out)
+            assert b"".join(parts) == fast
+            source.ordered = False
+            try:
+                general = dicomio.write_dataset(out)
+            finally:
+                source.ordered = True
+            assert fast == general, path.name
+            compared += 1
+    assert compared >= 600
+
+
+def _explicit_file(elements: list[tuple[int, bytes, bytes]]) -> bytes:
+    meta_elems = [(0x00020010, b"UI", b"1.2.840.10008.1.2.1\0")]
+    meta = b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in meta_elems)
+    body = b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in elements)
+    return b"\0" * 128 + b"DICM" + meta + body
+
+
+_UIDS = [(0x00080016, b"UI", b"1.2.3\0"), (0x00080018, b"UI", b"1.2.3.4\0"),
+         (0x0020000D, b"UI", b"1.2.3.5\0"), (0x0020000E, b"UI", b"1.2.3.6\0")]
+
+
+def test_tags_out_of_order_are_written_in_ascending_order():
+    data = _explicit_file([_UIDS[0], _UIDS[1], (0x00100020, b"LO", b"ID12"), (0x00100010, b"PN", b"X^Y "),
+                           _UIDS[2], _UIDS[3]])
+    ds = dicomio.read_dataset(data)
+    assert not getattr(ds, dicomio._SOURCE_ATTR).ordered
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert [int(t) for t in out.keys()] == sorted(int(t) for t in out.keys())
+    assert out.PatientName == "X^Y" and out.PatientID == "ID12"
+
+
+def test_repeated_tag_keeps_one_element():
+    data = _explicit_file([*_UIDS[:2], (0x00100010, b"PN", b"A^B "), (0x00100010, b"PN", b"C^D "), *_UIDS[2:]])
+    ds = dicomio.read_dataset(data)
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.PatientName == ds.PatientName
+    assert len([t for t in out.keys() if t == 0x00100010]) == 1

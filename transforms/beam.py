@@ -36,6 +36,8 @@ are then published under the final name.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import errno
 import hashlib
@@ -53,6 +55,7 @@ from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
 from transforms.errors import DeidError, InputError
@@ -407,8 +410,14 @@ def _tmp_root(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
-def publish(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
-    """Write ``data`` to ``final`` atomically; never overwrite different content.
+def _as_parts(data: Any) -> list[Any]:
+    """``data`` as a list of buffers: bytes, or the parts of ``dicomio.write_parts``."""
+    return data if isinstance(data, list) else [data]
+
+
+def publish(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    """Write ``data`` (bytes, or a list of buffers to concatenate) to ``final`` atomically;
+    never overwrite different content.
 
     Returns normally when ``final`` holds exactly ``data`` (newly written or already there).
 
@@ -434,13 +443,26 @@ def _make_parents(path: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+_IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
 
 
-def _publish_local(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
+def _write_all(fd: int, data: Any) -> None:
+    """Write every buffer of ``data`` (see :func:`_as_parts`): one ``writev`` call for the usual
+    file, no concatenated copy; partial writes continue where the kernel stopped."""
+    pending = [memoryview(part).cast("B") for part in _as_parts(data) if len(part)]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        while written:
+            first = pending[0]
+            if written >= len(first):
+                written -= len(first)
+                pending.pop(0)
+            else:
+                pending[0] = first[written:]
+                written = 0
+
+
+def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
     # No exists-check and no makedirs up front: os.link itself says "exists" or "no folder",
     # which saves three system calls per file on the common path.
     if _is_plain_path(output_root):
@@ -485,15 +507,17 @@ def _publish_local(data: bytes, sha256: str, final: str, output_root: str, run_i
             pass
 
 
-def replace_local(data: bytes, target: str) -> None:
+def replace_local(data: Any, target: str) -> None:
     """Write ``target`` atomically (temporary file in the same folder, then ``os.replace``)."""
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -503,7 +527,8 @@ def replace_local(data: bytes, target: str) -> None:
         raise
 
 
-def _publish_remote(data: bytes, sha256: str, final: str, output_root: str, run_id: str) -> None:
+def _publish_remote(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    data = b"".join(_as_parts(data))
     if FileSystems.exists(final):
         if _sha256_of(final) != sha256:
             raise _duplicate()
@@ -584,9 +609,65 @@ def process_file(
     atomically as a download would. With ``Resources`` in the plan, the positions of the
     entries naming this file are appended to ``matched`` (if given).
 
+    This is :func:`prepare_file` (read, parse, apply, encode: CPU work under the GIL) followed
+    by :func:`finish_file` (hash and publish: hashlib and file I/O release the GIL, so the DoFn
+    runs it on a thread while the next file is prepared).
+
     Returns:
         ``(audit_row, crosswalk_row or None)``.
     """
+    prepared = prepare_file(path, size, cfg, key, target=target, matched=matched)
+    if isinstance(prepared, tuple):
+        return prepared
+    return finish_file(prepared)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A file encoded and named, not yet hashed or written (see :func:`finish_file`)."""
+
+    row: dict[str, Any]
+    parts: list[Any]  # the output file: bytes and views of the input (dicomio.write_parts)
+    final: str
+    target: str | None
+    output_root: str
+    run_id: str
+    crosswalk: dict[str, Any] | None  # crosswalk_row fields known before writing
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.parts))
+
+
+def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, Any], None]:
+    reason, detail = failure_reason(exc, stage)
+    row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
+    if reason != "duplicate_instance":
+        for k in (
+            "study_instance_uid",
+            "series_instance_uid",
+            "sop_instance_uid",
+            "patient_orthanc_id",
+            "study_orthanc_id",
+            "series_orthanc_id",
+            "instance_orthanc_id",
+        ):
+            row.pop(k, None)
+    return audit_row(**row, finished_at=utc_now()), None
+
+
+def prepare_file(
+    path: str,
+    size: int,
+    cfg: RunConfig,
+    key: Any,
+    *,
+    target: str | None = None,
+    matched: list[int] | None = None,
+) -> Prepared | tuple[dict[str, Any], dict[str, Any] | None]:
+    """The first half of :func:`process_file`: a :class:`Prepared` file, or the final
+    ``(audit_row, None)`` of a file that failed or was not selected. Never raises for a bad
+    file."""
     from transforms import dicomio, engine
     from transforms.orthanc_ids import orthanc_ids
 
@@ -647,32 +728,19 @@ def process_file(
             instance_orthanc_id=ids["instance"],
         )
         stage = "encode"
-        out = dicomio.write_dataset(new)
-        sha = hashlib.sha256(out).hexdigest()
-        stage = "write"
-        if target is None:
-            if _is_plain_path(cfg.output_root):
-                final = os.path.join(cfg.output_root, *name.split("/"))  # = LocalFileSystem.join
-            else:
-                final = FileSystems.join(cfg.output_root, *name.split("/"))
-            publish(out, sha, final, cfg.output_root, cfg.run_id)
-        else:
+        parts = dicomio.write_parts(new)
+        if target is not None:
             final = target
-            replace_local(out, target)
-        row.update(
-            status=WRITTEN,
-            output_uri=final,
-            transfer_syntax_out=meta_transfer_syntax(out),
-            bytes_out=len(out),
-            output_sha256=sha,
-        )
+        elif _is_plain_path(cfg.output_root):
+            final = os.path.join(cfg.output_root, *name.split("/"))  # = LocalFileSystem.join
+        else:
+            final = FileSystems.join(cfg.output_root, *name.split("/"))
         crosswalk = None
         if cfg.crosswalk:
             orig_pid = _safe_str(ds, "PatientID") or ""
             orig = [_safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-            crosswalk = crosswalk_row(
+            crosswalk = dict(
                 source_uri=path,
-                output_uri=final,
                 run_id=cfg.run_id,
                 key_id=cfg.key_id,
                 original_patient_id=orig_pid,
@@ -686,24 +754,46 @@ def process_file(
                 original_instance_orthanc_id=orthanc_ids(orig_pid, *(o or "" for o in orig))["instance"],
                 new_instance_orthanc_id=ids["instance"],
             )
-        return audit_row(**row, finished_at=utc_now()), crosswalk
+        return Prepared(row, parts, final, target, cfg.output_root, cfg.run_id, crosswalk)
     except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
-        reason, detail = failure_reason(exc, stage)
+        failure = exc, stage
     finally:
         ds = new = None  # drop large data sets before building the row
-    row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
-    if reason != "duplicate_instance":
-        for k in (
-            "study_instance_uid",
-            "series_instance_uid",
-            "sop_instance_uid",
-            "patient_orthanc_id",
-            "study_orthanc_id",
-            "series_orthanc_id",
-            "instance_orthanc_id",
-        ):
-            row.pop(k, None)
-    return audit_row(**row, finished_at=utc_now()), None
+    return _failed(row, *failure)
+
+
+def finish_file(prepared: Prepared) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The second half of :func:`process_file`: hash the output, publish it, complete the
+    rows. Never raises for a file that cannot be written (its row says ``failed``)."""
+    row = prepared.row
+    stage = "encode"
+    try:
+        parts = prepared.parts
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        sha = digest.hexdigest()
+        stage = "write"
+        if prepared.target is None:
+            publish(parts, sha, prepared.final, prepared.output_root, prepared.run_id)
+        else:
+            replace_local(parts, prepared.target)
+        row.update(
+            status=WRITTEN,
+            output_uri=prepared.final,
+            transfer_syntax_out=meta_transfer_syntax(parts[0]),
+            bytes_out=prepared.size,
+            output_sha256=sha,
+        )
+        crosswalk = None
+        if prepared.crosswalk is not None:
+            crosswalk = crosswalk_row(**prepared.crosswalk, output_uri=prepared.final)
+        return audit_row(**row, finished_at=utc_now()), crosswalk
+    except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        failure = exc, stage
+    finally:
+        prepared.parts = []  # release the output (and the input it views) before the row
+    return _failed(row, *failure)
 
 
 def _plan_description(plan: Any) -> str | None:
@@ -768,7 +858,18 @@ def read_progress(folder: str) -> dict[str, int]:
 
 
 class DeidentifyFn(beam.DoFn):
-    """``(path, size)`` -> one audit row dict; crosswalk rows on ``CROSSWALK_TAG``."""
+    """``(path, size)`` -> one audit row dict; crosswalk rows on ``CROSSWALK_TAG``.
+
+    Each file is prepared (read, parsed, de-identified, encoded) in ``process`` and finished
+    (hashed, published) on a writer thread while the next files are prepared: SHA-256 and
+    file or object-store I/O release the GIL, so they overlap the CPU-bound core instead of
+    adding to it. At most ``_MAX_PENDING`` files (and ``_MAX_PENDING_BYTES`` of output) wait
+    for the writer; rows are emitted as files finish, and ``finish_bundle`` waits for the rest,
+    so a bundle's outputs are all on storage before Beam commits the bundle.
+    """
+
+    _MAX_PENDING = 8
+    _MAX_PENDING_BYTES = 256 << 20
 
     def __init__(self, cfg: RunConfig) -> None:
         self._cfg = cfg
@@ -776,6 +877,9 @@ class DeidentifyFn(beam.DoFn):
         self._progress: _ProgressFile | None = None
         self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in (WRITTEN, FAILED, SKIPPED)}
         self._bytes_in = Metrics.distribution(_METRICS_NAMESPACE, "bytes_in")
+        self._writer: Any = None
+        self._pending: collections.deque = collections.deque()
+        self._pending_bytes = 0
 
     def setup(self) -> None:
         quiet_pydicom_warnings()
@@ -788,28 +892,59 @@ class DeidentifyFn(beam.DoFn):
             )
         if cfg.progress_dir and os.path.isdir(cfg.progress_dir):
             self._progress = _ProgressFile(cfg.progress_dir)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dicom-deid-writer")
+
+    def start_bundle(self) -> None:
+        self._pending = collections.deque()
+        self._pending_bytes = 0
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         path, size = element
         matched: list[int] = []
-        audit, crosswalk = process_file(path, size, self._cfg, self._key, matched=matched)
+        prepared = prepare_file(path, size, self._cfg, self._key, matched=matched)
+        for position in matched:
+            yield pvalue.TaggedOutput(MATCHED_TAG, position)
+        if isinstance(prepared, tuple):
+            yield from self._emit(*prepared, windowed=False)
+        else:
+            nbytes = prepared.size
+            self._pending.append((self._writer.submit(finish_file, prepared), nbytes))
+            self._pending_bytes += nbytes
+        pending = self._pending
+        while pending and (
+            pending[0][0].done() or len(pending) > self._MAX_PENDING or self._pending_bytes > self._MAX_PENDING_BYTES
+        ):
+            future, nbytes = pending.popleft()
+            self._pending_bytes -= nbytes
+            yield from self._emit(*future.result(), windowed=False)
+
+    def _emit(self, audit: dict[str, Any], crosswalk: dict[str, Any] | None, *, windowed: bool) -> Iterator[Any]:
         self._counters[audit["status"]].inc()
         if audit["reason"]:
             Metrics.counter(_METRICS_NAMESPACE, f"reason_{audit['reason']}").inc()
         self._bytes_in.update(int(audit["bytes_in"] or 0))
         if self._progress is not None:
             self._progress.add(audit["status"])
-        yield audit
+        # finish_bundle must say which window its outputs belong to: the global one, as
+        # everything read from ExpandInput.
+        wrap = GlobalWindows.windowed_value if windowed else (lambda value: value)
+        yield wrap(audit)
         if crosswalk is not None:
-            yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)
-        for position in matched:
-            yield pvalue.TaggedOutput(MATCHED_TAG, position)
+            yield pvalue.TaggedOutput(CROSSWALK_TAG, wrap(crosswalk))
 
-    def finish_bundle(self) -> None:
+    def finish_bundle(self) -> Iterator[Any]:
+        pending = self._pending
+        while pending:
+            future, _ = pending.popleft()
+            yield from self._emit(*future.result(), windowed=True)
+        self._pending_bytes = 0
         if self._progress is not None:
             self._progress.flush()
 
     def teardown(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._progress is not None:
             self._progress.flush()
 

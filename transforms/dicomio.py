@@ -20,8 +20,11 @@ import re
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from array import array
+from bisect import bisect_left
 from io import BytesIO
+from itertools import compress, islice
+from operator import is_not, lt
 from typing import Any
 
 from pydicom import config as _pydicom_config
@@ -78,14 +81,56 @@ def is_valid_uid(value: str, *, strict: bool = False) -> bool:
     return bool((_UID_RE if strict else _UID_LAX_RE).match(value))
 
 
-@dataclass(frozen=True)
 class _Source:
-    """Where each top-level element of a parsed data set lies in the original bytes."""
+    """Where each top-level element of a parsed data set lies in the original bytes.
 
-    data: memoryview
-    spans: dict[int, tuple[Any, int, int]]  # tag -> (element object as read, start, end)
-    implicit: bool
-    little: bool
+    Two forms. From the fast scanner: the elements in file order (``keys``, ``elems``, the start
+    offset of each and the end of the last; element ``i`` spans ``starts[i]`` to ``starts[i+1]``)
+    and ``ordered`` when the tags ascend (the normal case), which lets the writer compare the
+    output with the source in C-level loops. From pydicom's reader: a ``spans`` dict only.
+    """
+
+    __slots__ = ("data", "implicit", "little", "keys", "elems", "starts", "ordered", "_spans", "_key_set",
+                 "_specials")
+
+    def __init__(self, data: memoryview, implicit: bool, little: bool, *,
+                 spans: dict[int, tuple[Any, int, int]] | None = None,
+                 keys: list | None = None, elems: list | None = None,
+                 starts: list[int] | None = None, ordered: bool = False) -> None:
+        self.data = data
+        self.implicit = implicit
+        self.little = little
+        self.keys = keys
+        self.elems = elems
+        self.starts = starts  # len(keys) + 1 offsets: the last is the end of the last element
+        self.ordered = ordered
+        self._spans = spans
+        self._key_set: frozenset | None = None
+        self._specials: list[int] | None = None
+
+    @property
+    def spans(self) -> dict[int, tuple[Any, int, int]]:
+        """tag -> (element object as read, start, end)."""
+        if self._spans is None:
+            starts = self.starts
+            self._spans = {int(k): (e, starts[i], starts[i + 1])
+                           for i, (k, e) in enumerate(zip(self.keys, self.elems))}
+        return self._spans
+
+    @property
+    def key_set(self) -> frozenset:
+        if self._key_set is None:
+            self._key_set = frozenset(self.keys)
+        return self._key_set
+
+    @property
+    def specials(self) -> list[int]:
+        """Positions the writer never copies verbatim: excluded tags, OW-labelled encapsulated
+        pixel data."""
+        if self._specials is None:
+            self._specials = [i for i, (k, e) in enumerate(zip(self.keys, self.elems))
+                              if _excluded(k) or (k == 0x7FE00010 and _encapsulated_as_ow(e, self))]
+        return self._specials
 
 
 def _encoding_of(ts: str) -> tuple[bool, bool, bool]:
@@ -242,7 +287,7 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
         if start < 0 or end <= start or not _tag_at(data, start, tag, little):
             return  # layout we do not understand: the writer uses the slow path
         spans[int(tag)] = (elem, start, end)
-    object.__setattr__(ds, _SOURCE_ATTR, _Source(view, spans, implicit, little))
+    object.__setattr__(ds, _SOURCE_ATTR, _Source(view, implicit, little, spans=spans))
 
 
 def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
@@ -322,8 +367,8 @@ def _scan_elements(
     """
     tag_len, tag_vr_short, long_len = _STRUCTS[little]
     vr_table = _VR_TABLE
-    spans = [] if out is not None else None
-    append = spans.append if spans is not None else None
+    starts: list[int] | None = [] if out is not None else None
+    append = starts.append if starts is not None else None
     while pos < end:
         if end - pos < 8:
             if out is not None and not any(data[pos:end]):
@@ -379,13 +424,113 @@ def _scan_elements(
             tag = BaseTag(group << 16 | element)
             raw = _tuple_new(RawDataElement, (tag, vr, length, value, value_tell, implicit, little, True, False))
             out[tag] = raw
-            append((tag, raw, start, pos))
+            append(start)
     if out is not None:
-        out["__spans__"] = spans
+        starts.append(pos)  # the end of the last element
+        out["__starts__"] = starts
     return pos
 
 
 _tuple_new = tuple.__new__
+
+
+def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict) -> None:
+    """``_scan_elements`` at top level for explicit VR, the common case, with the per-element
+    work cut to the minimum (this loop runs for every element of every file). Anything
+    unusual (an item tag, an unknown VR, an undefined length, a short tail) is handed to
+    ``_scan_elements`` from that element on, so both give the same result."""
+    tag_vr_short, long_len = _STRUCTS[little][1], _STRUCTS[little][2]
+    vr_table = _VR_TABLE
+    starts: list[int] = []
+    append = starts.append
+    new, raw_type, base_tag = _tuple_new, RawDataElement, BaseTag
+    limit = end - 12  # room for the longest header: no bounds check per header below
+    while pos <= limit:
+        group, element, vr_bytes, length = tag_vr_short(data, pos)
+        info = vr_table.get(vr_bytes)
+        if info is None or group == 0xFFFE:
+            break
+        vr, is_long = info
+        if is_long:
+            length = long_len(data, pos + 8)[0]
+            value_tell = pos + 12
+            if length == 0xFFFFFFFF:  # as _scan_elements: items up to the sequence delimiter
+                stop = _skip_undefined(data, value_tell, end, False, little, 0)
+                append(pos)
+                pos = stop + 8
+                tag = base_tag(group << 16 | element)
+                if vr in ("UN", "SQ") and tag != 0x7FE00010:
+                    vr = "SQ"
+                out[tag] = new(raw_type, (tag, vr, length, data[value_tell:stop], value_tell, False, little,
+                                          True, False))
+                continue
+        else:
+            value_tell = pos + 8
+        stop = value_tell + length
+        if stop > end:
+            break  # the general scanner raises the truncation error
+        append(pos)
+        pos = stop
+        tag = base_tag(group << 16 | element)
+        out[tag] = new(raw_type, (tag, vr, length, data[value_tell:stop], value_tell, False, little, True, False))
+    if pos < end:
+        rest: dict = {}
+        _scan_elements(data, pos, end, False, little, 0, rest)
+        starts.extend(rest.pop("__starts__"))
+        out.update(rest)  # a tag repeated across the two scans keeps its first position
+    else:
+        starts.append(pos)
+    out["__starts__"] = starts
+
+
+_META_HEADER = struct.Struct("<HH2sH").unpack_from
+_META_LONG = struct.Struct("<L").unpack_from
+
+
+def _scan_meta(data: bytes, pos: int, size: int, out: dict) -> int | None:
+    """Raw elements of the group 0002 elements from ``pos`` into ``out``; returns where the
+    group ends, or None for a layout left to pydicom (an item tag, an unknown VR, an
+    undefined length, an element running past the end)."""
+    new, raw_type, base_tag = _tuple_new, RawDataElement, BaseTag
+    vr_table = _VR_TABLE
+    while pos + 8 <= size:
+        group, element, vr_bytes, length = _META_HEADER(data, pos)
+        if group != 0x0002:
+            break
+        info = vr_table.get(vr_bytes)
+        if info is None:
+            return None
+        vr, is_long = info
+        if is_long:
+            if pos + 12 > size:
+                return None
+            length = _META_LONG(data, pos + 8)[0]
+            value_tell = pos + 12
+        else:
+            value_tell = pos + 8
+        pos = value_tell + length
+        if length == 0xFFFFFFFF or pos > size:
+            return None
+        tag = base_tag(0x00020000 | element)
+        out[tag] = new(raw_type, (tag, vr, length, data[value_tell:pos], value_tell, False, True, True, False))
+    return pos
+
+
+#: The instance attributes pydicom's constructors set (``Dataset()`` costs ~7 us, mostly in its
+#: ``__setattr__``); dict values are per-instance state and are copied for each new data set.
+_TEMPLATES = {cls: dict(cls().__dict__) for cls in (Dataset, FileMetaDataset)}
+_MUTABLE = {cls: [k for k, v in t.items() if isinstance(v, dict)] for cls, t in _TEMPLATES.items()}
+
+
+def _new_dataset(cls: type, elements: dict) -> Any:
+    """``cls(elements)`` for a ``Dataset`` or ``FileMetaDataset``, without the constructor."""
+    obj = object.__new__(cls)
+    attrs = obj.__dict__
+    attrs.update(_TEMPLATES[cls])
+    for name in _MUTABLE[cls]:
+        attrs[name] = dict(attrs[name])
+    attrs["_dict"] = elements
+    return obj
 
 
 def _fast_read(data: bytes) -> Dataset | None:
@@ -395,17 +540,9 @@ def _fast_read(data: bytes) -> Dataset | None:
     meta: dict = {}
     try:
         # Group 0002: explicit VR little endian, up to the first element of another group.
-        meta_end = pos
-        while meta_end + 8 <= size and struct.unpack_from("<H", data, meta_end)[0] == 0x0002:
-            vr = data[meta_end + 4 : meta_end + 6]
-            if vr in (b"OB", b"UN", b"SQ", b"UT", b"OW"):
-                meta_end += 12 + struct.unpack_from("<L", data, meta_end + 8)[0]
-            else:
-                meta_end += 8 + struct.unpack_from("<H", data, meta_end + 6)[0]
-        if meta_end > size:
+        meta_end = _scan_meta(data, pos, size, meta)
+        if meta_end is None:
             return None
-        _scan_elements(data, pos, meta_end, False, True, 0, meta)
-        meta.pop("__spans__", None)
         ts_raw = meta.get(0x00020010)
         if ts_raw is None or not ts_raw.value:
             return None
@@ -420,30 +557,48 @@ def _fast_read(data: bytes) -> Dataset | None:
                 raise InputError("the deflated data set cannot be inflated", reason="truncated") from None
             meta_end, size = 0, len(data)
         elements: dict = {}
-        _scan_elements(data, meta_end, size, implicit, little, 0, elements)
+        if implicit:
+            _scan_elements(data, meta_end, size, implicit, little, 0, elements)
+        else:
+            _scan_explicit_top(data, meta_end, size, little, elements)
     except _GiveUp:
         return None
     except struct.error:
         return None
-    spans_list = elements.pop("__spans__")
+    starts = elements.pop("__starts__")
     if not elements:
         raise InputError("no data elements after the file meta header", reason="not_dicom")
-    ds = Dataset(elements)
-    file_meta = FileMetaDataset()
-    file_meta._dict.update(meta)
-    ds.file_meta = file_meta
+    ds = _new_dataset(Dataset, elements)
+    ds.__dict__["file_meta"] = _new_dataset(FileMetaDataset, meta)  # what the validating setter stores
     charset = _DEFAULT_CHARSET
     raw_charset = elements.get(0x00080005)
     if raw_charset is not None:
         try:
-            value = convert_raw_data_element(raw_charset).value
-            charset = convert_encodings(value)
+            text = raw_charset.value.decode("ascii")  # CS: ASCII, else pydicom decides below
+            values = [v.strip(" \0") for v in text.split("\\")]
+            charset = convert_encodings(values[0] if len(values) == 1 else values)
         except Exception:
-            charset = _DEFAULT_CHARSET
+            try:
+                charset = convert_encodings(convert_raw_data_element(raw_charset).value)
+            except Exception:
+                charset = _DEFAULT_CHARSET
     ds.set_original_encoding(implicit, little, charset)
-    view = memoryview(data)
-    spans = {int(tag): (elem, start, end) for tag, elem, start, end in spans_list}
-    object.__setattr__(ds, _SOURCE_ATTR, _Source(view, spans, implicit, little))
+    keys = list(elements)
+    ints = array("L", keys).tolist()
+    # Ascending tags, each once (a repeated tag would leave fewer keys than starts).
+    ordered = len(keys) + 1 == len(starts) and all(map(lt, ints, islice(ints, 1, None)))
+    source = _Source(memoryview(data), implicit, little, keys=keys, elems=list(elements.values()),
+                     starts=starts, ordered=ordered)
+    if not ordered:
+        source.keys = source.elems = None
+        source._spans = {}
+        if len(keys) + 1 == len(starts):
+            source._spans = {i: (e, starts[n], starts[n + 1])
+                             for n, (i, e) in enumerate(zip(ints, elements.values()))}
+        else:  # a repeated tag: spans of the elements kept in the dict are unknown
+            source = None
+    if source is not None:
+        object.__setattr__(ds, _SOURCE_ATTR, source)
     return ds
 
 
@@ -536,6 +691,15 @@ def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
     here (implicit/explicit VR, endianness, deflate); changing pixel compression is
     ``transforms.transcode``'s job, which returns a data set already in its target syntax.
     """
+    parts = write_parts(ds, transfer_syntax)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
+    """:func:`write_dataset` as a list of byte strings and memoryviews whose concatenation is
+    the file: unchanged stretches stay views of the original bytes, so a caller that hashes
+    and writes the parts (``hashlib`` ``update``, ``writelines``, ``os.writev``) never copies
+    them into one new buffer."""
     meta = ds.__dict__.get("file_meta")
     ts = str(transfer_syntax) if transfer_syntax else (_ascii_raw(meta, 0x00020010) or transfer_syntax_of(ds))
     sop_class = _uid_value(ds, "SOPClassUID", lambda: str(getattr(meta, "MediaStorageSOPClassUID", "") or ""))
@@ -544,9 +708,10 @@ def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
     source: _Source | None = getattr(ds, _SOURCE_ATTR, None)
     head = encode_file_meta(sop_class, sop_instance, ts)
     if source is not None and source.implicit == implicit and source.little == little:
-        parts = _fast_body(ds, source)
+        parts = _ordered_body(ds, source) if source.ordered else _fast_body(ds, source)
         if not deflated:
-            return b"".join([head, *parts])  # one copy of the (large) body, not two
+            parts.insert(0, head)
+            return parts
         body = b"".join(parts)
     else:
         body = _slow_body(ds, implicit, little)
@@ -554,7 +719,61 @@ def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
         # Level 1: ~5x faster than the default on pixel data for a few percent more bytes.
         compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = compressor.compress(body) + compressor.flush()
-    return head + body
+    return [head, body]
+
+
+def _ordered_body(ds: Dataset, source: _Source) -> list[Any]:
+    """``_fast_body`` for a source whose tags ascend (nearly every file).
+
+    Which source elements are still the very objects read is found with C-level ``map``
+    calls over the whole data set; the Python loop below only visits the elements the engine
+    changed, removed or added (a few dozen), not all of them.
+    """
+    d = ds._dict
+    keys, elems, starts = source.keys, source.elems, source.starts
+    count = len(keys)
+    current = list(map(d.get, keys))  # the source's own key objects: identity hits
+    changed = list(compress(range(count), map(is_not, current, elems)))
+    specials = source.specials
+    if specials:
+        changed = sorted(set(changed).union(specials))
+    events: list[tuple[int, int, Any]] = [(i, 1, None) for i in changed]
+    if len(d) != count - current.count(None):  # tags the source does not have
+        ints = array("L", keys).tolist()
+        for key in d.keys() - source.key_set:
+            tag = int(key)
+            if not _excluded(tag):
+                events.append((bisect_left(ints, tag), 0, (tag, key)))
+        events.sort()
+    data = source.data
+    parts: list[Any] = []
+    append = parts.append
+    encodings = None
+    implicit, little = source.implicit, source.little
+    run = 0  # first source position not yet emitted
+    for position, kind, added in events:
+        if position > run:
+            append(data[starts[run] : starts[position]])
+        if kind == 0:  # a new element, before source position ``position``
+            elem = d[added[1]]
+            run = position
+        else:
+            run = position + 1
+            elem = current[position]
+            if elem is None or _excluded(keys[position]):
+                continue
+            if elem is elems[position]:  # unchanged but special: OW-labelled encapsulated pixels
+                start, end = starts[position], starts[position + 1]
+                append(data[start : start + 4])
+                append(b"OB")
+                append(data[start + 6 : end])
+                continue
+        if encodings is None:
+            encodings = _character_set(ds)
+        append(_encode_element(ds, elem, implicit, little, encodings))
+    if run < count:
+        append(data[starts[run] : starts[count]])
+    return parts
 
 
 def _fast_body(ds: Dataset, source: _Source) -> list[Any]:
@@ -610,8 +829,15 @@ def _encapsulated_as_ow(elem: Any, source: _Source) -> bool:
 
 
 def _character_set(ds: Dataset) -> Any:
+    """``ds._character_set`` without its side effect: pydicom's property stores the decoded
+    SpecificCharacterSet back into the data set, which would make every later write re-encode
+    it (and would change a caller's data set)."""
+    elem = ds._dict.get(0x00080005)
     try:
-        return ds._character_set
+        if type(elem) is RawDataElement:  # CS is ASCII: no character set needed to decode it
+            elem = convert_raw_data_element(elem, encoding=_DEFAULT_CHARSET, ds=ds)
+        value = elem.value if elem is not None else None
+        return convert_encodings(value) if value else ds._parent_encoding
     except Exception:  # an undecodable SpecificCharacterSet: fall back to the default
         return _DEFAULT_CHARSET
 
@@ -625,17 +851,27 @@ def _raw_element_bytes(elem: RawDataElement, implicit: bool, little: bool) -> by
     vr = elem.VR
     if value is None or elem.length == 0xFFFFFFFF or (not implicit and vr is None):
         return None
-    order = "<" if little else ">"
+    implicit_header, long_header, short_header = _HEADER_PACK[little]
     tag = elem.tag
     if implicit:
-        return struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
-    if vr in _LONG_VRS:
-        return struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0,
-                           len(value)) + value
+        return implicit_header(tag >> 16, tag & 0xFFFF, len(value)) + value
+    vr_info = _VR_HEADER.get(vr)
+    if vr_info is None:
+        return None
+    vr_bytes, is_long = vr_info
+    if is_long:
+        return long_header(tag >> 16, tag & 0xFFFF, vr_bytes, 0, len(value)) + value
     if len(value) > 0xFFFF:
         return None
-    return struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"),
-                       len(value)) + value
+    return short_header(tag >> 16, tag & 0xFFFF, vr_bytes, len(value)) + value
+
+
+_HEADER_PACK = {
+    little: (struct.Struct(order + "HHL").pack, struct.Struct(order + "HH2sHL").pack,
+             struct.Struct(order + "HH2sH").pack)
+    for little, order in ((True, "<"), (False, ">"))
+}
+_VR_HEADER = {vr: (vr.encode("ascii"), vr in _LONG_VRS) for vr in _KNOWN_VRS}
 
 
 def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodings: Any) -> bytes:
@@ -683,4 +919,5 @@ __all__ = [
     "shallow_copy",
     "transfer_syntax_of",
     "write_dataset",
+    "write_parts",
 ]
