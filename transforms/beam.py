@@ -443,23 +443,10 @@ def _make_parents(path: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-_IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
-
-
 def _write_all(fd: int, data: Any) -> None:
-    """Write every buffer of ``data`` (see :func:`_as_parts`): one ``writev`` call for the usual
-    file, no concatenated copy; partial writes continue where the kernel stopped."""
-    pending = [memoryview(part).cast("B") for part in _as_parts(data) if len(part)]
-    while pending:
-        written = os.writev(fd, pending[:_IOV_MAX])
-        while written:
-            first = pending[0]
-            if written >= len(first):
-                written -= len(first)
-                pending.pop(0)
-            else:
-                pending[0] = first[written:]
-                written = 0
+    from transforms.dicomio import write_all
+
+    write_all(fd, _as_parts(data))
 
 
 def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:

@@ -16,6 +16,7 @@ title, private meta elements) are not carried over.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 import uuid
@@ -91,7 +92,7 @@ class _Source:
     """
 
     __slots__ = ("data", "implicit", "little", "keys", "elems", "starts", "ordered", "_spans", "_key_set",
-                 "_specials")
+                 "_specials", "_ints")
 
     def __init__(self, data: memoryview, implicit: bool, little: bool, *,
                  spans: dict[int, tuple[Any, int, int]] | None = None,
@@ -107,6 +108,7 @@ class _Source:
         self._spans = spans
         self._key_set: frozenset | None = None
         self._specials: list[int] | None = None
+        self._ints: list[int] | None = None
 
     @property
     def spans(self) -> dict[int, tuple[Any, int, int]]:
@@ -124,12 +126,27 @@ class _Source:
         return self._key_set
 
     @property
+    def ints(self) -> list[int]:
+        """``keys`` as plain ints (ascending when ``ordered``)."""
+        if self._ints is None:
+            self._ints = array("L", self.keys).tolist()
+        return self._ints
+
+    @property
     def specials(self) -> list[int]:
-        """Positions the writer never copies verbatim: excluded tags, OW-labelled encapsulated
-        pixel data."""
+        """Positions (ascending) the writer never copies verbatim: excluded tags (group 0002,
+        group lengths) and OW-labelled encapsulated pixel data. Found by bisection in the
+        ascending tags rather than by visiting every element."""
         if self._specials is None:
-            self._specials = [i for i, (k, e) in enumerate(zip(self.keys, self.elems))
-                              if _excluded(k) or (k == 0x7FE00010 and _encapsulated_as_ow(e, self))]
+            ints = self.ints
+            found = set(range(bisect_left(ints, 0x00020000), bisect_left(ints, 0x00030000)))
+            present = set(ints)
+            for group_length in set(map((0xFFFF0000).__and__, ints)) & present:
+                found.add(bisect_left(ints, group_length))
+            pixels = bisect_left(ints, 0x7FE00010)
+            if pixels < len(ints) and ints[pixels] == 0x7FE00010 and _encapsulated_as_ow(self.elems[pixels], self):
+                found.add(pixels)
+            self._specials = sorted(found)
         return self._specials
 
 
@@ -434,6 +451,14 @@ def _scan_elements(
 _tuple_new = tuple.__new__
 
 
+#: Large binary values (pixel data, mostly) are kept as views of the file's bytes, not copies:
+#: pydicom decodes these VRs without touching the value (``convert_OBvalue``), and the writer
+#: copies them from the original bytes anyway. Copying would cost a memcpy and a fresh
+#: allocation (page faults) of most of the file for every file.
+_VIEW_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
+_VIEW_MIN = 1 << 16
+
+
 def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict) -> None:
     """``_scan_elements`` at top level for explicit VR, the common case, with the per-element
     work cut to the minimum (this loop runs for every element of every file). Anything
@@ -444,6 +469,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
     starts: list[int] = []
     append = starts.append
     new, raw_type, base_tag = _tuple_new, RawDataElement, BaseTag
+    view = memoryview(data)
     limit = end - 12  # room for the longest header: no bounds check per header below
     while pos <= limit:
         group, element, vr_bytes, length = tag_vr_short(data, pos)
@@ -472,7 +498,11 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
         append(pos)
         pos = stop
         tag = base_tag(group << 16 | element)
-        out[tag] = new(raw_type, (tag, vr, length, data[value_tell:stop], value_tell, False, little, True, False))
+        if length < _VIEW_MIN or vr not in _VIEW_VRS:
+            value = data[value_tell:stop]
+        else:
+            value = view[value_tell:stop]  # a view of the file: see _VIEW_VRS
+        out[tag] = new(raw_type, (tag, vr, length, value, value_tell, False, little, True, False))
     if pos < end:
         rest: dict = {}
         _scan_elements(data, pos, end, False, little, 0, rest)
@@ -589,6 +619,7 @@ def _fast_read(data: bytes) -> Dataset | None:
     ordered = len(keys) + 1 == len(starts) and all(map(lt, ints, islice(ints, 1, None)))
     source = _Source(memoryview(data), implicit, little, keys=keys, elems=list(elements.values()),
                      starts=starts, ordered=ordered)
+    source._ints = ints
     if not ordered:
         source.keys = source.elems = None
         source._spans = {}
@@ -722,6 +753,26 @@ def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
     return [head, body]
 
 
+_IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
+
+
+def write_all(fd: int, parts: list[Any]) -> None:
+    """Write the buffers of :func:`write_parts` to the file descriptor ``fd``: one ``writev``
+    call for the usual file instead of a concatenated copy; a partial write continues where
+    the kernel stopped."""
+    pending = [memoryview(part).cast("B") for part in parts if len(part)]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        while written:
+            first = pending[0]
+            if written >= len(first):
+                written -= len(first)
+                pending.pop(0)
+            else:
+                pending[0] = first[written:]
+                written = 0
+
+
 def _ordered_body(ds: Dataset, source: _Source) -> list[Any]:
     """``_fast_body`` for a source whose tags ascend (nearly every file).
 
@@ -739,13 +790,14 @@ def _ordered_body(ds: Dataset, source: _Source) -> list[Any]:
         changed = sorted(set(changed).union(specials))
     events: list[tuple[int, int, Any]] = [(i, 1, None) for i in changed]
     if len(d) != count - current.count(None):  # tags the source does not have
-        ints = array("L", keys).tolist()
+        ints = source.ints
         for key in d.keys() - source.key_set:
             tag = int(key)
             if not _excluded(tag):
                 events.append((bisect_left(ints, tag), 0, (tag, key)))
         events.sort()
     data = source.data
+    ints_all = source.ints
     parts: list[Any] = []
     append = parts.append
     encodings = None
@@ -760,7 +812,7 @@ def _ordered_body(ds: Dataset, source: _Source) -> list[Any]:
         else:
             run = position + 1
             elem = current[position]
-            if elem is None or _excluded(keys[position]):
+            if elem is None or _excluded(ints_all[position]):
                 continue
             if elem is elems[position]:  # unchanged but special: OW-labelled encapsulated pixels
                 start, end = starts[position], starts[position + 1]
@@ -918,6 +970,7 @@ __all__ = [
     "read_dataset",
     "shallow_copy",
     "transfer_syntax_of",
+    "write_all",
     "write_dataset",
     "write_parts",
 ]

@@ -312,8 +312,9 @@ def _copy(ds: Dataset, *, deep: bool) -> Dataset:
     """
     out = shallow_copy(ds)
     for tag, elem in list(out._dict.items()):
-        if deep or not isinstance(elem, RawDataElement):
-            out._dict[tag] = copy.deepcopy(elem)
+        if deep or not isinstance(elem, RawDataElement) or isinstance(elem.value, memoryview):
+            # (codecs and pydicom's encapsulation helpers want bytes, not views of the file)
+            out._dict[tag] = _deepcopy(elem)
     meta = getattr(out, "file_meta", None)
     if meta is None:
         out.file_meta = FileMetaDataset()
@@ -321,6 +322,18 @@ def _copy(ds: Dataset, *, deep: bool) -> Dataset:
         for tag, elem in list(meta._dict.items()):
             meta._dict[tag] = copy.deepcopy(elem)
     return out
+
+
+def _deepcopy(elem: "DataElement | RawDataElement") -> "DataElement | RawDataElement":
+    """``copy.deepcopy`` of an element whose value may be a view of the file's bytes
+    (``dicomio`` keeps large binary values as memoryviews, which cannot be copied)."""
+    if isinstance(elem.value, memoryview):
+        if isinstance(elem, RawDataElement):
+            return elem._replace(value=bytes(elem.value))
+        new = copy.copy(elem)
+        new.value = bytes(elem.value)
+        return new
+    return copy.deepcopy(elem)
 
 
 def _set(ds: Dataset, keyword: str, value: object) -> DataElement:
