@@ -451,6 +451,19 @@ def _scan_elements(
 _tuple_new = tuple.__new__
 
 
+#: BaseTag objects of the tags met so far (public tags repeat in every file; creating a BaseTag
+#: costs ~4x a lookup). Bounded: private and odd tags from hostile files do not grow it forever.
+_TAGS: dict[int, BaseTag] = {}
+_TAGS_MAX = 1 << 16
+
+
+def _base_tag(value: int) -> BaseTag:
+    tag = BaseTag(value)
+    if len(_TAGS) < _TAGS_MAX:
+        _TAGS[value] = tag
+    return tag
+
+
 #: Large binary values (pixel data, mostly) are kept as views of the file's bytes, not copies:
 #: pydicom decodes these VRs without touching the value (``convert_OBvalue``), and the writer
 #: copies them from the original bytes anyway. Copying would cost a memcpy and a fresh
@@ -468,7 +481,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
     vr_table = _VR_TABLE
     starts: list[int] = []
     append = starts.append
-    new, raw_type, base_tag = _tuple_new, RawDataElement, BaseTag
+    new, raw_type, base_tag, tags = _tuple_new, RawDataElement, BaseTag, _TAGS
     view = memoryview(data)
     limit = end - 12  # room for the longest header: no bounds check per header below
     while pos <= limit:
@@ -497,7 +510,9 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
             break  # the general scanner raises the truncation error
         append(pos)
         pos = stop
-        tag = base_tag(group << 16 | element)
+        tag = tags.get(group << 16 | element)
+        if tag is None:
+            tag = _base_tag(group << 16 | element)
         if length < _VIEW_MIN or vr not in _VIEW_VRS:
             value = data[value_tell:stop]
         else:
