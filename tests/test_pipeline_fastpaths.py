@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import apache_beam as beam
 import pydicom
@@ -217,3 +218,132 @@ def test_patient_id_with_a_sequence_vr_is_not_read_as_text():
     ds = pydicom.Dataset()
     ds._dict[0x00100020] = RawDataElement(pydicom.tag.Tag(0x00100020), "SQ", 0, b"", 0, False, True)
     assert _safe_str(ds, "PatientID") is None
+
+
+def _deidentify_fn_outputs(cfg: RunConfig, elements: list[tuple[str, int]], release: Any = None) -> tuple[list, list]:
+    """Drive ``DeidentifyFn`` as a runner does (setup, one bundle, teardown): the values it
+    yields from ``process`` and from ``finish_bundle``, tags unwrapped. ``release`` (an
+    event) is set just before ``finish_bundle``."""
+    from apache_beam.pvalue import TaggedOutput
+
+    from transforms.beam import DeidentifyFn
+
+    fn = DeidentifyFn(cfg)
+    fn.setup()
+    fn.start_bundle()
+    in_process, in_finish = [], []
+    for element in elements:
+        for out in fn.process(element):
+            in_process.append((out.tag, out.value) if isinstance(out, TaggedOutput) else (None, out))
+    if release is not None:
+        release.set()
+    for out in fn.finish_bundle() or ():
+        in_finish.append((out.tag, out.value) if isinstance(out, TaggedOutput) else (None, out))
+    fn.teardown()
+    return in_process, in_finish
+
+
+def test_deidentify_fn_emits_every_row_once_across_process_and_finish_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Files are hashed and published on the writer thread: rows of finished files come out of
+    later ``process`` calls, the rest from ``finish_bundle`` (as windowed values, in the
+    global window), and every input has exactly one audit row and, written, one crosswalk
+    row, whichever call emitted it. The writer is held on the last two files until the
+    bundle finishes, so both paths are taken on every run."""
+    import threading
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms import beam as tbeam
+    from transforms.beam import CROSSWALK_TAG
+
+    release = threading.Event()
+    real_finish = tbeam.finish_file
+    held: list[str] = []
+
+    def finish_file(prepared):
+        if prepared.row["source_uri"] in held:
+            assert release.wait(30)
+        return real_finish(prepared)
+
+    monkeypatch.setattr(tbeam, "finish_file", finish_file)
+
+    names = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm", "rtstruct.dcm", "SC_rgb_rle.dcm",
+             "ExplVR_BigEnd.dcm", "waveform_ecg.dcm", "image_dfl.dcm"]
+    inputs = [Path(pydicom.data.get_testdata_file(n)) for n in names]
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not a DICOM file at all")
+    elements = [(str(p), p.stat().st_size) for p in [*inputs, junk, inputs[0]]]  # CT twice: same output
+    held.append(str(inputs[-1]))  # image_dfl.dcm: the one writer thread waits, the second CT queues behind
+    cfg = RunConfig(plan=ANONYMIZE, output_root=str(tmp_path / "out"), run_id="r", key_id=KEY.key_id, key=KEY,
+                    crosswalk=True)
+    in_process, in_finish = _deidentify_fn_outputs(cfg, elements, release)
+
+    finished_late = sorted(v.value["source_uri"] for tag, v in in_finish if tag is None)
+    # (which others finish before the bundle ends depends on thread scheduling)
+    assert str(inputs[-1]) in finished_late and str(inputs[0]) in finished_late
+    for _, value in in_finish:
+        assert isinstance(value, WindowedValue) and value.windows == (GlobalWindow(),)
+    outputs = in_process + [(tag, value.value) for tag, value in in_finish]
+    audit = [v for tag, v in outputs if tag is None]
+    crosswalk = [v for tag, v in outputs if tag == CROSSWALK_TAG]
+    assert sorted(r["source_uri"] for r in audit) == sorted(e[0] for e in elements)
+    by_status = {}
+    for row in audit:
+        by_status.setdefault(row["status"], []).append(row)
+    assert [r["reason"] for r in by_status["failed"]] == ["not_dicom"]
+    assert len(by_status["written"]) == len(elements) - 1
+    assert sorted(r["output_uri"] for r in crosswalk) == sorted(r["output_uri"] for r in by_status["written"])
+    for row in by_status["written"]:
+        data = Path(row["output_uri"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["output_sha256"]
+        assert len(data) == row["bytes_out"]
+    ct_rows = [r for r in audit if r["source_uri"] == str(inputs[0])]
+    assert len(ct_rows) == 2 and ct_rows[0]["output_uri"] == ct_rows[1]["output_uri"]
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_deidentify_fn_bounds_the_files_waiting_for_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """With a writer that never finishes on its own, ``process`` stops taking files once
+    ``_MAX_PENDING`` wait: it blocks on the oldest (here: finishes it inline) before going on."""
+    from transforms import beam as tbeam
+
+    finished: list[str] = []
+
+    class Slow:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, prepared):
+            import concurrent.futures
+
+            future = concurrent.futures.Future()
+
+            def result(timeout=None):
+                if not future.done():
+                    finished.append(prepared.row["source_uri"])
+                    future.set_result(fn(prepared))
+                return concurrent.futures.Future.result(future)
+
+            future.result = result  # type: ignore[method-assign]
+            return future
+
+        def shutdown(self, wait=True):
+            pass
+
+    monkeypatch.setattr(tbeam.concurrent.futures, "ThreadPoolExecutor", Slow)
+    monkeypatch.setattr(tbeam.DeidentifyFn, "_MAX_PENDING", 3)
+    cfg = RunConfig(plan=ANONYMIZE, output_root=str(tmp_path / "out"), run_id="r", key_id=KEY.key_id, key=KEY)
+    fn = tbeam.DeidentifyFn(cfg)
+    fn.setup()
+    fn.start_bundle()
+    for i in range(6):
+        copy = tmp_path / f"in{i}.dcm"
+        copy.write_bytes(CT.read_bytes())
+        list(fn.process((str(copy), copy.stat().st_size)))
+        assert len(fn._pending) == min(i + 1, 3)
+    assert finished == [str(tmp_path / f"in{i}.dcm") for i in range(3)]
+    assert len(list(fn.finish_bundle())) == 3
+    assert len(finished) == 6
