@@ -45,6 +45,7 @@ import json
 import os
 import re
 import struct
+import sys
 import time
 import uuid
 import warnings
@@ -71,6 +72,7 @@ _READ_CHUNK = 8 << 20
 _MAX_READ = 1 << 30  # Linux returns at most 0x7ffff000 bytes per read(2)
 _DETAIL_MAX = 300
 _METRICS_NAMESPACE = "dicom_deid"
+_SWITCH_INTERVAL = 0.0002  # seconds; see DeidentifyFn.setup
 
 
 # --------------------------------------------------------------------------- configuration
@@ -880,6 +882,12 @@ class DeidentifyFn(beam.DoFn):
         if cfg.progress_dir and os.path.isdir(cfg.progress_dir):
             self._progress = _ProgressFile(cfg.progress_dir)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dicom-deid-writer")
+        # The writer thread needs the GIL back after each hash or I/O call, and a CPU-bound
+        # main thread only lets go of it every switch interval (5 ms by default): the writer
+        # then fell behind and the overlap bought nothing (measured: 416 vs 398 files/s without
+        # the thread; with 0.2 ms, 456). Process-wide, so only ever lowered, never raised.
+        if sys.getswitchinterval() > _SWITCH_INTERVAL:
+            sys.setswitchinterval(_SWITCH_INTERVAL)
 
     def start_bundle(self) -> None:
         self._pending = collections.deque()
