@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import _SLOW_CREATE_S, create_probe  # noqa: E402  (benchmarks/pipeline.py)
 from transforms import dicomio  # noqa: E402
 from transforms.engine import apply  # noqa: E402
 from transforms.errors import DeidError  # noqa: E402
@@ -148,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{size / 1e6:.1f} MB; {args.runs} runs each, median")
         for path in paths:  # warm the page cache
             path.read_bytes()
+        probe = create_probe(tmp_path)
+        print(f"file creation probe: {probe * 1e3:.3f} ms per new file")
+        if probe > _SLOW_CREATE_S:
+            print("warning: creating files is slow on this filesystem right now (files deleted in the last "
+                  "minutes?): every mode pays it, which flatters the ratios; rerun in a few minutes",
+                  file=sys.stderr)
         # Modes are interleaved run by run, each starting after os.sync(): otherwise the mode
         # timed first (copy) writes into a clean page cache and every later mode pays the
         # write-back of the gigabytes written before it (system time x5 in a measured run).
