@@ -9,7 +9,8 @@ Element shapes:
 
 The per-file work is the plain function :func:`process_file` (= :func:`prepare_file`, the CPU
 part, then :func:`finish_file`, hashing and publishing); the DoFn adds the key, counters,
-progress, and runs ``finish_file`` on a writer thread that overlaps the next file's CPU work. Every exception raised while processing a file becomes a ``failed`` row
+progress, and runs ``finish_file`` on a writer thread that overlaps the next file's CPU work.
+Every exception raised while processing a file becomes a ``failed`` row
 (dead letter as data): ``DeidError.reason`` for the core's own errors, ``too_deep`` for
 ``RecursionError``, ``too_large`` for ``MemoryError``, ``read_error``/``write_error`` for I/O
 errors and ``internal_error`` (with the exception *type* only: messages may quote data)
