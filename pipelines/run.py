@@ -362,7 +362,8 @@ def cleanup_tmp(output_root: str, run_id: str) -> None:
 
 
 class ProgressPrinter:
-    """A thread printing ``N done, F failed, R files/s`` on one terminal line (stderr)."""
+    """A thread printing ``N files: W written, F failed, S skipped[, C copied, M moved], R files/s``
+    on one terminal line (stderr)."""
 
     def __init__(self, folder: str, stream: TextIO | None = None, interval: float = 1.0) -> None:
         self._folder = folder
@@ -395,9 +396,11 @@ class ProgressPrinter:
         if not done and not self._printed:
             return
         elapsed = max(time.monotonic() - self._start, 1e-6)
+        others = "".join(f", {n} {status}" for status, n in sorted(counts.items())
+                         if status not in (WRITTEN, FAILED, SKIPPED) and n)  # split/merge: moved, copied
         self._stream.write(
             f"\r{done} files: {counts[WRITTEN]} written, {counts[FAILED]} failed, "
-            f"{counts[SKIPPED]} skipped, {done / elapsed:.0f} files/s   "
+            f"{counts[SKIPPED]} skipped{others}, {done / elapsed:.0f} files/s   "
         )
         self._stream.flush()
         self._printed = True

@@ -25,8 +25,8 @@ keep their original identifiers, so their output paths and UID columns show them
 ``--progress`` (default: stderr is a terminal and the runner is local) shows the anonymize
 command's line during pass 2: pass-2 workers count every input's final status into a local
 folder (``transforms.beam._ProgressFile``) and ``pipelines.run.ProgressPrinter`` sums them.
-That line knows ``written``, ``failed`` and ``skipped``: ``moved`` and ``copied`` inputs, the
-statuses that write a file to OUTPUT (``schemas.audit.OUTPUT_STATUSES``), count as written.
+The line shows ``written``, ``failed`` and ``skipped`` and, when there are any, ``copied`` and
+``moved``.
 """
 
 from __future__ import annotations
@@ -58,10 +58,8 @@ from schemas.audit import (
     COPIED,
     FAILED,
     MOVED,
-    OUTPUT_STATUSES,
     SKIPPED,
     STATUSES,
-    WRITTEN,
     audit_row,
     crosswalk_row,
     utc_now,
@@ -401,11 +399,6 @@ def _quiet_pydicom() -> None:
     quiet_pydicom_warnings()
 
 
-def progress_status(status: str) -> str:
-    """The progress line's word for an audit status: ``moved`` and ``copied`` are ``written``."""
-    return WRITTEN if status in OUTPUT_STATUSES else status
-
-
 class _ApplyFn(beam.DoFn):
     """``(path, size)`` -> one audit row; crosswalk rows on ``CROSSWALK_TAG``."""
 
@@ -427,7 +420,7 @@ class _ApplyFn(beam.DoFn):
         audit, crosswalk = process_instance(path, size, self._plan, self._cfg)
         self._counters[audit["status"]].inc()
         if self._progress is not None:
-            self._progress.add(progress_status(audit["status"]))
+            self._progress.add(audit["status"])
         yield audit
         if crosswalk is not None:
             yield pvalue.TaggedOutput(CROSSWALK_TAG, crosswalk)

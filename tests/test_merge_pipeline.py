@@ -42,8 +42,8 @@ def test_merge_comunix_pet_into_brainix_multi_processing(
     assert code == 0
     rows = audit_rows(audit)
     assert statuses(rows) == {"moved": 2, "copied": 24}
-    # worker processes counted into the progress folder: moved + copied inputs are "written"
-    assert PROGRESS_LINE.findall(capsys.readouterr().err)[-1] == ("26", "26", "0", "0")
+    # worker processes counted into the progress folder
+    assert PROGRESS_LINE.findall(capsys.readouterr().err)[-1] == ("26", "0", "0", "0", "24", "2")
     moved = [r for r in rows if r["status"] == "moved"]
     assert all("/Comunix/Pet/" in r["source_uri"] for r in moved)
     flair = sorted((src / "Brainix" / "Flair").glob("*.dcm"))

@@ -826,7 +826,8 @@ class _ProgressFile:
 
 
 def read_progress(folder: str) -> dict[str, int]:
-    """Sum the counters every worker left in ``folder``."""
+    """Sum the counters every worker left in ``folder``: written, failed and skipped always,
+    any other status (split/merge's moved and copied) as found."""
     total = {WRITTEN: 0, FAILED: 0, SKIPPED: 0}
     try:
         names = os.listdir(folder)
@@ -840,8 +841,9 @@ def read_progress(folder: str) -> dict[str, int]:
                 counts = json.load(f)
         except (OSError, ValueError):
             continue
-        for k in total:
-            total[k] += int(counts.get(k, 0))
+        for k, v in counts.items():
+            if isinstance(k, str) and isinstance(v, int):
+                total[k] = total.get(k, 0) + v
     return total
 
 
