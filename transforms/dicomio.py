@@ -500,8 +500,9 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
                 tag = base_tag(group << 16 | element)
                 if vr in ("UN", "SQ") and tag != 0x7FE00010:
                     vr = "SQ"
-                out[tag] = new(raw_type, (tag, vr, length, data[value_tell:stop], value_tell, False, little,
-                                          True, False))
+                # Encapsulated pixel data (megabytes of fragments) stays a view, like _VIEW_VRS.
+                value = view[value_tell:stop] if tag == 0x7FE00010 else data[value_tell:stop]
+                out[tag] = new(raw_type, (tag, vr, length, value, value_tell, False, little, True, False))
                 continue
         else:
             value_tell = pos + 8
@@ -941,6 +942,18 @@ _HEADER_PACK = {
 _VR_HEADER = {vr: (vr.encode("ascii"), vr in _LONG_VRS) for vr in _KNOWN_VRS}
 
 
+def _as_bytes(elem: Any) -> Any:
+    """``elem`` with a value pydicom's writer can handle: the reader keeps large binary values as
+    memoryviews of the file, and the writer calls ``bytes`` methods on some of them."""
+    value = getattr(elem, "value", None)
+    if type(value) is not memoryview:
+        return elem
+    if type(elem) is RawDataElement:
+        return elem._replace(value=bytes(value))
+    new = DataElement(elem.tag, elem.VR, bytes(value), is_undefined_length=elem.is_undefined_length)
+    return new
+
+
 def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodings: Any) -> bytes:
     if type(elem) is RawDataElement and elem.is_implicit_VR == implicit \
             and elem.is_little_endian == little:
@@ -950,6 +963,7 @@ def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodi
     fp = DicomBytesIO()
     fp.is_little_endian = little
     fp.is_implicit_VR = implicit
+    elem = _as_bytes(elem)
     if isinstance(elem, RawDataElement):
         if elem.is_implicit_VR == implicit and elem.is_little_endian == little:
             write_data_element(fp, elem, encodings)
@@ -962,7 +976,7 @@ def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodi
 
 def _slow_body(ds: Dataset, implicit: bool, little: bool) -> bytes:
     """pydicom's own writer, for encoding changes (e.g. implicit to explicit VR)."""
-    body = Dataset({tag: elem for tag, elem in ds._dict.items() if not _excluded(tag)})
+    body = Dataset({tag: _as_bytes(elem) for tag, elem in ds._dict.items() if not _excluded(tag)})
     src_implicit, src_little = ds.original_encoding
     if src_implicit is not None:
         body.set_original_encoding(src_implicit, src_little, ds.original_character_set)
