@@ -129,6 +129,19 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
         raise InvalidOptions(f"Beam options: {text}") from None
 
 
+def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
+    """Run ``pipeline`` (made by :func:`make_pipeline`) to completion.
+
+    Beam skips its test round trip through the runner API (to_runner_api + from_runner_api of
+    the whole graph, ~0.3 s) for the DirectRunner in batch, recognising it by class name; our
+    LocalDirectRunner subclass would defeat that check, so say it explicitly.
+    """
+    test_runner_api: bool | str = "AUTO"
+    if isinstance(pipeline.runner, LocalDirectRunner) and not options.view_as(StandardOptions).streaming:
+        test_runner_api = False
+    pipeline.run(test_runner_api=test_runner_api).wait_until_finish()
+
+
 def audit_prefix(audit_root: str, run_id: str) -> str:
     return FileSystems.join(audit_root, f"audit-{run_id}")
 
@@ -426,18 +439,12 @@ def execute(
     """Build, run and wait for the pipeline; then summarise this run's audit."""
     pipeline = make_pipeline(options)
     build(pipeline, input_uri, cfg, audit_root, crosswalk_root)
-    # Beam skips its test round trip through the runner API (to_runner_api + from_runner_api of
-    # the whole graph, ~0.3 s) for the DirectRunner in batch, recognising it by class name; our
-    # LocalDirectRunner subclass would defeat that check, so say it explicitly.
-    test_runner_api: bool | str = "AUTO"
-    if isinstance(pipeline.runner, LocalDirectRunner) and not options.view_as(StandardOptions).streaming:
-        test_runner_api = False
     try:
         if progress and cfg.progress_dir:
             with ProgressPrinter(cfg.progress_dir):
-                pipeline.run(test_runner_api=test_runner_api).wait_until_finish()
+                run_and_wait(pipeline, options)
         else:
-            pipeline.run(test_runner_api=test_runner_api).wait_until_finish()
+            run_and_wait(pipeline, options)
     finally:
         cleanup_tmp(cfg.output_root, cfg.run_id)
     # The summary needs six columns; converting whole rows to dicts was ~0.1 s per 5k files.

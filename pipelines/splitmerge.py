@@ -10,7 +10,7 @@
     driver  read the index, transforms.splitmerge.plan_split/plan_merge (refusals end the run
             here, before any output), write the plan next to the index
     pass 2  Create([INPUT]) | ExpandInput | ApplySplitMerge (plan loaded in setup())
-            -> one audit row per input -> WriteToParquet(<AUDIT>/audit-<run_id>-*.parquet)
+            -> one audit row per input -> WriteRowsToParquet(<AUDIT>/audit-<run_id>-*.parquet)
 
 Pass 2 needs no grouping: the plan already holds every new UID. The key stays on the driver;
 workers only read the plan file (which can be large: it lists every moved instance, so it
@@ -485,18 +485,16 @@ def read_index(prefix: str) -> list[sm.IndexEntry]:
 def build_apply_pass(
     pipeline: beam.Pipeline, input_uri: str, cfg: ApplyConfig, audit_root: str, crosswalk_root: str | None
 ) -> None:
-    from pipelines.run import audit_prefix, crosswalk_prefix
+    from pipelines.run import WriteRowsToParquet, audit_prefix, crosswalk_prefix
     from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
     from transforms.beam import ExpandInput
 
     files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput()
     outputs = files | "ApplySplitMerge" >> ApplySplitMerge(cfg)
-    outputs.audit | "WriteAudit" >> beam.io.WriteToParquet(
-        audit_prefix(audit_root, cfg.run_id), AUDIT_SCHEMA, file_name_suffix=".parquet"
-    )
+    outputs.audit | "WriteAudit" >> WriteRowsToParquet(audit_prefix(audit_root, cfg.run_id), AUDIT_SCHEMA)
     if crosswalk_root is not None:
-        outputs.crosswalk | "WriteCrosswalk" >> beam.io.WriteToParquet(
-            crosswalk_prefix(crosswalk_root, cfg.run_id), CROSSWALK_SCHEMA, file_name_suffix=".parquet"
+        outputs.crosswalk | "WriteCrosswalk" >> WriteRowsToParquet(
+            crosswalk_prefix(crosswalk_root, cfg.run_id), CROSSWALK_SCHEMA
         )
 
 
@@ -587,7 +585,7 @@ def execute(
         RequestError: the request does not fit INPUT (unknown study, empty selection, ...);
             nothing has been written then (the run's temporary folder is removed).
     """
-    from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, read_audit, write_summary
+    from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, read_audit, run_and_wait, write_summary
 
     created_output = _is_local(output_root) and not os.path.exists(output_root)
     tmp = tmp_folder(output_root, run_id)
@@ -598,7 +596,7 @@ def execute(
         index_prefix = FileSystems.join(tmp, "index")
         pipeline = make_pipeline(options)
         build_index_pass(pipeline, input_uri, selector, max_bytes, index_prefix)
-        pipeline.run().wait_until_finish()
+        run_and_wait(pipeline, options)
         entries = read_index(index_prefix)
         if isinstance(request, sm.SplitRequest):
             plan = sm.plan_split(entries, request, key)
@@ -620,9 +618,9 @@ def execute(
         build_apply_pass(pipeline, input_uri, cfg, audit_root, crosswalk_root)
         if progress_dir:
             with ProgressPrinter(progress_dir):
-                pipeline.run().wait_until_finish()
+                run_and_wait(pipeline, options)
         else:
-            pipeline.run().wait_until_finish()
+            run_and_wait(pipeline, options)
     except RequestError:
         cleanup_tmp(output_root, run_id)
         if created_output:
