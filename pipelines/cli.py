@@ -256,6 +256,21 @@ def _err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
+
+
+def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) -> bool:
+    """Whether the runner is local (this machine's terminal and folders); if so, and unless
+    ``--verbose`` or an explicit ``--default_sdk_harness_log_level``, the worker processes of
+    ``multi_processing`` log errors only (their INFO chatter shares our terminal)."""
+    from apache_beam.options.pipeline_options import StandardOptions, WorkerOptions
+
+    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    if local and not verbose and "--default_sdk_harness_log_level" not in " ".join(beam_args):
+        options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"
+    return local
+
+
 class _DropNoise(logging.Filter):
     """Beam warns at import time that BigQuery's optional client is missing: not our concern."""
 
@@ -315,15 +330,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     check_locations(input_uri, output, audit, crosswalk)
     options = pipeline_run.pipeline_options(beam_args)
     _warn_random_key(key)
-    runner = options.view_as(pipeline_run.StandardOptions).runner
-    local_runner = runner in ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
-    if local_runner and not args.verbose:
-        from apache_beam.options.pipeline_options import WorkerOptions
-
-        harness = options.view_as(WorkerOptions)
-        if "--default_sdk_harness_log_level" not in " ".join(beam_args):
-            # multi_processing workers share our terminal; their INFO chatter is not for users.
-            harness.default_sdk_harness_log_level = "ERROR"
+    local_runner = quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
     cfg = RunConfig(

@@ -76,8 +76,6 @@ _DETAIL_MAX = 300
 _DICM_OFFSET = 128
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
-# The runners pipelines.cli.run_deid treats as local (the progress folder must be on this machine).
-_LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
 
 
 # --------------------------------------------------------------------------- pass 1: the index
@@ -718,7 +716,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     if crosswalk:
         extra["Crosswalk"] = crosswalk
     # As for anonymize/modify: workers on another machine could not reach a local folder.
-    local_runner = options.view_as(pipeline_run.StandardOptions).runner in _LOCAL_RUNNERS
+    local_runner = cli.quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
     try:

@@ -297,3 +297,22 @@ def test_terminal_gets_counts_not_every_resource(tmp_path: Path, capsys: pytest.
     assert len(stored["Resources"]) == 29 + 7 + 3 + 2  # the third study shares patient 1
     assert shown["Resources"] == f"41 entries, see {tmp_path / 'out-audit'}/summary.json"
     assert {k: v for k, v in shown.items() if k != "Resources"} == {k: v for k, v in stored.items() if k != "Resources"}
+
+
+@pytest.mark.parametrize(("argv", "verbose", "local", "level"), [
+    (["--runner=DirectRunner"], False, True, "ERROR"),
+    (["--direct_running_mode=multi_processing"], False, True, "ERROR"),  # default runner: the DirectRunner
+    (["--runner=DirectRunner"], True, True, "INFO"),
+    (["--runner=DirectRunner", "--default_sdk_harness_log_level=DEBUG"], False, True, "DEBUG"),
+    (["--runner=DataflowRunner"], False, False, "INFO"),
+])  # fmt: skip
+def test_local_workers_log_errors_only_unless_asked(argv: list[str], verbose: bool, local: bool, level: str):
+    """anonymize/modify and split/merge share this: multi_processing workers write to our
+    terminal, so they are told to log errors only, unless --verbose or an explicit level."""
+    from apache_beam.options.pipeline_options import WorkerOptions
+
+    from pipelines import run as pipeline_run
+
+    options = pipeline_run.pipeline_options(argv)
+    assert cli.quiet_local_workers(options, verbose=verbose, beam_args=argv) is local
+    assert (options.view_as(WorkerOptions).default_sdk_harness_log_level or "INFO") == level
