@@ -151,7 +151,9 @@ def test_setup_file_packages_the_code_for_workers(tmp_path: Path):
     for module in (
         "pipelines/cli.py",
         "pipelines/run.py",
+        "pipelines/splitmerge.py",
         "transforms/beam.py",
+        "transforms/splitmerge.py",
         "transforms/engine.py",
         "transforms/data/profiles.json",
         "schemas/audit.py",

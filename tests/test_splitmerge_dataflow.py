@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pydicom
@@ -160,22 +157,6 @@ def test_split_command_refuses_invalid_dataflow_options(tmp_path: Path, capsys: 
     assert err.count("\n") == 1 and "\r" not in err  # --progress: a remote runner gets no progress line
     assert not out.exists() and not (tmp_path / "out-audit").exists()
 
-
-def test_setup_file_packages_the_split_merge_code(tmp_path: Path):
-    """The sdist Dataflow workers install (built as the stager builds it) holds both modules."""
-    out = tmp_path / "build"
-    out.mkdir()
-    subprocess.run(
-        [sys.executable, "-c", "import sys, setuptools.build_meta as b; b.build_sdist(sys.argv[1])", str(out)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (sdist,) = out.glob("*.tar.gz")
-    with tarfile.open(sdist) as tar:
-        members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
-    assert {"pipelines/splitmerge.py", "transforms/splitmerge.py", "schemas/audit.py"} <= members
 
 
 @pytest.mark.skipif(
