@@ -291,3 +291,37 @@ def test_repeated_tag_keeps_one_element():
     out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
     assert out.PatientName == ds.PatientName
     assert len([t for t in out.keys() if t == 0x00100010]) == 1
+
+
+def _with_meta_syntax(data: bytes, old: bytes, new: bytes) -> bytes:
+    """``data`` with the meta TransferSyntaxUID value ``old`` replaced by ``new`` (same parity)."""
+    header = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(old))
+    at = data.index(header + old)
+    return data[:at] + struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(new)) + new + data[at + len(header) + len(old):]
+
+
+def test_malformed_meta_transfer_syntax_is_refused():
+    """A TransferSyntaxUID that is not a UID (here one flipped padding byte) would be copied into
+    the output's meta, naming an encoding the body is not in: the input is refused instead."""
+    data = _with_meta_syntax(open(get_testdata_file("rtplan.dcm"), "rb").read(),
+                             b"1.2.840.10008.1.2\0", b"1.2.840.10008.1.2\x01")
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(data)
+    assert (info.value.reason, str(info.value)) == ("invalid_uid", "TransferSyntaxUID in the file meta is not a valid UID")
+
+
+@pytest.mark.parametrize("syntax", [b"1.2.840.10008.1.2.1\0", b"1.2.3.4\0"])  # explicit VR LE; unknown
+def test_body_in_another_encoding_than_the_meta_says_is_written_consistently(syntax: bytes):
+    """The meta names an explicit-VR syntax (or one pydicom does not know, read as explicit VR
+    little endian) but the body is implicit VR, which pydicom detects and reads as such: the
+    output must be in the encoding its own meta names, never the implicit bytes copied under
+    that header."""
+    original = open(get_testdata_file("rtplan.dcm"), "rb").read()
+    data = _with_meta_syntax(original, b"1.2.840.10008.1.2\0", syntax)
+    ds = dicomio.read_dataset(data)
+    out = dicomio.write_dataset(ds)
+    reread = dicomio.read_dataset(out)
+    assert reread.file_meta.TransferSyntaxUID == syntax.rstrip(b"\0").decode()
+    assert reread.original_encoding == (False, True)
+    assert getattr(reread, dicomio._SOURCE_ATTR).ordered  # our own scanner reads it, no fallback
+    assert _elements(pydicom.dcmread(BytesIO(out))) == _elements(pydicom.dcmread(BytesIO(original)))

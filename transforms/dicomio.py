@@ -197,6 +197,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
     if has_marker:
         fast = _fast_read(data)
         if fast is not None:
+            _check_transfer_syntax(fast)
             if check_uids:
                 check_identifiers(fast)
             return fast
@@ -214,6 +215,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
         raise InputError(f"unreadable DICOM structure ({type(exc).__name__})", reason="not_dicom") from None
     if not ds._dict:
         raise InputError("no data elements after the file meta header", reason="not_dicom")
+    _check_transfer_syntax(ds)
     _attach_source(ds, data)  # first: truncation explains missing identifiers
     if check_uids:
         check_identifiers(ds)
@@ -233,6 +235,25 @@ def peek(ds: Dataset, keyword_or_tag: str | int) -> Any:
     if isinstance(elem, RawDataElement):
         elem = convert_raw_data_element(elem, encoding=_character_set(ds), ds=ds)
     return elem.value
+
+
+def _check_transfer_syntax(ds: Dataset) -> None:
+    """Refuse a file meta TransferSyntaxUID that is not a UID: the writer would copy it into
+    the output's meta, describing an encoding the body is not in."""
+    meta = ds.__dict__.get("file_meta")
+    elem = meta._dict.get(0x00020010) if meta is not None else None
+    if elem is None:
+        return  # no meta syntax: pydicom guessed the encoding, the writer names it
+    if type(elem) is RawDataElement and type(elem.value) is bytes:  # the usual case, without pydicom
+        raw = elem.value.rstrip(b" \0")
+        if len(raw) <= 64 and _UID_LAX_BYTES_RE.match(raw):
+            return
+    try:
+        value = peek(meta, 0x00020010)
+    except Exception:  # noqa: BLE001 - undecodable
+        value = None
+    if not isinstance(value, str) or not is_valid_uid(value.strip(" \0")):
+        raise InputError("TransferSyntaxUID in the file meta is not a valid UID", reason="invalid_uid")
 
 
 def check_identifiers(ds: Dataset) -> None:
@@ -263,11 +284,26 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
     implicit, little = ds.original_encoding
     if implicit is None:
         implicit, little = True, True
+    first_raw = next((e for e in ds._dict.values() if isinstance(e, RawDataElement)), None)
+    if first_raw is not None and (first_raw.is_implicit_VR, first_raw.is_little_endian) != (implicit, little):
+        # pydicom read the body in another encoding than the meta announced (it checks the
+        # first element and says "Expected explicit VR, but found implicit VR"): the bytes are
+        # in the encoding the elements were read with, whatever the data set says.
+        implicit, little = first_raw.is_implicit_VR, first_raw.is_little_endian
+        ds.set_original_encoding(implicit, little)
     deflated = ts == DeflatedExplicitVRLittleEndian
     starts: list[tuple[int, int, Any]] = []
     end_of_last = None
     for tag, elem in ds._dict.items():
         if isinstance(elem, RawDataElement):
+            if elem.VR is None and not elem.is_implicit_VR and tag >> 16 != 0xFFFE:
+                # Explicit VR bytes pydicom could not read (it then takes the length as if
+                # implicit): garbage, typically a partial element at the end of a damaged file.
+                # Copied verbatim it would make an unreadable output.
+                raise InputError(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
+                    reason="not_dicom",
+                )
             vr_long = elem.VR in _LONG_VRS if elem.VR else False
             header = 8 if elem.is_implicit_VR or not vr_long else 12
             start = elem.value_tell - header
