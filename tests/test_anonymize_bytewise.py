@@ -214,18 +214,49 @@ def test_layouts_left_to_the_object_walk(monkeypatch, case):
         assert item.PatientName == KEY.patient_name("Müller^Jürgen")
 
 
+def _malformed(defect: str) -> bytes:
+    if defect == "element past its item":
+        return struct.pack("<HHL", 0xFFFE, 0xE000, 12) + _el(0x00081155, b"UI", b"1.2.3.4.5")
+    if defect == "no item delimiter":
+        return struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + _el(0x00081155, b"UI", b"1.2")
+    if defect == "unknown VR":
+        return _item(_el(0x00081155, b"UI", b"1.2.3") + _el(0x00081160, b"Q\x91", b"\x01\x00"))
+    value = b""
+    for _ in range(70):
+        value = _item(_sq(0x00081199, value, defined=False), defined=False)
+    return value
+
+
+@pytest.mark.parametrize(("defect", "reason", "message"), [
+    ("element past its item", "truncated", "an element runs past the end of its sequence item"),
+    ("runaway nesting", "too_deep", "sequences nested more than 64 levels deep"),
+    ("unknown VR", "not_dicom", "element (0008,1160) has no valid VR in an explicit VR data set"),
+])
+def test_reader_refuses_damaged_nested_elements(defect, reason, message):
+    """Unchanged sequences are copied byte for byte, so the reader checks every nested element
+    header: a damaged one would otherwise pass into an output that pydicom cannot read."""
+    with pytest.raises(InputError) as refused:
+        _dataset((0x00081115, _sq(0x00081115, _malformed(defect))))
+    assert (refused.value.reason, str(refused.value)) == (reason, message)
+
+
+def test_reader_checks_defined_length_items_inside_undefined_length_sequences():
+    value = _item(_el(0x00081155, b"UI", b"1.2.3") + _el(0x00081160, b"Q\x91", b"\x01\x00"))
+    with pytest.raises(InputError) as refused:
+        _dataset((0x00081115, _sq(0x00081115, value, defined=False)))
+    assert refused.value.reason == "not_dicom"
+    intact = _dataset((0x00081115, _sq(0x00081115, _item(_el(0x00081155, b"UI", b"1.2.3")), defined=False)))
+    assert intact[0x00081115].value[0].ReferencedSOPInstanceUID == "1.2.3"
+
+
 @pytest.mark.parametrize("defect", ["element past its item", "no item delimiter",
                                     "runaway nesting"])
 def test_malformed_sequences_fail_as_the_object_walk_does(monkeypatch, defect):
-    if defect == "element past its item":
-        value = struct.pack("<HHL", 0xFFFE, 0xE000, 12) + _el(0x00081155, b"UI", b"1.2.3.4.5")
-    elif defect == "no item delimiter":
-        value = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + _el(0x00081155, b"UI", b"1.2")
-    else:
-        value = b""
-        for _ in range(70):
-            value = _item(_sq(0x00081199, value, defined=False), defined=False)
-    source = _dataset((0x00081115, _sq(0x00081115, value)))
+    """The reader refuses these (next test); the engine's two walks must still agree on them
+    (a data set built without the reader's nested check)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(dicomio, "_check_items", lambda *args: None)
+        source = _dataset((0x00081115, _sq(0x00081115, _malformed(defect))))
     with pytest.raises(InputError) as byte_walk:
         apply(DEFAULT, source, KEY)
     with monkeypatch.context() as patch:

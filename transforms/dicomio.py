@@ -207,16 +207,21 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
         raise InputError("sequences nested too deeply to parse", reason="too_deep") from None
     except MemoryError:
         raise InputError("an element is too large to hold in memory", reason="too_large") from None
-    except (EOFError, struct.error) as exc:
+    except (EOFError, struct.error, OSError) as exc:
+        # OSError: pydicom's "No tag to read at file position ..." when a sequence item or
+        # delimiter would start past the end of the bytes (an in-memory stream never fails).
         raise InputError(f"file ends inside an element ({type(exc).__name__})", reason="truncated") from None
     except InvalidDicomError:
         raise InputError("not a DICOM file: the file meta header is invalid", reason="not_dicom") from None
-    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError, AttributeError, OverflowError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on garbage is about the input
+        # e.g. ValueError, NotImplementedError (unknown VR), BytesLengthException (a meta
+        # element whose length does not fit its VR): the bytes are not a readable data set.
         raise InputError(f"unreadable DICOM structure ({type(exc).__name__})", reason="not_dicom") from None
     if not ds._dict:
         raise InputError("no data elements after the file meta header", reason="not_dicom")
     _check_transfer_syntax(ds)
     _attach_source(ds, data)  # first: truncation explains missing identifiers
+    _check_parsed(ds)
     if check_uids:
         check_identifiers(ds)
     return ds
@@ -343,6 +348,44 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, implicit, little, spans=spans))
 
 
+def _check_parsed(ds: Dataset) -> None:
+    """For a data set pydicom read (the fallback path): refuse, at every depth, explicit VR
+    elements whose VR pydicom could not read (it keeps them with a made-up VR and copies
+    them; the output would not read back). Nested sequences the scanner can walk are checked
+    on their bytes; the others are parsed by pydicom, without changing ``ds``."""
+    stack = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        for tag, elem in current._dict.items():
+            vr = elem.VR
+            explicit = not getattr(elem, "is_implicit_VR", True)
+            if (vr is not None and vr not in _KNOWN_VRS) or (vr is None and explicit and tag >> 16 != 0xFFFE):
+                raise InputError(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
+                    reason="not_dicom",
+                )
+            if vr != "SQ" or elem.value is None:
+                continue
+            value = elem.value
+            if type(elem) is RawDataElement and isinstance(value, (bytes, memoryview)):
+                if explicit:
+                    try:
+                        _check_items(bytes(value), 0, len(value), elem.is_little_endian, depth + 1)
+                        continue
+                    except _GiveUp:
+                        pass
+                try:
+                    value = convert_raw_data_element(elem, encoding=_DEFAULT_CHARSET, ds=current).value
+                except RecursionError:
+                    raise InputError("sequences nested too deeply to parse", reason="too_deep") from None
+                except Exception as exc:  # noqa: BLE001 - pydicom cannot read the sequence
+                    raise InputError(
+                        f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be read ({type(exc).__name__})",
+                        reason="not_dicom",
+                    ) from None
+            stack.extend((item, depth + 1) for item in value if isinstance(item, Dataset))
+
+
 def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
     if offset + 4 > len(data):
         return False
@@ -373,11 +416,14 @@ class _GiveUp(Exception):
     """The fast scanner met something it leaves to pydicom."""
 
 
-def _skip_undefined(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int) -> int:
+def _skip_undefined(
+    data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int, items: bool = False
+) -> int:
     """Position of the sequence delimiter that closes the items starting at ``pos``.
 
     Iterative over items; recursion only for undefined-length items holding undefined-length
-    elements, bounded by ``_MAX_DEPTH`` (deeper input is refused as ``too_deep``).
+    elements, bounded by ``_MAX_DEPTH`` (deeper input is refused as ``too_deep``). With
+    ``items`` (an SQ, not encapsulated pixel data), defined-length items are walked too.
     """
     if depth > _MAX_DEPTH:
         raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep", reason="too_deep")
@@ -393,10 +439,51 @@ def _skip_undefined(data: bytes, pos: int, end: int, implicit: bool, little: boo
             raise _GiveUp
         pos += 8
         if length != 0xFFFFFFFF:
+            if items and not implicit:
+                _check_item(data, pos, pos + length, end, little, depth + 1)
             pos += length
             continue
         pos = _scan_elements(data, pos, end, implicit, little, depth + 1, None)  # at the item delimiter
         pos += 8
+
+
+def _check_items(data: bytes, pos: int, end: int, little: bool, depth: int) -> None:
+    """Walk the items of a defined-length explicit VR sequence value ``data[pos:end]``: every
+    element header in them must be readable (a known VR, a length inside its item), at every
+    depth. Unchanged sequences are copied byte for byte, so an element pydicom could not read
+    (a damaged VR, typically) would otherwise pass into the output. Anything unusual gives up
+    (pydicom then decides, and :func:`_check_parsed` refuses what it cannot read)."""
+    if depth > _MAX_DEPTH:
+        raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep", reason="too_deep")
+    head = _STRUCTS[little][0]
+    while pos < end:
+        if pos + 8 > end:
+            raise _GiveUp
+        group, element, length = head(data, pos)
+        if (group << 16 | element) != _ITEM:
+            raise _GiveUp  # e.g. a sequence delimiter inside a defined length
+        pos += 8
+        if length == 0xFFFFFFFF:
+            pos = _scan_elements(data, pos, end, False, little, depth + 1, None) + 8
+        else:
+            _check_item(data, pos, pos + length, end, little, depth + 1)
+            pos += length
+    if pos != end:
+        raise _GiveUp
+
+
+def _check_item(data: bytes, pos: int, item_end: int, end: int, little: bool, depth: int) -> None:
+    """The elements of one defined-length explicit VR item fill it exactly."""
+    if item_end > end:
+        raise _GiveUp
+    try:
+        stop = _scan_elements(data, pos, item_end, False, little, depth, None)
+    except InputError as exc:
+        if exc.reason != "truncated":
+            raise
+        raise InputError("an element runs past the end of its sequence item", reason="truncated") from None
+    if stop != item_end:
+        raise _GiveUp  # an item delimiter inside a defined-length item
 
 
 _STRUCTS = {
@@ -457,7 +544,7 @@ def _scan_elements(
         value_tell = pos
         if length == 0xFFFFFFFF:
             tag = group << 16 | element
-            stop = _skip_undefined(data, pos, end, implicit, little, depth)
+            stop = _skip_undefined(data, pos, end, implicit, little, depth, vr == "SQ")
             value = data[pos:stop] if out is not None else None
             pos = stop + 8
             if tag != 0x7FE00010 and vr in (None, "UN", "SQ"):
@@ -468,6 +555,8 @@ def _scan_elements(
                     f"element ({group:04X},{element:04X}) declares more bytes than the file holds",
                     reason="truncated",
                 )
+            if vr == "SQ" and length:
+                _check_items(data, pos, pos + length, little, depth + 1)
             if out is None:
                 pos += length
                 continue
@@ -530,7 +619,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
             length = long_len(data, pos + 8)[0]
             value_tell = pos + 12
             if length == 0xFFFFFFFF:  # as _scan_elements: items up to the sequence delimiter
-                stop = _skip_undefined(data, value_tell, end, False, little, 0)
+                stop = _skip_undefined(data, value_tell, end, False, little, 0, vr == "SQ")
                 append(pos)
                 pos = stop + 8
                 tag = base_tag(group << 16 | element)
@@ -545,6 +634,8 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
         stop = value_tell + length
         if stop > end:
             break  # the general scanner raises the truncation error
+        if vr == "SQ" and length:
+            _check_items(data, value_tell, stop, little, 1)
         append(pos)
         pos = stop
         tag = tags.get(group << 16 | element)
