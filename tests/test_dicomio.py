@@ -325,3 +325,32 @@ def test_body_in_another_encoding_than_the_meta_says_is_written_consistently(syn
     assert reread.original_encoding == (False, True)
     assert getattr(reread, dicomio._SOURCE_ATTR).ordered  # our own scanner reads it, no fallback
     assert _elements(pydicom.dcmread(BytesIO(out))) == _elements(pydicom.dcmread(BytesIO(original)))
+
+
+# Found by a long mutation run: pydicom's own parse errors on damaged files are input errors
+# with a reason, not internal errors (the mutations are those of tests/test_hostile.py).
+def _damaged(data: bytes, mutations: list[tuple]) -> bytes:
+    from tests.test_hostile import _mutate
+
+    return _mutate(data, mutations)
+
+
+def test_sequence_item_past_the_end_is_truncated():
+    with open(get_testdata_file("rtstruct.dcm"), "rb") as f:
+        original = f.read()
+    data = _damaged(original,
+                    [("cut", 0.27214726363618974, 127), ("duplicate", 0.850421364915467, 494),
+                     ("duplicate", 0.8216832107858123, 156), ("cut", 0.8368423361890398, 98)])
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)  # pydicom: OSError "No tag to read at file position ..."
+    assert (refused.value.reason, str(refused.value)) == ("truncated", "file ends inside an element (OSError)")
+
+
+def test_meta_element_of_impossible_length_is_not_dicom():
+    data = _damaged(sample("Knee/T2/IM-0001-0022.dcm").read_bytes(),
+                    [("duplicate", 0.05, 137), ("duplicate", 0.05, 243),
+                     ("duplicate", 3.280838652222492e-231, 137), ("duplicate", 3.280838652222492e-231, 190)])
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)  # pydicom: BytesLengthException on (0002,0000)
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "unreadable DICOM structure (BytesLengthException)")
