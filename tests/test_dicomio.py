@@ -354,3 +354,46 @@ def test_meta_element_of_impossible_length_is_not_dicom():
         dicomio.read_dataset(data)  # pydicom: BytesLengthException on (0002,0000)
     assert (refused.value.reason, str(refused.value)) == \
         ("not_dicom", "unreadable DICOM structure (BytesLengthException)")
+
+
+def _jpeg2000() -> bytes:
+    with open(get_testdata_file("JPEG2000.dcm"), "rb") as f:
+        return f.read()
+
+
+def test_encapsulated_pixel_data_without_its_transfer_syntax_is_refused():
+    """A file whose meta was lost, holding fragments: written as native it would not read back."""
+    data = _jpeg2000()
+    (meta_length,) = struct.unpack_from("<I", data, 140)  # (0002,0000) value
+    bare = data[144 + meta_length :]
+    assert pydicom.dcmread(BytesIO(bare), force=True)[0x7FE00010].is_undefined_length
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(bare)
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "PixelData is encapsulated but the transfer syntax is not a compressed one")
+
+
+def test_fragments_are_walked_when_pydicom_reads_the_file(monkeypatch):
+    """pydicom finds the end of encapsulated pixel data by searching for the delimiter; the
+    reader walks the fragment items on that path too (the scanner's path walks them anyway)."""
+    data = _jpeg2000()
+    monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)  # the pydicom path
+    intact = dicomio.read_dataset(data)
+    assert intact._dict[0x7FE00010].length == 0xFFFFFFFF
+    pixel = data.index(b"\xe0\x7f\x10\x00OB")
+    first_item = pixel + 12  # (FFFE,E000) of the offset table, then the first fragment's
+    offset_table = struct.unpack_from("<I", data, first_item + 4)[0]
+    fragment = first_item + 8 + offset_table
+    assert struct.unpack_from("<HH", data, fragment) == (0xFFFE, 0xE000)
+    length = struct.unpack_from("<I", data, fragment + 4)[0]
+    damaged = data[: fragment + 4] + struct.pack("<I", length + 16) + data[fragment + 8 :]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(damaged)
+    assert (refused.value.reason, str(refused.value)) == ("truncated", "file ends inside a pixel data fragment")
+
+
+def test_encapsulated_pixel_data_is_never_written_in_a_native_syntax():
+    ds = dicomio.read_dataset(_jpeg2000())
+    with pytest.raises(ValueError, match="encapsulated PixelData cannot be written in a native transfer syntax"):
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert dicomio.read_dataset(dicomio.write_dataset(ds)).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.91"

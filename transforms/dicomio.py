@@ -198,6 +198,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
         fast = _fast_read(data)
         if fast is not None:
             _check_transfer_syntax(fast)
+            _check_pixel_data(fast, fragments_checked=True)
             if check_uids:
                 check_identifiers(fast)
             return fast
@@ -222,6 +223,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
     _check_transfer_syntax(ds)
     _attach_source(ds, data)  # first: truncation explains missing identifiers
     _check_parsed(ds)
+    _check_pixel_data(ds, fragments_checked=False)
     if check_uids:
         check_identifiers(ds)
     return ds
@@ -259,6 +261,43 @@ def _check_transfer_syntax(ds: Dataset) -> None:
         value = None
     if not isinstance(value, str) or not is_valid_uid(value.strip(" \0")):
         raise InputError("TransferSyntaxUID in the file meta is not a valid UID", reason="invalid_uid")
+
+
+_NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+                              DeflatedExplicitVRLittleEndian})
+
+
+def _check_pixel_data(ds: Dataset, *, fragments_checked: bool) -> None:
+    """Encapsulated (undefined-length) PixelData must come with a compressed transfer syntax
+    (a file whose meta was lost would be written as native with fragments inside) and be a
+    run of items that fills the value exactly: pydicom's fallback reader finds the end of an
+    undefined-length value by searching for the delimiter, so damaged fragments would pass
+    into an output that does not read back. The fast scanner already walked the items."""
+    elem = ds._dict.get(0x7FE00010)
+    if type(elem) is not RawDataElement or elem.length != 0xFFFFFFFF:
+        return
+    meta = ds.__dict__.get("file_meta")
+    ts = None
+    if meta is not None and 0x00020010 in meta._dict:
+        value = peek(meta, 0x00020010)  # a valid UID: _check_transfer_syntax ran first
+        ts = value.strip(" \0") if isinstance(value, str) else None
+    if ts is None or ts in _NATIVE_SYNTAXES:
+        raise InputError("PixelData is encapsulated but the transfer syntax is not a compressed one",
+                         reason="not_dicom")
+    if fragments_checked or not isinstance(elem.value, (bytes, memoryview)):
+        return
+    value, head = elem.value, _STRUCTS[elem.is_little_endian][0]
+    pos, end = 0, len(value)
+    while pos < end:
+        if pos + 8 > end:
+            raise InputError("file ends inside a pixel data fragment", reason="truncated")
+        group, element, length = head(value, pos)
+        if (group << 16 | element) != _ITEM or length == 0xFFFFFFFF:
+            raise InputError("encapsulated PixelData holds something else than fragment items",
+                             reason="not_dicom")
+        pos += 8 + length
+    if pos != end:
+        raise InputError("file ends inside a pixel data fragment", reason="truncated")
 
 
 def check_identifiers(ds: Dataset) -> None:
@@ -879,6 +918,12 @@ def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
     sop_class = _uid_value(ds, "SOPClassUID", lambda: str(getattr(meta, "MediaStorageSOPClassUID", "") or ""))
     sop_instance = _uid_value(ds, "SOPInstanceUID", lambda: str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ""))
     implicit, little, deflated = _encoding_of(ts)
+    if transfer_syntax and ts in _NATIVE_SYNTAXES:
+        pixel = ds._dict.get(0x7FE00010)
+        if pixel is not None and (pixel.length == 0xFFFFFFFF if type(pixel) is RawDataElement
+                                  else getattr(pixel, "is_undefined_length", False)):
+            # The reader refuses such a file; never write one (decompress first: transcode).
+            raise ValueError("encapsulated PixelData cannot be written in a native transfer syntax")
     source: _Source | None = getattr(ds, _SOURCE_ATTR, None)
     head = encode_file_meta(sop_class, sop_instance, ts)
     if source is not None and source.implicit == implicit and source.little == little:
