@@ -240,6 +240,19 @@ def test_reader_refuses_damaged_nested_elements(defect, reason, message):
     assert (refused.value.reason, str(refused.value)) == (reason, message)
 
 
+def test_reader_refuses_item_tags_where_elements_should_be():
+    """An item whose length swallows the next item's header (pydicom then reads that header as
+    an element of the item), and fragments left at top level when a header was cut off."""
+    uid = _el(0x00081155, b"UI", b"1.2.3")
+    swallowing = struct.pack("<HHL", 0xFFFE, 0xE000, len(uid) + 8 + len(uid)) + uid + _item(uid)
+    stray = struct.pack("<HHL", 0xFFFE, 0xE000, 4) + b"\x00\x01\x02\x03"
+    for elements in ([(0x00081115, _sq(0x00081115, swallowing))], [(0xFFFEE000, stray)]):
+        with pytest.raises(InputError) as refused:
+            _dataset(*elements)
+        assert (refused.value.reason, str(refused.value)) == \
+            ("not_dicom", "an item or delimiter tag (FFFE,E000) stands where a data element should be")
+
+
 def test_reader_checks_defined_length_items_inside_undefined_length_sequences():
     value = _item(_el(0x00081155, b"UI", b"1.2.3") + _el(0x00081160, b"Q\x91", b"\x01\x00"))
     with pytest.raises(InputError) as refused:

@@ -398,6 +398,13 @@ def _check_parsed(ds: Dataset) -> None:
         for tag, elem in current._dict.items():
             vr = elem.VR
             explicit = not getattr(elem, "is_implicit_VR", True)
+            if tag >> 16 == 0xFFFE:
+                # An item or delimiter where a data element should be: a wrong item length, or
+                # the remains of a sequence or of encapsulated pixel data whose header is gone.
+                raise InputError(
+                    f"an item or delimiter tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) stands where a data element should be",
+                    reason="not_dicom",
+                )
             if (vr is not None and vr not in _KNOWN_VRS) or (vr is None and explicit and tag >> 16 != 0xFFFE):
                 raise InputError(
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
