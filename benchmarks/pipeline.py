@@ -14,7 +14,9 @@ the same bytes. Then, in the same run, on the same (page-cached) files:
 
 - ``copy``: a plain Python loop reading each file and writing it to a new folder tree;
 - ``dicom-deid``: the console command with defaults (DirectRunner, in-memory), in a child process;
-- optionally ``dicom-deid`` with ``--direct_running_mode multi_processing --direct_num_workers 2``.
+- optionally ``dicom-deid`` with ``--direct_running_mode multi_processing --direct_num_workers 2``;
+- Beam's own floor: a copy-only Beam pipeline (``MatchAll | Reshuffle | ReadMatches | Map(write)``)
+  with the same runner options (``--no-beam-copy`` skips it).
 
 Reported: files/s, MB/s (input bytes), the ratio to the copy, CPU seconds and files per
 CPU-second (more robust than wall time when other work shares the machine, though not immune:
@@ -174,6 +176,54 @@ def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, f
     return seconds, float(cpu), int(peak), summary
 
 
+def beam_copy(src: str, dst: str, beam_args: list[str]) -> None:
+    """Beam's floor for this job: a copy-only pipeline (match, read, write each file under
+    ``dst``), with the same runner and worker options as the dicom-deid variant it sits beside."""
+    import apache_beam as beam
+    from apache_beam.io import fileio
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    def write(readable: fileio.ReadableFile) -> None:
+        path = readable.metadata.path
+        out = os.path.join(dst, os.path.relpath(path, src))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "wb") as f:
+            f.write(readable.read())
+
+    options = PipelineOptions(["--runner", "DirectRunner", *beam_args])
+    with beam.Pipeline(options=options) as pipeline:
+        (
+            pipeline
+            | beam.Create([os.path.join(src, "**")])
+            | fileio.MatchAll()
+            | beam.Reshuffle()
+            | fileio.ReadMatches()
+            | beam.Map(write)
+        )
+
+
+def run_beam_copy(src: Path, dst: Path, extra: list[str]) -> tuple[float, float, int]:
+    """``beam_copy`` in a child process, measured as ``run_cli`` measures the command."""
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:])\n"
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print('PEAK_KIB', r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, sys.executable, str(Path(__file__).resolve()), "--beam-copy-child", str(src), str(dst), *extra],
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"Beam copy failed ({done.returncode}): {done.stderr[-2000:]}")
+    _, peak, cpu = done.stderr.strip().splitlines()[-1].split()
+    return seconds, float(cpu), int(peak)
+
+
 def _row(
     name: str, files: int, nbytes: int, seconds: float, cpu: float, baseline: tuple[float, float], peak_kib: int | None
 ) -> dict:
@@ -206,22 +256,29 @@ def create_probe(folder: Path, count: int = 300) -> float:
     return statistics.median(times)
 
 
+BEAM_COPY = "Beam copy-only pipeline"
+
+
 def measure(
-    src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bool, label: str = "", repeat: int = 1
+    src: Path, files: int, nbytes: int, work: Path, key: Path, multi: bool, label: str = "", repeat: int = 1,
+    beam_floor: bool = True,
 ) -> list[dict]:
     """Copy and dicom-deid variants, ``repeat`` times each, interleaved; medians per variant.
 
     Every phase writes to its own new folder under ``work`` and nothing is deleted here (see
     the module docstring): the caller removes ``work`` when all measurements are done.
     """
+    multi_args = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
     variants: list[tuple[str, list[str] | None]] = [
         ("plain Python copy", None),
         ("dicom-deid anonymize (DirectRunner in-memory)", []),
     ]
+    if beam_floor:
+        variants.append((BEAM_COPY + " (in-memory)", []))
     if multi:
-        variants.append(
-            ("dicom-deid anonymize (multi_processing, 2 workers)", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
-        )
+        variants.append(("dicom-deid anonymize (multi_processing, 2 workers)", multi_args))
+        if beam_floor:
+            variants.append((BEAM_COPY + " (multi_processing, 2 workers)", multi_args))
     tag = label.strip(" []").replace(" ", "-")
     samples: dict[str, list[tuple[float, float, int | None]]] = {name: [] for name, _ in variants}
     for r in range(repeat):
@@ -231,6 +288,10 @@ def measure(
             if extra is None:
                 seconds, cpu = plain_copy(src, out)
                 samples[name].append((seconds, cpu, None))
+                continue
+            if name.startswith(BEAM_COPY):
+                seconds, cpu, peak = run_beam_copy(src, out, extra)
+                samples[name].append((seconds, cpu, peak))
                 continue
             seconds, cpu, peak, summary = run_cli(src, out, key, extra)
             written = summary["Statuses"]["written"]
@@ -278,7 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", help="comma-separated instance counts, e.g. 1000,10000")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant, interleaved; medians reported (default 1)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-beam-copy", action="store_true", help="skip the Beam copy-only pipeline (Beam's own floor)")
+    parser.add_argument("--beam-copy-child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
+    args, beam_args = parser.parse_known_args(argv)
+    if args.beam_copy_child:
+        beam_copy(*args.beam_copy_child, beam_args)
+        return 0
+    if beam_args:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if not args.samples.is_dir():
@@ -305,13 +373,13 @@ def main(argv: list[str] | None = None) -> int:
                 "more (one folder per series). Wait a few minutes and rerun for representative figures.",
                 file=sys.stderr,
             )
-        rows += measure(corpus, files, nbytes, work, key, not args.no_multi, repeat=args.repeat)
+        rows += measure(corpus, files, nbytes, work, key, not args.no_multi, repeat=args.repeat, beam_floor=not args.no_beam_copy)
         _print(rows)  # partial results first: the scaling runs take a while
         for count in [int(c) for c in args.scaling.split(",")] if args.scaling else []:
             corpus = work / f"corpus-{count}"
             files, nbytes = replicate(args.samples, corpus, float("inf"), max_files=count)
             print(f"scaling corpus: {files} files, {nbytes / 1e6:.1f} MB", file=sys.stderr)
-            rows += measure(corpus, files, nbytes, work, key, False, label=f" [{count} instances]", repeat=args.repeat)
+            rows += measure(corpus, files, nbytes, work, key, False, label=f" [{count} instances]", repeat=args.repeat, beam_floor=not args.no_beam_copy)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
