@@ -397,3 +397,17 @@ def test_encapsulated_pixel_data_is_never_written_in_a_native_syntax():
     with pytest.raises(ValueError, match="encapsulated PixelData cannot be written in a native transfer syntax"):
         dicomio.write_dataset(ds, "1.2.840.10008.1.2")
     assert dicomio.read_dataset(dicomio.write_dataset(ds)).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.91"
+
+
+def test_implicit_vr_element_inside_an_explicit_vr_file_is_kept():
+    """SC_rgb_jpeg.dcm stores PixelData in implicit VR inside an explicit VR file; pydicom gives
+    it the dictionary's "OB or OW". The nested-structure checks must not take that for a
+    damaged VR: the file is read, and written with the same fragments."""
+    with open(get_testdata_file("SC_rgb_jpeg.dcm"), "rb") as f:
+        data = f.read()
+    ds = dicomio.read_dataset(data)
+    assert ds._dict[0x7FE00010].is_implicit_VR and ds._dict[0x7FE00010].VR == "OB or OW"
+    out = dicomio.write_dataset(ds)
+    again = dicomio.read_dataset(out)
+    assert bytes(again._dict[0x7FE00010].value) == bytes(ds._dict[0x7FE00010].value)
+    assert pydicom.dcmread(BytesIO(out)).pixel_array.shape == (256, 256, 3)

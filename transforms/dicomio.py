@@ -405,7 +405,9 @@ def _check_parsed(ds: Dataset) -> None:
                     f"an item or delimiter tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) stands where a data element should be",
                     reason="not_dicom",
                 )
-            if (vr is not None and vr not in _KNOWN_VRS) or (vr is None and explicit and tag >> 16 != 0xFFFE):
+            # (An implicit VR element, even inside an explicit VR file, has its VR from the
+            # dictionary, e.g. "OB or OW": nothing in its bytes to be damaged.)
+            if explicit and (vr is None or vr not in _KNOWN_VRS):
                 raise InputError(
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
                     reason="not_dicom",
