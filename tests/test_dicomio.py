@@ -411,3 +411,15 @@ def test_implicit_vr_element_inside_an_explicit_vr_file_is_kept():
     again = dicomio.read_dataset(out)
     assert bytes(again._dict[0x7FE00010].value) == bytes(ds._dict[0x7FE00010].value)
     assert pydicom.dcmread(BytesIO(out)).pixel_array.shape == (256, 256, 3)
+
+
+def test_bare_big_endian_data_set_is_read():
+    """No preamble and no file meta, explicit VR big endian (pydicom reads it with force)."""
+    with open(get_testdata_file("ExplVR_BigEndNoMeta.dcm"), "rb") as f:
+        data = f.read()
+    ds = dicomio.read_dataset(data)
+    assert ds.original_encoding == (False, False)
+    assert (ds.Modality, ds.SOPInstanceUID) == ("RTPLAN", "1.2.333.4444.5.6.7.8")
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    assert out.SOPInstanceUID == "1.2.333.4444.5.6.7.8"

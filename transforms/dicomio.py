@@ -167,15 +167,22 @@ def _syntax_for(implicit: bool, little: bool) -> str:
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+_BARE_FIRST_GROUPS = frozenset({0x0002, 0x0004, 0x0008, 0x0010, 0x0018, 0x0020})
+
+
 def _looks_like_bare_dataset(data: bytes) -> bool:
-    """A file without preamble: accept it only if it starts like a little-endian data set."""
+    """A file without preamble: accept it only if it starts like a data set (little endian,
+    or explicit VR big endian)."""
     if len(data) < 8:
         return False
-    group, element = struct.unpack_from("<HH", data, 0)
-    if group not in (0x0002, 0x0004, 0x0008, 0x0010, 0x0018, 0x0020):
-        return False
     vr = data[4:6]
-    if b"AA" <= vr <= b"ZZ" and vr.isalpha():
+    explicit = b"AA" <= vr <= b"ZZ" and vr.isalpha()
+    if explicit and struct.unpack_from(">H", data, 0)[0] in _BARE_FIRST_GROUPS:
+        return True  # explicit VR big endian
+    group, element = struct.unpack_from("<HH", data, 0)
+    if group not in _BARE_FIRST_GROUPS:
+        return False
+    if explicit:
         return True  # explicit VR
     (length,) = struct.unpack_from("<I", data, 4)
     return length <= len(data) - 8  # implicit VR with a plausible length
