@@ -677,3 +677,44 @@ def test_lossy_transcode_for_plan_gives_a_new_sop_instance_uid_unless_kept():
     kept = _parse_modify({"Transcode": "1.2.840.10008.1.2.4.91", "Keep": ["SOPInstanceUID"], "Force": True})
     result = transcode_for_plan(kept, _apply(kept, ds, key), key)
     assert result.lossy and result.dataset.SOPInstanceUID == original
+
+
+# --------------------------------------------------------------------------- codec panics
+
+
+def _rle_header_lies() -> Dataset:
+    """SC_rgb_rle.dcm claiming 16-bit samples in a 3 x 3 image: pylibjpeg-rle (Rust) panics
+    on it ("index out of bounds"), which pyo3 raises as PanicException, a BaseException."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm"))
+    ds.Rows, ds.Columns, ds.BitsAllocated = 3, 3, 16
+    return ds
+
+
+def test_a_codec_panic_is_a_failed_transcode():
+    pytest.importorskip("rle", reason="pylibjpeg-rle (the codecs extra) is the codec that panics")
+    with pytest.raises(CannotTranscode) as refused:
+        tc.transcode_result(_rle_header_lies(), "1.2.840.10008.1.2.1")
+    assert "pylibjpeg: PanicException raised" in str(refused.value)
+
+
+def test_a_codec_panic_is_a_failed_row_and_the_run_goes_on(tmp_path: Path):
+    pytest.importorskip("rle", reason="pylibjpeg-rle (the codecs extra) is the codec that panics")
+    from tests.pipeline_support import KEY
+    from transforms import request
+    from transforms.beam import RunConfig, process_file
+
+    src = tmp_path / "in.dcm"
+    _rle_header_lies().save_as(src)
+    cfg = RunConfig(plan=request.parse_anonymize({"Transcode": "1.2.840.10008.1.2.1"}), output_root=str(tmp_path / "out"),
+                    run_id="panic", key_id=KEY.key_id, key=KEY)
+    row, _ = process_file(str(src), src.stat().st_size, cfg, KEY)
+    assert (row["status"], row["reason"], row["output_uri"]) == ("failed", "cannot_transcode", None)
+    assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*.dcm"))
+
+
+def test_only_work_failures_are_caught():
+    from transforms.errors import is_codec_failure
+
+    panic = type("PanicException", (BaseException,), {})
+    assert is_codec_failure(ValueError()) and is_codec_failure(panic())
+    assert not any(is_codec_failure(e) for e in (KeyboardInterrupt(), SystemExit(1), GeneratorExit()))

@@ -61,7 +61,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
-from transforms.errors import DeidError, InputError
+from transforms.errors import DeidError, InputError, is_codec_failure
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
@@ -746,7 +746,9 @@ def prepare_file(
                 new_instance_orthanc_id=ids["instance"],
             )
         return Prepared(row, parts, final, target, cfg.output_root, cfg.run_id, crosswalk)
-    except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+    except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        if not is_codec_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
+            raise
         failure = exc, stage
     finally:
         ds = new = None  # drop large data sets before building the row
@@ -780,7 +782,9 @@ def finish_file(prepared: Prepared) -> tuple[dict[str, Any], dict[str, Any] | No
         if prepared.crosswalk is not None:
             crosswalk = crosswalk_row(**prepared.crosswalk, output_uri=prepared.final)
         return audit_row(**row, finished_at=utc_now()), crosswalk
-    except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+    except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        if not is_codec_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
+            raise
         failure = exc, stage
     finally:
         prepared.parts = []  # release the output (and the input it views) before the row

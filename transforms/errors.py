@@ -56,3 +56,11 @@ class CannotTranscode(DeidError):
     """The requested transfer syntax cannot be produced without losing data."""
 
     reason = "cannot_transcode"
+
+
+def is_codec_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the work on one file: any ``Exception``, and the panic
+    of a Rust codec, which pyo3 raises as ``PanicException``, a ``BaseException`` (e.g.
+    pylibjpeg-rle on RLE segments that do not match Rows x Columns). Never KeyboardInterrupt,
+    SystemExit or GeneratorExit."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"

@@ -59,7 +59,7 @@ from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
 from transforms.dicomio import shallow_copy
-from transforms.errors import CannotTranscode, RequestError
+from transforms.errors import CannotTranscode, RequestError, is_codec_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -256,7 +256,9 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
         return _recode(out, source, target, verify)
     except CannotTranscode:
         raise
-    except Exception as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
+    except BaseException as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
+        if not is_codec_failure(exc):
+            raise
         # The library's text may quote element values (patient data): name the class only.
         raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from None
 
@@ -298,7 +300,9 @@ def decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
         return _decode(ds, ts)
     except CannotTranscode:
         raise
-    except Exception as exc:  # noqa: BLE001 - a codec failure is a failed decode
+    except BaseException as exc:  # noqa: BLE001 - a codec failure is a failed decode
+        if not is_codec_failure(exc):
+            raise
         raise CannotTranscode(f"decode {_syntax_text(ts)}: {_describe(exc)}") from None
 
 
@@ -451,7 +455,9 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
                 arr, props = decoder.as_array(ds, raw=True, decoding_plugin=plugin)
                 pi_out = str(props.get("photometric_interpretation", pi))
             arr = _as4d(arr, ds)
-        except Exception as exc:  # noqa: BLE001 - try the next plugin
+        except BaseException as exc:  # noqa: BLE001 - try the next plugin
+            if not is_codec_failure(exc):
+                raise
             failures.append(f"{plugin}: {_describe(exc)}")
             continue
         if ts in _JPEG_LOSSY and pi_out in ("YBR_FULL", "YBR_FULL_422") and arr.shape[-1] == 3:
@@ -554,7 +560,9 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
             _encode_pydicom(out, arr, _encoded_pi(pi, target), target)
     except CannotTranscode:
         raise
-    except Exception as exc:  # noqa: BLE001 - the codec refused this image
+    except BaseException as exc:  # noqa: BLE001 - the codec refused this image
+        if not is_codec_failure(exc):
+            raise
         raise CannotTranscode(
             f"{_target_text(target)}: the {_ENCODER_NAME[target]} encoder failed "
             f"({_describe(exc)})"
