@@ -1,5 +1,6 @@
-"""Differential sweep over every file pydicom bundles: /instances/{id}/anonymize on Orthanc
-1.10.1 against ours, DicomVersion 2021b and 2008, tag by tag (see test_orthanc_diff_anonymize).
+"""Differential sweep over every file pydicom bundles: /instances/{id}/anonymize and /modify on Orthanc
+1.10.1 against ours (anonymize: DicomVersion 2021b and 2008; modify: the sweep body of
+test_orthanc_diff_modify), tag by tag.
 
 pydicom's test files are the odd ones (no file meta, big endian, deflate, private sequences,
 every compression, damaged files, VR UN), so the sweep also checks who refuses what: we never
@@ -66,3 +67,28 @@ def test_bundled_file_anonymize_matches_orthanc(orthanc: OrthancClient, path: Pa
 
 def test_the_sweep_has_its_files():
     assert len(FILES) > 150
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(FILES[0].parent.parent)) for p in FILES])
+def test_bundled_file_modify_matches_orthanc(orthanc: OrthancClient, path: Path) -> None:
+    from tests.compare import compare_datasets
+    from tests.test_orthanc_diff_modify import DELIBERATE_DIFFERENCES as MODIFY_DIFFERENCES
+    from tests.test_orthanc_diff_modify import SWEEP_BODY
+
+    data = path.read_bytes()
+    request = engine_modules()[0]
+    try:
+        ours = ours_for(request.parse_modify(SWEEP_BODY, dictionary=TEST_DICTIONARY), data)
+    except DeidError:
+        ours = None
+    try:
+        reference = read(orthanc.modify_instance(orthanc.upload(data), SWEEP_BODY))
+    except OrthancHTTPError as exc:
+        assert exc.status in (400, 404), exc
+        reference = None
+    if ours is None or reference is None:
+        assert (ours is None) == (reference is None) or path.name in ORTHANC_REFUSES
+        return
+    label = f"{path.name} [modify sweep]"
+    uids = UidStructure(collect_identifiers([read(data)]))
+    judge([(label, compare_datasets(ours, reference, uids=uids, where=label))], MODIFY_DIFFERENCES)
