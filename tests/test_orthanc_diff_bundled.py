@@ -1,6 +1,6 @@
-"""Differential sweep over every file pydicom bundles: /instances/{id}/anonymize and /modify on Orthanc
-1.10.1 against ours (anonymize: DicomVersion 2021b and 2008; modify: the sweep body of
-test_orthanc_diff_modify), tag by tag.
+"""Differential sweep over every file pydicom bundles: Orthanc 1.10.1's
+/instances/{id}/anonymize (DicomVersion 2021b and 2008) and /modify (the sweep body of
+test_orthanc_diff_modify) against ours, tag by tag.
 
 pydicom's test files are the odd ones (no file meta, big endian, deflate, private sequences,
 every compression, damaged files, VR UN), so the sweep also checks who refuses what: we never
