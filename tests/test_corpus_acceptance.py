@@ -8,6 +8,7 @@ refuse a file another reader accepts, and that the writer never produces one it 
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from io import BytesIO
@@ -21,6 +22,7 @@ from pydicom.uid import UID
 from tests.conftest import SAMPLES
 from tests.pipeline_support import KEY
 from transforms import request
+from transforms.errors import DeidError
 from transforms.beam import RunConfig, process_file
 
 BUNDLED = sorted(p for p in Path(get_testdata_file("CT_small.dcm")).parent.rglob("*")
@@ -72,3 +74,51 @@ def test_clean_inputs_are_written_and_outputs_read_back_cleanly(body):
     assert refused == []
     assert unreadable == []
     assert written > 140  # of the bundled files alone, 146 (the rest are not DICOM, damaged, or lack identifiers)
+
+
+def _inflated(data: bytes) -> bytes:
+    """A deflated file re-encoded in explicit VR little endian, so its UIDs are searchable."""
+    from transforms import dicomio
+
+    ds = dicomio.read_dataset(data, check_uids=False)
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) != "1.2.840.10008.1.2.1.99":
+        return data
+    return dicomio.write_dataset(ds, "1.2.840.10008.1.2.1")
+
+
+def _occurs(uid: str, data: bytes) -> bool:
+    """``uid`` as a whole UID in ``data``: not followed by a digit, and preceded by a non-digit
+    or by an explicit VR "UI" header (a big endian length byte can be an ASCII digit)."""
+    pattern = rb"(?:(?<![0-9.])|(?<=UI..))" + re.escape(uid.encode()) + rb"(?![0-9])"
+    return re.search(pattern, data, re.DOTALL) is not None
+
+
+@pytest.mark.parametrize("version", ["2023b", "2008"])
+def test_no_original_uid_survives_anywhere_in_the_output_bytes(version):
+    """Over every real file we have: each UID the profile remaps (at any depth, in private and
+    VR UN elements too) is absent from the written bytes. Which UIDs legitimately survive
+    (standard UIDs, UIDs under elements the profile keeps) is worked out independently of the
+    engine by ``tests.synthetic.expected_survivors``."""
+    from tests.synthetic import expected_survivors, original_uids
+    from transforms import dicomio, engine
+
+    plan = request.parse_anonymize({"DicomVersion": version})
+    checked = files = 0
+    leaks = []
+    for path in _corpus():
+        data = path.read_bytes()
+        try:
+            output = dicomio.write_dataset(engine.apply(plan, dicomio.read_dataset(data), KEY))
+        except DeidError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = pydicom.dcmread(BytesIO(data), force=True)
+        remapped = original_uids([source]) - expected_survivors([source], version, values=sorted(original_uids([source])))
+        data, output = _inflated(data), _inflated(output)
+        assert all(_occurs(uid, data) for uid in remapped), path.name  # the search sees them
+        files += 1
+        checked += len(remapped)
+        leaks += [(path.name, uid) for uid in remapped if _occurs(uid, output)]
+    assert leaks == []
+    assert files > 140 and checked > 400  # bundled files alone: 146 files, ~600 UIDs
