@@ -93,17 +93,38 @@ def _occurs(uid: str, data: bytes) -> bool:
     return re.search(pattern, data, re.DOTALL) is not None
 
 
+#: Identifying text of the source files searched for in the outputs (values of 5+ characters).
+_TEXT_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress",
+                  "InstitutionName", "ReferringPhysicianName", "PerformingPhysicianName",
+                  "OperatorsName", "AccessionNumber")
+
+
+def _identifying_texts(ds: pydicom.Dataset) -> set[str]:
+    found = set()
+    for keyword in _TEXT_KEYWORDS:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # noqa: BLE001 - undecodable: nothing to search for
+            continue
+        for item in value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]:
+            text = str(item).strip() if item is not None else ""
+            if len(text) >= 5:
+                found.add(text)
+    return found
+
+
 @pytest.mark.parametrize("version", ["2023b", "2008"])
-def test_no_original_uid_survives_anywhere_in_the_output_bytes(version):
+def test_no_original_identifier_survives_anywhere_in_the_output_bytes(version):
     """Over every real file we have: each UID the profile remaps (at any depth, in private and
-    VR UN elements too) is absent from the written bytes. Which UIDs legitimately survive
-    (standard UIDs, UIDs under elements the profile keeps) is worked out independently of the
-    engine by ``tests.synthetic.expected_survivors``."""
+    VR UN elements too) and each identifying text (patient name and IDs, birth date, names of
+    staff and institution, accession number) is absent from the written bytes. What may
+    legitimately survive (standard UIDs; a value that also sits in an element the profile
+    keeps) is worked out independently of the engine by ``tests.synthetic.expected_survivors``."""
     from tests.synthetic import expected_survivors, original_uids
     from transforms import dicomio, engine
 
     plan = request.parse_anonymize({"DicomVersion": version})
-    checked = files = 0
+    uids_checked = texts_checked = files = 0
     leaks = []
     for path in _corpus():
         data = path.read_bytes()
@@ -114,11 +135,17 @@ def test_no_original_uid_survives_anywhere_in_the_output_bytes(version):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = pydicom.dcmread(BytesIO(data), force=True)
-        remapped = original_uids([source]) - expected_survivors([source], version, values=sorted(original_uids([source])))
+            uids, texts = original_uids([source]), _identifying_texts(source)
+            survivors = expected_survivors([source], version, values=sorted(uids | texts))
+        uids, texts = uids - survivors, texts - survivors
         data, output = _inflated(data), _inflated(output)
-        assert all(_occurs(uid, data) for uid in remapped), path.name  # the search sees them
+        assert all(_occurs(uid, data) for uid in uids), path.name  # the search sees them
         files += 1
-        checked += len(remapped)
-        leaks += [(path.name, uid) for uid in remapped if _occurs(uid, output)]
+        uids_checked += len(uids)
+        texts_checked += len(texts)
+        leaks += [(path.name, uid) for uid in uids if _occurs(uid, output)]
+        shown = output.decode("latin-1")  # ASCII and Latin-1 values (most of the corpus)
+        leaks += [(path.name, text) for text in texts if text in shown]
     assert leaks == []
-    assert files > 140 and checked > 400  # bundled files alone: 146 files, ~600 UIDs
+    # bundled files alone: 146 files, ~580 UIDs, 275 texts
+    assert files > 140 and uids_checked > 400 and texts_checked > 200
