@@ -423,3 +423,29 @@ def test_bare_big_endian_data_set_is_read():
     out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
     assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
     assert out.SOPInstanceUID == "1.2.333.4444.5.6.7.8"
+
+
+def _implicit_file(sequence: bytes) -> bytes:
+    """An implicit VR little endian Part 10 file: the identifiers and ``sequence`` (0008,1140)."""
+    sop_class, sop = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5.6"
+    body = (_implicit(0x00080016, sop_class.encode() + b"\x00") + _implicit(0x00080018, sop.encode())
+            + sequence + _implicit(0x0020000D, b"1.2.3.4\x00") + _implicit(0x0020000E, b"1.2.3.4.5\x00"))
+    return dicomio.encode_file_meta(sop_class, sop, "1.2.840.10008.1.2") + body
+
+
+def _implicit(tag: int, value: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value) if length is None else length) + value
+
+
+def test_implicit_vr_sequences_are_checked_by_the_dictionary():
+    """In implicit VR a sequence is known only by its tag: ReferencedImageSequence with an
+    item whose length swallows the next item's header is refused, the intact one is read."""
+    uid = _implicit(0x00081155, b"1.2.3\x00")
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid)) + uid
+    swallowing = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid) + len(item)) + uid + item
+    good = _implicit_file(_implicit(0x00081140, item + item))
+    assert len(dicomio.read_dataset(good).ReferencedImageSequence) == 2
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(_implicit_file(_implicit(0x00081140, swallowing)))
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "an item or delimiter tag (FFFE,E000) stands where a data element should be")

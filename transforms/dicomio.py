@@ -30,7 +30,7 @@ from typing import Any
 
 from pydicom import config as _pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHARSET
 from pydicom.tag import BaseTag
@@ -231,6 +231,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
     _attach_source(ds, data)  # first: truncation explains missing identifiers
     _check_parsed(ds)
     _check_pixel_data(ds, fragments_checked=False)
+    _check_structure(ds, data, _DICM_OFFSET + 4 if has_marker else 0)
     if check_uids:
         check_identifiers(ds)
     return ds
@@ -419,16 +420,15 @@ def _check_parsed(ds: Dataset) -> None:
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
                     reason="not_dicom",
                 )
-            if vr != "SQ" or elem.value is None:
+            if not (vr == "SQ" or (vr is None and tag in _SQ_TAGS)) or elem.value is None:
                 continue
             value = elem.value
             if type(elem) is RawDataElement and isinstance(value, (bytes, memoryview)):
-                if explicit:
-                    try:
-                        _check_items(bytes(value), 0, len(value), elem.is_little_endian, depth + 1)
-                        continue
-                    except _GiveUp:
-                        pass
+                try:
+                    _check_items(bytes(value), 0, len(value), not explicit, elem.is_little_endian, depth + 1)
+                    continue
+                except _GiveUp:
+                    pass
                 try:
                     value = convert_raw_data_element(elem, encoding=_DEFAULT_CHARSET, ds=current).value
                 except RecursionError:
@@ -439,6 +439,31 @@ def _check_parsed(ds: Dataset) -> None:
                         reason="not_dicom",
                     ) from None
             stack.extend((item, depth + 1) for item in value if isinstance(item, Dataset))
+
+
+def _check_structure(ds: Dataset, data: bytes, pos: int) -> None:
+    """For a data set pydicom read (the fallback path): the scanner of the fast path must not
+    refuse its bytes. pydicom is lenient where the scanner is strict (an item whose length
+    runs past its sequence, for instance, it reads up to the delimiter), and elements we leave
+    unchanged are copied byte for byte into an output that has a file meta, so the next read
+    takes the fast path: it would refuse our own output. Layouts the scanner leaves to pydicom
+    (unknown VR bytes and the like) stay pydicom's to judge; a deflated body is not checked."""
+    meta = ds.__dict__.get("file_meta")
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    size = len(data)
+    if pos + 8 <= size and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        end = _scan_meta(data, pos, size, {})  # explicit VR little endian whatever the body
+        if end is None:
+            return
+        pos = end
+    try:
+        _scan_elements(data, pos, size, implicit, little, 0, {})
+    except (_GiveUp, struct.error):
+        return
 
 
 def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
@@ -459,6 +484,8 @@ def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
 # the caller falls back to dcmread, so its only effect is speed.
 
 _ITEM = 0xFFFEE000
+#: Public tags whose dictionary VR is SQ: how implicit VR sequences are known.
+_SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _MAX_DEPTH = 64
@@ -478,7 +505,7 @@ def _skip_undefined(
 
     Iterative over items; recursion only for undefined-length items holding undefined-length
     elements, bounded by ``_MAX_DEPTH`` (deeper input is refused as ``too_deep``). With
-    ``items`` (an SQ, not encapsulated pixel data), defined-length items are walked too.
+    ``items`` (a sequence, not encapsulated pixel data), defined-length items are walked too.
     """
     if depth > _MAX_DEPTH:
         raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep", reason="too_deep")
@@ -494,18 +521,19 @@ def _skip_undefined(
             raise _GiveUp
         pos += 8
         if length != 0xFFFFFFFF:
-            if items and not implicit:
-                _check_item(data, pos, pos + length, end, little, depth + 1)
+            if items:
+                _check_item(data, pos, pos + length, end, implicit, little, depth + 1)
             pos += length
             continue
         pos = _scan_elements(data, pos, end, implicit, little, depth + 1, None)  # at the item delimiter
         pos += 8
 
 
-def _check_items(data: bytes, pos: int, end: int, little: bool, depth: int) -> None:
-    """Walk the items of a defined-length explicit VR sequence value ``data[pos:end]``: every
-    element header in them must be readable (a known VR, a length inside its item), at every
-    depth. Unchanged sequences are copied byte for byte, so an element pydicom could not read
+def _check_items(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int) -> None:
+    """Walk the items of a defined-length sequence value ``data[pos:end]``: every element
+    header in them must be readable (a known VR, a length inside its item, no item tag where
+    an element should be), at every depth (in implicit VR, sequences are known by the
+    dictionary). Unchanged sequences are copied byte for byte, so an element pydicom could not read
     (a damaged VR, typically) would otherwise pass into the output. Anything unusual gives up
     (pydicom then decides, and :func:`_check_parsed` refuses what it cannot read)."""
     if depth > _MAX_DEPTH:
@@ -519,20 +547,20 @@ def _check_items(data: bytes, pos: int, end: int, little: bool, depth: int) -> N
             raise _GiveUp  # e.g. a sequence delimiter inside a defined length
         pos += 8
         if length == 0xFFFFFFFF:
-            pos = _scan_elements(data, pos, end, False, little, depth + 1, None) + 8
+            pos = _scan_elements(data, pos, end, implicit, little, depth + 1, None) + 8
         else:
-            _check_item(data, pos, pos + length, end, little, depth + 1)
+            _check_item(data, pos, pos + length, end, implicit, little, depth + 1)
             pos += length
     if pos != end:
         raise _GiveUp
 
 
-def _check_item(data: bytes, pos: int, item_end: int, end: int, little: bool, depth: int) -> None:
-    """The elements of one defined-length explicit VR item fill it exactly."""
+def _check_item(data: bytes, pos: int, item_end: int, end: int, implicit: bool, little: bool, depth: int) -> None:
+    """The elements of one defined-length item fill it exactly."""
     if item_end > end:
-        raise _GiveUp
+        raise InputError("a sequence item runs past the end of its sequence", reason="truncated")
     try:
-        stop = _scan_elements(data, pos, item_end, False, little, depth, None)
+        stop = _scan_elements(data, pos, item_end, implicit, little, depth, None)
     except InputError as exc:
         if exc.reason != "truncated":
             raise
@@ -599,7 +627,8 @@ def _scan_elements(
         value_tell = pos
         if length == 0xFFFFFFFF:
             tag = group << 16 | element
-            stop = _skip_undefined(data, pos, end, implicit, little, depth, vr == "SQ")
+            stop = _skip_undefined(data, pos, end, implicit, little, depth,
+                                   vr == "SQ" or (vr is None and tag != 0x7FE00010))
             value = data[pos:stop] if out is not None else None
             pos = stop + 8
             if tag != 0x7FE00010 and vr in (None, "UN", "SQ"):
@@ -610,8 +639,8 @@ def _scan_elements(
                     f"element ({group:04X},{element:04X}) declares more bytes than the file holds",
                     reason="truncated",
                 )
-            if vr == "SQ" and length:
-                _check_items(data, pos, pos + length, little, depth + 1)
+            if length and (vr == "SQ" or (vr is None and (group << 16 | element) in _SQ_TAGS)):
+                _check_items(data, pos, pos + length, implicit, little, depth + 1)
             if out is None:
                 pos += length
                 continue
@@ -690,7 +719,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
         if stop > end:
             break  # the general scanner raises the truncation error
         if vr == "SQ" and length:
-            _check_items(data, value_tell, stop, little, 1)
+            _check_items(data, value_tell, stop, False, little, 1)
         append(pos)
         pos = stop
         tag = tags.get(group << 16 | element)
