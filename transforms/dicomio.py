@@ -391,6 +391,12 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
         end = starts[i + 1][0] if i + 1 < len(starts) else size
         if start < 0 or end <= start or not _tag_at(data, start, tag, little):
             return  # layout we do not understand: the writer uses the slow path
+        if type(elem) is RawDataElement and elem.length != 0xFFFFFFFF:
+            value_end = elem.value_tell + elem.length
+            if value_end != end and (i + 1 < len(starts) or any(data[value_end:end])):
+                # Bytes between this element and the next one pydicom kept: elements it
+                # dropped (a repeated tag keeps one). The span would copy them: slow path.
+                return
         spans[int(tag)] = (elem, start, end)
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, implicit, little, spans=spans))
 
