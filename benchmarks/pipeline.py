@@ -150,30 +150,35 @@ def plain_copy(src: Path, dst: Path) -> tuple[float, float]:
     return time.perf_counter() - start, _cpu_self() - cpu
 
 
+#: Runs argv[1:] and reports its children's peak memory and CPU on stderr: a wrapper process,
+#: so RUSAGE_CHILDREN holds this run's peak only (the command and the worker processes it
+#: waited for), not the maximum over earlier runs.
+_MEASURING_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:])\n"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print('PEAK_KIB', r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)\n"
+    "sys.exit(done.returncode)\n"
+)
+
+
+def _run_measured(argv: list[str], ok: tuple[int, ...], what: str) -> tuple[float, float, int, str]:
+    """Run ``argv`` under the wrapper; returns (seconds, CPU seconds, peak RSS in KiB, stdout)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _MEASURING_WRAPPER, *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode not in ok:
+        raise SystemExit(f"{what} failed ({done.returncode}): {done.stderr[-2000:]}")
+    _, peak, cpu = done.stderr.strip().splitlines()[-1].split()
+    return seconds, float(cpu), int(peak), done.stdout
+
+
 def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, float, int, dict]:
     """Run the console command; returns (seconds, CPU seconds, peak child RSS in KiB, summary)."""
     exe = Path(sys.executable).with_name("dicom-deid")
-    # A wrapper process, so RUSAGE_CHILDREN holds this run's peak only (the command and the
-    # worker processes it waited for), not the maximum over earlier runs.
-    wrapper = (
-        "import resource, subprocess, sys\n"
-        "done = subprocess.run(sys.argv[1:])\n"
-        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "print('PEAK_KIB', r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)\n"
-        "sys.exit(done.returncode)\n"
-    )
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", wrapper, str(exe), "anonymize", str(src), str(dst), "--key-file", str(key), "--no-progress", *extra],
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    if done.returncode not in (0, 3):
-        raise SystemExit(f"dicom-deid failed ({done.returncode}): {done.stderr}")
-    _, peak, cpu = done.stderr.strip().splitlines()[-1].split()
-    summary = json.loads(done.stdout)
-    return seconds, float(cpu), int(peak), summary
+    argv = [str(exe), "anonymize", str(src), str(dst), "--key-file", str(key), "--no-progress", *extra]
+    seconds, cpu, peak, stdout = _run_measured(argv, (0, 3), "dicom-deid")
+    return seconds, cpu, peak, json.loads(stdout)
 
 
 def beam_copy(src: str, dst: str, beam_args: list[str]) -> None:
@@ -204,24 +209,9 @@ def beam_copy(src: str, dst: str, beam_args: list[str]) -> None:
 
 def run_beam_copy(src: Path, dst: Path, extra: list[str]) -> tuple[float, float, int]:
     """``beam_copy`` in a child process, measured as ``run_cli`` measures the command."""
-    wrapper = (
-        "import resource, subprocess, sys\n"
-        "done = subprocess.run(sys.argv[1:])\n"
-        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "print('PEAK_KIB', r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)\n"
-        "sys.exit(done.returncode)\n"
-    )
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", wrapper, sys.executable, str(Path(__file__).resolve()), "--beam-copy-child", str(src), str(dst), *extra],
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"Beam copy failed ({done.returncode}): {done.stderr[-2000:]}")
-    _, peak, cpu = done.stderr.strip().splitlines()[-1].split()
-    return seconds, float(cpu), int(peak)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--beam-copy-child", str(src), str(dst), *extra]
+    seconds, cpu, peak, _ = _run_measured(argv, (0,), "Beam copy")
+    return seconds, cpu, peak
 
 
 def _row(

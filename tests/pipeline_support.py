@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pydicom
 
 from transforms import dicomio, engine
 from transforms.errors import DeidError
@@ -88,3 +91,15 @@ def expected_row(path: Path, plan: Any, key: Key = KEY) -> dict[str, Any]:
 def all_bytes_under(root: str | os.PathLike[str]) -> bytes:
     """Concatenated bytes of every file under ``root`` (to search for leaked values)."""
     return b"".join(p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file())
+
+
+def pydicom_converts_all(data: bytes) -> bool:
+    """pydicom reads ``data`` and converts every value at every depth."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for elem in pydicom.dcmread(BytesIO(data), force=True).iterall():
+                elem.value  # noqa: B018 - converting is the check
+        except Exception:  # noqa: BLE001 - any failure means "no"
+            return False
+    return True

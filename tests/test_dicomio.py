@@ -374,12 +374,10 @@ def test_encapsulated_pixel_data_without_its_transfer_syntax_is_refused():
 
 
 def test_fragments_are_walked_when_pydicom_reads_the_file(monkeypatch):
-    """pydicom finds the end of encapsulated pixel data by searching for the delimiter; the
-    reader walks the fragment items on that path too (the scanner's path walks them anyway)."""
+    """pydicom finds the end of encapsulated pixel data by searching for the delimiter; on its
+    path the reader still walks the fragment items, and refuses damaged ones as the fast path
+    does."""
     data = _jpeg2000()
-    monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)  # the pydicom path
-    intact = dicomio.read_dataset(data)
-    assert intact._dict[0x7FE00010].length == 0xFFFFFFFF
     pixel = data.index(b"\xe0\x7f\x10\x00OB")
     first_item = pixel + 12  # (FFFE,E000) of the offset table, then the first fragment's
     offset_table = struct.unpack_from("<I", data, first_item + 4)[0]
@@ -387,9 +385,19 @@ def test_fragments_are_walked_when_pydicom_reads_the_file(monkeypatch):
     assert struct.unpack_from("<HH", data, fragment) == (0xFFFE, 0xE000)
     length = struct.unpack_from("<I", data, fragment + 4)[0]
     damaged = data[: fragment + 4] + struct.pack("<I", length + 16) + data[fragment + 8 :]
+    with pytest.raises(InputError) as fast:
+        dicomio.read_dataset(damaged)
+    monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)  # the pydicom path
+    assert dicomio.read_dataset(data)._dict[0x7FE00010].length == 0xFFFFFFFF
     with pytest.raises(InputError) as refused:
         dicomio.read_dataset(damaged)
-    assert (refused.value.reason, str(refused.value)) == ("truncated", "file ends inside a pixel data fragment")
+    assert (refused.value.reason, str(refused.value)) == (fast.value.reason, str(fast.value)) == \
+        ("truncated", "file ends inside a sequence")
+    # where the scanner gives up on the layout, the reader's own fragment walk answers
+    monkeypatch.setattr(dicomio, "_check_structure", lambda ds, data, pos: False)
+    with pytest.raises(InputError) as walked:
+        dicomio.read_dataset(damaged)
+    assert (walked.value.reason, str(walked.value)) == ("truncated", "file ends inside a pixel data fragment")
 
 
 def test_encapsulated_pixel_data_is_never_written_in_a_native_syntax():

@@ -713,8 +713,8 @@ def test_a_codec_panic_is_a_failed_row_and_the_run_goes_on(tmp_path: Path):
 
 
 def test_only_work_failures_are_caught():
-    from transforms.errors import is_codec_failure
+    from transforms.errors import is_work_failure
 
     panic = type("PanicException", (BaseException,), {})
-    assert is_codec_failure(ValueError()) and is_codec_failure(panic())
-    assert not any(is_codec_failure(e) for e in (KeyboardInterrupt(), SystemExit(1), GeneratorExit()))
+    assert is_work_failure(ValueError()) and is_work_failure(panic())
+    assert not any(is_work_failure(e) for e in (KeyboardInterrupt(), SystemExit(1), GeneratorExit()))

@@ -61,7 +61,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
-from transforms.errors import DeidError, InputError, is_codec_failure
+from transforms.errors import DeidError, InputError, is_work_failure
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
@@ -747,7 +747,7 @@ def prepare_file(
             )
         return Prepared(row, parts, final, target, cfg.output_root, cfg.run_id, crosswalk)
     except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
-        if not is_codec_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
+        if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
             raise
         failure = exc, stage
     finally:
@@ -783,7 +783,7 @@ def finish_file(prepared: Prepared) -> tuple[dict[str, Any], dict[str, Any] | No
             crosswalk = crosswalk_row(**prepared.crosswalk, output_uri=prepared.final)
         return audit_row(**row, finished_at=utc_now()), crosswalk
     except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
-        if not is_codec_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
+        if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
             raise
         failure = exc, stage
     finally:

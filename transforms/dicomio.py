@@ -229,9 +229,10 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
         raise InputError("no data elements after the file meta header", reason="not_dicom")
     _check_transfer_syntax(ds)
     _attach_source(ds, data)  # first: truncation explains missing identifiers
-    _check_parsed(ds)
-    _check_pixel_data(ds, fragments_checked=False)
-    _check_structure(ds, data, _DICM_OFFSET + 4 if has_marker else 0)
+    scanned = _check_structure(ds, data, _DICM_OFFSET + 4 if has_marker else 0)
+    if not scanned:
+        _check_parsed(ds)  # a layout the scanner leaves to pydicom: check what pydicom made of it
+    _check_pixel_data(ds, fragments_checked=scanned)
     if check_uids:
         check_identifiers(ds)
     return ds
@@ -287,8 +288,8 @@ def _check_pixel_data(ds: Dataset, *, fragments_checked: bool) -> None:
     meta = ds.__dict__.get("file_meta")
     ts = None
     if meta is not None and 0x00020010 in meta._dict:
-        value = peek(meta, 0x00020010)  # a valid UID: _check_transfer_syntax ran first
-        ts = value.strip(" \0") if isinstance(value, str) else None
+        # a valid UID (_check_transfer_syntax ran first): raw ASCII, or pydicom's value
+        ts = _ascii_raw(meta, 0x00020010) or str(peek(meta, 0x00020010)).strip(" \0")
     if ts is None or ts in _NATIVE_SYNTAXES:
         raise InputError("PixelData is encapsulated but the transfer syntax is not a compressed one",
                          reason="not_dicom")
@@ -402,10 +403,11 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
 
 
 def _check_parsed(ds: Dataset) -> None:
-    """For a data set pydicom read (the fallback path): refuse, at every depth, explicit VR
-    elements whose VR pydicom could not read (it keeps them with a made-up VR and copies
-    them; the output would not read back). Nested sequences the scanner can walk are checked
-    on their bytes; the others are parsed by pydicom, without changing ``ds``."""
+    """For a data set pydicom read in a layout the scanner gives up on: refuse, at every depth,
+    item tags where elements should be and explicit VR elements whose VR pydicom could not
+    read (it keeps them with a made-up VR and copies them; the output would not read back).
+    Nested sequences the scanner can walk are checked on their bytes; the others are parsed by
+    pydicom, without changing ``ds``."""
     stack = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
@@ -447,29 +449,33 @@ def _check_parsed(ds: Dataset) -> None:
             stack.extend((item, depth + 1) for item in value if isinstance(item, Dataset))
 
 
-def _check_structure(ds: Dataset, data: bytes, pos: int) -> None:
-    """For a data set pydicom read (the fallback path): the scanner of the fast path must not
-    refuse its bytes. pydicom is lenient where the scanner is strict (an item whose length
-    runs past its sequence, for instance, it reads up to the delimiter), and elements we leave
-    unchanged are copied byte for byte into an output that has a file meta, so the next read
-    takes the fast path: it would refuse our own output. Layouts the scanner leaves to pydicom
-    (unknown VR bytes and the like) stay pydicom's to judge; a deflated body is not checked."""
+def _check_structure(ds: Dataset, data: bytes, pos: int) -> bool:
+    """For a data set pydicom read (the fallback path): run the fast path's scanner over its
+    bytes, which checks every element header at every depth (and pixel data fragments) and
+    raises what the fast path would raise. pydicom is lenient where the scanner is strict (an
+    item whose length runs past its sequence, for instance, it reads up to the delimiter), and
+    elements we leave unchanged are copied byte for byte into an output that has a file meta,
+    whose next read takes the fast path: it would refuse our own output.
+
+    Returns False when the scanner leaves the layout to pydicom (unknown VR bytes and the like,
+    a deflated body): :func:`_check_parsed` then checks what pydicom made of it."""
     meta = ds.__dict__.get("file_meta")
     if meta is not None and str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
-        return
+        return False
     implicit, little = ds.original_encoding
     if implicit is None:
-        return
+        return False
     size = len(data)
     if pos + 8 <= size and struct.unpack_from("<H", data, pos)[0] == 0x0002:
         end = _scan_meta(data, pos, size, {})  # explicit VR little endian whatever the body
         if end is None:
-            return
+            return False
         pos = end
     try:
         _scan_elements(data, pos, size, implicit, little, 0, {})
     except (_GiveUp, struct.error):
-        return
+        return False
+    return True
 
 
 def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:

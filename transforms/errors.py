@@ -58,9 +58,9 @@ class CannotTranscode(DeidError):
     reason = "cannot_transcode"
 
 
-def is_codec_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is a failure of the work on one file: any ``Exception``, and the panic
-    of a Rust codec, which pyo3 raises as ``PanicException``, a ``BaseException`` (e.g.
-    pylibjpeg-rle on RLE segments that do not match Rows x Columns). Never KeyboardInterrupt,
-    SystemExit or GeneratorExit."""
+def is_work_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the work on one file (what dead letters and codec loops
+    catch): any ``Exception``, and the panic of a Rust codec, which pyo3 raises as
+    ``PanicException``, a ``BaseException`` (e.g. pylibjpeg-rle on RLE segments that do not
+    match Rows x Columns). Never KeyboardInterrupt, SystemExit or GeneratorExit."""
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"

@@ -59,7 +59,7 @@ from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
 from transforms.dicomio import shallow_copy
-from transforms.errors import CannotTranscode, RequestError, is_codec_failure
+from transforms.errors import CannotTranscode, RequestError, is_work_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -257,7 +257,7 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
     except CannotTranscode:
         raise
     except BaseException as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
-        if not is_codec_failure(exc):
+        if not is_work_failure(exc):
             raise
         # The library's text may quote element values (patient data): name the class only.
         raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from None
@@ -301,7 +301,7 @@ def decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     except CannotTranscode:
         raise
     except BaseException as exc:  # noqa: BLE001 - a codec failure is a failed decode
-        if not is_codec_failure(exc):
+        if not is_work_failure(exc):
             raise
         raise CannotTranscode(f"decode {_syntax_text(ts)}: {_describe(exc)}") from None
 
@@ -456,7 +456,7 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
                 pi_out = str(props.get("photometric_interpretation", pi))
             arr = _as4d(arr, ds)
         except BaseException as exc:  # noqa: BLE001 - try the next plugin
-            if not is_codec_failure(exc):
+            if not is_work_failure(exc):
                 raise
             failures.append(f"{plugin}: {_describe(exc)}")
             continue
@@ -561,7 +561,7 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
     except CannotTranscode:
         raise
     except BaseException as exc:  # noqa: BLE001 - the codec refused this image
-        if not is_codec_failure(exc):
+        if not is_work_failure(exc):
             raise
         raise CannotTranscode(
             f"{_target_text(target)}: the {_ENCODER_NAME[target]} encoder failed "
