@@ -253,15 +253,20 @@ def build(
 # --------------------------------------------------------------------------- reading back
 
 
+def _shard_paths(prefix: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([prefix + "-*.parquet"])[0].metadata_list)
+
+
+def _read_shard(path: str, columns: Iterable[str] | None = None) -> pa.Table:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        # ParquetFile, not read_table: the latter sets up pyarrow's dataset machinery (~0.1 s
+        # on first use) to read one in-memory file.
+        return pq.ParquetFile(io.BytesIO(f.read())).read(columns=None if columns is None else list(columns))
+
+
 def read_parquet_prefix(prefix: str, schema: pa.Schema) -> pa.Table:
     """All Parquet shards written under ``prefix`` (local or gs://) as one table."""
-    paths = sorted(m.path for m in FileSystems.match([prefix + "-*.parquet"])[0].metadata_list)
-    tables = []
-    for path in paths:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            # ParquetFile, not read_table: the latter sets up pyarrow's dataset machinery (~0.1 s
-            # on first use) to read one in-memory file.
-            tables.append(pq.ParquetFile(io.BytesIO(f.read())).read())
+    tables = [_read_shard(path) for path in _shard_paths(prefix)]
     if not tables:
         return schema.empty_table()
     return pa.concat_tables([t.cast(schema) for t in tables])
@@ -282,30 +287,113 @@ _RESOURCE_LEVELS = (
 )
 SUMMARY_COLUMNS = ("status", "reason", *(column for _, _, column in _RESOURCE_LEVELS))
 
+#: ``Resources`` in a summary lists at most this many ids per level (the smallest, sorted): a
+#: laptop run lists everything, a 50-million-instance run does not hold or print every id
+#: (the audit table has them all).
+SUMMARY_MAX_RESOURCES = 10_000
 
-def summarize(rows: Iterable[Mapping[str, Any]], *, cfg: RunConfig, reproducible: bool, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+
+class AuditTally:
+    """Counts per status and reason, and the new resources' ids per level, gathered from audit
+    rows or Arrow tables with memory bounded by ``max_resources`` ids per level.
+
+    ``resource_statuses``: the rows whose ids count as new resources (``written`` here,
+    ``moved`` for split and merge). Per level, the smallest ``max_resources`` distinct ids are
+    kept; :meth:`resources` also names the levels that had more.
+    """
+
+    def __init__(self, resource_statuses: tuple[str, ...] = (WRITTEN,), max_resources: int | None = None) -> None:
+        if max_resources is None:
+            max_resources = SUMMARY_MAX_RESOURCES
+        if max_resources < 1:
+            raise ValueError("AuditTally: max_resources must be at least 1")
+        self.statuses: collections.Counter[str] = collections.Counter()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self._resource_statuses = tuple(resource_statuses)
+        self._max = max_resources
+        self._ids: dict[str, set[str]] = {level: set() for level, _, _ in _RESOURCE_LEVELS}
+        self._truncated: set[str] = set()
+
+    def add_rows(self, rows: Iterable[Mapping[str, Any]]) -> AuditTally:
+        for row in rows:
+            self.statuses[row["status"]] += 1
+            if row["reason"]:
+                self.reasons[row["reason"]] += 1
+            if row["status"] in self._resource_statuses:
+                for level, _, column in _RESOURCE_LEVELS:
+                    if row[column]:
+                        self._add_ids(level, (row[column],))
+        return self
+
+    def add_table(self, table: pa.Table) -> AuditTally:
+        """Vectorised :meth:`add_rows` for a table holding at least :data:`SUMMARY_COLUMNS`."""
+        import pyarrow.compute as pc
+
+        for column, counter in (("status", self.statuses), ("reason", self.reasons)):
+            for entry in pc.value_counts(table[column].drop_null()).to_pylist():
+                if entry["values"]:
+                    counter[entry["values"]] += entry["counts"]
+        selected = table.filter(pc.is_in(table["status"], value_set=pa.array(self._resource_statuses, pa.string())))
+        for level, _, column in _RESOURCE_LEVELS:
+            ids = pc.unique(selected[column].drop_null())
+            if len(ids) > self._max:
+                self._truncated.add(level)
+                ids = ids.take(pc.sort_indices(ids)[: self._max])
+            self._add_ids(level, (i for i in ids.to_pylist() if i))
+        return self
+
+    def _add_ids(self, level: str, ids: Iterable[str]) -> None:
+        kept = self._ids[level]
+        kept.update(ids)
+        if len(kept) > 2 * self._max:  # the smallest ``max`` of a superset stay the smallest
+            self._prune(level)
+
+    def _prune(self, level: str) -> list[str]:
+        """The level's kept ids, sorted, cut to the smallest ``max``."""
+        kept = sorted(self._ids[level])
+        if len(kept) > self._max:
+            self._truncated.add(level)
+            kept = kept[: self._max]
+            self._ids[level] = set(kept)
+        return kept
+
+    def resources(self) -> tuple[list[dict[str, str]], list[str]]:
+        """Orthanc's ``Resources`` (instances, series, studies, patients, each sorted by ID),
+        and the levels that had more than ``max_resources`` ids."""
+        listed = [
+            {"ID": rid, "Path": f"/{path}/{rid}", "Type": level}
+            for level, path, _ in _RESOURCE_LEVELS
+            for rid in self._prune(level)
+        ]
+        return listed, [level for level, _, _ in _RESOURCE_LEVELS if level in self._truncated]
+
+
+def tally_audit(audit_root: str, run_id: str, resource_statuses: tuple[str, ...] = (WRITTEN,)) -> AuditTally:
+    """This run's audit shards, read one at a time and only the summary's columns."""
+    tally = AuditTally(resource_statuses)
+    for path in _shard_paths(audit_prefix(audit_root, run_id)):
+        tally.add_table(_read_shard(path, SUMMARY_COLUMNS))
+    return tally
+
+
+def summarize(
+    rows: Iterable[Mapping[str, Any]] | AuditTally,
+    *,
+    cfg: RunConfig,
+    reproducible: bool,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The run's answer, shaped like Orthanc's bulk job content (behaviour §10.3).
 
     ``InstancesCount`` counts the selected inputs (written + failed), ``FailedInstancesCount``
-    the failed ones; ``Resources`` lists every new instance, then series, studies, patients,
-    each group sorted by ``ID``. ``Statuses`` and ``Reasons`` count every input file.
+    the failed ones; ``Resources`` lists the new instances, then series, studies, patients,
+    each group sorted by ``ID`` (at most :data:`SUMMARY_MAX_RESOURCES` per level;
+    ``ResourcesTruncated`` names the levels that had more). ``Statuses`` and ``Reasons`` count
+    every input file.
     """
-    statuses: collections.Counter[str] = collections.Counter()
-    reasons: collections.Counter[str] = collections.Counter()
-    ids: dict[str, set[str]] = {level: set() for level, _, _ in _RESOURCE_LEVELS}
-    for row in rows:
-        statuses[row["status"]] += 1
-        if row["reason"]:
-            reasons[row["reason"]] += 1
-        if row["status"] == WRITTEN:
-            for level, _, column in _RESOURCE_LEVELS:
-                if row[column]:
-                    ids[level].add(row[column])
-    resources = [
-        {"ID": rid, "Path": f"/{path}/{rid}", "Type": level}
-        for level, path, _ in _RESOURCE_LEVELS
-        for rid in sorted(ids[level])
-    ]
+    tally = rows if isinstance(rows, AuditTally) else AuditTally().add_rows(rows)
+    statuses, reasons = tally.statuses, tally.reasons
+    resources, truncated = tally.resources()
     plan = cfg.plan
     summary: dict[str, Any] = {
         "Description": f"dicom-deid {getattr(plan, 'operation', None) or ('anonymize' if plan.is_anonymization else 'modify')}",
@@ -313,6 +401,7 @@ def summarize(rows: Iterable[Mapping[str, Any]], *, cfg: RunConfig, reproducible
         "FailedInstancesCount": statuses[FAILED],
         "IsAnonymization": bool(plan.is_anonymization),
         "Resources": resources,
+        "ResourcesTruncated": truncated,
         "InputFiles": sum(statuses.values()),
         "Statuses": {s: statuses[s] for s in (WRITTEN, FAILED, SKIPPED)},
         "Reasons": dict(sorted(reasons.items())),
@@ -447,13 +536,14 @@ def execute(
             run_and_wait(pipeline, options)
     finally:
         cleanup_tmp(cfg.output_root, cfg.run_id)
-    # The summary needs six columns; converting whole rows to dicts was ~0.1 s per 5k files.
-    table = read_audit(audit_root, cfg.run_id).select(list(SUMMARY_COLUMNS))
+    # Shard by shard, six columns, counted by Arrow: a launcher's memory must not grow with
+    # a 50-million-row audit.
+    tally = tally_audit(audit_root, cfg.run_id)
     extra = dict(extra_summary or {})
     resources = getattr(cfg.plan, "resources", None) or ()
     if resources:
         matched = read_matched(audit_root, cfg.run_id)
         extra["ResourcesNotFound"] = [i for i in range(len(resources)) if i not in matched]
-    summary = summarize(table.to_pylist(), cfg=cfg, reproducible=reproducible, extra=extra)
+    summary = summarize(tally, cfg=cfg, reproducible=reproducible, extra=extra)
     write_summary(audit_root, cfg.run_id, summary)
     return Outcome(summary, exit_code(summary))

@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -54,6 +53,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.run import AuditTally
 from schemas.audit import (
     COPIED,
     FAILED,
@@ -496,42 +496,26 @@ def build_apply_pass(
         )
 
 
-_RESOURCE_LEVELS = (
-    ("Instance", "instances", "instance_orthanc_id"),
-    ("Series", "series", "series_orthanc_id"),
-    ("Study", "studies", "study_orthanc_id"),
-    ("Patient", "patients", "patient_orthanc_id"),
-)
-
-
-def summarize(rows: Iterable[Mapping[str, Any]], plan: sm.Plan, *, key_id: str, run_id: str, output: str,
+def summarize(rows: Iterable[Mapping[str, Any]] | AuditTally, plan: sm.Plan, *, key_id: str, run_id: str, output: str,
               reproducible: bool, copy_unselected: bool, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The run's answer, shaped like Orthanc's split/merge job content (behaviour §11, §12).
 
     ``InstancesCount`` counts the instances the request moved, ``FailedInstancesCount`` every
-    failed input; ``Resources`` the new instances, series, study and patient (moved rows).
+    failed input; ``Resources`` the new instances, series, study and patient (moved rows; at
+    most ``SUMMARY_MAX_RESOURCES`` per level, ``ResourcesTruncated`` names the levels that had
+    more).
     """
-    statuses: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    ids: dict[str, set[str]] = {level: set() for level, _, _ in _RESOURCE_LEVELS}
-    for row in rows:
-        statuses[row["status"]] += 1
-        if row["reason"]:
-            reasons[row["reason"]] += 1
-        if row["status"] == MOVED:
-            for level, _, column in _RESOURCE_LEVELS:
-                ids[level].add(row[column])
+    tally = rows if isinstance(rows, AuditTally) else AuditTally((MOVED,)).add_rows(rows)
+    statuses, reasons = tally.statuses, tally.reasons
+    resources, truncated = tally.resources()
     summary: dict[str, Any] = {
         "Description": f"dicom-deid {plan.operation}",
         "InstancesCount": plan.instances_count,
         "FailedInstancesCount": statuses[FAILED],
         "TargetStudy": plan.study_id,
         "TargetStudyUID": plan.study_uid,
-        "Resources": [
-            {"ID": rid, "Path": f"/{path}/{rid}", "Type": level}
-            for level, path, _ in _RESOURCE_LEVELS
-            for rid in sorted(ids[level])
-        ],
+        "Resources": resources,
+        "ResourcesTruncated": truncated,
         "InputFiles": sum(statuses.values()),
         "Statuses": {s: statuses[s] for s in STATUSES},
         "Reasons": dict(sorted(reasons.items())),
@@ -583,7 +567,7 @@ def execute(
         RequestError: the request does not fit INPUT (unknown study, empty selection, ...);
             nothing has been written then (the run's temporary folder is removed).
     """
-    from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, read_audit, run_and_wait, write_summary
+    from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, run_and_wait, tally_audit, write_summary
 
     created_output = _is_local(output_root) and not os.path.exists(output_root)
     tmp = tmp_folder(output_root, run_id)
@@ -629,9 +613,8 @@ def execute(
         raise
     finally:
         cleanup_tmp(output_root, run_id)
-    rows = read_audit(audit_root, run_id).to_pylist()
     summary = summarize(
-        rows,
+        tally_audit(audit_root, run_id, (MOVED,)),
         plan,
         key_id=key.key_id,
         run_id=run_id,
