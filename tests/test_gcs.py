@@ -263,3 +263,46 @@ def test_sitecustomize_makes_beam_auth_anonymous(tmp_path: Path, emulator):
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip() == "_anonymous None", done.stderr
+
+
+_LISTING_PROBE = """
+import json, sys
+from apache_beam.io.filesystems import FileSystems
+from transforms.beam import _match_streaming, expand_input
+
+patterns = json.loads(sys.argv[1])
+reference = {p: sorted([m.path, m.size_in_bytes] for m in FileSystems.match([p])[0].metadata_list) for p in patterns}
+
+def no_match(*args, **kwargs):
+    raise AssertionError("gs:// listing went through FileSystems.match")
+
+FileSystems.match = no_match
+streamed = {p: sorted([path, size] for path, size in _match_streaming(p)) for p in patterns}
+folder = sorted([path, size] for path, size in expand_input(patterns[0].rsplit("/", 1)[0]))
+print(json.dumps({"reference": reference, "streamed": streamed, "folder": folder}))
+"""
+
+
+def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
+    """``gs://`` INPUT is listed page by page (never one list of every object, as Beam's match
+    builds), with exactly the objects Beam's match would give for the same pattern."""
+    _, env = emulator
+    bucket = gcs.create_bucket("listing")
+    names = [f"x/a/{i:04d}.dcm" for i in range(1203)] + ["x/a/deep/z.dcm", "x/b/two.dcm", "x/b/t o.txt", "x/bb.dcm", "y/other.dcm"]
+    for i, name in enumerate(names):
+        bucket.blob(name).upload_from_string(b"v" * (i % 5))
+    bucket.blob("x/folder/").upload_from_string(b"")  # a console-made "folder" placeholder
+    base = "gs://listing/x"
+    patterns = [f"{base}/**", f"{base}/*", f"{base}/**.dcm", f"{base}/*/*.dcm", f"{base}/b/t?o.dcm", f"{base}/[ab]/*.dcm",
+                f"{base}/a/000*", f"{base}/missing/**"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _LISTING_PROBE, json.dumps(patterns)], capture_output=True, text=True, env=env, timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["streamed"] == found["reference"]
+    assert len(found["reference"][f"{base}/**"]) == 1203 + 4 + 1  # a/deep/z, b/two, b/"t o", bb; Beam lists the placeholder too
+    assert found["reference"][f"{base}/missing/**"] == []
+    # A folder INPUT: every object under the prefix, without the placeholder.
+    assert [p for p, _ in found["folder"]] == sorted(f"gs://listing/{n}" for n in names if n.startswith("x/"))

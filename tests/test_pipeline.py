@@ -96,6 +96,41 @@ def test_expand_input_folder_glob_file_and_our_temporaries(tmp_path: Path):
     assert list(expand_input(str(tmp_path / "missing"))) == []
 
 
+def _beam_match(pattern: str) -> list[tuple[str, int]]:
+    from apache_beam.io.filesystems import FileSystems
+
+    return sorted((m.path, m.size_in_bytes) for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def test_streaming_listing_matches_what_beam_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from transforms.beam import _match_streaming
+
+    root = tmp_path / "in"
+    (root / "a" / "deep" / "er").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(1500):  # more than one batch of one folder
+        (root / "a" / f"{i:04d}.dcm").write_bytes(b"x" * (i % 7))
+    (root / "a" / "deep" / "er" / "z.dcm").write_bytes(b"zz")
+    (root / "b" / "two.dcm").write_bytes(b"22")
+    (root / "b" / "t o.txt").write_bytes(b"333")
+    (root / "b" / "link.dcm").symlink_to(root / "b" / "two.dcm")  # a symlinked file is listed
+    (root / "b" / "broken.dcm").symlink_to(root / "b" / "absent.dcm")  # a broken one is not
+    (root / "c").symlink_to(root / "a", target_is_directory=True)  # a symlinked folder is not entered
+    base = str(root)
+    patterns = [f"{base}/**", f"{base}/*", f"{base}/**.dcm", f"{base}/*/*.dcm", f"{base}/b/*", f"{base}/b/t?o.dcm",
+                f"{base}/[bc]/**", f"{base}/a/00*", f"{base}/a/deep/**", f"{base}/missing/**"]  # fmt: skip
+    reference = {p: _beam_match(p) for p in patterns}
+    assert len(reference[f"{base}/**"]) == 1500 + 1 + 3  # a/, a/deep/er/, b/ (two, "t o", link)
+    assert reference[f"{base}/missing/**"] == []
+
+    def no_match(*args, **kwargs):
+        raise AssertionError("local listing went through FileSystems.match")
+
+    monkeypatch.setattr("apache_beam.io.filesystems.FileSystems.match", no_match)
+    for pattern in patterns:
+        assert sorted(_match_streaming(pattern)) == reference[pattern], pattern
+
+
 def test_publish_local_is_create_if_absent(tmp_path: Path):
     out = tmp_path / "out"
     final = str(out / "1.2" / "3.4" / "5.6.dcm")

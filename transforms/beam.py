@@ -157,8 +157,10 @@ def has_glob(uri: str) -> bool:
 def expand_input(uri: str) -> Iterator[tuple[str, int]]:
     """Yield ``(path, size)`` for every file INPUT names.
 
-    A glob is matched as is (``**`` crosses folders); an existing file is itself; anything
-    else is a folder or prefix, matched recursively. Our own temporary folder is never input.
+    A glob is matched as is (``**`` crosses folders, Beam's pattern syntax); an existing file is
+    itself; anything else is a folder or prefix, matched recursively. Our own temporary folder
+    is never input. The listing streams (see :func:`_match_streaming`): a bucket of 50 million
+    objects is never one list in a worker's memory.
     """
     if has_glob(uri):
         pattern = uri
@@ -170,14 +172,64 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
         return
     else:
         pattern = uri.rstrip("/") + "/**"
-    for result in FileSystems.match([pattern]):
-        for meta in result.metadata_list:
-            path = meta.path
-            if f"/{TMP_DIR_NAME}/" in path or path.endswith("/"):
-                continue  # our temporaries; "folder" placeholder objects on object stores
-            if is_local(path) and not os.path.isfile(path):
-                continue
-            yield path, int(meta.size_in_bytes)
+    for path, size in _match_streaming(pattern):
+        if f"/{TMP_DIR_NAME}/" in path or path.endswith("/"):
+            continue  # our temporaries; "folder" placeholder objects on object stores
+        yield path, size
+
+
+def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
+    """``FileSystems.match([pattern])`` as a stream of ``(path, size)``: the same pattern
+    syntax (``FileSystem.translate_pattern``) over a listing that is never held whole.
+
+    Beam's ``match`` returns one list, and its GCS listing also keeps a set of every name it has
+    seen: ~15 GB for 50 million objects, in the one worker that expands INPUT. Local folders
+    are walked with ``os.scandir`` (regular files, symlinks to files; symlinked folders are not
+    entered, as ``os.walk``); ``gs://`` is listed page by page with the storage client of Beam's
+    own GCS filesystem; any other scheme falls back to ``FileSystems.match``.
+    """
+    fs = FileSystems.get_filesystem(pattern)
+    matches = re.compile(fs.translate_pattern(pattern)).match
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if is_local(pattern):
+        yield from ((p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
+    elif pattern.startswith("gs://") and hasattr(fs, "_gcsIO"):
+        from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+        bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
+        for blob in fs._gcsIO().client.list_blobs(bucket, prefix=name_prefix):  # pages of 1,000
+            path = f"gs://{bucket}/{blob.name}"
+            if matches(path):
+                yield path, int(blob.size or 0)
+    else:
+        for result in FileSystems.match([pattern]):
+            for meta in result.metadata_list:
+                yield meta.path, int(meta.size_in_bytes)
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """``(path, size)`` of every file under ``root``, one open folder at a time."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        entries: list[tuple[str, int]] = []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir():
+                            if not entry.is_symlink():
+                                folders.append(entry.path)
+                        elif entry.is_file():  # follows a symlink, as os.path.isfile
+                            entries.append((entry.path, entry.stat().st_size))
+                    except OSError:
+                        continue  # vanished while listed
+                    if len(entries) >= 1024:
+                        yield from entries
+                        entries = []
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        yield from entries
 
 
 class ExpandInputFn(beam.DoFn):
@@ -909,6 +961,8 @@ class DeidentifyFn(beam.DoFn):
             yield pvalue.TaggedOutput(MATCHED_TAG, position)
         if isinstance(prepared, tuple):
             yield from self._emit(*prepared, windowed=False)
+        elif os.environ.get("DD_SYNC"):
+            yield from self._emit(*finish_file(prepared), windowed=False)
         else:
             nbytes = prepared.size
             self._pending.append((self._writer.submit(finish_file, prepared), nbytes))
