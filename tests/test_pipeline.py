@@ -272,6 +272,34 @@ def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Pa
     assert code == 3
 
 
+def test_a_selected_study_reports_its_match_once_per_bundle(tmp_path: Path):
+    """WriteMatches gets one line per Resources entry and bundle, not one per instance."""
+    from apache_beam import pvalue
+
+    from transforms.beam import MATCHED_TAG, DeidentifyFn, RunConfig
+    from transforms.identity import Key
+
+    study = make_study(seed=1)
+    write_study(study, tmp_path / "in")
+    body = {"Resources": [study[0].StudyInstanceUID, study[-1].SOPInstanceUID, "1.2.3.404"]}
+    key = Key.from_bytes(SECRET)
+    cfg = RunConfig(plan=request.parse_anonymize(body), output_root=str(tmp_path / "out"), run_id="r1", key_id=key.key_id, key=key)
+    fn = DeidentifyFn(cfg)
+    fn.setup()
+    try:
+        matched_per_bundle, audit_rows = [], 0
+        for _ in range(2):
+            fn.start_bundle()
+            outputs = [o for path in sorted((tmp_path / "in").iterdir()) for o in fn.process((str(path), path.stat().st_size))]
+            outputs += list(fn.finish_bundle())
+            matched_per_bundle.append(sorted(o.value for o in outputs if isinstance(o, pvalue.TaggedOutput) and o.tag == MATCHED_TAG))
+            audit_rows += sum(1 for o in outputs if not isinstance(o, pvalue.TaggedOutput))
+    finally:
+        fn.teardown()
+    assert matched_per_bundle == [[0, 1], [0, 1]]  # 5 instances of the study, the SR by its UID too
+    assert audit_rows == 2 * 5
+
+
 def test_crosswalk_holds_originals_and_audit_does_not(tmp_path: Path, study_folder: Path):
     crosswalk = tmp_path / "custodian" / "crosswalk"
     code, output, audit = _run(tmp_path, study_folder, "--crosswalk", str(crosswalk))

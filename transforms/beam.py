@@ -929,6 +929,7 @@ class DeidentifyFn(beam.DoFn):
         self._writer: Any = None
         self._pending: collections.deque = collections.deque()
         self._pending_bytes = 0
+        self._matched_seen: set[int] = set()
 
     def setup(self) -> None:
         quiet_pydicom_warnings()
@@ -952,13 +953,18 @@ class DeidentifyFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending = collections.deque()
         self._pending_bytes = 0
+        self._matched_seen: set[int] = set()
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         path, size = element
         matched: list[int] = []
         prepared = prepare_file(path, size, self._cfg, self._key, matched=matched)
         for position in matched:
-            yield pvalue.TaggedOutput(MATCHED_TAG, position)
+            # Once per bundle: a study selected by one Resources entry must not write one line
+            # per instance (50 million of them) for the launcher to read back.
+            if position not in self._matched_seen:
+                self._matched_seen.add(position)
+                yield pvalue.TaggedOutput(MATCHED_TAG, position)
         if isinstance(prepared, tuple):
             yield from self._emit(*prepared, windowed=False)
         elif os.environ.get("DD_SYNC"):
