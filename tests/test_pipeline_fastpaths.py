@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -347,3 +349,81 @@ def test_deidentify_fn_bounds_the_files_waiting_for_the_writer(tmp_path: Path, m
     assert finished == [str(tmp_path / f"in{i}.dcm") for i in range(3)]
     assert len(list(fn.finish_bundle())) == 3
     assert len(finished) == 6
+
+
+def test_deidentify_fns_of_one_process_share_a_memory_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Four DoFns on four threads (as a runner with several harness threads): the input bytes
+    they hold, read or waiting for their writers, never exceed the shared budget; a file over
+    the whole budget runs alone; every file gets its row and the budget ends empty."""
+    from transforms import beam as tbeam
+
+    limit = 300_000
+    budget = tbeam.process_budget(limit)
+    big = Path(pydicom.data.get_testdata_file("examples_overlay.dcm"))  # 321,700 bytes: over the budget
+    names = ["CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm", "examples_jpeg2k.dcm", "SC_rgb_jpeg_dcmd.dcm",
+             "J2K_pixelrep_mismatch.dcm", "waveform_ecg.dcm", "examples_rgb_color.dcm"]  # fmt: skip
+    sources = [Path(pydicom.data.get_testdata_file(n)) for n in names] + [big]
+    used_seen: list[int] = []
+    seen_by_big: list[int] = []
+    real_prepare, real_finish = tbeam.prepare_file, tbeam.finish_file
+
+    def prepare_file(path, size, *args, **kwargs):
+        (seen_by_big if path.endswith("-big.dcm") else used_seen).append(budget.used)
+        return real_prepare(path, size, *args, **kwargs)
+
+    def finish_file(prepared):
+        time.sleep(0.005)  # a slow store: files queue for the writers
+        return real_finish(prepared)
+
+    monkeypatch.setattr(tbeam, "prepare_file", prepare_file)
+    monkeypatch.setattr(tbeam, "finish_file", finish_file)
+    big_copy = tmp_path / "in" / "x-big.dcm"
+    big_copy.parent.mkdir()
+    big_copy.write_bytes(big.read_bytes())
+    cfg = RunConfig(plan=ANONYMIZE, output_root=str(tmp_path / "out"), run_id="r", key_id=KEY.key_id, key=KEY,
+                    memory_budget=limit)  # fmt: skip
+    rows: list[list[dict]] = [[] for _ in range(4)]
+
+    def worker(w: int) -> None:
+        fn = tbeam.DeidentifyFn(cfg)
+        fn.setup()
+        try:
+            for bundle in range(3):
+                fn.start_bundle()
+                outs = []
+                for i, src in enumerate(sources):
+                    # copies of the same files (the same outputs: written once, then found
+                    # identical), the big one once
+                    if src == big:
+                        if (w, bundle) != (0, 1):
+                            continue
+                        path = big_copy
+                    else:
+                        path = tmp_path / "in" / f"{w}-{bundle}-{i}.dcm"
+                        path.write_bytes(src.read_bytes())
+                    outs += list(fn.process((str(path), path.stat().st_size)))
+                outs += [o.value for o in fn.finish_bundle()]
+                rows[w] += [o for o in outs if isinstance(o, dict)]
+        finally:
+            fn.teardown()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert sum(len(r) for r in rows) == 4 * 3 * len(names) + 1
+    assert budget.used == 0
+    assert len(used_seen) == 4 * 3 * len(names)
+    assert limit // 2 < max(used_seen) <= limit  # the budget was the bound, and it was reached
+    assert seen_by_big == [big.stat().st_size]  # the big file waited until it was alone
+    assert budget.peak == big.stat().st_size
+
+
+def test_the_default_memory_budget_is_a_share_of_this_machine():
+    from transforms.beam import default_memory_budget
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = default_memory_budget()
+    assert 256 << 20 <= budget <= max(256 << 20, total // 2 // (os.cpu_count() or 1))

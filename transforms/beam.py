@@ -100,6 +100,9 @@ class RunConfig:
         crosswalk: emit crosswalk rows (original -> new identifiers) for written files.
         progress_dir: local folder where workers drop their counters for the CLI's progress
             line (DirectRunner only); None disables it.
+        memory_budget: bytes of input files that the DeidentifyFns of one worker process may
+            hold at once (:class:`MemoryBudget`); None: :func:`default_memory_budget` of the
+            worker's own machine.
     """
 
     plan: Any
@@ -111,12 +114,15 @@ class RunConfig:
     max_bytes: int = 2 << 30
     crosswalk: bool = False
     progress_dir: str | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if (self.key is None) == (self.key_uri is None):
             raise ValueError("RunConfig: exactly one of key and key_uri must be given")
         if self.max_bytes <= 0:
             raise ValueError("RunConfig: max_bytes must be positive")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError("RunConfig: memory_budget must be positive")
 
     def __repr__(self) -> str:  # never show the key, even by accident
         return f"RunConfig(output_root={self.output_root!r}, run_id={self.run_id!r}, key_id={self.key_id!r})"
@@ -941,6 +947,74 @@ def read_progress(folder: str) -> dict[str, int]:
     return total
 
 
+# --------------------------------------------------------------------------- memory
+
+
+class MemoryBudget:
+    """Bytes of input files held in memory by every DeidentifyFn of one process.
+
+    A runner may run many DoFn instances in one process (Dataflow: 12 threads per SDK process
+    by default), each holding the file it prepares plus the ones waiting for its writer; with
+    multi-gigabyte inputs that multiplies into an out-of-memory kill of the worker. Each file
+    holds its size from before it is read until its output is on storage (or it failed). A
+    file larger than the whole budget waits until nothing else is held, then runs alone.
+    Transcoding decodes pixels beyond the input's size: the budget counts input bytes only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("MemoryBudget: limit must be positive")
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+_BUDGETS: dict[int | None, MemoryBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def process_budget(limit: int | None = None) -> MemoryBudget:
+    """The process's budget for ``limit`` bytes (None: :func:`default_memory_budget`); every
+    DoFn of a run in this process shares it."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(limit)
+        if budget is None:
+            budget = _BUDGETS[limit] = MemoryBudget(limit if limit is not None else default_memory_budget())
+        return budget
+
+
+def default_memory_budget() -> int:
+    """Half the memory this process may use (the machine's, or its cgroup's limit if lower),
+    shared with one worker process per CPU (DirectRunner multi_processing, Dataflow's one SDK
+    process per vCPU); at least 256 MiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 4 << 30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return max(256 << 20, total // 2 // max(1, os.cpu_count() or 1))
+
+
 # --------------------------------------------------------------------------- DoFn / PTransforms
 
 
@@ -952,7 +1026,8 @@ class DeidentifyFn(beam.DoFn):
     file or object-store I/O release the GIL, so they overlap the CPU-bound core instead of
     adding to it. At most ``_MAX_PENDING`` files (and ``_MAX_PENDING_BYTES`` of output) wait
     for the writer; rows are emitted as files finish, and ``finish_bundle`` waits for the rest,
-    so a bundle's outputs are all on storage before Beam commits the bundle.
+    so a bundle's outputs are all on storage before Beam commits the bundle. Every DoFn of the
+    process shares one :class:`MemoryBudget` of input bytes in flight.
     """
 
     _MAX_PENDING = 8
@@ -968,6 +1043,7 @@ class DeidentifyFn(beam.DoFn):
         self._pending: collections.deque = collections.deque()
         self._pending_bytes = 0
         self._matched_seen: set[int] = set()
+        self._budget: MemoryBudget | None = None
 
     def setup(self) -> None:
         quiet_pydicom_warnings()
@@ -980,6 +1056,7 @@ class DeidentifyFn(beam.DoFn):
             )
         if cfg.progress_dir and os.path.isdir(cfg.progress_dir):
             self._progress = _ProgressFile(cfg.progress_dir)
+        self._budget = process_budget(cfg.memory_budget)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dicom-deid-writer")
         # The writer thread needs the GIL back after each hash or I/O call, and a CPU-bound
         # main thread only lets go of it every switch interval (5 ms by default): the writer
@@ -996,7 +1073,20 @@ class DeidentifyFn(beam.DoFn):
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         path, size = element
         matched: list[int] = []
-        prepared = prepare_file(path, size, self._cfg, self._key, matched=matched)
+        # Held from before the read until the output is on storage; a file over --max-bytes
+        # is refused unread and holds nothing.
+        held = int(size) if 0 < size <= self._cfg.max_bytes else 0
+        budget = self._budget
+        if held:
+            budget.acquire(held)
+        try:
+            prepared = prepare_file(path, size, self._cfg, self._key, matched=matched)
+        except BaseException:
+            if held:
+                budget.release(held)
+            raise
+        if held and isinstance(prepared, tuple):
+            budget.release(held)
         for position in matched:
             # Once per bundle: a study selected by one Resources entry must not write one line
             # per instance (50 million of them) for the launcher to read back.
@@ -1005,11 +1095,12 @@ class DeidentifyFn(beam.DoFn):
                 yield pvalue.TaggedOutput(MATCHED_TAG, position)
         if isinstance(prepared, tuple):
             yield from self._emit(*prepared, windowed=False)
-        elif os.environ.get("DD_SYNC"):
-            yield from self._emit(*finish_file(prepared), windowed=False)
         else:
             nbytes = prepared.size
-            self._pending.append((self._writer.submit(finish_file, prepared), nbytes))
+            future = self._writer.submit(finish_file, prepared)
+            if held:
+                future.add_done_callback(lambda _done, held=held: budget.release(held))
+            self._pending.append((future, nbytes))
             self._pending_bytes += nbytes
         pending = self._pending
         while pending and (
