@@ -230,6 +230,7 @@ class ApplyConfig:
     copy_unselected: bool = False
     crosswalk: bool = False
     progress_dir: str | None = None  # local folder for the CLI's progress line (local runners only)
+    memory_budget: int | None = None  # input bytes in flight per process (transforms.beam.MemoryBudget)
 
 
 _PLAN_CACHE: dict[str, sm.Plan] = {}
@@ -405,17 +406,28 @@ class _ApplyFn(beam.DoFn):
         self._plan: sm.Plan | None = None
         self._progress: _ProgressFile | None = None
         self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in STATUSES}
+        self._budget: Any = None
 
     def setup(self) -> None:
+        from transforms.beam import process_budget
+
         _quiet_pydicom()
         self._plan = load_plan(self._cfg.plan_uri)
+        self._budget = process_budget(self._cfg.memory_budget)
         if self._cfg.progress_dir and os.path.isdir(self._cfg.progress_dir):
             self._progress = _ProgressFile(self._cfg.progress_dir)
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         assert self._plan is not None
         path, size = element
-        audit, crosswalk = process_instance(path, size, self._plan, self._cfg)
+        held = int(size) if 0 < size <= self._cfg.max_bytes else 0  # as DeidentifyFn
+        if held:
+            self._budget.acquire(held)
+        try:
+            audit, crosswalk = process_instance(path, size, self._plan, self._cfg)
+        finally:
+            if held:
+                self._budget.release(held)
         self._counters[audit["status"]].inc()
         if self._progress is not None:
             self._progress.add(audit["status"])

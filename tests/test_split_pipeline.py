@@ -285,3 +285,27 @@ def test_progress_default_follows_the_terminal(
         9, 0, 0, 6, 0, 3)  # fmt: skip
     assert split("tty-no-progress", "--no-progress") == 0
     assert capsys.readouterr().err == ""
+
+
+def test_apply_pass_holds_each_file_in_the_process_memory_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Pass 2 counts a file's bytes in the shared budget while it is read and rewritten (a file
+    over --max-bytes is refused unread and holds nothing)."""
+    from transforms.beam import process_budget
+
+    budget = process_budget(1_000_000)
+    seen: list[tuple[str, int]] = []
+
+    def process_instance(path, size, plan, cfg):
+        seen.append((path, budget.used))
+        return {"status": "skipped"}, None
+
+    monkeypatch.setattr(psm, "load_plan", lambda uri: "the plan")
+    monkeypatch.setattr(psm, "process_instance", process_instance)
+    cfg = psm.ApplyConfig(plan_uri="unused", output_root=str(tmp_path), run_id="r", key_id="k", max_bytes=500_000,
+                          memory_budget=1_000_000)  # fmt: skip
+    fn = psm._ApplyFn(cfg)
+    fn.setup()
+    for path, size in (("a", 400_000), ("b", 600_000), ("c", 0)):
+        assert list(fn.process((path, size))) == [{"status": "skipped"}]
+    assert seen == [("a", 400_000), ("b", 0), ("c", 0)]
+    assert budget.used == 0
