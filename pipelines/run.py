@@ -235,7 +235,7 @@ def build(
     crosswalk_root: str | None = None,
 ) -> None:
     """Add the de-identification graph to ``pipeline`` (no I/O happens here)."""
-    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput()
+    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput.of(input_uri)
     outputs = files | "DeidentifyInstances" >> DeidentifyInstances(cfg)
     outputs.audit | "WriteAudit" >> WriteRowsToParquet(audit_prefix(audit_root, cfg.run_id), AUDIT_SCHEMA)
     if getattr(cfg.plan, "resources", None):

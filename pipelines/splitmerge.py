@@ -474,7 +474,7 @@ def build_index_pass(pipeline: beam.Pipeline, input_uri: str, selector: IndexSel
     (
         pipeline
         | "Input" >> beam.Create([input_uri])
-        | "ExpandInput" >> ExpandInput()
+        | "ExpandInput" >> ExpandInput.of(input_uri)
         | "BuildStudyIndex" >> BuildStudyIndex(selector, max_bytes)
         | "EncodeIndex" >> beam.Map(encode_entry)
         | "WriteIndex" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
@@ -499,7 +499,7 @@ def build_apply_pass(
     from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
     from transforms.beam import ExpandInput
 
-    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput()
+    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput.of(input_uri)
     outputs = files | "ApplySplitMerge" >> ApplySplitMerge(cfg)
     outputs.audit | "WriteAudit" >> WriteRowsToParquet(audit_prefix(audit_root, cfg.run_id), AUDIT_SCHEMA)
     if crosswalk_root is not None:

@@ -260,7 +260,23 @@ def no_match(*args, **kwargs):
 FileSystems.match = no_match
 streamed = {p: sorted([path, size] for path, size in _match_streaming(p)) for p in patterns}
 folder = sorted([path, size] for path, size in expand_input(patterns[0].rsplit("/", 1)[0]))
-print(json.dumps({"reference": reference, "streamed": streamed, "folder": folder}))
+
+def fanned_out(uri):
+    from apache_beam import pvalue
+    from transforms.beam import ExpandInputFn, ListPrefixFn, PREFIX_TAG
+
+    files, prefixes = [], []
+    for out in ExpandInputFn().process(uri):
+        if isinstance(out, pvalue.TaggedOutput):
+            assert out.tag == PREFIX_TAG
+            prefixes.append(out.value[1])
+            files += ListPrefixFn().process(out.value)
+        else:
+            files.append(out)
+    return sorted([path, size] for path, size in files), prefixes
+
+fanned = {p: fanned_out(p) for p in patterns}
+print(json.dumps({"reference": reference, "streamed": streamed, "folder": folder, "fanned": fanned}))
 """
 
 
@@ -283,6 +299,12 @@ def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.splitlines()[-1])
     assert found["streamed"] == found["reference"]
+    # The pipeline's listing: one level here, each deeper prefix listed by another worker.
+    # Placeholders ("x/folder/") are never input; everything else is what Beam matches.
+    without_placeholders = {p: [e for e in ref if not e[0].endswith("/")] for p, ref in found["reference"].items()}
+    assert {p: files for p, (files, _) in found["fanned"].items()} == without_placeholders
+    assert found["fanned"][f"{base}/**"][1] == [f"{base}/a/", f"{base}/b/", f"{base}/folder/"]
+    assert found["fanned"][f"{base}/a/000*"][1] == []  # no deeper prefix under x/a/000
     assert len(found["reference"][f"{base}/**"]) == 1203 + 4 + 1  # a/deep/z, b/two, b/"t o", bb; Beam lists the placeholder too
     assert found["reference"][f"{base}/missing/**"] == []
     # A folder INPUT: every object under the prefix, without the placeholder.

@@ -131,6 +131,23 @@ def test_streaming_listing_matches_what_beam_matches(tmp_path: Path, monkeypatch
         assert sorted(_match_streaming(pattern)) == reference[pattern], pattern
 
 
+def test_a_local_input_is_listed_in_one_stage_a_bucket_in_two():
+    import apache_beam as beam
+
+    from transforms.beam import ExpandInput
+
+    def names(uri: str) -> set[str]:
+        pipeline = beam.Pipeline()
+        _ = pipeline | beam.Create([uri]) | "ExpandInput" >> ExpandInput.of(uri)
+        proto = pipeline.to_runner_api()
+        return {t.unique_name for t in proto.components.transforms.values() if t.unique_name.startswith("ExpandInput/")}
+
+    local = names("/data/in")
+    assert {"ExpandInput/MatchFiles", "ExpandInput/SpreadFiles"} <= local
+    assert not any("Prefixes" in n for n in local)
+    assert {"ExpandInput/SpreadPrefixes", "ExpandInput/ListPrefixes", "ExpandInput/SpreadFiles"} <= names("gs://bucket/in")
+
+
 def test_publish_local_is_create_if_absent(tmp_path: Path):
     out = tmp_path / "out"
     final = str(out / "1.2" / "3.4" / "5.6.dcm")

@@ -91,11 +91,13 @@ def test_dataflow_graph_builds_without_running():
     assert top == {"Input", "ExpandInput", "DeidentifyInstances", "WriteAudit", "WriteCrosswalk"}
     names = {t.unique_name for t in proto.components.transforms.values()}
     assert {"ExpandInput/MatchFiles", "ExpandInput/SpreadFiles", "DeidentifyInstances/Deidentify"} <= names
-    # the only shuffles: the (path, size) reshuffle and the Parquet sinks' finalisation
+    assert {"ExpandInput/SpreadPrefixes", "ExpandInput/ListPrefixes"} <= names  # a gs:// INPUT is listed in parallel
+    # the only shuffles: the (path, size) and first-level prefix reshuffles and the Parquet
+    # sinks' finalisation
     gbk = sorted(
         t.unique_name for t in proto.components.transforms.values() if t.spec.urn == common_urns.primitives.GROUP_BY_KEY.urn
     )
-    assert gbk and all(n.startswith(("ExpandInput/SpreadFiles/", "WriteAudit/", "WriteCrosswalk/")) for n in gbk)
+    assert gbk and all(n.startswith(("ExpandInput/SpreadFiles/", "ExpandInput/SpreadPrefixes/", "WriteAudit/", "WriteCrosswalk/")) for n in gbk)
     assert not any(n.startswith("DeidentifyInstances/") for n in gbk)
     # the DoFn Dataflow would receive carries the key file's URI, not the key
     (fn,) = [f for f in _dofns(proto) if isinstance(f, DeidentifyFn)]

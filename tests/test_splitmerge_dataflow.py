@@ -114,7 +114,7 @@ def test_merge_index_pass_groups_by_study():
     gbk = _shuffles(proto)
     # the one shuffle of the merge's own: whole studies for the planner
     assert [n for n in gbk if n.startswith("BuildStudyIndex/")] == ["BuildStudyIndex/GroupByStudy"]
-    assert all(n.startswith(("ExpandInput/SpreadFiles/", "WriteIndex/", "BuildStudyIndex/GroupByStudy")) for n in gbk)
+    assert all(n.startswith(("ExpandInput/SpreadFiles/", "ExpandInput/SpreadPrefixes/", "WriteIndex/", "BuildStudyIndex/GroupByStudy")) for n in gbk)
     (fn,) = [f for f in _dofns(proto) if isinstance(f, psm._IndexFn)]
     assert fn._selector == selector and fn._selector.study_tags_for == STUDY_B
 
@@ -132,7 +132,7 @@ def test_apply_pass_reads_the_plan_from_its_uri(tmp_path: Path, request_, moved:
     assert _top(proto) == {"Input", "ExpandInput", "ApplySplitMerge", "WriteAudit", "WriteCrosswalk"}
     assert "ApplySplitMerge/Apply" in {t.unique_name for t in proto.components.transforms.values()}
     gbk = _shuffles(proto)
-    assert gbk and all(n.startswith(("ExpandInput/SpreadFiles/", "WriteAudit/", "WriteCrosswalk/")) for n in gbk)
+    assert gbk and all(n.startswith(("ExpandInput/SpreadFiles/", "ExpandInput/SpreadPrefixes/", "WriteAudit/", "WriteCrosswalk/")) for n in gbk)
     (fn,) = [f for f in _dofns(proto) if isinstance(f, psm._ApplyFn)]
     assert fn._cfg == _config() and fn._plan is None and fn._cfg.progress_dir is None
     serialized = proto.SerializeToString()

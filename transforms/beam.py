@@ -70,6 +70,7 @@ from transforms.errors import DeidError, InputError, is_work_failure
 TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
 MATCHED_TAG = "matched_resources"
+PREFIX_TAG = "prefixes"  # ExpandInputFn -> ListPrefixFn
 AUDIT_TAG = "audit"
 _UID_PATH_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
@@ -172,20 +173,27 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
     is never input. The listing streams (see :func:`_match_streaming`): a bucket of 50 million
     objects is never one list in a worker's memory.
     """
-    if has_glob(uri):
-        pattern = uri
-    elif is_local(uri) and os.path.isfile(uri):
-        yield uri, os.path.getsize(uri)
+    pattern = _input_pattern(uri)
+    if pattern is None:
+        yield uri, os.path.getsize(uri) if is_local(uri) else FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
         return
-    elif not is_local(uri) and FileSystems.exists(uri):
-        yield uri, FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
-        return
-    else:
-        pattern = uri.rstrip("/") + "/**"
     for path, size in _match_streaming(pattern):
-        if f"/{TMP_DIR_NAME}/" in path or path.endswith("/"):
-            continue  # our temporaries; "folder" placeholder objects on object stores
-        yield path, size
+        if _is_input(path):
+            yield path, size
+
+
+def _input_pattern(uri: str) -> str | None:
+    """The glob that INPUT stands for; None when it is one existing file or object."""
+    if has_glob(uri):
+        return uri
+    if (is_local(uri) and os.path.isfile(uri)) or (not is_local(uri) and FileSystems.exists(uri)):
+        return None
+    return uri.rstrip("/") + "/**"
+
+
+def _is_input(path: str) -> bool:
+    """Not our temporaries, not a "folder" placeholder object of an object store."""
+    return f"/{TMP_DIR_NAME}/" not in path and not path.endswith("/")
 
 
 def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
@@ -243,10 +251,56 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
 
 
 class ExpandInputFn(beam.DoFn):
-    """``str`` INPUT -> ``(path, size)`` per file (I/O at run time, not at construction)."""
+    """``str`` INPUT -> ``(path, size)`` per file (I/O at run time, not at construction).
 
-    def process(self, uri: str) -> Iterator[tuple[str, int]]:
-        yield from expand_input(uri)
+    A ``gs://`` INPUT is listed one level deep here (``delimiter="/"``): the objects directly
+    under its prefix are yielded, each deeper prefix goes to ``PREFIX_TAG`` as
+    ``(pattern, prefix)`` for :class:`ListPrefixFn`, so a bucket of millions of objects is
+    listed by many workers instead of one (a GCS listing returns 1,000 names per request).
+    """
+
+    def __init__(self, fan_out: bool = True) -> None:
+        super().__init__()
+        self._fan_out = fan_out
+
+    def process(self, uri: str) -> Iterator[Any]:
+        pattern = _input_pattern(uri) if self._fan_out and uri.startswith("gs://") else None
+        client = _gcs_client(pattern) if pattern is not None else None
+        if client is None:
+            yield from expand_input(uri)
+            return
+        from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+        matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
+        bucket, name_prefix = parse_gcs_path(re.match(r"^[^[*?]*", pattern).group(0), object_optional=True)
+        listing = client.list_blobs(bucket, prefix=name_prefix, delimiter="/")
+        for blob in listing:
+            path = f"gs://{bucket}/{blob.name}"
+            if matches(path) and _is_input(path):
+                yield path, int(blob.size or 0)
+        for prefix in sorted(listing.prefixes):  # complete once every page was read
+            yield pvalue.TaggedOutput(PREFIX_TAG, (pattern, f"gs://{bucket}/{prefix}"))
+
+
+class ListPrefixFn(beam.DoFn):
+    """``(pattern, gs:// prefix)`` -> ``(path, size)`` of every object under the prefix that
+    matches the pattern (page by page)."""
+
+    def process(self, element: tuple[str, str]) -> Iterator[tuple[str, int]]:
+        from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+        pattern, prefix = element
+        matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
+        bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
+        client = _gcs_client(prefix)
+        blobs = (
+            ((f"gs://{bucket}/{blob.name}", int(blob.size or 0)) for blob in client.list_blobs(bucket, prefix=name_prefix))
+            if client is not None
+            else _match_streaming(prefix + "**")
+        )
+        for path, size in blobs:
+            if matches(path) and _is_input(path):
+                yield path, size
 
 
 # --------------------------------------------------------------------------- per-file work
@@ -1151,15 +1205,29 @@ class ExpandInput(beam.PTransform):
     """INPUT strings -> ``(path, size)`` per file, redistributed so every worker gets files.
 
     The reshuffle moves only (path, size) pairs: without it the whole listing would stay in
-    the one bundle that read the single INPUT element, i.e. on one worker.
+    the one bundle that read the single INPUT element, i.e. on one worker. A ``gs://`` INPUT's
+    first-level prefixes are spread the same way and listed in parallel (``ListPrefixFn``).
     """
 
+    def __init__(self, fan_out: bool = False) -> None:
+        super().__init__()
+        self._fan_out = fan_out
+
+    @classmethod
+    def of(cls, input_uri: str) -> ExpandInput:
+        """Fan out (a stage more) only where it pays: a ``gs://`` INPUT."""
+        return cls(fan_out=input_uri.startswith("gs://"))
+
     def expand(self, pcoll: beam.PCollection[str]) -> beam.PCollection[tuple[str, int]]:
-        return (
-            pcoll
-            | "MatchFiles" >> beam.ParDo(ExpandInputFn())
-            | "SpreadFiles" >> beam.Reshuffle()
+        if not self._fan_out:
+            return pcoll | "MatchFiles" >> beam.ParDo(ExpandInputFn(fan_out=False)) | "SpreadFiles" >> beam.Reshuffle()
+        listed = pcoll | "MatchFiles" >> beam.ParDo(ExpandInputFn()).with_outputs(PREFIX_TAG, main="files")
+        deeper = (
+            listed[PREFIX_TAG]
+            | "SpreadPrefixes" >> beam.Reshuffle()
+            | "ListPrefixes" >> beam.ParDo(ListPrefixFn())
         )
+        return (listed.files, deeper) | "AllFiles" >> beam.Flatten() | "SpreadFiles" >> beam.Reshuffle()
 
 
 class DeidentifyInstances(beam.PTransform):
