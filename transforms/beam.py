@@ -211,11 +211,11 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     prefix = re.match(r"^[^[*?]*", pattern).group(0)
     if is_local(pattern):
         yield from ((p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
-    elif pattern.startswith("gs://") and hasattr(fs, "_gcsIO"):
+    elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
         from apache_beam.io.gcp.gcsio import parse_gcs_path
 
         bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
-        for blob in fs._gcsIO().client.list_blobs(bucket, prefix=name_prefix):  # pages of 1,000
+        for blob in client.list_blobs(bucket, prefix=name_prefix):  # pages of 1,000
             path = f"gs://{bucket}/{blob.name}"
             if matches(path):
                 yield path, int(blob.size or 0)
@@ -1005,7 +1005,8 @@ def read_progress(folder: str) -> dict[str, int]:
 
 
 class MemoryBudget:
-    """Bytes of input files held in memory by every DeidentifyFn of one process.
+    """Bytes of input files held in memory by the DoFns of one process that read and rewrite
+    files (``DeidentifyFn``, split/merge's ``_ApplyFn``).
 
     A runner may run many DoFn instances in one process (Dataflow: 12 threads per SDK process
     by default), each holding the file it prepares plus the ones waiting for its writer; with
