@@ -427,3 +427,45 @@ def test_the_default_memory_budget_is_a_share_of_this_machine():
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = default_memory_budget()
     assert 256 << 20 <= budget <= max(256 << 20, total // 2 // (os.cpu_count() or 1))
+
+
+def test_memory_budget_serves_requests_in_arrival_order():
+    """A file over the whole budget is not starved by smaller ones that would each fit: they
+    queue behind it, it runs alone once the budget is empty, then they follow."""
+    from transforms.beam import MemoryBudget
+
+    budget = MemoryBudget(100)
+    budget.acquire(60)  # a file in flight
+    order: list[str] = []
+    got_big = threading.Event()
+
+    def big() -> None:
+        budget.acquire(150)
+        order.append("big")
+        got_big.set()
+
+    def small(name: str) -> None:
+        budget.acquire(30)  # fits next to the 60 held, but arrived after the big one
+        order.append(name)
+        budget.release(30)
+
+    t_big = threading.Thread(target=big)
+    t_big.start()
+    while budget._next_ticket < 2:  # the big request is queued
+        time.sleep(0.001)
+    smalls = [threading.Thread(target=small, args=(f"small{i}",)) for i in range(3)]
+    for i, t in enumerate(smalls):
+        t.start()
+        while budget._next_ticket < 3 + i:
+            time.sleep(0.001)
+    time.sleep(0.05)
+    assert order == []  # all wait: the big one for the budget to empty, the small ones for their turn
+    budget.release(60)
+    assert got_big.wait(10)
+    time.sleep(0.05)
+    assert order == ["big"] and budget.used == 150  # alone
+    budget.release(150)
+    for t in [t_big, *smalls]:
+        t.join(10)
+    assert order[0] == "big" and sorted(order[1:]) == ["small0", "small1", "small2"]
+    assert budget.used == 0 and budget.peak == 150

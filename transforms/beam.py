@@ -1013,7 +1013,9 @@ class MemoryBudget:
     multi-gigabyte inputs that multiplies into an out-of-memory kill of the worker. Each file
     holds its size from before it is read until its output is on storage (or it failed). A
     file larger than the whole budget waits until nothing else is held, then runs alone.
-    Transcoding decodes pixels beyond the input's size: the budget counts input bytes only.
+    Requests are served in arrival order, so a large file is not starved by a stream of small
+    ones that would each fit. Transcoding decodes pixels beyond the input's size: the budget
+    counts input bytes only.
     """
 
     def __init__(self, limit: int) -> None:
@@ -1023,13 +1025,19 @@ class MemoryBudget:
         self.used = 0
         self.peak = 0
         self._cond = threading.Condition()
+        self._next_ticket = 0  # arrival order of acquire() calls
+        self._serving = 0  # the ticket whose turn it is
 
     def acquire(self, n: int) -> None:
         with self._cond:
-            while self.used and self.used + n > self.limit:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving or (self.used and self.used + n > self.limit):
                 self._cond.wait()
+            self._serving += 1
             self.used += n
             self.peak = max(self.peak, self.used)
+            self._cond.notify_all()  # the next ticket may fit too
 
     def release(self, n: int) -> None:
         with self._cond:
