@@ -127,13 +127,37 @@ def build_parser() -> argparse.ArgumentParser:
     modify = sub.add_parser("modify", help="modify like /tools/bulk-modify", epilog=_EPILOG, formatter_class=_Raw)
     _add_common(modify)
     modify.add_argument("--level", metavar="L", help="Patient, Study, Series or Instance (default: detected)")
-    try:
-        from pipelines import splitmerge
-    except ImportError:
-        splitmerge = None  # type: ignore[assignment]
-    if splitmerge is not None and hasattr(splitmerge, "register"):
-        splitmerge.register(sub)
+    for command, (summary, study_help, body_help) in _SPLIT_MERGE_HELP.items():
+        p = sub.add_parser(command, help=summary, description=f"{summary}. {body_help}")
+        _add_common(p)
+        p.add_argument("--study", required=True, metavar="STUDY" if command == "split" else "TARGET", help=study_help)
+        p.add_argument(
+            "--copy-unselected",
+            action="store_true",
+            help="also copy every input the request does not move, unchanged, so OUTPUT is the whole new archive",
+        )
+        p.set_defaults(func=_run_split_merge)
     return parser
+
+
+_SPLIT_MERGE_HELP = {
+    "split": (
+        "move series or instances of a study to a new study, like /studies/{id}/split",
+        "the study to split: StudyInstanceUID or Orthanc study id",
+        'JSON body: {"Series": [...], "Instances": [...], "Replace": {...}, "Remove": [...], "KeepSource": false}',
+    ),
+    "merge": (
+        "move studies, series or instances into a target study, like /studies/{id}/merge",
+        "the target study: StudyInstanceUID or Orthanc study id",
+        'JSON body: {"Resources": [...], "KeepSource": false}',
+    ),
+}
+
+
+def _run_split_merge(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipelines import splitmerge  # Beam: loaded only when a split or merge runs
+
+    return splitmerge.run_command(args, beam_args)
 
 
 # --------------------------------------------------------------------------- request
@@ -300,9 +324,6 @@ def _warn_random_key(key: Any) -> None:
 
 
 def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines import run as pipeline_run
-    from transforms.beam import RunConfig
-
     request, dictionary = load_request(args.body, args.config)
     plan = parse_plan(args.command, request, dictionary, getattr(args, "level", None))
     if request.get("KeepSource") is False:
@@ -324,6 +345,9 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             raise UsageError(f"unknown option(s): {' '.join(beam_args)} (one-file mode takes no Beam options)")
         _warn_random_key(key)
         return _run_single(args, plan, key, run_id, input_uri, output)
+
+    from pipelines import run as pipeline_run  # Beam: loaded only for a pipeline run
+    from transforms.beam import RunConfig
 
     audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
     crosswalk = normalize(args.crosswalk) if args.crosswalk else None
@@ -385,9 +409,10 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, input_uri: str, output: str) -> int:
-    """One file, no Beam: read, apply, write atomically (like /instances/{id}/modify|anonymize)."""
-    from pipelines import run as pipeline_run
-    from transforms.beam import RunConfig, process_file
+    """One file, no Beam (not even imported): read, apply, write atomically (like
+    /instances/{id}/modify|anonymize)."""
+    from pipelines import summary as run_summary
+    from transforms.files import RunConfig, process_file
 
     cfg = RunConfig(
         plan=plan,
@@ -410,8 +435,8 @@ def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, inpu
             raise UsageError("--audit must not be the INPUT or OUTPUT file")
         os.makedirs(audit, exist_ok=True)
         pq.write_table(pa.Table.from_pylist([row], schema=AUDIT_SCHEMA), os.path.join(audit, f"audit-{run_id}-00000-of-00001.parquet"))
-        summary = pipeline_run.summarize([row], cfg=cfg, reproducible=key.reproducible, extra={"Audit": audit})
-        pipeline_run.write_summary(audit, run_id, summary)
+        summary = run_summary.summarize([row], cfg=cfg, reproducible=key.reproducible, extra={"Audit": audit})
+        run_summary.write_summary(audit, run_id, summary)
         if crosswalk is not None and args.crosswalk:
             cw = normalize(args.crosswalk)
             os.makedirs(cw, exist_ok=True)

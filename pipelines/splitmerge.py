@@ -53,7 +53,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.run import AuditTally
+from pipelines.summary import AuditTally
 from schemas.audit import (
     COPIED,
     FAILED,
@@ -646,36 +646,6 @@ def _is_local(uri: str) -> bool:
 # --------------------------------------------------------------------------- command line
 
 
-_HELP = {
-    sm.SPLIT: (
-        "move series or instances of a study to a new study, like /studies/{id}/split",
-        "the study to split: StudyInstanceUID or Orthanc study id",
-        'JSON body: {"Series": [...], "Instances": [...], "Replace": {...}, "Remove": [...], "KeepSource": false}',
-    ),
-    sm.MERGE: (
-        "move studies, series or instances into a target study, like /studies/{id}/merge",
-        "the target study: StudyInstanceUID or Orthanc study id",
-        'JSON body: {"Resources": [...], "KeepSource": false}',
-    ),
-}
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``split`` and ``merge`` subcommands to the ``dicom-deid`` parser."""
-    from pipelines.cli import _add_common
-
-    for command, (summary, study_help, body_help) in _HELP.items():
-        p = subparsers.add_parser(command, help=summary, description=f"{summary}. {body_help}")
-        _add_common(p)
-        p.add_argument("--study", required=True, metavar="STUDY" if command == sm.SPLIT else "TARGET", help=study_help)
-        p.add_argument(
-            "--copy-unselected",
-            action="store_true",
-            help="also copy every input the request does not move, unchanged, so OUTPUT is the whole new archive",
-        )
-        p.set_defaults(func=run_command)
-
-
 def parse_request(command: str, study: str, body: Mapping[str, Any]) -> sm.SplitRequest | sm.MergeRequest:
     if command == sm.SPLIT:
         return sm.parse_split(study, body)
@@ -752,7 +722,6 @@ __all__ = [
     "execute",
     "index_file",
     "process_instance",
-    "register",
     "run_command",
     "summarize",
 ]

@@ -316,3 +316,35 @@ def test_local_workers_log_errors_only_unless_asked(argv: list[str], verbose: bo
     options = pipeline_run.pipeline_options(argv)
     assert cli.quiet_local_workers(options, verbose=verbose, beam_args=argv) is local
     assert (options.view_as(WorkerOptions).default_sdk_harness_log_level or "INFO") == level
+
+
+def test_one_file_mode_and_help_never_import_beam(tmp_path: Path):
+    """Beam takes ~0.75 s to import: the one-file command (with its audit and crosswalk), a
+    refused body and --help run without it."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from pipelines import cli\n"
+        "ct, out, key = sys.argv[1:4]\n"
+        "codes = [cli.main(['anonymize', ct, out + '/a.dcm', '--key-file', key, '--quiet', '--audit', out + '/audit',\n"
+        "                   '--crosswalk', out + '/cw'])]\n"
+        "codes.append(cli.main(['modify', ct, out + '/b.dcm', '--body', '{\"Replace\": {\"Rows\": \"abc\"}}']))\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        cli.main(['split', '--help'])\n"
+        "    except SystemExit as done:\n"
+        "        codes.append(done.code)\n"
+        "print(codes, 'apache_beam' in sys.modules)\n"
+    )
+    ct = get_testdata_file("CT_small.dcm", read=False)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, ct, str(tmp_path), str(write_key(tmp_path))],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[0, 2, 0] False"
+    assert pydicom.dcmread(tmp_path / "a.dcm").PatientIdentityRemoved == "YES"
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir() if p.name.startswith("summary")) == [
+        "summary-" + json.loads((tmp_path / "audit" / "summary.json").read_text())["RunId"] + ".json",
+        "summary.json",
+    ]
+    assert len(list((tmp_path / "cw").glob("crosswalk-*.parquet"))) == 1

@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 
 from pipelines import cli
 from pipelines import run as pipeline_run
+from pipelines import summary as run_summary
 from pipelines.run import AuditTally, read_audit
 from tests.pipeline_support import write_key
 from tests.synthetic import make_study, write_study
@@ -89,7 +90,7 @@ def test_a_cap_below_one_is_refused():
 
 def test_a_large_run_lists_the_smallest_ids_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     _corpus(tmp_path / "in")
-    monkeypatch.setattr(pipeline_run, "SUMMARY_MAX_RESOURCES", 5)
+    monkeypatch.setattr(run_summary, "SUMMARY_MAX_RESOURCES", 5)
     code = cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"])
     assert code == pipeline_run.EXIT_SOME_FAILED
     summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())

@@ -1,0 +1,1020 @@
+"""Per-file work without Beam: read, de-identify, encode, hash, publish; one audit row per file.
+
+Beam's filesystems (``gs://`` and other schemes) are imported on first use only, so the
+one-file command and local work never load Beam. :mod:`transforms.beam` wraps these functions
+in DoFns.
+
+Outputs are written atomically to ``<OUTPUT>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` (the *new*
+UIDs, each checked against ``^[0-9]+(\\.[0-9]+)*$`` and 64 characters before it becomes a path
+component): the bytes go to a temporary name under ``<OUTPUT>/.dicom-deid-tmp/<run_id>/`` and
+are then published under the final name.
+
+- Local disk: ``os.link(temp, final)`` publishes only if ``final`` does not exist (atomic
+  create-if-absent), so two workers racing for one name cannot both win. A loser compares
+  SHA-256: identical bytes are an idempotent rerun or retried bundle (``written``), different
+  bytes are ``failed``/``duplicate_instance`` and the first file stays.
+- ``gs://``: one upload with the generation precondition ``if_generation_match=0`` (create
+  if absent; GCS makes an object visible only once its upload is complete), through the
+  storage client of Beam's own GCS filesystem. A refused precondition means the name exists:
+  its SHA-256 is compared as on local disk. One request per file instead of five, and no race.
+- Other object stores: Beam's filesystems offer no create-if-absent, so the order is
+  exists-check, temp upload, ``FileSystems.rename`` (copy + delete), then a checksum check of
+  the published object against the temp object. Two workers producing the *same name from
+  different content* at the same moment can both pass the exists-check; the checksum check
+  then turns the overwritten one into ``duplicate_instance``, but if both checks run before the
+  second copy lands, both rows say ``written`` and the object holds the later bytes. This
+  window needs two different inputs that map to one SOPInstanceUID processed in the same
+  instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import struct
+import threading
+import time
+import uuid
+import warnings
+from typing import Any, Iterator
+
+from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
+from transforms.errors import DeidError, InputError, is_work_failure
+
+
+class _Lazy:
+    """A Beam class, imported on first attribute access (Beam takes ~0.75 s to import)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        module, name = self._where
+        return getattr(getattr(importlib.import_module(module), name), attr)
+
+
+FileSystems: Any = _Lazy("apache_beam.io.filesystems", "FileSystems")
+CompressionTypes: Any = _Lazy("apache_beam.io.filesystem", "CompressionTypes")
+
+TMP_DIR_NAME = ".dicom-deid-tmp"
+_UID_PATH_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
+_GLOB_CHARS = frozenset("*?[")
+_SCHEME_RE = re.compile(r"(?P<scheme>[a-zA-Z][-a-zA-Z0-9+.]*)://.*")  # = FileSystems.URI_SCHEMA_PATTERN
+_READ_CHUNK = 8 << 20
+_MAX_READ = 1 << 30  # Linux returns at most 0x7ffff000 bytes per read(2)
+_DETAIL_MAX = 300
+
+
+def get_scheme(uri: str) -> str | None:
+    """``FileSystems.get_scheme`` without importing Beam."""
+    found = _SCHEME_RE.match(uri.strip())
+    return found.group("scheme") if found else None
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a worker needs, validated once by the CLI; picklable.
+
+    Attributes:
+        plan: the parsed request (``transforms.request.Plan``).
+        output_root: OUTPUT as an absolute local path or a ``scheme://`` prefix, no trailing slash.
+        run_id: identifies the run in every audit row and names the temporary folder.
+        key_id: the key's id; a worker loading ``key_uri`` checks it got the same key.
+        key: the key itself, shipped with the DoFn (local runs, env or random keys).
+        key_uri: a key file on a remote filesystem (``gs://...``), read by each worker in
+            ``setup()`` so the key never travels inside the pipeline description.
+        max_bytes: inputs larger than this are ``too_large`` without being read.
+        crosswalk: emit crosswalk rows (original -> new identifiers) for written files.
+        progress_dir: local folder where workers drop their counters for the CLI's progress
+            line (DirectRunner only); None disables it.
+        memory_budget: bytes of input files that the DeidentifyFns of one worker process may
+            hold at once (:class:`MemoryBudget`); None: :func:`default_memory_budget` of the
+            worker's own machine.
+    """
+
+    plan: Any
+    output_root: str
+    run_id: str
+    key_id: str
+    key: Any = None
+    key_uri: str | None = None
+    max_bytes: int = 2 << 30
+    crosswalk: bool = False
+    progress_dir: str | None = None
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.key_uri is None):
+            raise ValueError("RunConfig: exactly one of key and key_uri must be given")
+        if self.max_bytes <= 0:
+            raise ValueError("RunConfig: max_bytes must be positive")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError("RunConfig: memory_budget must be positive")
+
+    def __repr__(self) -> str:  # never show the key, even by accident
+        return f"RunConfig(output_root={self.output_root!r}, run_id={self.run_id!r}, key_id={self.key_id!r})"
+
+
+def load_key_uri(uri: str) -> Any:
+    """Read a key file through Beam's filesystems (``gs://`` included), as ``Key.from_file`` does."""
+    from transforms.identity import InvalidKey, Key
+
+    try:
+        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            data = f.read(1 << 20)
+    except Exception as exc:  # noqa: BLE001 - any filesystem failure means "cannot read"
+        raise InvalidKey(f"--key-file {uri!r}: cannot read ({type(exc).__name__})") from None
+    return Key.from_file_bytes(data, name=uri)
+
+
+def _selection(plan: Any) -> tuple[str, ...]:
+    """The request's ``Resources``, normalised (Orthanc ids are case-insensitive hex)."""
+    return tuple(str(r).strip().lower() for r in (getattr(plan, "resources", None) or ()))
+
+
+def quiet_pydicom_warnings() -> None:
+    """Silence pydicom's UserWarnings in this process: some quote element values (patient data)
+    and they would flood the console of a run over thousands of files; the audit row is the
+    record of what went wrong."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+# --------------------------------------------------------------------------- input expansion
+
+
+def is_local(uri: str) -> bool:
+    """True for a plain path (Beam's local filesystem)."""
+    return get_scheme(uri) in (None, "file")
+
+
+def has_glob(uri: str) -> bool:
+    return any(c in _GLOB_CHARS for c in uri)
+
+
+def expand_input(uri: str) -> Iterator[tuple[str, int]]:
+    """Yield ``(path, size)`` for every file INPUT names.
+
+    A glob is matched as is (``**`` crosses folders, Beam's pattern syntax); an existing file is
+    itself; anything else is a folder or prefix, matched recursively. Our own temporary folder
+    is never input. The listing streams (see :func:`_match_streaming`): a bucket of 50 million
+    objects is never one list in a worker's memory.
+    """
+    pattern = _input_pattern(uri)
+    if pattern is None:
+        yield uri, os.path.getsize(uri) if is_local(uri) else FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
+        return
+    for path, size in _match_streaming(pattern):
+        if _is_input(path):
+            yield path, size
+
+
+def _input_pattern(uri: str) -> str | None:
+    """The glob that INPUT stands for; None when it is one existing file or object."""
+    if has_glob(uri):
+        return uri
+    if (is_local(uri) and os.path.isfile(uri)) or (not is_local(uri) and FileSystems.exists(uri)):
+        return None
+    return uri.rstrip("/") + "/**"
+
+
+def _is_input(path: str) -> bool:
+    """Not our temporaries, not a "folder" placeholder object of an object store."""
+    return f"/{TMP_DIR_NAME}/" not in path and not path.endswith("/")
+
+
+def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
+    """``FileSystems.match([pattern])`` as a stream of ``(path, size)``: the same pattern
+    syntax (``FileSystem.translate_pattern``) over a listing that is never held whole.
+
+    Beam's ``match`` returns one list, and its GCS listing also keeps a set of every name it has
+    seen: ~15 GB for 50 million objects, in the one worker that expands INPUT. Local folders
+    are walked with ``os.scandir`` (regular files, symlinks to files; symlinked folders are not
+    entered, as ``os.walk``); ``gs://`` is listed page by page with the storage client of Beam's
+    own GCS filesystem; any other scheme falls back to ``FileSystems.match``.
+    """
+    fs = FileSystems.get_filesystem(pattern)
+    matches = re.compile(fs.translate_pattern(pattern)).match
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if is_local(pattern):
+        yield from ((p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
+    elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
+        from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+        bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
+        for blob in client.list_blobs(bucket, prefix=name_prefix):  # pages of 1,000
+            path = f"gs://{bucket}/{blob.name}"
+            if matches(path):
+                yield path, int(blob.size or 0)
+    else:
+        for result in FileSystems.match([pattern]):
+            for meta in result.metadata_list:
+                yield meta.path, int(meta.size_in_bytes)
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """``(path, size)`` of every file under ``root``, one open folder at a time."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        entries: list[tuple[str, int]] = []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir():
+                            if not entry.is_symlink():
+                                folders.append(entry.path)
+                        elif entry.is_file():  # follows a symlink, as os.path.isfile
+                            entries.append((entry.path, entry.stat().st_size))
+                    except OSError:
+                        continue  # vanished while listed
+                    if len(entries) >= 1024:
+                        yield from entries
+                        entries = []
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        yield from entries
+
+
+# --------------------------------------------------------------------------- per-file work
+
+
+_ASCII_KEYWORDS = {
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "Modality": 0x00080060,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+
+
+def _safe_str(ds: Any, keyword: str) -> str | None:
+    """A top-level string value, or None when absent or undecodable (hostile files)."""
+    from pydicom.dataelem import RawDataElement
+
+    from transforms.dicomio import peek
+
+    tag = _ASCII_KEYWORDS.get(keyword)
+    if tag is not None:
+        # UI and CS values are ASCII whatever the character set: decode the raw bytes directly
+        # (a pydicom conversion per identifier was ~5% of the per-file time).
+        elem = ds._dict.get(tag)
+        if elem is None:
+            return None
+        if isinstance(elem, RawDataElement) and isinstance(elem.value, (bytes, bytearray)):
+            return bytes(elem.value).decode("ascii", "replace").strip(" \0")
+    tag = _LO_KEYWORDS.get(keyword)
+    if tag is not None:
+        # LO depends on the character set, but every DICOM character set reads bytes 0x00-0x7F
+        # as ASCII except ISO 2022's escape sequences; a backslash makes several values (not a
+        # str). Plain ASCII single values are decoded here: pydicom's conversion was ~30 us.
+        elem = ds._dict.get(tag)
+        if elem is None:
+            return None
+        value = elem.value
+        if (
+            type(elem) is RawDataElement
+            and type(value) is bytes
+            and elem.VR in ("LO", None)
+            and elem.length != 0xFFFFFFFF
+            and value.isascii()
+            and b"\\" not in value
+            and b"\x1b" not in value
+        ):
+            return value.decode("ascii").strip(" \0")
+    try:
+        # peek, not ds.get: get() converts the raw element in place, which would make the
+        # writer re-encode it instead of copying its bytes.
+        value = peek(ds, keyword)
+    except Exception:  # noqa: BLE001 - fall back to the raw bytes (identifiers are ASCII)
+        value = _raw_text(ds, keyword)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    return value.strip(" \0")
+
+
+def _raw_text(ds: Any, keyword: str) -> str | None:
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    elem = ds._dict.get(tag) if tag is not None else None
+    raw = getattr(elem, "value", None)
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw).decode("ascii", "replace")
+    return raw if isinstance(raw, str) else None
+
+
+_LO_KEYWORDS = {"PatientID": 0x00100020}
+
+
+def _safe_uid(ds: Any, keyword: str) -> str | None:
+    value = _safe_str(ds, keyword)
+    if value and len(value) <= 64 and _UID_PATH_RE.match(value):
+        return value
+    return None
+
+
+def _safe_modality(ds: Any) -> str | None:
+    value = _safe_str(ds, "Modality")
+    return value if value and _MODALITY_RE.match(value) else None
+
+
+def _transfer_syntax(ds: Any) -> str | None:
+    from pydicom.dataelem import RawDataElement
+
+    from transforms.dicomio import transfer_syntax_of
+
+    meta = getattr(ds, "file_meta", None)
+    raw = meta._dict.get(0x00020010) if meta is not None else None
+    if type(raw) is RawDataElement and raw.VR == "UI" and type(raw.value) is bytes and raw.value.isascii():
+        # The raw (0002,0010) as read: what pydicom would decode, without converting it in place
+        # (~35 us per file). An empty value means "derive it from the encoding": pydicom's way.
+        value = raw.value.decode("ascii").strip(" \0")
+        if value:
+            return value if len(value) <= 64 and _UID_PATH_RE.match(value) else None
+    try:
+        value = str(transfer_syntax_of(ds)).strip(" \0")
+    except Exception:  # noqa: BLE001
+        return None
+    return value if value and len(value) <= 64 and _UID_PATH_RE.match(value) else None
+
+
+def output_name(study: str | None, series: str | None, sop: str | None) -> str:
+    """``<study>/<series>/<sop>.dcm`` from new UIDs; refuses anything that is not a plain UID.
+
+    Raises:
+        InputError (invalid_uid): a missing, too long or non-numeric component, so that a value
+        such as ``../../x`` never becomes a path.
+    """
+    parts = []
+    for keyword, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop)):
+        if not value:
+            raise InputError(f"new {keyword} is missing: no output name", reason="invalid_uid")
+        if len(value) > 64 or not _UID_PATH_RE.match(value):
+            raise InputError(
+                f"new {keyword} is not a valid UID (digits and dots, at most 64 characters): no output name",
+                reason="invalid_uid",
+            )
+        parts.append(value)
+    return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+
+
+def _is_plain_path(uri: str) -> bool:
+    """A local path without a scheme: plain ``os`` calls are what Beam's local filesystem does."""
+    return get_scheme(uri) is None
+
+
+def read_bounded(path: str, max_bytes: int) -> bytes:
+    """The file's bytes, refusing (``too_large``) to hold more than ``max_bytes``."""
+    if _is_plain_path(path):
+        return _read_local(path, max_bytes)
+    chunks = []
+    total = 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while True:
+            chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
+    return b"".join(chunks)
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    """``read_bounded`` for a plain local path: one buffer sized from ``fstat`` (a buffered
+    ``read(8 MiB)`` allocated and shrank 8 MiB per file), same errors as ``open`` + ``read``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = os.fstat(fd).st_size
+        if expected > max_bytes:
+            raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
+        chunks = []
+        total = 0
+        while True:
+            # First read: the whole file and one byte more (a file that grew is noticed); later
+            # reads (a growing file, or an OS that returns less) go on until EOF, bounded.
+            want = max(expected + 1 - total, 1 << 16)
+            chunk = os.read(fd, min(want, max_bytes + 1 - total, _MAX_READ))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_META_TAG_VR_LEN = struct.Struct("<HH2sH").unpack_from
+_META_LONG_LEN = struct.Struct("<I").unpack_from
+
+
+def meta_transfer_syntax(data: bytes) -> str | None:
+    """(0002,0010) of a Part 10 file's meta group (explicit VR little endian), without pydicom."""
+    if data[128:132] != b"DICM":
+        return None
+    pos, end = 132, len(data)
+    while pos + 8 <= end:
+        group, element, vr, length = _META_TAG_VR_LEN(data, pos)
+        if group != 0x0002:
+            return None
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            (length,) = _META_LONG_LEN(data, pos + 8)
+            value_at = pos + 12
+        else:
+            value_at = pos + 8
+        if element == 0x0010:
+            value = data[value_at : value_at + length].decode("ascii", "replace").strip(" \0")
+            return value if _UID_PATH_RE.match(value) and len(value) <= 64 else None
+        pos = value_at + length
+    return None
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Duplicate(DeidError):
+    reason = "duplicate_instance"
+
+
+def _duplicate() -> _Duplicate:
+    return _Duplicate(
+        "another input already produced this output name (same new SOPInstanceUID) with different content",
+        reason="duplicate_instance",
+    )
+
+
+def _tmp_root(output_root: str, run_id: str) -> str:
+    return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
+
+
+def _as_parts(data: Any) -> list[Any]:
+    """``data`` as a list of buffers: bytes, or the parts of ``dicomio.write_parts``."""
+    return data if isinstance(data, list) else [data]
+
+
+def publish(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    """Write ``data`` (bytes, or a list of buffers to concatenate) to ``final`` atomically;
+    never overwrite different content.
+
+    Returns normally when ``final`` holds exactly ``data`` (newly written or already there).
+
+    Raises:
+        _Duplicate: ``final`` holds different bytes.
+        OSError / BeamIOError: the filesystem failed.
+    """
+    if is_local(final):
+        _publish_local(data, sha256, final, output_root, run_id)
+    else:
+        _publish_remote(data, sha256, final, output_root, run_id)
+
+
+def _make_parents(path: str) -> None:
+    """``os.makedirs(os.path.dirname(path), exist_ok=True)`` for the usual case of one or two
+    missing levels, without makedirs' Python-level existence checks on every level."""
+    folder = os.path.dirname(path)
+    try:
+        os.mkdir(folder)
+    except (FileNotFoundError, FileExistsError):
+        # A missing parent, another worker's folder, or a file in the way: makedirs' own
+        # answer (and error) for these rare cases.
+        os.makedirs(folder, exist_ok=True)
+
+
+def _write_all(fd: int, data: Any) -> None:
+    from transforms.dicomio import write_all
+
+    write_all(fd, _as_parts(data))
+
+
+def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    # No exists-check and no makedirs up front: os.link itself says "exists" or "no folder",
+    # which saves three system calls per file on the common path.
+    if _is_plain_path(output_root):
+        tmp_dir = os.path.join(output_root, TMP_DIR_NAME, run_id)  # = _tmp_root, without the lookup
+    else:
+        tmp_dir = _tmp_root(output_root, run_id)
+    tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        os.makedirs(tmp_dir, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        try:
+            try:
+                os.link(tmp, final)  # atomic create-if-absent
+            except FileNotFoundError:
+                _make_parents(final)
+                os.link(tmp, final)
+        except FileExistsError:
+            if _sha256_of(final) != sha256:
+                raise _duplicate() from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A filesystem without hard links: rename is still atomic but may replace a file
+            # that appeared since the exists-check below (documented race).
+            if os.path.exists(final):
+                if _sha256_of(final) != sha256:
+                    raise _duplicate() from None
+            else:
+                os.replace(tmp, final)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def replace_local(data: Any, target: str) -> None:
+    """Write ``target`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+_GCS_CLIENTS = threading.local()
+
+
+def _gcs_client(final: str) -> Any:
+    """The storage client Beam's GCS filesystem would use (its credentials and options), one
+    per thread; None when this Beam has no such client to lend."""
+    client = getattr(_GCS_CLIENTS, "client", None)
+    if client is None:
+        make = getattr(FileSystems.get_filesystem(final), "_gcsIO", None)
+        if make is None:
+            return None
+        client = _GCS_CLIENTS.client = make().client
+    return client
+
+
+def _publish_gcs(data: bytes, sha256: str, final: str, client: Any) -> None:
+    from apache_beam.io.gcp.gcsio import parse_gcs_path
+    from google.api_core.exceptions import PreconditionFailed
+
+    bucket, name = parse_gcs_path(final)
+    try:
+        client.bucket(bucket).blob(name).upload_from_string(
+            data, content_type="application/dicom", if_generation_match=0, checksum="crc32c"
+        )
+    except PreconditionFailed:  # the name exists: a rerun, a retried bundle, or a duplicate
+        if _sha256_of(final) != sha256:
+            raise _duplicate() from None
+
+
+def _publish_remote(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
+    data = b"".join(_as_parts(data))
+    if final.startswith("gs://"):
+        client = _gcs_client(final)
+        if client is not None:
+            _publish_gcs(data, sha256, final, client)
+            return
+    if FileSystems.exists(final):
+        if _sha256_of(final) != sha256:
+            raise _duplicate()
+        return
+    tmp = FileSystems.join(_tmp_root(output_root, run_id), uuid.uuid4().hex + ".tmp")
+    with FileSystems.create(tmp, mime_type="application/dicom", compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+    expected = _gcs_crc32c(data) if final.startswith("gs://") else None
+    if expected is None:
+        expected = FileSystems.checksum(tmp)
+    FileSystems.rename([tmp], [final])
+    if FileSystems.checksum(final) != expected and _sha256_of(final) != sha256:
+        raise _duplicate()
+
+
+def _gcs_crc32c(data: bytes) -> str | None:
+    """GCS's object checksum (base64 of the big-endian CRC32C), computed locally: one request
+    less per file than asking for the temporary object's checksum."""
+    try:
+        import base64
+
+        import google_crc32c
+    except ImportError:
+        return None
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
+
+
+def _detail(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+
+
+def _matching_resources(ds: Any, selection: tuple[str, ...]) -> list[int]:
+    """Positions of the ``Resources`` entries that name this instance (by DICOM UID of its
+    study, series or instance, or by the Orthanc id of its patient, study, series or instance)."""
+    from transforms.orthanc_ids import orthanc_ids
+
+    study = _safe_str(ds, "StudyInstanceUID") or ""
+    series = _safe_str(ds, "SeriesInstanceUID") or ""
+    sop = _safe_str(ds, "SOPInstanceUID") or ""
+    names = {study, series, sop} | set(orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop).values())
+    names.discard("")
+    return [i for i, entry in enumerate(selection) if entry in names]
+
+
+
+def failure_reason(exc: Exception, stage: str, write_stages: tuple[str, ...] = ("write",)) -> tuple[str, str]:
+    """(reason code, detail) of the audit row for a file whose processing raised ``exc``.
+
+    Our own errors carry their reason and a value-free message; anything else is named by its
+    type only (and errno code), because library messages may quote data from the file.
+    """
+    if isinstance(exc, DeidError):
+        return exc.reason, f"{stage}: {exc}"
+    if isinstance(exc, RecursionError):
+        return "too_deep", f"{stage}: nesting too deep (RecursionError)"
+    if isinstance(exc, MemoryError):
+        return "too_large", f"{stage}: out of memory (MemoryError)"
+    reason = "write_error" if stage in write_stages else ("read_error" if stage == "read" else "internal_error")
+    if isinstance(exc, OSError) and isinstance(exc.errno, int):
+        code = errno.errorcode.get(exc.errno, "")
+        return reason, f"{stage}: {type(exc).__name__}{' ' + code if code else ''}"
+    return reason, f"{stage}: {type(exc).__name__}"
+
+def process_file(
+    path: str,
+    size: int,
+    cfg: RunConfig,
+    key: Any,
+    *,
+    target: str | None = None,
+    matched: list[int] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """De-identify one input file. Never raises for a bad file: returns its audit row.
+
+    The output goes to ``<output_root>/<study>/<series>/<sop>.dcm`` (never overwriting other
+    content), or, with ``target`` (single-file mode), exactly to that local path, replacing it
+    atomically as a download would. With ``Resources`` in the plan, the positions of the
+    entries naming this file are appended to ``matched`` (if given).
+
+    This is :func:`prepare_file` (read, parse, apply, encode: CPU work under the GIL) followed
+    by :func:`finish_file` (hash and publish: hashlib and file I/O release the GIL, so the DoFn
+    runs it on a thread while the next file is prepared).
+
+    Returns:
+        ``(audit_row, crosswalk_row or None)``.
+    """
+    prepared = prepare_file(path, size, cfg, key, target=target, matched=matched)
+    if isinstance(prepared, tuple):
+        return prepared
+    return finish_file(prepared)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A file encoded and named, not yet hashed or written (see :func:`finish_file`)."""
+
+    row: dict[str, Any]
+    parts: list[Any]  # the output file: bytes and views of the input (dicomio.write_parts)
+    final: str
+    target: str | None
+    output_root: str
+    run_id: str
+    crosswalk: dict[str, Any] | None  # crosswalk_row fields known before writing
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.parts))
+
+
+def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, Any], None]:
+    reason, detail = failure_reason(exc, stage)
+    row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
+    if reason != "duplicate_instance":
+        for k in (
+            "study_instance_uid",
+            "series_instance_uid",
+            "sop_instance_uid",
+            "patient_orthanc_id",
+            "study_orthanc_id",
+            "series_orthanc_id",
+            "instance_orthanc_id",
+        ):
+            row.pop(k, None)
+    return audit_row(**row, finished_at=utc_now()), None
+
+
+def prepare_file(
+    path: str,
+    size: int,
+    cfg: RunConfig,
+    key: Any,
+    *,
+    target: str | None = None,
+    matched: list[int] | None = None,
+) -> Prepared | tuple[dict[str, Any], dict[str, Any] | None]:
+    """The first half of :func:`process_file`: a :class:`Prepared` file, or the final
+    ``(audit_row, None)`` of a file that failed or was not selected. Never raises for a bad
+    file."""
+    from transforms import dicomio, engine
+    from transforms.orthanc_ids import orthanc_ids
+
+    plan = cfg.plan
+    started = utc_now()
+    row: dict[str, Any] = {
+        "source_uri": path,
+        "operation": getattr(plan, "operation", None) or ("anonymize" if plan.is_anonymization else "modify"),
+        "profile": getattr(plan, "profile_version", None) if plan.is_anonymization else None,
+        "level": getattr(plan, "level", None),
+        "request": _plan_description(plan),
+        "key_id": cfg.key_id,
+        "run_id": cfg.run_id,
+        "bytes_in": int(size),
+        "started_at": started,
+    }
+    stage = "read"
+    ds = new = None
+    try:
+        if size > cfg.max_bytes:
+            raise InputError(f"file is larger than --max-bytes ({cfg.max_bytes} bytes)", reason="too_large")
+        data = read_bounded(path, cfg.max_bytes)
+        row["bytes_in"] = len(data)
+        stage = "parse"
+        ds = dicomio.read_dataset(data)
+        row["sop_class_uid"] = _safe_uid(ds, "SOPClassUID")
+        row["modality"] = _safe_modality(ds)
+        row["transfer_syntax_in"] = _transfer_syntax(ds)
+        selection = _selection(plan)
+        if selection:
+            stage = "select"
+            hits = _matching_resources(ds, selection)
+            if matched is not None:
+                matched.extend(hits)
+            if not hits:
+                row.update(status=SKIPPED, reason="not_selected", detail="not selected by Resources")
+                return audit_row(**row, finished_at=utc_now()), None
+        stage = "apply"
+        new = engine.apply(plan, ds, key)
+        if getattr(plan, "transcode", None):
+            stage = "transcode"
+            from transforms.transcode import transcode_for_plan
+
+            new = transcode_for_plan(plan, new, key).dataset  # lossy: new SOPInstanceUID
+        stage = "name"
+        study, series, sop = (_safe_str(new, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        ids = orthanc_ids(_safe_str(new, "PatientID") or "", study or "", series or "", sop or "")
+        row.update(
+            study_instance_uid=study if study and _UID_PATH_RE.match(study) and len(study) <= 64 else None,
+            series_instance_uid=series if series and _UID_PATH_RE.match(series) and len(series) <= 64 else None,
+            sop_instance_uid=sop if sop and _UID_PATH_RE.match(sop) and len(sop) <= 64 else None,
+        )
+        name = output_name(study, series, sop)
+        row.update(
+            patient_orthanc_id=ids["patient"],
+            study_orthanc_id=ids["study"],
+            series_orthanc_id=ids["series"],
+            instance_orthanc_id=ids["instance"],
+        )
+        stage = "encode"
+        parts = dicomio.write_parts(new)
+        if target is not None:
+            final = target
+        elif _is_plain_path(cfg.output_root):
+            final = os.path.join(cfg.output_root, *name.split("/"))  # = LocalFileSystem.join
+        else:
+            final = FileSystems.join(cfg.output_root, *name.split("/"))
+        crosswalk = None
+        if cfg.crosswalk:
+            orig_pid = _safe_str(ds, "PatientID") or ""
+            orig = [_safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+            crosswalk = dict(
+                source_uri=path,
+                run_id=cfg.run_id,
+                key_id=cfg.key_id,
+                original_patient_id=orig_pid,
+                original_study_instance_uid=orig[0],
+                original_series_instance_uid=orig[1],
+                original_sop_instance_uid=orig[2],
+                new_patient_id=_safe_str(new, "PatientID"),
+                new_study_instance_uid=study,
+                new_series_instance_uid=series,
+                new_sop_instance_uid=sop,
+                original_instance_orthanc_id=orthanc_ids(orig_pid, *(o or "" for o in orig))["instance"],
+                new_instance_orthanc_id=ids["instance"],
+            )
+        return Prepared(row, parts, final, target, cfg.output_root, cfg.run_id, crosswalk)
+    except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
+            raise
+        failure = exc, stage
+    finally:
+        ds = new = None  # drop large data sets before building the row
+    return _failed(row, *failure)
+
+
+def finish_file(prepared: Prepared) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The second half of :func:`process_file`: hash the output, publish it, complete the
+    rows. Never raises for a file that cannot be written (its row says ``failed``)."""
+    row = prepared.row
+    stage = "encode"
+    try:
+        parts = prepared.parts
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        sha = digest.hexdigest()
+        stage = "write"
+        if prepared.target is None:
+            publish(parts, sha, prepared.final, prepared.output_root, prepared.run_id)
+        else:
+            replace_local(parts, prepared.target)
+        row.update(
+            status=WRITTEN,
+            output_uri=prepared.final,
+            transfer_syntax_out=meta_transfer_syntax(parts[0]),
+            bytes_out=prepared.size,
+            output_sha256=sha,
+        )
+        crosswalk = None
+        if prepared.crosswalk is not None:
+            crosswalk = crosswalk_row(**prepared.crosswalk, output_uri=prepared.final)
+        return audit_row(**row, finished_at=utc_now()), crosswalk
+    except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
+        if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
+            raise
+        failure = exc, stage
+    finally:
+        prepared.parts = []  # release the output (and the input it views) before the row
+    return _failed(row, *failure)
+
+
+def _plan_description(plan: Any) -> str | None:
+    describe = getattr(plan, "describe", None)
+    if describe is None:
+        return None
+    try:
+        return _detail(str(describe()))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _ProgressFile:
+    """Counters a worker drops into a local folder; the CLI sums them for its progress line."""
+
+    def __init__(self, folder: str) -> None:
+        self._path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self.counts = {WRITTEN: 0, FAILED: 0, SKIPPED: 0}
+        self._last = 0.0
+
+    def add(self, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        now = time.monotonic()
+        if now - self._last >= 0.5:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        self._last = time.monotonic() if now is None else now
+        tmp = self._path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.counts, f)
+            os.replace(tmp, self._path)
+        except OSError:
+            pass  # progress is cosmetic; never fail a file for it
+
+
+def read_progress(folder: str) -> dict[str, int]:
+    """Sum the counters every worker left in ``folder``: written, failed and skipped always,
+    any other status (split/merge's moved and copied) as found."""
+    total = {WRITTEN: 0, FAILED: 0, SKIPPED: 0}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return total
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                counts = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for k, v in counts.items():
+            if isinstance(k, str) and isinstance(v, int):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class MemoryBudget:
+    """Bytes of input files held in memory by the DoFns of one process that read and rewrite
+    files (``DeidentifyFn``, split/merge's ``_ApplyFn``).
+
+    A runner may run many DoFn instances in one process (Dataflow: 12 threads per SDK process
+    by default), each holding the file it prepares plus the ones waiting for its writer; with
+    multi-gigabyte inputs that multiplies into an out-of-memory kill of the worker. Each file
+    holds its size from before it is read until its output is on storage (or it failed). A
+    file larger than the whole budget waits until nothing else is held, then runs alone.
+    Requests are served in arrival order, so a large file is not starved by a stream of small
+    ones that would each fit. Transcoding decodes pixels beyond the input's size: the budget
+    counts input bytes only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("MemoryBudget: limit must be positive")
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+        self._next_ticket = 0  # arrival order of acquire() calls
+        self._serving = 0  # the ticket whose turn it is
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving or (self.used and self.used + n > self.limit):
+                self._cond.wait()
+            self._serving += 1
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            self._cond.notify_all()  # the next ticket may fit too
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+_BUDGETS: dict[int | None, MemoryBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def process_budget(limit: int | None = None) -> MemoryBudget:
+    """The process's budget for ``limit`` bytes (None: :func:`default_memory_budget`); every
+    DoFn of a run in this process shares it."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(limit)
+        if budget is None:
+            budget = _BUDGETS[limit] = MemoryBudget(limit if limit is not None else default_memory_budget())
+        return budget
+
+
+def default_memory_budget() -> int:
+    """Half the memory this process may use (the machine's, or its cgroup's limit if lower),
+    shared with one worker process per CPU (DirectRunner multi_processing, Dataflow's one SDK
+    process per vCPU); at least 256 MiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 4 << 30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return max(256 << 20, total // 2 // max(1, os.cpu_count() or 1))
