@@ -17,7 +17,8 @@ errors and ``internal_error`` (with the exception *type* only: messages may quot
 for anything else. A bug in the row builder itself still fails the pipeline.
 
 The per-file work, publishing and the memory budget live in :mod:`transforms.files` (no
-Beam import: the one-file command runs without loading Beam); the names are re-exported here.
+Beam import at module level: the one-file command runs without loading Beam); the names are
+re-exported here.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Per-file work without Beam: read, de-identify, encode, hash, publish; one audit row per file.
 
-Beam's filesystems (``gs://`` and other schemes) are imported on first use only, so the
-one-file command and local work never load Beam. :mod:`transforms.beam` wraps these functions
+Beam's filesystems (``gs://`` and other schemes, glob matching) are imported on first use
+only, so the one-file command never loads Beam. :mod:`transforms.beam` wraps these functions
 in DoFns.
 
 Outputs are written atomically to ``<OUTPUT>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` (the *new*
 UIDs, each checked against ``^[0-9]+(\\.[0-9]+)*$`` and 64 characters before it becomes a path
-component): the bytes go to a temporary name under ``<OUTPUT>/.dicom-deid-tmp/<run_id>/`` and
-are then published under the final name.
+component):
 
-- Local disk: ``os.link(temp, final)`` publishes only if ``final`` does not exist (atomic
+- Local disk: the bytes go to a temporary file under ``<OUTPUT>/.dicom-deid-tmp/<run_id>/``,
+  then ``os.link(temp, final)`` publishes only if ``final`` does not exist (atomic
   create-if-absent), so two workers racing for one name cannot both win. A loser compares
   SHA-256: identical bytes are an idempotent rerun or retried bundle (``written``), different
   bytes are ``failed``/``duplicate_instance`` and the first file stays.
