@@ -469,3 +469,35 @@ def test_memory_budget_serves_requests_in_arrival_order():
         t.join(10)
     assert order[0] == "big" and sorted(order[1:]) == ["small0", "small1", "small2"]
     assert budget.used == 0 and budget.peak == 150
+
+
+def test_the_gil_switch_interval_is_short_only_for_a_lone_deidentify_fn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """One DeidentifyFn in the process: 0.2 ms, so its writer thread gets the GIL back promptly.
+    Several (a runner's DoFn threads): the interpreter's interval, restored."""
+    import sys
+
+    from transforms import beam as tbeam
+
+    monkeypatch.setattr(tbeam, "_LIVE", {"fns": 0, "saved": None})  # other tests' DoFns stay set up
+    cfg = RunConfig(plan=ANONYMIZE, output_root=str(tmp_path / "out"), run_id="r", key_id=KEY.key_id, key=KEY)
+    before = sys.getswitchinterval()
+    original = 0.005  # the interpreter's default (an earlier DoFn in this process may have lowered it)
+    sys.setswitchinterval(original)
+    first, second = tbeam.DeidentifyFn(cfg), tbeam.DeidentifyFn(cfg)
+    seen = []
+    try:
+        first.setup()
+        seen.append(sys.getswitchinterval())
+        second.setup()
+        seen.append(sys.getswitchinterval())
+        second.teardown()
+        seen.append(sys.getswitchinterval())
+        second.teardown()  # twice: counted once
+        seen.append(sys.getswitchinterval())
+    finally:
+        first.teardown()
+        second.teardown()
+    after = sys.getswitchinterval()
+    sys.setswitchinterval(before)
+    assert seen == pytest.approx([0.0002, original, 0.0002, 0.0002])
+    assert after == pytest.approx(original)
