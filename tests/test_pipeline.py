@@ -317,6 +317,41 @@ def test_a_selected_study_reports_its_match_once_per_bundle(tmp_path: Path):
     assert audit_rows == 2 * 5
 
 
+def test_a_bulk_selection_of_many_uids_is_indexed_once(tmp_path: Path):
+    """50,000 Resources entries: each file finds its positions (a study named twice, an
+    instance by its upper-case Orthanc id); the entries are normalised once per plan."""
+    from transforms import files
+    from transforms.beam import RunConfig, process_file
+    from transforms.identity import Key
+    from transforms.orthanc_ids import orthanc_ids
+
+    study = make_study(seed=3)
+    write_study(study, tmp_path / "in")
+    sr = study[-1]
+    entries = [f"1.2.826.0.1.3680043.2.1125.{i}" for i in range(50_000)]
+    entries[40_000] = entries[49_999] = study[0].StudyInstanceUID
+    entries[7] = orthanc_ids(sr.PatientID, sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)["instance"].upper()
+    plan = request.parse_anonymize({"Resources": entries})
+    key = Key.from_bytes(SECRET)
+    cfg = RunConfig(plan=plan, output_root=str(tmp_path / "out"), run_id="r", key_id=key.key_id, key=key)
+    found = {}
+    for path in sorted((tmp_path / "in").iterdir()):
+        matched: list[int] = []
+        row, _ = process_file(str(path), path.stat().st_size, cfg, key, matched=matched)
+        assert row["status"] == "written"
+        found[path.name] = matched
+    assert found == {
+        "000_CT.dcm": [40_000, 49_999],
+        "001_CT.dcm": [40_000, 49_999],
+        "002_CT.dcm": [40_000, 49_999],
+        "003_RTSTRUCT.dcm": [40_000, 49_999],
+        "004_SR.dcm": [7, 40_000, 49_999],
+    }
+    index = files._selection(plan)
+    assert files._selection(plan) is index  # built once for the plan
+    assert len(index) == 50_000 - 1
+
+
 def test_crosswalk_holds_originals_and_audit_does_not(tmp_path: Path, study_folder: Path):
     crosswalk = tmp_path / "custodian" / "crosswalk"
     code, output, audit = _run(tmp_path, study_folder, "--crosswalk", str(crosswalk))

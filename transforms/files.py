@@ -136,9 +136,23 @@ def load_key_uri(uri: str) -> Any:
     return Key.from_file_bytes(data, name=uri)
 
 
-def _selection(plan: Any) -> tuple[str, ...]:
-    """The request's ``Resources``, normalised (Orthanc ids are case-insensitive hex)."""
-    return tuple(str(r).strip().lower() for r in (getattr(plan, "resources", None) or ()))
+_SELECTION_INDEX: dict[int, tuple[Any, dict[str, tuple[int, ...]]]] = {}
+
+
+def _selection(plan: Any) -> dict[str, tuple[int, ...]]:
+    """The request's ``Resources`` as normalised entry -> positions (Orthanc ids are
+    case-insensitive hex), built once per plan: a bulk selection of 100,000 UIDs must not be
+    normalised and scanned again for every file."""
+    resources = getattr(plan, "resources", None) or ()
+    cached = _SELECTION_INDEX.get(id(resources))
+    if cached is None or cached[0] is not resources:
+        index: dict[str, list[int]] = {}
+        for position, entry in enumerate(resources):
+            index.setdefault(str(entry).strip().lower(), []).append(position)
+        cached = (resources, {entry: tuple(positions) for entry, positions in index.items()})
+        _SELECTION_INDEX.clear()
+        _SELECTION_INDEX[id(resources)] = cached
+    return cached[1]
 
 
 def quiet_pydicom_warnings() -> None:
@@ -644,9 +658,10 @@ def _detail(text: str) -> str:
     return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
 
 
-def _matching_resources(ds: Any, selection: tuple[str, ...]) -> list[int]:
+def _matching_resources(ds: Any, selection: dict[str, tuple[int, ...]]) -> list[int]:
     """Positions of the ``Resources`` entries that name this instance (by DICOM UID of its
-    study, series or instance, or by the Orthanc id of its patient, study, series or instance)."""
+    study, series or instance, or by the Orthanc id of its patient, study, series or instance),
+    ascending; ``selection`` as :func:`_selection` gives it."""
     from transforms.orthanc_ids import orthanc_ids
 
     study = _safe_str(ds, "StudyInstanceUID") or ""
@@ -654,7 +669,7 @@ def _matching_resources(ds: Any, selection: tuple[str, ...]) -> list[int]:
     sop = _safe_str(ds, "SOPInstanceUID") or ""
     names = {study, series, sop} | set(orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop).values())
     names.discard("")
-    return [i for i, entry in enumerate(selection) if entry in names]
+    return sorted(position for name in names for position in selection.get(name, ()))
 
 
 
