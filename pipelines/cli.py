@@ -40,6 +40,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
+_SHOWN_POSITIONS = 20  # Resources positions named on the terminal
 DEFAULT_MAX_BYTES = 2 << 30
 _TTY_RESOURCES = 40
 _SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -397,7 +398,9 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(json.dumps(shown, indent=2))
     missing = summary.get("ResourcesNotFound")
     if missing:
-        positions = ", ".join(str(i) for i in missing)
+        positions = ", ".join(str(i) for i in missing[:_SHOWN_POSITIONS])
+        if len(missing) > _SHOWN_POSITIONS:  # summary.json has them all
+            positions += f" and {len(missing) - _SHOWN_POSITIONS} more"
         _err(
             f"warning: {len(missing)} of {len(plan.resources)} Resources entries matched no input "
             f"(positions {positions}, counting from 0)"

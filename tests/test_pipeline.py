@@ -289,6 +289,20 @@ def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Pa
     assert code == 3
 
 
+def test_many_unmatched_resources_are_counted_not_all_listed(tmp_path: Path, study_folder: Path, capsys: pytest.CaptureFixture[str]):
+    study_a = make_study(seed=1)
+    body = {"Resources": [study_a[0].StudyInstanceUID] + [f"1.2.3.{i}" for i in range(25)]}
+    code, _, audit = _run(tmp_path, study_folder, "--body", json.dumps(body))
+    assert code == 3  # notes.txt
+    summary = json.loads((audit / "summary.json").read_text())
+    assert summary["ResourcesNotFound"] == list(range(1, 26))  # the file keeps every position
+    shown = ", ".join(str(i) for i in range(1, 21))
+    assert (
+        f"dicom-deid: warning: 25 of 26 Resources entries matched no input (positions {shown} and 5 more, counting from 0)\n"
+        in capsys.readouterr().err
+    )
+
+
 def test_a_selected_study_reports_its_match_once_per_bundle(tmp_path: Path):
     """WriteMatches gets one line per Resources entry and bundle, not one per instance."""
     from apache_beam import pvalue
