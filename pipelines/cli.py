@@ -268,7 +268,7 @@ def load_key(key_file: str | None) -> tuple[Any, str | None]:
     from transforms.identity import Key
 
     if key_file is not None and _scheme(key_file) not in (None, "file"):
-        from transforms.beam import load_key_uri
+        from transforms.files import load_key_uri
 
         return load_key_uri(key_file), key_file
     return Key.load(key_file), None
