@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -122,13 +123,13 @@ def emulator(tmp_path_factory: pytest.TempPathFactory):
         yield served
 
 
-@pytest.fixture(scope="module")
-def gcs(emulator):
-    """A google-cloud-storage client on the emulator."""
+@contextlib.contextmanager
+def storage_client(host: str) -> Iterator[Any]:
+    """A google-cloud-storage client on the emulator at ``host`` (STORAGE_EMULATOR_HOST is set
+    while it is in use, then restored)."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    host, _ = emulator
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = host
     try:
@@ -138,6 +139,12 @@ def gcs(emulator):
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+@pytest.fixture(scope="module")
+def gcs(emulator):
+    with storage_client(emulator[0]) as client:
+        yield client
 
 
 def _upload_folder(gcs, bucket: str, prefix: str, folder: Path) -> dict[str, Path]:

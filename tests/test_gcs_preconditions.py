@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from tests.pipeline_support import SECRET
 from tests.synthetic import make_study, write_study
-from tests.test_gcs import _dicom_deid, _free_port, _gcs_server, _objects, _upload_folder
+from tests.test_gcs import _dicom_deid, _free_port, _gcs_server, _objects, _upload_folder, storage_client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,19 +47,8 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def client(fake_gcs):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    host, _ = fake_gcs
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = host
-    try:
-        yield storage.Client(project="test-project", credentials=AnonymousCredentials())
-    finally:
-        if saved is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved
+    with storage_client(fake_gcs[0]) as made:
+        yield made
 
 
 def test_the_server_enforces_the_precondition(client):

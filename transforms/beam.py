@@ -59,6 +59,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     finish_file,
     has_glob,
     is_local,
+    list_gcs,
     load_key_uri,
     output_name,
     prepare_file,
@@ -119,18 +120,10 @@ class ListPrefixFn(beam.DoFn):
     matches the pattern (page by page)."""
 
     def process(self, element: tuple[str, str]) -> Iterator[tuple[str, int]]:
-        from apache_beam.io.gcp.gcsio import parse_gcs_path
-
         pattern, prefix = element
         matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
-        bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
-        client = _gcs_client(prefix)
-        blobs = (
-            ((f"gs://{bucket}/{blob.name}", int(blob.size or 0)) for blob in client.list_blobs(bucket, prefix=name_prefix))
-            if client is not None
-            else _match_streaming(prefix + "**")
-        )
-        for path, size in blobs:
+        client = _gcs_client(prefix)  # present: ExpandInputFn only fans out when it had one
+        for path, size in list_gcs(client, prefix):
             if matches(path) and _is_input(path):
                 yield path, size
 

@@ -221,17 +221,21 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     if is_local(pattern):
         yield from ((p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
     elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
-        from apache_beam.io.gcp.gcsio import parse_gcs_path
-
-        bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
-        for blob in client.list_blobs(bucket, prefix=name_prefix):  # pages of 1,000
-            path = f"gs://{bucket}/{blob.name}"
-            if matches(path):
-                yield path, int(blob.size or 0)
+        yield from ((p, n) for p, n in list_gcs(client, prefix) if matches(p))
     else:
         for result in FileSystems.match([pattern]):
             for meta in result.metadata_list:
                 yield meta.path, int(meta.size_in_bytes)
+
+
+def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+    """``(path, size)`` of every object whose name starts with the ``gs://`` ``prefix`` (taken
+    literally), page by page (1,000 names per request)."""
+    from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+    bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
+    for blob in client.list_blobs(bucket, prefix=name_prefix):
+        yield f"gs://{bucket}/{blob.name}", int(blob.size or 0)
 
 
 def _walk_local(root: str) -> Iterator[tuple[str, int]]:
