@@ -113,12 +113,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Beam's log messages")
 
 
+def version_text() -> str:
+    """``dicom-deid 0.1.0 (pydicom 3.0.2, apache-beam 2.77.0, pyarrow 25.0.0)``: what a bug report
+    needs, read from the installed distributions (importing Beam to ask it would take a second)."""
+    from importlib import metadata
+
+    from transforms import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("pydicom", "apache-beam", "pyarrow"))
+    return f"{PROG} {__version__} ({libraries})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Orthanc-compatible DICOM modification and de-identification, on Apache Beam.",
         epilog="Unrecognised options are Beam pipeline options (e.g. --runner DataflowRunner --project P ...).",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     anonymize = sub.add_parser(

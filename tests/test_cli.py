@@ -284,6 +284,24 @@ def test_console_script_end_to_end(tmp_path: Path):
         assert option in helped.stdout
 
 
+def test_version_names_the_release_and_its_libraries(capsys: pytest.CaptureFixture[str]):
+    from importlib import metadata
+
+    import pyarrow
+    import pydicom
+
+    from transforms import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert __version__ == metadata.version("dicom-deid")  # pyproject.toml and the code agree
+    assert capsys.readouterr().out == (
+        f"dicom-deid {__version__} (pydicom {pydicom.__version__}, "
+        f"apache-beam {metadata.version('apache-beam')}, pyarrow {pyarrow.__version__})\n"
+    )
+
+
 def test_terminal_gets_counts_not_every_resource(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
     folder = tmp_path / "in"
     write_study(make_study(seed=8, n_ct=12), folder)  # 14 instances, 3 series, 1 study, 1 patient

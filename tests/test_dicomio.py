@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from tests.conftest import SAMPLES, sample
+from tests.conftest import sample
 from transforms import dicomio
 from transforms.errors import InputError
 

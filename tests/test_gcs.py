@@ -213,7 +213,7 @@ def test_bucket_to_bucket(tmp_path: Path, emulator, gcs, mode: str):
     import hashlib
 
     expected = {}
-    for uri, path in uploaded.items():
+    for path in uploaded.values():
         exp = expected_row(path, plan)
         if exp["status"] == "written":
             expected[f"gs://out-{tag}/deid/{exp['name']}"] = exp["output_sha256"]

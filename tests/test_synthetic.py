@@ -80,7 +80,7 @@ def test_files_round_trip_through_pydicom(tmp_path, strict_pydicom):
         assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert back.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
         for elem in back.iterall():
-            elem.value  # converts the raw value: raises here if it does not fit its VR
+            _ = elem.value  # converts the raw value: raises here if it does not fit its VR
         assert back == original
         assert path.read_bytes() == dataset_bytes(original)
     ct = pydicom.dcmread(paths[0])

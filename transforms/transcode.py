@@ -437,7 +437,7 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
         raise CannotTranscode("BitsAllocated must be 1, 8, 16, 32 or 64 to decode")
     try:
         decoder = get_decoder(ts)
-    except NotImplementedError as exc:
+    except NotImplementedError:
         raise CannotTranscode(
             f"no pixel data decoder for source transfer syntax {_syntax_text(ts)}"
         ) from None
