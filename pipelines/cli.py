@@ -130,13 +130,24 @@ def version_text() -> str:
     return f"{PROG} {__version__} ({libraries})"
 
 
+class _VersionAction(argparse.Action):
+    """argparse's ``version`` action, with the text looked up only when asked for (~25 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        print(version_text())  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Orthanc-compatible DICOM modification and de-identification, on Apache Beam.",
         epilog="Unrecognised options are Beam pipeline options (e.g. --runner DataflowRunner --project P ...).",
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_VersionAction, help="show the release and its libraries' versions, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     anonymize = sub.add_parser(
