@@ -280,3 +280,32 @@ def test_characters_the_file_charset_cannot_encode_are_dropped():
                      source)
     assert result.InstitutionalDepartmentName == "Swep \u03a9\u03bc\u03ad\u03b3\u03b1"
     assert result.ReferencedStudySequence[0].StudyDescription == "\u03a9"
+
+
+def test_od_of_ol_arrays_are_written_as_binary_lists():  # TC-41 (Orthanc >= 1.12.11)
+    import io
+
+    import numpy as np
+    import pydicom
+
+    source = _read(sample("DummyCT.dcm"))
+    result = _modify({"Replace": {"0066,0016": "101.1\\102.2\\103.3", "0070,150d": "110.1\\120.2\\130.3",
+                                  "0066,0041": "20\\30\\42"}}, source)
+    back = pydicom.dcmread(io.BytesIO(dicomio.write_dataset(result)))
+    assert back[0x00660016].VR == "OF" and back[0x0070150D].VR == "OD" and back[0x00660041].VR == "OL"
+    assert np.frombuffer(back[0x00660016].value, "<f4").tolist() == np.float32([101.1, 102.2, 103.3]).tolist()
+    assert np.frombuffer(back[0x0070150D].value, "<f8").tolist() == [110.1, 120.2, 130.3]
+    assert np.frombuffer(back[0x00660041].value, "<u4").tolist() == [20, 30, 42]
+    assert 0x00660016 not in source and 0x0070150D not in source and 0x00660041 not in source
+
+
+def test_study_level_modify_of_a_file_without_patient_id():  # TC-18
+    source = _read(get_testdata_file("CT_small.dcm"))
+    del source.PatientID
+    result = apply(parse_modify({}, level="Study"), source, KEY)
+    assert "PatientID" not in result and "PatientID" not in source
+    assert result.StudyInstanceUID != source.StudyInstanceUID
+    assert result.SeriesInstanceUID != source.SeriesInstanceUID
+    assert result.SOPInstanceUID != source.SOPInstanceUID
+    again = apply(parse_modify({}, level="Study"), source, KEY)
+    assert again.StudyInstanceUID == result.StudyInstanceUID  # keyed: the same study every time
