@@ -281,6 +281,20 @@ def test_anonymize_nested():  # TC-30
     assert nested.EquivalentCodeSequence[0].CodeMeaning == "MEANING2"
 
 
+def test_nested_study_and_series_uids_in_an_unlisted_sequence_are_mapped():  # TC-15
+    """RelatedSeriesSequence (0008,1250) is not in the profile; the Study and Series Instance
+    UIDs inside it are, and map to what the same UIDs get at top level in their own file."""
+    ds = _read(get_testdata_file("CT_small.dcm"))
+    related = Dataset()
+    related.StudyInstanceUID = "1.2.840.113619.6.95.31.0.3.4.1.3175.13.6054282"
+    related.SeriesInstanceUID = "1.3.12.2.1107.5.1.4.11047.30000019111306043635400005028"
+    ds.RelatedSeriesSequence = Sequence([related])
+    source = dicomio.read_dataset(dicomio.write_dataset(ds), check_uids=False)
+    nested = _anonymize({}, source).RelatedSeriesSequence[0]
+    assert nested.StudyInstanceUID == _uid("study", "1.2.840.113619.6.95.31.0.3.4.1.3175.13.6054282")
+    assert nested.SeriesInstanceUID == _uid("series", "1.3.12.2.1107.5.1.4.11047.30000019111306043635400005028")
+
+
 def test_nested_patient_name_and_id_are_pseudonymized():
     ds = _issue146_like()
     item = Dataset()
