@@ -432,6 +432,23 @@ def test_modify_with_level(tmp_path: Path, study_folder: Path):
     assert code == 3
 
 
+def test_multi_threading_matches_the_core_and_restores_the_switch_interval(tmp_path: Path, study_folder: Path):
+    """Four DoFn threads in this process share one memory budget and the key's cache; the GIL
+    switch interval is lowered only while a single DeidentifyFn is live, and restored after."""
+    import sys
+
+    before = sys.getswitchinterval()
+    code, output, audit = _run(tmp_path, study_folder, "--direct_running_mode", "multi_threading",
+                               "--direct_num_workers", "4")
+    rows = read_rows(audit)
+    assert len(rows) == 11  # 2 x (3 CT + RTSTRUCT + SR) + the text file
+    _assert_matches_core(rows, study_folder, output)
+    assert sorted((r["status"], r["reason"]) for r in rows)[-1] == ("written", None)
+    assert [r["reason"] for r in rows if r["status"] == "failed"] == ["not_dicom"]
+    assert code == cli.EXIT_SOME_FAILED
+    assert sys.getswitchinterval() == before
+
+
 def test_multi_processing_equals_in_memory_on_shared_samples(tmp_path: Path, samples: Path):
     code1, out1, audit1 = _run(tmp_path, samples, "--direct_running_mode", "in_memory", out="mem")
     code2, out2, audit2 = _run(
