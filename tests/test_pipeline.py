@@ -289,6 +289,30 @@ def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Pa
     assert code == 3
 
 
+@pytest.mark.parametrize("command", ["modify", "anonymize"])
+def test_bulk_selection_of_one_instance_lists_its_resources(tmp_path: Path, study_folder: Path, command: str):  # TC-26
+    """/tools/bulk-modify on one instance: a new Instance in the same Series, Study and Patient;
+    /tools/bulk-anonymize: four new resources."""
+    from transforms.orthanc_ids import orthanc_ids
+
+    ct = make_study(seed=1)[1]
+    source = orthanc_ids(ct.PatientID, ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID)
+    body = {"Resources": [source["instance"]]}
+    code, _, audit = _run(tmp_path, study_folder, "--body", json.dumps(body), command=command)
+    summary = json.loads((audit / "summary.json").read_text())
+    listed = {(r["Type"], r["ID"]) for r in summary["Resources"]}
+    assert sorted(kind for kind, _ in listed) == ["Instance", "Patient", "Series", "Study"]
+    ids = {kind: rid for kind, rid in listed}
+    assert ids["Instance"] != source["instance"]
+    if command == "modify":  # Instance level: only the SOP Instance UID changes
+        assert (ids["Series"], ids["Study"], ids["Patient"]) == (source["series"], source["study"], source["patient"])
+    else:
+        assert not {ids["Series"], ids["Study"], ids["Patient"]} & {source["series"], source["study"], source["patient"]}
+    assert summary["Statuses"] == {"written": 1, "failed": 1, "skipped": 9}
+    assert summary["IsAnonymization"] is (command == "anonymize")
+    assert code == 3  # notes.txt
+
+
 def test_many_unmatched_resources_are_counted_not_all_listed(tmp_path: Path, study_folder: Path, capsys: pytest.CaptureFixture[str]):
     study_a = make_study(seed=1)
     body = {"Resources": [study_a[0].StudyInstanceUID] + [f"1.2.3.{i}" for i in range(25)]}
