@@ -66,7 +66,7 @@ from schemas.audit import (
 )
 from transforms import splitmerge as sm
 from transforms.beam import _ProgressFile, failure_reason
-from transforms.errors import InputError, RequestError
+from transforms.errors import RequestError
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
@@ -297,7 +297,7 @@ def process_instance(
         ``(audit_row, crosswalk_row or None)``.
     """
     from transforms import dicomio
-    from transforms.beam import _safe_modality, _safe_str, _safe_uid, _transfer_syntax, read_bounded
+    from transforms.files import _safe_str, _transfer_syntax, describe_input, read_input
 
     started = utc_now()
     row: dict[str, Any] = {
@@ -312,17 +312,10 @@ def process_instance(
     }
     stage = "read"
     try:
-        if size > cfg.max_bytes:
-            raise InputError(f"file is larger than --max-bytes ({cfg.max_bytes} bytes)", reason="too_large")
-        data = read_bounded(path, cfg.max_bytes)
-        row["bytes_in"] = len(data)
+        data = read_input(path, size, cfg.max_bytes, row)
         stage = "parse"
         ds = dicomio.read_dataset(data)
-        row.update(
-            sop_class_uid=_safe_uid(ds, "SOPClassUID"),
-            modality=_safe_modality(ds),
-            transfer_syntax_in=_transfer_syntax(ds),
-        )
+        describe_input(ds, row)
         if plan.disposition(path) == sm.UNSELECTED:
             if not cfg.copy_unselected:
                 row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")

@@ -758,6 +758,28 @@ def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, 
     return audit_row(**row, finished_at=utc_now()), None
 
 
+def read_input(path: str, size: int, max_bytes: int, row: dict[str, Any]) -> bytes:
+    """The bytes of one input file (``bytes_in`` of its audit row set); a file over
+    ``--max-bytes`` is refused unread.
+
+    Raises:
+        InputError: ``too_large``; OSError / BeamIOError: the file cannot be read.
+    """
+    if size > max_bytes:
+        raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
+    data = read_bounded(path, max_bytes)
+    row["bytes_in"] = len(data)
+    return data
+
+
+def describe_input(ds: Any, row: dict[str, Any]) -> None:
+    """The audit columns that describe the input: SOP class, modality, transfer syntax in
+    (validated shapes only: no free text from the file)."""
+    row["sop_class_uid"] = _safe_uid(ds, "SOPClassUID")
+    row["modality"] = _safe_modality(ds)
+    row["transfer_syntax_in"] = _transfer_syntax(ds)
+
+
 def prepare_file(
     path: str,
     size: int,
@@ -789,15 +811,10 @@ def prepare_file(
     stage = "read"
     ds = new = None
     try:
-        if size > cfg.max_bytes:
-            raise InputError(f"file is larger than --max-bytes ({cfg.max_bytes} bytes)", reason="too_large")
-        data = read_bounded(path, cfg.max_bytes)
-        row["bytes_in"] = len(data)
+        data = read_input(path, size, cfg.max_bytes, row)
         stage = "parse"
         ds = dicomio.read_dataset(data)
-        row["sop_class_uid"] = _safe_uid(ds, "SOPClassUID")
-        row["modality"] = _safe_modality(ds)
-        row["transfer_syntax_in"] = _transfer_syntax(ds)
+        describe_input(ds, row)
         selection = _selection(plan)
         if selection:
             stage = "select"
