@@ -7,6 +7,7 @@ from io import BytesIO
 
 import pydicom
 import pytest
+from pydicom.charset import convert_encodings
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -60,6 +61,25 @@ def test_shallow_copy_edits_leave_the_input_alone():
     assert "StudyDate" not in out
     assert out.ReferencedStudySequence[0].ReferencedSOPInstanceUID == "1.2.3"
     assert out.PixelData == pydicom.dcmread(CT).PixelData
+
+
+@pytest.mark.parametrize("name", ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm"])
+def test_shallow_copy_keeps_encoding_and_character_set_and_owns_its_meta(name: str) -> None:
+    source = pydicom.dcmread(get_testdata_file(name))
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "Müller^Jürgen"
+    buffer = BytesIO()
+    source.save_as(buffer)
+    ds = dicomio.read_dataset(buffer.getvalue())
+    copy = dicomio.shallow_copy(ds)
+    assert type(copy) is pydicom.Dataset
+    assert copy.original_encoding == ds.original_encoding == source.original_encoding
+    assert copy.original_character_set == ds.original_character_set == convert_encodings("ISO_IR 192")
+    assert copy.file_meta is not ds.file_meta and copy.file_meta == ds.file_meta
+    copy.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    assert ds.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID
+    assert dicomio.write_parts(copy)[1:] == dicomio.write_parts(ds)[1:]  # the same original bytes
+    assert pydicom.dcmread(BytesIO(dicomio.write_dataset(copy))).PatientName == "Müller^Jürgen"
 
 
 def test_implicit_input_written_as_explicit_on_request():
