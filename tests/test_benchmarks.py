@@ -9,6 +9,7 @@ shorter than the time to the page cache.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_core_benchmark_reports_every_mode_with_durable_figures(bench_samples: Path, tmp_path: Path) -> None:
-    done = _run("core.py", "--files", "24", "--runs", "1", "--samples", str(bench_samples), cwd=tmp_path)
+    done = _run("core.py", "--files", "24", "--runs", "1", "--phases", "--samples", str(bench_samples), cwd=tmp_path)
     lines = done.stdout.splitlines()
     assert lines[0].startswith("6 distinct sample files replicated to 24 files")  # 5 generated + CT_small
     header = next(i for i, line in enumerate(lines) if line.startswith("mode"))
@@ -52,6 +53,11 @@ def test_core_benchmark_reports_every_mode_with_durable_figures(bench_samples: P
         assert files_s > 0 and mb_s > 0 and cpu_files_s > 0 and user >= 0 and system >= 0, name
         assert durable_s <= files_s + 1, name  # the same clock, stopped later (+1: rounding)
     assert rows["copy"][2] == rows["copy"][4] == rows["copy"][8] == 1.0
+    phases = re.fullmatch(r"anonymize pass, CPU time per file: read (\d+) us, parse (\d+) us, anonymize (\d+) us, "
+                          r"encode (\d+) us, sha256 (\d+) us, write (\d+) us; total (\d+) us", lines[-1])
+    assert phases, lines[-1]
+    *steps, total = (int(x) for x in phases.groups())
+    assert abs(sum(steps) - total) <= len(steps) and steps[1] > 0 and steps[2] > 0  # rounding of each step
 
 
 def test_pipeline_benchmark_writes_every_file_and_reports_durable_figures(bench_samples: Path, tmp_path: Path) -> None:
