@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
@@ -29,6 +30,7 @@ from transforms import dicomio, request
 from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
 
 CT = Path(get_testdata_file("CT_small.dcm"))
+CT_OTHER = Path(get_testdata_file("MR_small.dcm"))  # another study
 BASES = [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "no_meta.dcm",
                                                "rtstruct.dcm", "ExplVR_BigEnd.dcm", "SC_rgb_rle.dcm", "nested_priv_SQ.dcm")]
 #: Requests the property tests draw from: the default anonymization, one keeping private tags,
@@ -161,6 +163,40 @@ def test_hostile_folder_end_to_end_in_a_subprocess(tmp_path: Path):
     summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
     assert summary["Reasons"] == {"empty": 1, "invalid_uid": 3, "not_dicom": 2, "too_deep": 1, "too_large": 2, "truncated": 2}
     assert summary["Statuses"] == {"written": 3, "failed": 11, "skipped": 0}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("command", ["anonymize", "split"])
+def test_fifos_and_broken_links_get_a_row_and_never_block(tmp_path: Path, command: str):
+    """A FIFO would block a plain ``open`` until some process writes to it (forever), and a broken
+    symbolic link is a file the user expected: each gets its ``read_error`` row, the run ends.
+    A folder whose name ends in ``.dcm`` is walked like any other."""
+    folder = tmp_path / "in"
+    (folder / "series.dcm").mkdir(parents=True)
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    (folder / "series.dcm" / "inner.dcm").write_bytes(CT_OTHER.read_bytes())
+    os.mkfifo(folder / "pipe.dcm")
+    (folder / "gone.dcm").symlink_to(folder / "absent.dcm")
+    args = [command, str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    if command == "split":
+        ds = dicomio.read_dataset(CT.read_bytes())
+        args += ["--study", str(ds.StudyInstanceUID), "--body", json.dumps({"Series": [str(ds.SeriesInstanceUID)]})]
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    assert done.stderr.startswith("dicom-deid: 2 of 4 input files failed (read_error 2)"), done.stderr
+    got = {Path(r["source_uri"]).relative_to(folder).as_posix(): (r["status"], r["reason"], r["detail"])
+           for r in read_rows(tmp_path / "out-audit")}
+    good, inner = {
+        "anonymize": (("written", None, None), ("written", None, None)),
+        "split": (("moved", None, None), ("skipped", "not_selected", "not selected by the split")),  # another study
+    }[command]
+    assert got == {
+        "good.dcm": good,
+        "series.dcm/inner.dcm": inner,
+        "pipe.dcm": ("failed", "read_error", "read: not a regular file (a FIFO, socket or device)"),
+        "gone.dcm": ("failed", "read_error", "read: FileNotFoundError ENOENT"),
+    }
 
 
 def test_default_max_bytes_refuses_without_reading(tmp_path: Path):

@@ -114,7 +114,7 @@ def test_streaming_listing_matches_what_beam_matches(tmp_path: Path, monkeypatch
     (root / "b" / "two.dcm").write_bytes(b"22")
     (root / "b" / "t o.txt").write_bytes(b"333")
     (root / "b" / "link.dcm").symlink_to(root / "b" / "two.dcm")  # a symlinked file is listed
-    (root / "b" / "broken.dcm").symlink_to(root / "b" / "absent.dcm")  # a broken one is not
+    (root / "b" / "broken.dcm").symlink_to(root / "b" / "absent.dcm")  # Beam drops a broken one; we list it
     (root / "c").symlink_to(root / "a", target_is_directory=True)  # a symlinked folder is not entered
     base = str(root)
     patterns = [f"{base}/**", f"{base}/*", f"{base}/**.dcm", f"{base}/*/*.dcm", f"{base}/b/*", f"{base}/b/t?o.dcm",
@@ -127,8 +127,11 @@ def test_streaming_listing_matches_what_beam_matches(tmp_path: Path, monkeypatch
         raise AssertionError("local listing went through FileSystems.match")
 
     monkeypatch.setattr("apache_beam.io.filesystems.FileSystems.match", no_match)
+    broken = (str(root / "b" / "broken.dcm"), 0)  # listed (size 0) so that it gets its audit row
+    with_broken = {f"{base}/**", f"{base}/*/*.dcm", f"{base}/**.dcm", f"{base}/b/*", f"{base}/[bc]/**"}
     for pattern in patterns:
-        assert sorted(_match_streaming(pattern)) == reference[pattern], pattern
+        expected = sorted(reference[pattern] + [broken]) if pattern in with_broken else reference[pattern]
+        assert sorted(_match_streaming(pattern)) == expected, pattern
 
 
 def test_a_local_input_is_listed_in_one_stage_a_bucket_in_two():

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -212,7 +213,8 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     Beam's ``match`` returns one list, and its GCS listing also keeps a set of every name it has
     seen: ~15 GB for 50 million objects, in the one worker that expands INPUT. Local folders
     are walked with ``os.scandir`` (regular files, symlinks to files; symlinked folders are not
-    entered, as ``os.walk``); ``gs://`` is listed page by page with the storage client of Beam's
+    entered, as ``os.walk``; broken symlinks and special files (FIFOs, sockets, devices) are
+    listed too, with size 0, so that each gets its ``read_error`` audit row instead of vanishing); ``gs://`` is listed page by page with the storage client of Beam's
     own GCS filesystem; any other scheme falls back to ``FileSystems.match``.
     """
     fs = FileSystems.get_filesystem(pattern)
@@ -253,6 +255,8 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                                 folders.append(entry.path)
                         elif entry.is_file():  # follows a symlink, as os.path.isfile
                             entries.append((entry.path, entry.stat().st_size))
+                        else:  # a broken symlink, a FIFO, a socket, a device: reported, not read
+                            entries.append((entry.path, 0))
                     except OSError:
                         continue  # vanished while listed
                     if len(entries) >= 1024:
@@ -415,10 +419,15 @@ def read_bounded(path: str, max_bytes: int) -> bytes:
 
 def _read_local(path: str, max_bytes: int) -> bytes:
     """``read_bounded`` for a plain local path: one buffer sized from ``fstat`` (a buffered
-    ``read(8 MiB)`` allocated and shrank 8 MiB per file), same errors as ``open`` + ``read``."""
-    fd = os.open(path, os.O_RDONLY)
+    ``read(8 MiB)`` allocated and shrank 8 MiB per file), same errors as ``open`` + ``read``.
+    Only regular files are read: ``O_NONBLOCK`` keeps ``open`` from waiting for the writer of a
+    FIFO (it changes nothing for a regular file), and anything else is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        expected = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError("not a regular file (a FIFO, socket or device)", reason="read_error")
+        expected = info.st_size
         if expected > max_bytes:
             raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
         chunks = []
