@@ -18,6 +18,7 @@ different engine. Naming ``--runner DirectRunner`` therefore selects the same lo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -107,8 +108,16 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     saved_level = beam_logger.level
     beam_logger.setLevel(logging.WARNING)
     beam_logger.addFilter(catcher)
+    usage = io.StringIO()
     try:
-        options.get_all_options()
+        # A value Beam's own parser rejects (``--direct_running_mode nonsense``) makes argparse
+        # print the usage of every Beam option (~130 lines) and exit: keep its one error line.
+        with contextlib.redirect_stderr(usage):
+            options.get_all_options()
+    except SystemExit:
+        errors = [line for line in usage.getvalue().splitlines() if ": error: " in line]
+        detail = errors[-1].split(": error: ", 1)[1] if errors else "invalid Beam pipeline option"
+        raise UnknownOptions(f"Beam option: {detail}") from None
     finally:
         beam_logger.removeFilter(catcher)
         beam_logger.setLevel(saved_level)

@@ -122,6 +122,8 @@ def test_single_file_audit_on_request(tmp_path: Path):
         (["--body", "{}", "--config", "x.json"], "dicom-deid: argument --config: not allowed with argument --body (see `dicom-deid anonymize --help`)"),
         (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
         (["--no_such_beam_option", "1"], "dicom-deid: unknown option(s): --no_such_beam_option 1 (not a dicom-deid option nor a Beam pipeline option)"),
+        (["--direct_running_mode", "fast"], "dicom-deid: Beam option: argument --direct_running_mode: invalid choice: 'fast' (choose from 'in_memory', 'multi_threading', 'multi_processing')"),
+        (["--direct_num_workers", "two"], "dicom-deid: Beam option: argument --direct_num_workers: invalid int value: 'two'"),
         (["--body", '{"DicomVersion": "1999"}'], None),
     ],
 )
