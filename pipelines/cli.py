@@ -261,7 +261,11 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
-    """Refuse overlapping locations: outputs are never read back as inputs, audit never in OUTPUT."""
+    """Refuse overlapping locations (outputs are never read back as inputs, audit never in
+    OUTPUT) and an OUTPUT or audit folder that is an existing file."""
+    for name, folder in (("OUTPUT", output), ("--audit", audit)):
+        if _scheme(folder) in (None, "file") and os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"{name} {folder!r} exists and is not a folder")
     base = _glob_base(input_uri)
     if _inside(output, base) or _inside(base, output):
         raise UsageError("OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
