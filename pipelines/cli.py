@@ -263,6 +263,9 @@ def _inside(child: str, parent: str) -> bool:
 def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
     """Refuse overlapping locations (outputs are never read back as inputs, audit never in
     OUTPUT) and an OUTPUT or audit folder that is an existing file."""
+    for name, location in (("INPUT", input_uri), ("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
+        if location is not None and not _utf8(location):
+            raise UsageError(f"{name}: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8")
     for name, folder in (("OUTPUT", output), ("--audit", audit)):
         if _scheme(folder) in (None, "file") and os.path.exists(folder) and not os.path.isdir(folder):
             raise UsageError(f"{name} {folder!r} exists and is not a folder")
@@ -280,6 +283,15 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
             raise UsageError("--crosswalk is inside INPUT: it would be read as input by the next run")
         if _inside(crosswalk, audit):
             raise UsageError("--crosswalk is inside --audit: keep original identifiers apart from the audit")
+
+
+def _utf8(text: str) -> bool:
+    """False for a path holding bytes that are not UTF-8 (kept as surrogates by ``os.fsdecode``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _local_input_exists(uri: str) -> bool:

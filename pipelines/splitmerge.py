@@ -125,7 +125,7 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
 
     from transforms.dicomio import _looks_like_bare_dataset, check_identifiers
 
-    if size > max_bytes or size == 0:
+    if size > max_bytes or size <= 0:  # empty, not a regular file, or a name not in UTF-8 (pass 2 says)
         return None
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:

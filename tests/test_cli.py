@@ -155,12 +155,15 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"crosswalk": "audit/cw", "audit": "audit"}, "--crosswalk is inside --audit"),
         ({"output": "out.dcm"}, "OUTPUT ends in .dcm (one file) but INPUT is not one local file"),
         ({"input": "missing"}, "INPUT 'IN/missing' does not exist"),
+        ({"input": "in-\udcff", "dir": "in-\udcff"}, "INPUT: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8"),
         ({"output": "a-file", "file": "a-file"}, "OUTPUT 'IN/a-file' exists and is not a folder"),
         ({"audit": "a-file", "file": "a-file"}, "--audit 'IN/a-file' exists and is not a folder"),
     ],
 )
 def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout, message):
     write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in" / "sub")
+    if "dir" in layout:
+        write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / layout["dir"])
     if "file" in layout:
         (tmp_path / layout["file"]).write_text("a file where a folder is expected\n")
     argv = ["anonymize", str(tmp_path / layout.get("input", "in")), str(tmp_path / layout.get("output", "out"))]

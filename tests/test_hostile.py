@@ -167,16 +167,22 @@ def test_hostile_folder_end_to_end_in_a_subprocess(tmp_path: Path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 @pytest.mark.parametrize("command", ["anonymize", "split"])
-def test_fifos_and_broken_links_get_a_row_and_never_block(tmp_path: Path, command: str):
-    """A FIFO would block a plain ``open`` until some process writes to it (forever), and a broken
-    symbolic link is a file the user expected: each gets its ``read_error`` row, the run ends.
-    A folder whose name ends in ``.dcm`` is walked like any other."""
+def test_fifos_broken_links_and_undecodable_names_get_a_row(tmp_path: Path, command: str):
+    """A FIFO would block a plain ``open`` until some process writes to it (forever), a broken
+    symbolic link is a file the user expected, and a name that is not UTF-8 cannot travel
+    through Beam (it used to end the run with an internal error): each gets its ``read_error``
+    row, the run goes on. A folder whose name ends in ``.dcm`` is walked like any other."""
     folder = tmp_path / "in"
     (folder / "series.dcm").mkdir(parents=True)
     (folder / "good.dcm").write_bytes(CT.read_bytes())
     (folder / "series.dcm" / "inner.dcm").write_bytes(CT_OTHER.read_bytes())
     os.mkfifo(folder / "pipe.dcm")
     (folder / "gone.dcm").symlink_to(folder / "absent.dcm")
+    try:  # a Latin-1 name from an old archive; some filesystems refuse such names
+        with open(os.path.join(os.fsencode(folder), b"M\xfcller.dcm"), "wb") as f:
+            f.write(CT.read_bytes())
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
     args = [command, str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
     if command == "split":
         ds = dicomio.read_dataset(CT.read_bytes())
@@ -184,7 +190,7 @@ def test_fifos_and_broken_links_get_a_row_and_never_block(tmp_path: Path, comman
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
-    assert done.stderr.startswith("dicom-deid: 2 of 4 input files failed (read_error 2)"), done.stderr
+    assert done.stderr.startswith("dicom-deid: 3 of 5 input files failed (read_error 3)"), done.stderr
     got = {Path(r["source_uri"]).relative_to(folder).as_posix(): (r["status"], r["reason"], r["detail"])
            for r in read_rows(tmp_path / "out-audit")}
     good, inner = {
@@ -196,6 +202,8 @@ def test_fifos_and_broken_links_get_a_row_and_never_block(tmp_path: Path, comman
         "series.dcm/inner.dcm": inner,
         "pipe.dcm": ("failed", "read_error", "read: not a regular file (a FIFO, socket or device)"),
         "gone.dcm": ("failed", "read_error", "read: FileNotFoundError ENOENT"),
+        "M\\xfcller.dcm": ("failed", "read_error",
+                           "read: the file name is not valid UTF-8 (shown with \\x escapes): rename the file"),
     }
 
 

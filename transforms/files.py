@@ -240,6 +240,24 @@ def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
         yield f"gs://{bucket}/{blob.name}", int(blob.size or 0)
 
 
+#: The size listed for a file whose name is not valid UTF-8 (Latin-1 names from old archives):
+#: Beam carries paths as UTF-8 strings, so such a file is listed under a printable form of its
+#: name (undecodable bytes as ``\xNN``) and gets a ``read_error`` row asking for a rename.
+UNREADABLE_NAME = -1
+
+
+def _utf8_name(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name, kept as surrogates by os.fsdecode
+        return False
+    return True
+
+
+def _display_name(path: str) -> str:
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _walk_local(root: str) -> Iterator[tuple[str, int]]:
     """``(path, size)`` of every file under ``root``, one open folder at a time."""
     folders = [root]
@@ -253,6 +271,8 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                         if entry.is_dir():
                             if not entry.is_symlink():
                                 folders.append(entry.path)
+                        elif not _utf8_name(entry.path):
+                            entries.append((_display_name(entry.path), UNREADABLE_NAME))
                         elif entry.is_file():  # follows a symlink, as os.path.isfile
                             entries.append((entry.path, entry.stat().st_size))
                         else:  # a broken symlink, a FIFO, a socket, a device: reported, not read
@@ -774,6 +794,10 @@ def read_input(path: str, size: int, max_bytes: int, row: dict[str, Any]) -> byt
     Raises:
         InputError: ``too_large``; OSError / BeamIOError: the file cannot be read.
     """
+    if size == UNREADABLE_NAME:
+        row["bytes_in"] = None
+        raise InputError("the file name is not valid UTF-8 (shown with \\x escapes): rename the file",
+                         reason="read_error")
     if size > max_bytes:
         raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
     data = read_bounded(path, max_bytes)
