@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import re
 import threading
 import time
@@ -48,7 +49,7 @@ def test_read_bounded_local_reads_past_a_stale_size(tmp_path: Path, monkeypatch:
     """A file that grew after fstat (here: fstat reporting 100 bytes) is read to its end, and
     still refused once it passes the limit."""
     data = CT.read_bytes()
-    monkeypatch.setattr(os, "fstat", lambda fd: SimpleNamespace(st_size=100))
+    monkeypatch.setattr(os, "fstat", lambda fd: SimpleNamespace(st_size=100, st_mode=stat.S_IFREG | 0o644))
     assert read_bounded(str(CT), 2 << 30) == data
     with pytest.raises(InputError) as info:
         read_bounded(str(CT), len(data) - 1)

@@ -445,6 +445,8 @@ def _read_local(path: str, max_bytes: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))  # as read() says it
         if not stat.S_ISREG(info.st_mode):
             raise InputError("not a regular file (a FIFO, socket or device)", reason="read_error")
         expected = info.st_size
