@@ -214,8 +214,9 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     seen: ~15 GB for 50 million objects, in the one worker that expands INPUT. Local folders
     are walked with ``os.scandir`` (regular files, symlinks to files; symlinked folders are not
     entered, as ``os.walk``; broken symlinks and special files (FIFOs, sockets, devices) are
-    listed too, with size 0, so that each gets its ``read_error`` audit row instead of vanishing); ``gs://`` is listed page by page with the storage client of Beam's
-    own GCS filesystem; any other scheme falls back to ``FileSystems.match``.
+    listed too, with size 0, so that each gets its ``read_error`` audit row instead of
+    vanishing); ``gs://`` is listed page by page with the storage client of Beam's own GCS
+    filesystem; any other scheme falls back to ``FileSystems.match``.
     """
     fs = FileSystems.get_filesystem(pattern)
     matches = re.compile(fs.translate_pattern(pattern)).match
