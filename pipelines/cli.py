@@ -262,13 +262,18 @@ def _inside(child: str, parent: str) -> bool:
 
 def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
     """Refuse overlapping locations (outputs are never read back as inputs, audit never in
-    OUTPUT) and an OUTPUT or audit folder that is an existing file."""
+    OUTPUT) and an OUTPUT, audit or crosswalk folder that is, or lies under, an existing file."""
     for name, location in (("INPUT", input_uri), ("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
         if location is not None and not _utf8(location):
             raise UsageError(f"{name}: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8")
-    for name, folder in (("OUTPUT", output), ("--audit", audit)):
-        if _scheme(folder) in (None, "file") and os.path.exists(folder) and not os.path.isdir(folder):
+    for name, folder in (("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
+        if folder is None or _scheme(folder) not in (None, "file"):
+            continue
+        blocker = _file_in_the_way(folder)
+        if blocker == folder:
             raise UsageError(f"{name} {folder!r} exists and is not a folder")
+        if blocker is not None:
+            raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
     base = _glob_base(input_uri)
     if _inside(output, base) or _inside(base, output):
         raise UsageError("OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
@@ -283,6 +288,17 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
             raise UsageError("--crosswalk is inside INPUT: it would be read as input by the next run")
         if _inside(crosswalk, audit):
             raise UsageError("--crosswalk is inside --audit: keep original identifiers apart from the audit")
+
+
+def _file_in_the_way(folder: str) -> str | None:
+    """The nearest existing path at or above the local ``folder`` when it is not a folder."""
+    path = folder
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
 
 
 def _utf8(text: str) -> bool:

@@ -158,6 +158,8 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"input": "in-\udcff", "dir": "in-\udcff"}, "INPUT: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8"),
         ({"output": "a-file", "file": "a-file"}, "OUTPUT 'IN/a-file' exists and is not a folder"),
         ({"audit": "a-file", "file": "a-file"}, "--audit 'IN/a-file' exists and is not a folder"),
+        ({"crosswalk": "a-file", "file": "a-file"}, "--crosswalk 'IN/a-file' exists and is not a folder"),
+        ({"output": "a-file/out", "file": "a-file"}, "OUTPUT 'IN/a-file/out' cannot be created: 'IN/a-file' is a file, not a folder"),
     ],
 )
 def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout, message):
