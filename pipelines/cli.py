@@ -274,13 +274,18 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
             raise UsageError(f"{name} {folder!r} exists and is not a folder")
         if blocker is not None:
             raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
-    base = _glob_base(input_uri)
+    # Compared as real paths: a symbolic link must not hide OUTPUT inside INPUT.
+    base = _real(input_uri if _scheme(input_uri) is None and os.path.exists(input_uri) else _glob_base(input_uri))
+    output, audit = _real(output), _real(audit)
+    crosswalk = _real(crosswalk) if crosswalk is not None else None
     if _inside(output, base) or _inside(base, output):
         raise UsageError("OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
     if _inside(audit, output):
         raise UsageError("--audit is inside OUTPUT: the audit must live beside the output, not in it")
     if _inside(audit, base):
         raise UsageError("--audit is inside INPUT: it would be read as input by the next run")
+    if _inside(output, audit):
+        raise UsageError("OUTPUT is inside --audit: the audit folder must hold the audit only")
     if crosswalk is not None:
         if _inside(crosswalk, output):
             raise UsageError("--crosswalk is inside OUTPUT: original identifiers must never sit with the output")
@@ -288,6 +293,13 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
             raise UsageError("--crosswalk is inside INPUT: it would be read as input by the next run")
         if _inside(crosswalk, audit):
             raise UsageError("--crosswalk is inside --audit: keep original identifiers apart from the audit")
+        if _inside(output, crosswalk) or _inside(audit, crosswalk) or _inside(base, crosswalk):
+            raise UsageError("OUTPUT, --audit or INPUT is inside --crosswalk: keep original identifiers apart")
+
+
+def _real(uri: str) -> str:
+    """A local path with its symbolic links resolved (as far as it exists); other URIs as given."""
+    return os.path.realpath(uri) if _scheme(uri) is None else uri
 
 
 def _file_in_the_way(folder: str) -> str | None:
@@ -313,6 +325,8 @@ def _utf8(text: str) -> bool:
 def _local_input_exists(uri: str) -> bool:
     if _scheme(uri) not in (None, "file"):
         return True  # checked at run time (no remote I/O before the pipeline runs)
+    if os.path.exists(uri):
+        return True  # taken literally, even with [, * or ? in its name
     if any(c in uri for c in "*?["):
         import glob
 
@@ -472,12 +486,39 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     return outcome.exit_code
 
 
+def _check_single_locations(input_file: str, output: str, audit: str | None, crosswalk: str | None) -> None:
+    """One-file mode: refused before anything is read or written, like the folder checks."""
+    real_in, real_out = os.path.realpath(input_file), os.path.realpath(output)
+    if real_in == real_out:
+        raise UsageError("OUTPUT is the INPUT file: dicom-deid never overwrites its inputs")
+    for name, folder in (("--audit", audit), ("--crosswalk", crosswalk)):
+        if folder is None:
+            continue
+        blocker = _file_in_the_way(folder)
+        if blocker == folder:
+            raise UsageError(f"{name} {folder!r} exists and is not a folder")
+        if blocker is not None:
+            raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
+    real_audit = os.path.realpath(audit) if audit else None
+    real_cw = os.path.realpath(crosswalk) if crosswalk else None
+    if real_audit and (_inside(real_audit, real_out) or _inside(real_audit, real_in)):
+        raise UsageError("--audit must not be the INPUT or OUTPUT file")
+    if real_cw:
+        if _inside(real_cw, real_out) or _inside(real_cw, real_in) or _inside(real_out, real_cw):
+            raise UsageError("--crosswalk must not be, or hold, the INPUT or OUTPUT file")
+        if real_audit and (_inside(real_cw, real_audit) or _inside(real_audit, real_cw)):
+            raise UsageError("--crosswalk is inside --audit (or the reverse): keep original identifiers apart from the audit")
+
+
 def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, input_uri: str, output: str) -> int:
     """One file, no Beam (not even imported): read, apply, write atomically (like
     /instances/{id}/modify|anonymize)."""
     from pipelines import summary as run_summary
     from transforms.files import RunConfig, process_file
 
+    audit = normalize(args.audit) if args.audit else None
+    crosswalk_dir = normalize(args.crosswalk) if args.crosswalk else None
+    _check_single_locations(input_uri, output, audit, crosswalk_dir)
     cfg = RunConfig(
         plan=plan,
         output_root=os.path.dirname(output),
@@ -488,25 +529,22 @@ def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, inpu
         crosswalk=args.crosswalk is not None,
     )
     row, crosswalk = process_file(input_uri, os.path.getsize(input_uri), cfg, key, target=output)
-    if args.audit:
+    if audit or crosswalk_dir:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
 
-        audit = normalize(args.audit)
-        if _inside(audit, output) or _inside(audit, input_uri):
-            raise UsageError("--audit must not be the INPUT or OUTPUT file")
-        os.makedirs(audit, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist([row], schema=AUDIT_SCHEMA), os.path.join(audit, f"audit-{run_id}-00000-of-00001.parquet"))
-        summary = run_summary.summarize([row], cfg=cfg, reproducible=key.reproducible, extra={"Audit": audit})
-        run_summary.write_summary(audit, run_id, summary)
-        if crosswalk is not None and args.crosswalk:
-            cw = normalize(args.crosswalk)
-            os.makedirs(cw, exist_ok=True)
+        if audit:
+            os.makedirs(audit, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist([row], schema=AUDIT_SCHEMA), os.path.join(audit, f"audit-{run_id}-00000-of-00001.parquet"))
+            summary = run_summary.summarize([row], cfg=cfg, reproducible=key.reproducible, extra={"Audit": audit})
+            run_summary.write_summary(audit, run_id, summary)
+        if crosswalk is not None and crosswalk_dir:
+            os.makedirs(crosswalk_dir, exist_ok=True)
             pq.write_table(
                 pa.Table.from_pylist([crosswalk], schema=CROSSWALK_SCHEMA),
-                os.path.join(cw, f"crosswalk-{run_id}-00000-of-00001.parquet"),
+                os.path.join(crosswalk_dir, f"crosswalk-{run_id}-00000-of-00001.parquet"),
             )
     if row["status"] == "failed":
         _err(f"{args.input}: {row['reason']}: {row['detail']}")

@@ -160,10 +160,16 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"audit": "a-file", "file": "a-file"}, "--audit 'IN/a-file' exists and is not a folder"),
         ({"crosswalk": "a-file", "file": "a-file"}, "--crosswalk 'IN/a-file' exists and is not a folder"),
         ({"output": "a-file/out", "file": "a-file"}, "OUTPUT 'IN/a-file/out' cannot be created: 'IN/a-file' is a file, not a folder"),
+        ({"output": "link/out", "link": "in/sub"}, "OUTPUT and INPUT overlap"),  # a symbolic link into INPUT
+        ({"output": "aud/out", "audit": "aud"}, "OUTPUT is inside --audit"),
+        ({"audit": "cw/aud", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),
+        ({"output": "cw/out", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),
     ],
 )
 def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout, message):
     write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in" / "sub")
+    if "link" in layout:
+        (tmp_path / "link").symlink_to(tmp_path / layout["link"], target_is_directory=True)
     if "dir" in layout:
         write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / layout["dir"])
     if "file" in layout:
@@ -178,6 +184,42 @@ def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.Cap
     assert message.replace("IN/", f"{tmp_path}/") in line
     assert code == cli.EXIT_USAGE
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_folder_is_taken_literally_whatever_its_name(tmp_path: Path):
+    """``scan[1]`` names that folder, not a pattern that would match a sibling ``scan1``."""
+    folder = tmp_path / "scan[1]"
+    write_study(make_study(seed=8, n_ct=1, rtstruct=False, sr=False), folder)
+    (tmp_path / "scan1").write_bytes(CT.read_bytes())
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]) == 0
+    assert [Path(r["source_uri"]).parent for r in read_rows(tmp_path / "out-audit")] == [folder]
+    one = tmp_path / "br[a].dcm"  # one file, OUTPUT a folder
+    one.write_bytes(CT.read_bytes())
+    assert cli.main(["anonymize", str(one), str(tmp_path / "out2"), "--key-file", str(write_key(tmp_path)), "--quiet"]) == 0
+    assert [r["source_uri"] for r in read_rows(tmp_path / "out2-audit")] == [str(one)]
+
+
+def test_single_file_locations_are_checked_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    source = tmp_path / "a.dcm"
+    source.write_bytes(CT.read_bytes())
+    key = ["--key-file", str(write_key(tmp_path))]
+    cases = [
+        ([str(source), str(source)], "OUTPUT is the INPUT file: dicom-deid never overwrites its inputs"),
+        ([str(source), str(tmp_path / "b.dcm"), "--audit", str(tmp_path / "x"), "--crosswalk", str(tmp_path / "x")],
+         "--crosswalk is inside --audit (or the reverse): keep original identifiers apart from the audit"),
+        ([str(source), str(tmp_path / "b.dcm"), "--audit", str(source)], f"--audit {str(source)!r} exists and is not a folder"),
+    ]
+    for args, message in cases:
+        assert cli.main(["anonymize", *args, *key]) == cli.EXIT_USAGE
+        assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
+        assert source.read_bytes() == CT.read_bytes()
+        assert not (tmp_path / "b.dcm").exists() and not (tmp_path / "x").exists()
+    # --crosswalk without --audit is written, not ignored
+    assert cli.main(["anonymize", str(source), str(tmp_path / "b.dcm"), "--crosswalk", str(tmp_path / "cw"), *key]) == 0
+    (table,) = (tmp_path / "cw").glob("crosswalk-*.parquet")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(table).column("original_sop_instance_uid").to_pylist() == [pydicom.dcmread(CT).SOPInstanceUID]
 
 
 def test_input_matching_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

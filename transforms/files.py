@@ -178,11 +178,16 @@ def has_glob(uri: str) -> bool:
 def expand_input(uri: str) -> Iterator[tuple[str, int]]:
     """Yield ``(path, size)`` for every file INPUT names.
 
-    A glob is matched as is (``**`` crosses folders, Beam's pattern syntax); an existing file is
+    An existing local file or folder is taken literally, even when its name holds ``[``, ``*``
+    or ``?`` (``scan[1]/`` is that folder, not a pattern matching ``scan1``); otherwise a glob is
+    matched as is (``**`` crosses folders, Beam's pattern syntax); an existing file or object is
     itself; anything else is a folder or prefix, matched recursively. Our own temporary folder
     is never input. The listing streams (see :func:`_match_streaming`): a bucket of 50 million
     objects is never one list in a worker's memory.
     """
+    if is_local(uri) and os.path.isdir(uri):
+        yield from ((path, size) for path, size in _walk_local(uri.rstrip("/") or "/") if _is_input(path))
+        return
     pattern = _input_pattern(uri)
     if pattern is None:
         yield uri, os.path.getsize(uri) if is_local(uri) else FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
@@ -194,9 +199,11 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
 
 def _input_pattern(uri: str) -> str | None:
     """The glob that INPUT stands for; None when it is one existing file or object."""
+    if is_local(uri) and os.path.isfile(uri):
+        return None  # literally, whatever characters its name holds
     if has_glob(uri):
         return uri
-    if (is_local(uri) and os.path.isfile(uri)) or (not is_local(uri) and FileSystems.exists(uri)):
+    if not is_local(uri) and FileSystems.exists(uri):
         return None
     return uri.rstrip("/") + "/**"
 
