@@ -193,6 +193,24 @@ def _run_split_merge(args: argparse.Namespace, beam_args: list[str]) -> int:
 # --------------------------------------------------------------------------- request
 
 
+_MAX_SEQUENCE_DEPTH = 64  # as transforms.dicomio reads files
+_MAX_BODY_NESTING = 2 * _MAX_SEQUENCE_DEPTH + 2  # a sequence level is a JSON array of objects
+
+
+def _nesting(value: Any) -> int:
+    """How deeply JSON arrays and objects nest in ``value`` (iterative: no recursion limit)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > _MAX_BODY_NESTING:
+                return depth
+            pending.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The request body and its optional ``Dictionary`` (private tags), from --body or --config."""
     if config is not None:
@@ -212,8 +230,14 @@ def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], 
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply") from None
     if not isinstance(parsed, dict):
         raise RequestError(f"{where}: the request body must be a JSON object, not {type(parsed).__name__}")
+    for name, value in parsed.items():
+        if _nesting(value) > _MAX_BODY_NESTING:
+            raise RequestError(f"{name}: values nested more than {_MAX_SEQUENCE_DEPTH} sequence levels deep "
+                               "(the most a DICOM file read here may hold)")
     request = dict(parsed)
     dictionary = request.pop("Dictionary", None)
     if dictionary is not None and not isinstance(dictionary, dict):

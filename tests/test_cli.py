@@ -114,6 +114,13 @@ def test_single_file_audit_on_request(tmp_path: Path):
 # --------------------------------------------------------------------------- request and usage errors
 
 
+def _nested_items(levels: int) -> list:
+    value: list = [{"ReferencedSOPInstanceUID": "1.2.3"}]
+    for _ in range(levels - 1):
+        value = [{"ReferencedSOPInstanceUID": "1.2.3", "ReferencedImageSequence": value}]
+    return value
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -122,6 +129,9 @@ def test_single_file_audit_on_request(tmp_path: Path):
         (["--body", "{}", "--config", "x.json"], "dicom-deid: argument --config: not allowed with argument --body (see `dicom-deid anonymize --help`)"),
         (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
         (["--no_such_beam_option", "1"], "dicom-deid: unknown option(s): --no_such_beam_option 1 (not a dicom-deid option nor a Beam pipeline option)"),
+        (["--body", "[" * 5000 + "]" * 5000], "dicom-deid: --body: JSON nested too deeply"),
+        (["--body", json.dumps({"Replace": {"ReferencedImageSequence": _nested_items(100)}})],
+         "dicom-deid: Replace: values nested more than 64 sequence levels deep (the most a DICOM file read here may hold)"),
         (["--direct_running_mode", "fast"], "dicom-deid: Beam option: argument --direct_running_mode: invalid choice: 'fast' (choose from 'in_memory', 'multi_threading', 'multi_processing')"),
         (["--direct_num_workers", "two"], "dicom-deid: Beam option: argument --direct_num_workers: invalid int value: 'two'"),
         (["--body", '{"DicomVersion": "1999"}'], None),
