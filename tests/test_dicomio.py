@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.charset import convert_encodings
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -477,3 +480,76 @@ def test_implicit_vr_sequences_are_checked_by_the_dictionary():
         dicomio.read_dataset(_implicit_file(_implicit(0x00081140, swallowing)))
     assert (refused.value.reason, str(refused.value)) == \
         ("not_dicom", "an item or delimiter tag (FFFE,E000) stands where a data element should be")
+
+
+# --------------------------------------------------------------------------- fast sequence check
+
+
+def _read_outcome(data: bytes) -> tuple:
+    try:
+        return ("ok", dicomio.write_dataset(dicomio.read_dataset(data)))
+    except InputError as exc:
+        return ("refused", exc.reason, str(exc))
+
+
+def _nested_files() -> list[bytes]:
+    from tests.synthetic import dataset_bytes, make_study
+
+    files = []
+    for name in ("rtstruct.dcm", "rtplan.dcm"):  # re-encoded in explicit VR (the fast case)
+        ds = pydicom.dcmread(get_testdata_file(name), force=True)
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        files.append(buffer.getvalue())
+    return files + [dataset_bytes(ds) for ds in make_study(seed=21, n_ct=2)[-2:]]  # RTSTRUCT, SR
+
+
+def test_fast_sequence_check_walks_regular_files_alone():
+    calls: list[int | None] = []
+    real = dicomio._clean_sequence
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    for data in _nested_files():
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dicomio, "_clean_sequence", spy)
+            dicomio.read_dataset(data)
+        assert calls and None not in calls  # every top-level sequence checked by the fast loop
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(base=st.integers(0, 3), edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 5), st.binary(min_size=1, max_size=4)),
+                                              min_size=1, max_size=4))
+def test_fast_sequence_check_never_changes_what_the_reader_decides(base: int, edits: list):
+    """Damaged nested structure (bytes changed, item and delimiter tags, undefined lengths,
+    cuts): the reader with the fast loop answers exactly as with the recursive checks alone."""
+    data = bytearray(_NESTED[base])
+    for offset, kind, blob in edits:
+        pos = 132 + offset % max(len(data) - 132, 1)
+        if kind == 0:
+            data[pos : pos + len(blob)] = blob
+        elif kind == 1:
+            data[pos : pos + 4] = b"\xfe\xff\x00\xe0"
+        elif kind == 2:
+            data[pos : pos + 4] = b"\xfe\xff\x0d\xe0"
+        elif kind == 3:
+            data[pos : pos + 4] = b"\xfe\xff\xdd\xe0"
+        elif kind == 4:
+            data[pos : pos + 4] = b"\xff\xff\xff\xff"
+        else:
+            del data[pos:]
+    data = bytes(data)
+    fast = _read_outcome(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dicomio, "_clean_sequence", lambda *args: None)
+        assert _read_outcome(data) == fast
+
+
+_NESTED = _nested_files()
