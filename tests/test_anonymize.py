@@ -641,3 +641,30 @@ def test_item_scanner_refuses_truncated_and_too_deep_values():
     with pytest.raises(InputError) as info:
         parse_items(deep, False, True, "iso8859")
     assert info.value.reason == "too_deep"
+
+
+@pytest.mark.parametrize("body", [{"KeepPrivateTags": True, "Remove": ["0071,1001"]},
+                                  {"KeepPrivateTags": True, "Remove": ["(0071,1001)", "0071,1002"]}])
+def test_remove_names_private_elements_even_when_private_tags_are_kept(body):
+    """Remove beats KeepPrivateTags for the private elements it names (Orthanc: removals
+    list); the others and their creator stay."""
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    block = ds.private_block(0x0071, "DEID TEST", create=True)
+    block.add_new(0x01, "LO", "planted private one")
+    block.add_new(0x02, "LO", "planted private two")
+    block.add_new(0x03, "LO", "kept private three")
+    out = apply(parse_anonymize(body), dicomio.read_dataset(_bytes(ds)), KEY)
+    removed = {0x00711001} | ({0x00711002} if len(body["Remove"]) == 2 else set())
+    present = {int(t) for t in out.keys() if t >> 16 == 0x0071}
+    assert present == {0x00710010, 0x00711001, 0x00711002, 0x00711003} - removed
+    assert out[0x00711003].value == "kept private three"
+
+
+def _bytes(ds) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()

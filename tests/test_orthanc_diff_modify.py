@@ -75,6 +75,11 @@ CASES = [
         "remove-private-tags", "PrivateTags.dcm",
         {"Replace": {"PatientName": "hello"}, "Remove": ["StationName"], "RemovePrivateTags": True},
         {"PatientName": "hello", "StationName": None, "(6003,1010)": None, "(7fe1,1001)": None}),
+    ModifyCase(  # Remove names private elements: only those go, their creators stay
+        "remove-named-private-tags", "PrivateTags.dcm",
+        {"Remove": ["7fe1,1001", "(6003,1010)"]},
+        {"(6003,1010)": None, "(7fe1,1001)": None, "(6003,0010)": "GEMS_Ultrasound_ImageGroup_001",
+         "(7fe1,0010)": "GEMS_Ultrasound_MovieGroup_001"}),
     ModifyCase(
         "remove-tags", "Knee/T1/IM-0001-0001.dcm",
         {"Remove": ["StationName", "InstitutionName", "0008-0090", "ReferencedImageSequence",

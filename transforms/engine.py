@@ -1033,8 +1033,10 @@ class _TopCodes(dict):
         if group & 1:
             if tag in plan.private_keep:
                 code = _NOTHING
-            else:
-                code = _DELETE if plan.remove_private_tags else None
+            else:  # what the request says of this private tag (Remove, Replace), else the default
+                code = self._top.get(tag)
+                if code is None:
+                    code = _DELETE if plan.remove_private_tags else None
         else:
             code = self._top.get(tag)
         if code is None and any(glo <= group <= ghi and elo <= element <= ehi
