@@ -75,6 +75,10 @@ CASES = [
         "remove-private-tags", "PrivateTags.dcm",
         {"Replace": {"PatientName": "hello"}, "Remove": ["StationName"], "RemovePrivateTags": True},
         {"PatientName": "hello", "StationName": None, "(6003,1010)": None, "(7fe1,1001)": None}),
+    ModifyCase(  # Replace beats Remove, so removing a main identifier is not refused here
+        "remove-and-replace-sop-uid", "Knee/T1/IM-0001-0001.dcm",
+        {"Remove": ["SOPInstanceUID", "StationName"], "Replace": {"SOPInstanceUID": "1.2.3.4.5.6"}, "Force": True},
+        {"SOPInstanceUID": "1.2.3.4.5.6", "StationName": None}),
     ModifyCase(  # Remove names private elements: only those go, their creators stay
         "remove-named-private-tags", "PrivateTags.dcm",
         {"Remove": ["7fe1,1001", "(6003,1010)"]},

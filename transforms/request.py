@@ -208,10 +208,8 @@ class _Builder:
                 self.remove_paths.append(path)
             return
         tag = path.tag
-        if tag in DATABASE_KEYS:
-            raise RequestError(
-                f"Remove: removing {describe_tag(tag)} is forbidden even with \"Force\": it is "
-                "one of the main DICOM identifiers (use Replace or Keep instead)")
+        # A main identifier may be named here if Replace or Keep takes it back (they win over
+        # Remove, as in Orthanc); one that is still removed at the end is refused then.
         self.removals.add(tag)
         self.clearings.discard(tag)
         self.uids.discard(tag)
@@ -361,6 +359,10 @@ def _apply_entries(builder: _Builder, body: Mapping[str, Any]) -> None:
         builder.replace(name, replaces[name])
     for entry in keeps:
         builder.keep_entry(entry)
+    for tag in sorted(DATABASE_KEYS & builder.removals):
+        raise RequestError(
+            f"Remove: removing {describe_tag(tag)} is forbidden even with \"Force\": it is "
+            "one of the main DICOM identifiers (use Replace or Keep instead)")
 
 
 def parse_modify(
