@@ -396,10 +396,15 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
 
 
 class _DropNoise(logging.Filter):
-    """Beam warns at import time that BigQuery's optional client is missing: not our concern."""
+    """Beam warns at import time that BigQuery's optional client is missing: not our concern.
+    Ctrl-C in a bundle makes Beam log the KeyboardInterrupt with a traceback before it
+    re-raises it: the command says "interrupted" instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("apitools not found")
+        if str(record.msg).startswith("apitools not found"):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, KeyboardInterrupt) or "KeyboardInterrupt" in record.getMessage()[:2000])
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -610,8 +615,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - never a traceback by default; messages may quote data
         if debug:
             raise
+        if _interrupted(exc):  # Ctrl-C inside a bundle: Beam re-raises it wrapped
+            _err("interrupted")
+            return EXIT_INTERRUPTED
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` is Beam's wrapping of a KeyboardInterrupt raised in a bundle."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt) or "KeyboardInterrupt" in str(current)[:2000]:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -429,3 +429,24 @@ def test_one_file_mode_and_help_never_import_beam(tmp_path: Path):
         "summary.json",
     ]
     assert len(list((tmp_path / "cw").glob("crosswalk-*.parquet"))) == 1
+
+
+def test_ctrl_c_inside_a_bundle_is_reported_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]):
+    """Beam re-raises a KeyboardInterrupt from a bundle wrapped in a RuntimeError (after logging
+    it with a traceback): the command says "interrupted" and exits 130, without the traceback."""
+    import logging
+
+    def interrupted_run(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            logging.getLogger("apache_beam.runners.common").error("KeyboardInterrupt [while running 'X']", exc_info=True)
+            raise RuntimeError("KeyboardInterrupt [while running 'DeidentifyInstances/Deidentify']") from exc
+
+    monkeypatch.setattr("pipelines.run.run_and_wait", interrupted_run)
+    folder = tmp_path / "in"
+    write_study(make_study(seed=9, n_ct=1, rtstruct=False, sr=False), folder)
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"])
+    assert code == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "dicom-deid: interrupted\n"
