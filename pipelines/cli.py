@@ -366,6 +366,8 @@ def load_key(key_file: str | None) -> tuple[Any, str | None]:
     and again by each worker, so the key itself never travels in the pipeline description."""
     from transforms.identity import Key
 
+    if key_file is not None and _scheme(key_file) == "file":
+        key_file = normalize(key_file)  # file:///path, as INPUT and OUTPUT accept it
     if key_file is not None and _scheme(key_file) not in (None, "file"):
         from transforms.files import load_key_uri
 

@@ -450,3 +450,15 @@ def test_ctrl_c_inside_a_bundle_is_reported_as_interrupted(tmp_path: Path, monke
     code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"])
     assert code == cli.EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err == "dicom-deid: interrupted\n"
+
+
+def test_key_file_size_is_bounded_and_file_uris_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    big = tmp_path / "big.key"
+    big.write_bytes(b"k" * ((1 << 20) + 1))
+    assert cli.main(["anonymize", str(CT), str(tmp_path / "a.dcm"), "--key-file", str(big)]) == cli.EXIT_USAGE
+    assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: --key-file {str(big)!r}: larger than 1 MiB: not a key file"
+    assert not (tmp_path / "a.dcm").exists()
+    key = write_key(tmp_path)
+    assert cli.main(["anonymize", str(CT), str(tmp_path / "b.dcm"), "--key-file", f"file://{key}"]) == 0
+    assert cli.main(["anonymize", str(CT), str(tmp_path / "c.dcm"), "--key-file", str(key)]) == 0
+    assert (tmp_path / "b.dcm").read_bytes() == (tmp_path / "c.dcm").read_bytes()

@@ -127,11 +127,11 @@ class RunConfig:
 
 def load_key_uri(uri: str) -> Any:
     """Read a key file through Beam's filesystems (``gs://`` included), as ``Key.from_file`` does."""
-    from transforms.identity import InvalidKey, Key
+    from transforms.identity import MAX_KEY_FILE_BYTES, InvalidKey, Key
 
     try:
         with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            data = f.read(1 << 20)
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
     except Exception as exc:  # noqa: BLE001 - any filesystem failure means "cannot read"
         raise InvalidKey(f"--key-file {uri!r}: cannot read ({type(exc).__name__})") from None
     return Key.from_file_bytes(data, name=uri)

@@ -52,6 +52,8 @@ _KEY_ID_LABEL = b"dicom-deid key id v1"
 _KEY_ID_HEX = 12
 # Bound the per-key cache; a run maps each UID many times but a worker sees few distinct ones.
 _CACHE_LIMIT = 1 << 20
+#: The largest key file accepted (a key needs 16 bytes; 32 random bytes are recommended).
+MAX_KEY_FILE_BYTES = 1 << 20
 # Orthanc strips "spaces" (Toolbox::StripSpaces); DICOM pads UIDs with NUL and strings with space.
 _PADDING = " \t\r\n\v\f\x00"
 _PADDING_BYTES = _PADDING.encode("ascii")
@@ -113,7 +115,8 @@ class Key:
             InvalidKey: the file cannot be read, is empty or holds fewer than 16 bytes.
         """
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_KEY_FILE_BYTES + 1)  # bounded: /dev/zero is not a key
         except OSError as exc:
             raise InvalidKey(f"--key-file {str(path)!r}: cannot read ({exc.strerror or type(exc).__name__})") from None
         return cls.from_file_bytes(data, name=str(path))
@@ -122,6 +125,8 @@ class Key:
     def from_file_bytes(cls, data: bytes, *, name: str) -> Key:
         """Key from the content of a key file read elsewhere (e.g. through Beam's filesystems
         for ``gs://``), with the same rules as ``from_file``; ``name`` appears in errors."""
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise InvalidKey(f"--key-file {name!r}: larger than {MAX_KEY_FILE_BYTES // (1 << 20)} MiB: not a key file")
         if data.endswith(b"\r\n"):
             data = data[:-2]
         elif data.endswith(b"\n"):
