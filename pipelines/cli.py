@@ -291,6 +291,8 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
         if location is not None and not _utf8(location):
             raise UsageError(f"{name}: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8")
     for name, folder in (("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
+        if folder is not None and any(c in folder for c in "*?["):
+            raise UsageError(f"{name}: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)")
         if folder is None or _scheme(folder) not in (None, "file"):
             continue
         blocker = _file_in_the_way(folder)

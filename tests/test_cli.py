@@ -171,6 +171,8 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"crosswalk": "a-file", "file": "a-file"}, "--crosswalk 'IN/a-file' exists and is not a folder"),
         ({"output": "a-file/out", "file": "a-file"}, "OUTPUT 'IN/a-file/out' cannot be created: 'IN/a-file' is a file, not a folder"),
         ({"output": "link/out", "link": "in/sub"}, "OUTPUT and INPUT overlap"),  # a symbolic link into INPUT
+        ({"output": "out[1]"}, "OUTPUT: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)"),
+        ({"audit": "aud*"}, "--audit: the path must not contain *, ? or ["),
         ({"output": "aud/out", "audit": "aud"}, "OUTPUT is inside --audit"),
         ({"audit": "cw/aud", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),
         ({"output": "cw/out", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),

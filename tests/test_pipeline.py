@@ -577,3 +577,18 @@ def test_audit_default_location_is_a_sibling(tmp_path: Path, study_folder: Path)
     )
     assert not any(p.suffix == ".parquet" for p in output.rglob("*"))
     assert os.listdir(output)  # the outputs themselves
+
+
+def test_a_glob_lists_names_that_are_not_utf8(tmp_path: Path):
+    """Matched on the real name, listed under its printable form (size -1: a read_error row)."""
+    from transforms.beam import _match_streaming
+    from transforms.files import UNREADABLE_NAME
+
+    (tmp_path / "a.dcm").write_bytes(b"a")
+    try:
+        with open(os.path.join(os.fsencode(tmp_path), b"lat\xe9.dcm"), "wb") as f:
+            f.write(b"b")
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    assert sorted(_match_streaming(f"{tmp_path}/*.dcm")) == [
+        (f"{tmp_path}/a.dcm", 1), (f"{tmp_path}/lat\\xe9.dcm", UNREADABLE_NAME)]

@@ -186,7 +186,7 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
     objects is never one list in a worker's memory.
     """
     if is_local(uri) and os.path.isdir(uri):
-        yield from ((path, size) for path, size in _walk_local(uri.rstrip("/") or "/") if _is_input(path))
+        yield from (_shown(path, size) for path, size in _walk_local(uri.rstrip("/") or "/") if _is_input(path))
         return
     pattern = _input_pattern(uri)
     if pattern is None:
@@ -229,7 +229,7 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     matches = re.compile(fs.translate_pattern(pattern)).match
     prefix = re.match(r"^[^[*?]*", pattern).group(0)
     if is_local(pattern):
-        yield from ((p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
+        yield from (_shown(p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
     elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
         yield from ((p, n) for p, n in list_gcs(client, prefix) if matches(p))
     else:
@@ -266,6 +266,11 @@ def _display_name(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _shown(path: str, size: int) -> tuple[str, int]:
+    """A listed ``(path, size)`` as it travels on: a name that is not UTF-8 in printable form."""
+    return (_display_name(path), size) if size == UNREADABLE_NAME else (path, size)
+
+
 def _walk_local(root: str) -> Iterator[tuple[str, int]]:
     """``(path, size)`` of every file under ``root``, one open folder at a time."""
     folders = [root]
@@ -279,8 +284,8 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                         if entry.is_dir():
                             if not entry.is_symlink():
                                 folders.append(entry.path)
-                        elif not _utf8_name(entry.path):
-                            entries.append((_display_name(entry.path), UNREADABLE_NAME))
+                        elif not _utf8_name(entry.path):  # matched on the real name, then shown
+                            entries.append((entry.path, UNREADABLE_NAME))
                         elif entry.is_file():  # follows a symlink, as os.path.isfile
                             entries.append((entry.path, entry.stat().st_size))
                         else:  # a broken symlink, a FIFO, a socket, a device: reported, not read
