@@ -668,3 +668,29 @@ def _bytes(ds) -> bytes:
     buffer = BytesIO()
     ds.save_as(buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("walk", ["bytes", "objects"])
+def test_kept_private_tags_still_lose_removed_ones_at_every_depth(walk, monkeypatch: pytest.MonkeyPatch):
+    """KeepPrivateTags keeps private tags, but a private tag named in Remove, or in a removed
+    range (overlay groups 60xx include odd 6001), goes at every depth, as in Orthanc 1.10.1
+    (it used to survive inside sequences)."""
+    import pydicom
+
+    from transforms import engine
+
+    if walk == "objects":
+        monkeypatch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    item = Dataset()
+    item.CodeValue = "T-D3000"
+    item.private_block(0x0071, "DEID TEST", create=True).add_new(0x01, "LO", "NESTEDPRIVSECRET")
+    item.private_block(0x0071, "DEID TEST").add_new(0x03, "LO", "nested kept")
+    item.add_new(0x60013000, "OB", b"RANGESECRET!")
+    ds.AnatomicRegionSequence = Sequence([item])
+    out = apply(parse_anonymize({"KeepPrivateTags": True, "Remove": ["0071,1001"]}), dicomio.read_dataset(_bytes(ds)), KEY)
+    data = dicomio.write_dataset(out)
+    assert b"NESTEDPRIVSECRET" not in data and b"RANGESECRET!" not in data
+    nested = pydicom.dcmread(__import__("io").BytesIO(data)).AnatomicRegionSequence[0]
+    assert nested[0x00711003].value == "nested kept" and nested[0x00710010].value == "DEID TEST"
+    assert 0x00711001 not in nested and 0x60013000 not in nested

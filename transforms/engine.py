@@ -568,7 +568,10 @@ class _Run:
                 continue  # a kept element and its whole subtree are untouched
             group = tag >> 16
             if group & 1:
-                if remove_private:
+                # Kept private tags still lose what Remove or a removed range names (Orthanc's
+                # nested rule 3 applies to every tag, private ones included).
+                if remove_private or actions.get(int(tag)) is _DELETE or (
+                        range_lo <= group <= range_hi and self.in_range(tag)):
                     new: Any = _DELETE
                 elif type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
                     continue
@@ -913,8 +916,12 @@ class _Run:
     def _byte_action(self, tag: int) -> Any:
         """The nested action for ``tag`` (as ``_walk_item`` decides it), cached per plan."""
         group = tag >> 16
-        if group & 1:
-            action = _DELETE if self.plan.remove_private_tags else None
+        if group & 1:  # as _walk_item: private tags are deleted, or only what removals name
+            if self.plan.remove_private_tags or self.nested_actions.get(tag) is _DELETE or (
+                    self.range_lo <= group <= self.range_hi and self.in_range(tag)):
+                action = _DELETE
+            else:
+                action = None
         else:
             action = self.nested_actions.get(tag)
             if action is None and self.range_lo <= group <= self.range_hi \
