@@ -107,6 +107,15 @@ def test_private_tag_uses_dictionary_vr_with_its_creator():
         (0x00340005, "data:application/octet-stream;base64,!!!", "malformed base64"),
         (0x00281201, "abc", "(OW): OW needs an even number of bytes, got 3"),
         (0x00209165, "Nope", "Replace: unknown tag 'Nope'"),
+        # ASCII-only VRs and strict numbers (Python's int()/float() take more than Orthanc does)
+        (0x00080060, "\u03a9", "Replace: tag 'Modality' (0008,0060) (CS): CS values are ASCII only (this VR has no character set)"),
+        (0x00080020, "2024\u00e9", "(DA): DA values are ASCII only"),
+        (0x00200011, "\u0667", "(IS): IS values are ASCII only"),
+        (ROWS, " 5", "' 5' is not an integer in 0..65535"),
+        (ROWS, "1_0", "'1_0' is not an integer in 0..65535"),
+        (0x00189087, " 1.5", "(FD): ' 1.5' is not a 64-bit float"),
+        (0x00189087, "1_5", "(FD): '1_5' is not a 64-bit float"),
+        (0x00081140, [{"Modality": "\u03a9"}], "(CS): CS values are ASCII only"),
     ],
 )
 def test_refusals_name_key_tag_and_vr(tag, json_value, message):

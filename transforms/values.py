@@ -58,8 +58,8 @@ _INT_RANGES = {
 _FLOAT_VRS = frozenset({"FL", "FD", "OF", "OD"})
 # Multi-valued "O*" VRs are stored as packed bytes by pydicom.
 _PACKED = {"OL": "L", "OV": "Q", "OF": "f", "OD": "d"}
-_IS_RE = re.compile(r"^\s*[+-]?\d+\s*$")
-_DS_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+_IS_RE = re.compile(r"^\s*[+-]?\d+\s*$", re.ASCII)
+_DS_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$", re.ASCII)
 
 # Values are built without pydicom's validation: Orthanc stores text values as given
 # (e.g. a UID "instance"), and warnings from thousands of datasets are noise.
@@ -207,6 +207,11 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
             raise RequestError(f"{_label(tag, vr, ctx)}: the data URI does not hold UTF-8 text, "
                                "which this VR needs") from None
 
+    if vr not in CHARSET_VRS and not text.isascii():
+        # AE, AS, CS, DA, DT, TM, UI, UR, numbers: no character set applies (PS3.5 6.2); a
+        # non-ASCII character would make the writer fail on every file (Orthanc drops it).
+        raise RequestError(f"{_label(tag, vr, ctx)}: {vr} values are ASCII only (this VR has no "
+                           "character set)")
     if vr in TEXT_VRS:
         return Value(tag, vr, text or None)
     if vr in ("IS", "DS"):
@@ -228,8 +233,8 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
         low, high = _INT_RANGES[vr]
         numbers = []
         for part in text.split("\\"):
-            try:
-                number = int(part.strip())
+            try:  # plain ASCII digits only: Python's int() also takes " 5", "1_0" and other scripts' digits
+                number = int(part) if _STRICT_NUMBER(part) else None
             except ValueError:
                 number = None
             if number is None or not low <= number <= high:
@@ -241,7 +246,7 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
         floats = []
         for part in text.split("\\"):
             try:
-                number = float(part.strip())
+                number = float(part) if _STRICT_NUMBER(part) else None
             except ValueError:
                 number = None
             if number is None or (vr in ("FL", "OF") and math.isfinite(number)
@@ -257,6 +262,10 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
                                               private_creator=ctx.private_creator)
                                     for part in text.split("\\")))
     raise RequestError(f"{_label(tag, vr, ctx)}: this VR cannot be set from a request")
+
+
+def _STRICT_NUMBER(part: str) -> bool:  # noqa: N802 - used like a compiled matcher
+    return part.isascii() and "_" not in part and part == part.strip()
 
 
 # Text VRs whose bytes depend on the SpecificCharacterSet (the others are ASCII only).
