@@ -309,3 +309,21 @@ def test_study_level_modify_of_a_file_without_patient_id():  # TC-18
     assert result.SOPInstanceUID != source.SOPInstanceUID
     again = apply(parse_modify({}, level="Study"), source, KEY)
     assert again.StudyInstanceUID == result.StudyInstanceUID  # keyed: the same study every time
+
+
+def test_iso_ir_13_keeps_single_byte_katakana_and_drops_kanji():
+    """ISO_IR 13 (JIS X 0201) holds romaji and half-width katakana only: kanji are dropped like
+    any character the declared repertoire lacks (pydicom would write "?"; Orthanc writes
+    Shift-JIS bytes that ISO_IR 13 does not define)."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "ISO_IR 13"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    plan = parse_modify({"Replace": {"PatientName": "Yamada^\u5c71\u7530^\uff71\uff72"}})
+    out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(buffer.getvalue()), KEY))
+    assert b"?" not in out.split(b"Yamada", 1)[1][:12]
+    assert pydicom.dcmread(io.BytesIO(out)).PatientName == "Yamada^^\uff71\uff72"

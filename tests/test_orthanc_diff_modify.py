@@ -181,6 +181,10 @@ CASES = [
         {"Replace": {"PatientName": "J\u00f6dogne^S\u00e9bastien", "StudyDescription": "cr\u00e2ne"}},
         {"PatientName": "J\u00f6dogne^S\u00e9bastien", "StudyDescription": "cr\u00e2ne",
          "SpecificCharacterSet": "ISO_IR 100"}),
+    ModifyCase(  # an explicit ISO_IR 6 is ASCII: what does not fit is dropped (no Latin-1 bytes)
+        "non-ascii-iso-ir-6", "Encodings/Lena-ascii.dcm",
+        {"Replace": {"PatientName": "J\u00f6dogne", "InstitutionName": "Z\u00fcrich"}},
+        {"PatientName": "Jdogne", "InstitutionName": "Zrich"}),
     ModifyCase(  # no SpecificCharacterSet in the file
         "non-ascii-no-charset", "PrivateTags.dcm",
         {"Replace": {"InstitutionName": "S\u00e9bastien"}},

@@ -182,6 +182,16 @@ def _python_encodings(ds: Dataset) -> list[str]:
         return ["iso8859"]
 
 
+def _fitting(ds: Dataset, encodings: list[str]) -> list[str]:
+    """The codecs a replacement text must fit (:func:`transforms.values.fit_text`): those of
+    the data set, except that a SpecificCharacterSet naming the default repertoire (ISO_IR 6,
+    or an empty first term) means ASCII, which pydicom calls "iso8859" and writes as Latin-1.
+    Without a SpecificCharacterSet, Latin-1 is accepted, as Orthanc does (its default)."""
+    if "iso8859" in encodings and SPECIFIC_CHARACTER_SET in ds._dict:
+        return ["ascii" if e == "iso8859" else e for e in encodings]
+    return encodings
+
+
 def _dict_vr(tag: int) -> str | None:
     try:
         return dictionary_VR(tag)
@@ -421,7 +431,7 @@ class _Run:
         for path, value in plan.replace_paths:
             replace_at(self.ws, out, path,
                        lambda value=value: build_element(value, little_endian=self.little,
-                                                         encodings=encodings))
+                                                         encodings=_fitting(out, encodings)))
             sequences.append(path.parents[0][0])
 
         # Changed sequences are encoded here, once, and handed to the writer as raw bytes:
@@ -445,14 +455,15 @@ class _Run:
         Replacement values are constants of the plan: their encoded form is cached and the
         (immutable) raw element shared between outputs.
         """
+        fitting = _fitting(self.out, encodings)
         if self.implicit is None:
             return self.ws.owned_element(build_element(value, little_endian=self.little,
-                                                       encodings=encodings))
-        cache_key = (index, self.implicit, self.little, tuple(encodings))
+                                                       encodings=fitting))
+        cache_key = (index, self.implicit, self.little, tuple(encodings), tuple(fitting))
         cached = self.replacement_cache.get(cache_key)
         if cached is not None:
             return cached
-        elem = build_element(value, little_endian=self.little, encodings=encodings)
+        elem = build_element(value, little_endian=self.little, encodings=fitting)
         if elem.VR == "SQ":
             raw = self._raw_sequence(value.tag, elem, encodings)
         else:

@@ -284,12 +284,19 @@ def fit_text(text: str, encodings: Sequence_[str]) -> str:
     for char in text:
         for encoding in encodings:
             try:
-                char.encode(encoding)
+                encoded = char.encode(encoding)
             except (UnicodeEncodeError, LookupError):
+                continue
+            if encoding in _SINGLE_BYTE_ONLY and len(encoded) != 1:
                 continue
             kept.append(char)
             break
     return "".join(kept)
+
+
+#: ISO_IR 13 (JIS X 0201) is single-byte: pydicom's "shift_jis" codec would accept kanji and
+#: its writer then emits "?" for them.
+_SINGLE_BYTE_ONLY = frozenset({"shift_jis"})
 
 
 def build_element(value: Value, *, little_endian: bool = True,
