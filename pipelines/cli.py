@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -591,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicom-deid`` console command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("DICOM_DEID_DEBUG") == "1"
+    previous_term = _terminate_like_interrupt()
     try:
         _configure_logging("--verbose" in argv)
         # pydicom's warnings can quote values; the audit row records what went wrong.
@@ -624,6 +626,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _on_terminate(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _terminate_like_interrupt() -> Any:
+    """SIGTERM (``timeout``, schedulers, Kubernetes) unwinds like Ctrl-C, so the same cleanup
+    runs: split/merge's temporary index holds original identifiers and must not stay in
+    OUTPUT. Returns the previous handler (None when not on the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_terminate)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        return None
 
 
 def _interrupted(exc: BaseException) -> bool:

@@ -21,6 +21,7 @@ from pipelines import cli
 from pipelines import run as pipeline_run
 from pipelines import splitmerge as psm
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
+from tests.synthetic import make_study, write_study
 from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
 from transforms import splitmerge as sm
 from transforms.dicomio import read_dataset
@@ -309,3 +310,33 @@ def test_apply_pass_holds_each_file_in_the_process_memory_budget(tmp_path: Path,
         assert list(fn.process((path, size))) == [{"status": "skipped"}]
     assert seen == [("a", 400_000), ("b", 0), ("c", 0)]
     assert budget.used == 0
+
+
+def test_sigterm_during_a_split_cleans_its_index_out_of_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]):
+    """The index of pass 1 holds original identifiers; SIGTERM (timeout, schedulers) in pass 2
+    unwinds like Ctrl-C: exit 130 and no temporary folder left in OUTPUT."""
+    import os
+    import signal
+
+    real = pipeline_run.run_and_wait
+    calls = []
+
+    def second_pass_terminated(pipeline, options):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(pipeline, options)
+
+    monkeypatch.setattr(pipeline_run, "run_and_wait", second_pass_terminated)
+    folder = tmp_path / "in"
+    datasets = make_study(seed=12, n_ct=2, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    key = tmp_path / "k.key"
+    key.write_bytes(b"split-sigterm-key-0123456789")
+    args = ["split", str(folder), str(tmp_path / "out"), "--study", str(datasets[0].StudyInstanceUID),
+            "--body", json.dumps({"Series": [str(datasets[0].SeriesInstanceUID)]}), "--key-file", str(key), "--quiet"]
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "dicom-deid: interrupted"
+    assert len(calls) == 2
+    assert not (tmp_path / "out" / ".dicom-deid-tmp").exists() or not any((tmp_path / "out" / ".dicom-deid-tmp").rglob("*"))
