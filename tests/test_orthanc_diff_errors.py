@@ -50,6 +50,12 @@ CASES = [
     BodyCase("keep-sop-without-force", "modify", {"Keep": ["SOPInstanceUID"]}, 400, "SOPInstanceUID"),
     BodyCase("remove-study-uid-with-force", "modify", {"Remove": ["StudyInstanceUID"], "Force": True}, 400, "StudyInstanceUID"),
     BodyCase("anonymize-keep-series-uid-without-force", "anonymize", {"Keep": ["SeriesInstanceUID"], "DicomVersion": "2021b"}, 400, "SeriesInstanceUID"),
+    BodyCase("anonymize-keep-patientid-with-force", "anonymize", {"Keep": ["PatientID"], "Force": True}, 400, "PatientID"),
+    BodyCase("remove-and-replace-sop-uid", "modify",
+             {"Remove": ["SOPInstanceUID"], "Replace": {"SOPInstanceUID": "1.2.3.4"}, "Force": True}, None),
+    BodyCase("non-ascii-code-string", "modify", {"Replace": {"Modality": "\u03a9"}}, None, "Modality",
+             deliberate="a VR without character set cannot hold it: refused naming the tag, where "
+                        "Orthanc silently drops the character"),
     BodyCase("unknown-tag-name", "modify", {"Replace": {"NoSuchTag": "x"}}, 500, "NoSuchTag"),
     BodyCase("remove-not-array", "modify", {"Remove": "StationName"}, 400, "Remove"),
     BodyCase("replace-not-object", "modify", {"Replace": ["StationName"]}, 400, "Replace"),

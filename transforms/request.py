@@ -473,6 +473,10 @@ def parse_anonymize(
     if keep_private:
         builder.customised = True
     _apply_entries(builder, body)
+    if PATIENT_ID in builder.keep:
+        raise RequestError(
+            "Keep: PatientID cannot be kept in an anonymization, even with \"Force\": it is "
+            "replaced by a keyed pseudonym (Replace it to choose the value; Orthanc refuses it too)")
 
     replacements = builder.replacements
     if replacements.get(DEIDENTIFICATION_METHOD) is pending_method:
