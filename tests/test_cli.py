@@ -464,3 +464,15 @@ def test_key_file_size_is_bounded_and_file_uris_work(tmp_path: Path, capsys: pyt
     assert cli.main(["anonymize", str(CT), str(tmp_path / "b.dcm"), "--key-file", f"file://{key}"]) == 0
     assert cli.main(["anonymize", str(CT), str(tmp_path / "c.dcm"), "--key-file", str(key)]) == 0
     assert (tmp_path / "b.dcm").read_bytes() == (tmp_path / "c.dcm").read_bytes()
+
+
+@pytest.mark.parametrize("replace", [{"StudyInstanceUID": "abc"}, {"SeriesInstanceUID": None}, {"SOPInstanceUID": "1.2\\1.3"}])
+def test_one_file_mode_writes_uids_the_request_forces(tmp_path: Path, replace: dict):
+    """Orthanc's instance route writes these; in one-file mode no UID names a folder, so they
+    are the request's business (they used to fail as invalid_uid, exit 3)."""
+    out = tmp_path / "u.dcm"
+    body = json.dumps({"Replace": replace, "Force": True})
+    assert cli.main(["modify", str(CT), str(out), "--body", body, "--key-file", str(write_key(tmp_path))]) == 0
+    ds = pydicom.dcmread(out)
+    (keyword, value), = replace.items()
+    assert ds[keyword].value == (value.split("\\") if value and "\\" in value else (value or ""))

@@ -887,7 +887,9 @@ def prepare_file(
             series_instance_uid=series if series and _UID_PATH_RE.match(series) and len(series) <= 64 else None,
             sop_instance_uid=sop if sop and _UID_PATH_RE.match(sop) and len(sop) <= 64 else None,
         )
-        name = output_name(study, series, sop)
+        # The UIDs name the output folder tree; one-file mode writes where it was told, so a
+        # UID the request itself set (Replace + Force: "abc", "", 1.2\\1.3) is Orthanc's business.
+        name = output_name(study, series, sop) if target is None else None
         row.update(
             patient_orthanc_id=ids["patient"],
             study_orthanc_id=ids["study"],
@@ -901,7 +903,7 @@ def prepare_file(
         elif _is_plain_path(cfg.output_root):
             final = os.path.join(cfg.output_root, *name.split("/"))  # = LocalFileSystem.join
         else:
-            final = FileSystems.join(cfg.output_root, *name.split("/"))
+            final = FileSystems.join(cfg.output_root, *name.split("/"))  # type: ignore[union-attr]
         crosswalk = None
         if cfg.crosswalk:
             orig_pid = _safe_str(ds, "PatientID") or ""
