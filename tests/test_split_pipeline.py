@@ -340,3 +340,46 @@ def test_sigterm_during_a_split_cleans_its_index_out_of_output(tmp_path: Path, m
     assert capsys.readouterr().err.strip().splitlines()[-1] == "dicom-deid: interrupted"
     assert len(calls) == 2
     assert not (tmp_path / "out" / ".dicom-deid-tmp").exists() or not any((tmp_path / "out" / ".dicom-deid-tmp").rglob("*"))
+
+
+def test_big_endian_references_with_uids_whose_length_looks_like_a_digit(tmp_path: Path):
+    """In explicit VR big endian the byte before a UID of 48-57 characters (its length's low
+    byte) is an ASCII digit: the read-only reference scan must still see the UID, so the moved
+    RTSTRUCT follows its moved CT images (it used to keep the old UIDs)."""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from tests.test_split_synthetic import CT_SOPS, make_reference_studies, referenced_uids
+
+    root, long_root = "1.2.826.0.1.3680043.10.1234", "1.2.826.0.1.3680043.10.1234.999999999999999999"
+
+    def lengthen(ds):
+        for elem in ds:
+            if elem.VR == "UI" and isinstance(elem.value, str) and elem.value.startswith(root):
+                elem.value = elem.value.replace(root, long_root)
+            elif elem.VR == "SQ":
+                for item in elem.value:
+                    lengthen(item)
+
+    folder = tmp_path / "in"
+    for name, ds in make_reference_studies().items():
+        if not name.startswith("A/"):
+            continue
+        lengthen(ds)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / name, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    refs_in = [v for k, v in referenced_uids(pydicom.dcmread(folder / "A/rtstruct.dcm")) if k == "ReferencedSOPInstanceUID"]
+    assert {len(v) for v in refs_in} & set(range(48, 58))  # the case at hand
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    body = {"Series": [s.replace(root, long_root) for s in (CT_SERIES, RT_SERIES)]}
+    assert cli.main(["split", str(folder), str(tmp_path / "out"), "--study", STUDY_A.replace(root, long_root),
+                     "--body", json.dumps(body), "--key-file", str(key), "--quiet"]) == 0
+    rows = {Path(r["source_uri"]).relative_to(folder).as_posix(): r for r in pq.read_table(
+        next((tmp_path / "out-audit").glob("audit-*.parquet"))).to_pylist()}
+    new_ct = {pydicom.dcmread(rows[f"A/ct{i}.dcm"]["output_uri"]).SOPInstanceUID for i in (1, 2, 3)}
+    refs = [v for k, v in referenced_uids(pydicom.dcmread(rows["A/rtstruct.dcm"]["output_uri"]))
+            if k == "ReferencedSOPInstanceUID"]
+    old_ct = {s.replace(root, long_root) for s in CT_SOPS}
+    assert sum(r in new_ct for r in refs) == 4 and not old_ct & set(refs)

@@ -707,8 +707,9 @@ class _Remapper:
 
 
 # UID-shaped runs of bytes. Inside a raw sequence a UID may be followed by one digit that is
-# the low byte of the next element's group (0x0030-0x0039), hence the t[:-1] lookups below.
-_UID_TOKEN = re.compile(rb"[0-9][0-9.]{1,64}")
+# the low byte of the next element's group (0x0030-0x0039), and in big endian preceded by one
+# that is the low byte of its own 2-byte length (48-57), hence the trimmed lookups below.
+_UID_TOKEN = re.compile(rb"[0-9][0-9.]{1,65}")
 
 
 def _tokens(elem: Any) -> Iterator[str]:
@@ -718,6 +719,8 @@ def _tokens(elem: Any) -> Iterator[str]:
             text = token.decode("ascii")
             yield text
             yield text[:-1]
+            yield text[1:]
+            yield text[1:-1]
         return
     if elem.VR == "SQ":
         for item in elem.value or ():
