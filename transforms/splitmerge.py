@@ -204,10 +204,8 @@ def parse_split(study: str, body: Any) -> SplitRequest:
     remove_body = body.get("Remove", [])
     if not isinstance(remove_body, list):
         raise RequestError("split: Remove must be an array of tag names")
-    remove = {_module_tag(name, "split: Remove") for name in remove_body}
-    both = remove & set(replace)
-    if both:
-        raise RequestError(f"split: tag {_label(min(both))} is in both Replace and Remove")
+    # Orthanc removes, then replaces: a tag in both ends up with the replacement.
+    remove = {_module_tag(name, "split: Remove") for name in remove_body} - set(replace)
     return SplitRequest(
         study=_identifier(study, "--study"),
         series=series,
