@@ -574,7 +574,12 @@ def execute(
     """
     from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, run_and_wait, tally_audit, write_summary
 
-    created_output = _is_local(output_root) and not os.path.exists(output_root)
+    created: list[str] = []  # local folders this run creates (OUTPUT and missing parents)
+    if _is_local(output_root):
+        folder = os.path.abspath(output_root)
+        while folder and not os.path.exists(folder) and folder != os.path.dirname(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
     tmp = tmp_folder(output_root, run_id)
     try:
         selector = (
@@ -610,11 +615,11 @@ def execute(
             run_and_wait(pipeline, options)
     except RequestError:
         cleanup_tmp(output_root, run_id)
-        if created_output:
+        for folder in created:  # deepest first, each only if empty: refused means nothing written
             try:
-                os.rmdir(output_root)  # only if empty: refused means nothing was written
+                os.rmdir(folder)
             except OSError:
-                pass
+                break
         raise
     finally:
         cleanup_tmp(output_root, run_id)

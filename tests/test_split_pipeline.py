@@ -383,3 +383,16 @@ def test_big_endian_references_with_uids_whose_length_looks_like_a_digit(tmp_pat
             if k == "ReferencedSOPInstanceUID"]
     old_ct = {s.replace(root, long_root) for s in CT_SOPS}
     assert sum(r in new_ct for r in refs) == 4 and not old_ct & set(refs)
+
+
+def test_a_refused_split_leaves_no_folder_it_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = tmp_path / "in"
+    datasets = make_study(seed=13, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    code = cli.main(["split", str(folder), str(tmp_path / "a" / "b" / "out"), "--study", "1.2.3",
+                     "--body", json.dumps({"Series": ["1.2"]}), "--key-file", str(key), "--quiet"])
+    assert code == cli.EXIT_USAGE
+    assert "no instance of this study in INPUT" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "k.key"]
