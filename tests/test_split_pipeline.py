@@ -396,3 +396,27 @@ def test_a_refused_split_leaves_no_folder_it_created(tmp_path: Path, capsys: pyt
     assert code == cli.EXIT_USAGE
     assert "no instance of this study in INPUT" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "k.key"]
+
+
+def test_one_sop_uid_filed_in_two_series_is_two_instances(tmp_path: Path):
+    """Orthanc's instance ids hash PatientID, Study, Series and SOP Instance UIDs: the same
+    SOPInstanceUID in two series is two instances, each moved into its own new series (the
+    second used to fail as duplicate_instance and the first to land in the wrong series)."""
+    folder = tmp_path / "in"
+    datasets = make_study(seed=14, n_ct=2, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    copy = pydicom.dcmread(next(folder.glob("000_*.dcm")))
+    copy.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.14.9"
+    copy.SeriesDescription = "copy filed in another series"
+    copy.save_as(folder / "copy.dcm")
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    body = {"Series": [str(datasets[0].SeriesInstanceUID), str(copy.SeriesInstanceUID)]}
+    assert cli.main(["split", str(folder), str(tmp_path / "out"), "--study", str(datasets[0].StudyInstanceUID),
+                     "--body", json.dumps(body), "--key-file", str(key), "--quiet"]) == 0
+    rows = pq.read_table(next((tmp_path / "out-audit").glob("audit-*.parquet"))).to_pylist()
+    assert [r["status"] for r in rows] == ["moved"] * 3
+    outputs = [pydicom.dcmread(r["output_uri"]) for r in rows]
+    assert len({d.SOPInstanceUID for d in outputs}) == 3
+    by_description = {d.SeriesDescription: d.SeriesInstanceUID for d in outputs}
+    assert len(set(by_description.values())) == 2

@@ -429,17 +429,19 @@ def _resolve_members(entries: Sequence[IndexEntry], specs: Sequence[str], level:
 
 
 def _dedupe(moved: Iterable[IndexEntry]) -> tuple[list[IndexEntry], dict[str, str]]:
-    """One input per SOPInstanceUID defines the new UIDs (the smallest Orthanc id, then URI).
+    """One input per instance defines the new UIDs (the first URI). An instance is what Orthanc
+    calls one: its id hashes PatientID and the Study, Series and SOP Instance UIDs, so one
+    SOPInstanceUID filed in two series (or under two patients) is two instances, as there.
 
     Returns the defining entries and ``{duplicate source: defining source}`` for the others.
     """
     winners: dict[str, IndexEntry] = {}
     losers: dict[str, str] = {}
     for e in sorted(set(moved), key=lambda e: (e.instance, e.source)):
-        if e.sop_uid in winners:
-            losers[e.source] = winners[e.sop_uid].source
+        if e.instance in winners:
+            losers[e.source] = winners[e.instance].source
         else:
-            winners[e.sop_uid] = e
+            winners[e.instance] = e
     return sorted(winners.values(), key=lambda e: (e.instance, e.source)), losers
 
 
@@ -460,16 +462,28 @@ def _build(
 ) -> Plan:
     moved_sources = {e.source for e in moved}
     moved_sops = {e.sop_uid for e in moved}
-    series_map: dict[str, str] = {}
+    series_map: dict[str, str] = {}  # old UID -> new, for references (the first if shared)
     moves: dict[str, tuple[str, str]] = {}
     sop_map: dict[str, str] = {}
+    # New UIDs derive from the old UID; only a UID that Orthanc would see as several series or
+    # instances (the same UID under another patient, study or series) adds the Orthanc id, so
+    # ordinary inputs keep the UIDs earlier releases gave them.
+    series_ids: dict[str, set[str]] = {}
+    instance_ids: dict[str, set[str]] = {}
     for e in moved:
-        new_series = series_map.get(e.series_uid)
+        series_ids.setdefault(e.series_uid, set()).add(e.series)
+        instance_ids.setdefault(e.sop_uid, set()).add(e.instance)
+    new_series_by_id: dict[str, str] = {}
+    for e in moved:
+        new_series = new_series_by_id.get(e.series)
         if new_series is None:
-            new_series = series_map[e.series_uid] = key.uid(f"{operation}-series", f"{seed}|{e.series_uid}")
-        new_sop = key.uid(f"{operation}-instance", f"{seed}|{e.sop_uid}")
+            shared = f"|{e.series}" if len(series_ids[e.series_uid]) > 1 else ""
+            new_series = new_series_by_id[e.series] = key.uid(f"{operation}-series", f"{seed}|{e.series_uid}{shared}")
+            series_map.setdefault(e.series_uid, new_series)
+        shared = f"|{e.instance}" if len(instance_ids[e.sop_uid]) > 1 else ""
+        new_sop = key.uid(f"{operation}-instance", f"{seed}|{e.sop_uid}{shared}")
         moves[e.source] = (new_series, new_sop)
-        sop_map[e.sop_uid] = new_sop
+        sop_map.setdefault(e.sop_uid, new_sop)
     for loser, winner in sorted(duplicates.items()):
         moves[loser] = moves[winner]
     source_studies = sorted({e.study for e in moved})
