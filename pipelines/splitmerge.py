@@ -310,6 +310,7 @@ def process_instance(
         "bytes_in": int(size),
         "started_at": started,
     }
+    new = None
     stage = "read"
     try:
         data = read_input(path, size, cfg.max_bytes, row)
@@ -375,7 +376,9 @@ def process_instance(
         detail += f" (the re-parented instance was written to {row['output_uri']})"
     for column in ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256"):
         row.pop(column, None)
-    if reason != "duplicate_instance":  # a duplicate's row keeps the identity it collided on
+    if reason == "duplicate_instance" and new is not None:
+        row.update(_identity_columns(new))  # the identity it collided on
+    else:
         for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "patient_orthanc_id",
                        "study_orthanc_id", "series_orthanc_id", "instance_orthanc_id"):  # fmt: skip
             row.pop(column, None)

@@ -420,3 +420,23 @@ def test_one_sop_uid_filed_in_two_series_is_two_instances(tmp_path: Path):
     assert len({d.SOPInstanceUID for d in outputs}) == 3
     by_description = {d.SeriesDescription: d.SeriesInstanceUID for d in outputs}
     assert len(set(by_description.values())) == 2
+
+
+def test_a_duplicate_instance_row_names_the_identity_it_collided_on(tmp_path: Path):
+    folder = tmp_path / "in"
+    datasets = make_study(seed=15, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    other = pydicom.dcmread(next(folder.glob("000_*.dcm")))
+    other.ImageComments = "same instance, other content"
+    other.save_as(folder / "zz-other.dcm")
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    body = {"Series": [str(datasets[0].SeriesInstanceUID)]}
+    assert cli.main(["split", str(folder), str(tmp_path / "out"), "--study", str(datasets[0].StudyInstanceUID),
+                     "--body", json.dumps(body), "--key-file", str(key), "--quiet"]) == cli.EXIT_SOME_FAILED
+    rows = {Path(r["source_uri"]).name: r for r in pq.read_table(next((tmp_path / "out-audit").glob("audit-*.parquet"))).to_pylist()}
+    moved, duplicate = rows["000_CT.dcm"], rows["zz-other.dcm"]
+    assert (moved["status"], duplicate["status"], duplicate["reason"]) == ("moved", "failed", "duplicate_instance")
+    for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "instance_orthanc_id"):
+        assert duplicate[column] == moved[column] is not None
+    assert duplicate["output_uri"] is None
