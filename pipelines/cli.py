@@ -288,19 +288,16 @@ def _inside(child: str, parent: str) -> bool:
 def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
     """Refuse overlapping locations (outputs are never read back as inputs, audit never in
     OUTPUT) and an OUTPUT, audit or crosswalk folder that is, or lies under, an existing file."""
+    from transforms.files import utf8_name  # (no Beam import)
+
     for name, location in (("INPUT", input_uri), ("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
-        if location is not None and not _utf8(location):
+        if location is not None and not utf8_name(location):
             raise UsageError(f"{name}: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8")
     for name, folder in (("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
         if folder is not None and any(c in folder for c in "*?["):
             raise UsageError(f"{name}: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)")
-        if folder is None or _scheme(folder) not in (None, "file"):
-            continue
-        blocker = _file_in_the_way(folder)
-        if blocker == folder:
-            raise UsageError(f"{name} {folder!r} exists and is not a folder")
-        if blocker is not None:
-            raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
+        if folder is not None and _scheme(folder) in (None, "file"):
+            _refuse_file_in_the_way(name, folder)
     # Compared as real paths: a symbolic link must not hide OUTPUT inside INPUT.
     base = _real(input_uri if _scheme(input_uri) is None and os.path.exists(input_uri) else _glob_base(input_uri))
     output, audit = _real(output), _real(audit)
@@ -329,6 +326,15 @@ def _real(uri: str) -> str:
     return os.path.realpath(uri) if _scheme(uri) is None else uri
 
 
+def _refuse_file_in_the_way(name: str, folder: str) -> None:
+    """Refuse the local ``folder`` option ``name`` when it is, or would lie under, a file."""
+    blocker = _file_in_the_way(folder)
+    if blocker == folder:
+        raise UsageError(f"{name} {folder!r} exists and is not a folder")
+    if blocker is not None:
+        raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
+
+
 def _file_in_the_way(folder: str) -> str | None:
     """The nearest existing path at or above the local ``folder`` when it is not a folder."""
     path = folder
@@ -338,15 +344,6 @@ def _file_in_the_way(folder: str) -> str | None:
             return None
         path = parent
     return None if os.path.isdir(path) else path
-
-
-def _utf8(text: str) -> bool:
-    """False for a path holding bytes that are not UTF-8 (kept as surrogates by ``os.fsdecode``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _local_input_exists(uri: str) -> bool:
@@ -526,13 +523,8 @@ def _check_single_locations(input_file: str, output: str, audit: str | None, cro
     if real_in == real_out:
         raise UsageError("OUTPUT is the INPUT file: dicom-deid never overwrites its inputs")
     for name, folder in (("--audit", audit), ("--crosswalk", crosswalk)):
-        if folder is None:
-            continue
-        blocker = _file_in_the_way(folder)
-        if blocker == folder:
-            raise UsageError(f"{name} {folder!r} exists and is not a folder")
-        if blocker is not None:
-            raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
+        if folder is not None:
+            _refuse_file_in_the_way(name, folder)
     real_audit = os.path.realpath(audit) if audit else None
     real_cw = os.path.realpath(crosswalk) if crosswalk else None
     if real_audit and (_inside(real_audit, real_out) or _inside(real_audit, real_in)):

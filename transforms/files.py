@@ -254,7 +254,8 @@ def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
 UNREADABLE_NAME = -1
 
 
-def _utf8_name(path: str) -> bool:
+def utf8_name(path: str) -> bool:
+    """False for a path holding bytes that are not UTF-8 (kept as surrogates by ``os.fsdecode``)."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes of the name, kept as surrogates by os.fsdecode
@@ -284,7 +285,7 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                         if entry.is_dir():
                             if not entry.is_symlink():
                                 folders.append(entry.path)
-                        elif not _utf8_name(entry.path):  # matched on the real name, then shown
+                        elif not utf8_name(entry.path):  # matched on the real name, then shown
                             entries.append((entry.path, UNREADABLE_NAME))
                         elif entry.is_file():  # follows a symlink, as os.path.isfile
                             entries.append((entry.path, entry.stat().st_size))

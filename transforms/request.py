@@ -359,9 +359,10 @@ def _apply_entries(builder: _Builder, body: Mapping[str, Any]) -> None:
         builder.replace(name, replaces[name])
     for entry in keeps:
         builder.keep_entry(entry)
-    for tag in sorted(DATABASE_KEYS & builder.removals):
+    still_removed = sorted(DATABASE_KEYS & builder.removals)
+    if still_removed:
         raise RequestError(
-            f"Remove: removing {describe_tag(tag)} is forbidden even with \"Force\": it is "
+            f"Remove: removing {describe_tag(still_removed[0])} is forbidden even with \"Force\": it is "
             "one of the main DICOM identifiers (use Replace or Keep instead)")
 
 

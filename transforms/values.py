@@ -234,7 +234,7 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
         numbers = []
         for part in text.split("\\"):
             try:  # plain ASCII digits only: Python's int() also takes " 5", "1_0" and other scripts' digits
-                number = int(part) if _STRICT_NUMBER(part) else None
+                number = int(part) if _strict_number(part) else None
             except ValueError:
                 number = None
             if number is None or not low <= number <= high:
@@ -246,7 +246,7 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
         floats = []
         for part in text.split("\\"):
             try:
-                number = float(part) if _STRICT_NUMBER(part) else None
+                number = float(part) if _strict_number(part) else None
             except ValueError:
                 number = None
             if number is None or (vr in ("FL", "OF") and math.isfinite(number)
@@ -264,7 +264,7 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
     raise RequestError(f"{_label(tag, vr, ctx)}: this VR cannot be set from a request")
 
 
-def _STRICT_NUMBER(part: str) -> bool:  # noqa: N802 - used like a compiled matcher
+def _strict_number(part: str) -> bool:
     return part.isascii() and "_" not in part and part == part.strip()
 
 
