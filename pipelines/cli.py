@@ -33,7 +33,7 @@ import uuid
 import warnings
 from typing import Any, NoReturn, Sequence
 
-from transforms.errors import DeidError, RequestError
+from transforms.errors import DeidError, RequestError, json_type
 
 PROG = "dicom-deid"
 EXIT_OK = 0
@@ -234,7 +234,7 @@ def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], 
     except RecursionError:
         raise UsageError(f"{where}: JSON nested too deeply") from None
     if not isinstance(parsed, dict):
-        raise RequestError(f"{where}: the request body must be a JSON object, not {type(parsed).__name__}")
+        raise RequestError(f"{where}: the request body must be a JSON object, not {json_type(parsed)}")
     for name, value in parsed.items():
         if _nesting(value) > _MAX_BODY_NESTING:
             raise RequestError(f"{name}: values nested more than {_MAX_SEQUENCE_DEPTH} sequence levels deep "

@@ -125,7 +125,7 @@ def _nested_items(levels: int) -> list:
     ("args", "expected"),
     [
         (["--body", "{bad json"], "dicom-deid: --body: invalid JSON at line 1 column 2: Expecting property name enclosed in double quotes"),
-        (["--body", "[1, 2]"], "dicom-deid: --body: the request body must be a JSON object, not list"),
+        (["--body", "[1, 2]"], "dicom-deid: --body: the request body must be a JSON object, not array"),
         (["--body", "{}", "--config", "x.json"], "dicom-deid: argument --config: not allowed with argument --body (see `dicom-deid anonymize --help`)"),
         (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
         (["--no_such_beam_option", "1"], "dicom-deid: unknown option(s): --no_such_beam_option 1 (not a dicom-deid option nor a Beam pipeline option)"),

@@ -187,7 +187,7 @@ def test_merge_switches_to_utf8_when_the_target_name_does_not_fit(samples: Path)
         ({"Resources": []}, "merge: Resources is empty: nothing to merge"),
         ({"Resources": "1.2"}, "merge: Resources must be an array of identifiers"),
         ({"Resources": [""]}, "merge: Resources[0]: expected a DICOM UID or an Orthanc id (a non-empty string)"),
-        ({"Resources": ["1.2"], "KeepSource": 1}, "merge: KeepSource must be true or false"),
+        ({"Resources": ["1.2"], "KeepSource": 1}, "merge: KeepSource must be true or false, got number"),
         ({"Resources": ["1.2"], "Replace": {}}, "merge: unknown key(s) 'Replace'; allowed: KeepSource, Resources "
                                                 "(and Orthanc's job keys, ignored)"),
         ("[]", "merge: the body must be a JSON object"),

@@ -222,7 +222,7 @@ def test_unknown_version_is_refused(bad):
 
 
 def test_non_string_version_is_refused():
-    with pytest.raises(RequestError, match=r"^DicomVersion: expected a string, got int"):
+    with pytest.raises(RequestError, match=r"^DicomVersion: expected a string, got number"):
         get_profile(2008)  # type: ignore[arg-type]
 
 

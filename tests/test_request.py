@@ -29,14 +29,23 @@ def _refused(parse, body, message, **kwargs):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ([], "the modify request body must be a JSON object, got list"),
-        ({"Force": "yes"}, "Force: expected true or false, got str"),
-        ({"RemovePrivateTags": 1}, "RemovePrivateTags: expected true or false, got int"),
+        ([], "the modify request body must be a JSON object, got array"),
+        ({"Force": "yes"}, "Force: expected true or false, got string"),
+        ({"RemovePrivateTags": 1}, "RemovePrivateTags: expected true or false, got number"),
         ({"KeepLabels": "no"}, "KeepLabels: expected true or false"),
-        ({"KeepSource": None, "Permissive": 0}, "Permissive: expected true or false"),
-        ({"Remove": "PatientName"}, "Remove: expected an array of tag names or paths, got str"),
-        ({"Keep": {"a": 1}}, "Keep: expected an array of tag names or paths, got dict"),
-        ({"Remove": [12]}, "Remove: every entry must be a string (a tag name or path), got int"),
+        ({"KeepSource": True, "Permissive": 0}, "Permissive: expected true or false"),
+        # null is not "absent": Orthanc refuses it like any non-boolean (leave the key out)
+        ({"Force": None}, "Force: expected true or false, got null"),
+        ({"KeepSource": None}, "KeepSource: expected true or false, got null"),
+        ({"RemovePrivateTags": None}, "RemovePrivateTags: expected true or false, got null"),
+        ({"PrivateCreator": None}, "PrivateCreator: expected a string, got null"),
+        ({"Priority": None}, "Priority: expected an integer, got null"),
+        ({"Transcode": None}, "Transcode: expected a transfer syntax UID (a string), got null; allowed: 1.2.840"),
+        ({"Level": None}, "Level: expected one of Patient, Study, Series, Instance"),
+        ({"Dictionary": None}, "Dictionary: expected an object mapping private tags"),
+        ({"Remove": "PatientName"}, "Remove: expected an array of tag names or paths, got string"),
+        ({"Keep": {"a": 1}}, "Keep: expected an array of tag names or paths, got object"),
+        ({"Remove": [12]}, "Remove: every entry must be a string (a tag name or path), got number"),
         ({"Replace": ["PatientName"]}, "Replace: expected an object mapping tag names or paths"),
         ({"Replace": {"PatientID": "x"}}, "Replace: marking tag 'PatientID' (0010,0020) as to be "
                                           "replaced requires the \"Force\" option to be set to true"),
@@ -50,7 +59,7 @@ def _refused(parse, body, message, **kwargs):
          "Remove: bad path 'ReferencedImageSequence.ReferencedSOPClassUID': parent "
          "'ReferencedImageSequence' has no [index]"),
         ({"Keep": ["NotATag"]}, "Keep: unknown tag 'NotATag'"),
-        ({"PrivateCreator": 5}, "PrivateCreator: expected a string, got int"),
+        ({"PrivateCreator": 5}, "PrivateCreator: expected a string, got number"),
         ({"Replace": {"Rows": "abc"}}, "Replace: tag 'Rows' (0028,0010) (US): 'abc' is not an "
                                        "integer in 0..65535"),
         ({"Replace": {"Rows": 3}}, "Replace: tag 'Rows' (0028,0010) (US): expected a string"),
@@ -63,7 +72,7 @@ def _refused(parse, body, message, **kwargs):
         ({"Level": "Galaxy"}, "Level: expected one of Patient, Study, Series, Instance"),
         ({"Resources": "abc"}, "Resources: expected an array of non-empty strings"),
         ({"Resources": [""]}, "Resources: expected an array of non-empty strings"),
-        ({"Priority": "high"}, "Priority: expected an integer, got str"),
+        ({"Priority": "high"}, "Priority: expected an integer, got string"),
         ({"Replace": {"MediaStorageSOPInstanceUID": "1.2"}},
          "Replace: 'MediaStorageSOPInstanceUID' (0002,0003) belongs to the file meta header"),
         ({"Dictionary": {"4321,1012": "LO"}}, "Dictionary: entry '4321,1012' must be"),
@@ -92,8 +101,12 @@ def test_unknown_keys_are_refused_with_the_allowed_list():
     [
         ({"DicomVersion": "nope"}, "DicomVersion: 'nope' is not supported; allowed: \"2008\", "
                                    "\"2017c\", \"2021b\", \"2023b\""),
-        ({"DicomVersion": 2008}, "DicomVersion: expected a string, got int"),
-        ({"KeepPrivateTags": "true"}, "KeepPrivateTags: expected true or false, got str"),
+        ({"DicomVersion": 2008}, "DicomVersion: expected a string, got number"),
+        ({"KeepPrivateTags": "true"}, "KeepPrivateTags: expected true or false, got string"),
+        ({"KeepPrivateTags": None}, "KeepPrivateTags: expected true or false, got null"),
+        ({"DicomVersion": None}, "DicomVersion: expected a string, got null; allowed: \"2008\", "
+                                 "\"2017c\", \"2021b\", \"2023b\" (leave it out for 2023b)"),
+        ({"Level": None}, "Level: expected one of Patient, Study, Series, Instance"),
         ({"Keep": ["StudyInstanceUID"]}, "Keep: marking tag 'StudyInstanceUID' (0020,000D) as "
                                          "to be kept requires the \"Force\" option"),
         ({"Replace": {"SeriesInstanceUID": "1.2"}}, "as to be replaced requires the \"Force\""),

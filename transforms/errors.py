@@ -5,6 +5,8 @@ Every error carries a ``reason``: one of the fixed codes the audit table uses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # Fixed reason codes of the audit table (``schemas.audit``); extend, never rename.
 REASONS = (
     "not_dicom",
@@ -44,6 +46,24 @@ class RequestError(DeidError, ValueError):
     """
 
     reason = "refused_by_request"
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed request value's type, for messages (``null``, ``boolean``,
+    ``number``, ``string``, ``array``, ``object``): the user wrote JSON, not Python."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
 
 
 class InputError(DeidError):

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from transforms import PRODUCT, __version__
-from transforms.errors import RequestError
+from transforms.errors import RequestError, json_type
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "profiles.json"
 
@@ -156,7 +156,7 @@ def get_profile(version: str | None = None) -> Profile:
         version = DEFAULT_VERSION
     allowed = ", ".join(f'"{v}"' for v in VERSIONS)
     if not isinstance(version, str):
-        raise RequestError(f"DicomVersion: expected a string, got {type(version).__name__}; allowed: {allowed}")
+        raise RequestError(f"DicomVersion: expected a string, got {json_type(version)}; allowed: {allowed}")
     profiles = _load()
     if version not in profiles:
         shown = repr(version) if len(version) <= 32 else f"a {len(version)}-character string"

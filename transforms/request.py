@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transforms import PRODUCT, __version__
-from transforms.errors import RequestError
+from transforms.errors import RequestError, json_type
 from transforms.paths import TagPath, parse_path
 from transforms.tags import (
     DATABASE_KEYS,
@@ -263,7 +263,7 @@ class _Builder:
 def _check_keys(body: object, allowed: tuple[str, ...], route: str) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise RequestError(f"the {route} request body must be a JSON object, got "
-                           f"{type(body).__name__}")
+                           f"{json_type(body)}")
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
         raise RequestError(
@@ -273,9 +273,13 @@ def _check_keys(body: object, allowed: tuple[str, ...], route: str) -> dict[str,
 
 
 def _bool(body: Mapping[str, Any], key: str, default: bool | None) -> bool | None:
-    value = body.get(key, default)
-    if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{key}: expected true or false, got {type(value).__name__}")
+    """``body[key]``, ``default`` when absent. ``null`` is refused like any other non-boolean,
+    as Orthanc does: leaving a key out is how a body asks for the default."""
+    if key not in body:
+        return default
+    value = body[key]
+    if not isinstance(value, bool):
+        raise RequestError(f"{key}: expected true or false, got {json_type(value)}")
     return value
 
 
@@ -283,11 +287,11 @@ def _string_list(body: Mapping[str, Any], key: str) -> list[str]:
     value = body.get(key, [])
     if not isinstance(value, list):
         raise RequestError(f"{key}: expected an array of tag names or paths, got "
-                           f"{type(value).__name__}")
+                           f"{json_type(value)}")
     for entry in value:
         if not isinstance(entry, str):
             raise RequestError(f"{key}: every entry must be a string (a tag name or path), got "
-                               f"{type(entry).__name__}")
+                               f"{json_type(entry)}")
     return value
 
 
@@ -295,7 +299,7 @@ def _replace_map(body: Mapping[str, Any]) -> Mapping[str, Any]:
     value = body.get("Replace", {})
     if not isinstance(value, Mapping):
         raise RequestError(f"Replace: expected an object mapping tag names or paths to values, "
-                           f"got {type(value).__name__}")
+                           f"got {json_type(value)}")
     return value
 
 
@@ -312,21 +316,27 @@ def _common(body: Mapping[str, Any], dictionary: Mapping[str, Any] | PrivateDict
     """Keys shared by both routes, in Orthanc's parse order up to the tag lists."""
     if dictionary is None:
         dictionary = body.get("Dictionary")
+        if dictionary is None and "Dictionary" in body:
+            raise RequestError("Dictionary: expected an object mapping private tags to "
+                               "[VR, name, min, max, private creator], got null")
     if not isinstance(dictionary, PrivateDictionary):
         dictionary = parse_dictionary(dictionary) if dictionary is not None else EMPTY_DICTIONARY
-    creator = body.get("PrivateCreator")
-    if creator is not None and not isinstance(creator, str):
-        raise RequestError(f"PrivateCreator: expected a string, got {type(creator).__name__}")
+    creator = body.get("PrivateCreator", "")
+    if not isinstance(creator, str):
+        raise RequestError(f"PrivateCreator: expected a string, got {json_type(creator)}")
     force = _bool(body, "Force", False)
     for key in ("KeepLabels", "Permissive", "Synchronous", "Asynchronous"):
         _bool(body, key, None)
-    priority = body.get("Priority")
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise RequestError(f"Priority: expected an integer, got {type(priority).__name__}")
+    priority = body.get("Priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise RequestError(f"Priority: expected an integer, got {json_type(priority)}")
     transcode = body.get("Transcode")
-    if transcode is not None:
+    if "Transcode" in body:
         allowed = supported_transfer_syntaxes()
-        if not isinstance(transcode, str) or transcode.strip() not in allowed:
+        if not isinstance(transcode, str):
+            raise RequestError(f"Transcode: expected a transfer syntax UID (a string), got {json_type(transcode)}; "
+                               f"allowed: {', '.join(sorted(allowed))}")
+        if transcode.strip() not in allowed:
             raise RequestError(
                 f"Transcode: {transcode!r:.70} is not a supported transfer syntax UID; allowed: "
                 f"{', '.join(sorted(allowed))}")
@@ -391,7 +401,7 @@ def parse_modify(
     replaced = builder.replacements
     if level is not None:
         chosen = parse_level(level, "level")
-    elif body.get("Level") is not None:
+    elif "Level" in body:
         chosen = parse_level(body["Level"])
     elif PATIENT_ID in replaced:
         chosen = "Patient"
@@ -448,12 +458,16 @@ def parse_anonymize(
     Raises:
         RequestError: naming the offending key (e.g. ``DicomVersion`` with the allowed list).
     """
-    from transforms.profiles import get_profile
+    from transforms.profiles import DEFAULT_VERSION, VERSIONS, get_profile
 
     body = _check_keys(body, ANONYMIZE_KEYS, "anonymize")
     common = _common(body, dictionary)
+    if "DicomVersion" in body and body["DicomVersion"] is None:
+        allowed = ", ".join(f'"{v}"' for v in VERSIONS)
+        raise RequestError(f"DicomVersion: expected a string, got null; allowed: {allowed} "
+                           f"(leave it out for {DEFAULT_VERSION})")
     profile = get_profile(body.get("DicomVersion"))
-    if body.get("Level") is not None:
+    if "Level" in body:
         parse_level(body["Level"])
     builder = _Builder(common["dictionary"], common["private_creator"], common["force"])
     builder.removals = set(profile.removals)

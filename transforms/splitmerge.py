@@ -52,7 +52,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
 from transforms.dicomio import peek, shallow_copy
-from transforms.errors import RequestError
+from transforms.errors import RequestError, json_type
 from transforms.identity import Key
 from transforms.orthanc_ids import is_orthanc_id, orthanc_ids
 from transforms.tags import describe_tag as _label
@@ -132,7 +132,7 @@ def _check_keys(body: Any, allowed: frozenset[str], what: str) -> Mapping[str, A
 def _keep_source(body: Mapping[str, Any], what: str) -> bool:
     value = body.get("KeepSource", False)
     if not isinstance(value, bool):
-        raise RequestError(f"{what}: KeepSource must be true or false")
+        raise RequestError(f"{what}: KeepSource must be true or false, got {json_type(value)}")
     return value
 
 
