@@ -117,6 +117,19 @@ _RT_STUDY_PARENTS = (0x30060010, 0x30060012)  # ReferencedFrameOfReference > RTR
 _LEVEL_RANK = {"Patient": 0, "Study": 1, "Series": 2, "Instance": 3}
 # Raw VRs that may hold a sequence: SQ, and unknown/UN ones with a sequence's layout.
 _MAYBE_SQ_VRS = frozenset({"SQ", "UN", None})
+#: The little-endian item tag: the first bytes of a defined-length UN (or unknown implicit-VR)
+#: value that holds items (PS3.5 6.2.2: a UN sequence is encoded in implicit VR little endian).
+_LE_ITEM_START = b"\xfe\xff\x00\xe0"
+_MAX_OPAQUE_ITEMS = 10_000
+
+
+def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
+    """A raw element the nested pass must look into: SQ, undefined length, a sequence tag of
+    the dictionary, or a defined-length value of another VR (UN, or no VR in implicit VR)
+    that starts like an item, as an unknown (or private) sequence written as UN does."""
+    return (elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS
+            or (type(elem.value) is bytes and elem.value.startswith(_LE_ITEM_START)
+                and tag != _PIXEL_DATA))
 
 # Markers of the per-plan action tables.
 _DELETE = object()
@@ -351,7 +364,7 @@ class _Run:
                                                 map(_GET_VR, values))):
                 if code is None and (
                         elem.VR == "SQ" if type(elem) is not RawDataElement else
-                        elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
+                        _may_hold_items(elem, tag)):
                     sequences.append(tag)
         for tag, elem, code in compress(zip(tags, values, codes), codes):
             if code is _DELETE:
@@ -532,7 +545,15 @@ class _Run:
         Nothing reachable from the input is modified: a raw sequence is parsed into new
         objects, and a changed item of an already decoded sequence is a shallow copy.
         """
-        if type(elem) is RawDataElement:
+        if type(elem) is RawDataElement and not (
+                elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
+            # Only shaped like items (see _may_hold_items): walked if it really is a run of
+            # items, otherwise opaque bytes, never an error.
+            items = _opaque_items(elem, _character_set(holder), len(parents))
+            if items is None:
+                return None
+            fresh = True
+        elif type(elem) is RawDataElement:
             items = None
             if elem.VR == "SQ" or (elem.VR is None and elem.is_implicit_VR):
                 items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
@@ -764,6 +785,9 @@ class _Run:
                         raise _Unusual
                     if action is _PLAIN:
                         if vr != "SQ":
+                            if (vr is None or vr == "UN") and tag != _PIXEL_DATA and \
+                                    data.startswith(_LE_ITEM_START, pos, value_end):
+                                raise _Unusual  # may be items of unknown VR: _opaque_items
                             pos = value_end
                             continue
                     elif action is _SEQ_TAG:
@@ -949,11 +973,49 @@ class _Run:
     def _nested_sequence(self, elem: Any, tag: int, parents: tuple,
                          holder: Dataset) -> DataElement | None:
         if type(elem) is RawDataElement:
-            if not (elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
+            if not _may_hold_items(elem, tag):
                 return None
         elif elem.VR != "SQ":
             return None
         return self._walk_sequence(elem, tag, parents, holder)
+
+
+def _opaque_items(elem: RawDataElement, charset: Any, depth: int) -> list[Dataset] | None:
+    """The items of a value pydicom reads as bytes (a defined-length UN, or an implicit-VR tag
+    the dictionary does not know) when those bytes are exactly a run of implicit VR little
+    endian items, as PS3.5 6.2.2 encodes a sequence of unknown VR; None for anything else
+    (the value is opaque and stays as it is).
+
+    Orthanc leaves such values alone, so a PatientName or a UID nested in an unknown or
+    private sequence written as UN survived its anonymization; the nested rules apply to them
+    like to any sequence (and the element is written back as SQ when something changed).
+    """
+    data = elem.value
+    if type(data) is not bytes or data[:4] != _LE_ITEM_START or elem.length == _UNDEFINED:
+        return None
+    pos, end, count = 0, len(data), 0
+    while pos < end:  # items of defined length that tile the value exactly
+        if pos + 8 > end:
+            return None
+        group, element, length = _STRUCTS["<"][0](data, pos)
+        if (group << 16 | element) != _ITEM or length == _UNDEFINED or pos + 8 + length > end:
+            return None
+        pos += 8 + length
+        count += 1
+    if count > _MAX_OPAQUE_ITEMS:
+        # Each item becomes a Dataset (~1 KB for an 8-byte empty item): a few megabytes of
+        # them would take gigabytes. Real sequences of unknown VR hold a handful of items.
+        raise InputError(f"({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}): a value of unknown VR "
+                         f"holding {count} items (more than {_MAX_OPAQUE_ITEMS}), too many to "
+                         "de-identify", reason="too_large")
+    # Implicit VR as the standard says; explicit VR little endian as some writers leave it
+    # (an explicit-VR sequence whose VR alone was lost).
+    for implicit in ((True,) if elem.is_implicit_VR else (True, False)):
+        try:
+            return _items(data, 0, len(data), implicit, True, charset, depth)
+        except (_Unusual, struct.error, InputError):
+            continue
+    return None  # not (only) items: opaque bytes, as pydicom reads them
 
 
 def _cleared_vr(elem: RawDataElement, tag: int) -> str | None:

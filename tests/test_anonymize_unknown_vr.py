@@ -1,0 +1,187 @@
+"""Sequences whose VR the file does not say: the nested pass looks into them too.
+
+A private sequence in an implicit VR file, an unknown (or private) sequence written in explicit
+VR as ``UN`` with a defined length (PS3.5 6.2.2 encodes its items in implicit VR little
+endian), or an explicit-VR sequence whose VR alone was lost: pydicom reads all of them as
+opaque bytes. Orthanc leaves such values alone, so a PatientName or an original UID nested
+in them survived anonymization (with ``KeepPrivateTags``, or in an unknown public tag). Here
+the nested rules apply to them as to any sequence, and a value that only starts like an item
+stays as it is.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from transforms import dicomio, engine
+from transforms.engine import apply
+from transforms.errors import InputError
+from transforms.identity import Key
+from transforms.request import parse_anonymize
+
+KEY = Key.from_bytes(b"unknown-vr-test-key-0123456789")
+KEEP_PRIVATE = parse_anonymize({"KeepPrivateTags": True})
+DEFAULT = parse_anonymize({})
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SOP, STUDY, SERIES = "1.2.826.0.1.3680043.2.1125.71", "1.2.826.0.1.3680043.2.1125.72", "1.2.826.0.1.3680043.2.1125.73"
+OTHER_SOP = "1.2.826.0.1.3680043.2.1125.79"
+SECRET = b"Nested^Secret"
+UNKNOWN_PUBLIC = 0x00189999  # not in the dictionary
+PRIVATE_CREATOR, PRIVATE_SQ = 0x00090010, 0x00091001  # block 0x10 of "ACME"
+REFERENCED_IMAGE_SQ = 0x00081140
+
+
+def _pad(value: bytes, vr: bytes) -> bytes:
+    return value + (b"\x00" if vr == b"UI" else b" ") if len(value) % 2 else value
+
+
+def _implicit(tag: int, value: bytes, vr: bytes = b"LO") -> bytes:
+    value = _pad(value, vr)
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    value = _pad(value, vr)
+    if vr in (b"SQ", b"UN", b"OB"):
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _item(body: bytes) -> bytes:
+    return struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body
+
+
+def _secret_item(implicit: bool) -> bytes:
+    """An item naming the patient and referencing this instance (and another one)."""
+    if implicit:
+        return _item(_implicit(0x00081150, CT.encode(), b"UI") + _implicit(0x00081155, SOP.encode(), b"UI")
+                     + _implicit(0x00100010, SECRET, b"PN"))
+    return _item(_explicit(0x00081150, b"UI", CT.encode()) + _explicit(0x00081155, b"UI", SOP.encode())
+                 + _explicit(0x00100010, b"PN", SECRET))
+
+
+def _file(elements: list[tuple[int, bytes]], implicit: bool) -> bytes:
+    ids = [(0x00080016, CT), (0x00080018, SOP), (0x0020000D, STUDY), (0x0020000E, SERIES)]
+    base = [(tag, _implicit(tag, v.encode(), b"UI") if implicit else _explicit(tag, b"UI", v.encode()))
+            for tag, v in ids]
+    base.append((0x00100010, _implicit(0x00100010, b"Top^Secret", b"PN") if implicit
+                 else _explicit(0x00100010, b"PN", b"Top^Secret")))
+    body = b"".join(data for _, data in sorted(base + elements))
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return dicomio.encode_file_meta(CT, SOP, syntax) + body
+
+
+def _anonymize(data: bytes, plan=DEFAULT) -> tuple[bytes, object]:
+    out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(data), KEY))
+    return out, dicomio.read_dataset(out)
+
+
+def _items_of(elem) -> list:
+    if elem.VR == "SQ":
+        return list(elem.value)
+    items = engine.parse_items(elem.value, True, True, None)
+    assert items is not None, "not a run of implicit VR items"
+    return items
+
+
+def _new_sop() -> str:
+    return KEY.uid("anonymize.instance", SOP)
+
+
+def test_unknown_public_tag_written_as_un_is_walked():
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", _secret_item(implicit=True)))], implicit=False)
+    assert data.count(SECRET) == 1
+    out, ds = _anonymize(data)
+    assert SECRET not in out and SOP.encode() not in out
+    elem = ds[UNKNOWN_PUBLIC]
+    assert elem.VR == "SQ" and len(elem.value) == 1
+    item = elem.value[0]
+    assert item.ReferencedSOPInstanceUID == _new_sop() == ds.SOPInstanceUID
+    assert item.ReferencedSOPClassUID == CT  # SOP classes are never touched
+    assert item.PatientName == KEY.patient_name("Nested^Secret")  # as in any sequence
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file-un"])
+def test_kept_private_sequence_of_unknown_vr_is_walked(implicit):
+    creator = _implicit(PRIVATE_CREATOR, b"ACME") if implicit else _explicit(PRIVATE_CREATOR, b"LO", b"ACME")
+    private = (_implicit(PRIVATE_SQ, _secret_item(True)) if implicit
+               else _explicit(PRIVATE_SQ, b"UN", _secret_item(True)))
+    data = _file([(PRIVATE_CREATOR, creator), (PRIVATE_SQ, private)], implicit=implicit)
+    out, ds = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and SOP.encode() not in out
+    assert ds[PRIVATE_CREATOR].value == "ACME"  # the private tags are kept ...
+    assert PRIVATE_SQ in ds
+    # ... and their items follow the nested rules (explicit VR writes them back as SQ;
+    # implicit VR as they came, items pydicom cannot tell from bytes without the dictionary).
+    items = _items_of(ds[PRIVATE_SQ])
+    assert ds[PRIVATE_SQ].VR == ("UN" if implicit else "SQ")
+    assert len(items) == 1
+    assert items[0].ReferencedSOPInstanceUID == _new_sop()
+    assert items[0].PatientName == KEY.patient_name("Nested^Secret")
+
+
+def test_private_sequence_whose_vr_was_lost_in_explicit_vr_is_walked():
+    """Explicit-VR items under a ``UN`` header (a writer that dropped only the VR)."""
+    data = _file([(PRIVATE_CREATOR, _explicit(PRIVATE_CREATOR, b"LO", b"ACME")),
+                  (PRIVATE_SQ, _explicit(PRIVATE_SQ, b"UN", _secret_item(False)))], implicit=False)
+    out, ds = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and SOP.encode() not in out
+    assert ds[PRIVATE_SQ].VR == "SQ"
+    assert ds[PRIVATE_SQ].value[0].ReferencedSOPInstanceUID == _new_sop()
+
+
+def _nested_private_file() -> bytes:
+    """Implicit VR: ReferencedImageSequence > item > private sequence (defined length) > item."""
+    outer = _item(_implicit(0x00081150, CT.encode(), b"UI") + _implicit(0x00081155, OTHER_SOP.encode(), b"UI")
+                  + _implicit(PRIVATE_CREATOR, b"ACME") + _implicit(PRIVATE_SQ, _secret_item(True)))
+    return _file([(REFERENCED_IMAGE_SQ, _implicit(REFERENCED_IMAGE_SQ, outer))], implicit=True)
+
+
+def test_nested_private_sequence_is_walked_by_both_passes(monkeypatch):
+    data = _nested_private_file()
+    out, ds = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and SOP.encode() not in out and OTHER_SOP.encode() not in out
+    outer = ds.ReferencedImageSequence[0]
+    assert outer.ReferencedSOPInstanceUID == KEY.uid("anonymize.instance", OTHER_SOP)
+    inner = _items_of(outer[PRIVATE_SQ])
+    assert inner[0].ReferencedSOPInstanceUID == _new_sop()
+    assert inner[0].PatientName == KEY.patient_name("Nested^Secret")
+    # The byte-level pass hands such a sequence to the object walk: same bytes either way.
+    with monkeypatch.context() as patch:
+        patch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
+        assert dicomio.write_dataset(apply(KEEP_PRIVATE, dicomio.read_dataset(data), KEY)) == out
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xfe\xff\x00\xe0" + b"\x01" * 12,  # an item header whose length runs past the value
+        _item(b"\x10\x00\x10\x00\xff\xff\x00\x00abcd"),  # an item whose element does not fit
+        _item(_implicit(0x00100010, SECRET, b"PN")) + b"\x00\x00",  # trailing bytes after items
+    ],
+    ids=["length-past-end", "bad-element", "trailing-bytes"],
+)
+def test_values_that_only_start_like_items_stay_opaque(value):
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", value))], implicit=False)
+    out, ds = _anonymize(data)
+    assert ds[UNKNOWN_PUBLIC].VR == "UN"
+    assert ds[UNKNOWN_PUBLIC].value == value  # unchanged, and no error for the file
+
+
+def test_too_many_items_of_unknown_vr_fail_the_file_instead_of_filling_memory():
+    """8-byte empty items would each become a Dataset: a few megabytes, gigabytes of objects."""
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * (engine._MAX_OPAQUE_ITEMS + 1)
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", items))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "too_large"
+    assert str(info.value) == (f"(0018,9999): a value of unknown VR holding {engine._MAX_OPAQUE_ITEMS + 1} "
+                               f"items (more than {engine._MAX_OPAQUE_ITEMS}), too many to de-identify")
+    # At the limit it is walked (empty items: nothing to change, the bytes stay as they were).
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * engine._MAX_OPAQUE_ITEMS
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", items))], implicit=False)
+    _, ds = _anonymize(data)
+    assert ds[UNKNOWN_PUBLIC].VR == "UN" and ds[UNKNOWN_PUBLIC].value == items
