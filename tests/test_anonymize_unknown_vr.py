@@ -185,3 +185,38 @@ def test_too_many_items_of_unknown_vr_fail_the_file_instead_of_filling_memory():
     data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", items))], implicit=False)
     _, ds = _anonymize(data)
     assert ds[UNKNOWN_PUBLIC].VR == "UN" and ds[UNKNOWN_PUBLIC].value == items
+
+
+def _many_items_then_one_for_the_object_walk(empty: int) -> bytes:
+    """ReferencedImageSequence: ``empty`` empty items, then one holding an item-shaped UN value
+    (which the byte-level walk leaves to the object walk, for the whole sequence)."""
+    odd = _item(_explicit(UNKNOWN_PUBLIC, b"UN", _item(b"")))
+    value = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * empty + odd
+    return _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", value))], implicit=False)
+
+
+def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
+    """A crafted file of 8 MB of empty items took ~1 GB in the object walk; it now stops at
+    MAX_WALKED_ITEMS items (bounded memory) and the file fails as too_large."""
+    monkeypatch.setattr(engine, "MAX_WALKED_ITEMS", 1000)
+    fits = _many_items_then_one_for_the_object_walk(998)  # 999 items, and 1 nested: 1000
+    _, ds = _anonymize(fits)
+    assert len(ds.ReferencedImageSequence) == 999
+    built: list[int] = []
+    original = engine._items
+
+    def spy(*args, **kwargs):
+        try:
+            result = original(*args, **kwargs)
+        except InputError:
+            built.append(-1)
+            raise
+        built.append(len(result))
+        return result
+
+    monkeypatch.setattr(engine, "_items", spy)
+    with pytest.raises(InputError) as info:
+        apply(DEFAULT, dicomio.read_dataset(_many_items_then_one_for_the_object_walk(1000)), KEY)
+    assert info.value.reason == "too_large"
+    assert str(info.value) == "more than 1000 sequence items to de-identify in one file"
+    assert built == [-1]  # stopped while parsing, not after building every item

@@ -121,6 +121,11 @@ _MAYBE_SQ_VRS = frozenset({"SQ", "UN", None})
 #: value that holds items (PS3.5 6.2.2: a UN sequence is encoded in implicit VR little endian).
 _LE_ITEM_START = b"\xfe\xff\x00\xe0"
 _MAX_OPAQUE_ITEMS = 10_000
+#: Sequence items the object walk may build for one data set. Each becomes a Dataset (about
+#: 1 KB even when the item is 8 bytes), so a crafted file of a few megabytes of empty items
+#: would take gigabytes; real files stay far below (an enhanced CT of 5,000 frames: ~50,000).
+#: The byte-level walk builds no objects and has no such limit.
+MAX_WALKED_ITEMS = 200_000
 
 
 def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
@@ -268,6 +273,7 @@ class _Run:
         self.headers = _HEADER_PACKERS[self.little]
         self.byte_memo: dict[tuple, bytes] = {}  # mapped identifiers of this dataset
         self.sequences_memo: dict[tuple, tuple] = {}  # nested sequences of this dataset
+        self.items_left = MAX_WALKED_ITEMS  # items the object walk may still build (see there)
         self.delimiter = _SEQUENCE_DELIMITER[self.little]
         self.forced: dict[tuple[str, str], str] = {}
         self.result = self._run()
@@ -549,7 +555,7 @@ class _Run:
                 elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
             # Only shaped like items (see _may_hold_items): walked if it really is a run of
             # items, otherwise opaque bytes, never an error.
-            items = _opaque_items(elem, _character_set(holder), len(parents))
+            items = _opaque_items(elem, _character_set(holder), len(parents), self.items_left)
             if items is None:
                 return None
             fresh = True
@@ -557,7 +563,7 @@ class _Run:
             items = None
             if elem.VR == "SQ" or (elem.VR is None and elem.is_implicit_VR):
                 items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
-                                    _character_set(holder), len(parents))
+                                    _character_set(holder), len(parents), self.items_left)
             if items is None:  # a layout the item scanner leaves to pydicom (e.g. UN)
                 try:
                     parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
@@ -571,11 +577,14 @@ class _Run:
                 if parsed.VR != "SQ":
                     return None
                 items = parsed.value
+                _check_walked(len(items), self.items_left)
             fresh = True
         elif elem.VR == "SQ":
             items, fresh = elem.value, False
         else:
             return None
+        if fresh:
+            self.items_left -= len(items)
         new_items = None
         for index, item in enumerate(items):
             new = self._walk_item(item, parents + ((tag, index),), fresh)
@@ -980,7 +989,8 @@ class _Run:
         return self._walk_sequence(elem, tag, parents, holder)
 
 
-def _opaque_items(elem: RawDataElement, charset: Any, depth: int) -> list[Dataset] | None:
+def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
+                  limit: int = MAX_WALKED_ITEMS) -> list[Dataset] | None:
     """The items of a value pydicom reads as bytes (a defined-length UN, or an implicit-VR tag
     the dictionary does not know) when those bytes are exactly a run of implicit VR little
     endian items, as PS3.5 6.2.2 encodes a sequence of unknown VR; None for anything else
@@ -1010,6 +1020,7 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int) -> list[Datase
                          "de-identify", reason="too_large")
     # Implicit VR as the standard says; explicit VR little endian as some writers leave it
     # (an explicit-VR sequence whose VR alone was lost).
+    _check_walked(count, limit)
     for implicit in ((True,) if elem.is_implicit_VR else (True, False)):
         try:
             return _items(data, 0, len(data), implicit, True, charset, depth)
@@ -1181,23 +1192,29 @@ _BYTE_STRUCTS = {
 
 
 def parse_items(data: bytes | None, implicit: bool, little: bool, charset: Any,
-                depth: int = 0) -> list[Dataset] | None:
+                depth: int = 0, limit: int | None = None) -> list[Dataset] | None:
     """The items of a raw sequence value as Datasets of raw elements (None: use pydicom).
 
     Raises:
         InputError: ``truncated`` when a length runs past the value, ``too_deep`` beyond
-            64 nested levels.
+            64 nested levels, ``too_large`` beyond ``limit`` items.
     """
     if data is None:
         return None
     try:
-        return _items(data, 0, len(data), implicit, little, charset, depth)
+        return _items(data, 0, len(data), implicit, little, charset, depth, limit)
     except (_Unusual, struct.error):
         return None
 
 
+def _check_walked(count: int, limit: int | None) -> None:
+    if limit is not None and count > limit:
+        raise InputError(f"more than {MAX_WALKED_ITEMS} sequence items to de-identify in one "
+                         "file", reason="too_large")
+
+
 def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charset: Any,
-           depth: int) -> list[Dataset]:
+           depth: int, limit: int | None = None) -> list[Dataset]:
     tag_len = _STRUCTS["<" if little else ">"][0]
     items = []
     while pos < end:
@@ -1235,6 +1252,8 @@ def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charse
             attrs["_is_little_endian"] = little
         attrs["is_undefined_length_sequence_item"] = length == _UNDEFINED
         items.append(item)
+        if limit is not None and len(items) > limit:
+            _check_walked(len(items), limit)
     return items
 
 
