@@ -7,6 +7,10 @@ opaque bytes. Orthanc leaves such values alone, so a PatientName or an original 
 in them survived anonymization (with ``KeepPrivateTags``, or in an unknown public tag). Here
 the nested rules apply to them as to any sequence, and a value that only starts like an item
 stays as it is.
+
+Building item objects costs ~1 KB per item however small the item: the last tests pin the
+per-file limit (``paths.MAX_WALKED_ITEMS``) on every path that builds them (the object walk,
+values of unknown VR, sequences named by ``Replace``/``Remove`` paths).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import struct
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from transforms import dicomio, engine
+from transforms import dicomio, engine, paths
 from transforms.engine import apply
 from transforms.errors import InputError
 from transforms.identity import Key
@@ -198,7 +202,7 @@ def _many_items_then_one_for_the_object_walk(empty: int) -> bytes:
 def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
     """A crafted file of 8 MB of empty items took ~1 GB in the object walk; it now stops at
     MAX_WALKED_ITEMS items (bounded memory) and the file fails as too_large."""
-    monkeypatch.setattr(engine, "MAX_WALKED_ITEMS", 1000)
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 1000)
     fits = _many_items_then_one_for_the_object_walk(998)  # 999 items, and 1 nested: 1000
     _, ds = _anonymize(fits)
     assert len(ds.ReferencedImageSequence) == 999
@@ -220,3 +224,35 @@ def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
     assert info.value.reason == "too_large"
     assert str(info.value) == "more than 1000 sequence items to de-identify in one file"
     assert built == [-1]  # stopped while parsing, not after building every item
+
+
+def test_sequences_named_by_paths_are_bounded_too(monkeypatch):
+    """modify with a [*] path decodes the sequence it names (pydicom): refused before it
+    builds more items than the limit (the crafted 8 MB file took 1.5 GB and 55 s)."""
+    from transforms.request import parse_modify
+
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 1000)
+    plan = parse_modify({"Replace": {"ReferencedImageSequence[*].ReferencedSOPClassUID": CT}})
+    empty = struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+    fits = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", empty * 1000))], implicit=False)
+    _, ds = _anonymize(fits, plan)
+    assert len(ds.ReferencedImageSequence) == 1000
+    assert {item.ReferencedSOPClassUID for item in ds.ReferencedImageSequence} == {CT}
+    built: list[int] = []
+    original = engine._items
+
+    def spy(*args, **kwargs):
+        try:
+            result = original(*args, **kwargs)
+        except InputError:
+            built.append(-1)
+            raise
+        built.append(len(result))
+        return result
+
+    monkeypatch.setattr(engine, "_items", spy)
+    too_many = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", empty * 1001))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(plan, dicomio.read_dataset(too_many), KEY)
+    assert (info.value.reason, str(info.value)) == ("too_large", "more than 1000 sequence items to de-identify in one file")
+    assert built == [-1]  # counted (at most 1001 built) before pydicom decoded anything

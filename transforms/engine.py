@@ -74,6 +74,7 @@ from pydicom.tag import BaseTag
 
 from transforms.errors import InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
+from transforms import paths
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
 from transforms.request import Plan, basic_profile_code
 from transforms.tags import (
@@ -121,11 +122,6 @@ _MAYBE_SQ_VRS = frozenset({"SQ", "UN", None})
 #: value that holds items (PS3.5 6.2.2: a UN sequence is encoded in implicit VR little endian).
 _LE_ITEM_START = b"\xfe\xff\x00\xe0"
 _MAX_OPAQUE_ITEMS = 10_000
-#: Sequence items the object walk may build for one data set. Each becomes a Dataset (about
-#: 1 KB even when the item is 8 bytes), so a crafted file of a few megabytes of empty items
-#: would take gigabytes; real files stay far below (an enhanced CT of 5,000 frames: ~50,000).
-#: The byte-level walk builds no objects and has no such limit.
-MAX_WALKED_ITEMS = 200_000
 
 
 def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
@@ -273,7 +269,7 @@ class _Run:
         self.headers = _HEADER_PACKERS[self.little]
         self.byte_memo: dict[tuple, bytes] = {}  # mapped identifiers of this dataset
         self.sequences_memo: dict[tuple, tuple] = {}  # nested sequences of this dataset
-        self.items_left = MAX_WALKED_ITEMS  # items the object walk may still build (see there)
+        self.items_left = paths.MAX_WALKED_ITEMS  # items the object walk may still build
         self.delimiter = _SEQUENCE_DELIMITER[self.little]
         self.forced: dict[tuple[str, str], str] = {}
         self.result = self._run()
@@ -990,7 +986,7 @@ class _Run:
 
 
 def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
-                  limit: int = MAX_WALKED_ITEMS) -> list[Dataset] | None:
+                  limit: int | None = None) -> list[Dataset] | None:
     """The items of a value pydicom reads as bytes (a defined-length UN, or an implicit-VR tag
     the dictionary does not know) when those bytes are exactly a run of implicit VR little
     endian items, as PS3.5 6.2.2 encodes a sequence of unknown VR; None for anything else
@@ -1209,7 +1205,7 @@ def parse_items(data: bytes | None, implicit: bool, little: bool, charset: Any,
 
 def _check_walked(count: int, limit: int | None) -> None:
     if limit is not None and count > limit:
-        raise InputError(f"more than {MAX_WALKED_ITEMS} sequence items to de-identify in one "
+        raise InputError(f"more than {paths.MAX_WALKED_ITEMS} sequence items to de-identify in one "
                          "file", reason="too_large")
 
 

@@ -13,6 +13,7 @@ into them, so the input dataset is never modified.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -138,6 +139,16 @@ def shallow_copy(ds: Dataset) -> Dataset:
     return new
 
 
+#: Sequence items one data set's de-identification may build as objects (the object walk of
+#: the nested pass, the sequences that paths name). Each becomes a Dataset (about 1 KB even
+#: when the item is 8 bytes), so a crafted file of a few megabytes of empty items would take
+#: gigabytes; real files stay far below (an enhanced CT of 5,000 frames: ~50,000). The
+#: byte-level walk builds no objects and has no such limit.
+MAX_WALKED_ITEMS = 200_000
+
+_ITEM_TAG_BYTES = {True: b"\xfe\xff\x00\xe0", False: b"\xff\xfe\xe0\x00"}  # by little endian
+
+
 class Workspace:
     """Copy-on-write bookkeeping for one output dataset.
 
@@ -148,6 +159,7 @@ class Workspace:
     def __init__(self, root: Dataset) -> None:
         self._owned: set[int] = {id(root)}
         self._owned_elements: set[int] = set()
+        self.items_left = MAX_WALKED_ITEMS
 
     def owns(self, ds: Dataset) -> bool:
         return id(ds) in self._owned
@@ -175,10 +187,12 @@ class Workspace:
         if current is None:
             return None
         if isinstance(current, RawDataElement):
+            self._check_item_count(current)
             # Parsing a raw element yields new objects that nobody else sees.
             elem = ds[tag]
             if elem.VR != "SQ":
                 return None
+            self.items_left -= len(elem.value)
             self._owned_elements.add(id(elem))
             self._owned.update(id(item) for item in elem.value)
             return elem.value
@@ -193,6 +207,24 @@ class Workspace:
         self._owned_elements.add(id(elem))
         self._owned.update(id(item) for item in copies)
         return elem.value
+
+    def _check_item_count(self, raw: RawDataElement) -> None:
+        """Refuse a raw sequence with more items than this data set may still build, before
+        pydicom builds them all.
+
+        Raises:
+            InputError: ``too_large``.
+        """
+        value = raw.value
+        if type(value) is not bytes or value.count(_ITEM_TAG_BYTES[raw.is_little_endian]) <= self.items_left:
+            return  # the item tag's bytes (nested items included) bound the count: the usual case
+        from transforms import engine  # engine imports this module
+
+        try:  # count the items for real, building at most items_left + 1 of them
+            engine._items(value, 0, len(value), raw.is_implicit_VR, raw.is_little_endian, None, 0,
+                          max(self.items_left, 0))
+        except (engine._Unusual, struct.error):
+            pass  # a layout only pydicom reads: left to it
 
     def owned_element(self, elem: DataElement) -> DataElement:
         """Record a new element (e.g. a built replacement) as owned."""
