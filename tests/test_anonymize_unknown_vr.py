@@ -256,3 +256,15 @@ def test_sequences_named_by_paths_are_bounded_too(monkeypatch):
         apply(plan, dicomio.read_dataset(too_many), KEY)
     assert (info.value.reason, str(info.value)) == ("too_large", "more than 1000 sequence items to de-identify in one file")
     assert built == [-1]  # counted (at most 1001 built) before pydicom decoded anything
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr-un"])
+def test_known_tag_of_another_vr_is_never_taken_for_items(implicit):
+    """RedPaletteColorLookupTableData (OW, which the profile keeps) whose bytes happen to be a
+    run of items: the dictionary says what it is, so it is copied as it is."""
+    tag = 0x00281201
+    value = _secret_item(implicit=True)
+    element = _implicit(tag, value, b"OW") if implicit else _explicit(tag, b"UN", value)
+    out, ds = _anonymize(_file([(tag, element)], implicit=implicit))
+    assert ds[tag].value == value
+    assert out.count(SECRET) == 1

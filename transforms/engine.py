@@ -72,9 +72,9 @@ from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
+from transforms import paths
 from transforms.errors import InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
-from transforms import paths
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
 from transforms.request import Plan, basic_profile_code
 from transforms.tags import (
@@ -126,11 +126,18 @@ _MAX_OPAQUE_ITEMS = 10_000
 
 def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
     """A raw element the nested pass must look into: SQ, undefined length, a sequence tag of
-    the dictionary, or a defined-length value of another VR (UN, or no VR in implicit VR)
-    that starts like an item, as an unknown (or private) sequence written as UN does."""
+    the dictionary, or a defined-length value of a tag the dictionary does not know (private
+    or newer) that starts like an item, as such a sequence written as UN (or in implicit VR)
+    does."""
     return (elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS
-            or (type(elem.value) is bytes and elem.value.startswith(_LE_ITEM_START)
-                and tag != _PIXEL_DATA))
+            or (type(elem.value) is bytes and _item_shaped(elem.value, 0, len(elem.value), tag)))
+
+
+def _item_shaped(data: bytes, start: int, end: int, tag: int) -> bool:
+    """Whether ``data[start:end]``, the value of ``tag``, may be the items of a sequence the
+    file does not call one: it starts with an item tag and the dictionary does not know the
+    tag (a known tag has its VR, and pydicom reads a known sequence stored as UN itself)."""
+    return data.startswith(_LE_ITEM_START, start, end) and _dict_vr(tag) is None
 
 # Markers of the per-plan action tables.
 _DELETE = object()
@@ -790,8 +797,7 @@ class _Run:
                         raise _Unusual
                     if action is _PLAIN:
                         if vr != "SQ":
-                            if (vr is None or vr == "UN") and tag != _PIXEL_DATA and \
-                                    data.startswith(_LE_ITEM_START, pos, value_end):
+                            if (vr is None or vr == "UN") and _item_shaped(data, pos, value_end, tag):
                                 raise _Unusual  # may be items of unknown VR: _opaque_items
                             pos = value_end
                             continue
@@ -997,7 +1003,7 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
     like to any sequence (and the element is written back as SQ when something changed).
     """
     data = elem.value
-    if type(data) is not bytes or data[:4] != _LE_ITEM_START or elem.length == _UNDEFINED:
+    if type(data) is not bytes or not data.startswith(_LE_ITEM_START) or elem.length == _UNDEFINED:
         return None
     pos, end, count = 0, len(data), 0
     while pos < end:  # items of defined length that tile the value exactly
@@ -1014,9 +1020,9 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
         raise InputError(f"({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}): a value of unknown VR "
                          f"holding {count} items (more than {_MAX_OPAQUE_ITEMS}), too many to "
                          "de-identify", reason="too_large")
+    _check_walked(count, limit)
     # Implicit VR as the standard says; explicit VR little endian as some writers leave it
     # (an explicit-VR sequence whose VR alone was lost).
-    _check_walked(count, limit)
     for implicit in ((True,) if elem.is_implicit_VR else (True, False)):
         try:
             return _items(data, 0, len(data), implicit, True, charset, depth)
