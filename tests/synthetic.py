@@ -4,7 +4,8 @@
 FrameOfReferenceUID, an RTSTRUCT whose contours reference those slices, and a Comprehensive SR
 whose evidence and content reference the CT and the RTSTRUCT. Identifying values are planted
 in standard elements at top level, in nested sequences (including sequences no profile
-removes), in private elements (top level, nested, inside a private sequence, in an OB) and in
+removes), in private elements (top level, nested, inside a private sequence, in the same
+sequence written as UN with a defined length, in an OB) and in
 curve/overlay groups. Everything is deterministic from ``seed``: UIDs, pixels, file bytes.
 
 - ``PLANTED``: every planted PHI string (with the default ``patient_name``/``patient_id``),
@@ -18,6 +19,7 @@ curve/overlay groups. Everything is deterministic from ``seed``: UIDs, pixels, f
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from io import BytesIO
 from pathlib import Path
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID_dictionary,
@@ -193,6 +197,22 @@ def _private(ds: Dataset, group: int, nested_pn: str) -> None:
     block.add_new(0x13, "OB", PHI["private_ob"].encode("ascii"))
     inner = _item(PatientName=nested_pn, ImageComments=PHI["private_in_private_seq"])
     block.add_new(0x14, "SQ", DicomSequence([inner]))
+    # The same sequence as a converter that lost its VR writes it: UN, defined length, items
+    # in implicit VR little endian (PS3.5 6.2.2); a reader sees bytes unless it looks inside.
+    block.add_new(0x15, "UN", _implicit_items(inner))
+
+
+def _implicit_items(*items: Dataset) -> bytes:
+    """``items`` as the value of a sequence of unknown VR: defined-length items, implicit VR
+    little endian."""
+    out = b""
+    for item in items:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, True
+        write_dataset(buffer, item)
+        body = buffer.getvalue()
+        out += struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body
+    return out
 
 
 def _ct(seed: int, index: int, ids: dict[str, str], rows: int, columns: int,

@@ -78,6 +78,11 @@ DELIBERATE_DIFFERENCES: list[Deliberate] = [
     deliberate("PatientName", ["uid-structure"], "nested",
                reason="a nested PatientName is pseudonymized like the top-level one; "
                       "Orthanc leaks it (orthanc-behavior.md 5.7)"),
+    deliberate(0x00011015, ["vr"], "top", mask=0x0001FFFF, ours="SQ", reference="UN",
+               sample="synthetic",
+               reason="a kept private sequence written as UN with a defined length (the "
+                      "synthetic studies' gggg,1015) gets the nested pass and is written back "
+                      "as SQ; Orthanc copies its bytes, the planted PatientName included"),
     deliberate(0x50000000, ["missing"], "top", mask=0xFF000000,
                reason="curve data (50xx,xxxx) removed at top level too, as PS3.15 says; "
                       "Orthanc only removes nested occurrences (orthanc-behavior.md 5.8)"),

@@ -170,7 +170,7 @@ def test_second_patient(tmp_path):
     other = make_study(seed=7, patient_name="SECONDFAMILY^PAT", patient_id="PID-SECOND-2")
     blob = b"".join(dataset_bytes(ds) for ds in other)
     assert PATIENT_NAME.encode() not in blob and PATIENT_ID.encode() not in blob
-    assert blob.count(b"SECONDFAMILY^PAT") == 3 * 5  # top level, nested, private sequence in 5 objects
+    assert blob.count(b"SECONDFAMILY^PAT") == 4 * 5  # top level, nested, private sequence (SQ, UN) in 5 objects
     assert {ds.PatientID for ds in other} == {"PID-SECOND-2"}
 
 
