@@ -149,6 +149,25 @@ MAX_WALKED_ITEMS = 200_000
 _ITEM_TAG_BYTES = {True: b"\xfe\xff\x00\xe0", False: b"\xff\xfe\xe0\x00"}  # by little endian
 
 
+def check_item_count(raw: RawDataElement, items_left: int) -> None:
+    """Refuse a raw sequence with more items than ``items_left`` before pydicom decodes it
+    (and builds every item).
+
+    Raises:
+        InputError: ``too_large``.
+    """
+    value = raw.value
+    if type(value) is not bytes or value.count(_ITEM_TAG_BYTES[raw.is_little_endian]) <= items_left:
+        return  # the item tag's bytes (nested items included) bound the count: the usual case
+    from transforms import engine  # engine imports this module
+
+    try:  # count the items for real, building at most items_left + 1 of them
+        engine._items(value, 0, len(value), bool(raw.is_implicit_VR), raw.is_little_endian, None, 0,
+                      max(items_left, 0))
+    except (engine._Unusual, struct.error):
+        pass  # a layout only pydicom reads: left to it
+
+
 class Workspace:
     """Copy-on-write bookkeeping for one output dataset.
 
@@ -187,7 +206,7 @@ class Workspace:
         if current is None:
             return None
         if isinstance(current, RawDataElement):
-            self._check_item_count(current)
+            check_item_count(current, self.items_left)
             # Parsing a raw element yields new objects that nobody else sees.
             elem = ds[tag]
             if elem.VR != "SQ":
@@ -207,24 +226,6 @@ class Workspace:
         self._owned_elements.add(id(elem))
         self._owned.update(id(item) for item in copies)
         return elem.value
-
-    def _check_item_count(self, raw: RawDataElement) -> None:
-        """Refuse a raw sequence with more items than this data set may still build, before
-        pydicom builds them all.
-
-        Raises:
-            InputError: ``too_large``.
-        """
-        value = raw.value
-        if type(value) is not bytes or value.count(_ITEM_TAG_BYTES[raw.is_little_endian]) <= self.items_left:
-            return  # the item tag's bytes (nested items included) bound the count: the usual case
-        from transforms import engine  # engine imports this module
-
-        try:  # count the items for real, building at most items_left + 1 of them
-            engine._items(value, 0, len(value), raw.is_implicit_VR, raw.is_little_endian, None, 0,
-                          max(self.items_left, 0))
-        except (engine._Unusual, struct.error):
-            pass  # a layout only pydicom reads: left to it
 
     def owned_element(self, elem: DataElement) -> DataElement:
         """Record a new element (e.g. a built replacement) as owned."""

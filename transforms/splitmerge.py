@@ -51,6 +51,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
+from transforms import paths
 from transforms.dicomio import peek, shallow_copy
 from transforms.errors import RequestError, json_type
 from transforms.identity import Key
@@ -647,6 +648,7 @@ class _Remapper:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
+        self.items_left = paths.MAX_WALKED_ITEMS  # items decoding may still build (paths.py)
 
     def _uids(self, item: Dataset, tag: int, elem: Any) -> list[str]:
         if isinstance(elem, RawDataElement):
@@ -660,8 +662,10 @@ class _Remapper:
 
     def _items(self, item: Dataset, tag: int, elem: Any) -> Sequence[Dataset]:
         if isinstance(elem, RawDataElement):
+            paths.check_item_count(elem, self.items_left)
             elem = convert_raw_data_element(elem, encoding=item._character_set, ds=item)
             item._dict[tag] = elem  # ``item`` belongs to a private copy (see apply)
+            self.items_left -= len(elem.value or ())
         return elem.value or ()
 
     def flags(self, item: Dataset, memo: dict[int, tuple[bool, bool]]) -> tuple[bool, bool]:
