@@ -173,6 +173,7 @@ def test_values_that_only_start_like_items_stay_opaque(value):
     out, ds = _anonymize(data)
     assert ds[UNKNOWN_PUBLIC].VR == "UN"
     assert ds[UNKNOWN_PUBLIC].value == value  # unchanged, and no error for the file
+    assert out.count(value) == 1
 
 
 def test_too_many_items_of_unknown_vr_fail_the_file_instead_of_filling_memory():
