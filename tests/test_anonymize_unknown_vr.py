@@ -10,7 +10,8 @@ stays as it is.
 
 Building item objects costs ~1 KB per item however small the item: the last tests pin the
 per-file limit (``paths.MAX_WALKED_ITEMS``) on every path that builds them (the object walk,
-values of unknown VR, sequences named by ``Replace``/``Remove`` paths).
+values of unknown VR, sequences named by ``Replace``/``Remove`` paths), and that the
+byte-level walk keeps no object per unchanged item.
 """
 
 from __future__ import annotations
@@ -269,3 +270,56 @@ def test_known_tag_of_another_vr_is_never_taken_for_items(implicit):
     out, ds = _anonymize(_file([(tag, element)], implicit=implicit))
     assert ds[tag].value == value
     assert out.count(SECRET) == 1
+
+
+def test_walked_items_that_cannot_be_re_encoded_fail_the_file_without_quoting_values():
+    """Items read from a UN value in an explicit VR file are re-encoded in explicit VR; an
+    element whose value does not fit its VR (26 bytes for FL) fails the file as
+    invalid_value, naming the tag only (pydicom's own error quotes the value)."""
+    inner = _item(_implicit(0x00100010, SECRET, b"PN") + _implicit(0x00220010, b"PLANTEDFAMILY^PLANTEDGIVEN", b"FL"))
+    data = _file([(PRIVATE_CREATOR, _explicit(PRIVATE_CREATOR, b"LO", b"ACME")),
+                  (PRIVATE_SQ, _explicit(PRIVATE_SQ, b"UN", inner))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(KEEP_PRIVATE, dicomio.read_dataset(data), KEY)
+    assert (info.value.reason, str(info.value)) == (
+        "invalid_value", "(0022,0010) cannot be re-encoded: its value does not fit its VR")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # In implicit VR the same items keep their bytes: written, the name pseudonymized.
+    data = _file([(PRIVATE_CREATOR, _implicit(PRIVATE_CREATOR, b"ACME")),
+                  (PRIVATE_SQ, _implicit(PRIVATE_SQ, inner))], implicit=True)
+    out, _ = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and b"PLANTEDFAMILY^PLANTEDGIVEN" in out
+
+
+@pytest.mark.parametrize("defined", [True, False], ids=["defined-length-items", "undefined-length-items"])
+def test_byte_walk_memory_does_not_grow_with_unchanged_items(defined):
+    """20,000 empty items and one that changes, walked on the bytes: no object per unchanged
+    item (a tuple per item took ~180 bytes each; 20,000 of them ~3.6 MB)."""
+    import tracemalloc
+
+    empty = (struct.pack("<HHL", 0xFFFE, 0xE000, 0) if defined else
+             struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))
+    changed = _item(_explicit(0x00100010, b"PN", SECRET))
+    value = empty * 20_000 + changed
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", value))], implicit=False)
+    ds = dicomio.read_dataset(data)
+    seen: list = []
+    original = engine._Run._byte_sequence
+
+    def spy(self, elem, tag):
+        seen.append(result := original(self, elem, tag))
+        return result
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine._Run, "_byte_sequence", spy)
+            new = apply(DEFAULT, ds, KEY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen and seen[0] is not engine._FALLBACK  # the byte-level walk did it
+    assert len(new.ReferencedImageSequence) == 20_001
+    assert new.ReferencedImageSequence[20_000].PatientName == KEY.patient_name("Nested^Secret")
+    assert peak < 3 * len(value) + (2 << 20), peak  # the input and the output, about
