@@ -37,6 +37,8 @@ SECRET = b"Nested^Secret"
 UNKNOWN_PUBLIC = 0x00189999  # not in the dictionary
 PRIVATE_CREATOR, PRIVATE_SQ = 0x00090010, 0x00091001  # block 0x10 of "ACME"
 REFERENCED_IMAGE_SQ = 0x00081140
+TOO_MANY = ("too many sequence items to de-identify in one file (at most 1000, or one per 64 bytes "
+            "of a sequence)")  # with MAX_WALKED_ITEMS patched to 1000
 
 
 def _pad(value: bytes, vr: bytes) -> bytes:
@@ -224,7 +226,7 @@ def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
     with pytest.raises(InputError) as info:
         apply(DEFAULT, dicomio.read_dataset(_many_items_then_one_for_the_object_walk(1000)), KEY)
     assert info.value.reason == "too_large"
-    assert str(info.value) == "more than 1000 sequence items to de-identify in one file"
+    assert str(info.value) == TOO_MANY
     assert built == [-1]  # stopped while parsing, not after building every item
 
 
@@ -256,7 +258,7 @@ def test_sequences_named_by_paths_are_bounded_too(monkeypatch):
     too_many = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", empty * 1001))], implicit=False)
     with pytest.raises(InputError) as info:
         apply(plan, dicomio.read_dataset(too_many), KEY)
-    assert (info.value.reason, str(info.value)) == ("too_large", "more than 1000 sequence items to de-identify in one file")
+    assert (info.value.reason, str(info.value)) == ("too_large", TOO_MANY)
     assert built == [-1]  # counted (at most 1001 built) before pydicom decoded anything
 
 
@@ -323,3 +325,21 @@ def test_byte_walk_memory_does_not_grow_with_unchanged_items(defined):
     assert len(new.ReferencedImageSequence) == 20_001
     assert new.ReferencedImageSequence[20_000].PatientName == KEY.patient_name("Nested^Secret")
     assert peak < 3 * len(value) + (2 << 20), peak  # the input and the output, about
+
+
+def test_a_large_sequence_may_build_one_item_per_64_bytes_beyond_the_file_limit(monkeypatch):
+    """Real sequences of many items are large (a slide's per-frame items: ~200 bytes each):
+    past the per-file limit a sequence may still build one item per 64 bytes of its value."""
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 100)
+    plan = parse_anonymize({"Keep": ["ReferencedImageSequence[0].ReferencedSOPClassUID"]})  # the object walk
+    reference = _item(_explicit(0x00081150, b"UI", CT.encode()) + _explicit(0x00081155, b"UI", OTHER_SOP.encode()))
+    assert len(reference) >= 64
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", reference * 500))], implicit=False)
+    _, ds = _anonymize(data, plan)  # 500 items > 100, in 500 x 80 bytes: allowed
+    assert len(ds.ReferencedImageSequence) == 500
+    assert {i.ReferencedSOPInstanceUID for i in ds.ReferencedImageSequence} == {KEY.uid("anonymize.instance", OTHER_SOP)}
+    small = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * 500  # 500 empty items in 4,000 bytes: 62 allowed
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", small + reference))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(plan, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "too_large"

@@ -558,7 +558,8 @@ class _Run:
                 elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
             # Only shaped like items (see _may_hold_items): walked if it really is a run of
             # items, otherwise opaque bytes, never an error.
-            items = _opaque_items(elem, _character_set(holder), len(parents), self.items_left)
+            items = _opaque_items(elem, _character_set(holder), len(parents),
+                                  paths.item_allowance(elem.value, self.items_left))
             if items is None:
                 return None
             fresh = True
@@ -566,7 +567,8 @@ class _Run:
             items = None
             if elem.VR == "SQ" or (elem.VR is None and elem.is_implicit_VR):
                 items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
-                                    _character_set(holder), len(parents), self.items_left)
+                                    _character_set(holder), len(parents),
+                                    paths.item_allowance(elem.value, self.items_left))
             if items is None:  # a layout the item scanner leaves to pydicom (e.g. UN)
                 try:
                     parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
@@ -580,7 +582,7 @@ class _Run:
                 if parsed.VR != "SQ":
                     return None
                 items = parsed.value
-                _check_walked(len(items), self.items_left)
+                _check_walked(len(items), paths.item_allowance(elem.value, self.items_left))
             fresh = True
         elif elem.VR == "SQ":
             items, fresh = elem.value, False
@@ -1248,8 +1250,7 @@ def parse_items(data: bytes | None, implicit: bool, little: bool, charset: Any,
 
 def _check_walked(count: int, limit: int | None) -> None:
     if limit is not None and count > limit:
-        raise InputError(f"more than {paths.MAX_WALKED_ITEMS} sequence items to de-identify in one "
-                         "file", reason="too_large")
+        raise paths.too_many_items()
 
 
 def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charset: Any,

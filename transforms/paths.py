@@ -21,7 +21,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from transforms.errors import RequestError
+from transforms.errors import InputError, RequestError
 from transforms.tags import PrivateDictionary, parse_tag
 
 Parent = tuple[int, int | None]  # (sequence tag, item index or None for [*])
@@ -142,28 +142,46 @@ def shallow_copy(ds: Dataset) -> Dataset:
 #: Sequence items one data set's de-identification may build as objects (the object walk of
 #: the nested pass, the sequences that paths name). Each becomes a Dataset (about 1 KB even
 #: when the item is 8 bytes), so a crafted file of a few megabytes of empty items would take
-#: gigabytes; real files stay far below (an enhanced CT of 5,000 frames: ~50,000). The
-#: byte-level walk builds no objects and has no such limit.
+#: gigabytes; real files stay far below (an enhanced CT of 5,000 frames: ~50,000). Beyond it a
+#: sequence may still build one item per ``BYTES_PER_ITEM`` bytes of its own value, so a large
+#: real one (a slide's 300,000 per-frame items of ~200 bytes) is walked, in memory that grows
+#: with the file, while millions of 8-byte items are not. The byte-level walk builds no objects
+#: and has no such limit.
 MAX_WALKED_ITEMS = 200_000
+BYTES_PER_ITEM = 64
 
 _ITEM_TAG_BYTES = {True: b"\xfe\xff\x00\xe0", False: b"\xff\xfe\xe0\x00"}  # by little endian
 
 
+def item_allowance(value: object, items_left: int) -> int:
+    """How many items decoding ``value``, a raw sequence's bytes, may build when the data set
+    may still build ``items_left`` (see ``MAX_WALKED_ITEMS``)."""
+    size = len(value) if isinstance(value, (bytes, bytearray, memoryview)) else 0
+    return max(items_left, size // BYTES_PER_ITEM, 0)
+
+
+def too_many_items() -> InputError:
+    return InputError(f"too many sequence items to de-identify in one file (at most "
+                      f"{MAX_WALKED_ITEMS}, or one per {BYTES_PER_ITEM} bytes of a sequence)",
+                      reason="too_large")
+
+
 def check_item_count(raw: RawDataElement, items_left: int) -> None:
-    """Refuse a raw sequence with more items than ``items_left`` before pydicom decodes it
-    (and builds every item).
+    """Refuse a raw sequence with more items than it may build (:func:`item_allowance`)
+    before pydicom decodes it (and builds every item).
 
     Raises:
         InputError: ``too_large``.
     """
     value = raw.value
-    if type(value) is not bytes or value.count(_ITEM_TAG_BYTES[raw.is_little_endian]) <= items_left:
+    allowance = item_allowance(value, items_left)
+    if type(value) is not bytes or value.count(_ITEM_TAG_BYTES[raw.is_little_endian]) <= allowance:
         return  # the item tag's bytes (nested items included) bound the count: the usual case
     from transforms import engine  # engine imports this module
 
-    try:  # count the items for real, building at most items_left + 1 of them
+    try:  # count the items for real, building at most allowance + 1 of them
         engine._items(value, 0, len(value), bool(raw.is_implicit_VR), raw.is_little_endian, None, 0,
-                      max(items_left, 0))
+                      allowance)
     except (engine._Unusual, struct.error):
         pass  # a layout only pydicom reads: left to it
 
