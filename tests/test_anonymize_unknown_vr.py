@@ -62,7 +62,7 @@ def _item(body: bytes) -> bytes:
 
 
 def _secret_item(implicit: bool) -> bytes:
-    """An item naming the patient and referencing this instance (and another one)."""
+    """An item naming a patient (SECRET) and referencing this instance."""
     if implicit:
         return _item(_implicit(0x00081150, CT.encode(), b"UI") + _implicit(0x00081155, SOP.encode(), b"UI")
                      + _implicit(0x00100010, SECRET, b"PN"))
