@@ -882,7 +882,6 @@ class _Run:
                 for i in range(0, len(spans), 2):
                     run += pack_item(0xFFFE, 0xE000, spans[i + 1] - spans[i])
                     run += view[spans[i]:spans[i + 1]]
-                view.release()
                 parts.append(run)
                 continue
             body_start, body_end, edits = entry
