@@ -11,14 +11,18 @@ stays as it is.
 Building item objects costs ~1 KB per item however small the item: the last tests pin the
 per-file limit (``paths.MAX_WALKED_ITEMS``) on every path that builds them (the object walk,
 values of unknown VR, sequences named by ``Replace``/``Remove`` paths), and that the
-byte-level walk keeps no object per unchanged item.
+byte-level walk keeps no object per unchanged item. A property test ends the module: random
+nestings of such sequences, where nothing planted survives and both walks agree.
 """
 
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from transforms import dicomio, engine, paths
@@ -297,8 +301,6 @@ def test_walked_items_that_cannot_be_re_encoded_fail_the_file_without_quoting_va
 def test_byte_walk_memory_does_not_grow_with_unchanged_items(defined):
     """20,000 empty items and one that changes, walked on the bytes: no object per unchanged
     item (a tuple per item took ~180 bytes each; 20,000 of them ~3.6 MB)."""
-    import tracemalloc
-
     empty = (struct.pack("<HHL", 0xFFFE, 0xE000, 0) if defined else
              struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))
     changed = _item(_explicit(0x00100010, b"PN", SECRET))
@@ -343,3 +345,71 @@ def test_a_large_sequence_may_build_one_item_per_64_bytes_beyond_the_file_limit(
     with pytest.raises(InputError) as info:
         apply(plan, dicomio.read_dataset(data), KEY)
     assert info.value.reason == "too_large"
+
+
+# --------------------------------------------------------------------------- property
+
+
+PLANTED = b"PLANTED^NAME"
+
+
+def _element(tag: int, vr: bytes, value: bytes, implicit: bool) -> bytes:
+    return _implicit(tag, value, vr) if implicit else _explicit(tag, vr, value)
+
+
+def _nested_items(draw, depth: int, implicit: bool) -> bytes:
+    """Items of random content: a planted name, a reference to this instance, text, and
+    (not too deep) sequences of unknown VR holding more of the same."""
+    items = b""
+    for _ in range(draw(st.integers(1, 3))):
+        elements: list[tuple[int, bytes]] = []
+        if draw(st.booleans()):
+            elements.append((0x00100010, _element(0x00100010, b"PN", PLANTED, implicit)))
+        if draw(st.booleans()):
+            elements.append((0x00081155, _element(0x00081155, b"UI", SOP.encode(), implicit)))
+        if draw(st.booleans()):
+            elements.append((0x00204000, _element(0x00204000, b"LT", b"free text", implicit)))
+        if depth < 2 and draw(st.booleans()):
+            inner = _nested_items(draw, depth + 1, True)  # UN content: implicit VR (PS3.5 6.2.2)
+            if draw(st.booleans()):
+                elements.append((PRIVATE_CREATOR, _element(PRIVATE_CREATOR, b"LO", b"ACME", implicit)))
+                tag = PRIVATE_SQ
+            else:
+                tag = UNKNOWN_PUBLIC
+            elements.append((tag, _implicit(tag, inner) if implicit else _explicit(tag, b"UN", inner)))
+        items += _item(b"".join(data for _, data in sorted(elements)))
+    return items
+
+
+@pytest.mark.parametrize("keep_private", [False, True], ids=["private-removed", "private-kept"])
+def test_property_no_planted_name_or_uid_survives_and_both_walks_agree(keep_private):
+    """Random nestings of sequences of unknown VR (private or unknown tags, implicit or UN
+    written) under a known sequence, an unknown one or a private one, in implicit or explicit
+    VR files: the planted name and the original UID never survive, and the byte-level walk
+    gives the object walk's bytes."""
+    plan = KEEP_PRIVATE if keep_private else DEFAULT
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(data=st.data())
+    def check(data) -> None:
+        implicit = data.draw(st.booleans(), "implicit VR file")
+        holder = data.draw(st.sampled_from([REFERENCED_IMAGE_SQ, UNKNOWN_PUBLIC, PRIVATE_SQ]), "holder")
+        # A known sequence holds items in the file's encoding; the others as UN would.
+        items = _nested_items(data.draw, 0, implicit or holder != REFERENCED_IMAGE_SQ)
+        if holder == REFERENCED_IMAGE_SQ:
+            element = _implicit(holder, items) if implicit else _explicit(holder, b"SQ", items)
+        else:
+            element = _implicit(holder, items) if implicit else _explicit(holder, b"UN", items)
+        elements = [(holder, element)]
+        if holder == PRIVATE_SQ:
+            elements.append((PRIVATE_CREATOR, _element(PRIVATE_CREATOR, b"LO", b"ACME", implicit)))
+        source = _file(elements, implicit)
+        out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(source), KEY))
+        assert PLANTED not in out
+        assert SOP.encode() not in out
+        dicomio.read_dataset(out)  # our own output reads back
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
+            assert dicomio.write_dataset(apply(plan, dicomio.read_dataset(source), KEY)) == out
+
+    check()
