@@ -557,7 +557,7 @@ class _Run:
         if type(elem) is RawDataElement and not (
                 elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
             # Only shaped like items (see _may_hold_items): walked if it really is a run of
-            # items, otherwise opaque bytes, never an error.
+            # items, otherwise opaque bytes (an error only past the item limits).
             items = _opaque_items(elem, _character_set(holder), len(parents),
                                   paths.item_allowance(elem.value, self.items_left))
             if items is None:
