@@ -207,13 +207,8 @@ def _many_items_then_one_for_the_object_walk(empty: int) -> bytes:
     return _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", value))], implicit=False)
 
 
-def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
-    """A crafted file of 8 MB of empty items took ~1 GB in the object walk; it now stops at
-    MAX_WALKED_ITEMS items (bounded memory) and the file fails as too_large."""
-    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 1000)
-    fits = _many_items_then_one_for_the_object_walk(998)  # 999 items, and 1 nested: 1000
-    _, ds = _anonymize(fits)
-    assert len(ds.ReferencedImageSequence) == 999
+def _count_built_items(monkeypatch) -> list[int]:
+    """From now on, each parse of items appends how many it built (-1: it refused)."""
     built: list[int] = []
     original = engine._items
 
@@ -227,6 +222,17 @@ def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
         return result
 
     monkeypatch.setattr(engine, "_items", spy)
+    return built
+
+
+def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
+    """A crafted file of 8 MB of empty items took ~1 GB in the object walk; it now stops at
+    MAX_WALKED_ITEMS items (bounded memory) and the file fails as too_large."""
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 1000)
+    fits = _many_items_then_one_for_the_object_walk(998)  # 999 items, and 1 nested: 1000
+    _, ds = _anonymize(fits)
+    assert len(ds.ReferencedImageSequence) == 999
+    built = _count_built_items(monkeypatch)
     with pytest.raises(InputError) as info:
         apply(DEFAULT, dicomio.read_dataset(_many_items_then_one_for_the_object_walk(1000)), KEY)
     assert info.value.reason == "too_large"
@@ -246,19 +252,7 @@ def test_sequences_named_by_paths_are_bounded_too(monkeypatch):
     _, ds = _anonymize(fits, plan)
     assert len(ds.ReferencedImageSequence) == 1000
     assert {item.ReferencedSOPClassUID for item in ds.ReferencedImageSequence} == {CT}
-    built: list[int] = []
-    original = engine._items
-
-    def spy(*args, **kwargs):
-        try:
-            result = original(*args, **kwargs)
-        except InputError:
-            built.append(-1)
-            raise
-        built.append(len(result))
-        return result
-
-    monkeypatch.setattr(engine, "_items", spy)
+    built = _count_built_items(monkeypatch)
     too_many = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", empty * 1001))], implicit=False)
     with pytest.raises(InputError) as info:
         apply(plan, dicomio.read_dataset(too_many), KEY)

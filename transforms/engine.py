@@ -129,8 +129,14 @@ def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
     the dictionary, or a defined-length value of a tag the dictionary does not know (private
     or newer) that starts like an item, as such a sequence written as UN (or in implicit VR)
     does."""
-    return (elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS
-            or (type(elem.value) is bytes and _item_shaped(elem.value, 0, len(elem.value), tag)))
+    return _declared_sequence(elem, tag) or (
+        type(elem.value) is bytes and _item_shaped(elem.value, 0, len(elem.value), tag))
+
+
+def _declared_sequence(elem: RawDataElement, tag: int) -> bool:
+    """A raw element the file or the dictionary calls a sequence: SQ, undefined length, or a
+    sequence tag of the dictionary."""
+    return elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS
 
 
 def _item_shaped(data: bytes, start: int, end: int, tag: int) -> bool:
@@ -554,8 +560,7 @@ class _Run:
         Nothing reachable from the input is modified: a raw sequence is parsed into new
         objects, and a changed item of an already decoded sequence is a shallow copy.
         """
-        if type(elem) is RawDataElement and not (
-                elem.VR == "SQ" or elem.length == _UNDEFINED or tag in SQ_TAGS):
+        if type(elem) is RawDataElement and not _declared_sequence(elem, tag):
             # Only shaped like items (see _may_hold_items): walked if it really is a run of
             # items, otherwise opaque bytes (an error only past the item limits).
             items = _opaque_items(elem, _character_set(holder), len(parents),
@@ -565,10 +570,10 @@ class _Run:
             fresh = True
         elif type(elem) is RawDataElement:
             items = None
+            allowance = paths.item_allowance(elem.value, self.items_left)
             if elem.VR == "SQ" or (elem.VR is None and elem.is_implicit_VR):
                 items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
-                                    _character_set(holder), len(parents),
-                                    paths.item_allowance(elem.value, self.items_left))
+                                    _character_set(holder), len(parents), allowance)
             if items is None:  # a layout the item scanner leaves to pydicom (e.g. UN)
                 try:
                     parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
@@ -582,7 +587,7 @@ class _Run:
                 if parsed.VR != "SQ":
                     return None
                 items = parsed.value
-                _check_walked(len(items), paths.item_allowance(elem.value, self.items_left))
+                _check_walked(len(items), allowance)
             fresh = True
         elif elem.VR == "SQ":
             items, fresh = elem.value, False
@@ -1292,7 +1297,7 @@ def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charse
         attrs["is_undefined_length_sequence_item"] = length == _UNDEFINED
         items.append(item)
         if limit is not None and len(items) > limit:
-            _check_walked(len(items), limit)
+            raise paths.too_many_items()
     return items
 
 
