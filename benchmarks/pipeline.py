@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from transforms.workers import default_processes
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "dicom-samples"
 SECRET = b"benchmark-key-not-secret-0123456789"
@@ -153,31 +155,67 @@ def plain_copy(src: Path, dst: Path) -> tuple[float, float]:
     return time.perf_counter() - start, _cpu_self() - cpu
 
 
-#: Runs argv[1:] and reports its children's peak memory and CPU on stderr: a wrapper process,
-#: so RUSAGE_CHILDREN holds this run's peak only (the command and the worker processes it
-#: waited for), not the maximum over earlier runs.
-_MEASURING_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "done = subprocess.run(sys.argv[1:])\n"
-    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "print('PEAK_KIB', r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)\n"
-    "sys.exit(done.returncode)\n"
-)
+#: Runs argv[1:] and reports on stderr its children's peak RSS (the largest single process)
+#: and CPU, and the peak over time of the summed PSS of the command's whole process tree
+#: (worker processes included; PSS shares each page among the processes that map it, so
+#: fork-shared pages count once), sampled every 0.2 s (~1% of a CPU). A wrapper process, so
+#: RUSAGE_CHILDREN holds this run's figures only, not the maximum over earlier runs.
+_MEASURING_WRAPPER = """
+import os, resource, subprocess, sys, time
+
+def tree(root):
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+child = subprocess.Popen(sys.argv[1:])
+tree_peak = 0
+while child.poll() is None:
+    if os.path.exists("/proc/self/smaps_rollup"):
+        tree_peak = max(tree_peak, sum(pss_kib(pid) for pid in tree(child.pid)))
+    time.sleep(0.2)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK_KIB", r.ru_maxrss, r.ru_utime + r.ru_stime, tree_peak, file=sys.stderr)
+sys.exit(child.returncode)
+"""
 
 
-def _run_measured(argv: list[str], ok: tuple[int, ...], what: str) -> tuple[float, float, int, str]:
-    """Run ``argv`` under the wrapper; returns (seconds, CPU seconds, peak RSS in KiB, stdout)."""
+def _run_measured(argv: list[str], ok: tuple[int, ...], what: str) -> tuple[float, float, tuple[int, int], str]:
+    """Run ``argv`` under the wrapper; returns (seconds, CPU seconds, (peak RSS of one process,
+    peak PSS of the process tree) in KiB, stdout)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _MEASURING_WRAPPER, *argv], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode not in ok:
         raise SystemExit(f"{what} failed ({done.returncode}): {done.stderr[-2000:]}")
-    _, peak, cpu = done.stderr.strip().splitlines()[-1].split()
-    return seconds, float(cpu), int(peak), done.stdout
+    _, peak, cpu, tree = done.stderr.strip().splitlines()[-1].split()
+    return seconds, float(cpu), (int(peak), int(tree)), done.stdout
 
 
-def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, float, int, dict]:
-    """Run the console command; returns (seconds, CPU seconds, peak child RSS in KiB, summary)."""
+def run_cli(src: Path, dst: Path, key: Path, extra: list[str]) -> tuple[float, float, tuple[int, int], dict]:
+    """Run the console command; returns (seconds, CPU seconds, peaks in KiB, summary)."""
     exe = Path(sys.executable).with_name("dicom-deid")
     argv = [str(exe), "anonymize", str(src), str(dst), "--key-file", str(key), "--no-progress", *extra]
     seconds, cpu, peak, stdout = _run_measured(argv, (0, 3), "dicom-deid")
@@ -210,7 +248,7 @@ def beam_copy(src: str, dst: str, beam_args: list[str]) -> None:
         )
 
 
-def run_beam_copy(src: Path, dst: Path, extra: list[str]) -> tuple[float, float, int]:
+def run_beam_copy(src: Path, dst: Path, extra: list[str]) -> tuple[float, float, tuple[int, int]]:
     """``beam_copy`` in a child process, measured as ``run_cli`` measures the command."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--beam-copy-child", str(src), str(dst), *extra]
     seconds, cpu, peak, _ = _run_measured(argv, (0,), "Beam copy")
@@ -218,7 +256,14 @@ def run_beam_copy(src: Path, dst: Path, extra: list[str]) -> tuple[float, float,
 
 
 def _row(
-    name: str, files: int, nbytes: int, seconds: float, cpu: float, baseline: tuple[float, float], peak_kib: int | None
+    name: str,
+    files: int,
+    nbytes: int,
+    seconds: float,
+    cpu: float,
+    baseline: tuple[float, float],
+    peak_kib: int | None,
+    tree_kib: int | None = None,
 ) -> dict:
     return {
         "what": name,
@@ -232,6 +277,7 @@ def _row(
         "files_per_cpu_s": round(files / cpu, 1),
         "cpu_ratio_to_copy": round((files / cpu) / baseline[1], 3),
         "peak_rss_MiB": None if peak_kib is None else round(peak_kib / 1024, 1),
+        "peak_tree_pss_MiB": None if not tree_kib else round(tree_kib / 1024, 1),
     }
 
 
@@ -262,10 +308,13 @@ def measure(
     the module docstring): the caller removes ``work`` when all measurements are done.
     """
     multi_args = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
+    processes = default_processes()
     variants: list[tuple[str, list[str] | None]] = [
         ("plain Python copy", None),
-        ("dicom-deid anonymize (DirectRunner in-memory)", []),
+        (f"dicom-deid anonymize (defaults: in-memory, {processes} processes)", []),
     ]
+    if processes:
+        variants.append(("dicom-deid anonymize (in-memory, --processes 0)", ["--processes", "0"]))
     if beam_floor:
         variants.append((BEAM_COPY + " (in-memory)", []))
     if multi:
@@ -298,8 +347,9 @@ def measure(
     for name, runs in samples.items():
         seconds = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
-        peak = max((r[2] for r in runs if r[2] is not None), default=None)
-        row = _row(name + label, files, nbytes, seconds, cpu, baseline, peak)
+        peak = max((r[2][0] for r in runs if r[2] is not None), default=None)
+        tree = max((r[2][1] for r in runs if r[2] is not None), default=None)
+        row = _row(name + label, files, nbytes, seconds, cpu, baseline, peak, tree)
         durable = statistics.median(r[3] for r in runs)
         row["durable_seconds"] = round(durable, 2)
         row["durable_files_per_s"] = round(files / durable, 1)
@@ -315,16 +365,18 @@ def measure(
 def _print(rows: list[dict]) -> None:
     header = (
         f"{'what':<62} {'files':>6} {'MB':>7} {'s':>7} {'files/s':>8} {'MB/s':>7} {'ratio':>6} "
-        f"{'CPU s':>7} {'files/CPU-s':>11} {'CPU ratio':>9} {'peak MiB':>9} {'durable files/s':>15} {'ratio':>6}"
+        f"{'CPU s':>7} {'files/CPU-s':>11} {'CPU ratio':>9} {'peak MiB':>9} {'tree MiB':>9} "
+        f"{'durable files/s':>15} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         peak = "" if r["peak_rss_MiB"] is None else f"{r['peak_rss_MiB']:.0f}"
+        tree = "" if r.get("peak_tree_pss_MiB") is None else f"{r['peak_tree_pss_MiB']:.0f}"
         print(
             f"{r['what']:<62} {r['files']:>6} {r['MB']:>7.1f} {r['seconds']:>7.2f} {r['files_per_s']:>8.1f} "
             f"{r['MB_per_s']:>7.1f} {r['ratio_to_copy']:>6.2f} {r['cpu_seconds']:>7.2f} {r['files_per_cpu_s']:>11.1f} "
-            f"{r['cpu_ratio_to_copy']:>9.2f} {peak:>9} {r['durable_files_per_s']:>15.1f} {r['durable_ratio_to_copy']:>6.2f}"
+            f"{r['cpu_ratio_to_copy']:>9.2f} {peak:>9} {tree:>9} {r['durable_files_per_s']:>15.1f} {r['durable_ratio_to_copy']:>6.2f}"
         )
     sys.stdout.flush()
 

@@ -81,6 +81,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="file, folder (recursive), glob, or gs:// prefix or glob")
     p.add_argument("output", metavar="OUTPUT", help="output folder or gs:// prefix (or a .dcm file for one INPUT file)")
@@ -158,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     modify = sub.add_parser("modify", help="modify like /tools/bulk-modify", epilog=_EPILOG, formatter_class=_Raw)
     _add_common(modify)
     modify.add_argument("--level", metavar="L", help="Patient, Study, Series or Instance (default: detected)")
+    for p in (anonymize, modify):
+        p.add_argument(
+            "--processes",
+            type=_count,
+            metavar="N",
+            help="local runs (DirectRunner in_memory or multi_threading): processes that de-identify the files, "
+            "started before the pipeline (default: one per CPU, none on one CPU; 0: in Beam's own process)",
+        )
     for command, (summary, study_help, body_help) in _SPLIT_MERGE_HELP.items():
         p = sub.add_parser(command, help=summary, description=f"{summary}. {body_help}")
         _add_common(p)
@@ -397,6 +415,31 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
     return local
 
 
+def local_processes(options: Any, requested: int | None, *, local: bool) -> int:
+    """How many :class:`transforms.workers.LocalPool` processes the run starts: ``--processes``,
+    else one per CPU (Linux; elsewhere none: the pool forks); none when the runner is not local
+    or Beam runs the DoFns in processes of its own (``--direct_running_mode multi_processing``).
+
+    Raises:
+        UsageError: ``--processes N`` (N > 0) where no pool can be used.
+    """
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    if not local:
+        if requested:
+            raise UsageError("--processes: only for local runs (DirectRunner); give the runner's own worker options")
+        return 0
+    if (options.view_as(DirectOptions).direct_running_mode or "in_memory") == "multi_processing":
+        if requested:
+            raise UsageError("--processes: not with --direct_running_mode multi_processing (Beam's own processes)")
+        return 0
+    if requested is not None:
+        return requested
+    from transforms.workers import default_processes
+
+    return default_processes()
+
+
 class _DropNoise(logging.Filter):
     """Beam warns at import time that BigQuery's optional client is missing: not our concern.
     Ctrl-C in a bundle makes Beam log the KeyboardInterrupt with a traceback before it
@@ -478,7 +521,13 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     extra = {"Audit": audit}
     if crosswalk:
         extra["Crosswalk"] = crosswalk
+    processes = local_processes(options, args.processes, local=local_runner)
+    pool = None
     try:
+        if processes:
+            from transforms.workers import LocalPool
+
+            pool = LocalPool(cfg, key, processes)  # forked now: before Beam starts its threads
         outcome = pipeline_run.execute(
             options,
             input_uri,
@@ -488,8 +537,11 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             reproducible=key.reproducible,
             extra_summary=extra,
             progress=bool(progress_dir),
+            pool=pool,
         )
     finally:
+        if pool is not None:
+            pool.close()
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     summary = outcome.summary

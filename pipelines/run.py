@@ -385,8 +385,13 @@ def execute(
     reproducible: bool,
     extra_summary: Mapping[str, Any] | None = None,
     progress: bool = False,
+    pool: Any = None,
 ) -> Outcome:
-    """Build, run and wait for the pipeline; then summarise this run's audit."""
+    """Build, run and wait for the pipeline; then summarise this run's audit.
+
+    ``pool``: the run's :class:`transforms.workers.LocalPool`, if the caller started one; it is
+    closed (its workers done with their files) before the temporary folder goes.
+    """
     pipeline = make_pipeline(options)
     build(pipeline, input_uri, cfg, audit_root, crosswalk_root)
     try:
@@ -396,7 +401,11 @@ def execute(
         else:
             run_and_wait(pipeline, options)
     finally:
-        cleanup_tmp(cfg.output_root, cfg.run_id)
+        try:
+            if pool is not None:
+                pool.close()
+        finally:
+            cleanup_tmp(cfg.output_root, cfg.run_id)
     # Shard by shard, six columns, counted by Arrow: a launcher's memory must not grow with
     # a 50-million-row audit.
     tally = tally_audit(audit_root, cfg.run_id)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
+from transforms.workers import default_processes
+
 from . import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +68,11 @@ def test_pipeline_benchmark_writes_every_file_and_reports_durable_figures(bench_
                 "--samples", str(bench_samples), cwd=tmp_path)
     assert "warning:" not in done.stderr.replace("warning: creating a file", "")  # every file written
     rows = json.loads(out.read_text())
-    assert [r["what"] for r in rows] == ["plain Python copy", "dicom-deid anonymize (DirectRunner in-memory)"]
+    processes = default_processes()
+    expected = ["plain Python copy", f"dicom-deid anonymize (defaults: in-memory, {processes} processes)"]
+    if processes:
+        expected.append("dicom-deid anonymize (in-memory, --processes 0)")
+    assert [r["what"] for r in rows] == expected
     files = rows[0]["files"]
     assert files >= 6 and all(r["files"] == files for r in rows)
     for row in rows:  # seconds are rounded to 0.01: the copy of a tiny corpus may show 0.0
@@ -74,3 +80,6 @@ def test_pipeline_benchmark_writes_every_file_and_reports_durable_figures(bench_
         assert 0 < row["durable_files_per_s"] <= row["files_per_s"] + 0.1
     assert rows[1]["seconds"] > 0.5  # the command really ran (Beam alone needs over a second)
     assert rows[0]["ratio_to_copy"] == rows[0]["durable_ratio_to_copy"] == 1.0
+    assert rows[0]["peak_tree_pss_MiB"] is None  # the copy runs in the benchmark's own process
+    for row in rows[1:]:  # the command's whole process tree holds at least its main process
+        assert row["peak_tree_pss_MiB"] > 20 and row["peak_rss_MiB"] > 20

@@ -194,8 +194,10 @@ def test_publish_local_race_has_exactly_one_winner(tmp_path: Path):
 # --------------------------------------------------------------------------- end to end
 
 
-def test_in_memory_run_matches_core_exactly(tmp_path: Path, study_folder: Path):
-    code, output, audit = _run(tmp_path, study_folder)
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_in_memory_run_matches_core_exactly(tmp_path: Path, study_folder: Path, processes: str):
+    """In Beam's process (``--processes 0``) and in two forked workers (transforms.workers)."""
+    code, output, audit = _run(tmp_path, study_folder, "--processes", processes)
     assert code == cli.EXIT_SOME_FAILED  # the text file
     rows = read_rows(audit)
     assert len(rows) == 11

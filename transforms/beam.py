@@ -10,6 +10,8 @@ Element shapes:
 The per-file work is the plain function :func:`process_file` (= :func:`prepare_file`, the CPU
 part, then :func:`finish_file`, hashing and publishing); the DoFn adds the key, counters,
 progress, and runs ``finish_file`` on a writer thread that overlaps the next file's CPU work.
+In a local run the command may have started a :class:`transforms.workers.LocalPool` for the
+run in this process: the DoFn then hands each file to it and emits the rows it sends back.
 Every exception raised while processing a file becomes a ``failed`` row
 (dead letter as data): ``DeidError.reason`` for the core's own errors, ``too_deep`` for
 ``RecursionError``, ``too_large`` for ``MemoryError``, ``read_error``/``write_error`` for I/O
@@ -55,6 +57,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     _transfer_syntax,
     default_memory_budget,
     expand_input,
+    failed_row,
     failure_reason,
     finish_file,
     has_glob,
@@ -71,6 +74,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     read_progress,
     replace_local,
 )
+from transforms.workers import LocalPool, WorkerLost, pool_for
 
 CROSSWALK_TAG = "crosswalk"
 MATCHED_TAG = "matched_resources"
@@ -141,6 +145,11 @@ class DeidentifyFn(beam.DoFn):
     for the writer; rows are emitted as files finish, and ``finish_bundle`` waits for the rest,
     so a bundle's outputs are all on storage before Beam commits the bundle. Every DoFn of the
     process shares one :class:`MemoryBudget` of input bytes in flight.
+
+    When the command started a :class:`transforms.workers.LocalPool` for this run in this
+    process (local runs), each file goes to the pool instead, whose workers run
+    :func:`process_file` whole; the rows come back as they finish, ``finish_bundle`` waits for
+    the rest of the bundle's, and a file whose worker died gets a ``failed`` row.
     """
 
     _MAX_PENDING = 8
@@ -157,6 +166,7 @@ class DeidentifyFn(beam.DoFn):
         self._pending_bytes = 0
         self._matched_seen: set[int] = set()
         self._budget: MemoryBudget | None = None
+        self._pool: LocalPool | None = None
         self._live = False
 
     def setup(self) -> None:
@@ -171,9 +181,11 @@ class DeidentifyFn(beam.DoFn):
         if cfg.progress_dir and os.path.isdir(cfg.progress_dir):
             self._progress = _ProgressFile(cfg.progress_dir)
         self._budget = process_budget(cfg.memory_budget)
+        self._pool = pool_for(cfg.run_id)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dicom-deid-writer")
-        self._live = True
-        _count_live_fns(+1)
+        if self._pool is None:  # with a pool, this thread mostly waits for its workers
+            self._live = True
+            _count_live_fns(+1)
 
     def start_bundle(self) -> None:
         self._pending = collections.deque()
@@ -182,6 +194,15 @@ class DeidentifyFn(beam.DoFn):
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         path, size = element
+        pool = self._pool
+        # No MemoryBudget for the pool: each of its workers holds one file at a time, in a
+        # process of its own; what waits for them are (path, size) pairs.
+        if pool is not None and pool.submit(id(self), path, size):
+            yield from self._collect(pool.take(id(self)), windowed=False)
+        else:
+            yield from self._process_here(path, size)
+
+    def _process_here(self, path: str, size: int) -> Iterator[Any]:
         matched: list[int] = []
         # Held from before the read until the output is on storage; a file over --max-bytes
         # is refused unread and holds nothing.
@@ -197,12 +218,7 @@ class DeidentifyFn(beam.DoFn):
             raise
         if held and isinstance(prepared, tuple):
             budget.release(held)
-        for position in matched:
-            # Once per bundle: a study selected by one Resources entry must not write one line
-            # per instance (50 million of them) for the launcher to read back.
-            if position not in self._matched_seen:
-                self._matched_seen.add(position)
-                yield pvalue.TaggedOutput(MATCHED_TAG, position)
+        yield from self._matched(matched, windowed=False)
         if isinstance(prepared, tuple):
             yield from self._emit(*prepared, windowed=False)
         else:
@@ -220,6 +236,30 @@ class DeidentifyFn(beam.DoFn):
             self._pending_bytes -= nbytes
             yield from self._emit(*future.result(), windowed=False)
 
+    def _collect(self, finished: list[tuple[str, int, Any]], *, windowed: bool) -> Iterator[Any]:
+        """Emit the rows of files the pool finished (``LocalPool.take``)."""
+        for path, size, result in finished:
+            if result is None:  # its worker died and no other is left: process it here
+                outputs = self._process_here(path, size)
+                yield from (_in_global_window(value) for value in outputs) if windowed else outputs
+                continue
+            if isinstance(result, WorkerLost):
+                audit, crosswalk, matched = failed_row(path, size, self._cfg, result, "process"), None, ()
+            else:
+                audit, crosswalk, matched = result
+            yield from self._matched(matched, windowed=windowed)
+            yield from self._emit(audit, crosswalk, windowed=windowed)
+
+    def _matched(self, positions: Iterable[int], *, windowed: bool) -> Iterator[Any]:
+        for position in positions:
+            # Once per bundle: a study selected by one Resources entry must not write one line
+            # per instance (50 million of them) for the launcher to read back.
+            if position not in self._matched_seen:
+                self._matched_seen.add(position)
+                yield pvalue.TaggedOutput(
+                    MATCHED_TAG, GlobalWindows.windowed_value(position) if windowed else position
+                )
+
     def _emit(self, audit: dict[str, Any], crosswalk: dict[str, Any] | None, *, windowed: bool) -> Iterator[Any]:
         self._counters[audit["status"]].inc()
         if audit["reason"]:
@@ -235,6 +275,8 @@ class DeidentifyFn(beam.DoFn):
             yield pvalue.TaggedOutput(CROSSWALK_TAG, wrap(crosswalk))
 
     def finish_bundle(self) -> Iterator[Any]:
+        if self._pool is not None:
+            yield from self._collect(self._pool.take(id(self), all_of_them=True), windowed=True)
         pending = self._pending
         while pending:
             future, _ = pending.popleft()
@@ -277,6 +319,13 @@ def _count_live_fns(delta: int) -> None:
         elif _LIVE["saved"] is not None:
             sys.setswitchinterval(_LIVE["saved"])
             _LIVE["saved"] = None
+
+
+def _in_global_window(value: Any) -> Any:
+    """An output yielded by ``process`` as ``finish_bundle`` must yield it."""
+    if isinstance(value, pvalue.TaggedOutput):
+        return pvalue.TaggedOutput(value.tag, _in_global_window(value.value))
+    return GlobalWindows.windowed_value(value)
 
 
 class DeidentifyOutputs(NamedTuple):

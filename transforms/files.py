@@ -829,6 +829,30 @@ def describe_input(ds: Any, row: dict[str, Any]) -> None:
     row["transfer_syntax_in"] = _transfer_syntax(ds)
 
 
+def _base_row(path: str, size: int, cfg: RunConfig) -> dict[str, Any]:
+    plan = cfg.plan
+    return {
+        "source_uri": path,
+        "operation": getattr(plan, "operation", None) or ("anonymize" if plan.is_anonymization else "modify"),
+        "profile": getattr(plan, "profile_version", None) if plan.is_anonymization else None,
+        "level": getattr(plan, "level", None),
+        "request": _plan_description(plan),
+        "key_id": cfg.key_id,
+        "run_id": cfg.run_id,
+        "bytes_in": int(size),
+        "started_at": utc_now(),
+    }
+
+
+def failed_row(path: str, size: int, cfg: RunConfig, exc: Exception, stage: str) -> dict[str, Any]:
+    """The audit row of a file whose processing ended with ``exc`` outside :func:`process_file`
+    (e.g. the worker process running it died: :class:`transforms.workers.WorkerLost`)."""
+    row = _base_row(path, size, cfg)
+    if size < 0:  # UNREADABLE_NAME: not a size
+        row["bytes_in"] = None
+    return _failed(row, exc, stage)[0]
+
+
 def prepare_file(
     path: str,
     size: int,
@@ -845,18 +869,7 @@ def prepare_file(
     from transforms.orthanc_ids import orthanc_ids
 
     plan = cfg.plan
-    started = utc_now()
-    row: dict[str, Any] = {
-        "source_uri": path,
-        "operation": getattr(plan, "operation", None) or ("anonymize" if plan.is_anonymization else "modify"),
-        "profile": getattr(plan, "profile_version", None) if plan.is_anonymization else None,
-        "level": getattr(plan, "level", None),
-        "request": _plan_description(plan),
-        "key_id": cfg.key_id,
-        "run_id": cfg.run_id,
-        "bytes_in": int(size),
-        "started_at": started,
-    }
+    row = _base_row(path, size, cfg)
     stage = "read"
     ds = new = None
     try:
