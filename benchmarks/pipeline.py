@@ -13,7 +13,9 @@ the pipeline cannot process (the README, a C-FIND query) are left out so that bo
 the same bytes. Then, in the same run, on the same (page-cached) files:
 
 - ``copy``: a plain Python loop reading each file and writing it to a new folder tree;
-- ``dicom-deid``: the console command with defaults (DirectRunner, in-memory), in a child process;
+- ``dicom-deid``: the console command with defaults (DirectRunner, in-memory, one worker
+  process per CPU: ``transforms.workers``), in a child process, and with ``--processes 0``
+  (everything in Beam's process) beside it;
 - optionally ``dicom-deid`` with ``--direct_running_mode multi_processing --direct_num_workers 2``;
 - Beam's own floor: a copy-only Beam pipeline (``MatchAll | Reshuffle | ReadMatches | Map(write)``)
   with the same runner options (``--no-beam-copy`` skips it).
@@ -23,10 +25,11 @@ are on the disk (``durable``: the phase's time plus the ``os.sync()`` after it; 
 fits under the kernel's dirty-page thresholds, so without it the copy measures writes into
 memory, see ``benchmarks/core.py``), CPU seconds and files per
 CPU-second (more robust than wall time when other work shares the machine, though not immune:
-on these VMs another busy process also slows ours per instruction; for the multi-process run
-it sums every worker, so it shows cost, not speed-up), peak memory of the child
-(``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` delta, which covers the command and the
-worker processes it waited for), and with ``--scaling`` how files/s changes from 1k to 10k
+on these VMs another busy process also slows ours per instruction; for the multi-process runs
+it sums every worker, so it shows cost, not speed-up), peak memory of the largest single
+process (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` in a wrapper process, which covers
+the command and the worker processes it waited for), the peak of the summed PSS of the whole
+process tree (sampled every 0.2 s), and with ``--scaling`` how files/s changes from 1k to 10k
 instances. Wall-clock times include process start-up (~2 s for Beam), as a user sees them.
 With ``--repeat N`` every variant runs N times, interleaved (copy, dicom-deid, ..., copy,
 ...), and the table shows medians of wall and CPU time (``--json`` keeps every run).
@@ -108,6 +111,11 @@ def _with_new_uids(data: bytes, replica: int) -> bytes:
 
 def replicate(samples: Path, target: Path, size_mb: float, max_files: int | None = None) -> tuple[int, int]:
     """Fill ``target`` with replicas of the samples; returns (files, bytes)."""
+    import warnings
+
+    # pydicom warns when it re-encodes a value it cannot represent (a Shift-JIS sample):
+    # the replica is still valid for the benchmark, and the warning is noise.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     usable = _usable_samples(samples)
     if not usable:
         raise SystemExit(f"no usable DICOM files under {samples}")

@@ -290,3 +290,29 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
     assert not (out / files.TMP_DIR_NAME).exists()
     for path in out.rglob("*.dcm"):  # whatever was published is whole
         assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"
+
+
+def test_workers_make_their_own_storage_clients(tmp_path: Path):
+    """A client the command made before the fork (reading a gs:// key file) holds connections
+    the parent goes on using: a worker must not share them."""
+    files._GCS_CLIENTS.client = parent_client = object()
+    try:
+        script_result = tmp_path / "seen.txt"
+
+        def process_file(path, size, cfg, key, **kwargs):
+            script_result.write_text(repr(getattr(files._GCS_CLIENTS, "client", None)))
+            raise ValueError("stop")
+
+        real = files.process_file
+        files.process_file = process_file
+        try:
+            with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=1) as pool:
+                pool.submit("me", "x.dcm", 1)
+                with pytest.raises(RuntimeError):
+                    pool.take("me", all_of_them=True)
+        finally:
+            files.process_file = real
+        assert script_result.read_text() == "None"
+        assert files._GCS_CLIENTS.client is parent_client  # the parent's own stays
+    finally:
+        del files._GCS_CLIENTS.client

@@ -642,6 +642,13 @@ def replace_local(data: Any, target: str) -> None:
 _GCS_CLIENTS = threading.local()
 
 
+def forget_clients() -> None:
+    """Drop the storage clients this thread holds (in a forked child: the parent's, whose
+    connections the parent keeps using; each process needs its own)."""
+    global _GCS_CLIENTS
+    _GCS_CLIENTS = threading.local()
+
+
 def _gcs_client(final: str) -> Any:
     """The storage client Beam's GCS filesystem would use (its credentials and options), one
     per thread; None when this Beam has no such client to lend."""
