@@ -46,9 +46,6 @@ _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
 _CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the run stops
 
-Result = tuple[dict[str, Any], "dict[str, Any] | None", list[int]]
-
-
 class WorkerLost(DeidError):
     """The worker process that had this file in hand ended before answering."""
 
@@ -78,8 +75,8 @@ def pool_for(run_id: str) -> LocalPool | None:
 
 
 def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: Any) -> None:
-    # The parent's ends of the other workers' pipes came with the fork: close them, so that a
-    # dead parent means end-of-file here (and a dead sibling, end-of-file there).
+    # The parent's ends of this and the earlier workers' pipes came with the fork: close them,
+    # so that only the parent holds them and its death means end-of-file in every worker.
     for other in inherited:
         other.close()
     # Ctrl-C reaches the whole process group: the parent stops the pool after the file each
