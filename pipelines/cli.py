@@ -527,7 +527,11 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         if processes:
             from transforms.workers import LocalPool
 
-            pool = LocalPool(cfg, key, processes)  # forked now: before Beam starts its threads
+            try:
+                pool = LocalPool(cfg, key, processes)  # forked now: before Beam starts its threads
+            except OSError as exc:  # e.g. EAGAIN: a process limit
+                _err(f"warning: cannot start {processes} worker processes ({type(exc).__name__}): "
+                     "the files are processed in Beam's own process")
         outcome = pipeline_run.execute(
             options,
             input_uri,

@@ -316,3 +316,21 @@ def test_workers_make_their_own_storage_clients(tmp_path: Path):
         assert files._GCS_CLIENTS.client is parent_client  # the parent's own stays
     finally:
         del files._GCS_CLIENTS.client
+
+
+def test_a_pool_that_cannot_start_falls_back_to_beams_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]):
+    def no_fork(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr("multiprocessing.process.BaseProcess.start", no_fork)
+    folder = tmp_path / "in"
+    inputs = _inputs(folder, n_ct=2)
+    code, output, audit = _run(tmp_path, folder, "--processes", "2")
+    assert code == cli.EXIT_SOME_FAILED  # the text file
+    err = capsys.readouterr().err
+    assert "warning: cannot start 2 worker processes (BlockingIOError): the files are processed in Beam's own process" in err
+    rows = read_rows(audit)
+    assert sorted(r["source_uri"] for r in rows) == sorted(p for p, _ in inputs)
+    assert sum(r["status"] == "written" for r in rows) == 4
+    assert workers.pool_for(rows[0]["run_id"]) is None
