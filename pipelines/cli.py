@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=_count,
             metavar="N",
             help="local runs (DirectRunner in_memory or multi_threading): processes that de-identify the files, "
-            "started before the pipeline (default: one per CPU, none on one CPU; 0: in Beam's own process)",
+            "started before the pipeline (default: one per usable CPU, container quota included; none with "
+            "one CPU; 0: in Beam's own process)",
         )
     for command, (summary, study_help, body_help) in _SPLIT_MERGE_HELP.items():
         p = sub.add_parser(command, help=summary, description=f"{summary}. {body_help}")

@@ -181,9 +181,36 @@ def test_workers_end_when_the_command_is_killed(tmp_path: Path):
     assert not any(map(running, pids))
 
 
-def test_default_processes_is_the_usable_cpus():
+def test_default_processes_is_the_usable_cpus(monkeypatch: pytest.MonkeyPatch):
     cpus = len(os.sched_getaffinity(0))
-    assert workers.default_processes() == (cpus if cpus > 1 else 0)
+    quota = workers.cgroup_cpu_quota()
+    usable = cpus if quota is None else min(cpus, max(1, -(-quota // 1)))
+    assert workers.default_processes() == (usable if usable > 1 else 0)
+    # a container allowed 1.5 CPUs on a bigger machine: two workers; 0.5 CPU: none
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert workers.default_processes() == 2
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: 0.5)
+    assert workers.default_processes() == 0
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: None)
+    assert workers.default_processes() == 64
+
+
+@pytest.mark.parametrize(
+    ("files_", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, files_: dict[str, str], quota: float | None):
+    for name, text in files_.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert workers.cgroup_cpu_quota(str(tmp_path)) == quota
 
 
 # --------------------------------------------------------------------------- through the command

@@ -29,6 +29,7 @@ run.
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing
 import os
 import signal
@@ -40,7 +41,7 @@ from typing import Any, Hashable
 
 from transforms.errors import DeidError
 
-__all__ = ["LocalPool", "WorkerLost", "default_processes", "pool_for"]
+__all__ = ["LocalPool", "WorkerLost", "cgroup_cpu_quota", "default_processes", "pool_for"]
 
 _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
@@ -58,15 +59,44 @@ class WorkerLost(DeidError):
 
 
 def default_processes() -> int:
-    """The CPUs this process may run on; 0 (no pool) on one CPU, where it buys nothing, and
-    off Linux (macOS frameworks do not survive a fork)."""
+    """The CPUs this process may use: those it may run on, capped by a container's CPU quota
+    (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``); 0 (no pool) for one CPU, where it
+    buys nothing, and off Linux (macOS frameworks do not survive a fork)."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
     return cpus if cpus > 1 else 0
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs' worth of time the container may use per period (e.g. 1.5), None without a limit.
+
+    Read from the cgroup v2 root's ``cpu.max`` (``"150000 100000"``; ``"max ..."``: none) or
+    cgroup v1's ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (-1: none); the files that
+    a container sees for itself at its cgroup mount.
+    """
+    try:
+        with open(os.path.join(root, "cpu.max"), encoding="ascii") as f:
+            quota, _, period = f.read().strip().partition(" ")
+        if quota != "max":
+            return int(quota) / int(period or 100000)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us"), encoding="ascii") as f:
+            quota_us = int(f.read().strip())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us"), encoding="ascii") as f:
+            period_us = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def pool_for(run_id: str) -> LocalPool | None:
