@@ -47,6 +47,7 @@ _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
 _CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the run stops
 
+
 class WorkerLost(DeidError):
     """The worker process that had this file in hand ended before answering."""
 
@@ -215,7 +216,8 @@ class LocalPool:
         """
         with self._lock:
             self._receive(block=False)
-            while all_of_them and self._outstanding[owner]:
+            # (Once closed, no worker is left to wait for: what is missing stays missing.)
+            while all_of_them and self._outstanding[owner] and any(w.outstanding for w in self._workers):
                 self._receive(block=True)
             return self._done.pop(owner, [])
 
