@@ -136,7 +136,10 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
             # The type only, as the command prints it; the traceback (which may quote data)
             # only under DICOM_DEID_DEBUG=1, as in the parent.
             reply = f"{type(exc).__name__}" + (f"\n{traceback.format_exc()}" if debug else "")
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except OSError:
+            return  # the parent is gone (no traceback on a terminal it left)
 
 
 class _Worker:
