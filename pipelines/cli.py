@@ -418,8 +418,9 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
 
 def local_processes(options: Any, requested: int | None, *, local: bool) -> int:
     """How many :class:`transforms.workers.LocalPool` processes the run starts: ``--processes``,
-    else one per CPU (Linux; elsewhere none: the pool forks); none when the runner is not local
-    or Beam runs the DoFns in processes of its own (``--direct_running_mode multi_processing``).
+    else :func:`transforms.workers.default_processes` (one per usable CPU; none with one CPU or
+    off Linux); none when the runner is not local or Beam runs the DoFns in processes of its own
+    (``--direct_running_mode multi_processing``).
 
     Raises:
         UsageError: ``--processes N`` (N > 0) where no pool can be used.
