@@ -52,6 +52,7 @@ from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITT
 from transforms.errors import RequestError
 from transforms.beam import (
     TMP_DIR_NAME,
+    failed_row,
     DeidentifyInstances,
     ExpandInput,
     RunConfig,
@@ -303,6 +304,39 @@ def tally_audit(audit_root: str, run_id: str, resource_statuses: tuple[str, ...]
     return tally
 
 
+def write_unclaimed(unclaimed: list[Any], cfg: RunConfig, audit_root: str, crosswalk_root: str | None) -> set[int]:
+    """Audit (and crosswalk) rows of head-start files the pipeline never claimed: files the
+    pool's workers began with (``LocalPool(head_start=...)``) that the pipeline's own listing
+    did not yield, because the folder changed in between. They were processed: each gets its
+    row, in ``audit-<run_id>-unclaimed.parquet``. Returns their matched ``Resources`` positions.
+    """
+    if not unclaimed:
+        return set()
+    from transforms.workers import WorkerLost
+
+    audit_rows, crosswalk_rows, matched = [], [], set()
+    for path, size, result in unclaimed:
+        if isinstance(result, WorkerLost):
+            audit_rows.append(failed_row(path, size, cfg, result, "process"))
+            continue
+        audit, crosswalk, positions = result
+        audit_rows.append(audit)
+        if crosswalk is not None:
+            crosswalk_rows.append(crosswalk)
+        matched.update(positions)
+    _write_table(audit_prefix(audit_root, cfg.run_id) + "-unclaimed.parquet", audit_rows, AUDIT_SCHEMA)
+    if crosswalk_root is not None and crosswalk_rows:
+        _write_table(crosswalk_prefix(crosswalk_root, cfg.run_id) + "-unclaimed.parquet", crosswalk_rows, CROSSWALK_SCHEMA)
+    return matched
+
+
+def _write_table(path: str, rows: list[Mapping[str, Any]], schema: pa.Schema) -> None:
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(sink.getvalue())
+
+
 def cleanup_tmp(output_root: str, run_id: str) -> None:
     """Remove this run's temporary folder (leftovers of killed workers included)."""
     tmp_root = FileSystems.join(output_root, TMP_DIR_NAME)
@@ -394,6 +428,7 @@ def execute(
     """
     pipeline = make_pipeline(options)
     build(pipeline, input_uri, cfg, audit_root, crosswalk_root)
+    unclaimed: list[Any] = []
     try:
         if progress and cfg.progress_dir:
             with ProgressPrinter(cfg.progress_dir):
@@ -403,16 +438,17 @@ def execute(
     finally:
         try:
             if pool is not None:
-                pool.close()
+                unclaimed = pool.close()
         finally:
             cleanup_tmp(cfg.output_root, cfg.run_id)
+    unclaimed_matches = write_unclaimed(unclaimed, cfg, audit_root, crosswalk_root)
     # Shard by shard, six columns, counted by Arrow: a launcher's memory must not grow with
     # a 50-million-row audit.
     tally = tally_audit(audit_root, cfg.run_id)
     extra = dict(extra_summary or {})
     resources = getattr(cfg.plan, "resources", None) or ()
     if resources:
-        matched = read_matched(audit_root, cfg.run_id)
+        matched = read_matched(audit_root, cfg.run_id) | unclaimed_matches
         extra["ResourcesNotFound"] = [i for i in range(len(resources)) if i not in matched]
     summary = summarize(tally, cfg=cfg, reproducible=reproducible, extra=extra)
     write_summary(audit_root, cfg.run_id, summary)

@@ -6,6 +6,7 @@ The pool forks *this* process, so a test changes what a worker does by patching
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -361,3 +362,120 @@ def test_a_pool_that_cannot_start_falls_back_to_beams_process(tmp_path: Path, mo
     assert sorted(r["source_uri"] for r in rows) == sorted(p for p, _ in inputs)
     assert sum(r["status"] == "written" for r in rows) == 4
     assert workers.pool_for(rows[0]["run_id"]) is None
+
+
+# --------------------------------------------------------------------------- head start
+
+
+def test_head_start_files_are_claimed_in_any_order_and_equal_the_inline_ones(tmp_path: Path):
+    inputs = _inputs(tmp_path / "in")
+    inline = {path: files.process_file(path, size, _cfg(tmp_path / "inline"), KEY) for path, size in inputs}
+    with workers.LocalPool(_cfg(tmp_path / "pooled"), KEY, processes=2, head_start=inputs) as pool:
+        time.sleep(0.5)  # some answers arrive before their claim, some after
+        for path, size in reversed(inputs):
+            assert pool.submit("me", path, size)
+        results = _take_all(pool, "me")
+        assert pool.close() == []  # everything was claimed
+    assert sorted(results) == sorted(inline)
+    for path, (audit, _, _) in results.items():
+        assert _comparable(audit) == _comparable(inline[path][0])
+    assert output_files(tmp_path / "pooled") == output_files(tmp_path / "inline")
+
+
+def test_a_file_that_is_not_in_the_head_start_is_sent_as_usual(tmp_path: Path):
+    inputs = _inputs(tmp_path / "in", n_ct=3)
+    with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, depth=1, head_start=inputs[:4]) as pool:
+        for path, size in inputs:  # 4 claims, then files sent behind the head start
+            assert pool.submit("me", path, size)
+        results = _take_all(pool, "me")
+    assert sorted(results) == sorted(p for p, _ in inputs)
+    assert sorted(r[0]["status"] for r in results.values()) == ["failed"] + ["written"] * 5
+
+
+def test_close_returns_the_head_start_files_nobody_claimed(tmp_path: Path):
+    """The folder changed between the command's listing and the pipeline's: what the workers
+    processed anyway comes back from close() for the audit; what they had not begun is not done."""
+    inputs = _inputs(tmp_path / "in")  # 8 files: worker 0 gets 0, 2, 4, 6; worker 1 gets 1, 3, 5, 7
+    pool = workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, head_start=inputs)
+    try:
+        for path, size in inputs[5:7]:  # each worker's next-to-last: all before it are done then
+            assert pool.submit("me", path, size)
+        claimed = _take_all(pool, "me")
+    finally:
+        unclaimed = pool.close()
+    assert sorted(claimed) == sorted(p for p, _ in inputs[5:7])
+    returned = {path: result for path, _, result in unclaimed}
+    assert set(p for p, _ in inputs[:5]) <= set(returned) <= set(p for p, _ in inputs) - set(claimed)
+    written = {r[0]["output_uri"] for r in [*claimed.values(), *returned.values()] if r[0]["status"] == "written"}
+    on_disk = {str(tmp_path / "out" / name) for name in output_files(tmp_path / "out")}
+    assert written == on_disk  # every output has its row
+    assert pool.close() == []
+
+
+def test_a_worker_that_dies_in_its_head_start_fails_only_that_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    inputs = _inputs(tmp_path / "in")
+    crash = Path(inputs[2][0]).name  # worker 0's second file: its later ones go to worker 1
+    monkeypatch.setattr(files, "process_file", _crash_on(crash))
+    with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, head_start=inputs) as pool:
+        time.sleep(1.0)  # the crash happens before anything is claimed
+        for path, size in inputs:
+            assert pool.submit("me", path, size)
+        results = _take_all(pool, "me")
+        assert pool.alive
+    assert sorted(results) == sorted(p for p, _ in inputs)
+    lost = [Path(p).name for p, r in results.items() if isinstance(r, workers.WorkerLost)]
+    assert lost == [crash]
+    assert sorted(r[0]["status"] for p, r in results.items() if Path(p).name != crash) == ["failed"] + ["written"] * 6
+
+
+def test_the_run_audits_a_head_start_file_the_pipeline_did_not_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "in"
+    inputs = _inputs(folder, n_ct=2)
+    gone = _inputs(tmp_path / "elsewhere", n_ct=1)[0]  # as if moved away after the first listing
+    real = cli._head_start
+    monkeypatch.setattr(cli, "_head_start", lambda uri, n: [*real(uri, n), gone])
+    code, output, audit = _run(tmp_path, folder, "--processes", "2", "--crosswalk", str(tmp_path / "cw"))
+    assert code == cli.EXIT_SOME_FAILED  # the text file
+    rows = read_rows(audit)
+    assert sorted(r["source_uri"] for r in rows) == sorted([*(p for p, _ in inputs), gone[0]])
+    extra = next(r for r in rows if r["source_uri"] == gone[0])
+    assert extra["status"] == "written" and Path(extra["output_uri"]).is_file()
+    assert sorted(p.name for p in audit.glob("*.parquet")) == sorted(
+        [f"audit-{extra['run_id']}-00000-of-00001.parquet", f"audit-{extra['run_id']}-unclaimed.parquet"]
+    )
+    summary = json.loads((audit / "summary.json").read_text())
+    assert summary["InputFiles"] == len(inputs) + 1
+    assert summary["Statuses"] == {"written": len(inputs), "failed": 1, "skipped": 0}  # the text file failed
+    crosswalk = read_rows(tmp_path / "cw")
+    assert len(crosswalk) == len(inputs)  # one per written file
+
+
+def test_default_local_runs_fork_the_workers_before_importing_beam(tmp_path: Path):
+    """No Beam option, a local folder: the workers start on the first files while the command
+    imports Beam; with a Beam option the command needs Beam first (and forks after)."""
+    folder = tmp_path / "in"
+    _inputs(folder, n_ct=2)
+    key = write_key(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from pipelines import cli
+        from transforms import files
+        real = files.process_file
+        def record(*args, **kwargs):
+            with open({str(tmp_path / "seen.txt")!r}, "a") as f:
+                f.write(str("apache_beam" in sys.modules) + "\\n")
+            return real(*args, **kwargs)
+        files.process_file = record
+        sys.exit(cli.main(sys.argv[1:]))
+        """
+    )
+    for out, extra in (("early", []), ("late", ["--direct_num_workers", "1"])):
+        (tmp_path / "seen.txt").unlink(missing_ok=True)
+        argv = [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / out), "--key-file", str(key),
+                "--processes", "2", "--quiet", *extra]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr  # the text file
+        seen = (tmp_path / "seen.txt").read_text().split()
+        assert seen == (["False"] * 5 if out == "early" else ["True"] * 5)

@@ -14,6 +14,12 @@ encode, hash, publish: the file never crosses a process boundary) and sends back
 row, the crosswalk row and the matched ``Resources`` positions. On Dataflow, in
 ``multi_processing`` and in the one-file command there is no pool and nothing changes.
 
+With Beam's defaults over a local folder the command forks the pool before it even imports
+Beam, and gives the workers the first files of the folder's listing to begin with (the *head
+start*): importing Beam, building the graph, starting the runner and listing the folder again
+take 1.5-2 s, during which the workers used to wait. The pipeline then *claims* those files
+(``submit`` finds the answer, or waits for it) like any other.
+
 Each worker has its own pipe and answers in the order it was asked, with at most
 ``depth`` files outstanding; there is no helper thread on either side (with a
 ``ProcessPoolExecutor``, whose feeder and manager threads compete with the DoFn's thread for
@@ -35,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any, Hashable
@@ -105,7 +112,8 @@ def pool_for(run_id: str) -> LocalPool | None:
     return _POOLS.get(run_id)
 
 
-def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: Any) -> None:
+def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: Any,
+                 head_start: list[tuple[str, int]]) -> None:
     # The parent's ends of this and the earlier workers' pipes came with the fork: close them,
     # so that only the parent holds them and its death means end-of-file in every worker.
     for other in inherited:
@@ -120,14 +128,19 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
     quiet_pydicom_warnings()
     forget_clients()  # a gs:// key file was read with a client the parent goes on using
     debug = os.environ.get("DICOM_DEID_DEBUG") == "1"
+    # Files in the order the parent expects their answers: the head start, then what it sends.
+    todo: collections.deque = collections.deque(head_start)
     while True:
         try:
-            message = conn.recv()
+            # Between files of the head start only what has already arrived, else wait.
+            while not todo or conn.poll():
+                message = conn.recv()
+                if message is None:
+                    return  # stop (after the file in hand, answered)
+                todo.append(message)
         except (EOFError, OSError):
             return  # the parent is gone
-        if message is None:
-            return
-        path, size = message
+        path, size = todo.popleft()
         matched: list[int] = []
         try:
             audit, crosswalk = process_file(path, size, cfg, key, matched=matched)
@@ -137,9 +150,21 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
             # only under DICOM_DEID_DEBUG=1, as in the parent.
             reply = f"{type(exc).__name__}" + (f"\n{traceback.format_exc()}" if debug else "")
         try:
+            # At once: the parent relies on the oldest unanswered file being the one in hand.
             conn.send(reply)
         except OSError:
             return  # the parent is gone (no traceback on a terminal it left)
+
+
+class _Job:
+    """A file sent to a worker; ``owner`` is None for a head-start file nobody claimed yet."""
+
+    __slots__ = ("owner", "path", "size")
+
+    def __init__(self, owner: Hashable | None, path: str, size: int) -> None:
+        self.owner = owner
+        self.path = path
+        self.size = size
 
 
 class _Worker:
@@ -148,19 +173,26 @@ class _Worker:
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
         self.conn = conn
-        self.outstanding: collections.deque = collections.deque()  # (owner, path, size), in send order
+        self.outstanding: collections.deque = collections.deque()  # _Job, in the order answered
 
 
 class LocalPool:
     """``processes`` forked workers de-identifying files for one run (see the module doc).
 
-    Create it before Beam starts any thread (the command does so right before the pipeline
-    runs); :meth:`close` it after the run. Registered under ``cfg.run_id`` for
-    :func:`pool_for`. Thread-safe: DoFns on several threads (``multi_threading``) share it,
-    each collecting its own files' results (``owner``).
+    Create it before Beam starts any thread (the command does so before it imports Beam, or
+    right before the pipeline runs); :meth:`close` it after the run. Registered under
+    ``cfg.run_id`` for :func:`pool_for`. Thread-safe: DoFns on several threads
+    (``multi_threading``) share it, each collecting its own files' results (``owner``).
+
+    ``head_start``: files the workers begin with at once, dealt out in turn (worker *i* gets
+    every *n*-th), while the command is still importing Beam and building the pipeline (~1.5 s
+    of one CPU); the DoFn later *claims* each of them with :meth:`submit` like any file. They
+    must be files the pipeline's own listing yields: one it never claims (the folder changed in
+    between) is processed anyway, and :meth:`close` returns its result for the audit.
     """
 
-    def __init__(self, cfg: Any, key: Any, processes: int, depth: int = 3) -> None:
+    def __init__(self, cfg: Any, key: Any, processes: int, depth: int = 3,
+                 head_start: list[tuple[str, int]] | None = None) -> None:
         if processes < 1 or depth < 1:
             raise ValueError("LocalPool: processes and depth must be at least 1")
         self.run_id = cfg.run_id
@@ -170,26 +202,55 @@ class LocalPool:
         self._done: dict[Hashable, list[tuple[str, int, Any]]] = collections.defaultdict(list)
         self._outstanding: collections.Counter = collections.Counter()  # owner -> files not yet answered
         self._workers: list[_Worker] = []
+        self._head: dict[str, _Job] = {}  # head-start files not claimed yet
+        self._unclaimed: dict[str, tuple[int, Any]] = {}  # their answers, until claimed
+        self._drainer: threading.Thread | None = None  # reads head-start answers until the first claim
+        self._stop_draining = threading.Event()
+        self._drain_error: BaseException | None = None
         ctx = multiprocessing.get_context("fork")
         parent_ends: list[Connection] = []
+        head_start = list(dict(head_start or ()).items())  # (one job per path)
         try:
             for number in range(processes):
+                share = head_start[number::processes]
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 process = ctx.Process(
                     target=_worker_main,
-                    args=(child_end, parent_ends + [parent_end], cfg, key),
+                    args=(child_end, parent_ends + [parent_end], cfg, key, share),
                     name=f"dicom-deid-worker-{number}",
                     daemon=True,
                 )
                 process.start()
                 child_end.close()
                 parent_ends.append(parent_end)
-                self._workers.append(_Worker(process, parent_end))
+                worker = _Worker(process, parent_end)
+                for path, size in share:
+                    job = self._head[path] = _Job(None, path, size)
+                    worker.outstanding.append(job)
+                self._workers.append(worker)
         except BaseException:
             self.close()
             raise
+        if self._head:
+            # Until the pipeline asks for its first file, this thread reads the answers (a
+            # worker's socket holds ~150 of them), while the main thread imports Beam.
+            self._drainer = threading.Thread(target=self._drain, name="dicom-deid-head-start", daemon=True)
+            self._drainer.start()
         with _POOLS_LOCK:
             _POOLS[self.run_id] = self
+
+    def _drain(self) -> None:
+        try:
+            while not self._stop_draining.is_set():
+                with self._lock:
+                    conns = [w.conn for w in self._workers if w.outstanding]
+                if not conns:
+                    return
+                if wait(conns, timeout=0.05):
+                    with self._lock:
+                        self._receive(block=False)
+        except BaseException as exc:  # noqa: BLE001 - raised again by the next submit/take
+            self._drain_error = exc
 
     @property
     def alive(self) -> bool:
@@ -197,9 +258,20 @@ class LocalPool:
         return bool(self._workers)
 
     def submit(self, owner: Hashable, path: str, size: int) -> bool:
-        """Queue one file on the least busy worker, first collecting answers while every worker
-        has ``depth`` files. Returns False when no worker is left (process it yourself)."""
+        """Claim a head-start file, or queue one file on the least busy worker, first
+        collecting answers while every worker has ``depth`` files. Returns False when no
+        worker is left (process it yourself)."""
+        self._start_reading()
         with self._lock:
+            job = self._head.pop(path, None)
+            if job is not None:
+                answered = self._unclaimed.pop(path, None)
+                if answered is not None:
+                    self._done[owner].append((path, answered[0], answered[1]))
+                else:
+                    job.owner = owner
+                    self._outstanding[owner] += 1
+                return True
             while self._workers:
                 worker = min(self._workers, key=lambda w: len(w.outstanding))
                 if len(worker.outstanding) < self.depth:
@@ -217,6 +289,7 @@ class LocalPool:
         Raises:
             RuntimeError: a worker hit an unexpected error building a row (a bug).
         """
+        self._start_reading()
         with self._lock:
             self._receive(block=False)
             # (Once closed, no worker is left to wait for: what is missing stays missing.)
@@ -224,15 +297,35 @@ class LocalPool:
                 self._receive(block=True)
             return self._done.pop(owner, [])
 
+    def _start_reading(self) -> None:
+        """The caller reads the answers from now on: stop the head-start thread (not holding
+        the lock, which that thread takes)."""
+        if self._drainer is not None and self._drainer is not threading.current_thread():
+            self._stop_draining.set()
+            self._drainer.join()
+            self._drainer = None
+        if self._drain_error is not None:
+            error, self._drain_error = self._drain_error, None
+            raise error
+
     def _send(self, worker: _Worker, owner: Hashable, path: str, size: int) -> bool:
         try:
             worker.conn.send((path, size))
         except (OSError, EOFError):
             self._lose(worker)
             return False
-        worker.outstanding.append((owner, path, size))
+        worker.outstanding.append(_Job(owner, path, size))
         self._outstanding[owner] += 1
         return True
+
+    def _answered(self, job: _Job, reply: Any) -> None:
+        if isinstance(reply, str):
+            raise RuntimeError(f"in a worker process: {reply}")
+        if job.owner is None:
+            self._unclaimed[job.path] = (job.size, reply)
+        else:
+            self._outstanding[job.owner] -= 1
+            self._done[job.owner].append((job.path, job.size, reply))
 
     def _receive(self, *, block: bool) -> None:
         busy = [w for w in self._workers if w.outstanding]
@@ -245,18 +338,15 @@ class LocalPool:
             try:
                 while True:
                     reply = worker.conn.recv()
-                    owner, path, size = worker.outstanding.popleft()
-                    self._outstanding[owner] -= 1
-                    if isinstance(reply, str):
-                        raise RuntimeError(f"in a worker process: {reply}")
-                    self._done[owner].append((path, size, reply))
+                    self._answered(worker.outstanding.popleft(), reply)
                     if not (worker.outstanding and worker.conn.poll()):
                         break
             except (EOFError, OSError):
                 self._lose(worker)
 
     def _lose(self, worker: _Worker) -> None:
-        """``worker`` died: its file in hand fails, the ones queued behind it move on."""
+        """``worker`` died: its file in hand fails, the ones queued behind it move on (an
+        unclaimed head-start file goes back to being an ordinary file)."""
         if worker not in self._workers:
             return
         self._workers.remove(worker)
@@ -264,33 +354,56 @@ class LocalPool:
         worker.process.join(timeout=5)
         queued = list(worker.outstanding)
         worker.outstanding.clear()
-        for owner, _, _ in queued:
-            self._outstanding[owner] -= 1
         if queued:
-            owner, path, size = queued[0]
-            self._done[owner].append((path, size, WorkerLost()))
-        for owner, path, size in queued[1:]:
-            if not self.submit(owner, path, size):
-                self._done[owner].append((path, size, None))  # no worker left: the caller runs it
+            self._answered(queued[0], WorkerLost())
+        for job in queued[1:]:
+            if job.owner is not None:
+                self._outstanding[job.owner] -= 1
+        for job in queued[1:]:
+            if job.owner is None:
+                self._head.pop(job.path, None)
+            elif not self.submit(job.owner, job.path, job.size):
+                self._done[job.owner].append((job.path, job.size, None))  # no worker left: the caller runs it
 
-    def close(self) -> None:
-        """Stop the workers once their current file is done; unregister."""
+    def close(self) -> list[tuple[str, int, Any]]:
+        """Stop the workers once their current file is done; unregister.
+
+        Returns:
+            The head-start files that were processed but never claimed, as
+            ``(path, size, result)``: the caller writes their audit rows.
+        """
         with _POOLS_LOCK:
             if _POOLS.get(self.run_id) is self:
                 del _POOLS[self.run_id]
+        self._stop_draining.set()
+        if self._drainer is not None:
+            self._drainer.join()
+            self._drainer = None
         with self._lock:
             workers, self._workers = self._workers, []
+            for worker in workers:
+                try:
+                    worker.conn.send(None)  # (a worker answers what it has done, then ends)
+                except (OSError, EOFError):
+                    pass
+            deadline = time.monotonic() + _CLOSE_TIMEOUT
+            for worker in workers:
+                try:
+                    while worker.outstanding and worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                        self._answered(worker.outstanding.popleft(), worker.conn.recv())
+                except (EOFError, OSError, RuntimeError):
+                    pass  # ended (or failed) without answering the rest: those files were not done
+                worker.outstanding.clear()
+            orphans = [(path, size, result) for path, (size, result) in self._unclaimed.items()]
+            self._unclaimed.clear()
+            self._head.clear()
         for worker in workers:
-            try:
-                worker.conn.send(None)
-            except (OSError, EOFError):
-                pass
-        for worker in workers:
-            worker.process.join(timeout=_CLOSE_TIMEOUT)
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
             worker.conn.close()
+        return orphans
 
     def __enter__(self) -> LocalPool:
         return self
