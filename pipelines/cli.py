@@ -585,6 +585,10 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     finally:
         if pool is not None:
             pool.close()
+            if early:  # the head start's temporaries when interrupted before execute() ran
+                from transforms.files import remove_local_tmp
+
+                remove_local_tmp(output, run_id)
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     summary = outcome.summary

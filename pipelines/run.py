@@ -53,6 +53,7 @@ from transforms.errors import RequestError
 from transforms.beam import (
     TMP_DIR_NAME,
     failed_row,
+    remove_local_tmp,
     DeidentifyInstances,
     ExpandInput,
     RunConfig,
@@ -339,17 +340,10 @@ def _write_table(path: str, rows: list[Mapping[str, Any]], schema: pa.Schema) ->
 
 def cleanup_tmp(output_root: str, run_id: str) -> None:
     """Remove this run's temporary folder (leftovers of killed workers included)."""
-    tmp_root = FileSystems.join(output_root, TMP_DIR_NAME)
-    run_tmp = FileSystems.join(tmp_root, run_id)
     if is_local(output_root):
-        import shutil
-
-        shutil.rmtree(run_tmp, ignore_errors=True)
-        try:
-            os.rmdir(tmp_root)
-        except OSError:
-            pass  # other runs' leftovers, or never created
+        remove_local_tmp(output_root, run_id)
         return
+    run_tmp = FileSystems.join(output_root, TMP_DIR_NAME, run_id)
     leftovers = [m.path for m in FileSystems.match([run_tmp + "/**"])[0].metadata_list]
     if leftovers:
         FileSystems.delete(leftovers)

@@ -479,3 +479,44 @@ def test_default_local_runs_fork_the_workers_before_importing_beam(tmp_path: Pat
         assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr  # the text file
         seen = (tmp_path / "seen.txt").read_text().split()
         assert seen == (["False"] * 5 if out == "early" else ["True"] * 5)
+
+
+def test_ctrl_c_before_the_pipeline_runs_leaves_no_temporaries(tmp_path: Path):
+    """The head start's workers publish files while the command is still importing Beam; an
+    interrupt then (here: while Beam's options are read) stops them and removes the run's
+    temporary folder as the pipeline's own clean-up would."""
+    folder = tmp_path / "in"
+    _inputs(folder, n_ct=12)
+    key = write_key(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from pipelines import cli, run
+        from transforms import files, workers
+        real = files.process_file
+        def slow(*args, **kwargs):
+            time.sleep(0.2)
+            return real(*args, **kwargs)
+        files.process_file = slow
+        def stuck(*args, **kwargs):
+            print("ready", flush=True)
+            time.sleep(60)
+        run.pipeline_options = stuck
+        sys.exit(cli.main(sys.argv[1:]))
+        """
+    )
+    argv = [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(key),
+            "--processes", "2", "--quiet"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # the workers are on their head start
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == cli.EXIT_INTERRUPTED, err
+    assert err.strip().splitlines()[-1] == "dicom-deid: interrupted"
+    out = tmp_path / "out"
+    assert out.is_dir() and not (out / files.TMP_DIR_NAME).exists()
+    assert list(out.rglob("*.dcm"))  # some were published before the interrupt: whole files
+    for path in out.rglob("*.dcm"):
+        assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"

@@ -72,6 +72,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     quiet_pydicom_warnings,
     read_bounded,
     read_progress,
+    remove_local_tmp,
     replace_local,
 )
 from transforms.workers import LocalPool, WorkerLost, pool_for

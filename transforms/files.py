@@ -535,6 +535,19 @@ def _tmp_root(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
+def remove_local_tmp(output_root: str, run_id: str) -> None:
+    """Remove a local OUTPUT's temporary folder of this run (leftovers of killed workers
+    included), and the parent ``TMP_DIR_NAME`` folder when no other run has one."""
+    import shutil
+
+    tmp_root = os.path.join(output_root, TMP_DIR_NAME)
+    shutil.rmtree(os.path.join(tmp_root, run_id), ignore_errors=True)
+    try:
+        os.rmdir(tmp_root)
+    except OSError:
+        pass  # other runs' leftovers, or never created
+
+
 def _as_parts(data: Any) -> list[Any]:
     """``data`` as a list of buffers: bytes, or the parts of ``dicomio.write_parts``."""
     return data if isinstance(data, list) else [data]
