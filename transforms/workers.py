@@ -21,10 +21,11 @@ take 1.5-2 s, during which the workers used to wait. The pipeline then *claims* 
 (``submit`` finds the answer, or waits for it) like any other.
 
 Each worker has its own pipe and answers in the order it was asked, with at most
-``depth`` files outstanding; there is no helper thread on either side (with a
-``ProcessPoolExecutor``, whose feeder and manager threads compete with the DoFn's thread for
-the GIL, the command's own process used 3.3-3.9 s of CPU on 4,808 files instead of 2.7-2.8 s,
-27 November 2026). A worker that dies (a native crash in a codec, the
+``depth`` files outstanding; there is no helper thread on either side once the pipeline
+runs (with a ``ProcessPoolExecutor``, whose feeder and manager threads compete with the DoFn's
+thread for the GIL, the command's own process used 3.3-3.9 s of CPU on 4,808 files instead of
+2.7-2.8 s, 27 November 2026); during a head start one thread reads the answers until the
+pipeline's first claim. A worker that dies (a native crash in a codec, the
 kernel's out-of-memory killer, a stray ``kill``) had exactly one file in hand, the oldest it
 had not answered: that file gets a ``failed`` row (``internal_error``, "worker process
 ended"), the files queued behind it go to the other workers, and once none is left the rest
