@@ -333,26 +333,19 @@ def test_console_script_end_to_end(tmp_path: Path):
     exe = Path(sys.executable).with_name("dicom-deid")
     folder = _folder(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    done = subprocess.run(
-        [str(exe), "anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+
+    def anonymize(out: str) -> subprocess.CompletedProcess:
+        argv = [str(exe), "anonymize", str(folder), str(tmp_path / out), "--key-file", str(write_key(tmp_path))]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+
+    done = anonymize("out")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert json.loads(done.stdout)["Statuses"] == {"written": 2, "failed": 0, "skipped": 0}
     # The command ends without the interpreter's teardown (cli.entry): its status and its
     # standard output must still be whole when some files fail.
     (folder / "junk.txt").write_bytes(b"not DICOM")
-    failed = subprocess.run(
-        [str(exe), "anonymize", str(folder), str(tmp_path / "out2"), "--key-file", str(write_key(tmp_path))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    failed = anonymize("out2")
     assert failed.returncode == cli.EXIT_SOME_FAILED, failed.stderr
     assert json.loads(failed.stdout)["Statuses"] == {"written": 2, "failed": 1, "skipped": 0}
     assert failed.stderr.startswith("dicom-deid: 1 of 3 input files failed (not_dicom 1)")

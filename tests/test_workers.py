@@ -275,13 +275,9 @@ def test_processes_option_refusals(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not output.exists()
 
 
-def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
-    """SIGINT to the whole process group (a terminal's Ctrl-C): the workers ignore it and finish
-    the file in hand, the command says "interrupted" (130), stops them and leaves no temporary
-    files; every published output is complete."""
-    folder = tmp_path / "in"
-    _inputs(folder, n_ct=12)
-    key = write_key(tmp_path)
+def _command(tmp_path: Path, folder: Path, patch: str, *extra: str, out: str = "out") -> list[str]:
+    """argv running the command in a fresh interpreter, after ``patch`` (Python source run
+    first, with ``cli``, ``files``, ``workers``, ``real = files.process_file`` and ``time`` at hand)."""
     script = textwrap.dedent(
         f"""
         import sys, time
@@ -289,35 +285,54 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
         from pipelines import cli
         from transforms import files, workers
         real = files.process_file
-        def slow(*args, **kwargs):
-            time.sleep(0.3)
-            return real(*args, **kwargs)
-        files.process_file = slow
-        start = workers.LocalPool.__init__
-        def announce(self, *args, **kwargs):
-            start(self, *args, **kwargs)
-            print(" ".join(str(w.process.pid) for w in self._workers), flush=True)
-        workers.LocalPool.__init__ = announce
-        sys.exit(cli.main(sys.argv[1:]))
         """
-    )
-    argv = [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(key),
-            "--processes", "2", "--quiet"]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    pids = [int(p) for p in child.stdout.readline().split()]
-    assert len(pids) == 2
-    time.sleep(1.0)  # Beam is running; the workers are on their files
+    ) + textwrap.dedent(patch) + "sys.exit(cli.main(sys.argv[1:]))\n"
+    return [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / out),
+            "--key-file", str(write_key(tmp_path)), "--processes", "2", "--quiet", *extra]
+
+
+_SLOW_FILES = """
+def slow(*args, **kwargs):
+    time.sleep(0.2)
+    return real(*args, **kwargs)
+files.process_file = slow
+"""
+
+
+def _interrupt(child: subprocess.Popen, out: Path) -> None:
+    """Ctrl-C to the command's process group: "interrupted" (130), no traceback, no temporary
+    files left, and whatever was published is whole."""
     os.killpg(child.pid, signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == cli.EXIT_INTERRUPTED, err
     assert err.strip().splitlines()[-1] == "dicom-deid: interrupted"
     assert "Traceback" not in err
+    assert not (out / files.TMP_DIR_NAME).exists()
+    for path in out.rglob("*.dcm"):
+        assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"
+
+
+def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C): the workers ignore it and finish
+    the file in hand, the command says "interrupted" (130), stops them and leaves no temporary
+    files; every published output is complete."""
+    folder = tmp_path / "in"
+    _inputs(folder, n_ct=12)
+    announce = """
+    start = workers.LocalPool.__init__
+    def announce(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        print(" ".join(str(w.process.pid) for w in self._workers), flush=True)
+    workers.LocalPool.__init__ = announce
+    """
+    argv = _command(tmp_path, folder, _SLOW_FILES + textwrap.dedent(announce))
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [int(p) for p in child.stdout.readline().split()]
+    assert len(pids) == 2
+    time.sleep(1.0)  # the workers are on their files
+    _interrupt(child, tmp_path / "out")
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    out = tmp_path / "out"
-    assert not (out / files.TMP_DIR_NAME).exists()
-    for path in out.rglob("*.dcm"):  # whatever was published is whole
-        assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"
 
 
 def test_workers_make_their_own_storage_clients(tmp_path: Path):
@@ -455,27 +470,17 @@ def test_default_local_runs_fork_the_workers_before_importing_beam(tmp_path: Pat
     imports Beam; with a Beam option the command needs Beam first (and forks after)."""
     folder = tmp_path / "in"
     _inputs(folder, n_ct=2)
-    key = write_key(tmp_path)
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(REPO)!r})
-        from pipelines import cli
-        from transforms import files
-        real = files.process_file
-        def record(*args, **kwargs):
-            with open({str(tmp_path / "seen.txt")!r}, "a") as f:
-                f.write(str("apache_beam" in sys.modules) + "\\n")
-            return real(*args, **kwargs)
-        files.process_file = record
-        sys.exit(cli.main(sys.argv[1:]))
-        """
-    )
+    record = f"""
+    def record(*args, **kwargs):
+        with open({str(tmp_path / "seen.txt")!r}, "a") as f:
+            f.write(str("apache_beam" in sys.modules) + "\\n")
+        return real(*args, **kwargs)
+    files.process_file = record
+    """
     for out, extra in (("early", []), ("late", ["--direct_num_workers", "1"])):
         (tmp_path / "seen.txt").unlink(missing_ok=True)
-        argv = [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / out), "--key-file", str(key),
-                "--processes", "2", "--quiet", *extra]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(_command(tmp_path, folder, record, *extra, out=out), capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr  # the text file
         seen = (tmp_path / "seen.txt").read_text().split()
         assert seen == (["False"] * 5 if out == "early" else ["True"] * 5)
@@ -487,36 +492,16 @@ def test_ctrl_c_before_the_pipeline_runs_leaves_no_temporaries(tmp_path: Path):
     temporary folder as the pipeline's own clean-up would."""
     folder = tmp_path / "in"
     _inputs(folder, n_ct=12)
-    key = write_key(tmp_path)
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO)!r})
-        from pipelines import cli, run
-        from transforms import files, workers
-        real = files.process_file
-        def slow(*args, **kwargs):
-            time.sleep(0.2)
-            return real(*args, **kwargs)
-        files.process_file = slow
-        def stuck(*args, **kwargs):
-            print("ready", flush=True)
-            time.sleep(60)
-        run.pipeline_options = stuck
-        sys.exit(cli.main(sys.argv[1:]))
-        """
-    )
-    argv = [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(key),
-            "--processes", "2", "--quiet"]
+    stuck = """
+    from pipelines import run
+    def stuck(*args, **kwargs):
+        print("ready", flush=True)
+        time.sleep(60)
+    run.pipeline_options = stuck
+    """
+    argv = _command(tmp_path, folder, _SLOW_FILES + textwrap.dedent(stuck))
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "ready"
     time.sleep(0.5)  # the workers are on their head start
-    os.killpg(child.pid, signal.SIGINT)
-    _, err = child.communicate(timeout=120)
-    assert child.returncode == cli.EXIT_INTERRUPTED, err
-    assert err.strip().splitlines()[-1] == "dicom-deid: interrupted"
-    out = tmp_path / "out"
-    assert out.is_dir() and not (out / files.TMP_DIR_NAME).exists()
-    assert list(out.rglob("*.dcm"))  # some were published before the interrupt: whole files
-    for path in out.rglob("*.dcm"):
-        assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"
+    _interrupt(child, tmp_path / "out")
+    assert list((tmp_path / "out").rglob("*.dcm"))  # some were published before the interrupt
