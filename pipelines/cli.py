@@ -522,9 +522,11 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
     crosswalk = normalize(args.crosswalk) if args.crosswalk else None
     check_locations(input_uri, output, audit, crosswalk)
-    # Beam's defaults (no Beam option: the local DirectRunner, in memory) over a local folder:
-    # the workers can start before Beam is even imported (see _head_start).
-    early = not beam_args and local_in and os.path.isdir(input_uri) and _scheme(output) is None
+    # Beam's defaults (the local DirectRunner, in memory: no Beam option but the runner's name,
+    # as the README's command gives it) over a local folder: the workers can start before Beam
+    # is even imported (see _head_start).
+    early = (beam_args in ([], ["--runner", "DirectRunner"], ["--runner=DirectRunner"])
+             and local_in and os.path.isdir(input_uri) and _scheme(output) is None)
     if early:
         options, local_runner = None, True
     else:

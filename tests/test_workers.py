@@ -466,8 +466,9 @@ def test_the_run_audits_a_head_start_file_the_pipeline_did_not_list(tmp_path: Pa
 
 
 def test_default_local_runs_fork_the_workers_before_importing_beam(tmp_path: Path):
-    """No Beam option, a local folder: the workers start on the first files while the command
-    imports Beam; with a Beam option the command needs Beam first (and forks after)."""
+    """No Beam option (or only the README's ``--runner DirectRunner``), a local folder: the
+    workers start on the first files while the command imports Beam; with another Beam option
+    the command needs Beam first (and forks after)."""
     folder = tmp_path / "in"
     _inputs(folder, n_ct=2)
     record = f"""
@@ -477,13 +478,14 @@ def test_default_local_runs_fork_the_workers_before_importing_beam(tmp_path: Pat
         return real(*args, **kwargs)
     files.process_file = record
     """
-    for out, extra in (("early", []), ("late", ["--direct_num_workers", "1"])):
+    runs = (("early", []), ("named", ["--runner", "DirectRunner"]), ("late", ["--direct_num_workers", "1"]))
+    for out, extra in runs:
         (tmp_path / "seen.txt").unlink(missing_ok=True)
         done = subprocess.run(_command(tmp_path, folder, record, *extra, out=out), capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr  # the text file
         seen = (tmp_path / "seen.txt").read_text().split()
-        assert seen == (["False"] * 5 if out == "early" else ["True"] * 5)
+        assert seen == (["True"] * 5 if out == "late" else ["False"] * 5)
 
 
 def test_ctrl_c_before_the_pipeline_runs_leaves_no_temporaries(tmp_path: Path):
