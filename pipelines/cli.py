@@ -416,6 +416,29 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
     return local
 
 
+def key_may_travel(options: Any) -> bool:
+    """Whether the runner keeps the job description on this machine (the local runners, and
+    Prism, a local binary), so a key held in the DoFns' configuration never leaves it."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return name in LOCAL_RUNNERS or name == "PrismRunner"
+
+
+def remote_key_message(options: Any) -> str:
+    """The refusal for a key that would travel inside the job description of a runner that is
+    not this machine's (Dataflow stores the description, with every DoFn, in its staging
+    location): such runs read the key from a file their workers can reach."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return (f"--runner {name} runs on other machines: give the key as --key-file gs://... (a file the "
+            "workers can read); a key from a local file, DICOM_DEID_KEY or a random key would be "
+            "written into the job description")
+
+
 def local_processes(options: Any, requested: int | None, *, local: bool) -> int:
     """How many :class:`transforms.workers.LocalPool` processes the run starts: ``--processes``,
     else :func:`transforms.workers.default_processes` (one per usable CPU; none with one CPU or
@@ -534,6 +557,8 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         options = pipeline_run.pipeline_options(beam_args)
         local_runner = quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
+        if key_uri is None and not key_may_travel(options):
+            raise UsageError(remote_key_message(options))
     _warn_random_key(key)
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None

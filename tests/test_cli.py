@@ -482,3 +482,31 @@ def test_one_file_mode_writes_uids_the_request_forces(tmp_path: Path, replace: d
     ds = pydicom.dcmread(out)
     (keyword, value), = replace.items()
     assert ds[keyword].value == (value.split("\\") if value and "\\" in value else (value or ""))
+
+
+@pytest.mark.parametrize("key_source", ["file", "env", "random"])
+def test_remote_runner_refuses_a_key_that_would_travel_in_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], key_source: str
+):
+    """On Dataflow the job description (every DoFn's configuration) is stored by the service:
+    only a key file the workers read themselves (gs://) may be used there."""
+    folder = tmp_path / "in"
+    write_study(make_study(seed=11, n_ct=1, rtstruct=False, sr=False), folder)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    key_args = []
+    if key_source == "file":
+        key_args = ["--key-file", str(write_key(tmp_path))]
+    elif key_source == "env":
+        monkeypatch.setenv(ENV_VAR, SECRET.decode())
+    argv = ["anonymize", str(folder), str(tmp_path / "out"), *key_args, "--runner", "DataflowRunner",
+            "--project", "deid-test-project", "--region", "europe-west1", "--temp_location", "gs://deid-temp/tmp"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "dicom-deid: --runner DataflowRunner runs on other machines: give the key as --key-file gs://... "
+        "(a file the workers can read); a key from a local file, DICOM_DEID_KEY or a random key would be "
+        "written into the job description\n"
+    )
+    assert SECRET.decode() not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-audit").exists()

@@ -327,3 +327,18 @@ def test_iso_ir_13_keeps_single_byte_katakana_and_drops_kanji():
     out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(buffer.getvalue()), KEY))
     assert b"?" not in out.split(b"Yamada", 1)[1][:12]
     assert pydicom.dcmread(io.BytesIO(out)).PatientName == "Yamada^^\uff71\uff72"
+
+
+def test_pixel_data_replacement_needs_uncompressed_pixels():
+    """Raw bytes under a compressed transfer syntax would be an image no reader decodes
+    (Orthanc 1.10.1 answers 400): the file is refused; an uncompressed one takes the bytes."""
+    from transforms.errors import DeidError
+
+    body = {"Replace": {"PixelData": "data:application/octet-stream;base64,AQIDBA=="}}
+    jpeg = _read(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    assert jpeg.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    with pytest.raises(DeidError, match="Replace PixelData: the file's pixel data is compressed") as info:
+        apply(parse_modify(body), jpeg, KEY)
+    assert info.value.reason == "refused_by_request"
+    plain = _read(get_testdata_file("CT_small.dcm"))
+    assert _modify(body, plain).PixelData == b"\x01\x02\x03\x04"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 
@@ -82,6 +83,52 @@ def _refused(parse, body, message, **kwargs):
 )
 def test_modify_refusals(body, message):
     _refused(parse_modify, body, message)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # FD/OD: a decimal beyond a double's range becomes inf in Python; Orthanc says out of range
+        ('{"Replace": {"0018,9087": "1e400"}}', "Replace: tag 'DiffusionBValue' (0018,9087) (FD): "
+                                                "'1e400' is not a 64-bit float"),
+        ('{"Replace": {"DiffusionBValue": "-2e308"}}', "'-2e308' is not a 64-bit float"),
+        # str.isdigit() takes superscripts and other scripts' digits; int() then fails or reads '٣' as 3
+        ('{"Remove": ["ReferencedImageSequence[\\u00b2].StudyDate"]}',
+         "Remove: bad path 'ReferencedImageSequence[\u00b2].StudyDate': index '\u00b2' must be a "
+         "non-negative integer (at most 9 digits) or *"),
+        ('{"Remove": ["ReferencedImageSequence[\\u0663].StudyDate"]}', "index '\u0663' must be"),
+        ('{"Keep": ["ReferencedImageSequence[1234567890].StudyDate"]}', "index '1234567890' must be"),
+        # JSON's "\ud800" parses to a lone surrogate, which no encoding can write
+        ('{"Replace": {"EncryptedContent": "\\ud800"}}',
+         "Replace: tag 'EncryptedContent' (0400,0520) (OB): the value holds an unpaired surrogate"),
+        ('{"Replace": {"StationName": "a\\udfffb"}}', "(SH): the value holds an unpaired surrogate"),
+        # item and delimiter tags are not data elements (Orthanc answers 500 or crashes)
+        ('{"Replace": {"FFFE,E000": ""}}', "Replace: 'FFFE,E000' is an item or delimiter tag (group FFFE)"),
+        ('{"Remove": ["fffe,e0dd"]}', "Remove: 'fffe,e0dd' is an item or delimiter tag"),
+        # Orthanc embeds image/PDF data URIs; we would store the URI text as pixels: refused
+        ('{"Replace": {"PixelData": "data:image/png;base64,aGVsbG8="}}',
+         "Replace: tag 'PixelData' (7FE0,0010) (OB or OW): only 'data:application/octet-stream;"
+         "base64,...' values are supported here (no image or PDF embedding)"),
+        ('{"Replace": {"EncapsulatedDocument": "data:application/pdf;base64,aGVsbG8="}}',
+         "tag 'EncapsulatedDocument' (0042,0011) (OB): only 'data:application/octet-stream"),
+        ('{"Replace": {"StationName": "data:application/octet-stream;base64,aGVsbG8x9"}}',
+         "malformed base64"),  # 9 characters: no padding can complete it
+    ],
+)
+def test_modify_refusals_found_against_orthanc(body, message):
+    _refused(parse_modify, json.loads(body), message)
+
+
+def test_unpadded_base64_retired_keywords_and_plain_text_data_uris_are_accepted():
+    plan = parse_modify({"Replace": {"StationName": "data:application/octet-stream;base64,aGVsbG8",
+                                     "EncryptedContent": "data:application/octet-stream;base64,AQID",
+                                     "InstitutionName": "data:image/png;base64,xyz"},
+                         "Remove": ["RETIRED_OtherPatientIDs", "RETIRED_StudyComments"]})
+    values = {v.tag: v.value for v in plan.replacements}
+    assert values[STATION] == "hello"
+    assert values[0x04000520] == b"\x01\x02\x03\x00"
+    assert values[INSTITUTION] == "data:image/png;base64,xyz"  # text VRs store the text, as Orthanc
+    assert {0x00101000, 0x00324000} <= set(plan.removals)
 
 
 def test_unknown_keys_are_refused_with_the_allowed_list():

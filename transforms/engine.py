@@ -71,9 +71,10 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from transforms import paths
-from transforms.errors import InputError
+from transforms.errors import DeidError, InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
 from transforms.request import Plan, basic_profile_code
@@ -255,6 +256,19 @@ def _text_of(elem: Any, ds: Dataset) -> list[str] | None:
     return parts if any(parts) else None
 
 
+def _encapsulated(ds: Dataset) -> bool:
+    """Whether the data set's pixel data is encapsulated: its transfer syntax is a compressed
+    one, or (a syntax pydicom does not know) its PixelData has an undefined length."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts:
+        try:
+            return bool(UID(str(ts)).is_encapsulated)
+        except ValueError:  # not a transfer syntax pydicom knows
+            pass
+    elem = ds._dict.get(_PIXEL_DATA)
+    return elem is not None and getattr(elem, "length", 0) == _UNDEFINED
+
+
 class _Run:
     """State for one ``apply`` call."""
 
@@ -398,6 +412,11 @@ class _Run:
         if plan.replacements:
             encodings = _python_encodings(out)
             for index, (value, key, walk) in enumerate(self.replacements):
+                if value.tag == _PIXEL_DATA and _encapsulated(self.source):
+                    raise DeidError(
+                        "Replace PixelData: the file's pixel data is compressed (encapsulated "
+                        "transfer syntax); a replacement value can only be written to an "
+                        "uncompressed file", reason="refused_by_request")
                 elem = self._replacement(value, encodings, index)
                 d[key] = elem  # pydicom's writer needs BaseTag keys
                 if value.tag == SPECIFIC_CHARACTER_SET:

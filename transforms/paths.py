@@ -98,10 +98,10 @@ def parse_path(
             raise fail("empty tag name")
         if index_text == "*":
             index = None
-        elif index_text.isdigit():
-            index = int(index_text)
+        elif index_text.isascii() and index_text.isdigit() and len(index_text) <= 9:
+            index = int(index_text)  # ASCII digits only (isdigit alone takes '²' and '٣')
         else:
-            raise fail(f"index {index_text!r} must be a non-negative integer or *")
+            raise fail(f"index {index_text!r} must be a non-negative integer (at most 9 digits) or *")
         parents.append((parse_tag(name, key=key, dictionary=dictionary,
                                   private_creator=private_creator, allow_parentheses=True),
                         index))

@@ -203,10 +203,14 @@ def parse_tag(
         raise RequestError(f"{key}: empty tag name")
     tag = _hex_tag(text, allow_parentheses=allow_parentheses)
     if tag is not None:
+        if tag >> 16 == 0xFFFE:
+            raise RequestError(f"{key}: {name!r} is an item or delimiter tag (group FFFE), not a data element")
         return tag
     if text in _ALIASES:
         return _ALIASES[text]
     found = keyword_dict.get(text)
+    if found is None and text.startswith("RETIRED_"):
+        found = keyword_dict.get(text[len("RETIRED_"):])  # DCMTK's (and so Orthanc's) spelling
     if found is not None:
         return found
     if dictionary is not None:

@@ -56,6 +56,8 @@ _INT_RANGES = {
     "OV": (0, 0xFFFFFFFFFFFFFFFF),
 }
 _FLOAT_VRS = frozenset({"FL", "FD", "OF", "OD"})
+# PixelData and EncapsulatedDocument: Orthanc embeds image and PDF data URIs there.
+_EMBEDDED_CONTENT = frozenset({0x7FE00010, 0x00420011})
 # Multi-valued "O*" VRs are stored as packed bytes by pydicom.
 _PACKED = {"OL": "L", "OV": "Q", "OF": "f", "OD": "d"}
 _IS_RE = re.compile(r"^\s*[+-]?\d+\s*$", re.ASCII)
@@ -179,13 +181,25 @@ def _resolve_ambiguous(vr: str, text: str) -> str:
 
 
 def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate is no character at all
+        raise RequestError(f"{_label(tag, vr, ctx)}: the value holds an unpaired surrogate "
+                           "(\\ud800-\\udfff), which is not valid Unicode") from None
     payload: bytes | None = None
     if text.startswith(DATA_URI_PREFIX):
+        encoded = text[len(DATA_URI_PREFIX):]
+        encoded += "=" * (-len(encoded) % 4 if len(encoded) % 4 != 1 else 0)  # unpadded, as Orthanc takes it
         try:
-            payload = base64.b64decode(text[len(DATA_URI_PREFIX):], validate=True)
+            payload = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"{_label(tag, vr, ctx)}: malformed base64 in the "
                                "'data:application/octet-stream;base64,' value") from None
+    elif tag in _EMBEDDED_CONTENT and text.startswith("data:"):
+        # Orthanc decodes an image into PixelData (and sets Rows, Columns, ...) or embeds a PDF;
+        # we would store the URI's text as the pixels or the document: refuse instead.
+        raise RequestError(f"{_label(tag, vr, ctx)}: only 'data:application/octet-stream;base64,...' "
+                           "values are supported here (no image or PDF embedding)")
     vr = _resolve_ambiguous(vr, text if payload is None else "")
 
     if vr == "SQ":
@@ -249,8 +263,8 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
                 number = float(part) if _strict_number(part) else None
             except ValueError:
                 number = None
-            if number is None or (vr in ("FL", "OF") and math.isfinite(number)
-                                  and abs(number) > 3.4028234663852886e38):
+            if number is None or not math.isfinite(number) or (
+                    vr in ("FL", "OF") and abs(number) > 3.4028234663852886e38):
                 raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not a "
                                    f"{'32' if vr in ('FL', 'OF') else '64'}-bit float")
             floats.append(number)
