@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from transforms import __version__, dicomio
 from transforms.engine import apply
 from transforms.identity import Key
-from transforms.request import parse_anonymize
+from transforms.request import parse_anonymize, parse_modify
 
 from .conftest import sample
 
@@ -530,15 +531,56 @@ def test_sequence_encoder_round_trips_every_top_level_sequence(name):
     assert checked > 0
 
 
+def _nested_private_sq() -> bytes:
+    """pydicom's nested_priv_SQ.dcm with its private sequences moved from group 0001 (no
+    element may have it; the writer drops it, as DCMTK does) to (0009,1001) and (0009,1002)."""
+    data = Path(get_testdata_file("nested_priv_SQ.dcm")).read_bytes()
+    body = 132 + 12 + struct.unpack_from("<I", data, 140)[0]  # after the file meta group
+    patched = data[body:].replace(b"\x01\x00\x01\x00", b"\x09\x00\x01\x10")
+    return data[:body] + patched.replace(b"\x01\x00\x02\x00", b"\x09\x00\x02\x10")
+
+
 def test_implicit_private_sequences_survive_an_edit_inside_them():
-    source = _read(get_testdata_file("nested_priv_SQ.dcm"))
+    source = dicomio.read_dataset(_nested_private_sq(), check_uids=False)
     result = _anonymize({"KeepPrivateTags": True,
-                         "Remove": ["(0001,0001)[0].(0001,0001)[0].(0001,0001)"]}, source)
-    outer = result[0x00010001]
-    assert outer.VR == "SQ" and outer[0][0x00010001].VR == "SQ"
-    assert len(outer[0][0x00010001][0]) == 0
-    assert outer[0][0x00010002].value == b"Nested SQ"
-    assert source[0x00010001][0][0x00010001][0][0x00010001].value == b"Double Nested SQ"
+                         "Remove": ["(0009,1001)[0].(0009,1001)[0].(0009,1001)"]}, source)
+    outer = result[0x00091001]
+    assert outer.VR == "SQ" and outer[0][0x00091001].VR == "SQ"
+    assert len(outer[0][0x00091001][0]) == 0
+    assert outer[0][0x00091002].value == b"Nested SQ"
+    assert source[0x00091001][0][0x00091001][0][0x00091001].value == b"Double Nested SQ"
+
+
+def test_invalid_groups_are_not_written():
+    """Groups 0000 (a DIMSE command's: free text such as ErrorComment, AE titles), 0001, 0003,
+    0005, 0007 and FFFF cannot be in a data set: dropped by both operations, as DCMTK (so
+    Orthanc 1.10.1, checked) drops them; group 0004 stays."""
+    def element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
+        value += b" " * (len(value) % 2)
+        return struct.pack("<HH2sH", group, number, vr, len(value)) + value
+
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    body = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
+    assert data[body:body + 2] == b"\x08\x00"  # the data set starts at group 0008
+    leading = (element(0x0000, 0x0902, b"LO", b"SMITH JOHN MRN123")
+               + element(0x0000, 0x1030, b"AE", b"MOVE_ORIGIN")
+               + element(0x0001, 0x0010, b"LO", b"CREATOR ONE") + element(0x0003, 0x1001, b"LO", b"THREE")
+               + element(0x0004, 0x1130, b"CS", b"FILESET"))
+    planted = data[:body] + leading + data[body:] + element(0xFFFF, 0x0001, b"LO", b"LAST WORD")
+    source = dicomio.read_dataset(planted)
+    assert {0x00000902, 0x00001030, 0x00010010, 0x00031001, 0xFFFF0001} <= {int(t) for t in source.keys()}
+    for plan in (parse_anonymize({"KeepPrivateTags": True}), parse_modify({"Replace": {"StationName": "X"}})):
+        out = dicomio.write_dataset(apply(plan, source, KEY))
+        for text in (b"SMITH JOHN", b"MOVE_ORIGIN", b"CREATOR ONE", b"THREE", b"LAST WORD"):
+            assert text not in out
+        tags = [int(t) for t in dicomio.read_dataset(out).keys()]
+        assert tags[0] == 0x00041130 and tags[1] >> 16 == 0x0008
+        assert [t for t in tags if t >> 16 in (0x0000, 0x0001, 0x0003, 0x0005, 0x0007, 0xFFFF)] == []
+    nested = dicomio.read_dataset(Path(get_testdata_file("nested_priv_SQ.dcm")).read_bytes(), check_uids=False)
+    out = dicomio.write_dataset(apply(parse_anonymize({"KeepPrivateTags": True}), nested, KEY))
+    tags = [int(t) for t in dicomio.read_dataset(out, check_uids=False).keys()]
+    assert 0x7FE00010 in tags and [t for t in tags if t >> 16 == 0x0001] == []
+    assert b"Nested SQ" not in out
 
 
 @pytest.mark.parametrize("name", ["Issue22-NoPixelData.dcm", "DicomSeg.dcm",
@@ -557,8 +599,6 @@ def test_input_dataset_is_never_modified_even_when_decoded(name):
                        ".ReferencedSOPClassUID"]}
     for plan in (parse_anonymize(body), parse_anonymize({"KeepPrivateTags": True})):
         dicomio.write_dataset(apply(plan, source, KEY))
-    from transforms.request import parse_modify
-
     dicomio.write_dataset(apply(parse_modify(body), source, KEY))
     assert source.to_json_dict() == before
     assert {tag: id(elem) for tag, elem in source._dict.items()} == identities

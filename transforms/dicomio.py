@@ -134,12 +134,14 @@ class _Source:
 
     @property
     def specials(self) -> list[int]:
-        """Positions (ascending) the writer never copies verbatim: excluded tags (group 0002,
-        group lengths) and OW-labelled encapsulated pixel data. Found by bisection in the
+        """Positions (ascending) the writer never copies verbatim: excluded tags (invalid groups
+        such as 0000 and 0002, group lengths) and OW-labelled encapsulated pixel data. Found by bisection in the
         ascending tags rather than by visiting every element."""
         if self._specials is None:
             ints = self.ints
-            found = set(range(bisect_left(ints, 0x00020000), bisect_left(ints, 0x00030000)))
+            found = set(range(bisect_left(ints, 0x00040000)))  # groups 0000-0003
+            for group in (0x0005, 0x0007, 0xFFFF):
+                found.update(range(bisect_left(ints, group << 16), bisect_left(ints, (group + 1) << 16)))
             present = set(ints)
             for group_length in set(map((0xFFFF0000).__and__, ints)) & present:
                 found.add(bisect_left(ints, group_length))
@@ -1050,9 +1052,16 @@ def _uid_value(ds: Dataset, keyword: str, fallback: Any) -> str:
     return fallback() if callable(fallback) else fallback
 
 
+#: Groups never written in a data set (DCMTK's removeInvalidGroups, hence Orthanc's files): the
+#: command group 0000 (a DIMSE message's, e.g. MoveOriginatorApplicationEntityTitle or an
+#: ErrorComment's free text), the file meta group 0002, and the groups no element may have.
+_INVALID_GROUPS = frozenset({0x0000, 0x0001, 0x0002, 0x0003, 0x0005, 0x0007, 0xFFFF})
+
+
 def _excluded(tag: int) -> bool:
-    """Group 0002 inside the data set, and group lengths (retired; recomputing is pointless)."""
-    return (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0x0000
+    """Invalid groups inside the data set (``_INVALID_GROUPS``), and group lengths (retired;
+    recomputing is pointless)."""
+    return (tag >> 16) in _INVALID_GROUPS or (tag & 0xFFFF) == 0x0000
 
 
 def write_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
@@ -1183,7 +1192,7 @@ def _fast_body(ds: Dataset, source: _Source) -> list[Any]:
     # Plain int keys: BaseTag's Python-level __eq__/__lt__ would dominate this loop.
     elements = {int(tag): elem for tag, elem in ds._dict.items()}
     for tag in sorted(elements):
-        if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0:  # see _excluded
+        if (tag >> 16) in _INVALID_GROUPS or (tag & 0xFFFF) == 0:  # see _excluded
             continue
         elem = elements[tag]
         span = spans.get(tag)
