@@ -734,3 +734,42 @@ def test_kept_private_tags_still_lose_removed_ones_at_every_depth(walk, monkeypa
     nested = pydicom.dcmread(__import__("io").BytesIO(data)).AnatomicRegionSequence[0]
     assert nested[0x00711003].value == "nested kept" and nested[0x00710010].value == "DEID TEST"
     assert 0x00711001 not in nested and 0x60013000 not in nested
+
+
+@pytest.mark.parametrize("version", ["2017c", "2023b"])
+def test_references_the_table_misses_follow_the_uids_it_maps(version):
+    """VolumeFrameOfReferenceUID, SOPInstanceUIDOfConcatenationSource, ReferencedFiducialUID
+    ... are not in Table E.1-1, yet hold UIDs it maps elsewhere: mapped in the same namespace
+    (top level and nested), so they still equal the new UID of what they reference and the
+    original value is gone; 2008 stays Orthanc's table (kept)."""
+    source = _read(get_testdata_file("CT_small.dcm"))
+    frame, sop = str(source.FrameOfReferenceUID), str(source.SOPInstanceUID)
+    source.VolumeFrameOfReferenceUID = frame
+    source.TargetFrameOfReferenceUID = frame
+    source.SOPInstanceUIDOfConcatenationSource = sop
+    source.ReferencedColorPaletteInstanceUID = "1.2.3.4.5.6"
+    item = Dataset()
+    item.MultiFrameSourceSOPInstanceUID = sop
+    item.ReferencedFiducialUID = "1.2.3.4.5.7"
+    item.TableFrameOfReferenceUID = frame
+    source.FiducialSetSequence = Sequence([item])
+    data = dicomio.write_dataset(source)
+    for text in (frame, sop, "1.2.3.4.5.6", "1.2.3.4.5.7"):
+        assert text.encode() in data
+    result = _anonymize({"DicomVersion": version}, dicomio.read_dataset(data, check_uids=False))
+    out = dicomio.write_dataset(result)
+    for text in (frame, sop, "1.2.3.4.5.6", "1.2.3.4.5.7"):
+        assert text.encode() not in out
+    assert result.FrameOfReferenceUID == _uid("instance", frame)
+    assert result.VolumeFrameOfReferenceUID == result.TargetFrameOfReferenceUID == result.FrameOfReferenceUID
+    assert result.SOPInstanceUIDOfConcatenationSource == result.SOPInstanceUID == _uid("instance", sop)
+    assert result.ReferencedColorPaletteInstanceUID == _uid("instance", "1.2.3.4.5.6")
+    nested = result.FiducialSetSequence[0]
+    assert nested.MultiFrameSourceSOPInstanceUID == result.SOPInstanceUID
+    assert nested.ReferencedFiducialUID == _uid("instance", "1.2.3.4.5.7")
+    assert nested.TableFrameOfReferenceUID == result.FrameOfReferenceUID
+    kept = _anonymize({"DicomVersion": version, "Keep": ["VolumeFrameOfReferenceUID"]},
+                      dicomio.read_dataset(data, check_uids=False))
+    assert kept.VolumeFrameOfReferenceUID == frame
+    old = _anonymize({"DicomVersion": "2008"}, dicomio.read_dataset(data, check_uids=False))
+    assert old.VolumeFrameOfReferenceUID == frame and old.FiducialSetSequence[0].ReferencedFiducialUID == "1.2.3.4.5.7"

@@ -24,6 +24,28 @@ DATA_FILE = Path(__file__).resolve().parent / "data" / "profiles.json"
 # CID 7050 "De-identification Method": the code every profile of Table E.1-1 starts from.
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 
+# Identifiers of instances and frames of reference that Table E.1-1 does not list (no edition up
+# to 2024b), so Orthanc keeps them: each holds a UID the table does remap elsewhere (the
+# FrameOfReferenceUID of a volume, the SOPInstanceUID a concatenation or a multi-frame image
+# came from, a fiducial's, an assertion's ...). Kept, the original value links the output to
+# the source archive and points at an object that no longer exists under it. From 2017c on we
+# map them like the table's UIDs (same namespace, so each still equals the new UID of what it
+# references); the 2008 profile stays Orthanc's table, as for the curve and overlay ranges.
+EXTRA_REFERENCE_UIDS: frozenset[int] = frozenset({
+    0x00081167,  # MultiFrameSourceSOPInstanceUID
+    0x00083012,  # RadiopharmaceuticalAdministrationEventUID
+    0x0018991E,  # TargetFrameOfReferenceUID
+    0x00200242,  # SOPInstanceUIDOfConcatenationSource
+    0x00209312,  # VolumeFrameOfReferenceUID
+    0x00209313,  # TableFrameOfReferenceUID
+    0x00280304,  # ReferencedColorPaletteInstanceUID
+    0x0040A021,  # FindingsGroupUIDTrial (retired)
+    0x0040A022,  # ReferencedFindingsGroupUIDTrial (retired)
+    0x00440102,  # AssertionUID
+    0x00440108,  # ReferencedAssertionUID
+    0x0070031B,  # ReferencedFiducialUID (FiducialUID is in the table)
+})
+
 
 @dataclass(frozen=True)
 class RemovedRange:

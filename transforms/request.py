@@ -458,7 +458,7 @@ def parse_anonymize(
     Raises:
         RequestError: naming the offending key (e.g. ``DicomVersion`` with the allowed list).
     """
-    from transforms.profiles import DEFAULT_VERSION, VERSIONS, get_profile
+    from transforms.profiles import DEFAULT_VERSION, EXTRA_REFERENCE_UIDS, VERSIONS, get_profile
 
     body = _check_keys(body, ANONYMIZE_KEYS, "anonymize")
     common = _common(body, dictionary)
@@ -473,6 +473,8 @@ def parse_anonymize(
     builder.removals = set(profile.removals)
     builder.clearings = set(profile.clearings)
     builder.uids = set(profile.uids) | {PATIENT_ID, PATIENT_NAME}
+    if profile.version != "2008":
+        builder.uids |= EXTRA_REFERENCE_UIDS  # what the table misses (see transforms.profiles)
     pending_method = Value(DEIDENTIFICATION_METHOD, "LO", None)  # text decided below
     pending_code = basic_profile_code()
     builder.replacements = {
