@@ -17,6 +17,7 @@ nestings of such sequences, where nothing planted survives and both walks agree.
 
 from __future__ import annotations
 
+import re
 import struct
 import tracemalloc
 
@@ -113,6 +114,20 @@ def test_unknown_public_tag_written_as_un_is_walked():
     assert item.ReferencedSOPInstanceUID == _new_sop() == ds.SOPInstanceUID
     assert item.ReferencedSOPClassUID == CT  # SOP classes are never touched
     assert item.PatientName == KEY.patient_name("Nested^Secret")  # as in any sequence
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file-un"])
+def test_items_under_a_known_text_tag_are_refused(implicit):
+    """Manufacturer (LO) holding a sequence's items: pydicom reads them back as text, names and
+    UIDs included, so the nested pass cannot clean them and copying them would leak them."""
+    manufacturer = 0x00080070
+    value = (_implicit(manufacturer, _secret_item(True)) if implicit
+             else _explicit(manufacturer, b"UN", _secret_item(True)))
+    data = _file([(manufacturer, value)], implicit=implicit)
+    with pytest.raises(InputError, match=re.escape("element (0008,0070) holds sequence items, but the dictionary "
+                                                   "gives it VR LO")) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "invalid_value" and "Secret" not in str(info.value)
 
 
 @pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file-un"])

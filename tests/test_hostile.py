@@ -91,6 +91,14 @@ def build_hostile_folder(folder: Path) -> dict[str, tuple[str, str | None]]:
             ("failed", "truncated"),
         ),
         "deep.dcm": (_instance(extra=_deep(100_000)), ("failed", "too_deep")),
+        # an OB element of undefined length holding a sequence's items (a PatientName among
+        # them): only SQ, UN and encapsulated pixel data may have an undefined length
+        "ob_undefined_length.dcm": (
+            _instance(extra=struct.pack("<HH2sHI", 0x0008, 0x1234, b"OB", 0, 0xFFFFFFFF)
+                      + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + _element(0x0010, 0x0010, b"PN", b"DOE^JOHN")
+                      + struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)),
+            ("failed", "not_dicom"),
+        ),
         "dotdot_uid.dcm": (_instance(sop=b"../../x"), ("failed", "invalid_uid")),
         "long_uid.dcm": (_instance(study=b"1." * 40 + b"1"), ("failed", "invalid_uid")),
         "no_sop.dcm": (_instance(sop=b""), ("failed", "invalid_uid")),
@@ -145,7 +153,7 @@ def test_hostile_folder_end_to_end_in_a_subprocess(tmp_path: Path):
     assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
-    assert lines[0].startswith("dicom-deid: 11 of 14 input files failed (empty 1, invalid_uid 3, not_dicom 2, too_deep 1, too_large 2, truncated 2); see ")
+    assert lines[0].startswith("dicom-deid: 12 of 15 input files failed (empty 1, invalid_uid 3, not_dicom 3, too_deep 1, too_large 2, truncated 2); see ")
     peak_kib = int(lines[-1].split()[1])
     assert peak_kib < 1_500_000, f"peak memory {peak_kib} KiB: a large input was read"
     rows = read_rows(tmp_path / "out-audit")
@@ -161,8 +169,8 @@ def test_hostile_folder_end_to_end_in_a_subprocess(tmp_path: Path):
     }
     assert not (tmp_path / "out" / TMP_DIR_NAME).exists()
     summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
-    assert summary["Reasons"] == {"empty": 1, "invalid_uid": 3, "not_dicom": 2, "too_deep": 1, "too_large": 2, "truncated": 2}
-    assert summary["Statuses"] == {"written": 3, "failed": 11, "skipped": 0}
+    assert summary["Reasons"] == {"empty": 1, "invalid_uid": 3, "not_dicom": 3, "too_deep": 1, "too_large": 2, "truncated": 2}
+    assert summary["Statuses"] == {"written": 3, "failed": 12, "skipped": 0}
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")

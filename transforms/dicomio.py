@@ -732,6 +732,11 @@ def _scan_elements(
         value_tell = pos
         if length == 0xFFFFFFFF:
             tag = group << 16 | element
+            if vr is not None and vr != "SQ" and vr != "UN" and tag != 0x7FE00010:
+                # PS3.5 7.1: only sequences (SQ, or UN holding one) and encapsulated pixel data
+                # have an undefined length; DCMTK refuses anything else, so would a reader of ours.
+                raise InputError(f"element ({group:04X},{element:04X}) has VR {vr} and an undefined length",
+                                 reason="not_dicom")
             stop = _skip_undefined(data, pos, end, implicit, little, depth,
                                    vr == "SQ" or (vr is None and tag != 0x7FE00010))
             value = data[pos:stop] if out is not None else None
@@ -808,6 +813,9 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
             length = long_len(data, pos + 8)[0]
             value_tell = pos + 12
             if length == 0xFFFFFFFF:  # as _scan_elements: items up to the sequence delimiter
+                if vr != "SQ" and vr != "UN" and (group << 16 | element) != 0x7FE00010:
+                    raise InputError(f"element ({group:04X},{element:04X}) has VR {vr} and an undefined length",
+                                     reason="not_dicom")  # as _scan_elements
                 stop = _clean_sequence(data, value_tell, end, little, True) if vr == "SQ" else None
                 if stop is None:
                     stop = _skip_undefined(data, value_tell, end, False, little, 0, vr == "SQ")

@@ -143,8 +143,20 @@ def _declared_sequence(elem: RawDataElement, tag: int) -> bool:
 def _item_shaped(data: bytes, start: int, end: int, tag: int) -> bool:
     """Whether ``data[start:end]``, the value of ``tag``, may be the items of a sequence the
     file does not call one: it starts with an item tag and the dictionary does not know the
-    tag (a known tag has its VR, and pydicom reads a known sequence stored as UN itself)."""
-    return data.startswith(_LE_ITEM_START, start, end) and _dict_vr(tag) is None
+    tag (a known tag has its VR, and pydicom reads a known sequence stored as UN itself).
+
+    Raises:
+        InputError: ``invalid_value``, items under a tag the dictionary calls text.
+    """
+    if not data.startswith(_LE_ITEM_START, start, end):
+        return False
+    vr = _dict_vr(tag)
+    if vr in _STRING_VRS:
+        # Text cannot begin with an item tag (FE FF 00 E0: a NUL inside text): a sequence stored
+        # under a known text tag, which pydicom would read back as text, identifiers and all.
+        raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds sequence items, but the "
+                         f"dictionary gives it VR {vr}", reason="invalid_value")
+    return vr is None
 
 # Markers of the per-plan action tables.
 _DELETE = object()
