@@ -304,14 +304,19 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent + "/")
 
 
-def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
-    """Refuse overlapping locations (outputs are never read back as inputs, audit never in
-    OUTPUT) and an OUTPUT, audit or crosswalk folder that is, or lies under, an existing file."""
+def check_utf8(input_uri: str, output: str, audit: str | None, crosswalk: str | None) -> None:
+    """Refuse a location that is not valid UTF-8 (the audit carries paths as UTF-8 text)."""
     from transforms.files import utf8_name  # (no Beam import)
 
     for name, location in (("INPUT", input_uri), ("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
         if location is not None and not utf8_name(location):
             raise UsageError(f"{name}: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8")
+
+
+def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
+    """Refuse overlapping locations (outputs are never read back as inputs, audit never in
+    OUTPUT) and an OUTPUT, audit or crosswalk folder that is, or lies under, an existing file."""
+    check_utf8(input_uri, output, audit, crosswalk)
     for name, folder in (("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
         if folder is not None and any(c in folder for c in "*?["):
             raise UsageError(f"{name}: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)")
@@ -352,6 +357,23 @@ def _refuse_file_in_the_way(name: str, folder: str) -> None:
         raise UsageError(f"{name} {folder!r} exists and is not a folder")
     if blocker is not None:
         raise UsageError(f"{name} {folder!r} cannot be created: {blocker!r} is a file, not a folder")
+    # Refused now rather than after the run: an audit that cannot be written would leave
+    # de-identified files without their rows.
+    existing = _existing_ancestor(folder)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write in it" if existing == folder else f"create it in {existing!r}"
+        raise UsageError(f"{name} {folder!r}: no permission to {what}")
+
+
+def _existing_ancestor(folder: str) -> str:
+    """``folder`` if it exists, else its nearest existing parent."""
+    path = folder
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path) or "."
+        if parent == path:
+            break
+        path = parent
+    return path
 
 
 def _file_in_the_way(folder: str) -> str | None:
@@ -535,6 +557,8 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         raise UsageError(f"INPUT {args.input!r} does not exist")
 
     if single:
+        check_utf8(input_uri, output, normalize(args.audit) if args.audit else None,
+                   normalize(args.crosswalk) if args.crosswalk else None)
         if beam_args:
             raise UsageError(f"unknown option(s): {' '.join(beam_args)} (one-file mode takes no Beam options)")
         _warn_random_key(key)

@@ -510,3 +510,46 @@ def test_remote_runner_refuses_a_key_that_would_travel_in_the_job(
     )
     assert SECRET.decode() not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-audit").exists()
+
+
+@pytest.mark.parametrize("option", ["--audit", "--crosswalk", "OUTPUT"])
+def test_a_location_that_cannot_be_written_is_refused_before_any_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], option: str
+):
+    """An audit folder without write permission used to be found only after every file was
+    de-identified and written: the run then ended without its rows. (Root ignores permissions,
+    so the refusal is simulated.)"""
+    folder = tmp_path / "in"
+    write_study(make_study(seed=12, n_ct=1, rtstruct=False, sr=False), folder)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == str(locked)
+                        else real_access(path, mode, **kw))
+    target = str(locked / "sub")
+    output = target if option == "OUTPUT" else str(tmp_path / "out")
+    extra = [] if option == "OUTPUT" else [option, target]
+    code = cli.main(["anonymize", str(folder), output, "--key-file", str(write_key(tmp_path)), *extra])
+    assert code == 2
+    name = "OUTPUT" if option == "OUTPUT" else option
+    assert capsys.readouterr().err == f"dicom-deid: {name} {target!r}: no permission to create it in {str(locked)!r}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deid.key", "in", "locked"]
+    assert list(locked.iterdir()) == []
+
+
+def test_one_file_mode_refuses_a_name_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """As folder runs do: the audit carries paths as UTF-8 text, so such a name used to end the
+    run with an internal error after the output was written, and without its audit row."""
+    name = os.path.join(os.fsencode(tmp_path), b"M\xfcller.dcm")
+    try:
+        with open(name, "wb") as f:
+            f.write(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    out = tmp_path / "out.dcm"
+    code = cli.main(["anonymize", os.fsdecode(name), str(out), "--key-file", str(write_key(tmp_path)),
+                     "--audit", str(tmp_path / "audit")])
+    assert code == 2
+    assert capsys.readouterr().err == ("dicom-deid: INPUT: the path is not valid UTF-8 (rename it): pipelines carry "
+                                       "paths as UTF-8\n")
+    assert not out.exists() and not (tmp_path / "audit").exists()

@@ -240,6 +240,29 @@ def test_fast_scanner_refuses_nesting_beyond_the_limit():
     assert dicomio.read_dataset(_nested(10), check_uids=False)[0x00081115].VR == "SQ"
 
 
+def _nested_defined(depth: int) -> bytes:
+    """As ``_nested``, with defined lengths (each sequence and item sized by its content)."""
+    body = b""
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+        body = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, len(item)) + item
+    return dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.840.10008.1.2.1") + body
+
+
+@pytest.mark.parametrize("make", [_nested, _nested_defined], ids=["undefined-lengths", "defined-lengths"])
+def test_the_nesting_limit_is_64_levels_whatever_the_lengths(make):
+    """README: sequences nested more than 64 levels deep fail with too_deep. (Defined lengths
+    used to count two levels per sequence, undefined ones allowed 65.)"""
+    ds = dicomio.read_dataset(make(64), check_uids=False)
+    inner = ds
+    for _ in range(64):
+        inner = inner.ReferencedSeriesSequence[0]
+    assert len(inner) == 0
+    with pytest.raises(InputError, match="sequences nested more than 64 levels deep") as info:
+        dicomio.read_dataset(make(65), check_uids=False)
+    assert info.value.reason == "too_deep"
+
+
 def _writer_plans():
     from transforms.request import parse_anonymize, parse_modify
 

@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 from pipelines import cli
 from pipelines import run as pipeline_run
 from tests.pipeline_support import KEY, output_files, pydicom_converts_all, read_rows, write_key
-from transforms import dicomio, request
+from transforms import dicomio, files, request
 from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
 
 CT = Path(get_testdata_file("CT_small.dcm"))
@@ -186,6 +186,7 @@ def test_fifos_broken_links_and_undecodable_names_get_a_row(tmp_path: Path, comm
     (folder / "series.dcm" / "inner.dcm").write_bytes(CT_OTHER.read_bytes())
     os.mkfifo(folder / "pipe.dcm")
     (folder / "gone.dcm").symlink_to(folder / "absent.dcm")
+    (folder / "loop.dcm").symlink_to(folder / "loop.dcm")  # os.scandir's is_dir() raises ELOOP
     try:  # a Latin-1 name from an old archive; some filesystems refuse such names
         with open(os.path.join(os.fsencode(folder), b"M\xfcller.dcm"), "wb") as f:
             f.write(CT.read_bytes())
@@ -198,7 +199,7 @@ def test_fifos_broken_links_and_undecodable_names_get_a_row(tmp_path: Path, comm
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
-    assert done.stderr.startswith("dicom-deid: 3 of 5 input files failed (read_error 3)"), done.stderr
+    assert done.stderr.startswith("dicom-deid: 4 of 6 input files failed (read_error 4)"), done.stderr
     got = {Path(r["source_uri"]).relative_to(folder).as_posix(): (r["status"], r["reason"], r["detail"])
            for r in read_rows(tmp_path / "out-audit")}
     good, inner = {
@@ -210,8 +211,41 @@ def test_fifos_broken_links_and_undecodable_names_get_a_row(tmp_path: Path, comm
         "series.dcm/inner.dcm": inner,
         "pipe.dcm": ("failed", "read_error", "read: not a regular file (a FIFO, socket or device)"),
         "gone.dcm": ("failed", "read_error", "read: FileNotFoundError ENOENT"),
+        "loop.dcm": ("failed", "read_error", "read: OSError ELOOP"),
         "M\\xfcller.dcm": ("failed", "read_error",
                            "read: the file name is not valid UTF-8 (shown with \\x escapes): rename the file"),
+    }
+
+
+def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]):
+    """A sub-folder without read permission (chmod 000; root ignores permissions, so the refusal
+    is simulated) used to end the run with an internal error and no audit: the folder gets a
+    read_error row of its own, everything else is processed."""
+    folder = tmp_path / "in"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "locked" / "hidden.dcm").write_bytes(CT.read_bytes())
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and path.endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert sorted(files.expand_input(str(folder))) == sorted([
+        (str(folder / "good.dcm"), CT.stat().st_size), (str(folder / "locked"), files.UNLISTABLE_FOLDER)])
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                     "--quiet", "--processes", "0"])
+    assert code == cli.EXIT_SOME_FAILED
+    assert capsys.readouterr().err.startswith("dicom-deid: 1 of 2 input files failed (read_error 1)")
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"], r["detail"], r["bytes_in"])
+           for r in read_rows(tmp_path / "out-audit")}
+    assert got == {
+        "good.dcm": ("written", None, None, CT.stat().st_size),
+        "locked": ("failed", "read_error", "read: this folder cannot be listed (no permission or an I/O error): "
+                   "the files in it were not processed", None),
     }
 
 

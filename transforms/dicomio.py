@@ -536,10 +536,10 @@ def _skip_undefined(
         pos += 8
         if length != 0xFFFFFFFF:
             if items:
-                _check_item(data, pos, pos + length, end, implicit, little, depth + 1)
+                _check_item(data, pos, pos + length, end, implicit, little, depth)
             pos += length
             continue
-        pos = _scan_elements(data, pos, end, implicit, little, depth + 1, None)  # at the item delimiter
+        pos = _scan_elements(data, pos, end, implicit, little, depth, None)  # at the item delimiter
         pos += 8
 
 
@@ -561,9 +561,9 @@ def _check_items(data: bytes, pos: int, end: int, implicit: bool, little: bool, 
             raise _GiveUp  # e.g. a sequence delimiter inside a defined length
         pos += 8
         if length == 0xFFFFFFFF:
-            pos = _scan_elements(data, pos, end, implicit, little, depth + 1, None) + 8
+            pos = _scan_elements(data, pos, end, implicit, little, depth, None) + 8
         else:
-            _check_item(data, pos, pos + length, end, implicit, little, depth + 1)
+            _check_item(data, pos, pos + length, end, implicit, little, depth)
             pos += length
     if pos != end:
         raise _GiveUp
@@ -737,7 +737,7 @@ def _scan_elements(
                 # have an undefined length; DCMTK refuses anything else, so would a reader of ours.
                 raise InputError(f"element ({group:04X},{element:04X}) has VR {vr} and an undefined length",
                                  reason="not_dicom")
-            stop = _skip_undefined(data, pos, end, implicit, little, depth,
+            stop = _skip_undefined(data, pos, end, implicit, little, depth + 1,
                                    vr == "SQ" or (vr is None and tag != 0x7FE00010))
             value = data[pos:stop] if out is not None else None
             pos = stop + 8
@@ -818,7 +818,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
                                      reason="not_dicom")  # as _scan_elements
                 stop = _clean_sequence(data, value_tell, end, little, True) if vr == "SQ" else None
                 if stop is None:
-                    stop = _skip_undefined(data, value_tell, end, False, little, 0, vr == "SQ")
+                    stop = _skip_undefined(data, value_tell, end, False, little, 1, vr == "SQ")
                 append(pos)
                 pos = stop + 8
                 tag = base_tag(group << 16 | element)

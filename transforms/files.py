@@ -252,6 +252,9 @@ def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
 #: Beam carries paths as UTF-8 strings, so such a file is listed under a printable form of its
 #: name (undecodable bytes as ``\xNN``) and gets a ``read_error`` row asking for a rename.
 UNREADABLE_NAME = -1
+#: The size listed for a folder that cannot be listed (no permission, an I/O error): the folder
+#: itself gets a ``read_error`` row, since the files in it cannot even be named.
+UNLISTABLE_FOLDER = -2
 
 
 def utf8_name(path: str) -> bool:
@@ -291,13 +294,17 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                             entries.append((entry.path, entry.stat().st_size))
                         else:  # a broken symlink, a FIFO, a socket, a device: reported, not read
                             entries.append((entry.path, 0))
-                    except OSError:
+                    except FileNotFoundError:
                         continue  # vanished while listed
+                    except OSError:  # a symlink loop (ELOOP), a folder that cannot be searched (EACCES)
+                        entries.append((entry.path, 0))  # reading it gives the read_error row
                     if len(entries) >= 1024:
                         yield from entries
                         entries = []
         except (FileNotFoundError, NotADirectoryError):
-            continue
+            continue  # vanished, or replaced by a file, since it was listed
+        except OSError:  # no permission to list it, an I/O error
+            entries.append((folder, UNLISTABLE_FOLDER))
         yield from entries
 
 
@@ -834,6 +841,10 @@ def read_input(path: str, size: int, max_bytes: int, row: dict[str, Any]) -> byt
         row["bytes_in"] = None
         raise InputError("the file name is not valid UTF-8 (shown with \\x escapes): rename the file",
                          reason="read_error")
+    if size == UNLISTABLE_FOLDER:
+        row["bytes_in"] = None
+        raise InputError("this folder cannot be listed (no permission or an I/O error): the files in it "
+                         "were not processed", reason="read_error")
     if size > max_bytes:
         raise InputError(f"file is larger than --max-bytes ({max_bytes} bytes)", reason="too_large")
     data = read_bounded(path, max_bytes)
@@ -868,7 +879,7 @@ def failed_row(path: str, size: int, cfg: RunConfig, exc: Exception, stage: str)
     """The audit row of a file whose processing ended with ``exc`` outside :func:`process_file`
     (e.g. the worker process running it died: :class:`transforms.workers.WorkerLost`)."""
     row = _base_row(path, size, cfg)
-    if size < 0:  # UNREADABLE_NAME: not a size
+    if size < 0:  # UNREADABLE_NAME, UNLISTABLE_FOLDER: not a size
         row["bytes_in"] = None
     return _failed(row, exc, stage)[0]
 
