@@ -304,6 +304,18 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent + "/")
 
 
+def refuse_empty_input(input_uri: str, shown: str) -> None:
+    """Refuse a local INPUT that matches no file before anything is started or written (the
+    audit folder would otherwise get an empty shard and a summary replacing the last one's).
+    Remote INPUTs are found empty by the run itself (one more listing request saved)."""
+    if _scheme(input_uri) is not None:
+        return
+    from transforms.files import expand_input  # (no Beam import for local paths)
+
+    if next(iter(expand_input(input_uri)), None) is None:
+        raise UsageError(f"INPUT {shown!r} matched no files")
+
+
 def check_utf8(input_uri: str, output: str, audit: str | None, crosswalk: str | None) -> None:
     """Refuse a location that is not valid UTF-8 (the audit carries paths as UTF-8 text)."""
     from transforms.files import utf8_name  # (no Beam import)
@@ -569,6 +581,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
     crosswalk = normalize(args.crosswalk) if args.crosswalk else None
     check_locations(input_uri, output, audit, crosswalk)
+    refuse_empty_input(input_uri, args.input)
     # Beam's defaults (the local DirectRunner, in memory: no Beam option but the runner's name,
     # as the README's command gives it) over a local folder: the workers can start before Beam
     # is even imported (see _head_start).
@@ -607,7 +620,12 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     else:
         processes = local_processes(options, args.processes, local=local_runner)
     pool = None
+    local_output = _scheme(output) is None
     try:
+        if local_output:
+            from transforms.files import claim_local_tmp
+
+            claim_local_tmp(output, run_id)  # also sweeps what killed runs left in OUTPUT
         if processes:
             from transforms.workers import LocalPool
 
@@ -636,10 +654,10 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     finally:
         if pool is not None:
             pool.close()
-            if early:  # the head start's temporaries when interrupted before execute() ran
-                from transforms.files import remove_local_tmp
+        if local_output:  # (execute() removes them too; here also when it never ran)
+            from transforms.files import remove_local_tmp
 
-                remove_local_tmp(output, run_id)
+            remove_local_tmp(output, run_id)
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     summary = outcome.summary

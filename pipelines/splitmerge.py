@@ -585,6 +585,10 @@ def execute(
             folder = os.path.dirname(folder)
     tmp = tmp_folder(output_root, run_id)
     try:
+        if _is_local(output_root):
+            from transforms.files import claim_local_tmp
+
+            claim_local_tmp(output_root, run_id)  # also sweeps what killed runs left (an index of originals)
         selector = (
             IndexSelector.for_split(request) if isinstance(request, sm.SplitRequest) else IndexSelector.for_merge(request)
         )
@@ -672,6 +676,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     audit = cli.normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
     crosswalk = cli.normalize(args.crosswalk) if args.crosswalk else None
     cli.check_locations(input_uri, output, audit, crosswalk)
+    cli.refuse_empty_input(input_uri, args.input)
     try:
         options = pipeline_run.pipeline_options(beam_args)
     except pipeline_run.UnknownOptions as exc:
@@ -685,6 +690,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     local_runner = cli.quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
+    local_output = _is_local(output)
     try:
         outcome = execute(
             options,
@@ -701,6 +707,10 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             progress_dir=progress_dir,
         )
     finally:
+        if local_output:
+            from transforms.files import remove_local_tmp
+
+            remove_local_tmp(output, run_id)
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     summary = outcome.summary

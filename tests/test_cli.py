@@ -234,11 +234,20 @@ def test_single_file_locations_are_checked_before_anything_is_written(tmp_path: 
     assert pq.read_table(table).column("original_sop_instance_uid").to_pylist() == [pydicom.dcmread(CT).SOPInstanceUID]
 
 
-def test_input_matching_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+@pytest.mark.parametrize("command", ["anonymize", "split"])
+def test_input_matching_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str):
+    """Refused before anything is written: an earlier run's summary.json stays as it was."""
     (tmp_path / "empty").mkdir()
-    code = cli.main(["anonymize", str(tmp_path / "empty"), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path))])
+    (tmp_path / "out-audit").mkdir()
+    (tmp_path / "out-audit" / "summary.json").write_text('{"InputFiles": 1}')
+    extra = ["--study", "1.2.3", "--body", '{"Series": ["1.2.3.4"]}'] if command == "split" else []
+    code = cli.main([command, str(tmp_path / "empty"), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                     *extra])
     assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: INPUT {str(tmp_path / 'empty')!r} matched no files"
     assert code == cli.EXIT_USAGE
+    assert [p.name for p in (tmp_path / "out-audit").iterdir()] == ["summary.json"]
+    assert (tmp_path / "out-audit" / "summary.json").read_text() == '{"InputFiles": 1}'
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- keys
@@ -553,3 +562,40 @@ def test_one_file_mode_refuses_a_name_that_is_not_utf8(tmp_path: Path, capsys: p
     assert capsys.readouterr().err == ("dicom-deid: INPUT: the path is not valid UTF-8 (rename it): pipelines carry "
                                        "paths as UTF-8\n")
     assert not out.exists() and not (tmp_path / "audit").exists()
+
+
+@pytest.mark.parametrize("command", ["anonymize", "split"])
+def test_a_run_removes_what_killed_runs_left_in_output(tmp_path: Path, command: str):
+    """kill -9 leaves OUTPUT/.dicom-deid-tmp/<run>/ behind (partial files; for split/merge the
+    study index, which holds original identifiers). The next run into the same OUTPUT removes
+    it; a run still alive (its lock held) keeps its folder."""
+    import fcntl
+
+    folder = tmp_path / "in"
+    study = make_study(seed=13, n_ct=2, rtstruct=False, sr=False)
+    write_study(study, folder)
+    tmp_root = tmp_path / "out" / ".dicom-deid-tmp"
+    dead, alive = tmp_root / "20260101T000000Z-dead0000", tmp_root / "20260101T000000Z-live0000"
+    for run in (dead, alive):
+        run.mkdir(parents=True)
+        (run / "index-00000-of-00001.jsonl").write_text('{"PatientID": "ORIGINAL-ID"}\n')
+        (tmp_root / (run.name + ".lock")).touch()
+    holder = subprocess.Popen(  # another live run: holds its lock until told to stop
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(tmp_root / (alive.name + ".lock"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        extra = []
+        if command == "split":
+            ds = pydicom.dcmread(sorted(folder.rglob("*.dcm"))[0])
+            extra = ["--study", str(ds.StudyInstanceUID), "--body", json.dumps({"Series": [str(ds.SeriesInstanceUID)]})]
+        code = cli.main([command, str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                         "--quiet", *extra])
+        assert code == 0
+        assert sorted(p.name for p in tmp_root.iterdir()) == [alive.name, alive.name + ".lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with open(tmp_root / (alive.name + ".lock"), "rb") as lock:  # released with its process
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

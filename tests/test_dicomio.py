@@ -419,6 +419,22 @@ def test_encapsulated_pixel_data_without_its_transfer_syntax_is_refused():
         ("not_dicom", "PixelData is encapsulated but the transfer syntax is not a compressed one")
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5"])
+def test_native_pixel_data_under_a_compressed_syntax_is_refused(syntax: str):
+    """The converse: copied as is, the output would claim compressed pixels it does not hold."""
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    (meta_length,) = struct.unpack_from("<I", data, 140)
+    source = pydicom.dcmread(BytesIO(data))
+    body = data[144 + meta_length :]
+    relabelled = dicomio.encode_file_meta(source.SOPClassUID, source.SOPInstanceUID, syntax) + body
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(relabelled)
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "PixelData is not encapsulated but the transfer syntax is a compressed one")
+    again = dicomio.encode_file_meta(source.SOPClassUID, source.SOPInstanceUID, "1.2.840.10008.1.2.1") + body
+    assert dicomio.read_dataset(again).PixelData == source.PixelData  # the same bytes, honestly labelled
+
+
 def test_fragments_are_walked_when_pydicom_reads_the_file(monkeypatch):
     """pydicom finds the end of encapsulated pixel data by searching for the delimiter; on its
     path the reader still walks the fragment items, and refuses damaged ones as the fast path

@@ -278,6 +278,14 @@ _NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, Ex
                               DeflatedExplicitVRLittleEndian})
 
 
+def _is_encapsulated_syntax(ts: str) -> bool:
+    """A transfer syntax pydicom knows as encapsulated (compressed); unknown ones: False."""
+    try:
+        return bool(UID(ts).is_encapsulated)
+    except ValueError:
+        return False
+
+
 def _check_pixel_data(ds: Dataset, *, fragments_checked: bool) -> None:
     """Encapsulated (undefined-length) PixelData must come with a compressed transfer syntax
     (a file whose meta was lost would be written as native with fragments inside) and be a
@@ -285,13 +293,19 @@ def _check_pixel_data(ds: Dataset, *, fragments_checked: bool) -> None:
     undefined-length value by searching for the delimiter, so damaged fragments would pass
     into an output that does not read back. The fast scanner already walked the items."""
     elem = ds._dict.get(0x7FE00010)
-    if type(elem) is not RawDataElement or elem.length != 0xFFFFFFFF:
+    if type(elem) is not RawDataElement:
         return
     meta = ds.__dict__.get("file_meta")
     ts = None
     if meta is not None and 0x00020010 in meta._dict:
         # a valid UID (_check_transfer_syntax ran first): raw ASCII, or pydicom's value
         ts = _ascii_raw(meta, 0x00020010) or str(peek(meta, 0x00020010)).strip(" \0")
+    if elem.length != 0xFFFFFFFF:
+        if elem.length and ts is not None and ts not in _NATIVE_SYNTAXES and _is_encapsulated_syntax(ts):
+            # Copied as is, the output would claim compressed pixels it does not hold.
+            raise InputError("PixelData is not encapsulated but the transfer syntax is a compressed one",
+                             reason="not_dicom")
+        return
     if ts is None or ts in _NATIVE_SYNTAXES:
         raise InputError("PixelData is encapsulated but the transfer syntax is not a compressed one",
                          reason="not_dicom")

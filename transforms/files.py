@@ -542,13 +542,64 @@ def _tmp_root(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
+#: Open lock files of the runs this process claimed, by (OUTPUT, run id).
+_CLAIMS: dict[tuple[str, str], int] = {}
+
+
+def claim_local_tmp(output_root: str, run_id: str) -> None:
+    """Mark this run's temporary folder in a local OUTPUT as in use, and remove those of earlier
+    runs into the same OUTPUT whose processes are gone.
+
+    The mark is an ``flock`` on ``<run_id>.lock`` beside the folder, held until
+    :func:`remove_local_tmp` or until the process and its forks end (``kill -9`` included, which
+    leaves the folder behind: partial outputs, and split/merge's study index, which holds
+    original identifiers). A lock that can be taken belongs to a run that is over: its folder
+    goes. Folders without a lock file (a run on another machine sharing the folder, or an older
+    release) are left alone.
+    """
+    import fcntl
+    import shutil
+
+    tmp_root = os.path.join(output_root, TMP_DIR_NAME)
+    os.makedirs(tmp_root, exist_ok=True)
+    own = run_id + ".lock"
+    fd = os.open(os.path.join(tmp_root, own), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _CLAIMS[(output_root, run_id)] = fd
+    for name in os.listdir(tmp_root):
+        if not name.endswith(".lock") or name == own:
+            continue
+        lock = os.path.join(tmp_root, name)
+        try:
+            other = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # removed meanwhile by its run
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live run
+        else:
+            shutil.rmtree(lock[: -len(".lock")], ignore_errors=True)
+            os.unlink(lock)
+        finally:
+            os.close(other)
+
+
 def remove_local_tmp(output_root: str, run_id: str) -> None:
     """Remove a local OUTPUT's temporary folder of this run (leftovers of killed workers
-    included), and the parent ``TMP_DIR_NAME`` folder when no other run has one."""
+    included) and its lock (:func:`claim_local_tmp`), and the parent ``TMP_DIR_NAME`` folder
+    when no other run has one."""
     import shutil
 
     tmp_root = os.path.join(output_root, TMP_DIR_NAME)
     shutil.rmtree(os.path.join(tmp_root, run_id), ignore_errors=True)
+    fd = _CLAIMS.pop((output_root, run_id), None)
+    if fd is not None:
+        try:
+            os.unlink(os.path.join(tmp_root, run_id + ".lock"))
+        except OSError:
+            pass
+        os.close(fd)
     try:
         os.rmdir(tmp_root)
     except OSError:
