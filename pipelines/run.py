@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -338,6 +339,17 @@ def _write_table(path: str, rows: list[Mapping[str, Any]], schema: pa.Schema) ->
         f.write(sink.getvalue())
 
 
+def remove_sink_temporaries(root: str | None, run_id: str) -> None:
+    """Remove the ``beam-temp-*<run_id>*`` folders Beam's Parquet sinks left in a local audit or
+    crosswalk folder when the run did not finish (Ctrl-C, an error): Beam removes them only
+    when it finalises the writes."""
+    if root is None or not is_local(root) or not os.path.isdir(root):
+        return
+    for entry in os.scandir(root):
+        if entry.name.startswith("beam-temp-") and run_id in entry.name and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def cleanup_tmp(output_root: str, run_id: str) -> None:
     """Remove this run's temporary folder (leftovers of killed workers included)."""
     if is_local(output_root):
@@ -429,6 +441,10 @@ def execute(
                 run_and_wait(pipeline, options)
         else:
             run_and_wait(pipeline, options)
+    except BaseException:
+        for root in (audit_root, crosswalk_root):
+            remove_sink_temporaries(root, cfg.run_id)
+        raise
     finally:
         try:
             if pool is not None:

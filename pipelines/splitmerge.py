@@ -575,7 +575,15 @@ def execute(
         RequestError: the request does not fit INPUT (unknown study, empty selection, ...);
             nothing has been written then (the run's temporary folder is removed).
     """
-    from pipelines.run import ProgressPrinter, cleanup_tmp, make_pipeline, run_and_wait, tally_audit, write_summary
+    from pipelines.run import (
+        ProgressPrinter,
+        cleanup_tmp,
+        make_pipeline,
+        remove_sink_temporaries,
+        run_and_wait,
+        tally_audit,
+        write_summary,
+    )
 
     created: list[str] = []  # local folders this run creates (OUTPUT and missing parents)
     if _is_local(output_root):
@@ -627,6 +635,10 @@ def execute(
                 os.rmdir(folder)
             except OSError:
                 break
+        raise
+    except BaseException:
+        for root in (audit_root, crosswalk_root):
+            remove_sink_temporaries(root, run_id)
         raise
     finally:
         cleanup_tmp(output_root, run_id)

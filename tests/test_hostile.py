@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,51 @@ def test_mutated_folder_through_beam_one_row_per_input(cases):
         assert (output_files(out) if out.exists() else {}) == written
         assert outcome.summary["InputFiles"] == len(cases)
         assert outcome.exit_code == (3 if any(r["status"] == "failed" for r in rows) else 0)
+
+
+@pytest.mark.parametrize("mode", [["--direct_running_mode", "multi_threading", "--processes", "0"],
+                                  ["--direct_running_mode", "multi_threading"]], ids=["threads", "threads+pool"])
+def test_ctrl_c_under_beams_threads_is_quiet_and_leaves_no_sink_temporaries(tmp_path: Path, mode: list[str]):
+    """Beam tears a DoFn down while another of its threads is still in process(): the writer
+    thread is gone (it used to print "cannot schedule new futures after shutdown" and a
+    traceback); and Beam's Parquet sinks leave beam-temp-* folders in the audit folder when
+    the run does not finish: removed."""
+    import signal
+    import textwrap
+
+    from tests.test_workers import _command
+
+    folder = tmp_path / "in"
+    for i in range(40):
+        ds = dicomio.read_dataset(CT.read_bytes())
+        ds.SOPInstanceUID = f"1.2.3.4.5.{i + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i:02}.dcm").write_bytes(dicomio.write_dataset(ds))
+    slow = """
+    import os
+    def slow(real):
+        def wrapper(*args, **kwargs):
+            os.write(1, b"r")  # a file began (in a thread or a worker process)
+            time.sleep(0.1)
+            return real(*args, **kwargs)
+        return wrapper
+    from transforms import beam as tbeam
+    files.prepare_file = tbeam.prepare_file = slow(files.prepare_file)
+    files.process_file = slow(files.process_file)
+    """
+    argv = _command(tmp_path, folder, textwrap.dedent(slow))
+    at = argv.index("--processes")
+    argv[at:at + 2] = mode
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert child.stdout.read(1) == b"r"
+    time.sleep(1.0)  # files in flight in several threads
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    err = err.decode()
+    assert child.returncode == cli.EXIT_INTERRUPTED, err
+    assert err.strip().splitlines()[-1] == "dicom-deid: interrupted"
+    assert "Traceback" not in err and "ERROR" not in err, err
+    audit = tmp_path / "out-audit"
+    assert not audit.exists() or [p.name for p in audit.iterdir() if p.name.startswith("beam-temp")] == []
+    assert not (tmp_path / "out" / TMP_DIR_NAME).exists()

@@ -224,7 +224,17 @@ class DeidentifyFn(beam.DoFn):
             yield from self._emit(*prepared, windowed=False)
         else:
             nbytes = prepared.size
-            future = self._writer.submit(finish_file, prepared)
+            try:
+                future = self._writer.submit(finish_file, prepared)
+            except (AttributeError, RuntimeError):
+                # Torn down under us (Ctrl-C with multi_threading: Beam tears the DoFn down while
+                # another thread is still in process()): finish here, without a traceback.
+                try:
+                    yield from self._emit(*finish_file(prepared), windowed=False)
+                finally:
+                    if held:
+                        budget.release(held)
+                return
             if held:
                 future.add_done_callback(lambda _done, held=held: budget.release(held))
             self._pending.append((future, nbytes))
