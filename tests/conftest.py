@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import struct
 from pathlib import Path
 from typing import NoReturn
 
@@ -49,3 +52,22 @@ def sample(relative: str) -> Path:
     if not path.is_file():
         pytest.fail(f"shared DICOM sample {relative} not found in {SAMPLES}", pytrace=False)
     return path
+
+
+def documented_uid(secret: bytes, namespace: str, value: str) -> str:
+    """``2.25.`` + the first 128 bits of HMAC-SHA256(secret, len-prefixed namespace and value):
+    transforms/identity.py's documented construction, computed here without its code."""
+    parts = [namespace.encode("utf-8"), value.encode("utf-8")]
+    message = b"".join(struct.pack(">I", len(part)) + part for part in parts)
+    mac = hmac.new(secret, message, hashlib.sha256).digest()
+    return "2.25." + str(int.from_bytes(mac[:16], "big"))
+
+
+def operation_digest(parts: list[str]) -> str:
+    """SHA-256 hex of the parts, each prefixed with its length in 8 bytes, big endian: the
+    name split and merge give their inputs before keying it (``splitmerge._digest``)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
