@@ -386,12 +386,7 @@ WRITER_DIFFERENCES: list[Deliberate] = [
 
 #: Differences that are our bugs, reported to the owner; a test that meets one (and nothing
 #: unexpected) is marked xfail with the bug's description. Remove an entry once fixed.
-KNOWN_BUGS: list[Deliberate] = [
-    deliberate(0, ["vr"], "top", mask=0, ours="UN", sample="2022-03-08-RicSmi.dcm",
-               reason="an element stored with explicit VR UN that the profile clears stays "
-                      "UN (empty); Orthanc writes the empty element with its dictionary VR "
-                      "(DA, TM, PN, SH...)"),
-]
+KNOWN_BUGS: list[Deliberate] = []
 
 #: Sample files on which our engine currently raises instead of producing a file (known bugs,
 #: reported to the owner): the sweeps mark them xfail(raises=...). Remove once fixed.

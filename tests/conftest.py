@@ -2,26 +2,72 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import struct
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real DICOM files from Orthanc's test suite; CI has them, a fresh machine may not.
 SAMPLES = REPO.parent / "shared" / "dicom-samples"
+#: Set to 1 by CI (``.ci/run``): there a missing ``../shared`` folder fails the tests that need
+#: it instead of skipping them, so CI cannot pass with those tests silently skipped.
+REQUIRE_SAMPLES_ENV = "DICOM_DEID_REQUIRE_SAMPLES"
+
+
+def samples_required() -> bool:
+    """True when ``DICOM_DEID_REQUIRE_SAMPLES=1`` (CI)."""
+    return os.environ.get(REQUIRE_SAMPLES_ENV) == "1"
+
+
+def missing_samples(reason: str) -> NoReturn:
+    """Skip the calling test (a fresh machine) or, when the samples are required, fail it."""
+    if samples_required():
+        pytest.fail(f"{reason} ({REQUIRE_SAMPLES_ENV}=1)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture
 def samples() -> Path:
-    """The shared sample folder; skips the test cleanly when it is absent."""
+    """The shared sample folder; skips the test cleanly when it is absent (fails in CI)."""
     if not SAMPLES.is_dir():
-        pytest.skip(f"shared DICOM samples not found at {SAMPLES}")
+        missing_samples(f"shared DICOM samples not found at {SAMPLES}")
     return SAMPLES
 
 
 def sample(relative: str) -> Path:
-    """Path of one shared sample file, skipping the calling test when it is absent."""
+    """Path of one shared sample file.
+
+    Skips the calling test when the whole sample folder is absent (a fresh machine; fails
+    when the samples are required); fails when the folder is there but the file is not, since
+    that is a renamed or lost sample, not a missing installation.
+    """
+    if not SAMPLES.is_dir():
+        missing_samples(f"shared DICOM samples not found at {SAMPLES}")
     path = SAMPLES / relative
     if not path.is_file():
-        pytest.skip(f"shared DICOM sample {relative} not found")
+        pytest.fail(f"shared DICOM sample {relative} not found in {SAMPLES}", pytrace=False)
     return path
+
+
+def documented_uid(secret: bytes, namespace: str, value: str) -> str:
+    """``2.25.`` + the first 128 bits of HMAC-SHA256(secret, len-prefixed namespace and value):
+    transforms/identity.py's documented construction, computed here without its code."""
+    parts = [namespace.encode("utf-8"), value.encode("utf-8")]
+    message = b"".join(struct.pack(">I", len(part)) + part for part in parts)
+    mac = hmac.new(secret, message, hashlib.sha256).digest()
+    return "2.25." + str(int.from_bytes(mac[:16], "big"))
+
+
+def operation_digest(parts: list[str]) -> str:
+    """SHA-256 hex of the parts, each prefixed with its length in 8 bytes, big endian: the
+    name split and merge give their inputs before keying it (``splitmerge._digest``)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()

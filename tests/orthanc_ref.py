@@ -4,7 +4,9 @@ The session fixture ``orthanc`` starts the Debian package's ``/usr/sbin/Orthanc`
 session with a throw-away configuration (storage in a temp dir, no DICOM server, no remote
 access), kept on the loopback interface by an ``LD_PRELOAD`` shim (``bind_loopback.c``, compiled
 with gcc at test time, because Orthanc has no bind-address option). Tests that request it are
-skipped when the binary or gcc is absent. The process is stopped by its PID at the end.
+skipped when the binary or gcc is absent or the version is not 1.10.1, unless
+``DICOM_DEID_REQUIRE_ORTHANC=1`` (set by CI): then they fail with the reason, so that CI cannot
+pass with the differential tests skipped. The process is stopped by its PID at the end.
 
 ``OrthancClient`` is a tiny urllib client for the few REST routes the tests use.
 """
@@ -21,12 +23,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 REFERENCE_VERSION = "1.10.1"  # Debian bookworm's package
+#: Set to 1 by CI (``.ci/run``): an unusable reference fails the differential tests.
+REQUIRE_ORTHANC_ENV = "DICOM_DEID_REQUIRE_ORTHANC"
 SHIM_SOURCE = Path(__file__).with_name("bind_loopback.c")
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
 
@@ -331,13 +335,26 @@ def orthanc_unavailable_reason() -> str | None:
     return None
 
 
+def orthanc_required() -> bool:
+    """True when ``DICOM_DEID_REQUIRE_ORTHANC=1`` (CI)."""
+    return os.environ.get(REQUIRE_ORTHANC_ENV) == "1"
+
+
+def _unusable(reason: str) -> NoReturn:
+    """Skip (a fresh machine) or, when the reference is required, fail with ``reason``."""
+    if orthanc_required():
+        pytest.fail(f"{reason} ({REQUIRE_ORTHANC_ENV}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
 _PROCESS_KEY = pytest.StashKey["OrthancProcess | str"]()
 
 
 @pytest.fixture(scope="session")
 def orthanc_process(request: pytest.FixtureRequest,
                     tmp_path_factory: pytest.TempPathFactory) -> OrthancProcess:
-    """The running Orthanc 1.10.1 (skips when the binary or gcc is absent).
+    """The running Orthanc 1.10.1 (skips when the binary or gcc is absent or the version is
+    another; fails instead when ``DICOM_DEID_REQUIRE_ORTHANC=1``).
 
     Test modules import this fixture, which gives each module its own fixture definition; the
     process itself lives in the session's stash so that only one Orthanc runs per session,
@@ -345,7 +362,7 @@ def orthanc_process(request: pytest.FixtureRequest,
     """
     reason = orthanc_unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        _unusable(reason)
     stash = request.config.stash
     existing = stash.get(_PROCESS_KEY, None)
     if isinstance(existing, str):  # an earlier start failed: don't try again per module
@@ -362,8 +379,8 @@ def orthanc_process(request: pytest.FixtureRequest,
         existing = process
     version = existing.client.version
     if version != REFERENCE_VERSION:
-        pytest.skip(f"the differential tests are calibrated on Orthanc {REFERENCE_VERSION}, "
-                    f"found {version}")
+        _unusable(f"the differential tests are calibrated on Orthanc {REFERENCE_VERSION}, "
+                  f"found {version}")
     return existing
 
 

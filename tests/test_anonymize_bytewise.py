@@ -25,7 +25,7 @@ from transforms.errors import InputError
 from transforms.identity import Key
 from transforms.request import parse_anonymize
 
-from .conftest import SAMPLES, sample
+from .conftest import SAMPLES, missing_samples, sample
 
 KEY = Key.from_bytes(b"bytewise-test-key-0123456789")
 DEFAULT = parse_anonymize({})
@@ -295,7 +295,7 @@ def test_byte_walk_matches_object_walk_on_every_sample(monkeypatch):
     """Every readable sample, as stored and re-encoded in implicit VR and big endian, with and
     without private tags: the byte-level pass writes exactly what the object walk writes."""
     if not SAMPLES.is_dir():
-        pytest.skip(f"shared DICOM samples not found at {SAMPLES}")
+        missing_samples(f"shared DICOM samples not found at {SAMPLES}")
     used = declined = 0
     for name, data in _inputs():
         try:

@@ -11,7 +11,8 @@ from transforms.request import parse_anonymize
 
 from .synthetic import PLANTED, dataset_bytes, expected_survivors, make_study, original_uids
 
-KEY = Key.from_bytes(b"synthetic-test-key-0123456789")
+SECRET = b"synthetic-test-key-0123456789"
+KEY = Key.from_bytes(SECRET)
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +20,12 @@ def study():
     return make_study(seed=7, n_ct=3)
 
 
-def _anonymized_bytes(study, body: dict) -> bytes:
+def _anonymized_bytes(study, body: dict, key: Key = KEY) -> bytes:
     plan = parse_anonymize(body)
     outputs = []
     for ds in study:
         source = dicomio.read_dataset(dataset_bytes(ds))
-        outputs.append(dicomio.write_dataset(apply(plan, source, KEY)))
+        outputs.append(dicomio.write_dataset(apply(plan, source, key)))
     return b"\n".join(outputs)
 
 
@@ -51,4 +52,8 @@ def test_keep_private_tags_lets_private_values_through_but_still_maps_their_uids
 
 
 def test_the_same_key_gives_the_same_bytes_on_a_rerun(study):
-    assert _anonymized_bytes(study, {}) == _anonymized_bytes(study, {})
+    """A rerun loads the key again: two Key objects from the same bytes, so nothing comes from
+    the first run's cache."""
+    first = _anonymized_bytes(study, {}, Key.from_bytes(SECRET))
+    assert _anonymized_bytes(study, {}, Key.from_bytes(SECRET)) == first
+    assert _anonymized_bytes(study, {}, Key.from_bytes(SECRET + b"x")) != first

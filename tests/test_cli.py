@@ -137,8 +137,9 @@ def _nested_items(levels: int) -> list:
         (["--body", '{"DicomVersion": "1999"}'], None),
     ],
 )
-def test_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], samples: Path, args, expected):
-    code = cli.main(["anonymize", str(samples / "Knee"), str(tmp_path / "out"), *args])
+def test_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, expected):
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    code = cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "out"), *args])
     line = _one_line_error(capsys.readouterr().err)
     assert code == cli.EXIT_USAGE
     if expected is not None:

@@ -51,6 +51,12 @@ def test_the_bundled_corpus_is_there():
     assert len(BUNDLED) > 150  # pydicom 3.0 ships ~180 files (most of them DICOM) in its wheel
 
 
+def test_the_shared_corpus_is_there(samples: Path):
+    """The corpus tests below quietly use only the bundled files when ../shared is absent:
+    this test makes that visible (skipped on a fresh machine, failed in CI)."""
+    assert sum(1 for p in samples.rglob("*") if p.is_file()) == 176  # the README's count
+
+
 @pytest.mark.parametrize("body", [{}, {"DicomVersion": "2008", "KeepPrivateTags": True}], ids=["2023b", "2008-keep-private"])
 def test_clean_inputs_are_written_and_outputs_read_back_cleanly(body):
     plan = request.parse_anonymize(body)

@@ -39,11 +39,18 @@ def test_uid_is_the_documented_hmac(key):
 
 
 def test_uid_pinned_value(key):
-    # Pins the format: a change here changes every output of every past run.
-    assert key.uid("instance", "1.2.3") == key.uid("instance", "1.2.3")
-    assert key.uid("instance", "1.2.3") == "2.25." + str(
+    # Pins the format: a change here changes every output of every past run. The literal was
+    # computed outside Python, from the documented construction:
+    #   printf '\0\0\0\010instance\0\0\0\0051.2.3' \
+    #     | openssl dgst -sha256 -hmac 0123456789abcdef0123456789abcdef
+    # -> the first 32 hex digits, as a decimal after "2.25.".
+    pinned = "2.25.198594657265378509301882514021072763707"
+    assert key.uid("instance", "1.2.3") == pinned
+    assert key.uid("instance", "1.2.3") == pinned  # answered from the key's cache
+    assert Key.from_bytes(SECRET).uid("instance", "1.2.3") == pinned  # a fresh key, no cache
+    assert "2.25." + str(
         int.from_bytes(hmac.new(SECRET, b"\0\0\0\x08instance\0\0\0\x051.2.3", hashlib.sha256).digest()[:16], "big")
-    )
+    ) == pinned
 
 
 def test_same_key_same_results_across_instances():

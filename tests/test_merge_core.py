@@ -23,13 +23,15 @@ from tests.test_split_synthetic import (
     referenced_uids,
     write_reference_studies,
 )
+from tests.conftest import documented_uid, operation_digest
 from transforms import splitmerge as sm
 from transforms.dicomio import read_dataset, write_dataset
 from transforms.errors import RequestError
 from transforms.identity import Key
 from transforms.orthanc_ids import orthanc_ids
 
-KEY = Key.from_bytes(b"split-merge-test-key-0123456789")
+SECRET = b"split-merge-test-key-0123456789"
+KEY = Key.from_bytes(SECRET)
 BRAINIX_STUDY_UID = "2.16.840.1.113669.632.20.1211.10000357775"
 KNEE_STUDY_ID = "0a9b3153-2512774b-2d9580de-1fc3dcf6-3bd83918"
 UID_RE = re.compile(r"^2\.25\.[1-9][0-9]{0,38}$")
@@ -237,4 +239,13 @@ def test_merge_is_deterministic_and_keyed(tmp_path: Path) -> None:
     other = sm.plan_merge(index, request, Key.from_bytes(b"another-key-0123456789abcdef"))
     assert set(other.series_map.values()).isdisjoint(plan.series_map.values())
     assert other.study_uid == plan.study_uid == STUDY_B
+    # plan_merge's documented derivation: an operation seed keyed from a digest of the target
+    # study and the moved instances (Orthanc ids, sorted), then key.uid('merge-series',
+    # f"{seed}|{old SeriesInstanceUID}"); the literal pins it, since past runs carry it.
+    read = [pydicom.dcmread(p, stop_before_pixels=True) for p in refs.values()]
+    ids = [orthanc_ids(ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in read]
+    [target] = {i["study"] for ds, i in zip(read, ids) if ds.StudyInstanceUID == STUDY_B}
+    moved = sorted(i["instance"] for ds, i in zip(read, ids) if ds.StudyInstanceUID == STUDY_A)
+    seed = documented_uid(SECRET, "merge-operation", operation_digest(["merge", target, *moved]))
+    assert plan.series_map[CT_SERIES] == documented_uid(SECRET, "merge-series", f"{seed}|{CT_SERIES}")
     assert plan.series_map[CT_SERIES] == "2.25.34613562177338514172135443155282628531"

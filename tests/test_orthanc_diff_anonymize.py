@@ -291,7 +291,17 @@ def test_instance_anonymize_matches_orthanc(orthanc: OrthancClient, case: Instan
     judge([_differences(ours, reference, uids, f"{case.file} [{case.name}]")], DELIBERATE_DIFFERENCES)
 
 
+@pytest.fixture(scope="module")
+def orthanc_named_a_patient(orthanc: OrthancClient) -> None:
+    """Orthanc names the N-th patient it anonymizes 'Anonymized<N>', and 2022-03-08-RicSmi.dcm's
+    PatientName is 'Anonymized1': on a fresh server (this sweep run alone, e.g. ``-k RicSmi``)
+    Orthanc's new name would equal the original, which the structure check reads as "Orthanc
+    kept the original identifier". One throw-away anonymization moves the counter past 1."""
+    orthanc.anonymize_instance(orthanc.upload_once(sample("DummyCT.dcm").read_bytes()), {"DicomVersion": "2021b"})
+
+
 @pytest.mark.parametrize("relative", sweep_params())
+@pytest.mark.usefixtures("orthanc_named_a_patient")
 def test_instance_anonymize_sweep_matches_orthanc(orthanc: OrthancClient, relative: str) -> None:
     body = {"DicomVersion": "2021b"}
     data = sample(relative).read_bytes()

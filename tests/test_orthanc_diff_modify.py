@@ -32,7 +32,7 @@ from tests.compare import (
     read,
     sweep_params,
 )
-from tests.conftest import SAMPLES, sample
+from tests.conftest import SAMPLES, missing_samples, sample
 from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
 
 pytestmark = pytest.mark.orthanc
@@ -341,5 +341,5 @@ def test_orthanc_listens_on_loopback_only(orthanc_process: Any) -> None:
 
 def test_samples_present_or_skipped() -> None:
     if not SAMPLES.is_dir():
-        pytest.skip(f"shared DICOM samples not found at {SAMPLES}")
+        missing_samples(f"shared DICOM samples not found at {SAMPLES}")
     assert len(CASES) >= 10 and all((SAMPLES / c.file).is_file() for c in CASES)

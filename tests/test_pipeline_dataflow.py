@@ -9,6 +9,8 @@ job description (skipped otherwise).
 from __future__ import annotations
 
 import importlib.util
+import json
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -20,6 +22,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, SetupOption
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 
+from pipelines import cli
 from pipelines import run as pipeline_run
 from tests.pipeline_support import KEY, SECRET
 from transforms import request
@@ -188,15 +191,51 @@ def test_dataflow_dry_run_builds_the_job(tmp_path: Path):
     assert "workflow.tar.gz" in staged
 
 
-def test_readme_dataflow_command_parses(tmp_path: Path):
-    """The documented invocation's options are all known to Beam (no 'unknown option')."""
-    args = [
-        "--runner", "DataflowRunner", "--project", "my-project", "--region", "europe-west1",
-        "--temp_location", "gs://my-bucket/tmp", "--setup_file", str(REPO / "pyproject.toml"),
-        "--max_num_workers", "20", "--machine_type", "n2-standard-4",
-        "--experiments", "use_runner_v2", "--service_account_email", "deid@my-project.iam.gserviceaccount.com",
-        "--dry_run", "True",
-    ]  # fmt: skip
-    options = pipeline_run.pipeline_options(args)
+def _readme_dataflow_argv() -> list[str]:
+    """The arguments of the README's "On Google Cloud Dataflow" command, after ``dicom-deid``."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("### On Google Cloud Dataflow\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    [command] = [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("dicom-deid ")]
+    return shlex.split(command)[1:]
+
+
+def test_readme_dataflow_command_builds_the_job_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]):
+    """The README's command, as the CLI would take it up to the run: every option known, the
+    request and locations accepted, a gs:// key file (the only key a remote runner takes), and
+    the graph Dataflow would receive reads the key from that file."""
+    argv = _readme_dataflow_argv()
+    assert "--key-file" in argv and "DataflowRunner" in argv  # the block found is the right one
+    monkeypatch.chdir(REPO)  # the README runs it from the checkout: --config and --setup_file are relative
+    args, beam_args = cli.build_parser().parse_known_args(argv)
+    assert (args.command, args.input, args.output, args.key_file, args.audit) == (
+        "anonymize", "gs://my-bucket/incoming/**", "gs://my-bucket/deid/", "gs://my-secrets/deid.key",
+        "gs://my-bucket/deid-audit/")  # fmt: skip
+    body, dictionary = cli.load_request(args.body, args.config)
+    plan = cli.parse_plan(args.command, body, dictionary, None)
+    assert plan == request.parse_anonymize(json.loads((REPO / "configs" / "anonymize-2023b.json").read_text()))
+    input_uri, output, audit = (cli.normalize(u) for u in (args.input, args.output, args.audit))
+    cli.check_locations(input_uri, output, audit, None)
+    options = pipeline_run.pipeline_options(beam_args)  # no unknown option
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
-    assert subprocess.run([sys.executable, "-c", "import pipelines.cli"], timeout=120).returncode == 0
+    gcp = options.view_as(GoogleCloudOptions)
+    assert (gcp.project, gcp.region, gcp.temp_location) == ("my-project", "europe-west1", "gs://my-bucket/tmp/")
+    assert options.view_as(SetupOptions).setup_file == "./pyproject.toml"
+    # Why the README gives a gs:// key: the same command with a local key file is refused
+    # before anything runs (the key would be pickled into the job description).
+    assert not cli.key_may_travel(options)
+    local_key = tmp_path / "deid.key"
+    local_key.write_bytes(SECRET)
+    assert cli.main([str(local_key) if a == args.key_file else a for a in argv]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith(
+        "dicom-deid: --runner DataflowRunner runs on other machines: give the key as --key-file gs://")
+    # Build the graph as run_deid does (--dry_run only keeps Beam's bucket checks offline).
+    options = pipeline_run.pipeline_options([*beam_args, "--dry_run", "True"])
+    pipeline = pipeline_run.make_pipeline(options)
+    cfg = RunConfig(plan=plan, output_root=output, run_id="run-1", key_id=KEY.key_id, key_uri=args.key_file)
+    pipeline_run.build(pipeline, input_uri, cfg, audit, None)
+    proto = pipeline.to_runner_api()
+    (fn,) = [f for f in _dofns(proto) if isinstance(f, DeidentifyFn)]
+    assert (fn._cfg.key, fn._cfg.key_uri, fn._cfg.output_root) == (None, "gs://my-secrets/deid.key", "gs://my-bucket/deid")
+    assert fn._cfg.plan == plan
+    assert SECRET not in proto.SerializeToString()

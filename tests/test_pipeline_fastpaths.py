@@ -373,7 +373,9 @@ def test_deidentify_fns_of_one_process_share_a_memory_budget(tmp_path: Path, mon
         return real_prepare(path, size, *args, **kwargs)
 
     def finish_file(prepared):
-        time.sleep(0.005)  # a slow store: files queue for the writers
+        # A slow store, so files queue for the writers. Not a guess the test relies on: the
+        # assertion that the budget was reached (max(used_seen) > limit // 2) fails if they did not.
+        time.sleep(0.005)
         return real_finish(prepared)
 
     monkeypatch.setattr(tbeam, "prepare_file", prepare_file)
@@ -459,11 +461,13 @@ def test_memory_budget_serves_requests_in_arrival_order():
         t.start()
         while budget._next_ticket < 3 + i:
             time.sleep(0.001)
+    # Nothing signals "still waiting": a short pause gives a wrong budget the chance to let a
+    # thread through (a negative check; the waits above make the queue order deterministic).
     time.sleep(0.05)
     assert order == []  # all wait: the big one for the budget to empty, the small ones for their turn
     budget.release(60)
     assert got_big.wait(10)
-    time.sleep(0.05)
+    time.sleep(0.05)  # again a negative check: no small one may join the big one
     assert order == ["big"] and budget.used == 150  # alone
     budget.release(150)
     for t in [t_big, *smalls]:

@@ -41,6 +41,14 @@ def _inputs(folder: Path, n_ct: int = 5) -> list[tuple[str, int]]:
     return [(str(p), p.stat().st_size) for p in listed]
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition`` until true: the interleaving a test needs has happened (no guessed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def _take_all(pool: workers.LocalPool, owner: object) -> dict[str, object]:
     results = {path: result for path, _, result in pool.take(owner, all_of_them=True)}
     assert pool.take(owner, all_of_them=True) == []
@@ -318,7 +326,15 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
     files; every published output is complete."""
     folder = tmp_path / "in"
     _inputs(folder, n_ct=12)
-    announce = """
+    started = tmp_path / "started"
+    started.mkdir()
+    announce = f"""
+    import os
+    slow_file = files.process_file
+    def mark(path, *args, **kwargs):
+        open(os.path.join({str(started)!r}, os.path.basename(path)), "w").close()
+        return slow_file(path, *args, **kwargs)
+    files.process_file = mark
     start = workers.LocalPool.__init__
     def announce(self, *args, **kwargs):
         start(self, *args, **kwargs)
@@ -329,7 +345,7 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids = [int(p) for p in child.stdout.readline().split()]
     assert len(pids) == 2
-    time.sleep(1.0)  # the workers are on their files
+    _wait_for(lambda: len(list(started.iterdir())) >= 2, "two files begun")  # of 12, 0.2 s each
     _interrupt(child, tmp_path / "out")
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
@@ -382,13 +398,32 @@ def test_a_pool_that_cannot_start_falls_back_to_beams_process(tmp_path: Path, mo
 # --------------------------------------------------------------------------- head start
 
 
-def test_head_start_files_are_claimed_in_any_order_and_equal_the_inline_ones(tmp_path: Path):
-    inputs = _inputs(tmp_path / "in")
+def test_head_start_files_are_claimed_in_any_order_and_equal_the_inline_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Some answers are ready before their claim (all but each worker's last file), the last two
+    only after it: a gate file holds them until every claim is in."""
+    inputs = _inputs(tmp_path / "in")  # 8 files: worker 0 gets 0, 2, 4, 6; worker 1 gets 1, 3, 5, 7
     inline = {path: files.process_file(path, size, _cfg(tmp_path / "inline"), KEY) for path, size in inputs}
+    late = {path for path, _ in inputs[-2:]}
+    gate, done = tmp_path / "gate", tmp_path / "done"
+    done.mkdir()
+    real = files.process_file
+
+    def gated(path, size, cfg, key, **kwargs):  # runs in the forked workers
+        deadline = time.monotonic() + 120
+        while path in late and not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        result = real(path, size, cfg, key, **kwargs)
+        (done / Path(path).name).touch()
+        return result
+
+    monkeypatch.setattr(files, "process_file", gated)
     with workers.LocalPool(_cfg(tmp_path / "pooled"), KEY, processes=2, head_start=inputs) as pool:
-        time.sleep(0.5)  # some answers arrive before their claim, some after
+        _wait_for(lambda: len(list(done.iterdir())) == len(inputs) - 2, "the early answers")
         for path, size in reversed(inputs):
             assert pool.submit("me", path, size)
+        assert len(list(done.iterdir())) == len(inputs) - 2  # the late ones wait for their claim
+        gate.touch()
         results = _take_all(pool, "me")
         assert pool.close() == []  # everything was claimed
     assert sorted(results) == sorted(inline)
@@ -430,9 +465,17 @@ def test_close_returns_the_head_start_files_nobody_claimed(tmp_path: Path):
 def test_a_worker_that_dies_in_its_head_start_fails_only_that_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     inputs = _inputs(tmp_path / "in")
     crash = Path(inputs[2][0]).name  # worker 0's second file: its later ones go to worker 1
-    monkeypatch.setattr(files, "process_file", _crash_on(crash))
+    crashed = tmp_path / "crashed"
+    crash_on = _crash_on(crash)
+
+    def marked(path, *args, **kwargs):
+        if Path(path).name == crash:
+            crashed.touch()
+        return crash_on(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "process_file", marked)
     with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, head_start=inputs) as pool:
-        time.sleep(1.0)  # the crash happens before anything is claimed
+        _wait_for(crashed.exists, "the crash")  # before anything is claimed
         for path, size in inputs:
             assert pool.submit("me", path, size)
         results = _take_all(pool, "me")
@@ -504,6 +547,7 @@ def test_ctrl_c_before_the_pipeline_runs_leaves_no_temporaries(tmp_path: Path):
     argv = _command(tmp_path, folder, _SLOW_FILES + textwrap.dedent(stuck))
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.5)  # the workers are on their head start
+    out = tmp_path / "out"  # the workers are on their head start: one output is published
+    _wait_for(lambda: any(files.TMP_DIR_NAME not in p.parts for p in out.rglob("*.dcm")), "a published file")
     _interrupt(child, tmp_path / "out")
     assert list((tmp_path / "out").rglob("*.dcm"))  # some were published before the interrupt
