@@ -135,8 +135,8 @@ class _Source:
     @property
     def specials(self) -> list[int]:
         """Positions (ascending) the writer never copies verbatim: excluded tags (invalid groups
-        such as 0000 and 0002, group lengths) and OW-labelled encapsulated pixel data. Found by bisection in the
-        ascending tags rather than by visiting every element."""
+        such as 0000 and 0002, group lengths) and OW-labelled encapsulated pixel data. Found by
+        bisection in the ascending tags rather than by visiting every element."""
         if self._specials is None:
             ints = self.ints
             found = set(range(bisect_left(ints, 0x00040000)))  # groups 0000-0003
