@@ -725,3 +725,79 @@ def test_only_work_failures_are_caught():
     panic = type("PanicException", (BaseException,), {})
     assert is_work_failure(ValueError()) and is_work_failure(panic())
     assert not any(is_work_failure(e) for e in (KeyboardInterrupt(), SystemExit(1), GeneratorExit()))
+
+
+# --- found by review: byte order of the other binary values, damaged or inconsistent sources ---
+
+RLE = "1.2.840.10008.1.2.5"
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+
+
+@pytest.mark.parametrize("target", [RLE, J2K_LOSSLESS])
+def test_big_endian_source_to_a_compressed_target_swaps_its_lookup_tables(target: str):
+    """A big endian palette image: its LUTs (OW) follow the byte order change like the pixels
+    (they used to keep big endian words: 256 read back as 1, half the colours wrong)."""
+    source = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    big = _reread(tc.transcode(source, BIG_ENDIAN))
+    assert big.file_meta.TransferSyntaxUID == BIG_ENDIAN
+    out = _reread(tc.transcode(big, target))
+    for colour in ("Red", "Green", "Blue"):
+        keyword = f"{colour}PaletteColorLookupTableData"
+        assert out[keyword].value == source[keyword].value, keyword
+    assert np.array_equal(out.pixel_array, source.pixel_array)
+
+
+def test_big_endian_8_bit_pixels_stored_ow_are_swapped_back():
+    """DCMTK writes 8-bit pixels of a big endian file as OW: 16-bit words in big endian order.
+    Such a file used to be refused ("pixels differ after byte swapping")."""
+    source = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    big = tc.transcode(source, BIG_ENDIAN)
+    big.PixelData = np.frombuffer(source.PixelData, dtype="<u2").byteswap().tobytes()
+    big["PixelData"].VR = "OW"
+    big = _reread(big)
+    out = tc.transcode(big, ExplicitVRLittleEndian)
+    assert out["PixelData"].VR == "OB" and out.PixelData == source.PixelData
+
+
+def test_truncated_jpeg_source_is_refused():
+    """libjpeg-turbo only warns about a codestream cut short and fills the missing rows."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    (frame,) = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    assert tc.transcode(ds, ExplicitVRLittleEndian).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 2]])
+    with pytest.raises(CannotTranscode, match="does not end with its end-of-image marker: the codestream is truncated"):
+        tc.transcode(ds, ExplicitVRLittleEndian)
+
+
+def test_codestream_more_precise_than_bits_allocated_is_refused():
+    """16-bit samples in a data set that says 8 bits: the decoders would cut them to 8."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    jls = _reread(tc.transcode(ds, "1.2.840.10008.1.2.4.80"))
+    jls.BitsAllocated, jls.BitsStored, jls.HighBit, jls.PixelRepresentation = 8, 8, 7, 0
+    with pytest.raises(CannotTranscode, match="the source codestream has 16-bit samples but BitsAllocated is 8"):
+        tc.transcode(jls, ExplicitVRLittleEndian)
+
+
+def test_decoded_size_is_bounded_before_decoding():
+    """A few kilobytes of blank frames can claim gigabytes of pixels."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    ds.Rows = ds.Columns = 65535
+    ds.NumberOfFrames = 200
+    with pytest.raises(CannotTranscode, match=r"the decoded pixel data would take 2,576,901,735,000 bytes, more than the 2,147,483,648"):
+        tc.transcode(ds, RLE)
+
+
+def test_bits_above_high_bit_are_not_dropped_silently():
+    """12 bits stored in 16 with bit 15 set (a retired embedded overlay): a compressed target
+    keeps 12 bits and the decoders mask the rest on both sides, so the check would not see it."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    pixels = (ds.pixel_array.astype(np.int32) & 0x0FFF).astype("<u2")
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    assert np.array_equal(tc.decode_pixels(_reread(tc.transcode(ds, RLE)))[0][0, :, :, 0], pixels)
+    flagged = pixels.copy()
+    flagged[0, :8] |= 0x8000
+    ds.PixelData = flagged.tobytes()
+    with pytest.raises(CannotTranscode, match="bits above HighBit 11 are set in the pixel data"):
+        tc.transcode(ds, RLE)
+    assert tc.transcode(ds, BIG_ENDIAN).file_meta.TransferSyntaxUID == BIG_ENDIAN  # native: every bit kept

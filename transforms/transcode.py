@@ -48,6 +48,10 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
+try:  # codestream headers (pydicom >= 3.0; the JPEG one is private, so guarded)
+    from pydicom.pixels.utils import _get_jpg_parameters, get_j2k_parameters
+except ImportError:  # pragma: no cover - another pydicom: no precision check
+    _get_jpg_parameters = get_j2k_parameters = None  # type: ignore[assignment]
 from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, get_encoder
@@ -127,6 +131,17 @@ _LOSSY_METHOD = {
 _JPEG = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV1})
 _JPEG_LOSSY = frozenset({JPEG_BASELINE, JPEG_EXTENDED})
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Syntaxes whose frames end with the FFD9 marker (EOI, or EOC for JPEG 2000): all but RLE.
+_ENDS_WITH_EOI = frozenset(
+    [f"1.2.840.10008.1.2.4.{n}" for n in range(50, 67)]
+    + [JPEG_LOSSLESS_SV1, JPEGLS_LOSSLESS, JPEGLS_NEAR_LOSSLESS]
+    + [f"1.2.840.10008.1.2.4.{n}" for n in range(90, 94)]
+)
+_EOI_SLACK = 16
+#: The most decoded pixel data a transcode takes on (Rows x Columns x samples x frames x
+#: BitsAllocated / 8): a 20 KB JPEG 2000 file of blank 8192 x 8192 frames decodes to gigabytes,
+#: and encoders need several times that. Larger images get ``cannot_transcode``.
+MAX_DECODED_BYTES = 2 << 30
 _ENCODER_NAME = {
     RLE_LOSSLESS: "RLE (pylibjpeg-rle or pydicom)",
     JPEG_BASELINE: "libjpeg-turbo (imagecodecs)",
@@ -253,6 +268,7 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
             return _done(out, source, target)
         if source in NATIVE and target in NATIVE:
             return _native_to_native(out, source, target, verify)
+        _check_decoded_size(out)
         return _recode(out, source, target, verify)
     except CannotTranscode:
         raise
@@ -261,6 +277,20 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
             raise
         # The library's text may quote element values (patient data): name the class only.
         raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from None
+
+
+def _check_decoded_size(ds: Dataset) -> None:
+    """Refuse before decoding an image whose pixels would exceed ``MAX_DECODED_BYTES``."""
+    try:
+        size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * _frames(ds) * int(ds.BitsAllocated) // 8)
+    except (AttributeError, TypeError, ValueError):
+        return  # the decoder says what is missing
+    if size > MAX_DECODED_BYTES:
+        raise CannotTranscode(
+            f"the decoded pixel data would take {size:,} bytes, more than the {MAX_DECODED_BYTES:,} "
+            "a transcode takes on"
+        )
 
 
 def _done(out: Dataset, source: str, target: str, **kwargs: object) -> TranscodeResult:
@@ -361,18 +391,24 @@ def _change_byte_order(out: Dataset, source: str, target: str) -> None:
     if _is_little(source) == _is_little(target):
         return
     correct_ambiguous_vr(out, _is_little(source))
-    _swap_values(out)
+    _swap_values(out, from_big=not _is_little(source))
 
 
-def _swap_values(ds: Dataset) -> None:
+def _swap_values(ds: Dataset, *, from_big: bool) -> None:
     for elem in ds:  # iterating converts raw elements, read in the source byte order
         if elem.VR == "SQ":
             for item in elem.value or ():
-                _swap_values(item)
+                _swap_values(item, from_big=from_big)
             continue
         if elem.tag == _PIXEL_DATA_TAG:
             bits = int(ds.get("BitsAllocated", 8) or 8)
             if bits <= 8:
+                value = elem.value
+                if from_big and elem.VR == "OW" and isinstance(value, (bytes, bytearray)) and value \
+                        and not len(value) % 2:
+                    # 8-bit pixels a big endian file holds as OW (as DCMTK writes them) are 16-bit
+                    # words in that byte order: back in pixel order as OB
+                    elem.value = np.frombuffer(value, dtype="u2").byteswap().tobytes()
                 elem.VR = "OB"  # bytes have no order; DCMTK writes OB here too
                 continue
             width = bits // 8
@@ -421,9 +457,23 @@ def _dtype(ds: Dataset) -> np.dtype:
 
 
 def _as4d(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Shape as (frames, rows, columns, samples) with the dtype of BitsAllocated."""
+    """Shape as (frames, rows, columns, samples) with the dtype of BitsAllocated.
+
+    Raises:
+        CannotTranscode: the decoded values do not fit BitsAllocated (a codestream of a higher
+            precision than the data set says): casting would cut them silently.
+    """
     shape = (_frames(ds), int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1))
-    return arr.reshape(shape).astype(_dtype(ds), copy=False)
+    dtype = _dtype(ds)
+    arr = arr.reshape(shape)
+    if arr.dtype != dtype and arr.size and np.issubdtype(arr.dtype, np.integer) and int(ds.BitsAllocated) > 1:
+        limits = np.iinfo(dtype)
+        if int(arr.min()) < limits.min or int(arr.max()) > limits.max:
+            raise CannotTranscode(
+                f"the decoded pixel values do not fit BitsAllocated {int(ds.BitsAllocated)} "
+                "(the codestream has a higher precision than the data set says)"
+            )
+    return arr.astype(dtype, copy=False)
 
 
 def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
@@ -446,6 +496,8 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
         arr, props = decoder.as_array(ds, raw=True)
         return _as4d(arr, ds), str(props.get("photometric_interpretation", pi))
 
+    if ts in _ENDS_WITH_EOI:
+        _check_complete_frames(ds, ts)
     failures: list[str] = []
     for plugin in _decoder_order(ts, decoder, int(ds.BitsAllocated)):
         try:
@@ -472,6 +524,35 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
     raise CannotTranscode(
         f"cannot decode source transfer syntax {_syntax_text(ts)}: {'; '.join(failures)}"
     )
+
+
+def _check_complete_frames(ds: Dataset, ts: str) -> None:
+    """Refuse a frame whose codestream does not end with its end marker (FFD9: EOI in JPEG and
+    JPEG-LS, EOC in JPEG 2000) within its last ``_EOI_SLACK`` bytes: a truncated stream.
+    libjpeg-turbo only warns about one and fills the missing rows, so the result would be a
+    different image."""
+    bits = int(ds.BitsAllocated)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=_frames(ds))):
+        # Writers pad or leave a few stray bytes after the marker (0x00, 0xFF, "14 01" in the
+        # samples); the marker cannot occur inside the coded data (FF is stuffed there).
+        if frame.find(b"\xff\xd9", max(0, len(frame) - _EOI_SLACK)) < 0:
+            raise CannotTranscode(
+                f"frame {index + 1} of the source ({_syntax_text(ts)}) does not end with its "
+                "end-of-image marker: the codestream is truncated"
+            )
+        if index == 0:
+            # A codestream more precise than BitsAllocated: the decoders cut its values to fit.
+            parse = get_j2k_parameters if ts.startswith("1.2.840.10008.1.2.4.9") else _get_jpg_parameters
+            try:
+                header = parse(frame) if parse is not None else {}
+            except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
+                header = {}
+            precision = header.get("precision")
+            if isinstance(precision, int) and precision > bits:
+                raise CannotTranscode(
+                    f"the source codestream has {precision}-bit samples but BitsAllocated is {bits}: "
+                    "decoding would cut its values"
+                )
 
 
 def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[str]:
@@ -552,6 +633,11 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
         return _done(out, source, target, recoded=True, verified=verify)
 
     _check_encodable(out, arr, pi, target)
+    _check_high_bits(out, source, target)
+    if not _is_little(source):
+        # Every compressed syntax is little endian: the other OW/OL/OF/OD/OV values (palette
+        # LUTs, overlays, an icon's pixels) change byte order too; the pixels are decoded.
+        _change_byte_order(out, source, EXPLICIT_LE)
     try:
         if target in _JPEG:
             encoded, pi_out, arr = _encode_jpeg(out, arr, pi, target)
@@ -576,6 +662,28 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
     return _done(
         out, source, target, recoded=True, lossy=lossy, compression_ratio=ratio, verified=verify
     )
+
+
+def _check_high_bits(out: Dataset, source: str, target: str) -> None:
+    """Refuse unsigned native pixel data whose bits above HighBit are set (the retired embedded
+    overlays, or stray bits): every compressed target keeps BitsStored bits only, and the
+    decoders mask the rest on both sides of the check, so the loss would go unseen."""
+    if source not in NATIVE or int(out.get("PixelRepresentation", 0) or 0) != 0:
+        return
+    bits, stored = int(out.BitsAllocated), int(out.get("BitsStored", out.BitsAllocated) or out.BitsAllocated)
+    high = int(out.get("HighBit", stored - 1) or stored - 1)
+    if bits not in (16, 32) or high + 1 >= bits:
+        return
+    value = out.PixelData
+    if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) % (bits // 8):
+        return
+    order = "<" if _is_little(source) else ">"
+    words = np.frombuffer(value, dtype=f"{order}u{bits // 8}")
+    if words.size and int(np.bitwise_or.reduce(words)) >> (high + 1):
+        raise CannotTranscode(
+            f"{_target_text(target)}: bits above HighBit {high} are set in the pixel data (an "
+            "embedded overlay?); the target keeps BitsStored bits only"
+        )
 
 
 def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None:
