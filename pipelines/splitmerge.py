@@ -297,7 +297,7 @@ def process_instance(
         ``(audit_row, crosswalk_row or None)``.
     """
     from transforms import dicomio
-    from transforms.files import _safe_str, _transfer_syntax, describe_input, read_input
+    from transforms.files import _duplicate, _safe_str, _transfer_syntax, describe_input, read_input
 
     started = utc_now()
     row: dict[str, Any] = {
@@ -332,6 +332,12 @@ def process_instance(
                 output_sha256=sha,
             )
             return audit_row(**row, finished_at=utc_now()), None
+        defining = plan.duplicate_of.get(path)
+        if defining is not None and not _same_bytes(defining, data, cfg.max_bytes):
+            # Decided by the plan, not by which worker publishes first: a rerun moves the same file.
+            stage = "write"
+            new = sm.apply_plan(plan, ds, path)
+            raise _duplicate()
         stage = "apply"
         new = sm.apply_plan(plan, ds, path)
         stage = "encode"
@@ -384,6 +390,17 @@ def process_instance(
             row.pop(column, None)
     row.update(status=FAILED, reason=reason, detail=_detail(detail))
     return audit_row(**row, finished_at=utc_now()), None
+
+
+def _same_bytes(path: str, data: bytes, max_bytes: int) -> bool:
+    """Whether the input at ``path`` holds exactly ``data``; an unreadable one counts as the
+    same (the duplicate then goes on, and the writer still refuses differing content)."""
+    from transforms.files import read_bounded
+
+    try:
+        return read_bounded(path, max_bytes) == data
+    except Exception:  # noqa: BLE001 - see above
+        return True
 
 
 def _quiet_pydicom() -> None:

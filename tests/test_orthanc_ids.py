@@ -19,3 +19,12 @@ def test_knee_ids_match_orthanc(samples):
 def test_missing_patient_id_counts_as_empty():
     assert orthanc_ids(None, "1", "2", "3") == orthanc_ids("", "1", "2", "3")
     assert not is_orthanc_id("1.2.3")
+
+
+def test_leading_spaces_of_patient_id_count_trailing_ones_do_not():
+    """Orthanc 1.10.1 hashes a PatientID with its leading spaces (DCMTK strips trailing padding
+    only): the Knee study with PatientID "  887" is 2384c6ae-... on a live Orthanc 1.10.1."""
+    study_uid = "2.16.840.1.113669.632.20.121711.10000160881"
+    assert orthanc_ids("  887", study_uid, "", "")["study"] == "2384c6ae-4ed24ce9-e33cb5f0-cefdf435-9f5a6ee0"
+    assert orthanc_ids("  887 \0", study_uid, "", "") == orthanc_ids("  887", study_uid, "", "")
+    assert orthanc_ids("887", study_uid, "", "")["study"] != orthanc_ids("  887", study_uid, "", "")["study"]

@@ -440,3 +440,39 @@ def test_a_duplicate_instance_row_names_the_identity_it_collided_on(tmp_path: Pa
     for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "instance_orthanc_id"):
         assert duplicate[column] == moved[column] is not None
     assert duplicate["output_uri"] is None
+
+
+@pytest.mark.parametrize("loser_first", [True, False])
+def test_which_duplicate_moves_is_the_plans_choice_not_the_workers_order(tmp_path: Path, loser_first: bool):
+    """Two inputs with one instance's identifiers and different content: the plan's first (by
+    URI) is moved, the other fails as a duplicate, whichever a worker reaches first (it used to
+    be whichever was published first: reruns with several workers moved either file)."""
+    from transforms.identity import Key
+
+    folder = tmp_path / "in"
+    datasets = make_study(seed=16, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    winner = next(folder.glob("000_*.dcm"))
+    other = pydicom.dcmread(winner)
+    other.ImageComments = "same instance, other content"
+    loser = folder / "zz-other.dcm"
+    other.save_as(loser)
+    same = folder / "zz-same.dcm"
+    shutil.copyfile(winner, same)  # an identical copy: moved too, to the same bytes
+    key = Key.from_bytes(KEY_BYTES)
+    index = [sm.index_entry(str(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.glob("*.dcm"))]
+    plan = sm.plan_split(index, sm.parse_split(str(datasets[0].StudyInstanceUID),
+                                               {"Series": [str(datasets[0].SeriesInstanceUID)]}), key)
+    assert plan.duplicate_of == {str(loser): str(winner), str(same): str(winner)}
+    cfg = psm.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
+    order = [loser, same, winner] if loser_first else [winner, same, loser]
+    rows = {}
+    for path in order:
+        row, _ = psm.process_instance(str(path), path.stat().st_size, plan, cfg)
+        rows[path.name] = row
+    assert (rows[winner.name]["status"], rows[same.name]["status"]) == ("moved", "moved")
+    assert rows[same.name]["output_sha256"] == rows[winner.name]["output_sha256"]
+    assert (rows[loser.name]["status"], rows[loser.name]["reason"], rows[loser.name]["output_uri"]) == \
+        ("failed", "duplicate_instance", None)
+    written = pydicom.dcmread(rows[winner.name]["output_uri"])
+    assert "ImageComments" not in written or written.ImageComments != "same instance, other content"

@@ -353,7 +353,7 @@ def _safe_str(ds: Any, keyword: str) -> str | None:
             and b"\\" not in value
             and b"\x1b" not in value
         ):
-            return value.decode("ascii").strip(" \0")
+            return value.decode("ascii").rstrip(" \0")  # leading spaces count in Orthanc ids
     try:
         # peek, not ds.get: get() converts the raw element in place, which would make the
         # writer re-encode it instead of copying its bytes.
@@ -366,7 +366,9 @@ def _safe_str(ds: Any, keyword: str) -> str | None:
         value = value.decode("ascii", "replace")
     if not isinstance(value, str):
         return None
-    return value.strip(" \0")
+    # A PatientID's leading spaces are part of its Orthanc ids (DCMTK keeps them); UIDs and
+    # codes have none that count.
+    return value.rstrip(" \0") if keyword == "PatientID" else value.strip(" \0")
 
 
 def _raw_text(ds: Any, keyword: str) -> str | None:

@@ -22,7 +22,7 @@ def _format(text: str) -> str:
 
 def orthanc_ids(patient_id: str | None, study_uid: str, series_uid: str, sop_uid: str) -> dict[str, str]:
     """The Orthanc ids of the patient, study, series and instance of one file."""
-    pid = (patient_id or "").strip(" \0")
+    pid = (patient_id or "").rstrip(" \0")  # Orthanc (DCMTK) keeps leading spaces: checked on 1.10.1
     study, series, sop = (v.strip(" \0") for v in (study_uid, series_uid, sop_uid))
     return {
         "patient": _format(pid),

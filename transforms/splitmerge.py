@@ -258,7 +258,8 @@ class IndexEntry(NamedTuple):
 
 def _text(ds: Dataset, keyword: str) -> str:
     value = peek(ds, keyword)
-    return str(value or "").strip(" \0")
+    # A PatientID keeps its leading spaces, as Orthanc's ids do (DCMTK strips trailing only).
+    return str(value or "").rstrip(" \0") if keyword == "PatientID" else str(value or "").strip(" \0")
 
 
 def index_entry(source: str, ds: Dataset, *, study_tags_for: str | None = None) -> IndexEntry:
@@ -318,8 +319,9 @@ class Plan:
     """Everything the per-instance pass needs; immutable by convention, picklable.
 
     ``moves`` maps a moved input's URI to its (new SeriesInstanceUID, new SOPInstanceUID).
-    Inputs sharing a SOPInstanceUID (``duplicates`` lists all but the first) get the same new
-    UIDs: identical files then give identical outputs, and the writer refuses differing ones.
+    Inputs sharing a SOPInstanceUID (``duplicates`` lists all but the first, ``duplicate_of``
+    maps each to the first) get the same new UIDs: identical files give identical outputs; a
+    differing one fails as a duplicate, whatever the order the workers reach them in.
     ``sop_map`` / ``series_map`` / ``study_map`` map old UIDs to new ones for references;
     ``partial`` holds the old series / study UIDs from which only some instances move, and
     ``staying`` the SOPInstanceUIDs left behind in them.
@@ -339,6 +341,7 @@ class Plan:
     set_tags: tuple[tuple[int, str], ...] = ()
     remove_tags: tuple[int, ...] = ()
     source_studies: tuple[str, ...] = field(default=())  # Orthanc ids, sorted
+    duplicate_of: Mapping[str, str] = field(default_factory=dict)  # duplicate source -> defining one
 
     def disposition(self, source: str) -> str:
         """``move`` or ``unselected``."""
@@ -384,8 +387,11 @@ class _Index:
         self.instance_ids: set[str] = set()
         self.patient_ids: set[str] = set()
         self.study_of: dict[str, str] = {}  # series/instance Orthanc id -> study Orthanc id
+        self.by_member: dict[str, list[IndexEntry]] = {}  # series or instance Orthanc id -> entries
         for e in self.entries:
             self.by_study.setdefault(e.study, []).append(e)
+            self.by_member.setdefault(e.series, []).append(e)
+            self.by_member.setdefault(e.instance, []).append(e)
             self.study_ids_by_uid.setdefault(e.study_uid, set()).add(e.study)
             self.series_ids_by_uid.setdefault(e.series_uid, set()).add(e.series)
             self.instance_ids_by_uid.setdefault(e.sop_uid, set()).add(e.instance)
@@ -412,13 +418,16 @@ class _Index:
 
 
 def _resolve_members(entries: Sequence[IndexEntry], specs: Sequence[str], level: str, name: str) -> list[IndexEntry]:
-    """The entries of one study selected by series or instance identifiers."""
+    """The entries of one study selected by series or instance identifiers (looked up in a
+    table built once: a selection of 100,000 instances used to scan the study for each)."""
+    by_name: dict[str, list[IndexEntry]] = {}
+    for e in entries:
+        names = (e.series, e.series_uid) if level == "series" else (e.instance, e.sop_uid)
+        for n in dict.fromkeys(names):
+            by_name.setdefault(n, []).append(e)
     chosen: list[IndexEntry] = []
     for i, spec in enumerate(specs):
-        if level == "series":
-            hits = [e for e in entries if spec in (e.series, e.series_uid)]
-        else:
-            hits = [e for e in entries if spec in (e.instance, e.sop_uid)]
+        hits = by_name.get(spec, [])
         if not hits:
             raise RequestError(
                 f"split: {name}[{i}]: this {level} does not belong to the study to be split "
@@ -509,6 +518,7 @@ def _build(
         study_id=study_id,
         moves=moves,
         duplicates=frozenset(duplicates),
+        duplicate_of=dict(duplicates),
         sop_map=sop_map,
         series_map=series_map,
         study_map={uid: study_map_to for uid in sorted(study_uids) if uid != study_map_to},
@@ -609,8 +619,7 @@ def plan_merge(entries: Iterable[IndexEntry], request: MergeRequest, key: Key) -
         if level == "study":
             chosen.extend(index.by_study[resource])
         else:
-            attribute = "series" if level == "series" else "instance"
-            chosen.extend(e for e in index.by_study[index.study_of[resource]] if getattr(e, attribute) == resource)
+            chosen.extend(index.by_member[resource])
     moved, duplicates = _dedupe(chosen)
     copied = dict(first.study_tags)
     target_uid = first.study_uid
@@ -781,21 +790,16 @@ def _remap_references(new: Dataset, plan: Plan) -> None:
 
 
 def _encodable(ds: Dataset, texts: Iterable[str]) -> bool:
-    encodings = convert_encodings(peek(ds, _CHARSET) or None)
-    for text in texts:
-        if text.isascii():
-            continue
-        if not any(_encodes(text, enc) for enc in encodings):
-            return False
-    return True
+    """Whether ``ds``'s SpecificCharacterSet holds every character of ``texts``, judged as the
+    modification engine judges a replacement (:func:`transforms.values.fit_text`): ISO_IR 13
+    is single-byte (Python's shift_jis codec would take kanji, pydicom then writes "?"), and a
+    SpecificCharacterSet naming the default repertoire (ISO_IR 6, an empty first term) is
+    ASCII (pydicom would write Latin-1 bytes it does not declare)."""
+    from transforms.engine import _fitting, _python_encodings
+    from transforms.values import fit_text
 
-
-def _encodes(text: str, encoding: str) -> bool:
-    try:
-        text.encode(encoding)
-    except (UnicodeError, LookupError):
-        return False
-    return True
+    encodings = _fitting(ds, _python_encodings(ds))
+    return all(text.isascii() or fit_text(text, encodings) == text for text in texts)
 
 
 def _to_utf8(ds: Dataset) -> None:
