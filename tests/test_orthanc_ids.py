@@ -28,3 +28,20 @@ def test_leading_spaces_of_patient_id_count_trailing_ones_do_not():
     assert orthanc_ids("  887", study_uid, "", "")["study"] == "2384c6ae-4ed24ce9-e33cb5f0-cefdf435-9f5a6ee0"
     assert orthanc_ids("  887 \0", study_uid, "", "") == orthanc_ids("  887", study_uid, "", "")
     assert orthanc_ids("887", study_uid, "", "")["study"] != orthanc_ids("  887", study_uid, "", "")["study"]
+
+
+def test_a_multi_valued_patient_id_is_hashed_as_written():
+    """PatientID 'A1\\B2' (VM 1 in the standard, seen in the wild): Orthanc 1.10.1 names the
+    patient a342c58e-... (sha1 of the text); we used to hash an empty PatientID."""
+    from pydicom.data import get_testdata_file
+
+    from transforms import dicomio, files
+    from transforms import splitmerge as sm
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID = ["A1", "B2"]
+    read = dicomio.read_dataset(dicomio.write_dataset(ds))
+    assert files._safe_str(read, "PatientID") == "A1\\B2"
+    assert orthanc_ids(files._safe_str(read, "PatientID"), "", "", "")["patient"] == \
+        "a342c58e-5645ab17-b54aefaa-132162e1-5d0d3971"
+    assert sm.index_entry("x.dcm", read).patient == "a342c58e-5645ab17-b54aefaa-132162e1-5d0d3971"

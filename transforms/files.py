@@ -323,6 +323,7 @@ _ASCII_KEYWORDS = {
 def _safe_str(ds: Any, keyword: str) -> str | None:
     """A top-level string value, or None when absent or undecodable (hostile files)."""
     from pydicom.dataelem import RawDataElement
+    from pydicom.multival import MultiValue
 
     from transforms.dicomio import peek
 
@@ -364,6 +365,8 @@ def _safe_str(ds: Any, keyword: str) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
+    if keyword == "PatientID" and isinstance(value, (list, tuple, MultiValue)):
+        value = "\\".join(str(v) for v in value)  # "A1\\B2" (invalid VM, real): Orthanc hashes the text
     if not isinstance(value, str):
         return None
     # A PatientID's leading spaces are part of its Orthanc ids (DCMTK keeps them); UIDs and

@@ -452,8 +452,9 @@ def parse_anonymize(
 ) -> Plan:
     """Parse an ``/anonymize`` (or ``/tools/bulk-anonymize``) body.
 
-    ``Level`` is accepted and ignored, as Orthanc does: anonymization always works at the
-    Patient level (new PatientID, Study, Series and SOP Instance UIDs).
+    ``Level`` is checked (one of Patient, Study, Series, Instance: a typo is refused, where
+    Orthanc accepts any value) and then ignored, as Orthanc does: anonymization always works at
+    the Patient level (new PatientID, Study, Series and SOP Instance UIDs).
 
     Raises:
         RequestError: naming the offending key (e.g. ``DicomVersion`` with the allowed list).

@@ -258,6 +258,8 @@ class IndexEntry(NamedTuple):
 
 def _text(ds: Dataset, keyword: str) -> str:
     value = peek(ds, keyword)
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = "\\".join(str(v) for v in value)  # as stored: Orthanc hashes the text
     # A PatientID keeps its leading spaces, as Orthanc's ids do (DCMTK strips trailing only).
     return str(value or "").rstrip(" \0") if keyword == "PatientID" else str(value or "").strip(" \0")
 
