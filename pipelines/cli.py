@@ -290,6 +290,16 @@ def normalize(uri: str) -> str:
     return uri.rstrip("/")
 
 
+def normalize_input(uri: str) -> str:
+    """As :func:`normalize`, but a remote INPUT written with a trailing slash keeps it: it
+    names a prefix even where an object of the same name exists (``gs://b/x/`` is what lies
+    under ``x/``, not the object ``x``)."""
+    normal = normalize(uri)
+    if _scheme(normal) not in (None, "file") and uri.endswith("/") and "/" in normal.split("://", 1)[1]:
+        normal += "/"
+    return normal
+
+
 def _glob_base(uri: str) -> str:
     """The part of a glob before its first wildcard, cut back to a folder."""
     cut = min((i for i, c in enumerate(uri) if c in "*?["), default=None)
@@ -304,16 +314,37 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent + "/")
 
 
-def refuse_empty_input(input_uri: str, shown: str) -> None:
-    """Refuse a local INPUT that matches no file before anything is started or written (the
-    audit folder would otherwise get an empty shard and a summary replacing the last one's).
-    Remote INPUTs are found empty by the run itself (one more listing request saved)."""
-    if _scheme(input_uri) is not None:
+def refuse_empty_input(input_uri: str, shown: str, *, remote: bool = False) -> None:
+    """Refuse an INPUT that matches no file before anything is started or written (the audit
+    folder would otherwise get an empty shard and a summary replacing the last one's). Local
+    INPUTs always; remote ones with ``remote`` (runs on this machine, which lists them anyway;
+    a Dataflow launcher may have no access to the bucket), where a bucket or prefix that cannot
+    be listed (missing, forbidden, unreachable) is one line, not a traceback from the run."""
+    if _scheme(input_uri) is not None and not remote:
         return
     from transforms.files import expand_input  # (no Beam import for local paths)
 
-    if next(iter(expand_input(input_uri)), None) is None:
+    try:
+        first = next(iter(expand_input(input_uri)), None)
+    except Exception as exc:  # noqa: BLE001 - a storage error: named by type (messages may quote paths)
+        if _scheme(input_uri) is None:
+            raise
+        raise UsageError(f"INPUT {shown!r} cannot be listed ({type(exc).__name__})") from None
+    if first is None:
         raise UsageError(f"INPUT {shown!r} matched no files")
+
+
+def probe_remote_locations(run_id: str, **locations: str | None) -> None:
+    """Refuse (exit 2) a ``gs://`` OUTPUT, audit or crosswalk folder this machine cannot write
+    in, before anything is written (runs on this machine only: a Dataflow launcher may lack the
+    workers' access)."""
+    from transforms.files import probe_gcs_writable
+
+    for name, folder in locations.items():
+        if folder is not None and folder.startswith("gs://"):
+            problem = probe_gcs_writable(folder, run_id)
+            if problem is not None:
+                raise UsageError(f"{name} {folder!r}: cannot write there ({problem})")
 
 
 def check_utf8(input_uri: str, output: str, audit: str | None, crosswalk: str | None) -> None:
@@ -559,7 +590,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     key, key_uri = load_key(args.key_file)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
-    input_uri = normalize(args.input)
+    input_uri = normalize_input(args.input)
     output = normalize(args.output)
     local_in = _scheme(input_uri) is None
     single = local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
@@ -596,6 +627,9 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         local_runner = quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
         if key_uri is None and not key_may_travel(options):
             raise UsageError(remote_key_message(options))
+        if local_runner:
+            refuse_empty_input(input_uri, args.input, remote=True)
+            probe_remote_locations(run_id, OUTPUT=output, **{"--audit": audit, "--crosswalk": crosswalk})
     _warn_random_key(key)
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None

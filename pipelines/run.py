@@ -351,9 +351,13 @@ def remove_sink_temporaries(root: str | None, run_id: str) -> None:
 
 
 def cleanup_tmp(output_root: str, run_id: str) -> None:
-    """Remove this run's temporary folder (leftovers of killed workers included)."""
+    """Remove this run's temporary folder (leftovers of killed workers included). A ``gs://``
+    OUTPUT has none: each object is one conditional upload (listing it anyway cost a second
+    two-minute retry when the endpoint was unreachable, and hid the first error)."""
     if is_local(output_root):
         remove_local_tmp(output_root, run_id)
+        return
+    if output_root.startswith("gs://"):
         return
     run_tmp = FileSystems.join(output_root, TMP_DIR_NAME, run_id)
     leftovers = [m.path for m in FileSystems.match([run_tmp + "/**"])[0].metadata_list]

@@ -481,6 +481,42 @@ def tmp_folder(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
+#: The runners that run on this machine (as ``pipelines.cli.LOCAL_RUNNERS``).
+LOCAL_RUNNERS_NAMES = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
+
+
+def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
+    """Where the study index and the plan go: they hold original identifiers, so never under
+    OUTPUT when avoidable (a killed run would leave them in the folder that gets shared). A
+    local runner: a private folder in the system's temporary directory; another runner: the
+    pipeline's ``--temp_location``; OUTPUT's temporary folder only as the last resort."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    if name in LOCAL_RUNNERS_NAMES:
+        return tempfile.mkdtemp(prefix=f"dicom-deid-{run_id}-")
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
+    if temp_location:
+        return FileSystems.join(temp_location, f"dicom-deid-{run_id}")
+    return tmp_folder(output_root, run_id)
+
+
+def remove_work_folder(folder: str, output_root: str, run_id: str) -> None:
+    """Remove :func:`work_folder`'s folder (OUTPUT's temporary folder is ``cleanup_tmp``'s)."""
+    if folder == tmp_folder(output_root, run_id) and not output_root.startswith("gs://"):
+        return  # cleanup_tmp's (it skips gs://, where nothing else uses that folder)
+    if _is_local(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    try:
+        leftovers = [m.path for m in FileSystems.match([folder + "/**"])[0].metadata_list]
+        if leftovers:
+            FileSystems.delete(leftovers)
+    except Exception:  # noqa: BLE001 - a temporary folder that cannot be listed: left to its bucket's lifecycle
+        pass
+
+
 def build_index_pass(pipeline: beam.Pipeline, input_uri: str, selector: IndexSelector, max_bytes: int, prefix: str) -> None:
     from transforms.beam import ExpandInput
 
@@ -608,7 +644,7 @@ def execute(
         while folder and not os.path.exists(folder) and folder != os.path.dirname(folder):
             created.append(folder)
             folder = os.path.dirname(folder)
-    tmp = tmp_folder(output_root, run_id)
+    tmp = work_folder(options, output_root, run_id)
     try:
         if _is_local(output_root):
             from transforms.files import claim_local_tmp
@@ -647,6 +683,7 @@ def execute(
             run_and_wait(pipeline, options)
     except RequestError:
         cleanup_tmp(output_root, run_id)
+        remove_work_folder(tmp, output_root, run_id)
         for folder in created:  # deepest first, each only if empty: refused means nothing written
             try:
                 os.rmdir(folder)
@@ -659,6 +696,7 @@ def execute(
         raise
     finally:
         cleanup_tmp(output_root, run_id)
+        remove_work_folder(tmp, output_root, run_id)
     summary = summarize(
         tally_audit(audit_root, run_id, (MOVED,)),
         plan,
@@ -696,7 +734,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     body, _dictionary = cli.load_request(args.body, args.config)  # no private tags in these modules
     request = parse_request(args.command, args.study, body)
     key, _key_uri = cli.load_key(args.key_file)
-    input_uri = cli.normalize(args.input)
+    input_uri = cli.normalize_input(args.input)
     output = cli.normalize(args.output)
     if output.lower().endswith(".dcm"):
         raise cli.UsageError(f"{args.command}: OUTPUT must be a folder or gs:// prefix, not a .dcm file")
@@ -717,6 +755,9 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         extra["Crosswalk"] = crosswalk
     # As for anonymize/modify: workers on another machine could not reach a local folder.
     local_runner = cli.quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
+    if local_runner:
+        cli.refuse_empty_input(input_uri, args.input, remote=True)
+        cli.probe_remote_locations(run_id, OUTPUT=output, **{"--audit": audit, "--crosswalk": crosswalk})
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
     local_output = _is_local(output)

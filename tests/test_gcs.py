@@ -315,3 +315,51 @@ def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
     assert found["reference"][f"{base}/missing/**"] == []
     # A folder INPUT: every object under the prefix, without the placeholder.
     assert [p for p, _ in found["folder"]] == sorted(f"gs://listing/{n}" for n in names if n.startswith("x/"))
+
+
+def test_bucket_root_trailing_slash_prefix_and_empty_prefix(tmp_path: Path, emulator, gcs):
+    """A whole bucket as INPUT (used to end with "GCS path must be in the form gs://<bucket>/
+    <object>"), a prefix written with a slash where an object of the same name exists (used to
+    process that object only), and a prefix that matches nothing (refused before the audit
+    folder's last summary.json is replaced)."""
+    _, env = emulator
+    for name in ("root-in", "root-out"):
+        gcs.create_bucket(name)
+    local = tmp_path / "in"
+    write_study(make_study(seed=12, n_ct=2, rtstruct=False, sr=False), local / "x")
+    uploaded = _upload_folder(gcs, "root-in", "x", local / "x")  # "x/..." objects at the bucket's root
+    gcs.bucket("root-in").blob("x").upload_from_string(b"an object named like the prefix")
+    key = tmp_path / "deid.key"
+    key.write_bytes(SECRET)
+    whole = _dicom_deid(env, "anonymize", "gs://root-in", "gs://root-out/all", "--key-file", str(key), "--quiet")
+    assert whole.returncode == 3, whole.stderr  # the object "x" is not DICOM
+    rows = _read_audit(gcs, "root-out", "all-audit/")
+    assert sorted(r["source_uri"] for r in rows) == sorted([*uploaded, "gs://root-in/x"])
+    prefix = _dicom_deid(env, "anonymize", "gs://root-in/x/", "gs://root-out/prefix", "--key-file", str(key), "--quiet")
+    assert prefix.returncode == 0, prefix.stderr
+    assert len(_read_audit(gcs, "root-out", "prefix-audit/")) == len(uploaded)
+    empty = _dicom_deid(env, "anonymize", "gs://root-in/nothing-here", "gs://root-out/all", "--key-file", str(key), "--quiet")
+    assert (empty.returncode, empty.stderr) == (2, "dicom-deid: INPUT 'gs://root-in/nothing-here' matched no files\n")
+    assert len(_read_audit(gcs, "root-out", "all-audit/")) == len(rows)  # no new shard, summary kept
+
+
+def test_an_audit_bucket_that_cannot_be_written_is_refused_before_any_output(tmp_path: Path, emulator, gcs):
+    """It used to be found after every output was written: the run then ended without rows."""
+    _, env = emulator
+    for name in ("probe-in", "probe-out"):
+        gcs.create_bucket(name)
+    local = tmp_path / "in"
+    write_study(make_study(seed=13, n_ct=1, rtstruct=False, sr=False), local)
+    _upload_folder(gcs, "probe-in", "a", local)
+    key = tmp_path / "deid.key"
+    key.write_bytes(SECRET)
+    for option in ("--audit", "--crosswalk"):
+        done = _dicom_deid(env, "anonymize", "gs://probe-in/a", "gs://probe-out/deid", "--key-file", str(key),
+                           option, "gs://no-such-bucket-here/x")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"dicom-deid: {option} 'gs://no-such-bucket-here/x': cannot write there (")
+        assert done.stderr.count("\n") == 1
+        assert _objects(gcs, "probe-out", "") == {}
+    fine = _dicom_deid(env, "anonymize", "gs://probe-in/a", "gs://probe-out/deid", "--key-file", str(key), "--quiet")
+    assert fine.returncode == 0, fine.stderr
+    assert not [name for name in _objects(gcs, "probe-out", "") if ".dicom-deid-probe" in name]

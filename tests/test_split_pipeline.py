@@ -476,3 +476,21 @@ def test_which_duplicate_moves_is_the_plans_choice_not_the_workers_order(tmp_pat
         ("failed", "duplicate_instance", None)
     written = pydicom.dcmread(rows[winner.name]["output_uri"])
     assert "ImageComments" not in written or written.ImageComments != "same instance, other content"
+
+
+def test_the_study_index_never_sits_under_output_when_avoidable(tmp_path: Path):
+    """The index and the plan hold original identifiers: a run killed with kill -9 used to leave
+    them in OUTPUT/.dicom-deid-tmp/ (the folder that gets shared), also on gs://."""
+    import tempfile
+
+    local = pipeline_run.pipeline_options([])
+    folder = psm.work_folder(local, "gs://shared-out/deid", "run-7")
+    try:
+        assert os.path.dirname(folder) == tempfile.gettempdir() and os.path.basename(folder).startswith("dicom-deid-run-7-")
+    finally:
+        psm.remove_work_folder(folder, "gs://shared-out/deid", "run-7")
+    assert not os.path.exists(folder)
+    remote = pipeline_run.pipeline_options(["--runner", "DataflowRunner", "--temp_location", "gs://scratch/tmp"])
+    assert psm.work_folder(remote, "gs://shared-out/deid", "run-7") == "gs://scratch/tmp/dicom-deid-run-7"
+    bare = pipeline_run.pipeline_options(["--runner", "DataflowRunner"])
+    assert psm.work_folder(bare, "gs://shared-out/deid", "run-7") == "gs://shared-out/deid/.dicom-deid-tmp/run-7"

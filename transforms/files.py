@@ -203,8 +203,11 @@ def _input_pattern(uri: str) -> str | None:
         return None  # literally, whatever characters its name holds
     if has_glob(uri):
         return uri
-    if not is_local(uri) and FileSystems.exists(uri):
-        return None
+    if not is_local(uri):
+        if uri.endswith("/") or re.fullmatch(r"[a-z0-9]+://[^/]+", uri):
+            return uri.rstrip("/") + "/**"  # a prefix as written ("x/"), or a whole bucket
+        if FileSystems.exists(uri):
+            return None
     return uri.rstrip("/") + "/**"
 
 
@@ -735,6 +738,28 @@ def _gcs_client(final: str) -> Any:
             return None
         client = _GCS_CLIENTS.client = make().client
     return client
+
+
+def probe_gcs_writable(folder: str, run_id: str) -> str | None:
+    """Write and delete an empty object under the ``gs://`` ``folder``: None if that works,
+    else the error's type name (a missing bucket, no permission, an unreachable endpoint). Run
+    before a run writes anything, so that an audit that cannot be written is found before its
+    outputs exist. The probe's name starts with a dot, which the audit's readers ignore."""
+    client = _gcs_client(folder)
+    if client is None:
+        return None
+    bucket, _, prefix = folder[len("gs://"):].partition("/")
+    name = (prefix.rstrip("/") + "/" if prefix else "") + f".dicom-deid-probe-{run_id}"
+    try:
+        blob = client.bucket(bucket).blob(name)
+        blob.upload_from_string(b"")
+    except Exception as exc:  # noqa: BLE001 - named by type: messages may quote paths
+        return type(exc).__name__
+    try:
+        blob.delete()
+    except Exception:  # noqa: BLE001 - create but not delete: the empty probe stays, harmless
+        pass
+    return None
 
 
 def _publish_gcs(data: bytes, sha256: str, final: str, client: Any) -> None:
