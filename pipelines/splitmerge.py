@@ -645,6 +645,7 @@ def execute(
             created.append(folder)
             folder = os.path.dirname(folder)
     tmp = work_folder(options, output_root, run_id)
+    used: list[str] = []  # tmp, once a pass may have written there (a remote one is not listed before)
     try:
         if _is_local(output_root):
             from transforms.files import claim_local_tmp
@@ -656,6 +657,7 @@ def execute(
         index_prefix = FileSystems.join(tmp, "index")
         pipeline = make_pipeline(options)
         build_index_pass(pipeline, input_uri, selector, max_bytes, index_prefix)
+        used.append(tmp)  # from here on the run may write there
         run_and_wait(pipeline, options)
         entries = read_index(index_prefix)
         if isinstance(request, sm.SplitRequest):
@@ -683,7 +685,8 @@ def execute(
             run_and_wait(pipeline, options)
     except RequestError:
         cleanup_tmp(output_root, run_id)
-        remove_work_folder(tmp, output_root, run_id)
+        if used or _is_local(tmp):
+            remove_work_folder(tmp, output_root, run_id)
         for folder in created:  # deepest first, each only if empty: refused means nothing written
             try:
                 os.rmdir(folder)
@@ -696,7 +699,8 @@ def execute(
         raise
     finally:
         cleanup_tmp(output_root, run_id)
-        remove_work_folder(tmp, output_root, run_id)
+        if used or _is_local(tmp):
+            remove_work_folder(tmp, output_root, run_id)
     summary = summarize(
         tally_audit(audit_root, run_id, (MOVED,)),
         plan,
