@@ -645,7 +645,9 @@ def execute(
             created.append(folder)
             folder = os.path.dirname(folder)
     tmp = work_folder(options, output_root, run_id)
-    used: list[str] = []  # tmp, once a pass may have written there (a remote one is not listed before)
+    # tmp once the index pass wrote there: a remote work folder (--temp_location, a scratch
+    # bucket) is not listed after a job that failed to start; OUTPUT's is always cleaned.
+    used: list[str] = [tmp] if tmp == tmp_folder(output_root, run_id) else []
     try:
         if _is_local(output_root):
             from transforms.files import claim_local_tmp
@@ -657,8 +659,8 @@ def execute(
         index_prefix = FileSystems.join(tmp, "index")
         pipeline = make_pipeline(options)
         build_index_pass(pipeline, input_uri, selector, max_bytes, index_prefix)
-        used.append(tmp)  # from here on the run may write there
         run_and_wait(pipeline, options)
+        used.append(tmp)  # the index is there now
         entries = read_index(index_prefix)
         if isinstance(request, sm.SplitRequest):
             plan = sm.plan_split(entries, request, key)
