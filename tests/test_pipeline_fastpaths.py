@@ -143,8 +143,16 @@ def test_rows_to_parquet_writes_what_beams_writer_writes(tmp_path: Path, batch_r
 
 
 def _pydicom_str(ds, keyword: str):
-    """What _safe_str returned before its raw fast path: pydicom's conversion, stripped."""
+    """What _safe_str returns without its raw fast path: pydicom's conversion, stripped (a
+    PatientID keeps its leading spaces and joins several values with a backslash, as Orthanc's
+    ids take them)."""
+    from pydicom.multival import MultiValue
+
     value = dicomio.peek(ds, keyword)
+    if keyword == "PatientID":
+        if isinstance(value, MultiValue):
+            value = "\\".join(str(v) for v in value)
+        return value.rstrip(" \0") if isinstance(value, str) else None
     return value.strip(" \0") if isinstance(value, str) else None
 
 
@@ -198,7 +206,8 @@ def test_raw_identifier_fast_paths_agree_with_pydicom_on_real_files(samples: Pat
         (None, b"PAT-0001 ", "PAT-0001"),
         (None, b" \0", ""),
         (None, b"", ""),
-        (None, b"A\\B", None),  # two values: not a str
+        (None, b"A\\B", "A\\B"),  # two values: their text, which Orthanc hashes for the ids
+        (None, b"  887 ", "  887"),  # leading spaces count in Orthanc's ids
         ("ISO_IR 100", "Müller".encode("latin-1"), "Müller"),  # not ASCII: pydicom decodes
         ("ISO 2022 IR 87", b"\x1b$B;3ED\x1b(B", "山田"),  # escapes: pydicom decodes
         ("ISO_IR 192", "Ωmega".encode("utf-8"), "Ωmega"),

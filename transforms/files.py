@@ -368,7 +368,7 @@ def _safe_str(ds: Any, keyword: str) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    if keyword == "PatientID" and isinstance(value, (list, tuple, MultiValue)):
+    if keyword == "PatientID" and isinstance(value, MultiValue):
         value = "\\".join(str(v) for v in value)  # "A1\\B2" (invalid VM, real): Orthanc hashes the text
     if not isinstance(value, str):
         return None
