@@ -481,13 +481,18 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
     return local
 
 
-def key_may_travel(options: Any) -> bool:
-    """Whether the runner keeps the job description on this machine (the local runners, and
-    Prism, a local binary), so a key held in the DoFns' configuration never leaves it."""
+def runner_name(options: Any) -> str:
+    """The ``--runner`` as a name, whether Beam holds a name or a runner object."""
     from apache_beam.options.pipeline_options import StandardOptions
 
     runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) else type(runner).__name__
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def key_may_travel(options: Any) -> bool:
+    """Whether the runner keeps the job description on this machine (the local runners, and
+    Prism, a local binary), so a key held in the DoFns' configuration never leaves it."""
+    name = runner_name(options)
     return name in LOCAL_RUNNERS or name == "PrismRunner"
 
 
@@ -495,11 +500,7 @@ def remote_key_message(options: Any) -> str:
     """The refusal for a key that would travel inside the job description of a runner that is
     not this machine's (Dataflow stores the description, with every DoFn, in its staging
     location): such runs read the key from a file their workers can reach."""
-    from apache_beam.options.pipeline_options import StandardOptions
-
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) else type(runner).__name__
-    return (f"--runner {name} runs on other machines: give the key as --key-file gs://... (a file the "
+    return (f"--runner {runner_name(options)} runs on other machines: give the key as --key-file gs://... (a file the "
             "workers can read); a key from a local file, DICOM_DEID_KEY or a random key would be "
             "written into the job description")
 

@@ -481,20 +481,16 @@ def tmp_folder(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
-#: The runners that run on this machine (as ``pipelines.cli.LOCAL_RUNNERS``).
-LOCAL_RUNNERS_NAMES = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
-
-
 def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     """Where the study index and the plan go: they hold original identifiers, so never under
     OUTPUT when avoidable (a killed run would leave them in the folder that gets shared). A
     local runner: a private folder in the system's temporary directory; another runner: the
     pipeline's ``--temp_location``; OUTPUT's temporary folder only as the last resort."""
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) else type(runner).__name__
-    if name in LOCAL_RUNNERS_NAMES:
+    from pipelines.cli import LOCAL_RUNNERS, runner_name
+
+    if runner_name(options) in LOCAL_RUNNERS:
         return tempfile.mkdtemp(prefix=f"dicom-deid-{run_id}-")
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:

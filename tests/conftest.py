@@ -19,16 +19,26 @@ SAMPLES = REPO.parent / "shared" / "dicom-samples"
 REQUIRE_SAMPLES_ENV = "DICOM_DEID_REQUIRE_SAMPLES"
 
 
+def required(env: str) -> bool:
+    """True when the environment variable ``env`` is ``1`` (CI sets the ``DICOM_DEID_REQUIRE_*``)."""
+    return os.environ.get(env) == "1"
+
+
+def skip_unless_required(reason: str, env: str) -> NoReturn:
+    """Skip the calling test (a fresh machine) or, when ``env`` requires what is missing, fail it."""
+    if required(env):
+        pytest.fail(f"{reason} ({env}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
 def samples_required() -> bool:
     """True when ``DICOM_DEID_REQUIRE_SAMPLES=1`` (CI)."""
-    return os.environ.get(REQUIRE_SAMPLES_ENV) == "1"
+    return required(REQUIRE_SAMPLES_ENV)
 
 
 def missing_samples(reason: str) -> NoReturn:
     """Skip the calling test (a fresh machine) or, when the samples are required, fail it."""
-    if samples_required():
-        pytest.fail(f"{reason} ({REQUIRE_SAMPLES_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
+    skip_unless_required(reason, REQUIRE_SAMPLES_ENV)
 
 
 @pytest.fixture

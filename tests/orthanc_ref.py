@@ -335,16 +335,11 @@ def orthanc_unavailable_reason() -> str | None:
     return None
 
 
-def orthanc_required() -> bool:
-    """True when ``DICOM_DEID_REQUIRE_ORTHANC=1`` (CI)."""
-    return os.environ.get(REQUIRE_ORTHANC_ENV) == "1"
-
-
 def _unusable(reason: str) -> NoReturn:
     """Skip (a fresh machine) or, when the reference is required, fail with ``reason``."""
-    if orthanc_required():
-        pytest.fail(f"{reason} ({REQUIRE_ORTHANC_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
+    from tests.conftest import skip_unless_required
+
+    skip_unless_required(reason, REQUIRE_ORTHANC_ENV)
 
 
 _PROCESS_KEY = pytest.StashKey["OrthancProcess | str"]()
