@@ -224,6 +224,32 @@ CASES = [
                      "(0008,1090)": "parenthesised"}},
         {"StudyDescription": "plain", "SeriesDescription": "dash",
          "ManufacturerModelName": "parenthesised"}),
+    ModifyCase(  # two spellings in one sequence item: the first in name order wins there
+        "item-tag-spellings", "DummyCT.dcm",
+        {"Replace": {"ReferencedStudySequence": [{"CodeMeaning": "keyword", "0008,0104": "hex"}]}},
+        {"ReferencedStudySequence[0].CodeMeaning": "hex"}),
+    ModifyCase(  # a Replace value that Keep or a later spelling overrides is never cast
+        "overridden-values-unchecked", "DummyCT.dcm",
+        {"Replace": {"Rows": "abc", "0028,0011": "abc", "Columns": "7"}, "Keep": ["Rows"]},
+        {"Rows": 512, "Columns": 7}),
+    ModifyCase(  # keywords of repeating groups name their first group (6000,xxxx)
+        "repeating-group-keywords", "PatientWith2studies/TEST_1_study_1234.dcm",
+        {"Replace": {"OverlayDescription": "replaced", "OverlayLabel": "inserted"},
+         "Remove": ["OverlayRows"], "Keep": ["OverlayColumns"]},
+        {"(6000,0022)": "replaced", "(6000,1500)": "inserted", "(6000,0010)": None}),
+    ModifyCase(  # text for an unknown private tag (UN) is converted to the file's character set
+        "private-un-text-charset", "Encodings/Lena-latin1.dcm",
+        {"Replace": {"0011,1010": "J\u00f6dogne\u8a9e", "0011,1011": "ascii"}},
+        {"(0011,1010)": b"J\xf6dogne\x00", "(0011,1011)": b"ascii\x00"}),
+    ModifyCase(  # binary values of OB-or-OW tags are written OW, as little-endian words
+        "pixel-data-data-uri", "TransferSyntaxes/1.2.840.10008.1.2.1.dcm",
+        {"Replace": {"PixelData": _data_uri(_OW_BYTES)}},
+        {"PixelData": _OW_BYTES}),
+    ModifyCase(  # ... swapped into a big endian file's byte order
+        "ow-data-uri-big-endian", "TransferSyntaxes/1.2.840.10008.1.2.2.dcm",
+        {"Replace": {"PixelData": _data_uri(_OW_BYTES),
+                     "RedPaletteColorLookupTableData": _data_uri(_OW_BYTES)}},
+        {}),
     ModifyCase(  # TC-24 test_modify_attribute for AT
         "numeric-and-at-values", "Knee/T1/IM-0001-0003.dcm",
         {"Replace": {"PatientWeight": "70.5", "SeriesNumber": "42", "Rows": "256",

@@ -158,6 +158,11 @@ def test_unknown_keys_are_refused_with_the_allowed_list():
                                          "to be kept requires the \"Force\" option"),
         ({"Replace": {"SeriesInstanceUID": "1.2"}}, "as to be replaced requires the \"Force\""),
         ({"Level": 3}, "Level: expected one of Patient, Study, Series, Instance"),
+        # Orthanc's anonymization reads replaced Study/Series UIDs as strings
+        ({"Replace": {"StudyInstanceUID": None}, "Force": True},
+         "Replace: 'StudyInstanceUID' (0020,000D) must be given as a string, got null"),
+        ({"Replace": {"SeriesInstanceUID": None}, "Remove": ["SeriesInstanceUID"], "Force": True},
+         "'SeriesInstanceUID' (0020,000E) must be given as a string, got null"),
     ],
 )
 def test_anonymize_refusals(body, message):
@@ -207,6 +212,19 @@ def test_two_spellings_of_one_tag_later_sorted_name_wins():
     plan = parse_modify({"Replace": {"StationName": "by-name", "0008,1010": "by-hex"}})
     # Orthanc visits names in sorted order: "0008,1010" < "StationName".
     assert plan.replacements == (Value(STATION, "SH", "by-name"),)
+
+
+def test_only_surviving_replace_values_are_cast():
+    # Orthanc casts the values left after Keep and later spellings: the others are not checked.
+    plan = parse_modify({"Replace": {"Rows": "abc", "0028,0011": "abc", "Columns": "7",
+                                     "SOPClassUID": None}, "Keep": ["Rows", "SOPClassUID"]})
+    assert plan.replacements == (Value(0x00280011, "US", (7,)),)
+    _refused(parse_modify, {"Replace": {"Rows": "abc", "0028,0010": "5"}}, "'abc' is not an integer")
+    kept = parse_anonymize({"Replace": {"StudyInstanceUID": None}, "Keep": ["StudyInstanceUID"],
+                            "Force": True})
+    assert 0x0020000D in kept.keep and 0x0020000D not in kept.replaced_tags
+    assert parse_modify({"Replace": {"StudyInstanceUID": None}, "Force": True}).replacements == (
+        Value(0x0020000D, "UI", None),)
 
 
 @pytest.mark.parametrize(

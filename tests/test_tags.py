@@ -35,6 +35,10 @@ RADIO = {"4321,1012": ["LO", "RadioButton3", 1, 1, "RadioLogic"],
         ("OtherPatientIDs", 0x00101000),
         ("  StudyDescription ", 0x00081030),
         ("ReferencedImageSequence", 0x00081140),
+        ("OverlayRows", 0x60000010),  # repeating groups: the first group, as DCMTK
+        ("OverlayData", 0x60003000),
+        ("CurveData", 0x50003000),
+        ("SourceImageIDs", 0x00203100),
     ],
 )
 def test_parse_tag_accepts_orthanc_spellings(name, tag):

@@ -48,6 +48,13 @@ def _prepare(tag, value, **kwargs):
         (0x00081140, "", Value(0x00081140, "SQ", None)),  # empty sequence at top level
         (0x00660016, "101.1\\102.2", Value(0x00660016, "OF", (101.1, 102.2))),
         (0x00660041, "20\\30\\42", Value(0x00660041, "OL", (20, 30, 42))),
+        (0x00081030, "abc\0\0", Value(0x00081030, "LO", "abc")),  # trailing NULs: padding
+        (0x0020000D, "data:application/octet-stream;base64,MS4yLjMA", Value(0x0020000D, "UI", "1.2.3")),
+        (0x7FE00010, "data:application/octet-stream;base64,AAEC/w==", Value(0x7FE00010, "OW", b"\x00\x01\x02\xff")),
+        (0x00111010, "J\u00f6", Value(0x00111010, "UN", "J\u00f6")),  # encoded when built
+        # two spellings of one tag in a sequence item: the first in name order, as Orthanc
+        (0x00081110, [{"CodeMeaning": "keyword", "0008,0104": "hex"}],
+         Value(0x00081110, "SQ", ((Value(0x00080104, "LO", "hex"),),))),
     ],
 )
 def test_cast(tag, json_value, expected):
@@ -116,6 +123,12 @@ def test_private_tag_uses_dictionary_vr_with_its_creator():
         (0x00189087, " 1.5", "(FD): ' 1.5' is not a 64-bit float"),
         (0x00189087, "1_5", "(FD): '1_5' is not a 64-bit float"),
         (0x00081140, [{"Modality": "\u03a9"}], "(CS): CS values are ASCII only"),
+        (0x00081030, "a\0b", "(LO): the value holds a NUL character, which LO values cannot contain"),
+        (0x00081030, "data:application/octet-stream;base64,YQBi", "holds a NUL character"),
+        (0x00281201, "\u00e9\u00e9", "(OW): text for an OW value must be ASCII"),
+        (0x7FE00010, "data:application/octet-stream;base64,YWJj", "(OW): OW needs an even number of bytes"),
+        # both spellings of one tag in an item are cast, though only the first is kept
+        (0x00081140, [{"Rows": "5", "0028,0010": "abc"}], "'abc' is not an integer"),
     ],
 )
 def test_refusals_name_key_tag_and_vr(tag, json_value, message):
@@ -175,3 +188,24 @@ def test_attribute_tag_lists_only_for_multi_valued_tags():
         _prepare(0x00209165, "0020,9056\\0020,9057")
     assert _prepare(0x00280009, "0020,9056\\FrameTime") == \
         Value(0x00280009, "AT", (0x00209056, 0x00181063))  # FrameIncrementPointer, VM 1-n
+
+
+@pytest.mark.parametrize(
+    ("charset", "encoded"),
+    [
+        (["iso8859"], b"J\xf6dogne\x00"),  # Latin-1; the kanji cannot be held and is dropped
+        (["ascii"], b"Jdogne"),
+        (["UTF8"], "J\u00f6dogne\u8a9e".encode() + b"\x00"),
+    ],
+)
+def test_text_for_binary_vrs_is_written_in_the_data_sets_character_set(charset, encoded):
+    value = _prepare(0x00111010, "J\u00f6dogne\u8a9e")
+    assert build_element(value, encodings=charset).value == encoded
+
+
+def test_ow_request_bytes_are_little_endian_words():
+    value = _prepare(0x00281201, "data:application/octet-stream;base64,AAECAw==")
+    assert build_element(value).value == b"\x00\x01\x02\x03"
+    assert build_element(value, little_endian=False).value == b"\x01\x00\x03\x02"
+    ob = _prepare(0x00340005, "data:application/octet-stream;base64,AAECAw==")
+    assert build_element(ob, little_endian=False).value == b"\x00\x01\x02\x03"

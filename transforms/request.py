@@ -182,6 +182,9 @@ class _Builder:
         self.keep: set[int] = set()
         self.private_keep: set[int] = set()
         self.replacements: dict[int, Value] = {}
+        # Top-level Replace values as given, cast only once Keep and later spellings are
+        # known: Orthanc casts the values that survive, so an overridden one is never checked.
+        self.pending: dict[int, tuple[str, object]] = {}
         self.keep_paths: list[TagPath] = []
         self.remove_paths: list[TagPath] = []
         self.replace_paths: list[tuple[TagPath, Value]] = []
@@ -214,6 +217,7 @@ class _Builder:
         self.clearings.discard(tag)
         self.uids.discard(tag)
         self.replacements.pop(tag, None)
+        self.pending.pop(tag, None)
         self.private_keep.discard(tag)
 
     def replace(self, name: str, json_value: object) -> None:
@@ -223,24 +227,40 @@ class _Builder:
         self.customised = True
         if path.touches_group_length():
             return  # Orthanc silently ignores group lengths
-        label = f"Replace {name!r}" if not path.is_top_level else key
-        if path.tag in (SOP_CLASS_UID, SOP_INSTANCE_UID) and not isinstance(json_value, str):
-            raise RequestError(f"{label}: {describe_tag(path.tag)} must be given as a string")
         if path.is_top_level and path.tag >> 16 == 0x0002:
             raise RequestError(
                 f"Replace: {describe_tag(path.tag)} belongs to the file meta header, which is "
                 "rebuilt from the data set on write (replace SOPInstanceUID/SOPClassUID instead)")
-        value = prepare_value(path.tag, json_value, key=label, dictionary=self.dictionary,
-                              private_creator=self.private_creator, top_level=path.is_top_level)
         if not path.is_top_level:
+            label = f"Replace {name!r}"
+            self._check_string(path.tag, json_value, label, _STRING_ONLY)
+            value = prepare_value(path.tag, json_value, key=label, dictionary=self.dictionary,
+                                  private_creator=self.private_creator, top_level=False)
             self.replace_paths.append((path, value))
             return
         tag = path.tag
         self.removals.discard(tag)
         self.clearings.discard(tag)
         self.uids.discard(tag)
-        self.replacements[tag] = value
+        self.replacements.pop(tag, None)
+        self.pending[tag] = (name, json_value)
         self.private_keep.discard(tag)
+
+    @staticmethod
+    def _check_string(tag: int, json_value: object, label: str, tags: frozenset[int]) -> None:
+        if tag in tags and not isinstance(json_value, str):
+            raise RequestError(f"{label}: {describe_tag(tag)} must be given as a string, got "
+                               f"{json_type(json_value)}")
+
+    def cast_replacements(self, string_only: frozenset[int]) -> None:
+        """Cast the top-level Replace values that survived Keep, Remove and later spellings
+        (sorted by tag name, as Orthanc reads them); ``string_only`` tags refuse non-strings."""
+        for tag, (name, json_value) in sorted(self.pending.items()):
+            self._check_string(tag, json_value, "Replace", string_only)
+            self.replacements[tag] = prepare_value(
+                tag, json_value, key="Replace", dictionary=self.dictionary,
+                private_creator=self.private_creator, top_level=True)
+        self.pending.clear()
 
     def keep_entry(self, text: str) -> None:
         key = "Keep"
@@ -255,6 +275,7 @@ class _Builder:
         self.clearings.discard(tag)
         self.uids.discard(tag)
         self.replacements.pop(tag, None)
+        self.pending.pop(tag, None)
         self.keep.add(tag)
         if is_private(tag):
             self.private_keep.add(tag)
@@ -357,7 +378,8 @@ def _common(body: Mapping[str, Any], dictionary: Mapping[str, Any] | PrivateDict
     }
 
 
-def _apply_entries(builder: _Builder, body: Mapping[str, Any]) -> None:
+def _apply_entries(builder: _Builder, body: Mapping[str, Any],
+                   string_only: frozenset[int]) -> None:
     removes = _string_list(body, "Remove")
     replaces = _replace_map(body)
     keeps = _string_list(body, "Keep")
@@ -369,6 +391,7 @@ def _apply_entries(builder: _Builder, body: Mapping[str, Any]) -> None:
         builder.replace(name, replaces[name])
     for entry in keeps:
         builder.keep_entry(entry)
+    builder.cast_replacements(string_only)
     still_removed = sorted(DATABASE_KEYS & builder.removals)
     if still_removed:
         raise RequestError(
@@ -396,7 +419,7 @@ def parse_modify(
     common = _common(body, dictionary)
     remove_private = _bool(body, "RemovePrivateTags", False)
     builder = _Builder(common["dictionary"], common["private_creator"], common["force"])
-    _apply_entries(builder, body)
+    _apply_entries(builder, body, _STRING_ONLY)
 
     replaced = builder.replacements
     if level is not None:
@@ -443,6 +466,8 @@ def parse_modify(
 
 
 _HIERARCHY_UIDS = frozenset({STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID})
+#: Replace values Orthanc reads as strings (a null or an array is refused with 400).
+_STRING_ONLY = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID})
 
 
 def parse_anonymize(
@@ -490,7 +515,8 @@ def parse_anonymize(
     keep_private = _bool(body, "KeepPrivateTags", False)
     if keep_private:
         builder.customised = True
-    _apply_entries(builder, body)
+    # Orthanc's anonymization reads the replaced Study/Series UIDs as strings too.
+    _apply_entries(builder, body, _STRING_ONLY | {STUDY_INSTANCE_UID, SERIES_INSTANCE_UID})
     if PATIENT_ID in builder.keep:
         raise RequestError(
             "Keep: PatientID cannot be kept in an anonymization, even with \"Force\": it is "

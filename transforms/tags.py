@@ -20,6 +20,7 @@ from functools import lru_cache
 
 from pydicom.datadict import (
     DicomDictionary,
+    RepeatersDictionary,
     dictionary_VR,
     keyword_dict,
     private_dictionary_VR,
@@ -41,6 +42,15 @@ DATABASE_KEYS = frozenset({PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, 
 
 # DCMTK spells (0010,1000) "RETIRED_OtherPatientIDs"; Orthanc keeps the old name as an alias.
 _ALIASES = {"OtherPatientIDs": 0x00101000}
+
+# Keywords of repeating groups name their first group, as in DCMTK (and so Orthanc):
+# OverlayRows is (6000,0010), CurveData (5000,3000). Masks whose first element would be a
+# group length (the retired 1000xxx0, 1010xxxx) are left out.
+_REPEATER_KEYWORDS = {
+    entry[4]: tag
+    for mask, entry in RepeatersDictionary.items()
+    if (tag := int(mask.replace("x", "0"), 16)) & 0xFFFF
+}
 
 _HEX9 = re.compile(r"^([0-9A-Fa-f]{4})[,-]([0-9A-Fa-f]{4})$")
 _HEX8 = re.compile(r"^([0-9A-Fa-f]{4})([0-9A-Fa-f]{4})$")
@@ -211,6 +221,8 @@ def parse_tag(
     found = keyword_dict.get(text)
     if found is None and text.startswith("RETIRED_"):
         found = keyword_dict.get(text[len("RETIRED_"):])  # DCMTK's (and so Orthanc's) spelling
+    if found is None:
+        found = _REPEATER_KEYWORDS.get(text)
     if found is not None:
         return found
     if dictionary is not None:
@@ -228,7 +240,7 @@ def parse_tag(
 
 @lru_cache(maxsize=1)
 def _keywords() -> list[str]:
-    return list(keyword_dict)
+    return [*keyword_dict, *_REPEATER_KEYWORDS]
 
 
 def creator_tag_for(tag: int) -> int | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import config
+from pydicom.charset import encode_string
 from pydicom.datadict import dictionary_VM
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -72,7 +73,8 @@ _NO_VALIDATION = config.IGNORE
 class Value:
     """A cast replacement value for one tag.
 
-    ``value`` is None (empty element), a str (text VRs, backslash = multiple values),
+    ``value`` is None (empty element), a str (text VRs, backslash = multiple values; binary
+    VRs given non-ASCII text, encoded in the data set's character set when built),
     bytes (binary VRs), a tuple of ints/floats (numbers, AT, OL/OV/OF/OD), or, for SQ, a
     tuple of items, each item a tuple of :class:`Value`.
     """
@@ -158,7 +160,9 @@ def _prepare_item(item: object, seq_tag: int, index: int, ctx: _Context) -> tupl
             continue  # group lengths are never written from requests
         vr = vr_for_new_element(tag, dictionary=ctx.dictionary,
                                 private_creator=ctx.private_creator)
-        values[tag] = _prepare(tag, vr, item[name], ctx, top_level=False)
+        value = _prepare(tag, vr, item[name], ctx, top_level=False)
+        # Two spellings of one tag: Orthanc casts both and keeps the first in name order.
+        values.setdefault(tag, value)
     return tuple(values[t] for t in sorted(values))
 
 
@@ -176,7 +180,7 @@ def _resolve_ambiguous(vr: str, text: str) -> str:
     if vr == "US or OW":
         return "US"
     if vr == "OB or OW":
-        return "OB"
+        return "OW"  # PixelData, OverlayData, CurveData...: DCMTK (and so Orthanc) writes OW
     return vr
 
 
@@ -206,7 +210,15 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
         raise RequestError(f"{_label(tag, vr, ctx)}: a sequence takes an array of objects "
                            "(or \"\" at top level to empty it), not a string or null")
     if vr in BINARY_VRS:
-        data = payload if payload is not None else text.encode("utf-8")
+        if payload is not None:
+            data = payload
+        elif text.isascii():
+            data = text.encode("ascii")
+        elif vr == "OW":
+            raise RequestError(f"{_label(tag, vr, ctx)}: text for an OW value must be ASCII; give "
+                               "binary values as 'data:application/octet-stream;base64,...'")
+        else:  # converted to the file's character set when written, as Orthanc does
+            return Value(tag, vr, text)
         if vr == "OW" and len(data) % 2:
             raise RequestError(f"{_label(tag, vr, ctx)}: OW needs an even number of bytes, "
                                f"got {len(data)}")
@@ -221,6 +233,13 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
             raise RequestError(f"{_label(tag, vr, ctx)}: the data URI does not hold UTF-8 text, "
                                "which this VR needs") from None
 
+    if "\0" in text:
+        # Orthanc cuts a text value at its first NUL. Trailing NULs are padding (a UID's);
+        # one inside the value would silently drop what follows it: refused.
+        text = text.rstrip("\0")
+        if "\0" in text:
+            raise RequestError(f"{_label(tag, vr, ctx)}: the value holds a NUL character, "
+                               f"which {vr} values cannot contain")
     if vr not in CHARSET_VRS and not text.isascii():
         # AE, AS, CS, DA, DT, TM, UI, UR, numbers: no character set applies (PS3.5 6.2); a
         # non-ASCII character would make the writer fail on every file (Orthanc drops it).
@@ -276,6 +295,12 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
                                               private_creator=ctx.private_creator)
                                     for part in text.split("\\")))
     raise RequestError(f"{_label(tag, vr, ctx)}: this VR cannot be set from a request")
+
+
+def _swapped_words(data: bytes) -> bytes:
+    swapped = bytearray(data)
+    swapped[0::2], swapped[1::2] = data[1::2], data[0::2]
+    return bytes(swapped)
 
 
 def _strict_number(part: str) -> bool:
@@ -335,6 +360,14 @@ def build_element(value: Value, *, little_endian: bool = True,
         return DataElement(value.tag, "SQ", Sequence(items), validation_mode=_NO_VALIDATION)
     if raw is None:
         return DataElement(value.tag, vr, None, validation_mode=_NO_VALIDATION)
+    if vr in BINARY_VRS:
+        if isinstance(raw, str):  # non-ASCII text, in the data set's character set
+            codecs = encodings or ["iso8859"]
+            raw = encode_string(fit_text(raw, codecs), codecs)
+            raw += b"\x00" * (len(raw) % 2)
+        elif vr == "OW" and not little_endian:
+            raw = _swapped_words(raw)  # request bytes are little-endian words, as in Orthanc
+        return DataElement(value.tag, vr, raw or None, validation_mode=_NO_VALIDATION)
     if vr in _PACKED:
         fmt = ("<" if little_endian else ">") + _PACKED[vr] * len(raw)
         return DataElement(value.tag, vr, struct.pack(fmt, *raw),
