@@ -57,8 +57,9 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://dicom-deid/implementation").int)
 IMPLEMENTATION_VERSION_NAME = ("DICOMDEID_" + __version__.replace(".", ""))[:16]
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_UID_LAX_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# \Z, not $: "$" also matches before a trailing newline (as _UID_LAX_BYTES_RE below).
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+_UID_LAX_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 #: Identifiers every instance must carry (Orthanc refuses to store a file without them).
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _REQUIRED_UID_TAGS = tuple((k, tag_for_keyword(k)) for k in REQUIRED_UIDS)
