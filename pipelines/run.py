@@ -62,9 +62,6 @@ from transforms.beam import (
     read_progress,
 )
 
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-
 _LOCAL_RUNNER_NAMES = ("DirectRunner", "SwitchingDirectRunner")
 
 

@@ -65,7 +65,7 @@ from schemas.audit import (
     utc_now,
 )
 from transforms import splitmerge as sm
-from transforms.beam import _ProgressFile, failure_reason
+from transforms.beam import _ProgressFile, failure_reason, quiet_pydicom_warnings
 from transforms.errors import RequestError
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
@@ -162,7 +162,7 @@ class _IndexFn(beam.DoFn):
         self._indexed = Metrics.counter(_METRICS_NAMESPACE, "indexed")
 
     def setup(self) -> None:
-        _quiet_pydicom()
+        quiet_pydicom_warnings()
 
     def process(self, element: tuple[str, int]) -> Iterator[sm.IndexEntry]:
         path, size = element
@@ -403,14 +403,6 @@ def _same_bytes(path: str, data: bytes, max_bytes: int) -> bool:
         return True
 
 
-def _quiet_pydicom() -> None:
-    try:
-        from transforms.beam import quiet_pydicom_warnings
-    except ImportError:
-        return
-    quiet_pydicom_warnings()
-
-
 class _ApplyFn(beam.DoFn):
     """``(path, size)`` -> one audit row; crosswalk rows on ``CROSSWALK_TAG``."""
 
@@ -424,7 +416,7 @@ class _ApplyFn(beam.DoFn):
     def setup(self) -> None:
         from transforms.beam import process_budget
 
-        _quiet_pydicom()
+        quiet_pydicom_warnings()
         self._plan = load_plan(self._cfg.plan_uri)
         self._budget = process_budget(self._cfg.memory_budget)
         if self._cfg.progress_dir and os.path.isdir(self._cfg.progress_dir):
