@@ -33,14 +33,10 @@ import uuid
 import warnings
 from typing import Any, NoReturn, Sequence
 
+from pipelines import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: F401 - EXIT_* are this module's API too
 from transforms.errors import DeidError, RequestError, json_type
 
 PROG = "dicom-deid"
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
 _SHOWN_POSITIONS = 20  # Resources positions named on the terminal
 DEFAULT_MAX_BYTES = 2 << 30
 _TTY_RESOURCES = 40

@@ -53,11 +53,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import EXIT_OK, EXIT_SOME_FAILED
 from pipelines.summary import AuditTally
 from schemas.audit import (
     COPIED,
     FAILED,
     MOVED,
+    NEW_IDENTITY_COLUMNS,
+    OUTPUT_COLUMNS,
     SKIPPED,
     STATUSES,
     audit_row,
@@ -67,15 +70,12 @@ from schemas.audit import (
 from transforms import splitmerge as sm
 from transforms.beam import _ProgressFile, failure_reason, quiet_pydicom_warnings
 from transforms.errors import RequestError
+from transforms.files import TMP_DIR_NAME, _detail, _tmp_root, is_local  # noqa: F401 - TMP_DIR_NAME re-exported
 
-TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
 AUDIT_TAG = "audit"
 _METRICS_NAMESPACE = "dicom_deid_splitmerge"
-_DETAIL_MAX = 300
 _DICM_OFFSET = 128
-EXIT_OK = 0
-EXIT_SOME_FAILED = 3
 
 
 # --------------------------------------------------------------------------- pass 1: the index
@@ -254,11 +254,6 @@ def write_plan(uri: str, plan: sm.Plan) -> None:
         f.write(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _detail(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
-
-
 def _identity_columns(ds: Any) -> dict[str, Any]:
     """The UID and Orthanc-id columns describing the file ``ds`` becomes."""
     from transforms.beam import _safe_str
@@ -380,13 +375,12 @@ def process_instance(
         reason, detail = failure_reason(exc, stage, ("write", "keep source"))
     if stage == "keep source" and row.get("output_uri"):
         detail += f" (the re-parented instance was written to {row['output_uri']})"
-    for column in ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256"):
+    for column in OUTPUT_COLUMNS:
         row.pop(column, None)
     if reason == "duplicate_instance" and new is not None:
         row.update(_identity_columns(new))  # the identity it collided on
     else:
-        for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "patient_orthanc_id",
-                       "study_orthanc_id", "series_orthanc_id", "instance_orthanc_id"):  # fmt: skip
+        for column in NEW_IDENTITY_COLUMNS:
             row.pop(column, None)
     row.update(status=FAILED, reason=reason, detail=_detail(detail))
     return audit_row(**row, finished_at=utc_now()), None
@@ -469,10 +463,6 @@ class ApplySplitMerge(beam.PTransform):
 # --------------------------------------------------------------------------- driver
 
 
-def tmp_folder(output_root: str, run_id: str) -> str:
-    return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
-
-
 def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     """Where the study index and the plan go: they hold original identifiers, so never under
     OUTPUT when avoidable (a killed run would leave them in the folder that gets shared). A
@@ -487,14 +477,14 @@ def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:
         return FileSystems.join(temp_location, f"dicom-deid-{run_id}")
-    return tmp_folder(output_root, run_id)
+    return _tmp_root(output_root, run_id)
 
 
 def remove_work_folder(folder: str, output_root: str, run_id: str) -> None:
     """Remove :func:`work_folder`'s folder (OUTPUT's temporary folder is ``cleanup_tmp``'s)."""
-    if folder == tmp_folder(output_root, run_id) and not output_root.startswith("gs://"):
+    if folder == _tmp_root(output_root, run_id) and not output_root.startswith("gs://"):
         return  # cleanup_tmp's (it skips gs://, where nothing else uses that folder)
-    if _is_local(folder):
+    if is_local(folder):
         shutil.rmtree(folder, ignore_errors=True)
         return
     try:
@@ -627,7 +617,7 @@ def execute(
     )
 
     created: list[str] = []  # local folders this run creates (OUTPUT and missing parents)
-    if _is_local(output_root):
+    if is_local(output_root):
         folder = os.path.abspath(output_root)
         while folder and not os.path.exists(folder) and folder != os.path.dirname(folder):
             created.append(folder)
@@ -635,9 +625,9 @@ def execute(
     tmp = work_folder(options, output_root, run_id)
     # tmp once the index pass wrote there: a remote work folder (--temp_location, a scratch
     # bucket) is not listed after a job that failed to start; OUTPUT's is always cleaned.
-    used: list[str] = [tmp] if tmp == tmp_folder(output_root, run_id) else []
+    used: list[str] = [tmp] if tmp == _tmp_root(output_root, run_id) else []
     try:
-        if _is_local(output_root):
+        if is_local(output_root):
             from transforms.files import claim_local_tmp
 
             claim_local_tmp(output_root, run_id)  # also sweeps what killed runs left (an index of originals)
@@ -675,7 +665,7 @@ def execute(
             run_and_wait(pipeline, options)
     except RequestError:
         cleanup_tmp(output_root, run_id)
-        if used or _is_local(tmp):
+        if used or is_local(tmp):
             remove_work_folder(tmp, output_root, run_id)
         for folder in created:  # deepest first, each only if empty: refused means nothing written
             try:
@@ -689,7 +679,7 @@ def execute(
         raise
     finally:
         cleanup_tmp(output_root, run_id)
-        if used or _is_local(tmp):
+        if used or is_local(tmp):
             remove_work_folder(tmp, output_root, run_id)
     summary = summarize(
         tally_audit(audit_root, run_id, (MOVED,)),
@@ -703,10 +693,6 @@ def execute(
     )
     write_summary(audit_root, run_id, summary)
     return Outcome(plan, summary, EXIT_SOME_FAILED if summary["FailedInstancesCount"] else EXIT_OK)
-
-
-def _is_local(uri: str) -> bool:
-    return FileSystems.get_scheme(uri) in (None, "file")
 
 
 # --------------------------------------------------------------------------- command line
@@ -754,7 +740,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         cli.probe_remote_locations(run_id, OUTPUT=output, **{"--audit": audit, "--crosswalk": crosswalk})
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
-    local_output = _is_local(output)
+    local_output = is_local(output)
     try:
         outcome = execute(
             options,

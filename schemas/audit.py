@@ -134,6 +134,19 @@ CROSSWALK_SCHEMA = pa.schema(
 )
 
 AUDIT_COLUMNS = tuple(AUDIT_SCHEMA.names)
+#: The columns naming the new instance (its UIDs and Orthanc-style ids): set when something was
+#: written, and on a ``duplicate_instance`` failure (the identity it collided on).
+NEW_IDENTITY_COLUMNS = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "patient_orthanc_id",
+    "study_orthanc_id",
+    "series_orthanc_id",
+    "instance_orthanc_id",
+)
+#: The columns describing the output file: null unless a file was written.
+OUTPUT_COLUMNS = ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256")
 CROSSWALK_COLUMNS = tuple(CROSSWALK_SCHEMA.names)
 _AUDIT_NON_NULL = tuple(f.name for f in AUDIT_SCHEMA if not f.nullable)
 _CROSSWALK_NON_NULL = tuple(f.name for f in CROSSWALK_SCHEMA if not f.nullable)

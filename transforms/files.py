@@ -43,7 +43,15 @@ import uuid
 import warnings
 from typing import Any, Iterator
 
-from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
+from schemas.audit import (
+    FAILED,
+    NEW_IDENTITY_COLUMNS,
+    SKIPPED,
+    WRITTEN,
+    audit_row,
+    crosswalk_row,
+    utc_now,
+)
 from transforms.errors import DeidError, InputError, is_work_failure
 
 
@@ -903,15 +911,7 @@ def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, 
     reason, detail = failure_reason(exc, stage)
     row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
     if reason != "duplicate_instance":
-        for k in (
-            "study_instance_uid",
-            "series_instance_uid",
-            "sop_instance_uid",
-            "patient_orthanc_id",
-            "study_orthanc_id",
-            "series_orthanc_id",
-            "instance_orthanc_id",
-        ):
+        for k in NEW_IDENTITY_COLUMNS:
             row.pop(k, None)
     return audit_row(**row, finished_at=utc_now()), None
 
