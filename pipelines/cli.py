@@ -435,7 +435,7 @@ def _local_input_exists(uri: str) -> bool:
         import glob
 
         return bool(glob.glob(uri, recursive=True)) or os.path.isdir(_glob_base(uri))
-    return os.path.exists(uri)
+    return False
 
 
 # --------------------------------------------------------------------------- key
@@ -469,9 +469,9 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
     """Whether the runner is local (this machine's terminal and folders); if so, and unless
     ``--verbose`` or an explicit ``--default_sdk_harness_log_level``, the worker processes of
     ``multi_processing`` log errors only (their INFO chatter shares our terminal)."""
-    from apache_beam.options.pipeline_options import StandardOptions, WorkerOptions
+    from apache_beam.options.pipeline_options import WorkerOptions
 
-    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    local = runner_name(options) in LOCAL_RUNNERS
     if local and not verbose and "--default_sdk_harness_log_level" not in " ".join(beam_args):
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"
     return local

@@ -6,7 +6,8 @@
             split: keep the entries of the --study study (no shuffle)
             merge: GroupByKey(Orthanc study id) and keep the studies that hold the target or
                    a requested resource (series/instance ids need their whole study)
-            | WriteToText(<OUTPUT>/.dicom-deid-tmp/<run_id>/index-*.jsonl)
+            | WriteToText(<work folder>/index-*.jsonl); the work folder (see work_folder) is a
+              private local temporary folder, or --temp_location, never OUTPUT unless neither exists
     driver  read the index, transforms.splitmerge.plan_split/plan_merge (refusals end the run
             here, before any output), write the plan next to the index
     pass 2  Create([INPUT]) | ExpandInput | ApplySplitMerge (plan loaded in setup())

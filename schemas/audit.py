@@ -26,10 +26,10 @@ reason                 string       null when written; else a code of ``transfor
                                     ``write_error``, ``internal_error``
 detail                 string       short explanation for people (names the stage, tag keyword or
                                     exception type; never a value from the file); null when written
-operation              string       ``modify`` or ``anonymize``
+operation              string       ``modify``, ``anonymize``, ``split`` or ``merge``
 profile                string       anonymization profile (``DicomVersion``, e.g. ``2023b``); null for
                                     modify
-level                  string       ``Patient``, ``Study``, ``Series`` or ``Instance``
+level                  string       ``Patient``, ``Study``, ``Series`` or ``Instance`` (split/merge: ``Study``)
 request                string       the plan's short description (``Plan.describe()``)
 key_id                 string       12 hex characters naming the key (not the key)
 run_id                 string       identifies the run; every row of one run shares it
