@@ -33,14 +33,10 @@ import uuid
 import warnings
 from typing import Any, NoReturn, Sequence
 
+from pipelines import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: F401 - EXIT_* are this module's API too
 from transforms.errors import DeidError, RequestError, json_type
 
 PROG = "dicom-deid"
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
 _SHOWN_POSITIONS = 20  # Resources positions named on the terminal
 DEFAULT_MAX_BYTES = 2 << 30
 _TTY_RESOURCES = 40
@@ -439,7 +435,7 @@ def _local_input_exists(uri: str) -> bool:
         import glob
 
         return bool(glob.glob(uri, recursive=True)) or os.path.isdir(_glob_base(uri))
-    return os.path.exists(uri)
+    return False
 
 
 # --------------------------------------------------------------------------- key
@@ -473,9 +469,9 @@ def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) ->
     """Whether the runner is local (this machine's terminal and folders); if so, and unless
     ``--verbose`` or an explicit ``--default_sdk_harness_log_level``, the worker processes of
     ``multi_processing`` log errors only (their INFO chatter shares our terminal)."""
-    from apache_beam.options.pipeline_options import StandardOptions, WorkerOptions
+    from apache_beam.options.pipeline_options import WorkerOptions
 
-    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    local = runner_name(options) in LOCAL_RUNNERS
     if local and not verbose and "--default_sdk_harness_log_level" not in " ".join(beam_args):
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"
     return local

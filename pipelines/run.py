@@ -51,8 +51,8 @@ from pipelines.summary import (  # noqa: F401 - re-exported
 )
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITTEN
 from transforms.errors import RequestError
+from transforms.files import _tmp_root
 from transforms.beam import (
-    TMP_DIR_NAME,
     failed_row,
     remove_local_tmp,
     DeidentifyInstances,
@@ -61,9 +61,6 @@ from transforms.beam import (
     is_local,
     read_progress,
 )
-
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
 
 _LOCAL_RUNNER_NAMES = ("DirectRunner", "SwitchingDirectRunner")
 
@@ -359,7 +356,7 @@ def cleanup_tmp(output_root: str, run_id: str) -> None:
         return
     if output_root.startswith("gs://"):
         return
-    run_tmp = FileSystems.join(output_root, TMP_DIR_NAME, run_id)
+    run_tmp = _tmp_root(output_root, run_id)
     leftovers = [m.path for m in FileSystems.match([run_tmp + "/**"])[0].metadata_list]
     if leftovers:
         FileSystems.delete(leftovers)

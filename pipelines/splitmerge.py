@@ -6,7 +6,8 @@
             split: keep the entries of the --study study (no shuffle)
             merge: GroupByKey(Orthanc study id) and keep the studies that hold the target or
                    a requested resource (series/instance ids need their whole study)
-            | WriteToText(<OUTPUT>/.dicom-deid-tmp/<run_id>/index-*.jsonl)
+            | WriteToText(<work folder>/index-*.jsonl); the work folder (see work_folder) is a
+              private local temporary folder, or --temp_location, never OUTPUT unless neither exists
     driver  read the index, transforms.splitmerge.plan_split/plan_merge (refusals end the run
             here, before any output), write the plan next to the index
     pass 2  Create([INPUT]) | ExpandInput | ApplySplitMerge (plan loaded in setup())
@@ -53,11 +54,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import EXIT_OK, EXIT_SOME_FAILED
 from pipelines.summary import AuditTally
 from schemas.audit import (
     COPIED,
     FAILED,
     MOVED,
+    NEW_IDENTITY_COLUMNS,
+    OUTPUT_COLUMNS,
     SKIPPED,
     STATUSES,
     audit_row,
@@ -65,17 +69,14 @@ from schemas.audit import (
     utc_now,
 )
 from transforms import splitmerge as sm
-from transforms.beam import _ProgressFile, failure_reason
+from transforms.beam import _ProgressFile, failure_reason, quiet_pydicom_warnings
 from transforms.errors import RequestError
+from transforms.files import TMP_DIR_NAME, _detail, _tmp_root, is_local  # noqa: F401 - TMP_DIR_NAME re-exported
 
-TMP_DIR_NAME = ".dicom-deid-tmp"
 CROSSWALK_TAG = "crosswalk"
 AUDIT_TAG = "audit"
 _METRICS_NAMESPACE = "dicom_deid_splitmerge"
-_DETAIL_MAX = 300
 _DICM_OFFSET = 128
-EXIT_OK = 0
-EXIT_SOME_FAILED = 3
 
 
 # --------------------------------------------------------------------------- pass 1: the index
@@ -162,7 +163,7 @@ class _IndexFn(beam.DoFn):
         self._indexed = Metrics.counter(_METRICS_NAMESPACE, "indexed")
 
     def setup(self) -> None:
-        _quiet_pydicom()
+        quiet_pydicom_warnings()
 
     def process(self, element: tuple[str, int]) -> Iterator[sm.IndexEntry]:
         path, size = element
@@ -252,11 +253,6 @@ def load_plan(uri: str) -> sm.Plan:
 def write_plan(uri: str, plan: sm.Plan) -> None:
     with FileSystems.create(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _detail(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
 
 
 def _identity_columns(ds: Any) -> dict[str, Any]:
@@ -380,13 +376,12 @@ def process_instance(
         reason, detail = failure_reason(exc, stage, ("write", "keep source"))
     if stage == "keep source" and row.get("output_uri"):
         detail += f" (the re-parented instance was written to {row['output_uri']})"
-    for column in ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256"):
+    for column in OUTPUT_COLUMNS:
         row.pop(column, None)
     if reason == "duplicate_instance" and new is not None:
         row.update(_identity_columns(new))  # the identity it collided on
     else:
-        for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "patient_orthanc_id",
-                       "study_orthanc_id", "series_orthanc_id", "instance_orthanc_id"):  # fmt: skip
+        for column in NEW_IDENTITY_COLUMNS:
             row.pop(column, None)
     row.update(status=FAILED, reason=reason, detail=_detail(detail))
     return audit_row(**row, finished_at=utc_now()), None
@@ -403,14 +398,6 @@ def _same_bytes(path: str, data: bytes, max_bytes: int) -> bool:
         return True
 
 
-def _quiet_pydicom() -> None:
-    try:
-        from transforms.beam import quiet_pydicom_warnings
-    except ImportError:
-        return
-    quiet_pydicom_warnings()
-
-
 class _ApplyFn(beam.DoFn):
     """``(path, size)`` -> one audit row; crosswalk rows on ``CROSSWALK_TAG``."""
 
@@ -424,7 +411,7 @@ class _ApplyFn(beam.DoFn):
     def setup(self) -> None:
         from transforms.beam import process_budget
 
-        _quiet_pydicom()
+        quiet_pydicom_warnings()
         self._plan = load_plan(self._cfg.plan_uri)
         self._budget = process_budget(self._cfg.memory_budget)
         if self._cfg.progress_dir and os.path.isdir(self._cfg.progress_dir):
@@ -477,10 +464,6 @@ class ApplySplitMerge(beam.PTransform):
 # --------------------------------------------------------------------------- driver
 
 
-def tmp_folder(output_root: str, run_id: str) -> str:
-    return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
-
-
 def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     """Where the study index and the plan go: they hold original identifiers, so never under
     OUTPUT when avoidable (a killed run would leave them in the folder that gets shared). A
@@ -495,14 +478,14 @@ def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:
         return FileSystems.join(temp_location, f"dicom-deid-{run_id}")
-    return tmp_folder(output_root, run_id)
+    return _tmp_root(output_root, run_id)
 
 
 def remove_work_folder(folder: str, output_root: str, run_id: str) -> None:
     """Remove :func:`work_folder`'s folder (OUTPUT's temporary folder is ``cleanup_tmp``'s)."""
-    if folder == tmp_folder(output_root, run_id) and not output_root.startswith("gs://"):
+    if folder == _tmp_root(output_root, run_id) and not output_root.startswith("gs://"):
         return  # cleanup_tmp's (it skips gs://, where nothing else uses that folder)
-    if _is_local(folder):
+    if is_local(folder):
         shutil.rmtree(folder, ignore_errors=True)
         return
     try:
@@ -635,7 +618,7 @@ def execute(
     )
 
     created: list[str] = []  # local folders this run creates (OUTPUT and missing parents)
-    if _is_local(output_root):
+    if is_local(output_root):
         folder = os.path.abspath(output_root)
         while folder and not os.path.exists(folder) and folder != os.path.dirname(folder):
             created.append(folder)
@@ -643,9 +626,9 @@ def execute(
     tmp = work_folder(options, output_root, run_id)
     # tmp once the index pass wrote there: a remote work folder (--temp_location, a scratch
     # bucket) is not listed after a job that failed to start; OUTPUT's is always cleaned.
-    used: list[str] = [tmp] if tmp == tmp_folder(output_root, run_id) else []
+    used: list[str] = [tmp] if tmp == _tmp_root(output_root, run_id) else []
     try:
-        if _is_local(output_root):
+        if is_local(output_root):
             from transforms.files import claim_local_tmp
 
             claim_local_tmp(output_root, run_id)  # also sweeps what killed runs left (an index of originals)
@@ -683,7 +666,7 @@ def execute(
             run_and_wait(pipeline, options)
     except RequestError:
         cleanup_tmp(output_root, run_id)
-        if used or _is_local(tmp):
+        if used or is_local(tmp):
             remove_work_folder(tmp, output_root, run_id)
         for folder in created:  # deepest first, each only if empty: refused means nothing written
             try:
@@ -697,7 +680,7 @@ def execute(
         raise
     finally:
         cleanup_tmp(output_root, run_id)
-        if used or _is_local(tmp):
+        if used or is_local(tmp):
             remove_work_folder(tmp, output_root, run_id)
     summary = summarize(
         tally_audit(audit_root, run_id, (MOVED,)),
@@ -711,10 +694,6 @@ def execute(
     )
     write_summary(audit_root, run_id, summary)
     return Outcome(plan, summary, EXIT_SOME_FAILED if summary["FailedInstancesCount"] else EXIT_OK)
-
-
-def _is_local(uri: str) -> bool:
-    return FileSystems.get_scheme(uri) in (None, "file")
 
 
 # --------------------------------------------------------------------------- command line
@@ -762,7 +741,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         cli.probe_remote_locations(run_id, OUTPUT=output, **{"--audit": audit, "--crosswalk": crosswalk})
     progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
     progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
-    local_output = _is_local(output)
+    local_output = is_local(output)
     try:
         outcome = execute(
             options,

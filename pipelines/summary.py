@@ -12,11 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines import EXIT_OK, EXIT_SOME_FAILED
 from schemas.audit import FAILED, SKIPPED, WRITTEN
 from transforms.files import RunConfig, get_scheme
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 3
 
 _RESOURCE_LEVELS = (
     ("Instance", "instances", "instance_orthanc_id"),

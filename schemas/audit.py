@@ -26,10 +26,10 @@ reason                 string       null when written; else a code of ``transfor
                                     ``write_error``, ``internal_error``
 detail                 string       short explanation for people (names the stage, tag keyword or
                                     exception type; never a value from the file); null when written
-operation              string       ``modify`` or ``anonymize``
+operation              string       ``modify``, ``anonymize``, ``split`` or ``merge``
 profile                string       anonymization profile (``DicomVersion``, e.g. ``2023b``); null for
                                     modify
-level                  string       ``Patient``, ``Study``, ``Series`` or ``Instance``
+level                  string       ``Patient``, ``Study``, ``Series`` or ``Instance`` (split/merge: ``Study``)
 request                string       the plan's short description (``Plan.describe()``)
 key_id                 string       12 hex characters naming the key (not the key)
 run_id                 string       identifies the run; every row of one run shares it
@@ -134,6 +134,19 @@ CROSSWALK_SCHEMA = pa.schema(
 )
 
 AUDIT_COLUMNS = tuple(AUDIT_SCHEMA.names)
+#: The columns naming the new instance (its UIDs and Orthanc-style ids): set when something was
+#: written, and on a ``duplicate_instance`` failure (the identity it collided on).
+NEW_IDENTITY_COLUMNS = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "patient_orthanc_id",
+    "study_orthanc_id",
+    "series_orthanc_id",
+    "instance_orthanc_id",
+)
+#: The columns describing the output file: null unless a file was written.
+OUTPUT_COLUMNS = ("output_uri", "transfer_syntax_out", "bytes_out", "output_sha256")
 CROSSWALK_COLUMNS = tuple(CROSSWALK_SCHEMA.names)
 _AUDIT_NON_NULL = tuple(f.name for f in AUDIT_SCHEMA if not f.nullable)
 _CROSSWALK_NON_NULL = tuple(f.name for f in CROSSWALK_SCHEMA if not f.nullable)

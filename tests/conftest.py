@@ -41,6 +41,17 @@ def missing_samples(reason: str) -> NoReturn:
     skip_unless_required(reason, REQUIRE_SAMPLES_ENV)
 
 
+#: The split and merge pipeline tests' key (the ``key_file`` fixture writes it).
+SPLIT_MERGE_KEY_BYTES = b"split-merge-pipeline-test-key-01"
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "key"
+    path.write_bytes(SPLIT_MERGE_KEY_BYTES)
+    return path
+
+
 @pytest.fixture
 def samples() -> Path:
     """The shared sample folder; skips the test cleanly when it is absent (fails in CI)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -103,3 +104,12 @@ def pydicom_converts_all(data: bytes) -> bool:
         except Exception:  # noqa: BLE001 - any failure means "no"
             return False
     return True
+
+
+def explicit_element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element, padded to an even length."""
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr in (b"OB", b"SQ", b"UT", b"UN", b"OW"):
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value

@@ -190,6 +190,14 @@ def test_missing_and_malformed_uids():
         dicomio.read_dataset(buf.getvalue())
 
 
+@pytest.mark.parametrize("value", ["1.2.345\n", "1.2\n", "1\n"])
+def test_a_uid_with_a_trailing_newline_is_invalid(value: str):
+    """``$`` matches before a final newline: the UID check must not (such a value names files)."""
+    assert not dicomio.is_valid_uid(value)
+    assert not dicomio.is_valid_uid(value, strict=True)
+    assert dicomio.is_valid_uid(value.rstrip("\n"), strict=True)
+
+
 @pytest.mark.parametrize(
     ("uid", "valid"),
     [("1.2.840.10008.1.2", True), ("2.25.123", True), ("", False), ("1..2", False), ("1.2.", False),

@@ -27,6 +27,7 @@ from pydicom.data import get_testdata_file
 from pipelines import cli
 from pipelines import run as pipeline_run
 from tests.pipeline_support import KEY, output_files, pydicom_converts_all, read_rows, write_key
+from tests.pipeline_support import explicit_element as _element
 from transforms import dicomio, files, request
 from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
 
@@ -45,14 +46,6 @@ PLANS = [
 ]
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0" if vr in (b"UI", b"OB") else b" "
-    if vr in (b"OB", b"SQ", b"UT", b"UN", b"OW"):
-        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
 
 
 def _instance(sop: bytes = b"1.2.3.4.5.6", study: bytes = b"1.2.3.4", series: bytes = b"1.2.3.4.5", extra: bytes = b"") -> bytes:

@@ -16,14 +16,6 @@ from transforms import splitmerge as sm
 from transforms.orthanc_ids import orthanc_ids
 
 BRAINIX_STUDY_UID = "2.16.840.1.113669.632.20.1211.10000357775"
-KEY_BYTES = b"split-merge-pipeline-test-key-01"
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "key"
-    path.write_bytes(KEY_BYTES)
-    return path
 
 
 def test_merge_comunix_pet_into_brainix_multi_processing(

@@ -33,6 +33,11 @@ def _modify(body: dict, ds: Dataset, key: Key = KEY, **kwargs) -> Dataset:
     return dicomio.read_dataset(dicomio.write_dataset(out), check_uids=False)
 
 
+def _new_uid(plan, kind: str, original: str) -> str:
+    """The UID a modification derives (namespaces: transforms.engine._Tables)."""
+    return KEY.uid(f"modify.{plan.fingerprint}.{kind}", original)
+
+
 def _ids(ds: Dataset) -> tuple[str, str, str, str]:
     return (ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
 
@@ -153,10 +158,12 @@ def test_levels_regenerate_consistently_across_instances(level, same):
 
 def test_patient_level_regenerates_all_three_uids():
     source = _read(sample("Brainix/Flair/IM-0001-0001.dcm"))
-    result = _modify({"Replace": {"PatientID": "Hello", "PatientName": "Sample patient name"},
-                      "Force": True}, source, level="Patient")
+    body = {"Replace": {"PatientID": "Hello", "PatientName": "Sample patient name"}, "Force": True}
+    result = _modify(body, source, level="Patient")
     assert result.PatientID == "Hello" and result.PatientName == "Sample patient name"
-    assert all(new != old for new, old in zip(_ids(result)[1:], _ids(source)[1:]))
+    plan = parse_modify(body, level="Patient")
+    assert _ids(result)[1:] == tuple(_new_uid(plan, kind, old) for kind, old in
+                                     zip(("study", "series", "instance"), _ids(source)[1:]))
 
 
 def test_keep_and_force_alter_an_instance_keeping_its_identity():  # §13
@@ -302,11 +309,12 @@ def test_od_of_ol_arrays_are_written_as_binary_lists():  # TC-41 (Orthanc >= 1.1
 def test_study_level_modify_of_a_file_without_patient_id():  # TC-18
     source = _read(get_testdata_file("CT_small.dcm"))
     del source.PatientID
-    result = apply(parse_modify({}, level="Study"), source, KEY)
+    plan = parse_modify({}, level="Study")
+    result = apply(plan, source, KEY)
     assert "PatientID" not in result and "PatientID" not in source
-    assert result.StudyInstanceUID != source.StudyInstanceUID
-    assert result.SeriesInstanceUID != source.SeriesInstanceUID
-    assert result.SOPInstanceUID != source.SOPInstanceUID
+    assert result.StudyInstanceUID == _new_uid(plan, "study", source.StudyInstanceUID)
+    assert result.SeriesInstanceUID == _new_uid(plan, "series", source.SeriesInstanceUID)
+    assert result.SOPInstanceUID == _new_uid(plan, "instance", source.SOPInstanceUID)
     again = apply(parse_modify({}, level="Study"), source, KEY)
     assert again.StudyInstanceUID == result.StudyInstanceUID  # keyed: the same study every time
 

@@ -515,3 +515,13 @@ def test_the_gil_switch_interval_is_short_only_for_a_lone_deidentify_fn(tmp_path
     sys.setswitchinterval(before)
     assert seen == pytest.approx([0.0002, original, 0.0002, 0.0002])
     assert after == pytest.approx(original)
+
+
+@pytest.mark.parametrize("sop", ["1.2.3\n", "../../x", "1." * 32 + "1", ""])
+def test_output_name_refuses_what_is_not_a_plain_uid(sop: str):
+    from transforms.files import output_name
+
+    with pytest.raises(InputError) as info:
+        output_name("1.2", "1.2.3", sop)
+    assert info.value.reason == "invalid_uid"
+    assert output_name("1.2", "1.2.3", "1.2.3.4") == "1.2/1.2.3/1.2.3.4.dcm"

@@ -55,6 +55,7 @@ from tests.synthetic import (
     original_uids,
     write_study,
 )
+from tests.pipeline_support import explicit_element as _element
 from transforms import dicomio
 from transforms.identity import ENV_VAR
 from transforms.orthanc_ids import orthanc_ids
@@ -118,14 +119,6 @@ class Corpus:
     phi: tuple[str, ...]  # PLANTED + HOSTILE_PHI
     outcome: dict[str, tuple[str, str | None]]  # relative name -> (status, reason) under anonymize
     study_uid: str  # of the synthetic study
-
-
-def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0" if vr in (b"UI", b"OB") else b" "
-    if vr in (b"OB", b"SQ", b"UT", b"UN", b"OW"):
-        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
 
 
 def _deep_file(levels: int) -> tuple[bytes, list[str]]:

@@ -25,18 +25,11 @@ from tests.synthetic import make_study, write_study
 from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
 from transforms import splitmerge as sm
 from transforms.dicomio import read_dataset
+from tests.conftest import SPLIT_MERGE_KEY_BYTES as KEY_BYTES
 from transforms.errors import InputError
 
 KNEE_STUDY_ID = "0a9b3153-2512774b-2d9580de-1fc3dcf6-3bd83918"
 KNEE_T2_UID = "1.3.46.670589.11.17521.5.0.3124.2008081909090037350"
-KEY_BYTES = b"split-merge-pipeline-test-key-01"
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "key"
-    path.write_bytes(KEY_BYTES)
-    return path
 
 
 def audit_rows(audit: Path) -> list[dict]:

@@ -43,7 +43,6 @@ from schemas.audit import FAILED, SKIPPED, WRITTEN
 from transforms.files import (  # noqa: F401 - re-exported: the per-file API as seen from the Beam shell
     TMP_DIR_NAME,
     MemoryBudget,
-    Prepared,
     RunConfig,
     _Duplicate,
     _gcs_client,
@@ -51,16 +50,13 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     _is_input,
     _match_streaming,
     _ProgressFile,
-    _safe_modality,
     _safe_str,
-    _safe_uid,
     _transfer_syntax,
     default_memory_budget,
     expand_input,
     failed_row,
     failure_reason,
     finish_file,
-    has_glob,
     is_local,
     list_gcs,
     load_key_uri,
@@ -73,7 +69,6 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     read_bounded,
     read_progress,
     remove_local_tmp,
-    replace_local,
 )
 from transforms.workers import LocalPool, WorkerLost, pool_for
 
@@ -387,8 +382,3 @@ class DeidentifyInstances(beam.PTransform):
         )
         return DeidentifyOutputs(results[AUDIT_TAG], results[CROSSWALK_TAG], results[MATCHED_TAG])
 
-
-def iter_rows(elements: Iterable[tuple[str, int]], cfg: RunConfig, key: Any) -> Iterator[dict[str, Any]]:
-    """Plain-Python equivalent of ``DeidentifyInstances`` (audit rows only), for single-file use."""
-    for path, size in elements:
-        yield process_file(path, size, cfg, key)[0]

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydicom import config as _pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
-from pydicom.datadict import DicomDictionary, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHARSET
 from pydicom.tag import BaseTag
@@ -49,6 +49,7 @@ from pydicom.uid import (
 
 from transforms import __version__
 from transforms.errors import InputError
+from transforms.tags import SQ_TAGS  # how implicit VR sequences are known
 
 # Raw VRs whose explicit-VR header carries a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
@@ -57,8 +58,9 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://dicom-deid/implementation").int)
 IMPLEMENTATION_VERSION_NAME = ("DICOMDEID_" + __version__.replace(".", ""))[:16]
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_UID_LAX_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# \Z, not $: "$" also matches before a trailing newline (as _UID_LAX_BYTES_RE below).
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+_UID_LAX_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 #: Identifiers every instance must carry (Orthanc refuses to store a file without them).
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _REQUIRED_UID_TAGS = tuple((k, tag_for_keyword(k)) for k in REQUIRED_UIDS)
@@ -444,7 +446,7 @@ def _check_parsed(ds: Dataset) -> None:
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
                     reason="not_dicom",
                 )
-            if not (vr == "SQ" or (vr is None and tag in _SQ_TAGS)) or elem.value is None:
+            if not (vr == "SQ" or (vr is None and tag in SQ_TAGS)) or elem.value is None:
                 continue
             value = elem.value
             if type(elem) is RawDataElement and isinstance(value, (bytes, memoryview)):
@@ -512,8 +514,6 @@ def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
 # the caller falls back to dcmread, so its only effect is speed.
 
 _ITEM = 0xFFFEE000
-#: Public tags whose dictionary VR is SQ: how implicit VR sequences are known.
-_SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _MAX_DEPTH = 64
@@ -763,7 +763,7 @@ def _scan_elements(
                     f"element ({group:04X},{element:04X}) declares more bytes than the file holds",
                     reason="truncated",
                 )
-            if length and (vr == "SQ" or (vr is None and (group << 16 | element) in _SQ_TAGS)):
+            if length and (vr == "SQ" or (vr is None and (group << 16 | element) in SQ_TAGS)):
                 _check_items(data, pos, pos + length, implicit, little, depth + 1)
             if out is None:
                 pos += length

@@ -74,6 +74,18 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from transforms import paths
+
+# The header scanner's vocabulary, shared with the reader so the two cannot drift apart.
+from transforms.dicomio import (
+    _ITEM,
+    _ITEM_END,
+    _KNOWN_VRS,
+    _LONG_VRS,
+    _MAX_DEPTH,
+    _SEQ_END,
+    _STRUCTS,
+    _VR_TABLE,
+)
 from transforms.errors import DeidError, InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
@@ -81,6 +93,7 @@ from transforms.request import Plan, basic_profile_code
 from transforms.tags import (
     PATIENT_ID,
     PATIENT_NAME,
+    PIXEL_DATA,
     SERIES_INSTANCE_UID,
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,
@@ -176,7 +189,7 @@ _HIERARCHY_CODES = {tag: object() for tag in (STUDY_INSTANCE_UID, SERIES_INSTANC
                                               SOP_INSTANCE_UID)}  # regenerated in step 6
 _CAPTURED = frozenset({_PSEUDONYM, *_HIERARCHY_CODES.values()})
 _GET_VR = attrgetter("VR")
-_BYTE_MAX_DEPTH = 60  # below the scanner's 64: deeper input gets the object walk's errors
+_BYTE_MAX_DEPTH = _MAX_DEPTH - 4  # below the scanner's limit: deeper input gets the object walk's errors
 
 
 def _raw(tag: int, vr: str | None, length: int, value: bytes, value_tell: int,
@@ -277,7 +290,7 @@ def _encapsulated(ds: Dataset) -> bool:
             return bool(UID(str(ts)).is_encapsulated)
         except ValueError:  # not a transfer syntax pydicom knows
             pass
-    elem = ds._dict.get(_PIXEL_DATA)
+    elem = ds._dict.get(PIXEL_DATA)
     return elem is not None and getattr(elem, "length", 0) == _UNDEFINED
 
 
@@ -424,7 +437,7 @@ class _Run:
         if plan.replacements:
             encodings = _python_encodings(out)
             for index, (value, key, walk) in enumerate(self.replacements):
-                if value.tag == _PIXEL_DATA and _encapsulated(self.source):
+                if value.tag == PIXEL_DATA and _encapsulated(self.source):
                     raise DeidError(
                         "Replace PixelData: the file's pixel data is compressed (encapsulated "
                         "transfer syntax); a replacement value can only be written to an "
@@ -816,7 +829,7 @@ class _Run:
                 if action is None:
                     action = self._byte_action(tag)
                 if length == _UNDEFINED:
-                    if (vr is not None and vr != "SQ") or tag == _PIXEL_DATA:
+                    if (vr is not None and vr != "SQ") or tag == PIXEL_DATA:
                         raise _Unusual
                     if action is _PLAIN or action is _SEQ_TAG:
                         body, stop = self._byte_undefined(data, pos, item_end, tag, ptags,
@@ -1083,7 +1096,7 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
     while pos < end:  # items of defined length that tile the value exactly
         if pos + 8 > end:
             return None
-        group, element, length = _STRUCTS["<"][0](data, pos)
+        group, element, length = _STRUCTS[True][0](data, pos)
         if (group << 16 | element) != _ITEM or length == _UNDEFINED or pos + 8 + length > end:
             return None
         pos += 8 + length
@@ -1241,24 +1254,11 @@ _BASIC_PROFILE_CODE = basic_profile_code()
 # nested pass needs. Anything unusual (explicit UN with undefined length, stray delimiters,
 # unknown VRs) returns None and the caller lets pydicom parse the sequence.
 
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQ_END = 0xFFFEE0DD
-_PIXEL_DATA = 0x7FE00010
-_MAX_DEPTH = 64
-_KNOWN_VRS = frozenset("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
-                       "SV TM UC UI UL UN UR US UT UV".split())
-
 
 class _Unusual(Exception):
     """The item scanner met a layout it leaves to pydicom."""
 
 
-_STRUCTS = {
-    order: (struct.Struct(order + "HHL").unpack_from, struct.Struct(order + "HH2sH").unpack_from,
-            struct.Struct(order + "L").unpack_from)
-    for order in "<>"
-}
 _ITEM_TEMPLATE = dict(Dataset().__dict__)
 _BYTE_STRUCTS = {
     little: (struct.Struct(order + "HHL").unpack_from, struct.Struct(order + "HH2sH").unpack_from,
@@ -1290,7 +1290,7 @@ def _check_walked(count: int, limit: int | None) -> None:
 
 def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charset: Any,
            depth: int, limit: int | None = None) -> list[Dataset]:
-    tag_len = _STRUCTS["<" if little else ">"][0]
+    tag_len = _STRUCTS[little][0]
     items = []
     while pos < end:
         group, element, length = tag_len(data, pos)
@@ -1339,7 +1339,7 @@ def _elements(data: bytes, pos: int, end: int, implicit: bool, little: bool, dep
     if depth > _MAX_DEPTH:
         raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep",
                          reason="too_deep")
-    tag_len, tag_vr_short, long_len = _STRUCTS["<" if little else ">"]
+    tag_len, tag_vr_short, long_len = _STRUCTS[little]
     elements: dict = {}
     while pos < end:
         if implicit:
@@ -1367,7 +1367,7 @@ def _elements(data: bytes, pos: int, end: int, implicit: bool, little: bool, dep
         if group == 0xFFFE:
             raise _Unusual
         if length == _UNDEFINED:
-            if vr == "UN" or tag == _PIXEL_DATA:
+            if vr == "UN" or tag == PIXEL_DATA:
                 raise _Unusual  # implicit-VR content inside UN, or encapsulated fragments
             stop = _sequence_end(data, value_pos, end, implicit, little, depth + 1)
             if collect:
@@ -1393,7 +1393,7 @@ def _sequence_end(data: bytes, pos: int, end: int, implicit: bool, little: bool,
     if depth > _MAX_DEPTH:
         raise InputError(f"sequences nested more than {_MAX_DEPTH} levels deep",
                          reason="too_deep")
-    tag_len = _STRUCTS["<" if little else ">"][0]
+    tag_len = _STRUCTS[little][0]
     while True:
         if pos + 8 > end:
             raise InputError("a sequence runs past the end of its value", reason="truncated")
@@ -1413,16 +1413,12 @@ def _sequence_end(data: bytes, pos: int, end: int, implicit: bool, little: bool,
 
 # ---------------------------------------------------------------------- encoding
 
-_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
-                       "UV"})
 _SEQUENCE_DELIMITER = {True: b"\xfe\xff\xdd\xe0", False: b"\xff\xfe\xe0\xdd"}
 _HEADER_PACKERS = {
     little: (struct.Struct(order + "HHL").pack, struct.Struct(order + "HH2sH").pack,
              struct.Struct(order + "HH2sHL").pack)
     for little, order in ((True, "<"), (False, ">"))
 }
-#: Raw VR bytes -> (VR, has a 4-byte length), for the byte-level nested pass.
-_VR_TABLE = {vr.encode("ascii"): (vr, vr in _LONG_VRS) for vr in _KNOWN_VRS}
 
 
 def _header(tag: int, vr: str | None, length: int, implicit: bool, little: bool) -> bytes:

@@ -43,7 +43,15 @@ import uuid
 import warnings
 from typing import Any, Iterator
 
-from schemas.audit import FAILED, SKIPPED, WRITTEN, audit_row, crosswalk_row, utc_now
+from schemas.audit import (
+    FAILED,
+    NEW_IDENTITY_COLUMNS,
+    SKIPPED,
+    WRITTEN,
+    audit_row,
+    crosswalk_row,
+    utc_now,
+)
 from transforms.errors import DeidError, InputError, is_work_failure
 
 
@@ -64,13 +72,20 @@ FileSystems: Any = _Lazy("apache_beam.io.filesystems", "FileSystems")
 CompressionTypes: Any = _Lazy("apache_beam.io.filesystem", "CompressionTypes")
 
 TMP_DIR_NAME = ".dicom-deid-tmp"
-_UID_PATH_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
+# \Z, not $: "$" also matches before a trailing newline ("1.2\n" would name a file).
+# Same rule as transforms.dicomio.is_valid_uid, kept here so this module does not import pydicom.
+_UID_PATH_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+_MODALITY_RE = re.compile(r"[A-Z0-9_]{1,16}\Z")
 _GLOB_CHARS = frozenset("*?[")
 _SCHEME_RE = re.compile(r"(?P<scheme>[a-zA-Z][-a-zA-Z0-9+.]*)://.*")  # = FileSystems.URI_SCHEMA_PATTERN
 _READ_CHUNK = 8 << 20
 _MAX_READ = 1 << 30  # Linux returns at most 0x7ffff000 bytes per read(2)
 _DETAIL_MAX = 300
+
+
+def _is_uid(value: str | None) -> bool:
+    """A UID usable as a path component: digits and dots, at most 64 characters."""
+    return bool(value) and len(value) <= 64 and _UID_PATH_RE.match(value) is not None
 
 
 def get_scheme(uri: str) -> str | None:
@@ -393,9 +408,7 @@ _LO_KEYWORDS = {"PatientID": 0x00100020}
 
 def _safe_uid(ds: Any, keyword: str) -> str | None:
     value = _safe_str(ds, keyword)
-    if value and len(value) <= 64 and _UID_PATH_RE.match(value):
-        return value
-    return None
+    return value if _is_uid(value) else None
 
 
 def _safe_modality(ds: Any) -> str | None:
@@ -415,12 +428,12 @@ def _transfer_syntax(ds: Any) -> str | None:
         # (~35 us per file). An empty value means "derive it from the encoding": pydicom's way.
         value = raw.value.decode("ascii").strip(" \0")
         if value:
-            return value if len(value) <= 64 and _UID_PATH_RE.match(value) else None
+            return value if _is_uid(value) else None
     try:
         value = str(transfer_syntax_of(ds)).strip(" \0")
     except Exception:  # noqa: BLE001
         return None
-    return value if value and len(value) <= 64 and _UID_PATH_RE.match(value) else None
+    return value if _is_uid(value) else None
 
 
 def output_name(study: str | None, series: str | None, sop: str | None) -> str:
@@ -434,7 +447,7 @@ def output_name(study: str | None, series: str | None, sop: str | None) -> str:
     for keyword, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop)):
         if not value:
             raise InputError(f"new {keyword} is missing: no output name", reason="invalid_uid")
-        if len(value) > 64 or not _UID_PATH_RE.match(value):
+        if not _is_uid(value):
             raise InputError(
                 f"new {keyword} is not a valid UID (digits and dots, at most 64 characters): no output name",
                 reason="invalid_uid",
@@ -519,7 +532,7 @@ def meta_transfer_syntax(data: bytes) -> str | None:
             value_at = pos + 8
         if element == 0x0010:
             value = data[value_at : value_at + length].decode("ascii", "replace").strip(" \0")
-            return value if _UID_PATH_RE.match(value) and len(value) <= 64 else None
+            return value if _is_uid(value) else None
         pos = value_at + length
     return None
 
@@ -898,15 +911,7 @@ def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, 
     reason, detail = failure_reason(exc, stage)
     row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
     if reason != "duplicate_instance":
-        for k in (
-            "study_instance_uid",
-            "series_instance_uid",
-            "sop_instance_uid",
-            "patient_orthanc_id",
-            "study_orthanc_id",
-            "series_orthanc_id",
-            "instance_orthanc_id",
-        ):
+        for k in NEW_IDENTITY_COLUMNS:
             row.pop(k, None)
     return audit_row(**row, finished_at=utc_now()), None
 
@@ -1009,9 +1014,9 @@ def prepare_file(
         study, series, sop = (_safe_str(new, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         ids = orthanc_ids(_safe_str(new, "PatientID") or "", study or "", series or "", sop or "")
         row.update(
-            study_instance_uid=study if study and _UID_PATH_RE.match(study) and len(study) <= 64 else None,
-            series_instance_uid=series if series and _UID_PATH_RE.match(series) and len(series) <= 64 else None,
-            sop_instance_uid=sop if sop and _UID_PATH_RE.match(sop) and len(sop) <= 64 else None,
+            study_instance_uid=study if _is_uid(study) else None,
+            series_instance_uid=series if _is_uid(series) else None,
+            sop_instance_uid=sop if _is_uid(sop) else None,
         )
         # The UIDs name the output folder tree; one-file mode writes where it was told, so a
         # UID the request itself set (Replace + Force: "abc", "", 1.2\\1.3) is Orthanc's business.

@@ -27,7 +27,6 @@ import hmac
 import os
 import secrets
 import struct
-from pathlib import Path
 from typing import Any
 
 from transforms.errors import RequestError

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import re
 
-LEVELS = ("patient", "study", "series", "instance")
 _ORTHANC_ID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 
 

@@ -198,17 +198,6 @@ class Workspace:
         self._owned_elements: set[int] = set()
         self.items_left = MAX_WALKED_ITEMS
 
-    def owns(self, ds: Dataset) -> bool:
-        return id(ds) in self._owned
-
-    def adopt(self, ds: Dataset) -> Dataset:
-        """Mark a dataset created for the output as owned."""
-        self._owned.add(id(ds))
-        return ds
-
-    def owns_element(self, elem: DataElement) -> bool:
-        return id(elem) in self._owned_elements
-
     def adopt_sequence(self, elem: DataElement) -> DataElement:
         """Mark a sequence element made for the output (and its items) as owned."""
         self._owned_elements.add(id(elem))
@@ -230,9 +219,7 @@ class Workspace:
             if elem.VR != "SQ":
                 return None
             self.items_left -= len(elem.value)
-            self._owned_elements.add(id(elem))
-            self._owned.update(id(item) for item in elem.value)
-            return elem.value
+            return self.adopt_sequence(elem).value
         if current.VR != "SQ":
             return None
         if id(current) in self._owned_elements:
@@ -241,9 +228,7 @@ class Workspace:
         elem = DataElement(tag, "SQ", Sequence(copies), current.file_tell,
                            current.is_undefined_length, already_converted=True)
         ds._dict[tag] = elem
-        self._owned_elements.add(id(elem))
-        self._owned.update(id(item) for item in copies)
-        return elem.value
+        return self.adopt_sequence(elem).value
 
     def owned_element(self, elem: DataElement) -> DataElement:
         """Record a new element (e.g. a built replacement) as owned."""

@@ -72,24 +72,10 @@ _COMMON_KEYS = (
 MODIFY_KEYS = _COMMON_KEYS + ("RemovePrivateTags",)
 ANONYMIZE_KEYS = _COMMON_KEYS + ("DicomVersion", "KeepPrivateTags")
 
-# The 42 transfer syntaxes Orthanc knows (Enumerations_TransferSyntaxes.impl.h), used when
-# transforms.transcode (which lists what we can really produce) is not available.
-_ORTHANC_TRANSFER_SYNTAXES = frozenset(
-    ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]
-    + [f"1.2.840.10008.1.2.4.{n}" for n in range(50, 67)]
-    + ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"]
-    + [f"1.2.840.10008.1.2.4.{n}" for n in range(90, 96)]
-    + [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
-    + ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2"]
-)
+def supported_transfer_syntaxes() -> Mapping[str, str]:
+    """What ``Transcode`` accepts: ``transforms.transcode.SUPPORTED`` (imported on use: numpy)."""
+    from transforms.transcode import SUPPORTED
 
-
-def supported_transfer_syntaxes() -> Mapping[str, str] | frozenset[str]:
-    """What ``Transcode`` accepts: ``transforms.transcode.SUPPORTED`` when present."""
-    try:
-        from transforms.transcode import SUPPORTED
-    except ImportError:
-        return _ORTHANC_TRANSFER_SYNTAXES
     return SUPPORTED
 
 
@@ -122,8 +108,6 @@ class Plan:
     transcode: str | None = None
     resources: tuple[str, ...] = ()
     keep_source: bool | None = None
-    keep_labels: bool = False
-    permissive: bool = False
     forced_uids: frozenset[int] = field(default=frozenset())  # hierarchy UIDs replaced by the user
 
     @property
@@ -347,7 +331,7 @@ def _common(body: Mapping[str, Any], dictionary: Mapping[str, Any] | PrivateDict
         raise RequestError(f"PrivateCreator: expected a string, got {json_type(creator)}")
     force = _bool(body, "Force", False)
     for key in ("KeepLabels", "Permissive", "Synchronous", "Asynchronous"):
-        _bool(body, key, None)
+        _bool(body, key, None)  # Orthanc's job options: checked, no effect on files
     priority = body.get("Priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise RequestError(f"Priority: expected an integer, got {json_type(priority)}")
@@ -373,8 +357,6 @@ def _common(body: Mapping[str, Any], dictionary: Mapping[str, Any] | PrivateDict
         "transcode": transcode,
         "resources": tuple(resources),
         "keep_source": _bool(body, "KeepSource", None),
-        "keep_labels": bool(_bool(body, "KeepLabels", False)),
-        "permissive": bool(_bool(body, "Permissive", False)),
     }
 
 
@@ -459,8 +441,6 @@ def parse_modify(
         transcode=common["transcode"],
         resources=common["resources"],
         keep_source=common["keep_source"],
-        keep_labels=common["keep_labels"],
-        permissive=common["permissive"],
         forced_uids=frozenset(builder.replacements) & _HIERARCHY_UIDS,
     )
 
@@ -556,8 +536,6 @@ def parse_anonymize(
         transcode=common["transcode"],
         resources=common["resources"],
         keep_source=common["keep_source"],
-        keep_labels=common["keep_labels"],
-        permissive=common["permissive"],
         forced_uids=frozenset(builder.replacements) & _HIERARCHY_UIDS,
     )
 

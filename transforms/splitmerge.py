@@ -641,7 +641,7 @@ def plan_merge(entries: Iterable[IndexEntry], request: MergeRequest, key: Key) -
 # --------------------------------------------------------------------------- apply
 
 
-def _vr_of(item: Dataset, tag: int, elem: Any) -> str | None:
+def _vr_of(tag: int, elem: Any) -> str | None:
     if isinstance(elem, RawDataElement):
         if elem.VR:
             return str(elem.VR)
@@ -654,22 +654,23 @@ def _vr_of(item: Dataset, tag: int, elem: Any) -> str | None:
     return str(elem.VR)
 
 
+def _uids(elem: Any) -> list[str]:
+    if isinstance(elem, RawDataElement):
+        raw = elem.value or b""
+        return [v.decode("ascii", "replace").strip(" \0") for v in raw.split(b"\\")] if raw else []
+    value = elem.value
+    if value is None:
+        return []
+    values = value if isinstance(value, (MultiValue, list, tuple)) else [value]
+    return [str(v).strip(" \0") for v in values]
+
+
 class _Remapper:
     """Rewrites UID references of one moved instance; see :func:`apply_plan`."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.items_left = paths.MAX_WALKED_ITEMS  # items decoding may still build (paths.py)
-
-    def _uids(self, item: Dataset, tag: int, elem: Any) -> list[str]:
-        if isinstance(elem, RawDataElement):
-            raw = elem.value or b""
-            return [v.decode("ascii", "replace").strip(" \0") for v in raw.split(b"\\")] if raw else []
-        value = elem.value
-        if value is None:
-            return []
-        values = value if isinstance(value, (MultiValue, list, tuple)) else [value]
-        return [str(v).strip(" \0") for v in values]
 
     def _items(self, item: Dataset, tag: int, elem: Any) -> Sequence[Dataset]:
         if isinstance(elem, RawDataElement):
@@ -686,9 +687,9 @@ class _Remapper:
             return cached
         moved = staying = False
         for tag, elem in list(item._dict.items()):
-            vr = _vr_of(item, tag, elem)
+            vr = _vr_of(tag, elem)
             if vr == "UI":
-                for uid in self._uids(item, tag, elem):
+                for uid in _uids(elem):
                     moved |= uid in self.plan.sop_map
                     staying |= uid in self.plan.staying
             elif vr == "SQ":
@@ -719,9 +720,9 @@ class _Remapper:
         for tag, elem in list(item._dict.items()):
             if top and tag in _HIERARCHY:
                 continue
-            vr = _vr_of(item, tag, elem)
+            vr = _vr_of(tag, elem)
             if vr == "UI":
-                old = self._uids(item, tag, elem)
+                old = _uids(elem)
                 new = [self.new_value(uid, context) or uid for uid in old]
                 if new != old:
                     item._dict[tag] = DataElement(tag, "UI", new[0] if len(new) == 1 else new)
@@ -772,7 +773,7 @@ def _remap_references(new: Dataset, plan: Plan) -> None:
     candidates: list[int] = []
     moved = staying = False
     for tag, elem in new._dict.items():
-        if tag in _HIERARCHY or _vr_of(new, tag, elem) not in ("SQ", "UI"):
+        if tag in _HIERARCHY or _vr_of(tag, elem) not in ("SQ", "UI"):
             continue
         tokens = set(_tokens(elem))
         moved |= not tokens.isdisjoint(plan.sop_map.keys())

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -62,7 +61,7 @@ from pydicom.sequence import Sequence
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
-from transforms.dicomio import shallow_copy
+from transforms.dicomio import is_valid_uid, shallow_copy
 from transforms.errors import CannotTranscode, RequestError, is_work_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -156,7 +155,6 @@ _ENCODER_NAME = {
 _PYDICOM_SYNTAXES = frozenset(str(u) for u in AllTransferSyntaxes)
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA_TAG = 0x7FE00010
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Decoding plugins in order of preference (fastest correct first). GDCM comes last (it decodes
 # some lossy RGB JPEG wrongly) and is never used on 1-bit data (it aborts the process).
 _DECODERS_JPEG = ("imagecodecs", "pillow", "pylibjpeg", "gdcm")
@@ -205,7 +203,7 @@ def validate_target(uid: object) -> str:
         )
     if not isinstance(uid, str):
         raise RequestError(f"Transcode: expected a transfer syntax UID string; supported: {allowed}")
-    shown = f" {uid}" if len(uid) <= 64 and _UID_RE.match(uid) else ""
+    shown = f" {uid}" if is_valid_uid(uid) else ""
     raise RequestError(f"Transcode: unknown transfer syntax UID{shown}; supported: {allowed}")
 
 
