@@ -433,12 +433,19 @@ def test_deidentify_fns_of_one_process_share_a_memory_budget(tmp_path: Path, mon
     assert budget.peak == big.stat().st_size
 
 
-def test_the_default_memory_budget_is_a_share_of_this_machine():
+def test_the_default_memory_budget_is_a_share_of_this_machine(monkeypatch: pytest.MonkeyPatch):
+    from transforms import workers
     from transforms.beam import default_memory_budget
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = default_memory_budget()
-    assert 256 << 20 <= budget <= max(256 << 20, total // 2 // (os.cpu_count() or 1))
+    assert 256 << 20 <= budget <= max(256 << 20, total // 2 // workers.usable_cpus())
+    # shared by the CPUs the process may use (a container's quota), not the host's cores
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
+    one = default_memory_budget()
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 4)
+    assert 256 << 20 <= one <= max(256 << 20, total // 2)
+    assert default_memory_budget() == max(256 << 20, one // 4)
 
 
 def test_memory_budget_serves_requests_in_arrival_order():

@@ -1220,8 +1220,11 @@ def process_budget(limit: int | None = None) -> MemoryBudget:
 
 def default_memory_budget() -> int:
     """Half the memory this process may use (the machine's, or its cgroup's limit if lower),
-    shared with one worker process per CPU (DirectRunner multi_processing, Dataflow's one SDK
-    process per vCPU); at least 256 MiB."""
+    shared with one worker process per usable CPU (DirectRunner multi_processing, Dataflow's one
+    SDK process per vCPU; a container's CPU quota counts, not the host's cores); at least
+    256 MiB."""
+    from transforms.workers import usable_cpus
+
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -1234,4 +1237,4 @@ def default_memory_budget() -> int:
             continue
         if text.isdigit():
             total = min(total, int(text))
-    return max(256 << 20, total // 2 // max(1, os.cpu_count() or 1))
+    return max(256 << 20, total // 2 // usable_cpus())

@@ -67,12 +67,9 @@ class WorkerLost(DeidError):
         )
 
 
-def default_processes() -> int:
+def usable_cpus() -> int:
     """The CPUs this process may use: those it may run on, capped by a container's CPU quota
-    (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``); 0 (no pool) for one CPU, where it
-    buys nothing, and off Linux (macOS frameworks do not survive a fork)."""
-    if not sys.platform.startswith("linux"):
-        return 0
+    (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``); at least 1."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -80,6 +77,15 @@ def default_processes() -> int:
     quota = cgroup_cpu_quota()
     if quota is not None:
         cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def default_processes() -> int:
+    """:func:`usable_cpus`; 0 (no pool) for one CPU, where it buys nothing, and off Linux
+    (macOS frameworks do not survive a fork)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    cpus = usable_cpus()
     return cpus if cpus > 1 else 0
 
 
