@@ -265,6 +265,29 @@ class _Builder:
             self.private_keep.add(tag)
 
 
+    def plan(self, common: Mapping[str, Any], **specific: Any) -> Plan:
+        """The finished :class:`Plan`: the builder's sets, ``_common``'s keys, and the
+        route's own fields (``operation``, ``level``, ...)."""
+        return Plan(
+            force=self.force,
+            private_creator=self.private_creator,
+            removals=frozenset(self.removals),
+            clearings=frozenset(self.clearings),
+            keep=frozenset(self.keep),
+            private_keep=frozenset(self.private_keep),
+            replacements=tuple(self.replacements[t] for t in sorted(self.replacements)),
+            keep_paths=tuple(self.keep_paths),
+            remove_paths=tuple(self.remove_paths),
+            replace_paths=tuple(self.replace_paths),
+            customised=self.customised,
+            transcode=common["transcode"],
+            resources=common["resources"],
+            keep_source=common["keep_source"],
+            forced_uids=frozenset(self.replacements) & _HIERARCHY_UIDS,
+            **specific,
+        )
+
+
 def _check_keys(body: object, allowed: tuple[str, ...], route: str) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise RequestError(f"the {route} request body must be a JSON object, got "
@@ -422,27 +445,8 @@ def parse_modify(
             "\"Force\": true), so that the modified data are not merged with the original "
             "patient; set \"Force\": true to modify the patient's other tags in place")
 
-    return Plan(
-        operation="modify",
-        level=chosen,
-        force=builder.force,
-        remove_private_tags=bool(remove_private),
-        private_creator=builder.private_creator,
-        removals=frozenset(builder.removals),
-        clearings=frozenset(builder.clearings),
-        uids=frozenset(),
-        keep=frozenset(builder.keep),
-        private_keep=frozenset(builder.private_keep),
-        replacements=tuple(builder.replacements[t] for t in sorted(builder.replacements)),
-        keep_paths=tuple(builder.keep_paths),
-        remove_paths=tuple(builder.remove_paths),
-        replace_paths=tuple(builder.replace_paths),
-        customised=builder.customised,
-        transcode=common["transcode"],
-        resources=common["resources"],
-        keep_source=common["keep_source"],
-        forced_uids=frozenset(builder.replacements) & _HIERARCHY_UIDS,
-    )
+    return builder.plan(common, operation="modify", level=chosen,
+                        remove_private_tags=bool(remove_private))
 
 
 _HIERARCHY_UIDS = frozenset({STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID})
@@ -514,30 +518,11 @@ def parse_anonymize(
         # The code claims the plain Basic Profile: only true for an uncustomised request.
         del replacements[DEIDENTIFICATION_METHOD_CODE_SEQUENCE]
 
-    return Plan(
-        operation="anonymize",
-        level="Patient",
-        force=builder.force,
-        remove_private_tags=not keep_private,
-        private_creator=builder.private_creator,
-        removals=frozenset(builder.removals),
-        clearings=frozenset(builder.clearings),
-        uids=frozenset(builder.uids),
-        keep=frozenset(builder.keep),
-        private_keep=frozenset(builder.private_keep),
-        replacements=tuple(replacements[t] for t in sorted(replacements)),
-        keep_paths=tuple(builder.keep_paths),
-        remove_paths=tuple(builder.remove_paths),
-        replace_paths=tuple(builder.replace_paths),
+    return builder.plan(
+        common, operation="anonymize", level="Patient", remove_private_tags=not keep_private,
+        uids=frozenset(builder.uids), profile_version=profile.version,
         removed_ranges=tuple((r.group_lo, r.group_hi, r.element_lo, r.element_hi)
-                             for r in profile.removed_ranges),
-        profile_version=profile.version,
-        customised=builder.customised,
-        transcode=common["transcode"],
-        resources=common["resources"],
-        keep_source=common["keep_source"],
-        forced_uids=frozenset(builder.replacements) & _HIERARCHY_UIDS,
-    )
+                             for r in profile.removed_ranges))
 
 
 def basic_profile_code() -> Value:
