@@ -63,7 +63,6 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any
 
-from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
@@ -102,6 +101,8 @@ from transforms.tags import (
     STUDY_INSTANCE_UID,
 )
 from transforms.values import Value, build_element
+from transforms.values import dataset_encodings as _python_encodings
+from transforms.values import fitting_encodings as _fitting
 
 
 def apply(plan: Plan, ds: Dataset, key: Any) -> Dataset:
@@ -214,35 +215,6 @@ def _character_set(ds: Dataset) -> Any:
     if original:
         return original
     return _python_encodings(ds)
-
-
-def _python_encodings(ds: Dataset) -> list[str]:
-    """The Python codecs pydicom will encode ``ds``'s text with (its current
-    SpecificCharacterSet, else the parent's, else the default)."""
-    elem = ds._dict.get(SPECIFIC_CHARACTER_SET)
-    if elem is None:
-        parent = ds.__dict__.get("_parent_encoding") or "iso8859"
-        return [parent] if isinstance(parent, str) else list(parent)
-    try:
-        if type(elem) is RawDataElement:
-            terms = [t.strip(" \x00") for t in (elem.value or b"").decode("ascii").split("\\")]
-        else:
-            value = elem.value
-            terms = [str(v) for v in value] if isinstance(value, (list, tuple)) or \
-                type(value).__name__ == "MultiValue" else [str(value or "")]
-        return list(convert_encodings(terms if any(terms) else ["ISO_IR 6"]))
-    except Exception:  # an undecodable or unknown SpecificCharacterSet: pydicom's default
-        return ["iso8859"]
-
-
-def _fitting(ds: Dataset, encodings: list[str]) -> list[str]:
-    """The codecs a replacement text must fit (:func:`transforms.values.fit_text`): those of
-    the data set, except that a SpecificCharacterSet naming the default repertoire (ISO_IR 6,
-    or an empty first term) means ASCII, which pydicom calls "iso8859" and writes as Latin-1.
-    Without a SpecificCharacterSet, Latin-1 is accepted, as Orthanc does (its default)."""
-    if "iso8859" in encodings and SPECIFIC_CHARACTER_SET in ds._dict:
-        return ["ascii" if e == "iso8859" else e for e in encodings]
-    return encodings
 
 
 def _dict_vr(tag: int) -> str | None:

@@ -798,10 +798,9 @@ def _encodable(ds: Dataset, texts: Iterable[str]) -> bool:
     is single-byte (Python's shift_jis codec would take kanji, pydicom then writes "?"), and a
     SpecificCharacterSet naming the default repertoire (ISO_IR 6, an empty first term) is
     ASCII (pydicom would write Latin-1 bytes it does not declare)."""
-    from transforms.engine import _fitting, _python_encodings
-    from transforms.values import fit_text
+    from transforms.values import dataset_encodings, fit_text, fitting_encodings
 
-    encodings = _fitting(ds, _python_encodings(ds))
+    encodings = fitting_encodings(ds, dataset_encodings(ds))
     return all(text.isascii() or fit_text(text, encodings) == text for text in texts)
 
 

@@ -28,14 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import config
-from pydicom.charset import encode_string
+from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VM
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from transforms.errors import RequestError
 from transforms.tags import (
+    SPECIFIC_CHARACTER_SET,
     PrivateDictionary,
     describe_tag,
     parse_tag,
@@ -331,6 +332,35 @@ def fit_text(text: str, encodings: Sequence_[str]) -> str:
             kept.append(char)
             break
     return "".join(kept)
+
+
+def dataset_encodings(ds: Dataset) -> list[str]:
+    """The Python codecs pydicom will encode ``ds``'s text with (its current
+    SpecificCharacterSet, else the parent's, else the default)."""
+    elem = ds._dict.get(SPECIFIC_CHARACTER_SET)
+    if elem is None:
+        parent = ds.__dict__.get("_parent_encoding") or "iso8859"
+        return [parent] if isinstance(parent, str) else list(parent)
+    try:
+        if type(elem) is RawDataElement:
+            terms = [t.strip(" \x00") for t in (elem.value or b"").decode("ascii").split("\\")]
+        else:
+            value = elem.value
+            terms = [str(v) for v in value] if isinstance(value, (list, tuple)) or \
+                type(value).__name__ == "MultiValue" else [str(value or "")]
+        return list(convert_encodings(terms if any(terms) else ["ISO_IR 6"]))
+    except Exception:  # an undecodable or unknown SpecificCharacterSet: pydicom's default
+        return ["iso8859"]
+
+
+def fitting_encodings(ds: Dataset, encodings: list[str]) -> list[str]:
+    """The codecs a replacement text must fit (:func:`fit_text`): those of
+    the data set, except that a SpecificCharacterSet naming the default repertoire (ISO_IR 6,
+    or an empty first term) means ASCII, which pydicom calls "iso8859" and writes as Latin-1.
+    Without a SpecificCharacterSet, Latin-1 is accepted, as Orthanc does (its default)."""
+    if "iso8859" in encodings and SPECIFIC_CHARACTER_SET in ds._dict:
+        return ["ascii" if e == "iso8859" else e for e in encodings]
+    return encodings
 
 
 #: ISO_IR 13 (JIS X 0201) is single-byte: pydicom's "shift_jis" codec would accept kanji and
