@@ -55,7 +55,7 @@ _REPEATER_KEYWORDS = {
 _HEX9 = re.compile(r"^([0-9A-Fa-f]{4})[,-]([0-9A-Fa-f]{4})$")
 _HEX8 = re.compile(r"^([0-9A-Fa-f]{4})([0-9A-Fa-f]{4})$")
 _PAREN = re.compile(r"^\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)$")
-_CONFIG_KEY = re.compile(r"^([0-9A-Fa-f]{4})[,-]([0-9A-Fa-f]{4})$")
+_CONFIG_KEY = _HEX9  # Dictionary keys: "gggg,eeee" or "gggg-eeee", as Orthanc reads them
 
 # Public tags whose dictionary VR is SQ: used to spot sequences in implicit-VR files without
 # converting raw elements.
