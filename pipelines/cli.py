@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -468,12 +469,23 @@ LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "Bundle
 def quiet_local_workers(options: Any, *, verbose: bool, beam_args: list[str]) -> bool:
     """Whether the runner is local (this machine's terminal and folders); if so, and unless
     ``--verbose`` or an explicit ``--default_sdk_harness_log_level``, the worker processes of
-    ``multi_processing`` log errors only (their INFO chatter shares our terminal)."""
-    from apache_beam.options.pipeline_options import WorkerOptions
+    ``multi_processing`` log only what ends them (their INFO chatter shares our terminal, and
+    an error they log quotes the exception, which may quote data), and are stopped on Ctrl-C
+    or SIGTERM (:func:`_on_terminate`)."""
+    from apache_beam.options.pipeline_options import DirectOptions, WorkerOptions
 
+    global _STOP_CHILDREN
     local = runner_name(options) in LOCAL_RUNNERS
     if local and not verbose and "--default_sdk_harness_log_level" not in " ".join(beam_args):
-        options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"
+        options.view_as(WorkerOptions).default_sdk_harness_log_level = "CRITICAL"
+    if local and options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        # Beam's shutdown after Ctrl-C or SIGTERM waits for its worker processes, which may
+        # never answer (measured: a hang in stop_worker): they are stopped first.
+        _STOP_CHILDREN = True
+        try:
+            signal.signal(signal.SIGINT, _on_terminate)
+        except ValueError:  # not the main thread
+            pass
     return local
 
 
@@ -550,8 +562,10 @@ def _configure_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         # Beam and google-auth log warnings meant for developers (e.g. "No project ID could be
-        # determined" against the emulator); errors still show.
-        logging.getLogger("apache_beam").setLevel(logging.ERROR)
+        # determined" against the emulator). Beam also logs an exception that ends a bundle,
+        # with its traceback, before re-raising it: the command reports it in one line (and an
+        # exception's text may quote data).
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
         logging.getLogger("google").setLevel(logging.ERROR)
 
 
@@ -656,7 +670,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         if local_output:
             from transforms.files import claim_local_tmp
 
-            claim_local_tmp(output, run_id)  # also sweeps what killed runs left in OUTPUT
+            claim_local_tmp(output, run_id, sinks=(audit, crosswalk))  # also sweeps what killed runs left
         if processes:
             from transforms.workers import LocalPool
 
@@ -783,7 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicom-deid`` console command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("DICOM_DEID_DEBUG") == "1"
+    global _STOP_CHILDREN
     previous_term = _terminate_like_interrupt()
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         _configure_logging("--verbose" in argv)
         # pydicom's warnings can quote values; the audit row records what went wrong.
@@ -815,15 +831,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _interrupted(exc):  # Ctrl-C inside a bundle: Beam re-raises it wrapped
             _err("interrupted")
             return EXIT_INTERRUPTED
+        storage = _storage_error(exc)
+        if storage:  # the audit's, crosswalk's or summary's folder (files have their rows)
+            _err(f"a file of the run's own (audit, crosswalk or summary) could not be written: {storage}; "
+                 "the audit may be incomplete")
+            return EXIT_INTERNAL
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+        if _STOP_CHILDREN:
+            _STOP_CHILDREN = False
+            signal.signal(signal.SIGINT, previous_int)
+
+
+#: Set for Beam's multi_processing mode: a signal stops the command's child processes first.
+_STOP_CHILDREN = False
+INTERRUPT_GRACE_SECONDS = 15.0
 
 
 def _on_terminate(signum: int, frame: Any) -> NoReturn:
+    if _STOP_CHILDREN:
+        if os.environ.get("DICOM_DEID_DEBUG") != "1":
+            threading.excepthook = _quiet_thread_error  # Beam's threads lose their workers now
+        _stop_children()
+        # The cleanup that KeyboardInterrupt unwinds through gets this long; then the process
+        # ends anyway (a second signal does not wait).
+        timer = threading.Timer(INTERRUPT_GRACE_SECONDS, _exit_interrupted)
+        timer.daemon = True
+        timer.start()
     raise KeyboardInterrupt
+
+
+def _quiet_thread_error(args: Any) -> None:
+    pass
+
+
+def _exit_interrupted() -> None:
+    _err("interrupted")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _stop_children() -> None:
+    """SIGTERM this process's children that run Beam's SDK worker (multi_processing)."""
+    me = os.getpid()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"sdk_worker_main" in f.read():
+                    os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            continue
 
 
 def _terminate_like_interrupt() -> Any:
@@ -834,6 +901,28 @@ def _terminate_like_interrupt() -> Any:
         return signal.signal(signal.SIGTERM, _on_terminate)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
         return None
+
+
+def _storage_error(exc: BaseException) -> str | None:
+    """``"ENOSPC (No space left on device)"`` when ``exc`` is, or wraps, an operating-system
+    error (Beam re-raises a bundle's exception inside its own, or as text from its worker
+    processes). Only the error number is used: the message would name a path."""
+    import errno as errno_names
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    number = None
+    while current is not None and id(current) not in seen and number is None:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            number = current.errno
+        current = current.__cause__ or current.__context__
+    if number is None:
+        found = re.search(r"(?:OSError|Error): \[Errno (\d+)\]", str(exc)[:20000])
+        number = int(found.group(1)) if found else None
+    if not number:
+        return None
+    return f"{errno_names.errorcode.get(number, number)} ({os.strerror(number)})"
 
 
 def _interrupted(exc: BaseException) -> bool:

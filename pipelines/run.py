@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import shutil
 import sys
 import threading
 import time
@@ -48,10 +46,11 @@ from pipelines.summary import (  # noqa: F401 - re-exported
     summarize,
     write_summary,
     write_text,
+    write_whole,
 )
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITTEN
 from transforms.errors import RequestError
-from transforms.files import _tmp_root
+from transforms.files import _tmp_root, remove_sink_temporaries  # noqa: F401 - re-exported for split/merge
 from transforms.beam import (
     failed_row,
     remove_local_tmp,
@@ -332,19 +331,7 @@ def write_unclaimed(unclaimed: list[Any], cfg: RunConfig, audit_root: str, cross
 def _write_table(path: str, rows: list[Mapping[str, Any]], schema: pa.Schema) -> None:
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(sink.getvalue())
-
-
-def remove_sink_temporaries(root: str | None, run_id: str) -> None:
-    """Remove the ``beam-temp-*<run_id>*`` folders Beam's Parquet sinks left in a local audit or
-    crosswalk folder when the run did not finish (Ctrl-C, an error): Beam removes them only
-    when it finalises the writes."""
-    if root is None or not is_local(root) or not os.path.isdir(root):
-        return
-    for entry in os.scandir(root):
-        if entry.name.startswith("beam-temp-") and run_id in entry.name and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    write_whole(path, sink.getvalue())
 
 
 def cleanup_tmp(output_root: str, run_id: str) -> None:

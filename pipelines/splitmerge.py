@@ -71,7 +71,7 @@ from schemas.audit import (
 from transforms import splitmerge as sm
 from transforms.beam import _ProgressFile, failure_reason, quiet_pydicom_warnings
 from transforms.errors import RequestError
-from transforms.files import TMP_DIR_NAME, _detail, _tmp_root, is_local  # noqa: F401 - TMP_DIR_NAME re-exported
+from transforms.files import TMP_DIR_NAME, _detail, _tmp_root, is_local, make_local_work_folder, remove_local_work_folder  # noqa: F401 - TMP_DIR_NAME re-exported
 
 CROSSWALK_TAG = "crosswalk"
 AUDIT_TAG = "audit"
@@ -474,7 +474,7 @@ def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     from pipelines.cli import LOCAL_RUNNERS, runner_name
 
     if runner_name(options) in LOCAL_RUNNERS:
-        return tempfile.mkdtemp(prefix=f"dicom-deid-{run_id}-")
+        return make_local_work_folder(run_id)  # locked: a killed run's folder is swept later
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:
         return FileSystems.join(temp_location, f"dicom-deid-{run_id}")
@@ -486,7 +486,7 @@ def remove_work_folder(folder: str, output_root: str, run_id: str) -> None:
     if folder == _tmp_root(output_root, run_id) and not output_root.startswith("gs://"):
         return  # cleanup_tmp's (it skips gs://, where nothing else uses that folder)
     if is_local(folder):
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_local_work_folder(folder)
         return
     try:
         leftovers = [m.path for m in FileSystems.match([folder + "/**"])[0].metadata_list]
@@ -631,7 +631,7 @@ def execute(
         if is_local(output_root):
             from transforms.files import claim_local_tmp
 
-            claim_local_tmp(output_root, run_id)  # also sweeps what killed runs left (an index of originals)
+            claim_local_tmp(output_root, run_id, sinks=(audit_root, crosswalk_root))  # sweeps killed runs' leftovers
         selector = (
             IndexSelector.for_split(request) if isinstance(request, sm.SplitRequest) else IndexSelector.for_merge(request)
         )

@@ -161,15 +161,32 @@ def exit_code(summary: Mapping[str, Any]) -> int:
 
 
 def write_text(uri: str, text: str) -> None:
+    write_whole(uri, text.encode("utf-8"), "application/json")
+
+
+def write_whole(uri: str, data: bytes, mime_type: str = "application/octet-stream") -> None:
+    """Write ``data`` at ``uri`` whole or not at all: a local file through a hidden temporary
+    file in the same folder and a rename (a full disk leaves the previous file as it was, not
+    a truncated one); an object store publishes an object only once its upload completed."""
     if get_scheme(uri) is None:
-        with open(uri, "w", encoding="utf-8") as f:
-            f.write(text)
+        folder, name = os.path.split(uri)
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, uri)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.create(uri, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(text.encode("utf-8"))
+    with FileSystems.create(uri, mime_type=mime_type, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
 
 
 def write_summary(audit_root: str, run_id: str, summary: Mapping[str, Any]) -> None:

@@ -566,25 +566,40 @@ def test_one_file_mode_refuses_a_name_that_is_not_utf8(tmp_path: Path, capsys: p
 
 
 @pytest.mark.parametrize("command", ["anonymize", "split"])
-def test_a_run_removes_what_killed_runs_left_in_output(tmp_path: Path, command: str):
-    """kill -9 leaves OUTPUT/.dicom-deid-tmp/<run>/ behind (partial files; for split/merge the
-    study index, which holds original identifiers). The next run into the same OUTPUT removes
-    it; a run still alive (its lock held) keeps its folder."""
+def test_a_run_removes_what_killed_runs_left(tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch):
+    """kill -9 leaves OUTPUT/.dicom-deid-tmp/<run>/ behind (partial files), Beam's temporary
+    audit shards in the audit folder (a reader of the folder would count their rows twice) and,
+    for split/merge, the study index in the system's temporary folder (original identifiers).
+    The next run removes them; a run still alive (its locks held) keeps its folders."""
     import fcntl
+    import tempfile
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-tmp"))
+    (tmp_path / "system-tmp").mkdir()
     folder = tmp_path / "in"
     study = make_study(seed=13, n_ct=2, rtstruct=False, sr=False)
     write_study(study, folder)
     tmp_root = tmp_path / "out" / ".dicom-deid-tmp"
+    audit = tmp_path / "out-audit"
     dead, alive = tmp_root / "20260101T000000Z-dead0000", tmp_root / "20260101T000000Z-live0000"
+    locks = []
     for run in (dead, alive):
         run.mkdir(parents=True)
         (run / "index-00000-of-00001.jsonl").write_text('{"PatientID": "ORIGINAL-ID"}\n')
-        (tmp_root / (run.name + ".lock")).touch()
-    holder = subprocess.Popen(  # another live run: holds its lock until told to stop
-        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
-         str(tmp_root / (alive.name + ".lock"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        (tmp_root / (run.name + ".lock")).write_text(f"sink {audit}\n")
+        shard = audit / f"beam-temp-audit-{run.name}-0123abcd"
+        shard.mkdir(parents=True)
+        (shard / f"x.audit-{run.name}.parquet").write_bytes(b"PAR1")
+        work = tmp_path / "system-tmp" / f"dicom-deid-{run.name}-abcd"
+        work.mkdir()
+        (work / "index-00000-of-00001.jsonl").write_text('{"PatientID": "ORIGINAL-ID"}\n')
+        (work / ".lock").touch()
+        if run is alive:
+            locks += [tmp_root / (run.name + ".lock"), work / ".lock"]
+    holder = subprocess.Popen(  # another live run: holds its locks until told to stop
+        [sys.executable, "-c", "import fcntl, os, sys\nfor path in sys.argv[1:]:\n"
+         "    fcntl.flock(os.open(path, os.O_RDWR), fcntl.LOCK_EX)\nprint('locked', flush=True); sys.stdin.read()",
+         *map(str, locks)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         extra = []
@@ -595,8 +610,51 @@ def test_a_run_removes_what_killed_runs_left_in_output(tmp_path: Path, command: 
                          "--quiet", *extra])
         assert code == 0
         assert sorted(p.name for p in tmp_root.iterdir()) == [alive.name, alive.name + ".lock"]
+        assert sorted(p.name for p in audit.iterdir() if p.name.startswith("beam-temp")) == [
+            f"beam-temp-audit-{alive.name}-0123abcd"]
+        work = sorted(p.name for p in (tmp_path / "system-tmp").iterdir())
+        # split/merge sweep the work folders of earlier split/merge runs (anonymize makes none)
+        assert work == [f"dicom-deid-{run.name}-abcd" for run in (dead, alive) if command == "anonymize" or run is alive]
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
     with open(tmp_root / (alive.name + ".lock"), "rb") as lock:  # released with its process
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_signal_in_beams_multi_processing_mode_stops_its_workers_first(monkeypatch: pytest.MonkeyPatch):
+    """Beam's shutdown after SIGTERM or Ctrl-C waited forever for its multi_processing workers
+    (measured: a hang in stop_worker). The command now stops its child processes, raises
+    KeyboardInterrupt for the usual cleanup, and ends with 130 after a grace period anyway."""
+    import signal
+    import threading
+
+    from pipelines import run as pipeline_run
+
+    options = pipeline_run.pipeline_options(["--direct_running_mode", "multi_processing"])
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.quiet_local_workers(options, verbose=False, beam_args=[]) is True
+        assert cli._STOP_CHILDREN and signal.getsignal(signal.SIGINT) is cli._on_terminate
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # a stand-in for one of Beam's workers (other children, e.g. a test's servers, are spared)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              "apache_beam.runners.worker.sdk_worker_main"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    exits: list[int] = []
+    ended = threading.Event()
+    monkeypatch.setattr(cli, "INTERRUPT_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: (exits.append(code), ended.set()))
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli._on_terminate(signal.SIGTERM, None)
+        assert child.wait(timeout=30) == -signal.SIGTERM
+        assert ended.wait(timeout=30) and exits == [cli.EXIT_INTERRUPTED]
+        assert bystander.poll() is None
+    finally:
+        monkeypatch.setattr(cli, "_STOP_CHILDREN", False)
+        for process in (child, bystander):
+            process.kill()
+            process.wait()

@@ -243,6 +243,28 @@ def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: 
     }
 
 
+def test_a_bucket_prefix_that_cannot_be_listed_gets_a_row(monkeypatch: pytest.MonkeyPatch):
+    """A gs:// prefix whose listing fails part-way (after the client's own retries: access
+    denied, the bucket gone) used to end the run with an internal error: the objects listed
+    before the failure are processed and the prefix gets the read_error row of a folder."""
+    pytest.importorskip("apache_beam.io.gcp.gcsio", reason="gs:// needs the gcp extra")
+    from transforms import beam as deid_beam
+
+    class Blob:
+        def __init__(self, name: str) -> None:
+            self.name, self.size = name, 10
+
+    class Client:
+        def list_blobs(self, bucket: str, prefix: str):
+            assert (bucket, prefix) == ("archive", "in/a/")
+            yield Blob("in/a/1.dcm")
+            raise RuntimeError("403 Forbidden: the listing was refused")
+
+    monkeypatch.setattr(deid_beam, "_gcs_client", lambda prefix: Client())
+    listed = list(deid_beam.ListPrefixFn().process(("gs://archive/in/**", "gs://archive/in/a/")))
+    assert listed == [("gs://archive/in/a/1.dcm", 10), ("gs://archive/in/a/", files.UNLISTABLE_FOLDER)]
+
+
 def test_default_max_bytes_refuses_without_reading(tmp_path: Path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -101,3 +101,38 @@ def test_a_large_run_lists_the_smallest_ids_and_says_so(tmp_path: Path, monkeypa
     # The counts are whole: only the id list is cut.
     assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (18, 1)
     assert summary["Statuses"] == {"written": 17, "failed": 1, "skipped": 0}
+
+
+def test_summary_files_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A full disk while the summary is written used to leave summary.json truncated (the
+    previous run's replaced by invalid JSON): now the old file stays and no temporary remains."""
+    import errno
+    import os
+
+    target = tmp_path / "summary.json"
+    run_summary.write_text(str(target), '{"Description": "first"}\n')
+    assert json.loads(target.read_text()) == {"Description": "first"}
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        run_summary.write_text(str(target), '{"Description": "second"}\n')
+    assert json.loads(target.read_text()) == {"Description": "first"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_storage_errors_are_named_by_their_error_number_only():
+    import errno
+
+    wrapped = RuntimeError("OSError: [Errno 28] No space left on device [while running 'WriteAudit/Write']")
+    assert cli._storage_error(wrapped) == "ENOSPC (No space left on device)"
+    try:
+        try:
+            raise OSError(errno.EACCES, "Permission denied", "/audit/of/patient-Jane-Doe")
+        except OSError as exc:
+            raise RuntimeError("a bundle failed") from exc
+    except RuntimeError as chained:
+        assert cli._storage_error(chained) == "EACCES (Permission denied)"
+    assert cli._storage_error(ValueError("no error number here")) is None

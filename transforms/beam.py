@@ -66,6 +66,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     process_file,
     publish,
     quiet_pydicom_warnings,
+    UNLISTABLE_FOLDER,
     read_bounded,
     read_progress,
     remove_local_tmp,
@@ -123,9 +124,14 @@ class ListPrefixFn(beam.DoFn):
         pattern, prefix = element
         matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
         client = _gcs_client(prefix)  # present: ExpandInputFn only fans out when it had one
-        for path, size in list_gcs(client, prefix):
-            if matches(path) and _is_input(path):
-                yield path, size
+        try:
+            for path, size in list_gcs(client, prefix):
+                if matches(path) and _is_input(path):
+                    yield path, size
+        except Exception:  # noqa: BLE001 - after the client's own retries (a denied or lost prefix)
+            # The prefix gets its read_error row, as an unlistable local folder does; the run
+            # goes on with the others (the objects listed before the failure keep their rows).
+            yield prefix, UNLISTABLE_FOLDER
 
 
 # --------------------------------------------------------------------------- DoFn / PTransforms

@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from schemas.audit import (
     FAILED,
@@ -567,16 +567,17 @@ def _tmp_root(output_root: str, run_id: str) -> str:
 _CLAIMS: dict[tuple[str, str], int] = {}
 
 
-def claim_local_tmp(output_root: str, run_id: str) -> None:
+def claim_local_tmp(output_root: str, run_id: str, sinks: Iterable[str | None] = ()) -> None:
     """Mark this run's temporary folder in a local OUTPUT as in use, and remove those of earlier
     runs into the same OUTPUT whose processes are gone.
 
     The mark is an ``flock`` on ``<run_id>.lock`` beside the folder, held until
     :func:`remove_local_tmp` or until the process and its forks end (``kill -9`` included, which
-    leaves the folder behind: partial outputs, and split/merge's study index, which holds
-    original identifiers). A lock that can be taken belongs to a run that is over: its folder
-    goes. Folders without a lock file (a run on another machine sharing the folder, or an older
-    release) are left alone.
+    leaves the folder behind: partial outputs). A lock that can be taken belongs to a run that
+    is over: its folder goes, and so do the temporary folders its Parquet sinks left in the
+    local audit and crosswalk folders (``sinks``, recorded in the lock file: a reader of the
+    audit folder would count their rows). Folders without a lock file (a run on another machine
+    sharing the folder, or an older release) are left alone.
     """
     import fcntl
     import shutil
@@ -586,24 +587,103 @@ def claim_local_tmp(output_root: str, run_id: str) -> None:
     own = run_id + ".lock"
     fd = os.open(os.path.join(tmp_root, own), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    local_sinks = [os.path.abspath(root) for root in sinks if root is not None and is_local(root)]
+    os.write(fd, "".join(f"sink {root}\n" for root in local_sinks).encode("utf-8", "surrogateescape"))
     _CLAIMS[(output_root, run_id)] = fd
     for name in os.listdir(tmp_root):
         if not name.endswith(".lock") or name == own:
             continue
         lock = os.path.join(tmp_root, name)
+        lines = _abandoned(lock)
+        if lines is None:
+            continue  # a live run, or removed meanwhile by its run
+        dead_run = name[: -len(".lock")]
+        for line in lines:
+            kind, _, root = line.partition(" ")
+            if kind == "sink":
+                remove_sink_temporaries(root, dead_run)
+        shutil.rmtree(os.path.join(tmp_root, dead_run), ignore_errors=True)
         try:
-            other = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue  # removed meanwhile by its run
-        try:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live run
-        else:
-            shutil.rmtree(lock[: -len(".lock")], ignore_errors=True)
             os.unlink(lock)
-        finally:
-            os.close(other)
+        except OSError:
+            pass
+
+
+def _abandoned(lock: str) -> list[str] | None:
+    """The lines of ``lock`` when no process holds its ``flock`` (its run is over), else None."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(1 << 20).decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def remove_sink_temporaries(root: str | None, run_id: str) -> None:
+    """Remove the ``beam-temp-*<run_id>*`` folders Beam's Parquet sinks left in a local audit or
+    crosswalk folder when the run did not finish (Ctrl-C, an error, ``kill -9``): Beam removes
+    them only when it finalises the writes."""
+    import shutil
+
+    if root is None or not is_local(root) or not os.path.isdir(root):
+        return
+    for entry in os.scandir(root):
+        if entry.name.startswith("beam-temp-") and run_id in entry.name and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+WORK_FOLDER_PREFIX = "dicom-deid-"
+_WORK_LOCKS: dict[str, int] = {}
+
+
+def make_local_work_folder(run_id: str) -> str:
+    """A private folder in the system's temporary directory for a run's intermediate files
+    (split/merge's study index and plan, which hold original identifiers).
+
+    It is marked in use by an ``flock`` on its ``.lock``, held until
+    :func:`remove_local_work_folder` or until the process ends (``kill -9`` included); the
+    folders of earlier runs whose lock can be taken are removed first, so a killed run's
+    identifiers do not stay in the temporary directory.
+    """
+    import fcntl
+    import shutil
+    import tempfile
+
+    base = tempfile.gettempdir()
+    try:
+        names = [name for name in os.listdir(base) if name.startswith(WORK_FOLDER_PREFIX)]
+    except OSError:
+        names = []
+    for name in names:
+        folder = os.path.join(base, name)
+        if _abandoned(os.path.join(folder, ".lock")) is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    # Locked before it gets its name, so that no sweep sees it unlocked.
+    staging = tempfile.mkdtemp(prefix=f".{WORK_FOLDER_PREFIX}new-")
+    fd = os.open(os.path.join(staging, ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    folder = os.path.join(base, f"{WORK_FOLDER_PREFIX}{run_id}-{os.path.basename(staging).rsplit('-', 1)[-1]}")
+    os.rename(staging, folder)
+    _WORK_LOCKS[folder] = fd
+    return folder
+
+
+def remove_local_work_folder(folder: str) -> None:
+    """Remove :func:`make_local_work_folder`'s folder and release its lock."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _WORK_LOCKS.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def remove_local_tmp(output_root: str, run_id: str) -> None:
