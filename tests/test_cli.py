@@ -399,21 +399,29 @@ def test_terminal_gets_counts_not_every_resource(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize(("argv", "verbose", "local", "level"), [
-    (["--runner=DirectRunner"], False, True, "ERROR"),
-    (["--direct_running_mode=multi_processing"], False, True, "ERROR"),  # default runner: the DirectRunner
+    (["--runner=DirectRunner"], False, True, "CRITICAL"),
+    (["--direct_running_mode=multi_processing"], False, True, "CRITICAL"),  # default runner: the DirectRunner
     (["--runner=DirectRunner"], True, True, "INFO"),
     (["--runner=DirectRunner", "--default_sdk_harness_log_level=DEBUG"], False, True, "DEBUG"),
     (["--runner=DataflowRunner"], False, False, "INFO"),
 ])  # fmt: skip
 def test_local_workers_log_errors_only_unless_asked(argv: list[str], verbose: bool, local: bool, level: str):
     """anonymize/modify and split/merge share this: multi_processing workers write to our
-    terminal, so they are told to log errors only, unless --verbose or an explicit level."""
+    terminal, so they are told to log only what ends them (an error's text may quote data),
+    unless --verbose or an explicit level."""
+    import signal
+
     from apache_beam.options.pipeline_options import WorkerOptions
 
     from pipelines import run as pipeline_run
 
     options = pipeline_run.pipeline_options(argv)
-    assert cli.quiet_local_workers(options, verbose=verbose, beam_args=argv) is local
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.quiet_local_workers(options, verbose=verbose, beam_args=argv) is local
+    finally:  # multi_processing also arms the signal handling main() undoes at its end
+        signal.signal(signal.SIGINT, previous)
+        cli._STOP_CHILDREN = False
     assert (options.view_as(WorkerOptions).default_sdk_harness_log_level or "INFO") == level
 
 
@@ -631,6 +639,7 @@ def test_a_signal_in_beams_multi_processing_mode_stops_its_workers_first(monkeyp
 
     from pipelines import run as pipeline_run
 
+    monkeypatch.setattr(cli, "_STOP_CHILDREN", False)  # and so restored at the end
     options = pipeline_run.pipeline_options(["--direct_running_mode", "multi_processing"])
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -654,7 +663,6 @@ def test_a_signal_in_beams_multi_processing_mode_stops_its_workers_first(monkeyp
         assert ended.wait(timeout=30) and exits == [cli.EXIT_INTERRUPTED]
         assert bystander.poll() is None
     finally:
-        monkeypatch.setattr(cli, "_STOP_CHILDREN", False)
         for process in (child, bystander):
             process.kill()
             process.wait()
