@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from pipelines import run as pipeline_run  # noqa: E402
 from pipelines import splitmerge as psm  # noqa: E402
 from transforms import splitmerge as sm  # noqa: E402
+from transforms import splitmerge_files as smf  # noqa: E402
 from transforms.dicomio import read_dataset, shallow_copy, write_dataset  # noqa: E402
 from transforms.identity import Key  # noqa: E402
 
@@ -118,7 +119,7 @@ def _read_count(prefix: str) -> int:
     return int(Path(prefix).read_text().strip())
 
 
-def index_pass(input_dir: Path, selector: psm.IndexSelector, workers: int, scratch: Path) -> int:
+def index_pass(input_dir: Path, selector: smf.IndexSelector, workers: int, scratch: Path) -> int:
     """The Beam index pass alone; returns the number of entries it kept."""
     from transforms.beam import ExpandInput
 
@@ -197,14 +198,14 @@ def group_by_study(instances: int, workers_list: list[int], repeat: int, workdir
               f"cpu {cpu:6.2f} s  load {os.getloadavg()[0]:.1f}  {detail}", flush=True)  # fmt: skip
 
     timing = _median(
-        lambda: [sm.index_entry(str(p), psm.read_header(str(p), p.stat().st_size, 1 << 30)) for p in paths], repeat
+        lambda: [sm.index_entry(str(p), smf.read_header(str(p), p.stat().st_size, 1 << 30)) for p in paths], repeat
     )
     entries = timing[2]
     record("header loop (plain Python)", 1, timing, f"{len(entries)} entries")
     first_study = f"{ROOT}.0"
-    split_sel = psm.IndexSelector.for_split(sm.parse_split(first_study, {"Series": [f"{ROOT}.0.0"]}))
+    split_sel = smf.IndexSelector.for_split(sm.parse_split(first_study, {"Series": [f"{ROOT}.0.0"]}))
     merge_req = sm.parse_merge(first_study, {"Resources": [f"{ROOT}.1"]})
-    merge_sel = psm.IndexSelector.for_merge(merge_req)
+    merge_sel = smf.IndexSelector.for_merge(merge_req)
     for workers in workers_list:
         record("empty pipeline (overhead)", workers, _median(lambda: empty_pipeline(workers, scratch), repeat))
         timing = _median(lambda: index_pass(input_dir, split_sel, workers, scratch), repeat)

@@ -50,7 +50,7 @@ from pipelines.summary import (  # noqa: F401 - re-exported
 )
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITTEN
 from transforms.errors import RequestError
-from transforms.files import _tmp_root, remove_sink_temporaries  # noqa: F401 - re-exported for split/merge
+from transforms.files import remove_sink_temporaries, run_tmp_dir  # noqa: F401 - remove_sink_temporaries re-exported for split/merge
 from transforms.beam import (
     failed_row,
     remove_local_tmp,
@@ -343,7 +343,7 @@ def cleanup_tmp(output_root: str, run_id: str) -> None:
         return
     if output_root.startswith("gs://"):
         return
-    run_tmp = _tmp_root(output_root, run_id)
+    run_tmp = run_tmp_dir(output_root, run_id)
     leftovers = [m.path for m in FileSystems.match([run_tmp + "/**"])[0].metadata_list]
     if leftovers:
         FileSystems.delete(leftovers)

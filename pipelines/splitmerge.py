@@ -13,6 +13,10 @@
     pass 2  Create([INPUT]) | ExpandInput | ApplySplitMerge (plan loaded in setup())
             -> one audit row per input -> WriteRowsToParquet(<AUDIT>/audit-<run_id>-*.parquet)
 
+The per-file work (a file's index entry, the plan file, moving or copying one file into its
+audit row) is plain Python in :mod:`transforms.splitmerge_files`; this module wraps it in DoFns
+and runs the driver.
+
 Pass 2 needs no grouping: the plan already holds every new UID. The key stays on the driver;
 workers only read the plan file (which can be large: it lists every moved instance, so it
 is not embedded in the pipeline description, whose size Dataflow limits).
@@ -25,7 +29,7 @@ keep their original identifiers, so their output paths and UID columns show them
 
 ``--progress`` (default: stderr is a terminal and the runner is local) shows the anonymize
 command's line during pass 2: pass-2 workers count every input's final status into a local
-folder (``transforms.beam._ProgressFile``) and ``pipelines.run.ProgressPrinter`` sums them.
+folder (``transforms.beam.ProgressFile``) and ``pipelines.run.ProgressPrinter`` sums them.
 The line shows ``written``, ``failed`` and ``skipped`` and, when there are any, ``copied`` and
 ``moved``.
 """
@@ -34,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -56,108 +58,29 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import EXIT_OK, EXIT_SOME_FAILED
 from pipelines.summary import AuditTally
-from schemas.audit import (
-    COPIED,
-    FAILED,
-    MOVED,
-    NEW_IDENTITY_COLUMNS,
-    OUTPUT_COLUMNS,
-    SKIPPED,
-    STATUSES,
-    audit_row,
-    crosswalk_row,
-    utc_now,
-)
+from schemas.audit import FAILED, MOVED, STATUSES
 from transforms import splitmerge as sm
-from transforms.beam import _ProgressFile, failure_reason, quiet_pydicom_warnings
+from transforms import splitmerge_files as smf
+from transforms.beam import ProgressFile, quiet_pydicom_warnings
 from transforms.errors import RequestError
-from transforms.files import TMP_DIR_NAME, _detail, _tmp_root, is_local, make_local_work_folder, remove_local_work_folder  # noqa: F401 - TMP_DIR_NAME re-exported
+from transforms.files import (  # noqa: F401 - TMP_DIR_NAME re-exported
+    TMP_DIR_NAME,
+    is_local,
+    make_local_work_folder,
+    remove_local_work_folder,
+    run_tmp_dir,
+)
 
 CROSSWALK_TAG = "crosswalk"
 AUDIT_TAG = "audit"
 _METRICS_NAMESPACE = "dicom_deid_splitmerge"
-_DICM_OFFSET = 128
 
 
 # --------------------------------------------------------------------------- pass 1: the index
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexSelector:
-    """Which index entries the planner needs, and whether that takes a group-by-study.
-
-    ``studies`` are the identifiers naming the study to split or the merge target;
-    ``resources`` the merge's ``Resources``. An entry *matches* when one of its identifiers
-    (UIDs or Orthanc ids) is among them.
-    """
-
-    operation: str
-    studies: frozenset[str]
-    resources: frozenset[str] = frozenset()
-    study_tags_for: str | None = None
-
-    @classmethod
-    def for_split(cls, request: sm.SplitRequest) -> IndexSelector:
-        return cls(sm.SPLIT, frozenset({request.study}))
-
-    @classmethod
-    def for_merge(cls, request: sm.MergeRequest) -> IndexSelector:
-        return cls(sm.MERGE, frozenset({request.target}), frozenset(request.resources), request.target)
-
-    @property
-    def grouped(self) -> bool:
-        """Merge resources may be series or instances: their whole study is needed."""
-        return self.operation == sm.MERGE
-
-    def matches(self, e: sm.IndexEntry) -> bool:
-        if e.study_uid in self.studies or e.study in self.studies:
-            return True
-        ids = (e.study_uid, e.study, e.series_uid, e.series, e.sop_uid, e.instance, e.patient)
-        return any(i in self.resources for i in ids)
-
-
-def read_header(path: str, size: int, max_bytes: int) -> Any:
-    """The data set up to its pixel data, or None when the file is not usable DICOM.
-
-    Pass 2 reads every file again in full and records why a file failed; here an unreadable
-    file is simply not in the index.
-    """
-    from pydicom import dcmread
-
-    from transforms.dicomio import _looks_like_bare_dataset, check_identifiers
-
-    if size > max_bytes or size <= 0:  # empty, not a regular file, or a name not in UTF-8 (pass 2 says)
-        return None
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            head = f.read(_DICM_OFFSET + 4)
-            marker = head[_DICM_OFFSET:] == b"DICM"
-            if not marker and not _looks_like_bare_dataset(head):
-                return None
-            f.seek(0)
-            ds = dcmread(f, stop_before_pixels=True, force=not marker)
-        check_identifiers(ds)
-    except Exception:  # noqa: BLE001 - any failure (RecursionError included): not indexed, pass 2 says why
-        return None
-    return ds
-
-
-def index_file(path: str, size: int, selector: IndexSelector, max_bytes: int) -> sm.IndexEntry | None:
-    """The index entry of one input file, or None (unreadable, or not needed for a split)."""
-    ds = read_header(path, size, max_bytes)
-    if ds is None:
-        return None
-    try:
-        entry = sm.index_entry(path, ds, study_tags_for=selector.study_tags_for)
-    except Exception:  # noqa: BLE001 - an undecodable value: pass 2 records the failure
-        return None
-    if not selector.grouped and not selector.matches(entry):
-        return None
-    return entry
-
-
 class _IndexFn(beam.DoFn):
-    def __init__(self, selector: IndexSelector, max_bytes: int) -> None:
+    def __init__(self, selector: smf.IndexSelector, max_bytes: int) -> None:
         self._selector = selector
         self._max_bytes = max_bytes
         self._indexed = Metrics.counter(_METRICS_NAMESPACE, "indexed")
@@ -167,13 +90,13 @@ class _IndexFn(beam.DoFn):
 
     def process(self, element: tuple[str, int]) -> Iterator[sm.IndexEntry]:
         path, size = element
-        entry = index_file(path, size, self._selector, self._max_bytes)
+        entry = smf.index_file(path, size, self._selector, self._max_bytes)
         if entry is not None:
             self._indexed.inc()
             yield entry
 
 
-def _relevant_study(group: tuple[str, Iterable[sm.IndexEntry]], selector: IndexSelector) -> Iterator[sm.IndexEntry]:
+def _relevant_study(group: tuple[str, Iterable[sm.IndexEntry]], selector: smf.IndexSelector) -> Iterator[sm.IndexEntry]:
     _, entries = group
     entries = list(entries)
     if any(selector.matches(e) for e in entries):
@@ -188,7 +111,7 @@ class BuildStudyIndex(beam.PTransform):
     what stays behind), so entries are grouped by Orthanc study id and whole studies kept.
     """
 
-    def __init__(self, selector: IndexSelector, max_bytes: int) -> None:
+    def __init__(self, selector: smf.IndexSelector, max_bytes: int) -> None:
         super().__init__()
         self._selector = selector
         self._max_bytes = max_bytes
@@ -205,206 +128,16 @@ class BuildStudyIndex(beam.PTransform):
         )
 
 
-def encode_entry(e: sm.IndexEntry) -> str:
-    """One JSON line per entry (the index travels from the workers to the driver as text)."""
-    return json.dumps(list(e), separators=(",", ":"), ensure_ascii=True)
-
-
-def decode_entry(line: str) -> sm.IndexEntry:
-    fields = json.loads(line)
-    tags = fields[-1]
-    return sm.IndexEntry(*fields[:-1], tuple((int(t), v) for t, v in tags) if tags is not None else None)
-
-
 # --------------------------------------------------------------------------- pass 2: apply
-
-
-@dataclasses.dataclass(frozen=True)
-class ApplyConfig:
-    """What a pass-2 worker needs besides the plan (which it reads from ``plan_uri``)."""
-
-    plan_uri: str
-    output_root: str
-    run_id: str
-    key_id: str
-    max_bytes: int = 2 << 30
-    copy_unselected: bool = False
-    crosswalk: bool = False
-    progress_dir: str | None = None  # local folder for the CLI's progress line (local runners only)
-    memory_budget: int | None = None  # input bytes in flight per process (transforms.beam.MemoryBudget)
-
-
-_PLAN_CACHE: dict[str, sm.Plan] = {}
-
-
-def load_plan(uri: str) -> sm.Plan:
-    """The pickled plan at ``uri``, read once per worker process."""
-    plan = _PLAN_CACHE.get(uri)
-    if plan is None:
-        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            plan = pickle.loads(f.read())
-        if not isinstance(plan, sm.Plan):
-            raise TypeError(f"{uri}: not a split/merge plan")
-        _PLAN_CACHE.clear()
-        _PLAN_CACHE[uri] = plan
-    return plan
-
-
-def write_plan(uri: str, plan: sm.Plan) -> None:
-    with FileSystems.create(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _identity_columns(ds: Any) -> dict[str, Any]:
-    """The UID and Orthanc-id columns describing the file ``ds`` becomes."""
-    from transforms.beam import _safe_str
-    from transforms.orthanc_ids import orthanc_ids
-
-    study, series, sop = (_safe_str(ds, k) or "" for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-    ids = orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop)
-    return {
-        "study_instance_uid": study,
-        "series_instance_uid": series,
-        "sop_instance_uid": sop,
-        "patient_orthanc_id": ids["patient"],
-        "study_orthanc_id": ids["study"],
-        "series_orthanc_id": ids["series"],
-        "instance_orthanc_id": ids["instance"],
-    }
-
-
-def _publish_named(data: bytes, ds: Any, cfg: ApplyConfig) -> tuple[str, str]:
-    """Publish ``data`` at ``<OUTPUT>/<study>/<series>/<sop>.dcm`` from ``ds``'s UIDs."""
-    from transforms.beam import _safe_str, output_name, publish
-
-    name = output_name(*(_safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")))
-    final = FileSystems.join(cfg.output_root, *name.split("/"))
-    sha = hashlib.sha256(data).hexdigest()
-    publish(data, sha, final, cfg.output_root, cfg.run_id)
-    return final, sha
-
-
-def process_instance(
-    path: str, size: int, plan: sm.Plan, cfg: ApplyConfig
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Move, copy or skip one input file as the plan says. Never raises for a bad file.
-
-    Returns:
-        ``(audit_row, crosswalk_row or None)``.
-    """
-    from transforms import dicomio
-    from transforms.files import _duplicate, _safe_str, _transfer_syntax, describe_input, read_input
-
-    started = utc_now()
-    row: dict[str, Any] = {
-        "source_uri": path,
-        "operation": plan.operation,
-        "level": "Study",
-        "request": _detail(plan.describe()),
-        "key_id": cfg.key_id,
-        "run_id": cfg.run_id,
-        "bytes_in": int(size),
-        "started_at": started,
-    }
-    new = None
-    stage = "read"
-    try:
-        data = read_input(path, size, cfg.max_bytes, row)
-        stage = "parse"
-        ds = dicomio.read_dataset(data)
-        describe_input(ds, row)
-        if plan.disposition(path) == sm.UNSELECTED:
-            if not cfg.copy_unselected:
-                row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")
-                return audit_row(**row, finished_at=utc_now()), None
-            stage = "write"
-            final, sha = _publish_named(data, ds, cfg)
-            row.update(
-                _identity_columns(ds),
-                status=COPIED,
-                output_uri=final,
-                transfer_syntax_out=row["transfer_syntax_in"],
-                bytes_out=len(data),
-                output_sha256=sha,
-            )
-            return audit_row(**row, finished_at=utc_now()), None
-        defining = plan.duplicate_of.get(path)
-        if defining is not None and not _same_bytes(defining, data, cfg.max_bytes):
-            # Decided by the plan, not by which worker publishes first: a rerun moves the same file.
-            stage = "write"
-            new = sm.apply_plan(plan, ds, path)
-            raise _duplicate()
-        stage = "apply"
-        new = sm.apply_plan(plan, ds, path)
-        stage = "encode"
-        out = dicomio.write_dataset(new)
-        stage = "write"
-        final, sha = _publish_named(out, new, cfg)
-        row.update(
-            _identity_columns(new),
-            status=MOVED,
-            output_uri=final,
-            transfer_syntax_out=_transfer_syntax(new),
-            bytes_out=len(out),
-            output_sha256=sha,
-        )
-        if plan.keep_source:
-            stage = "keep source"
-            _publish_named(data, ds, cfg)
-            row["detail"] = "KeepSource: the original was also written unchanged under its own UIDs"
-        crosswalk = None
-        if cfg.crosswalk:
-            original = _identity_columns(ds)
-            crosswalk = crosswalk_row(
-                source_uri=path,
-                output_uri=final,
-                run_id=cfg.run_id,
-                key_id=cfg.key_id,
-                original_patient_id=_safe_str(ds, "PatientID") or "",
-                original_study_instance_uid=original["study_instance_uid"],
-                original_series_instance_uid=original["series_instance_uid"],
-                original_sop_instance_uid=original["sop_instance_uid"],
-                new_patient_id=_safe_str(new, "PatientID") or "",
-                new_study_instance_uid=row["study_instance_uid"],
-                new_series_instance_uid=row["series_instance_uid"],
-                new_sop_instance_uid=row["sop_instance_uid"],
-                original_instance_orthanc_id=original["instance_orthanc_id"],
-                new_instance_orthanc_id=row["instance_orthanc_id"],
-            )
-        return audit_row(**row, finished_at=utc_now()), crosswalk
-    except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
-        reason, detail = failure_reason(exc, stage, ("write", "keep source"))
-    if stage == "keep source" and row.get("output_uri"):
-        detail += f" (the re-parented instance was written to {row['output_uri']})"
-    for column in OUTPUT_COLUMNS:
-        row.pop(column, None)
-    if reason == "duplicate_instance" and new is not None:
-        row.update(_identity_columns(new))  # the identity it collided on
-    else:
-        for column in NEW_IDENTITY_COLUMNS:
-            row.pop(column, None)
-    row.update(status=FAILED, reason=reason, detail=_detail(detail))
-    return audit_row(**row, finished_at=utc_now()), None
-
-
-def _same_bytes(path: str, data: bytes, max_bytes: int) -> bool:
-    """Whether the input at ``path`` holds exactly ``data``; an unreadable one counts as the
-    same (the duplicate then goes on, and the writer still refuses differing content)."""
-    from transforms.files import read_bounded
-
-    try:
-        return read_bounded(path, max_bytes) == data
-    except Exception:  # noqa: BLE001 - see above
-        return True
 
 
 class _ApplyFn(beam.DoFn):
     """``(path, size)`` -> one audit row; crosswalk rows on ``CROSSWALK_TAG``."""
 
-    def __init__(self, cfg: ApplyConfig) -> None:
+    def __init__(self, cfg: smf.ApplyConfig) -> None:
         self._cfg = cfg
         self._plan: sm.Plan | None = None
-        self._progress: _ProgressFile | None = None
+        self._progress: ProgressFile | None = None
         self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in STATUSES}
         self._budget: Any = None
 
@@ -412,10 +145,10 @@ class _ApplyFn(beam.DoFn):
         from transforms.beam import process_budget
 
         quiet_pydicom_warnings()
-        self._plan = load_plan(self._cfg.plan_uri)
+        self._plan = smf.load_plan(self._cfg.plan_uri)
         self._budget = process_budget(self._cfg.memory_budget)
         if self._cfg.progress_dir and os.path.isdir(self._cfg.progress_dir):
-            self._progress = _ProgressFile(self._cfg.progress_dir)
+            self._progress = ProgressFile(self._cfg.progress_dir)
 
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         assert self._plan is not None
@@ -424,7 +157,7 @@ class _ApplyFn(beam.DoFn):
         if held:
             self._budget.acquire(held)
         try:
-            audit, crosswalk = process_instance(path, size, self._plan, self._cfg)
+            audit, crosswalk = smf.process_instance(path, size, self._plan, self._cfg)
         finally:
             if held:
                 self._budget.release(held)
@@ -452,7 +185,7 @@ class ApplyOutputs(NamedTuple):
 class ApplySplitMerge(beam.PTransform):
     """``(path, size)`` -> ``ApplyOutputs(audit rows, crosswalk rows)``; see :func:`process_instance`."""
 
-    def __init__(self, cfg: ApplyConfig) -> None:
+    def __init__(self, cfg: smf.ApplyConfig) -> None:
         super().__init__()
         self._cfg = cfg
 
@@ -478,12 +211,12 @@ def work_folder(options: PipelineOptions, output_root: str, run_id: str) -> str:
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:
         return FileSystems.join(temp_location, f"dicom-deid-{run_id}")
-    return _tmp_root(output_root, run_id)
+    return run_tmp_dir(output_root, run_id)
 
 
 def remove_work_folder(folder: str, output_root: str, run_id: str) -> None:
     """Remove :func:`work_folder`'s folder (OUTPUT's temporary folder is ``cleanup_tmp``'s)."""
-    if folder == _tmp_root(output_root, run_id) and not output_root.startswith("gs://"):
+    if folder == run_tmp_dir(output_root, run_id) and not output_root.startswith("gs://"):
         return  # cleanup_tmp's (it skips gs://, where nothing else uses that folder)
     if is_local(folder):
         remove_local_work_folder(folder)
@@ -496,7 +229,9 @@ def remove_work_folder(folder: str, output_root: str, run_id: str) -> None:
         pass
 
 
-def build_index_pass(pipeline: beam.Pipeline, input_uri: str, selector: IndexSelector, max_bytes: int, prefix: str) -> None:
+def build_index_pass(
+    pipeline: beam.Pipeline, input_uri: str, selector: smf.IndexSelector, max_bytes: int, prefix: str
+) -> None:
     from transforms.beam import ExpandInput
 
     (
@@ -504,7 +239,7 @@ def build_index_pass(pipeline: beam.Pipeline, input_uri: str, selector: IndexSel
         | "Input" >> beam.Create([input_uri])
         | "ExpandInput" >> ExpandInput.of(input_uri)
         | "BuildStudyIndex" >> BuildStudyIndex(selector, max_bytes)
-        | "EncodeIndex" >> beam.Map(encode_entry)
+        | "EncodeIndex" >> beam.Map(smf.encode_entry)
         | "WriteIndex" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
     )
 
@@ -516,12 +251,12 @@ def read_index(prefix: str) -> list[sm.IndexEntry]:
             with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 for line in io.TextIOWrapper(f, encoding="utf-8"):
                     if line.strip():
-                        entries.append(decode_entry(line))
+                        entries.append(smf.decode_entry(line))
     return entries
 
 
 def build_apply_pass(
-    pipeline: beam.Pipeline, input_uri: str, cfg: ApplyConfig, audit_root: str, crosswalk_root: str | None
+    pipeline: beam.Pipeline, input_uri: str, cfg: smf.ApplyConfig, audit_root: str, crosswalk_root: str | None
 ) -> None:
     from pipelines.run import WriteRowsToParquet, audit_prefix, crosswalk_prefix
     from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
@@ -626,15 +361,16 @@ def execute(
     tmp = work_folder(options, output_root, run_id)
     # tmp once the index pass wrote there: a remote work folder (--temp_location, a scratch
     # bucket) is not listed after a job that failed to start; OUTPUT's is always cleaned.
-    used: list[str] = [tmp] if tmp == _tmp_root(output_root, run_id) else []
+    used: list[str] = [tmp] if tmp == run_tmp_dir(output_root, run_id) else []
     try:
         if is_local(output_root):
             from transforms.files import claim_local_tmp
 
             claim_local_tmp(output_root, run_id, sinks=(audit_root, crosswalk_root))  # sweeps killed runs' leftovers
-        selector = (
-            IndexSelector.for_split(request) if isinstance(request, sm.SplitRequest) else IndexSelector.for_merge(request)
-        )
+        if isinstance(request, sm.SplitRequest):
+            selector = smf.IndexSelector.for_split(request)
+        else:
+            selector = smf.IndexSelector.for_merge(request)
         index_prefix = FileSystems.join(tmp, "index")
         pipeline = make_pipeline(options)
         build_index_pass(pipeline, input_uri, selector, max_bytes, index_prefix)
@@ -646,8 +382,8 @@ def execute(
         else:
             plan = sm.plan_merge(entries, request, key)
         plan_uri = FileSystems.join(tmp, "plan.pickle")
-        write_plan(plan_uri, plan)
-        cfg = ApplyConfig(
+        smf.write_plan(plan_uri, plan)
+        cfg = smf.ApplyConfig(
             plan_uri=plan_uri,
             output_root=output_root,
             run_id=run_id,
@@ -777,13 +513,9 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 __all__ = [
-    "ApplyConfig",
     "ApplySplitMerge",
     "BuildStudyIndex",
-    "IndexSelector",
     "execute",
-    "index_file",
-    "process_instance",
     "run_command",
     "summarize",
 ]

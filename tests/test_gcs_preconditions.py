@@ -64,7 +64,7 @@ def test_the_server_enforces_the_precondition(client):
 
 _RACE = """
 import hashlib, json, sys, threading
-from transforms.beam import _Duplicate, publish
+from transforms.beam import DuplicateInstanceError, publish
 
 final, mode = sys.argv[1], sys.argv[2]
 n = 8
@@ -77,7 +77,7 @@ def worker(i):
     try:
         publish([data], hashlib.sha256(data).hexdigest(), final, final.rsplit("/", 1)[0], "run")
         results[i] = "written"
-    except _Duplicate:
+    except DuplicateInstanceError:
         results[i] = "duplicate_instance"
 
 threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]

@@ -41,7 +41,7 @@ def test_a_multi_valued_patient_id_is_hashed_as_written():
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientID = ["A1", "B2"]
     read = dicomio.read_dataset(dicomio.write_dataset(ds))
-    assert files._safe_str(read, "PatientID") == "A1\\B2"
-    assert orthanc_ids(files._safe_str(read, "PatientID"), "", "", "")["patient"] == \
+    assert files.safe_str(read, "PatientID") == "A1\\B2"
+    assert orthanc_ids(files.safe_str(read, "PatientID"), "", "", "")["patient"] == \
         "a342c58e-5645ab17-b54aefaa-132162e1-5d0d3971"
     assert sm.index_entry("x.dcm", read).patient == "a342c58e-5645ab17-b54aefaa-132162e1-5d0d3971"

@@ -27,7 +27,7 @@ from tests.pipeline_support import (
 )
 from tests.synthetic import PLANTED, make_study, original_uids, write_study
 from transforms import dicomio, request
-from transforms.beam import TMP_DIR_NAME, _Duplicate, expand_input, publish
+from transforms.beam import TMP_DIR_NAME, DuplicateInstanceError, expand_input, publish
 
 ANONYMIZE = request.parse_anonymize({})
 
@@ -158,7 +158,7 @@ def test_publish_local_is_create_if_absent(tmp_path: Path):
     publish(data, hashlib.sha256(data).hexdigest(), final, str(out), "run1")
     publish(data, hashlib.sha256(data).hexdigest(), final, str(out), "run2")  # idempotent rerun
     other = b"other content"
-    with pytest.raises(_Duplicate) as info:
+    with pytest.raises(DuplicateInstanceError) as info:
         publish(other, hashlib.sha256(other).hexdigest(), final, str(out), "run1")
     assert info.value.reason == "duplicate_instance"
     assert Path(final).read_bytes() == data
@@ -178,7 +178,7 @@ def test_publish_local_race_has_exactly_one_winner(tmp_path: Path):
         try:
             publish(contents[i], hashlib.sha256(contents[i]).hexdigest(), final, str(out), "race")
             outcomes[i] = "written"
-        except _Duplicate:
+        except DuplicateInstanceError:
             outcomes[i] = "duplicate"
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(contents))]

@@ -161,6 +161,7 @@ def test_setup_file_packages_the_code_for_workers(tmp_path: Path):
         "pipelines/splitmerge.py",
         "transforms/beam.py",
         "transforms/splitmerge.py",
+        "transforms/splitmerge_files.py",
         "transforms/engine.py",
         "transforms/data/profiles.json",
         "schemas/audit.py",

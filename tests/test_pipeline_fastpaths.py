@@ -22,7 +22,7 @@ from pipelines import run as pipeline_run
 from schemas.audit import AUDIT_SCHEMA, audit_row, utc_now
 from tests.pipeline_support import KEY
 from transforms import dicomio, engine, request
-from transforms.beam import RunConfig, _safe_str, _transfer_syntax, publish, process_file, read_bounded
+from transforms.beam import RunConfig, process_file, publish, read_bounded, safe_str, safe_transfer_syntax
 from transforms.errors import InputError
 
 CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
@@ -143,7 +143,7 @@ def test_rows_to_parquet_writes_what_beams_writer_writes(tmp_path: Path, batch_r
 
 
 def _pydicom_str(ds, keyword: str):
-    """What _safe_str returns without its raw fast path: pydicom's conversion, stripped (a
+    """What safe_str returns without its raw fast path: pydicom's conversion, stripped (a
     PatientID keeps its leading spaces and joins several values with a backslash, as Orthanc's
     ids take them)."""
     from pydicom.multival import MultiValue
@@ -157,7 +157,7 @@ def _pydicom_str(ds, keyword: str):
 
 
 def _pydicom_syntax(ds):
-    """What _transfer_syntax returned before its raw fast path (pydicom converts in place)."""
+    """What safe_transfer_syntax returned before its raw fast path (pydicom converts in place)."""
     value = str(dicomio.transfer_syntax_of(ds)).strip(" \0")
     return value if value and len(value) <= 64 and re.match(r"^[0-9]+(\.[0-9]+)*$", value) else None
 
@@ -188,7 +188,7 @@ def test_raw_identifier_fast_paths_agree_with_pydicom_on_real_files(samples: Pat
                 fresh.file_meta = fresh_meta
             pid_raw = type(fresh._dict.get(0x00100020)) is RawDataElement
             ts_raw = fresh_meta is not None and type(fresh_meta._dict.get(0x00020010)) is RawDataElement
-            got = (_safe_str(fresh, "PatientID"), _transfer_syntax(fresh))
+            got = (safe_str(fresh, "PatientID"), safe_transfer_syntax(fresh))
             if pid_raw:
                 assert type(fresh._dict[0x00100020]) is RawDataElement, path  # not converted in place
             if ts_raw:
@@ -220,7 +220,7 @@ def test_patient_id_fast_path_edges(charset, raw: bytes, expected):
     if charset:
         ds._dict[0x00080005] = RawDataElement(pydicom.tag.Tag(0x00080005), "CS", len(charset), charset.encode(), 0, False, True)
     ds._dict[0x00100020] = RawDataElement(pydicom.tag.Tag(0x00100020), "LO", len(raw), raw, 0, False, True)
-    assert _safe_str(ds, "PatientID") == expected == _pydicom_str(ds, "PatientID")
+    assert safe_str(ds, "PatientID") == expected == _pydicom_str(ds, "PatientID")
 
 
 def test_patient_id_with_a_sequence_vr_is_not_read_as_text():
@@ -229,7 +229,7 @@ def test_patient_id_with_a_sequence_vr_is_not_read_as_text():
 
     ds = pydicom.Dataset()
     ds._dict[0x00100020] = RawDataElement(pydicom.tag.Tag(0x00100020), "SQ", 0, b"", 0, False, True)
-    assert _safe_str(ds, "PatientID") is None
+    assert safe_str(ds, "PatientID") is None
 
 
 def _deidentify_fn_outputs(cfg: RunConfig, elements: list[tuple[str, int]], release: Any = None) -> tuple[list, list]:

@@ -24,6 +24,7 @@ from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
 from tests.synthetic import make_study, write_study
 from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
 from transforms import splitmerge as sm
+from transforms import splitmerge_files as smf
 from transforms.dicomio import read_dataset
 from tests.conftest import SPLIT_MERGE_KEY_BYTES as KEY_BYTES
 from transforms.errors import InputError
@@ -195,8 +196,8 @@ def test_index_pass_keeps_only_what_the_planner_needs(tmp_path: Path, samples: P
     knee = sorted((samples / "Knee" / "T1").glob("*.dcm"))[:2]
     files = [(str(p), p.stat().st_size) for p in [*paths.values(), *knee]]
     mr1 = str(paths["A/mr1.dcm"])
-    merge = psm.IndexSelector.for_merge(sm.parse_merge(STUDY_B, {"Resources": [sm.index_entry(mr1, pydicom.dcmread(mr1)).instance]}))
-    split = psm.IndexSelector.for_split(sm.parse_split(STUDY_B, {"Series": ["1.2"]}))
+    merge = smf.IndexSelector.for_merge(sm.parse_merge(STUDY_B, {"Resources": [sm.index_entry(mr1, pydicom.dcmread(mr1)).instance]}))
+    split = smf.IndexSelector.for_split(sm.parse_split(STUDY_B, {"Series": ["1.2"]}))
     with test_pipeline.TestPipeline() as p:
         created = p | beam.Create(files)
         merged = created | "Merge" >> psm.BuildStudyIndex(merge, 1 << 30) | "M" >> beam.Map(lambda e: (e.study_uid, e.study_tags is not None))
@@ -209,9 +210,9 @@ def test_index_pass_keeps_only_what_the_planner_needs(tmp_path: Path, samples: P
 def test_index_entries_round_trip_as_json(tmp_path: Path) -> None:
     paths = write_reference_studies(tmp_path)
     entry = sm.index_entry(str(paths["B/ct1.dcm"]), pydicom.dcmread(paths["B/ct1.dcm"]), study_tags_for=STUDY_B)
-    assert psm.decode_entry(psm.encode_entry(entry)) == entry
+    assert smf.decode_entry(smf.encode_entry(entry)) == entry
     plain = entry._replace(study_tags=None)
-    assert psm.decode_entry(psm.encode_entry(plain)) == plain
+    assert smf.decode_entry(smf.encode_entry(plain)) == plain
 
 
 # --------------------------------------------------------------------------- progress
@@ -293,9 +294,9 @@ def test_apply_pass_holds_each_file_in_the_process_memory_budget(tmp_path: Path,
         seen.append((path, budget.used))
         return {"status": "skipped"}, None
 
-    monkeypatch.setattr(psm, "load_plan", lambda uri: "the plan")
-    monkeypatch.setattr(psm, "process_instance", process_instance)
-    cfg = psm.ApplyConfig(plan_uri="unused", output_root=str(tmp_path), run_id="r", key_id="k", max_bytes=500_000,
+    monkeypatch.setattr(smf, "load_plan", lambda uri: "the plan")
+    monkeypatch.setattr(smf, "process_instance", process_instance)
+    cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(tmp_path), run_id="r", key_id="k", max_bytes=500_000,
                           memory_budget=1_000_000)  # fmt: skip
     fn = psm._ApplyFn(cfg)
     fn.setup()
@@ -457,11 +458,11 @@ def test_which_duplicate_moves_is_the_plans_choice_not_the_workers_order(tmp_pat
     plan = sm.plan_split(index, sm.parse_split(str(datasets[0].StudyInstanceUID),
                                                {"Series": [str(datasets[0].SeriesInstanceUID)]}), key)
     assert plan.duplicate_of == {str(loser): str(winner), str(same): str(winner)}
-    cfg = psm.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
+    cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
     order = [loser, same, winner] if loser_first else [winner, same, loser]
     rows = {}
     for path in order:
-        row, _ = psm.process_instance(str(path), path.stat().st_size, plan, cfg)
+        row, _ = smf.process_instance(str(path), path.stat().st_size, plan, cfg)
         rows[path.name] = row
     assert (rows[winner.name]["status"], rows[same.name]["status"]) == ("moved", "moved")
     assert rows[same.name]["output_sha256"] == rows[winner.name]["output_sha256"]

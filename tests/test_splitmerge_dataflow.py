@@ -36,6 +36,7 @@ from tests.test_split_synthetic import (
     write_reference_studies,
 )
 from transforms import splitmerge as sm
+from transforms import splitmerge_files as smf
 
 INPUT = "gs://deid-in/archive"
 OUTPUT = "gs://deid-out/split"
@@ -53,22 +54,22 @@ def _pipeline(args=DATAFLOW_ARGS):
     return options, pipeline_run.make_pipeline(options)
 
 
-def _index_pass(selector: psm.IndexSelector):
+def _index_pass(selector: smf.IndexSelector):
     options, pipeline = _pipeline()
     psm.build_index_pass(pipeline, INPUT, selector, 1 << 30, INDEX_PREFIX)
     return options, pipeline
 
 
-def _apply_pass(cfg: psm.ApplyConfig):
+def _apply_pass(cfg: smf.ApplyConfig):
     options, pipeline = _pipeline()
     psm.build_apply_pass(pipeline, INPUT, cfg, AUDIT, CROSSWALK)
     return options, pipeline
 
 
-def _config(**overrides) -> psm.ApplyConfig:
+def _config(**overrides) -> smf.ApplyConfig:
     fields = {"plan_uri": PLAN_URI, "output_root": OUTPUT, "run_id": RUN_ID, "key_id": KEY.key_id, "copy_unselected": True, "crosswalk": True}
     fields.update(overrides)
-    return psm.ApplyConfig(**fields)
+    return smf.ApplyConfig(**fields)
 
 
 def _top(proto: beam_runner_api_pb2.Pipeline) -> set[str]:
@@ -83,7 +84,7 @@ def _shuffles(proto: beam_runner_api_pb2.Pipeline) -> list[str]:
 
 
 def test_options_parse_for_dataflow():
-    options, _ = _index_pass(psm.IndexSelector.for_split(SPLIT))
+    options, _ = _index_pass(smf.IndexSelector.for_split(SPLIT))
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
     gcp = options.view_as(GoogleCloudOptions)
     assert (gcp.project, gcp.region, gcp.temp_location) == ("deid-test-project", "europe-west1", "gs://deid-temp-bucket/tmp")
@@ -92,7 +93,7 @@ def test_options_parse_for_dataflow():
 
 
 def test_split_index_pass_filters_without_grouping():
-    selector = psm.IndexSelector.for_split(SPLIT)
+    selector = smf.IndexSelector.for_split(SPLIT)
     _, pipeline = _index_pass(selector)
     proto = pipeline.to_runner_api()
     assert _top(proto) == {"Input", "ExpandInput", "BuildStudyIndex", "EncodeIndex", "WriteIndex"}
@@ -105,7 +106,7 @@ def test_split_index_pass_filters_without_grouping():
 
 
 def test_merge_index_pass_groups_by_study():
-    selector = psm.IndexSelector.for_merge(MERGE)
+    selector = smf.IndexSelector.for_merge(MERGE)
     _, pipeline = _index_pass(selector)
     proto = pipeline.to_runner_api()
     assert _top(proto) == {"Input", "ExpandInput", "BuildStudyIndex", "EncodeIndex", "WriteIndex"}
@@ -123,7 +124,7 @@ def test_merge_index_pass_groups_by_study():
 def test_apply_pass_reads_the_plan_from_its_uri(tmp_path: Path, request_, moved: int):
     """The plan (every new UID) stays out of the job description; workers read it by URI."""
     paths = write_reference_studies(tmp_path)
-    selector = psm.IndexSelector.for_split(request_) if request_ is SPLIT else psm.IndexSelector.for_merge(request_)
+    selector = smf.IndexSelector.for_split(request_) if request_ is SPLIT else smf.IndexSelector.for_merge(request_)
     entries = [sm.index_entry(str(p), pydicom.dcmread(p, stop_before_pixels=True), study_tags_for=selector.study_tags_for)
                for p in paths.values()]  # fmt: skip
     plan = sm.plan_split(entries, request_, KEY) if request_ is SPLIT else sm.plan_merge(entries, request_, KEY)
@@ -168,7 +169,7 @@ def test_dataflow_dry_run_builds_both_jobs():
     """Both passes through DataflowRunner.run_pipeline up to the job description; nothing is submitted."""
     if importlib.util.find_spec("build") is None:
         pytest.skip("--setup_file with pyproject.toml needs the 'build' package")
-    for options, pipeline in (_index_pass(psm.IndexSelector.for_merge(MERGE)), _apply_pass(_config())):
+    for options, pipeline in (_index_pass(smf.IndexSelector.for_merge(MERGE)), _apply_pass(_config())):
         result = pipeline.run()
         assert str(result.state) == "DONE"
         assert result.job.proto.name.startswith("beamapp-")

@@ -42,16 +42,14 @@ from apache_beam.transforms.window import GlobalWindows
 from schemas.audit import FAILED, SKIPPED, WRITTEN
 from transforms.files import (  # noqa: F401 - re-exported: the per-file API as seen from the Beam shell
     TMP_DIR_NAME,
+    DuplicateInstanceError,
     MemoryBudget,
+    ProgressFile,
     RunConfig,
-    _Duplicate,
     _gcs_client,
     _input_pattern,
     _is_input,
     _match_streaming,
-    _ProgressFile,
-    _safe_str,
-    _transfer_syntax,
     default_memory_budget,
     expand_input,
     failed_row,
@@ -70,6 +68,8 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     read_bounded,
     read_progress,
     remove_local_tmp,
+    safe_str,
+    safe_transfer_syntax,
 )
 from transforms.workers import LocalPool, WorkerLost, pool_for
 
@@ -160,7 +160,7 @@ class DeidentifyFn(beam.DoFn):
     def __init__(self, cfg: RunConfig) -> None:
         self._cfg = cfg
         self._key: Any = None
-        self._progress: _ProgressFile | None = None
+        self._progress: ProgressFile | None = None
         self._counters = {s: Metrics.counter(_METRICS_NAMESPACE, s) for s in (WRITTEN, FAILED, SKIPPED)}
         self._bytes_in = Metrics.distribution(_METRICS_NAMESPACE, "bytes_in")
         self._writer: Any = None
@@ -181,7 +181,7 @@ class DeidentifyFn(beam.DoFn):
                 "the key file changed during the run"
             )
         if cfg.progress_dir and os.path.isdir(cfg.progress_dir):
-            self._progress = _ProgressFile(cfg.progress_dir)
+            self._progress = ProgressFile(cfg.progress_dir)
         self._budget = process_budget(cfg.memory_budget)
         self._pool = pool_for(cfg.run_id)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dicom-deid-writer")

@@ -174,7 +174,7 @@ def _syntax_for(implicit: bool, little: bool) -> str:
 _BARE_FIRST_GROUPS = frozenset({0x0002, 0x0004, 0x0008, 0x0010, 0x0018, 0x0020})
 
 
-def _looks_like_bare_dataset(data: bytes) -> bool:
+def looks_like_bare_dataset(data: bytes) -> bool:
     """A file without preamble: accept it only if it starts like a data set (little endian,
     or explicit VR big endian)."""
     if len(data) < 8:
@@ -203,7 +203,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
     if not data:
         raise InputError("empty file", reason="empty")
     has_marker = len(data) >= _DICM_OFFSET + 4 and data[_DICM_OFFSET : _DICM_OFFSET + 4] == b"DICM"
-    if not has_marker and not _looks_like_bare_dataset(data):
+    if not has_marker and not looks_like_bare_dataset(data):
         raise InputError("not a DICOM file: no DICM marker and no recognisable data set", reason="not_dicom")
     if has_marker:
         fast = _fast_read(data)

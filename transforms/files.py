@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from schemas.audit import (
     FAILED,
@@ -338,7 +338,7 @@ _ASCII_KEYWORDS = {
 }
 
 
-def _safe_str(ds: Any, keyword: str) -> str | None:
+def safe_str(ds: Any, keyword: str) -> str | None:
     """A top-level string value, or None when absent or undecodable (hostile files)."""
     from pydicom.dataelem import RawDataElement
     from pydicom.multival import MultiValue
@@ -407,16 +407,16 @@ _LO_KEYWORDS = {"PatientID": 0x00100020}
 
 
 def _safe_uid(ds: Any, keyword: str) -> str | None:
-    value = _safe_str(ds, keyword)
+    value = safe_str(ds, keyword)
     return value if _is_uid(value) else None
 
 
 def _safe_modality(ds: Any) -> str | None:
-    value = _safe_str(ds, "Modality")
+    value = safe_str(ds, "Modality")
     return value if value and _MODALITY_RE.match(value) else None
 
 
-def _transfer_syntax(ds: Any) -> str | None:
+def safe_transfer_syntax(ds: Any) -> str | None:
     from pydicom.dataelem import RawDataElement
 
     from transforms.dicomio import transfer_syntax_of
@@ -454,6 +454,72 @@ def output_name(study: str | None, series: str | None, sop: str | None) -> str:
             )
         parts.append(value)
     return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+
+
+class Identifiers(NamedTuple):
+    """The identifiers of one data set as read (None: absent or undecodable; not validated)
+    and their Orthanc-style ids (``transforms.orthanc_ids.orthanc_ids``, absent ones hashed
+    as "")."""
+
+    patient_id: str | None
+    study: str | None
+    series: str | None
+    sop: str | None
+    orthanc: dict[str, str]  # patient, study, series, instance
+
+
+def identifiers_of(ds: Any) -> Identifiers:
+    """PatientID and the three UIDs of ``ds`` (:func:`safe_str`), with their Orthanc-style ids."""
+    from transforms.orthanc_ids import orthanc_ids
+
+    study, series, sop = (safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    patient_id = safe_str(ds, "PatientID")
+    ids = orthanc_ids(patient_id or "", study or "", series or "", sop or "")
+    return Identifiers(patient_id, study, series, sop, ids)
+
+
+def identity_columns(ids: Identifiers) -> dict[str, Any]:
+    """The audit columns naming the file a data set becomes (``NEW_IDENTITY_COLUMNS``): its
+    UIDs (null unless usable as a path component) and Orthanc-style ids."""
+    return {
+        "study_instance_uid": ids.study if _is_uid(ids.study) else None,
+        "series_instance_uid": ids.series if _is_uid(ids.series) else None,
+        "sop_instance_uid": ids.sop if _is_uid(ids.sop) else None,
+        "patient_orthanc_id": ids.orthanc["patient"],
+        "study_orthanc_id": ids.orthanc["study"],
+        "series_orthanc_id": ids.orthanc["series"],
+        "instance_orthanc_id": ids.orthanc["instance"],
+    }
+
+
+def crosswalk_fields(
+    source_uri: str, run_id: str, key_id: str, original: Identifiers, new: Identifiers, *, absent: str | None = None
+) -> dict[str, Any]:
+    """The crosswalk row of one written file, but its ``output_uri`` (give both to
+    ``schemas.audit.crosswalk_row``).
+
+    ``absent`` is what an identifier the data set lacks is recorded as, except the original
+    PatientID (always ""): None for anonymize/modify, "" for split/merge.
+    """
+
+    def shown(value: str | None) -> str | None:
+        return absent if value is None else value
+
+    return {
+        "source_uri": source_uri,
+        "run_id": run_id,
+        "key_id": key_id,
+        "original_patient_id": original.patient_id or "",
+        "original_study_instance_uid": shown(original.study),
+        "original_series_instance_uid": shown(original.series),
+        "original_sop_instance_uid": shown(original.sop),
+        "new_patient_id": shown(new.patient_id),
+        "new_study_instance_uid": shown(new.study),
+        "new_series_instance_uid": shown(new.series),
+        "new_sop_instance_uid": shown(new.sop),
+        "original_instance_orthanc_id": original.orthanc["instance"],
+        "new_instance_orthanc_id": new.orthanc["instance"],
+    }
 
 
 def _is_plain_path(uri: str) -> bool:
@@ -548,18 +614,18 @@ def _sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-class _Duplicate(DeidError):
+class DuplicateInstanceError(DeidError):
     reason = "duplicate_instance"
 
 
-def _duplicate() -> _Duplicate:
-    return _Duplicate(
+def duplicate_instance_error() -> DuplicateInstanceError:
+    return DuplicateInstanceError(
         "another input already produced this output name (same new SOPInstanceUID) with different content",
         reason="duplicate_instance",
     )
 
 
-def _tmp_root(output_root: str, run_id: str) -> str:
+def run_tmp_dir(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
@@ -719,7 +785,7 @@ def publish(data: Any, sha256: str, final: str, output_root: str, run_id: str) -
     Returns normally when ``final`` holds exactly ``data`` (newly written or already there).
 
     Raises:
-        _Duplicate: ``final`` holds different bytes.
+        DuplicateInstanceError: ``final`` holds different bytes.
         OSError / BeamIOError: the filesystem failed.
     """
     if is_local(final):
@@ -750,9 +816,9 @@ def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id:
     # No exists-check and no makedirs up front: os.link itself says "exists" or "no folder",
     # which saves three system calls per file on the common path.
     if _is_plain_path(output_root):
-        tmp_dir = os.path.join(output_root, TMP_DIR_NAME, run_id)  # = _tmp_root, without the lookup
+        tmp_dir = os.path.join(output_root, TMP_DIR_NAME, run_id)  # = run_tmp_dir, without the lookup
     else:
-        tmp_dir = _tmp_root(output_root, run_id)
+        tmp_dir = run_tmp_dir(output_root, run_id)
     tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
@@ -773,7 +839,7 @@ def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id:
                 os.link(tmp, final)
         except FileExistsError:
             if _sha256_of(final) != sha256:
-                raise _duplicate() from None
+                raise duplicate_instance_error() from None
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 raise
@@ -781,7 +847,7 @@ def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id:
             # that appeared since the exists-check below (documented race).
             if os.path.exists(final):
                 if _sha256_of(final) != sha256:
-                    raise _duplicate() from None
+                    raise duplicate_instance_error() from None
             else:
                 os.replace(tmp, final)
     finally:
@@ -866,7 +932,7 @@ def _publish_gcs(data: bytes, sha256: str, final: str, client: Any) -> None:
         )
     except PreconditionFailed:  # the name exists: a rerun, a retried bundle, or a duplicate
         if _sha256_of(final) != sha256:
-            raise _duplicate() from None
+            raise duplicate_instance_error() from None
 
 
 def _publish_remote(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
@@ -878,9 +944,9 @@ def _publish_remote(data: Any, sha256: str, final: str, output_root: str, run_id
             return
     if FileSystems.exists(final):
         if _sha256_of(final) != sha256:
-            raise _duplicate()
+            raise duplicate_instance_error()
         return
-    tmp = FileSystems.join(_tmp_root(output_root, run_id), uuid.uuid4().hex + ".tmp")
+    tmp = FileSystems.join(run_tmp_dir(output_root, run_id), uuid.uuid4().hex + ".tmp")
     with FileSystems.create(tmp, mime_type="application/dicom", compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(data)
     expected = _gcs_crc32c(data) if final.startswith("gs://") else None
@@ -888,7 +954,7 @@ def _publish_remote(data: Any, sha256: str, final: str, output_root: str, run_id
         expected = FileSystems.checksum(tmp)
     FileSystems.rename([tmp], [final])
     if FileSystems.checksum(final) != expected and _sha256_of(final) != sha256:
-        raise _duplicate()
+        raise duplicate_instance_error()
 
 
 def _gcs_crc32c(data: bytes) -> str | None:
@@ -903,7 +969,7 @@ def _gcs_crc32c(data: bytes) -> str | None:
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
 
 
-def _detail(text: str) -> str:
+def short_detail(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
 
@@ -914,10 +980,10 @@ def _matching_resources(ds: Any, selection: dict[str, tuple[int, ...]]) -> list[
     ascending; ``selection`` as :func:`_selection` gives it."""
     from transforms.orthanc_ids import orthanc_ids
 
-    study = _safe_str(ds, "StudyInstanceUID") or ""
-    series = _safe_str(ds, "SeriesInstanceUID") or ""
-    sop = _safe_str(ds, "SOPInstanceUID") or ""
-    names = {study, series, sop} | set(orthanc_ids(_safe_str(ds, "PatientID") or "", study, series, sop).values())
+    study = safe_str(ds, "StudyInstanceUID") or ""
+    series = safe_str(ds, "SeriesInstanceUID") or ""
+    sop = safe_str(ds, "SOPInstanceUID") or ""
+    names = {study, series, sop} | set(orthanc_ids(safe_str(ds, "PatientID") or "", study, series, sop).values())
     names.discard("")
     return sorted(position for name in names for position in selection.get(name, ()))
 
@@ -989,7 +1055,7 @@ class Prepared:
 
 def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, Any], None]:
     reason, detail = failure_reason(exc, stage)
-    row.update(status=FAILED, reason=reason, detail=_detail(detail), output_uri=None)
+    row.update(status=FAILED, reason=reason, detail=short_detail(detail), output_uri=None)
     if reason != "duplicate_instance":
         for k in NEW_IDENTITY_COLUMNS:
             row.pop(k, None)
@@ -1023,7 +1089,7 @@ def describe_input(ds: Any, row: dict[str, Any]) -> None:
     (validated shapes only: no free text from the file)."""
     row["sop_class_uid"] = _safe_uid(ds, "SOPClassUID")
     row["modality"] = _safe_modality(ds)
-    row["transfer_syntax_in"] = _transfer_syntax(ds)
+    row["transfer_syntax_in"] = safe_transfer_syntax(ds)
 
 
 def _base_row(path: str, size: int, cfg: RunConfig) -> dict[str, Any]:
@@ -1063,7 +1129,6 @@ def prepare_file(
     ``(audit_row, None)`` of a file that failed or was not selected. Never raises for a bad
     file."""
     from transforms import dicomio, engine
-    from transforms.orthanc_ids import orthanc_ids
 
     plan = cfg.plan
     row = _base_row(path, size, cfg)
@@ -1091,22 +1156,11 @@ def prepare_file(
 
             new = transcode_for_plan(plan, new, key).dataset  # lossy: new SOPInstanceUID
         stage = "name"
-        study, series, sop = (_safe_str(new, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-        ids = orthanc_ids(_safe_str(new, "PatientID") or "", study or "", series or "", sop or "")
-        row.update(
-            study_instance_uid=study if _is_uid(study) else None,
-            series_instance_uid=series if _is_uid(series) else None,
-            sop_instance_uid=sop if _is_uid(sop) else None,
-        )
+        ids = identifiers_of(new)
+        row.update(identity_columns(ids))  # _failed drops them again if output_name refuses a UID
         # The UIDs name the output folder tree; one-file mode writes where it was told, so a
         # UID the request itself set (Replace + Force: "abc", "", 1.2\\1.3) is Orthanc's business.
-        name = output_name(study, series, sop) if target is None else None
-        row.update(
-            patient_orthanc_id=ids["patient"],
-            study_orthanc_id=ids["study"],
-            series_orthanc_id=ids["series"],
-            instance_orthanc_id=ids["instance"],
-        )
+        name = output_name(ids.study, ids.series, ids.sop) if target is None else None
         stage = "encode"
         parts = dicomio.write_parts(new)
         if target is not None:
@@ -1117,23 +1171,7 @@ def prepare_file(
             final = FileSystems.join(cfg.output_root, *name.split("/"))  # type: ignore[union-attr]
         crosswalk = None
         if cfg.crosswalk:
-            orig_pid = _safe_str(ds, "PatientID") or ""
-            orig = [_safe_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-            crosswalk = dict(
-                source_uri=path,
-                run_id=cfg.run_id,
-                key_id=cfg.key_id,
-                original_patient_id=orig_pid,
-                original_study_instance_uid=orig[0],
-                original_series_instance_uid=orig[1],
-                original_sop_instance_uid=orig[2],
-                new_patient_id=_safe_str(new, "PatientID"),
-                new_study_instance_uid=study,
-                new_series_instance_uid=series,
-                new_sop_instance_uid=sop,
-                original_instance_orthanc_id=orthanc_ids(orig_pid, *(o or "" for o in orig))["instance"],
-                new_instance_orthanc_id=ids["instance"],
-            )
+            crosswalk = crosswalk_fields(path, cfg.run_id, cfg.key_id, identifiers_of(ds), ids)
         return Prepared(row, parts, final, target, cfg.output_root, cfg.run_id, crosswalk)
     except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
         if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
@@ -1185,7 +1223,7 @@ def _plan_description(plan: Any) -> str | None:
     if describe is None:
         return None
     try:
-        return _detail(str(describe()))
+        return short_detail(str(describe()))
     except Exception:  # noqa: BLE001
         return None
 
@@ -1193,7 +1231,7 @@ def _plan_description(plan: Any) -> str | None:
 # --------------------------------------------------------------------------- progress
 
 
-class _ProgressFile:
+class ProgressFile:
     """Counters a worker drops into a local folder; the CLI sums them for its progress line."""
 
     def __init__(self, folder: str) -> None:
