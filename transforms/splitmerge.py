@@ -767,18 +767,20 @@ def _remap_references(new: Dataset, plan: Plan) -> None:
     (raw) or deep-copied (already decoded) into a scratch data set, rewritten there, and put
     in ``new`` if something changed. Everything else keeps its original bytes on writing.
     """
-    mapped = plan.sop_map.keys() | plan.series_map.keys() | plan.study_map.keys()
-    if not mapped:
+    sops, series, studies = plan.sop_map, plan.series_map, plan.study_map
+    if not (sops or series or studies):
         return
     candidates: list[int] = []
     moved = staying = False
     for tag, elem in new._dict.items():
         if tag in _HIERARCHY or _vr_of(tag, elem) not in ("SQ", "UI"):
             continue
+        # Lookups per token: a set operation with a dict's keys (or their union, rebuilt per
+        # file) walks every moved UID, which made a merge of 20k instances quadratic.
         tokens = set(_tokens(elem))
-        moved |= not tokens.isdisjoint(plan.sop_map.keys())
+        moved |= any(t in sops for t in tokens)
         staying |= not tokens.isdisjoint(plan.staying)
-        if not tokens.isdisjoint(mapped):
+        if any(t in sops or t in series or t in studies for t in tokens):
             candidates.append(tag)
     if not candidates:
         return
