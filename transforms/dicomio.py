@@ -30,7 +30,7 @@ from typing import Any
 
 from pydicom import config as _pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHARSET
 from pydicom.tag import BaseTag
@@ -768,7 +768,10 @@ def _scan_elements(
             if out is None:
                 pos += length
                 continue
-            value = data[pos : pos + length]
+            if length >= _VIEW_MIN and _binary_value(group << 16 | element, vr):
+                value = memoryview(data)[pos : pos + length]  # as _scan_explicit_top: a view
+            else:
+                value = data[pos : pos + length]
             pos += length
         if out is not None:
             tag = BaseTag(group << 16 | element)
@@ -803,6 +806,21 @@ def _base_tag(value: int) -> BaseTag:
 #: allocation (page faults) of most of the file for every file.
 _VIEW_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
 _VIEW_MIN = 1 << 16
+
+
+def _binary_value(tag: int, vr: str | None) -> bool:
+    """Whether a large top-level value is kept as a view (:data:`_VIEW_VRS`); in an implicit VR
+    file (``vr`` None) the dictionary's VR decides (pixel data held twice doubled the memory
+    of every implicit VR file, the default transfer syntax)."""
+    if vr is None:
+        if tag == 0x7FE00010:
+            return True
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+        return vr in _VIEW_VRS or vr == "OB or OW"
+    return vr in _VIEW_VRS
 
 
 def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict) -> None:
