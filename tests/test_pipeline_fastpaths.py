@@ -532,3 +532,37 @@ def test_output_name_refuses_what_is_not_a_plain_uid(sop: str):
         output_name("1.2", "1.2.3", sop)
     assert info.value.reason == "invalid_uid"
     assert output_name("1.2", "1.2.3", "1.2.3.4") == "1.2/1.2.3/1.2.3.4.dcm"
+
+
+def test_a_remote_input_is_read_in_one_piece(monkeypatch: pytest.MonkeyPatch):
+    """gs:// inputs were read in 8 MiB pieces and joined: the bytes were held twice (peak 2x on
+    the emulator) and GCS served one request per piece. One read now asks for the whole object
+    (and one byte more, so that a file grown past --max-bytes is still refused)."""
+    from transforms import files
+
+    asked: list[int] = []
+    content = b"DICM" * 1000
+
+    class Reader:
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def read(self, n: int) -> bytes:
+            asked.append(n)
+            piece = content[self.pos : self.pos + n]
+            self.pos += len(piece)
+            return piece
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(files.FileSystems, "open", staticmethod(lambda path, compression_type=None: Reader()))
+    assert files.read_bounded("gs://archive/x.dcm", 10_000) == content
+    assert asked == [10_001, 10_001 - len(content)]  # the whole, then the end of the object
+    asked.clear()
+    with pytest.raises(files.InputError, match="larger than --max-bytes"):
+        files.read_bounded("gs://archive/x.dcm", 3_999)
+    assert asked == [4_000]
