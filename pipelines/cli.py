@@ -832,9 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err("interrupted")
             return EXIT_INTERRUPTED
         storage = _storage_error(exc)
-        if storage:  # the audit's, crosswalk's or summary's folder (files have their rows)
-            _err(f"a file of the run's own (audit, crosswalk or summary) could not be written: {storage}; "
-                 "the audit may be incomplete")
+        if storage:  # input and output files' errors are rows: this is the run's own storage
+            _err(f"the run stopped on a storage error outside the per-file work (the audit, crosswalk or "
+                 f"summary folder, or a listing): {storage}; the audit may be incomplete")
             return EXIT_INTERNAL
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL

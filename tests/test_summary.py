@@ -136,3 +136,23 @@ def test_storage_errors_are_named_by_their_error_number_only():
     except RuntimeError as chained:
         assert cli._storage_error(chained) == "EACCES (Permission denied)"
     assert cli._storage_error(ValueError("no error number here")) is None
+
+
+def test_a_full_audit_disk_is_one_line_naming_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]):
+    """A storage error outside the per-file work (here the summary's disk is full) used to end as
+    "internal error (OSError)": it is named by its error number, never by the path or message."""
+    import errno
+
+    write_study(make_study(seed=3, n_ct=2, rtstruct=False, sr=False), tmp_path / "in")
+
+    def full(uri: str, data: bytes, mime_type: str = "") -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", uri)
+
+    monkeypatch.setattr(run_summary, "write_whole", full)
+    code = cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--key-file",
+                     str(write_key(tmp_path)), "--quiet", "--processes", "0"])
+    assert code == cli.EXIT_INTERNAL
+    assert capsys.readouterr().err == (
+        "dicom-deid: the run stopped on a storage error outside the per-file work (the audit, crosswalk "
+        "or summary folder, or a listing): ENOSPC (No space left on device); the audit may be incomplete\n")
