@@ -20,6 +20,7 @@ command line (one line on stderr, nothing processed); 1 internal error; 130 inte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -593,13 +594,112 @@ def _head_start(input_uri: str, processes: int) -> list[tuple[str, int]]:
         return []  # the pipeline's own listing reports it
 
 
+# --------------------------------------------------------------------------- a run's shared steps
+# The steps anonymize/modify (run_deid) and split/merge (pipelines.splitmerge.run_command) share.
+
+
+def new_run_id() -> str:
+    """``20261127T101500Z-1a2b3c4d``: the UTC start time and a random suffix; names the run's
+    audit, crosswalk, summary and temporary files."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLocations:
+    """A pipeline run's normalised, checked locations (see :func:`prepare_locations`)."""
+
+    input_uri: str
+    output: str
+    audit: str
+    crosswalk: str | None
+
+    def summary_extra(self) -> dict[str, str]:
+        """The summary's ``Audit`` entry, and ``Crosswalk`` when there is one."""
+        extra = {"Audit": self.audit}
+        if self.crosswalk:
+            extra["Crosswalk"] = self.crosswalk
+        return extra
+
+
+def prepare_locations(args: argparse.Namespace, input_uri: str, output: str) -> RunLocations:
+    """The normalised INPUT and OUTPUT with the audit folder (``--audit``, default OUTPUT +
+    ``-audit``) and the ``--crosswalk`` folder, refused (UsageError) before anything is read
+    from a remote location or written: an INPUT that does not exist, locations that are not
+    UTF-8 or overlap (:func:`check_locations`), a local INPUT that matches no file."""
+    if not _local_input_exists(input_uri):
+        raise UsageError(f"INPUT {args.input!r} does not exist")
+    audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
+    crosswalk = normalize(args.crosswalk) if args.crosswalk else None
+    check_locations(input_uri, output, audit, crosswalk)
+    refuse_empty_input(input_uri, args.input)
+    return RunLocations(input_uri, output, audit, crosswalk)
+
+
+def prepare_runner(options: Any, args: argparse.Namespace, beam_args: list[str], locations: RunLocations,
+                   run_id: str) -> bool:
+    """Whether the runner is local (:func:`quiet_local_workers`, which this calls). A local run
+    also lists a remote INPUT and probes ``gs://`` OUTPUT, audit and crosswalk folders now, so
+    that they are refused (UsageError) before anything is written: workers on another machine
+    could not report to this terminal, and may have access this machine lacks."""
+    local_runner = quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
+    if local_runner:
+        refuse_empty_input(locations.input_uri, args.input, remote=True)
+        probe_remote_locations(
+            run_id, OUTPUT=locations.output, **{"--audit": locations.audit, "--crosswalk": locations.crosswalk}
+        )
+    return local_runner
+
+
+def progress_folder(args: argparse.Namespace, local_runner: bool) -> str | None:
+    """A new local folder where the workers count files for the progress line (the caller
+    removes it), or None: no line (``--no-progress``, by default stderr not a terminal, or a
+    runner on other machines)."""
+    progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
+    return tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
+
+
+def report(args: argparse.Namespace, summary: dict[str, Any], exit_code: int, audit: str, *,
+           terse_on_tty: bool = False, warnings: Sequence[str] = ()) -> int:
+    """The end of a run: the summary on stdout (unless ``--quiet``; with ``terse_on_tty`` a
+    terminal gets a long ``Resources`` list as its count), then ``warnings`` and the failed
+    files' line on stderr. Returns the exit status (EXIT_USAGE when INPUT matched no file)."""
+    if summary["InputFiles"] == 0:
+        _err(f"INPUT {args.input!r} matched no files")
+        return EXIT_USAGE
+    if not args.quiet:
+        shown = summary
+        if terse_on_tty and sys.stdout.isatty() and len(summary["Resources"]) > _TTY_RESOURCES:
+            # A terminal gets the counts, not thousands of ids; summary.json has them all.
+            shown = {**summary, "Resources": f"{len(summary['Resources'])} entries, see {audit}/summary.json"}
+        print(json.dumps(shown, indent=2))
+    for warning in warnings:
+        _err(warning)
+    if exit_code:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
+        _err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")
+    return exit_code
+
+
+def _resources_not_found(summary: dict[str, Any], plan: Any) -> list[str]:
+    """The warning for ``Resources`` entries that matched no input (none when all matched)."""
+    missing = summary.get("ResourcesNotFound")
+    if not missing:
+        return []
+    positions = ", ".join(str(i) for i in missing[:_SHOWN_POSITIONS])
+    if len(missing) > _SHOWN_POSITIONS:  # summary.json has them all
+        positions += f" and {len(missing) - _SHOWN_POSITIONS} more"
+    warning = (f"warning: {len(missing)} of {len(plan.resources)} Resources entries matched no input "
+               f"(positions {positions}, counting from 0)")
+    return [warning]
+
+
 def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     request, dictionary = load_request(args.body, args.config)
     plan = parse_plan(args.command, request, dictionary, getattr(args, "level", None))
     if request.get("KeepSource") is False:
         _err("note: KeepSource false is ignored: dicom-deid never deletes its inputs")
     key, key_uri = load_key(args.key_file)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
 
     input_uri = normalize_input(args.input)
     output = normalize(args.output)
@@ -607,10 +707,8 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     single = local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
     if not single and output.lower().endswith(".dcm"):
         raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
-    if not _local_input_exists(input_uri):
-        raise UsageError(f"INPUT {args.input!r} does not exist")
 
-    if single:
+    if single:  # (INPUT is an existing file; a pipeline's INPUT is checked in prepare_locations)
         check_utf8(input_uri, output, normalize(args.audit) if args.audit else None,
                    normalize(args.crosswalk) if args.crosswalk else None)
         if beam_args:
@@ -620,10 +718,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     from transforms.files import RunConfig
 
-    audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
-    crosswalk = normalize(args.crosswalk) if args.crosswalk else None
-    check_locations(input_uri, output, audit, crosswalk)
-    refuse_empty_input(input_uri, args.input)
+    where = prepare_locations(args, input_uri, output)
     # Beam's defaults (the local DirectRunner, in memory: no Beam option but the runner's name,
     # as the README's command gives it) over a local folder: the workers can start before Beam
     # is even imported (see _head_start).
@@ -635,15 +730,11 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         from pipelines import run as pipeline_run  # Beam: loaded only for a pipeline run
 
         options = pipeline_run.pipeline_options(beam_args)
-        local_runner = quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
-        if key_uri is None and not key_may_travel(options):
+        if key_uri is None and not key_may_travel(options):  # (refused: a runner prepare_runner leaves alone)
             raise UsageError(remote_key_message(options))
-        if local_runner:
-            refuse_empty_input(input_uri, args.input, remote=True)
-            probe_remote_locations(run_id, OUTPUT=output, **{"--audit": audit, "--crosswalk": crosswalk})
+        local_runner = prepare_runner(options, args, beam_args, where, run_id)
     _warn_random_key(key)
-    progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
-    progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
+    progress_dir = progress_folder(args, local_runner)
     cfg = RunConfig(
         plan=plan,
         output_root=output,
@@ -652,12 +743,9 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         key=None if key_uri else key,
         key_uri=key_uri,
         max_bytes=args.max_bytes,
-        crosswalk=crosswalk is not None,
+        crosswalk=where.crosswalk is not None,
         progress_dir=progress_dir,
     )
-    extra = {"Audit": audit}
-    if crosswalk:
-        extra["Crosswalk"] = crosswalk
     if early:
         from transforms.workers import default_processes
 
@@ -670,7 +758,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         if local_output:
             from transforms.files import claim_local_tmp
 
-            claim_local_tmp(output, run_id, sinks=(audit, crosswalk))  # also sweeps what killed runs left
+            claim_local_tmp(output, run_id, sinks=(where.audit, where.crosswalk))  # also sweeps what killed runs left
         if processes:
             from transforms.workers import LocalPool
 
@@ -689,10 +777,10 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             options,
             input_uri,
             cfg,
-            audit,
-            crosswalk,
+            where.audit,
+            where.crosswalk,
             reproducible=key.reproducible,
-            extra_summary=extra,
+            extra_summary=where.summary_extra(),
             progress=bool(progress_dir),
             pool=pool,
         )
@@ -705,29 +793,8 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             remove_local_tmp(output, run_id)
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
-    summary = outcome.summary
-    if summary["InputFiles"] == 0:
-        _err(f"INPUT {args.input!r} matched no files")
-        return EXIT_USAGE
-    if not args.quiet:
-        shown = summary
-        if sys.stdout.isatty() and len(summary["Resources"]) > _TTY_RESOURCES:
-            # A terminal gets the counts, not thousands of ids; summary.json has them all.
-            shown = {**summary, "Resources": f"{len(summary['Resources'])} entries, see {audit}/summary.json"}
-        print(json.dumps(shown, indent=2))
-    missing = summary.get("ResourcesNotFound")
-    if missing:
-        positions = ", ".join(str(i) for i in missing[:_SHOWN_POSITIONS])
-        if len(missing) > _SHOWN_POSITIONS:  # summary.json has them all
-            positions += f" and {len(missing) - _SHOWN_POSITIONS} more"
-        _err(
-            f"warning: {len(missing)} of {len(plan.resources)} Resources entries matched no input "
-            f"(positions {positions}, counting from 0)"
-        )
-    if outcome.exit_code:
-        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
-        _err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")
-    return outcome.exit_code
+    return report(args, outcome.summary, outcome.exit_code, where.audit, terse_on_tty=True,
+                  warnings=_resources_not_found(outcome.summary, plan))
 
 
 def _check_single_locations(input_file: str, output: str, audit: str | None, crosswalk: str | None) -> None:

@@ -39,13 +39,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import shutil
-import sys
-import tempfile
-import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -455,28 +450,15 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     output = cli.normalize(args.output)
     if output.lower().endswith(".dcm"):
         raise cli.UsageError(f"{args.command}: OUTPUT must be a folder or gs:// prefix, not a .dcm file")
-    if not cli._local_input_exists(input_uri):
-        raise cli.UsageError(f"INPUT {args.input!r} does not exist")
-    audit = cli.normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
-    crosswalk = cli.normalize(args.crosswalk) if args.crosswalk else None
-    cli.check_locations(input_uri, output, audit, crosswalk)
-    cli.refuse_empty_input(input_uri, args.input)
+    where = cli.prepare_locations(args, input_uri, output)
     try:
         options = pipeline_run.pipeline_options(beam_args)
     except pipeline_run.UnknownOptions as exc:
         raise cli.UsageError(str(exc)) from None
     cli._warn_random_key(key)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    extra = {"Audit": audit}
-    if crosswalk:
-        extra["Crosswalk"] = crosswalk
-    # As for anonymize/modify: workers on another machine could not reach a local folder.
-    local_runner = cli.quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
-    if local_runner:
-        cli.refuse_empty_input(input_uri, args.input, remote=True)
-        cli.probe_remote_locations(run_id, OUTPUT=output, **{"--audit": audit, "--crosswalk": crosswalk})
-    progress = args.progress if args.progress is not None else (local_runner and sys.stderr.isatty())
-    progress_dir = tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
+    run_id = cli.new_run_id()
+    local_runner = cli.prepare_runner(options, args, beam_args, where, run_id)
+    progress_dir = cli.progress_folder(args, local_runner)
     local_output = is_local(output)
     try:
         outcome = execute(
@@ -485,12 +467,12 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             request,
             key,
             output_root=output,
-            audit_root=audit,
-            crosswalk_root=crosswalk,
+            audit_root=where.audit,
+            crosswalk_root=where.crosswalk,
             run_id=run_id,
             max_bytes=args.max_bytes,
             copy_unselected=args.copy_unselected,
-            extra_summary=extra,
+            extra_summary=where.summary_extra(),
             progress_dir=progress_dir,
         )
     finally:
@@ -500,16 +482,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             remove_local_tmp(output, run_id)
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
-    summary = outcome.summary
-    if summary["InputFiles"] == 0:
-        cli._err(f"INPUT {args.input!r} matched no files")
-        return cli.EXIT_USAGE
-    if not args.quiet:
-        print(json.dumps(summary, indent=2))
-    if outcome.exit_code:
-        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
-        cli._err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")
-    return outcome.exit_code
+    return cli.report(args, outcome.summary, outcome.exit_code, where.audit)
 
 
 __all__ = [
