@@ -734,6 +734,12 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             raise UsageError(remote_key_message(options))
         local_runner = prepare_runner(options, args, beam_args, where, run_id)
     _warn_random_key(key)
+    if early:
+        from transforms.workers import default_processes
+
+        processes = args.processes if args.processes is not None else default_processes()
+    else:
+        processes = local_processes(options, args.processes, local=local_runner)  # may refuse
     progress_dir = progress_folder(args, local_runner)
     cfg = RunConfig(
         plan=plan,
@@ -746,12 +752,6 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         crosswalk=where.crosswalk is not None,
         progress_dir=progress_dir,
     )
-    if early:
-        from transforms.workers import default_processes
-
-        processes = args.processes if args.processes is not None else default_processes()
-    else:
-        processes = local_processes(options, args.processes, local=local_runner)
     pool = None
     local_output = _scheme(output) is None
     try:
