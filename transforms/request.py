@@ -168,7 +168,7 @@ class _Builder:
         self.replacements: dict[int, Value] = {}
         # Top-level Replace values as given, cast only once Keep and later spellings are
         # known: Orthanc casts the values that survive, so an overridden one is never checked.
-        self.pending: dict[int, tuple[str, object]] = {}
+        self.pending: dict[int, object] = {}
         self.keep_paths: list[TagPath] = []
         self.remove_paths: list[TagPath] = []
         self.replace_paths: list[tuple[TagPath, Value]] = []
@@ -227,7 +227,7 @@ class _Builder:
         self.clearings.discard(tag)
         self.uids.discard(tag)
         self.replacements.pop(tag, None)
-        self.pending[tag] = (name, json_value)
+        self.pending[tag] = json_value
         self.private_keep.discard(tag)
 
     @staticmethod
@@ -237,9 +237,9 @@ class _Builder:
                                f"{json_type(json_value)}")
 
     def cast_replacements(self, string_only: frozenset[int]) -> None:
-        """Cast the top-level Replace values that survived Keep, Remove and later spellings
-        (sorted by tag name, as Orthanc reads them); ``string_only`` tags refuse non-strings."""
-        for tag, (name, json_value) in sorted(self.pending.items()):
+        """Cast the top-level Replace values that survived Keep, Remove and later spellings, in
+        tag order; ``string_only`` tags refuse non-strings."""
+        for tag, json_value in sorted(self.pending.items()):
             self._check_string(tag, json_value, "Replace", string_only)
             self.replacements[tag] = prepare_value(
                 tag, json_value, key="Replace", dictionary=self.dictionary,
@@ -263,7 +263,6 @@ class _Builder:
         self.keep.add(tag)
         if is_private(tag):
             self.private_keep.add(tag)
-
 
     def plan(self, common: Mapping[str, Any], **specific: Any) -> Plan:
         """The finished :class:`Plan`: the builder's sets, ``_common``'s keys, and the
