@@ -38,6 +38,7 @@ RADIO = {"4321,1012": ["LO", "RadioButton3", 1, 1, "RadioLogic"],
         ("OverlayRows", 0x60000010),  # repeating groups: the first group, as DCMTK
         ("OverlayData", 0x60003000),
         ("CurveData", 0x50003000),
+        ("RETIRED_CurveData", 0x50003000),
         ("SourceImageIDs", 0x00203100),
     ],
 )

@@ -218,11 +218,11 @@ def parse_tag(
         return tag
     if text in _ALIASES:
         return _ALIASES[text]
-    found = keyword_dict.get(text)
-    if found is None and text.startswith("RETIRED_"):
-        found = keyword_dict.get(text[len("RETIRED_"):])  # DCMTK's (and so Orthanc's) spelling
+    # "RETIRED_" + keyword: DCMTK's (and so Orthanc's) spelling of retired tags
+    bare = text[len("RETIRED_"):] if text.startswith("RETIRED_") else text
+    found = keyword_dict.get(bare)
     if found is None:
-        found = _REPEATER_KEYWORDS.get(text)
+        found = _REPEATER_KEYWORDS.get(bare)
     if found is not None:
         return found
     if dictionary is not None:
