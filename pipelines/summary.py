@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipelines import EXIT_OK, EXIT_SOME_FAILED
 from schemas.audit import FAILED, SKIPPED, WRITTEN
-from transforms.files import RunConfig, get_scheme
+from transforms.files import RunConfig, get_scheme, replace_local
 
 _RESOURCE_LEVELS = (
     ("Instance", "instances", "instance_orthanc_id"),
@@ -169,18 +169,7 @@ def write_whole(uri: str, data: bytes, mime_type: str = "application/octet-strea
     file in the same folder and a rename (a full disk leaves the previous file as it was, not
     a truncated one); an object store publishes an object only once its upload completed."""
     if get_scheme(uri) is None:
-        folder, name = os.path.split(uri)
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, uri)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        replace_local(data, uri)
         return
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
