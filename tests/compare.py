@@ -377,11 +377,25 @@ WRITER_DIFFERENCES: list[Deliberate] = [
     deliberate(0x00000000, ["missing"], mask=0x0000FFFF,
                reason="group length elements (gggg,0000; retired, PS3.5 7.2) are dropped; "
                       "DCMTK recomputes and keeps those of the source"),
-    deliberate("MediaStorageSOPClassUID", ["uid-structure"], "top",
+    *(deliberate("MediaStorageSOPClassUID", ["uid-structure"], "top",
+                 detail="Orthanc generated a new identifier, we kept the original",
+                 reference="1.2.276.0.7230010.3.1.0.1", sample=name,
+                 reason="the file meta always carries the data set's SOPClassUID; when the "
+                        "source stores it with explicit VR UN (2022-03-08-RicSmi.dcm, "
+                        "pydicom's rtdose_rle*.dcm) DCMTK writes its placeholder class "
+                        "1.2.276.0.7230010.3.1.0.1 instead")
+      for name in ("2022-03-08-RicSmi.dcm", "rtdose_rle")),
+    deliberate("MediaStorageSOPInstanceUID", ["uid-structure"], "top",
                detail="Orthanc generated a new identifier, we kept the original",
-               reason="the file meta always carries the data set's SOPClassUID; when the "
-                      "source stores it with explicit VR UN (2022-03-08-RicSmi.dcm) DCMTK "
-                      "writes its placeholder class 1.2.276.0.7230010.3.1.0.1 instead"),
+               sample="2022-03-08-RicSmi.dcm",
+               reason="the same file with its SOPInstanceUID kept (Keep + Force): DCMTK also "
+                      "writes a new MediaStorageSOPInstanceUID beside it; ours repeats the "
+                      "data set's"),
+    deliberate("MediaStorageSOPClassUID", ["uid-structure"], "top",
+               reference="1.2.840.10008.5.1.4.1.1.4", sample="Issue22-NoPixelData.dcm",
+               reason="with SOPClassUID removed, DCMTK's meta takes the first SOPClassUID "
+                      "inside a sequence item (a functional group's); we write the generic "
+                      "file class, as DCMTK does when there is none"),
 ]
 
 #: Differences that are our bugs, reported to the owner; a test that meets one (and nothing

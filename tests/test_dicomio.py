@@ -49,6 +49,32 @@ def test_fresh_meta_follows_the_dataset():
     assert out.preamble == b"\0" * 128
 
 
+def _without_sop_class(data: bytes) -> bytes:
+    ds = dicomio.shallow_copy(dicomio.read_dataset(data))
+    del ds.SOPClassUID
+    return dicomio.write_dataset(ds)
+
+
+def test_meta_class_without_sop_class_uid():
+    """No SOPClassUID left in the data set: DCMTK's generic file class (what Orthanc 1.10.1
+    writes), whatever the source meta said; never an empty type 1 element."""
+    data = open(CT, "rb").read()
+    assert pydicom.dcmread(CT).file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    with_meta = pydicom.dcmread(BytesIO(_without_sop_class(data)))
+    assert "SOPClassUID" not in with_meta
+    assert with_meta.file_meta.MediaStorageSOPClassUID == "1.2.276.0.7230010.3.1.0.1"
+
+    bare = BytesIO()  # the same data set, implicit VR, with no file meta at all
+    source = pydicom.dcmread(CT)
+    del source.file_meta
+    source.save_as(bare, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert not bare.getvalue().startswith(b"\0" * 128 + b"DICM")
+    out = pydicom.dcmread(BytesIO(_without_sop_class(bare.getvalue())))
+    assert "SOPClassUID" not in out
+    assert out.file_meta.MediaStorageSOPClassUID == "1.2.276.0.7230010.3.1.0.1"
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == source.SOPInstanceUID
+
+
 def test_shallow_copy_edits_leave_the_input_alone():
     data = open(CT, "rb").read()
     ds = dicomio.read_dataset(data)

@@ -242,6 +242,10 @@ INSTANCE_CASES = [
          "Replace": {"6003,1010": ""}},
         {"(7fe1,1001)": "1 items", "(6003,1010)": "", "(7fe1,0010)": None}),
     InstanceCase("pdf-2017c", "sample-pdf.dcm", {"DicomVersion": "2017c"}, _ALWAYS),
+    InstanceCase(  # SOPClassUID stored as UN, SOPInstanceUID kept: DCMTK's meta differs
+        "un-class-keep-sop", "2022-03-08-RicSmi.dcm",
+        {"DicomVersion": "2021b", "Keep": ["SOPInstanceUID"], "Force": True},
+        _ALWAYS),
 ]
 
 

@@ -79,6 +79,12 @@ CASES = [
         "remove-and-replace-sop-uid", "Knee/T1/IM-0001-0001.dcm",
         {"Remove": ["SOPInstanceUID", "StationName"], "Replace": {"SOPInstanceUID": "1.2.3.4.5.6"}, "Force": True},
         {"SOPInstanceUID": "1.2.3.4.5.6", "StationName": None}),
+    ModifyCase(  # no SOPClassUID left: both write DCMTK's generic file class in the meta
+        "remove-sop-class", "Knee/T1/IM-0001-0001.dcm", {"Remove": ["SOPClassUID"]},
+        {"SOPClassUID": None}),
+    ModifyCase(  # ... where DCMTK takes a functional group's SOPClassUID (deliberate)
+        "remove-sop-class-nested", "Issue22-NoPixelData.dcm", {"Remove": ["SOPClassUID"]},
+        {"SOPClassUID": None}),
     ModifyCase(  # Remove names private elements: only those go, their creators stay
         "remove-named-private-tags", "PrivateTags.dcm",
         {"Remove": ["7fe1,1001", "(6003,1010)"]},

@@ -8,7 +8,8 @@ engine replaced. This is what keeps de-identification near plain-copy speed: pyd
 writer spends ~40 us per element even on raw ones, and the engine touches only a handful.
 
 A fresh file meta group is always written (as Orthanc does): MediaStorageSOPClassUID and
-MediaStorageSOPInstanceUID follow the data set's SOPClassUID and SOPInstanceUID, the preamble
+MediaStorageSOPInstanceUID follow the data set's SOPClassUID and SOPInstanceUID (without a
+SOPClassUID, ``GENERIC_FILE_SOP_CLASS``), the preamble
 is zeroed, group-length elements are dropped, and the original meta-only fields (source AE
 title, private meta elements) are not carried over.
 """
@@ -1092,6 +1093,13 @@ def _uid_value(ds: Dataset, keyword: str, fallback: Any) -> str:
     return fallback() if callable(fallback) else fallback
 
 
+#: MediaStorageSOPClassUID (type 1) of a data set without SOPClassUID (``Remove:
+#: ["SOPClassUID"]``): DCMTK's private generic file class, which Orthanc 1.10.1 writes there
+#: too, whatever the source meta said (checked on Knee, DummyCT and a bare implicit VR file).
+#: DCMTK takes a SOPClassUID found inside a sequence item first (Issue22-NoPixelData.dcm:
+#: a functional group's); we don't, it is not the file's class.
+GENERIC_FILE_SOP_CLASS = "1.2.276.0.7230010.3.1.0.1"
+
 #: Groups never written in a data set (DCMTK's removeInvalidGroups, hence Orthanc's files): the
 #: command group 0000 (a DIMSE message's, e.g. MoveOriginatorApplicationEntityTitle or an
 #: ErrorComment's free text), the file meta group 0002, and the groups no element may have.
@@ -1122,7 +1130,7 @@ def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
     them into one new buffer."""
     meta = ds.__dict__.get("file_meta")
     ts = str(transfer_syntax) if transfer_syntax else (_ascii_raw(meta, 0x00020010) or transfer_syntax_of(ds))
-    sop_class = _uid_value(ds, "SOPClassUID", lambda: str(getattr(meta, "MediaStorageSOPClassUID", "") or ""))
+    sop_class = _uid_value(ds, "SOPClassUID", GENERIC_FILE_SOP_CLASS)
     sop_instance = _uid_value(ds, "SOPInstanceUID", lambda: str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ""))
     implicit, little, deflated = _encoding_of(ts)
     if transfer_syntax and ts in _NATIVE_SYNTAXES:
