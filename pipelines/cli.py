@@ -275,8 +275,13 @@ def parse_plan(command: str, request: dict[str, Any], dictionary: dict[str, Any]
 
 
 def _scheme(uri: str) -> str | None:
+    """The URI scheme, case kept: Beam's filesystems match it exactly (``GS://`` is none)."""
     m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-    return m.group(1).lower() if m else None
+    return m.group(1) if m else None
+
+
+#: Where INPUT, OUTPUT, --audit and --crosswalk may be: local paths (or file://) and gs://.
+_SCHEMES = (None, "file", "gs")
 
 
 def normalize(uri: str) -> str:
@@ -345,19 +350,25 @@ def probe_remote_locations(run_id: str, **locations: str | None) -> None:
                 raise UsageError(f"{name} {folder!r}: cannot write there ({problem})")
 
 
-def check_utf8(input_uri: str, output: str, audit: str | None, crosswalk: str | None) -> None:
-    """Refuse a location that is not valid UTF-8 (the audit carries paths as UTF-8 text)."""
+def check_names(input_uri: str, output: str, audit: str | None, crosswalk: str | None) -> None:
+    """Refuse a location that is not valid UTF-8 (the audit carries paths as UTF-8 text) or
+    names a storage we don't write to (``s3://``, a mistyped ``gs:/``... scheme)."""
     from transforms.files import utf8_name  # (no Beam import)
 
     for name, location in (("INPUT", input_uri), ("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
-        if location is not None and not utf8_name(location):
+        if location is None:
+            continue
+        if not utf8_name(location):
             raise UsageError(f"{name}: the path is not valid UTF-8 (rename it): pipelines carry paths as UTF-8")
+        if _scheme(location) not in _SCHEMES:
+            raise UsageError(f"{name} {location!r}: unsupported storage {_scheme(location)}:// "
+                             "(give a local path, file:// or gs://)")
 
 
 def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
     """Refuse overlapping locations (outputs are never read back as inputs, audit never in
     OUTPUT) and an OUTPUT, audit or crosswalk folder that is, or lies under, an existing file."""
-    check_utf8(input_uri, output, audit, crosswalk)
+    check_names(input_uri, output, audit, crosswalk)
     for name, folder in (("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
         if folder is not None and any(c in folder for c in "*?["):
             raise UsageError(f"{name}: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)")
@@ -625,7 +636,8 @@ def prepare_locations(args: argparse.Namespace, input_uri: str, output: str) -> 
     """The normalised INPUT and OUTPUT with the audit folder (``--audit``, default OUTPUT +
     ``-audit``) and the ``--crosswalk`` folder, refused (UsageError) before anything is read
     from a remote location or written: an INPUT that does not exist, locations that are not
-    UTF-8 or overlap (:func:`check_locations`), a local INPUT that matches no file."""
+    UTF-8, are neither local nor gs://, or overlap (:func:`check_locations`), a local INPUT
+    that matches no file."""
     if not _local_input_exists(input_uri):
         raise UsageError(f"INPUT {args.input!r} does not exist")
     audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
@@ -709,7 +721,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
 
     if single:  # (INPUT is an existing file; a pipeline's INPUT is checked in prepare_locations)
-        check_utf8(input_uri, output, normalize(args.audit) if args.audit else None,
+        check_names(input_uri, output, normalize(args.audit) if args.audit else None,
                    normalize(args.crosswalk) if args.crosswalk else None)
         if beam_args:
             raise UsageError(f"unknown option(s): {' '.join(beam_args)} (one-file mode takes no Beam options)")

@@ -666,3 +666,31 @@ def test_a_signal_in_beams_multi_processing_mode_stops_its_workers_first(monkeyp
         for process in (child, bystander):
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize(
+    ("where", "location"),
+    [("OUTPUT", "s3://bucket/out"), ("OUTPUT", "foo://out"), ("--audit", "s3://bucket/audit"),
+     ("--crosswalk", "az://c/cw"), ("INPUT", "GS://bucket/in"), ("OUTPUT", "FILE:///tmp/x")],
+)
+def test_a_storage_we_do_not_write_to_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         where, location):
+    """It used to end a pipeline run with 'internal error (ValueError)' from Beam, after the
+    progress folder and output claim were made; one-file mode and split/merge too."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    locations = {"INPUT": str(tmp_path / "in"), "OUTPUT": str(tmp_path / "out")}
+    options = {"--audit": None, "--crosswalk": None}
+    (locations if where in locations else options)[where] = location
+    extra = [arg for name, value in options.items() if value is not None for arg in (name, value)]
+    scheme = location.split("://")[0]
+    expected = f"dicom-deid: {where} {location!r}: unsupported storage {scheme}:// (give a local path, file:// or gs://)\n"
+    assert cli.main(["anonymize", locations["INPUT"], locations["OUTPUT"], *extra]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.endswith(expected)
+    if where != "INPUT":  # one file in (OUTPUT: a .dcm is local, so the storage is a folder's)
+        one = sorted((tmp_path / "in").rglob("*.dcm"))[0]
+        assert cli.main(["modify", str(one), locations["OUTPUT"], *extra]) == cli.EXIT_USAGE
+        assert capsys.readouterr().err.endswith(expected)
+    assert cli.main(["split", locations["INPUT"], locations["OUTPUT"], "--study", "1.2.3", "--body",
+                     '{"Series": ["1.2.3.4"]}', *extra]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.endswith(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
