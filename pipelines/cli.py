@@ -20,6 +20,7 @@ command line (one line on stderr, nothing processed); 1 internal error; 130 inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 from pipelines import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: F401 - EXIT_* are this module's API too
 from transforms.errors import DeidError, RequestError, json_type
@@ -670,6 +671,22 @@ def progress_folder(args: argparse.Namespace, local_runner: bool) -> str | None:
     return tempfile.mkdtemp(prefix="dicom-deid-progress-") if progress and local_runner else None
 
 
+@contextlib.contextmanager
+def run_leftovers_removed(output: str, run_id: str, progress_dir: str | None) -> Iterator[None]:
+    """However the run ends, remove what it made beside its results: its temporary folder
+    under a local OUTPUT (``execute`` removes it too; this also covers a run that never
+    started) and the progress folder."""
+    try:
+        yield
+    finally:
+        if _scheme(output) is None:
+            from transforms.files import remove_local_tmp
+
+            remove_local_tmp(output, run_id)
+        if progress_dir:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+
+
 def report(args: argparse.Namespace, summary: dict[str, Any], exit_code: int, audit: str, *,
            terse_on_tty: bool = False, warnings: Sequence[str] = ()) -> int:
     """The end of a run: the summary on stdout (unless ``--quiet``; with ``terse_on_tty`` a
@@ -765,46 +782,40 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         progress_dir=progress_dir,
     )
     pool = None
-    local_output = _scheme(output) is None
-    try:
-        if local_output:
-            from transforms.files import claim_local_tmp
+    with run_leftovers_removed(output, run_id, progress_dir):
+        try:
+            if _scheme(output) is None:
+                from transforms.files import claim_local_tmp
 
-            claim_local_tmp(output, run_id, sinks=(where.audit, where.crosswalk))  # also sweeps what killed runs left
-        if processes:
-            from transforms.workers import LocalPool
+                claim_local_tmp(output, run_id, sinks=(where.audit, where.crosswalk))  # also sweeps what killed runs left
+            if processes:
+                from transforms.workers import LocalPool
 
-            try:
-                # Forked now: before Beam starts its threads (and, early, before it is imported).
-                pool = LocalPool(cfg, key, processes, head_start=_head_start(input_uri, processes) if early else None)
-            except OSError as exc:  # e.g. EAGAIN: a process limit
-                _err(f"warning: cannot start {processes} worker processes ({type(exc).__name__}): "
-                     "the files are processed in Beam's own process")
-        if early:
-            from pipelines import run as pipeline_run
+                try:
+                    # Forked now: before Beam starts its threads (and, early, before it is imported).
+                    pool = LocalPool(cfg, key, processes, head_start=_head_start(input_uri, processes) if early else None)
+                except OSError as exc:  # e.g. EAGAIN: a process limit
+                    _err(f"warning: cannot start {processes} worker processes ({type(exc).__name__}): "
+                         "the files are processed in Beam's own process")
+            if early:
+                from pipelines import run as pipeline_run
 
-            options = pipeline_run.pipeline_options(beam_args)
-            quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
-        outcome = pipeline_run.execute(
-            options,
-            input_uri,
-            cfg,
-            where.audit,
-            where.crosswalk,
-            reproducible=key.reproducible,
-            extra_summary=where.summary_extra(),
-            progress=bool(progress_dir),
-            pool=pool,
-        )
-    finally:
-        if pool is not None:
-            pool.close()
-        if local_output:  # (execute() removes them too; here also when it never ran)
-            from transforms.files import remove_local_tmp
-
-            remove_local_tmp(output, run_id)
-        if progress_dir:
-            shutil.rmtree(progress_dir, ignore_errors=True)
+                options = pipeline_run.pipeline_options(beam_args)
+                quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
+            outcome = pipeline_run.execute(
+                options,
+                input_uri,
+                cfg,
+                where.audit,
+                where.crosswalk,
+                reproducible=key.reproducible,
+                extra_summary=where.summary_extra(),
+                progress=bool(progress_dir),
+                pool=pool,
+            )
+        finally:
+            if pool is not None:
+                pool.close()
     return report(args, outcome.summary, outcome.exit_code, where.audit, terse_on_tty=True,
                   warnings=_resources_not_found(outcome.summary, plan))
 

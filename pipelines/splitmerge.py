@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import io
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -459,8 +458,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     run_id = cli.new_run_id()
     local_runner = cli.prepare_runner(options, args, beam_args, where, run_id)
     progress_dir = cli.progress_folder(args, local_runner)
-    local_output = is_local(output)
-    try:
+    with cli.run_leftovers_removed(output, run_id, progress_dir):
         outcome = execute(
             options,
             input_uri,
@@ -475,13 +473,6 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             extra_summary=where.summary_extra(),
             progress_dir=progress_dir,
         )
-    finally:
-        if local_output:
-            from transforms.files import remove_local_tmp
-
-            remove_local_tmp(output, run_id)
-        if progress_dir:
-            shutil.rmtree(progress_dir, ignore_errors=True)
     return cli.report(args, outcome.summary, outcome.exit_code, where.audit)
 
 
