@@ -230,6 +230,66 @@ def _nesting(value: Any) -> int:
     return deepest
 
 
+_LENIENT_JSON_MAX_CHARS = 256 << 10  # json5 is pure Python (~20 us a character): bounded
+_JSON5_POSITION = re.compile(r"^<string>:(\d+) (Unexpected end of input|Unexpected) .*at column (\d+)$")
+
+
+def parse_json(text: str, where: str) -> Any:
+    """A body as Orthanc's JsonCpp reads it: a leading BOM, ``//`` and ``/* */`` comments and
+    trailing commas are accepted (JSON5 syntax, read with ``json5``); ``NaN``/``Infinity`` are
+    refused as Orthanc does, and so is a key given twice in one object, which JsonCpp would let
+    the last one win silently (a second ``Replace`` dropping the first is how PHI leaks).
+
+    Errors name a line and column, never the text there (a body may hold the PHI it replaces).
+    """
+    duplicates: list[str] = []
+    constants: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in items:
+            if key in result and not duplicates:
+                duplicates.append(key)
+            result[key] = value
+        return result
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return 0.0
+
+    text = text.removeprefix("\ufeff")
+    try:
+        try:
+            parsed = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+        except json.JSONDecodeError as strict:
+            if len(text) > _LENIENT_JSON_MAX_CHARS:
+                raise UsageError(f"{where}: invalid JSON at line {strict.lineno} column {strict.colno}: {strict.msg} "
+                                 f"(comments and trailing commas are read in bodies up to {_LENIENT_JSON_MAX_CHARS >> 10} KiB)") from None
+            import json5  # comments, trailing commas: the rare body that strict JSON refuses
+
+            try:
+                parsed = json5.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+            except ValueError as lenient:
+                raise UsageError(f"{where}: invalid JSON at {_error_position(strict, lenient)}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply") from None
+    if constants:
+        raise UsageError(f"{where}: invalid JSON: {constants[0]} is not a JSON number")
+    if duplicates:
+        raise RequestError(f"{where}: key {duplicates[0]!r} is given twice in one object (Orthanc would keep the last one silently); give it once")
+    return parsed
+
+
+def _error_position(strict: json.JSONDecodeError, lenient: ValueError) -> str:
+    """Where the body is broken: json's message when json5 stops at the same place (it is the
+    more precise), json5's place otherwise (json stopped at a comment or a trailing comma)."""
+    found = _JSON5_POSITION.match(str(lenient))
+    if found is None or (int(found[1]), int(found[3])) == (strict.lineno, strict.colno):
+        return f"line {strict.lineno} column {strict.colno}: {strict.msg}"
+    what = "unexpected end of input" if found[2].endswith("input") else "unexpected character"
+    return f"line {found[1]} column {found[3]}: {what}"
+
+
 def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The request body and its optional ``Dictionary`` (private tags), from --body or --config."""
     if config is not None:
@@ -245,12 +305,7 @@ def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], 
         text, where = body, "--body"
     else:
         return {}, None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise UsageError(f"{where}: JSON nested too deeply") from None
+    parsed = parse_json(text, where)
     if not isinstance(parsed, dict):
         raise RequestError(f"{where}: the request body must be a JSON object, not {json_type(parsed)}")
     for name, value in parsed.items():

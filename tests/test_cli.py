@@ -124,7 +124,20 @@ def _nested_items(levels: int) -> list:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--body", "{bad json"], "dicom-deid: --body: invalid JSON at line 1 column 2: Expecting property name enclosed in double quotes"),
+        (["--body", '{"Replace" {}}'], "dicom-deid: --body: invalid JSON at line 1 column 12: Expecting ':' delimiter"),
+        # JSON5 reads the unquoted key `bad`, so the place shown is after it, where `:` is missing
+        (["--body", "{bad json"], "dicom-deid: --body: invalid JSON at line 1 column 6: unexpected character"),
+        # a comment before the error: the place is json5's, not the comment's
+        (["--body", '// a comment\n{"Keep": ["PatientName"]\n "Remove": []}'], "dicom-deid: --body: invalid JSON at line 3 column 2: unexpected character"),
+        (["--body", '/* open */ {"Keep": ["Pat'], "dicom-deid: --body: invalid JSON at line 1 column 26: unexpected end of input"),
+        (["--body", '{"Keep": []} {}'], "dicom-deid: --body: invalid JSON at line 1 column 14: Extra data"),
+        (["--body", '{"Replace": {"SliceThickness": NaN}}'], "dicom-deid: --body: invalid JSON: NaN is not a JSON number"),
+        (["--body", '{"Replace": {"PatientName": "A"}, "Replace": {"PatientID": "B"}}'],
+         "dicom-deid: --body: key 'Replace' is given twice in one object (Orthanc would keep the last one silently); give it once"),
+        (["--body", '{"Replace": {"PatientName": "A", "0010,0010": "B", "PatientName": "C"}}'],
+         "dicom-deid: --body: key 'PatientName' is given twice in one object (Orthanc would keep the last one silently); give it once"),
+        (["--body", '{"Keep": [], // oops\n "Keep": ["PatientName"]}'],
+         "dicom-deid: --body: key 'Keep' is given twice in one object (Orthanc would keep the last one silently); give it once"),
         (["--body", "[1, 2]"], "dicom-deid: --body: the request body must be a JSON object, not array"),
         (["--body", "{}", "--config", "x.json"], "dicom-deid: argument --config: not allowed with argument --body (see `dicom-deid anonymize --help`)"),
         (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
@@ -147,6 +160,41 @@ def test_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
     else:
         assert "DicomVersion" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_config_with_comments_trailing_commas_and_bom_is_read_as_orthanc_reads_it(tmp_path: Path):
+    """Orthanc (JsonCpp) accepts a byte-order mark, // and /* */ comments and trailing commas;
+    configs written for it run unchanged here."""
+    config = tmp_path / "modify.json"
+    config.write_text(
+        "\ufeff// relabel one study for the teaching file\n"
+        "{\n"
+        '  "Replace": {\n'
+        '    "StudyDescription": "relabelled", /* was the referral reason */\n'
+        '    "InstitutionName": "Teaching",\n'
+        "  },\n"
+        '  "Remove": ["ReferringPhysicianName",],\n'
+        "}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.dcm"
+    code = cli.main(["modify", str(CT), str(out), "--config", str(config), "--key-file", str(write_key(tmp_path))])
+    assert code == 0
+    ds = pydicom.dcmread(out)
+    assert (ds.StudyDescription, ds.InstitutionName) == ("relabelled", "Teaching")
+    assert "ReferringPhysicianName" not in ds and "ReferringPhysicianName" in pydicom.dcmread(CT)
+
+
+def test_broken_json_far_beyond_the_lenient_size_gives_json_place(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """json5 is pure Python; a big body that strict JSON refuses is not handed to it."""
+    padding = "A" * (cli._LENIENT_JSON_MAX_CHARS + 10)
+    body = '{"Replace": {"PixelData": "data:application/octet-stream;base64,' + padding + '"},}'
+    code = cli.main(["modify", str(CT), str(tmp_path / "o.dcm"), "--body", body])
+    assert _one_line_error(capsys.readouterr().err) == (
+        f"dicom-deid: --body: invalid JSON at line 1 column {len(body)}: Expecting property name enclosed in double quotes "
+        "(comments and trailing commas are read in bodies up to 256 KiB)"
+    )
+    assert code == cli.EXIT_USAGE
 
 
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -540,6 +540,20 @@ REFUSED = {
         "dicom-deid: --config 'CONFIG': invalid JSON at line 2 column 1: Expecting ',' delimiter",
         None,
     ),
+    # a comment first (json5 reads it): the place json5 stopped, still not the text there
+    "broken-commented-json": (
+        "modify",
+        ["--body", '// relabel\n{"Replace": {"PatientName": "' + PATIENT_NAME + '" "PatientID": "' + PATIENT_ID + '"}}'],
+        f"dicom-deid: --body: invalid JSON at line 2 column {len(PATIENT_NAME) + 32}: unexpected character",
+        None,
+    ),
+    # a key given twice: named (tag names, not values), nothing of the values
+    "duplicate-key": (
+        "anonymize",
+        ["--body", json.dumps({"Replace": {"PatientName": PATIENT_NAME}})[:-1] + ', "Replace": {"PatientID": "' + PATIENT_ID + '"}}'],
+        "dicom-deid: --body: key 'Replace' is given twice in one object (Orthanc would keep the last one silently); give it once",
+        None,
+    ),
 }
 
 
