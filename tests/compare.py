@@ -391,11 +391,13 @@ WRITER_DIFFERENCES: list[Deliberate] = [
                reason="the same file with its SOPInstanceUID kept (Keep + Force): DCMTK also "
                       "writes a new MediaStorageSOPInstanceUID beside it; ours repeats the "
                       "data set's"),
-    deliberate("MediaStorageSOPClassUID", ["uid-structure"], "top",
-               reference="1.2.840.10008.5.1.4.1.1.4", sample="Issue22-NoPixelData.dcm",
-               reason="with SOPClassUID removed, DCMTK's meta takes the first SOPClassUID "
-                      "inside a sequence item (a functional group's); we write the generic "
-                      "file class, as DCMTK does when there is none"),
+    *(deliberate("MediaStorageSOPClassUID", ["uid-structure"], "top", reference=nested_class, sample=name,
+                 reason="with SOPClassUID removed, DCMTK's meta takes the first SOPClassUID "
+                        "inside a sequence item (a functional group's, a source image's: "
+                        "another instance's class); we write the generic file class, as DCMTK "
+                        "does when there is none")
+      for name, nested_class in (("Issue22-NoPixelData.dcm", "1.2.840.10008.5.1.4.1.1.4"),
+                                 ("ColorTestImageJ.dcm", "1.2.840.10008.5.1.4.1.1.7"))),
 ]
 
 #: Differences that are our bugs, reported to the owner; a test that meets one (and nothing

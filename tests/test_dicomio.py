@@ -390,6 +390,19 @@ def test_malformed_meta_transfer_syntax_is_refused():
     assert (info.value.reason, str(info.value)) == ("invalid_uid", "TransferSyntaxUID in the file meta is not a valid UID")
 
 
+def test_meta_transfer_syntax_with_another_vr_is_refused():
+    """One damaged byte makes the meta's TransferSyntaxUID a US element: pydicom decodes it as
+    ten numbers, and the writer once named their list as the output's syntax (found by a long
+    mutation run on Issue154-d2.dcm)."""
+    data = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    at = data.index(struct.pack("<HH2s", 0x0002, 0x0010, b"UI"))
+    damaged = data[:at + 4] + b"US" + data[at + 6:]
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(damaged)
+    assert (info.value.reason, str(info.value)) == ("not_dicom", "TransferSyntaxUID in the file meta has VR US, not UI")
+    assert dicomio.read_dataset(data).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+
 @pytest.mark.parametrize("syntax", [b"1.2.840.10008.1.2.1\0", b"1.2.3.4\0"])  # explicit VR LE; unknown
 def test_body_in_another_encoding_than_the_meta_says_is_written_consistently(syntax: bytes):
     """The meta names an explicit-VR syntax (or one pydicom does not know, read as explicit VR
@@ -553,6 +566,39 @@ def test_implicit_vr_sequences_are_checked_by_the_dictionary():
         dicomio.read_dataset(_implicit_file(_implicit(0x00081140, swallowing)))
     assert (refused.value.reason, str(refused.value)) == \
         ("not_dicom", "an item or delimiter tag (FFFE,E000) stands where a data element should be")
+
+
+_SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+@pytest.mark.parametrize("meta", [True, False], ids=["part10", "bare"])
+def test_implicit_undefined_length_of_a_non_sequence_is_refused(where: str, meta: bool):
+    """In implicit VR an undefined length is a sequence's; on InstanceNumber (IS) pydicom reads
+    the value up to the next sequence delimiter and keeps the undefined length, which an
+    explicit VR header cannot hold: transcoded, the output did not read back (a long mutation
+    run on rtstruct.dcm). Refused as in explicit VR, at the top and inside an item."""
+    bad = _implicit(0x00200013, b"1 ", 0xFFFFFFFF) + _SEQ_DELIMITER
+    if where == "top":
+        data = _implicit_file(bad)
+    else:
+        uid = _implicit(0x00081155, b"1.2.3\x00")
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid) + len(bad)) + uid + bad
+        data = _implicit_file(_implicit(0x00081140, item))
+    if not meta:
+        data = data[data.index(_implicit(0x00080016, b"")[:4]):]  # the body alone
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)
+    assert (refused.value.reason, str(refused.value)) == ("not_dicom", "element (0020,0013) has VR IS and an undefined length")
+
+
+def test_implicit_undefined_length_of_a_private_tag_is_a_sequence():
+    """... while a private or unknown tag with an undefined length is a sequence, as pydicom
+    reads it."""
+    uid = _implicit(0x00081155, b"1.2.3\x00")
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid)) + uid
+    private = _implicit(0x00090010, b"CREATOR ") + _implicit(0x00091001, item, 0xFFFFFFFF) + _SEQ_DELIMITER
+    assert dicomio.read_dataset(_implicit_file(private))[0x00091001].VR == "SQ"
 
 
 # --------------------------------------------------------------------------- fast sequence check

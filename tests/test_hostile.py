@@ -333,6 +333,9 @@ def _header_end(data: bytes) -> int:
 # MR_small: a duplicated run repeats tags; pydicom keeps one of each, and the byte span of the
 # element before the dropped ones covered them too -> the writer takes the slow path
 @example(case=(1, [("duplicate", 0.05890805031074421, 192)]), plan_index=0, header_only=False)
+# rtstruct (implicit VR): InstanceNumber given an undefined length; transcoded to explicit VR its
+# header could not hold it -> not_dicom
+@example(case=(5, [("cut", 0.20000538460057427, 498)]), plan_index=3, header_only=True)
 def test_mutated_file_gives_one_row_and_no_partial_output(case, plan_index, header_only):
     """A mutated real file (anywhere, or in its element headers only), under one of several
     requests: one row, a specific reason when it fails (never internal_error), no partial

@@ -85,6 +85,9 @@ CASES = [
     ModifyCase(  # ... where DCMTK takes a functional group's SOPClassUID (deliberate)
         "remove-sop-class-nested", "Issue22-NoPixelData.dcm", {"Remove": ["SOPClassUID"]},
         {"SOPClassUID": None}),
+    ModifyCase(  # ... or a source image's (SourceImageSequence[0].SOPClassUID; deliberate)
+        "remove-sop-class-source-image", "ColorTestImageJ.dcm", {"Remove": ["SOPClassUID"]},
+        {"SOPClassUID": None, "SourceImageSequence[0].SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}),
     ModifyCase(  # Remove names private elements: only those go, their creators stay
         "remove-named-private-tags", "PrivateTags.dcm",
         {"Remove": ["7fe1,1001", "(6003,1010)"]},

@@ -801,3 +801,51 @@ def test_bits_above_high_bit_are_not_dropped_silently():
     with pytest.raises(CannotTranscode, match="bits above HighBit 11 are set in the pixel data"):
         tc.transcode(ds, RLE)
     assert tc.transcode(ds, BIG_ENDIAN).file_meta.TransferSyntaxUID == BIG_ENDIAN  # native: every bit kept
+
+
+def _implicit_without(*missing: str) -> bytes:
+    """MR_small (16-bit, PixelRepresentation 1) in implicit VR with SmallestImagePixelValue, an
+    ambiguous US-or-SS element, and without the Image Pixel attributes named."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.SmallestImagePixelValue = 7
+    for keyword in missing:
+        delattr(ds, keyword)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _transcoded_row(tmp_path: Path, data: bytes, target: str) -> dict:
+    from tests.pipeline_support import KEY
+    from transforms import request
+    from transforms.beam import RunConfig, process_file
+
+    src = tmp_path / "in.dcm"
+    src.write_bytes(data)
+    cfg = RunConfig(plan=request.parse_anonymize({"Transcode": target}), output_root=str(tmp_path / "out"),
+                    run_id="amb", key_id=KEY.key_id, key=KEY)
+    return process_file(str(src), len(data), cfg, KEY)[0]
+
+
+@pytest.mark.parametrize(("missing", "vr"), [((), "SS"), (("PixelRepresentation",), "US")])
+def test_implicit_to_explicit_without_pixel_representation_writes_us_as_dcmtk(tmp_path: Path, missing, vr):
+    """pydicom cannot decide US or SS without PixelRepresentation when PixelData is there (it
+    raised AttributeError: an internal_error row, found by a long mutation run on Issue94.dcm);
+    DCMTK, hence Orthanc 1.10.1 (checked), writes US. With PixelRepresentation 1: SS."""
+    row = _transcoded_row(tmp_path, _implicit_without(*missing), ExplicitVRLittleEndian)
+    assert (row["status"], row["reason"]) == ("written", None)
+    out = pydicom.dcmread(row["output_uri"])
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert (out._dict[0x00280106].VR, bytes(out._dict[0x00280106].value)) == (vr, b"\x07\x00")
+    assert ("PixelRepresentation" in out) == (not missing)  # nothing added
+
+
+@pytest.mark.parametrize("missing", ["PixelRepresentation", "BitsAllocated", "Rows"])
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2.5", BIG_ENDIAN])
+def test_decoding_an_image_without_its_pixel_module_names_what_is_missing(tmp_path: Path, missing: str, target: str):
+    """Decoding needs the Image Pixel module: a file without one of its type 1 attributes is a
+    failed transcode naming it (it was "AttributeError raised")."""
+    row = _transcoded_row(tmp_path, _implicit_without(missing), target)
+    assert (row["status"], row["reason"], row["output_uri"]) == ("failed", "cannot_transcode", None)
+    assert row["detail"] == f"transcode: the image has no {missing} (type 1 in the Image Pixel module): its pixels cannot be decoded"

@@ -265,6 +265,11 @@ def _check_transfer_syntax(ds: Dataset) -> None:
     elem = meta._dict.get(0x00020010) if meta is not None else None
     if elem is None:
         return  # no meta syntax: pydicom guessed the encoding, the writer names it
+    if elem.VR not in (None, "UI", "UN"):
+        # e.g. US (one damaged byte): pydicom decodes it as numbers, and no encoding can be
+        # taken from it (the writer would name a list of them as the output's syntax)
+        shown = f"VR {elem.VR}" if elem.VR in _KNOWN_VRS else "an invalid VR"
+        raise InputError(f"TransferSyntaxUID in the file meta has {shown}, not UI", reason="not_dicom")
     if type(elem) is RawDataElement and type(elem.value) is bytes:  # the usual case, without pydicom
         raw = elem.value.rstrip(b" \0")
         if len(raw) <= 64 and _UID_LAX_BYTES_RE.match(raw):
@@ -447,6 +452,10 @@ def _check_parsed(ds: Dataset) -> None:
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
                     reason="not_dicom",
                 )
+            undefined = elem.length == 0xFFFFFFFF if type(elem) is RawDataElement else elem.is_undefined_length
+            if undefined and vr not in ("SQ", "UN") and tag != 0x7FE00010 and (vr is not None or _not_a_sequence(tag)):
+                raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has VR {vr or dictionary_VR(tag)} "
+                                 "and an undefined length", reason="not_dicom")
             if not (vr == "SQ" or (vr is None and tag in SQ_TAGS)) or elem.value is None:
                 continue
             value = elem.value
@@ -701,6 +710,19 @@ _STRUCTS = {
 _VR_TABLE = {vr.encode("ascii"): (vr, vr in _LONG_VRS) for vr in _KNOWN_VRS}
 
 
+def _not_a_sequence(tag: int) -> bool:
+    """An implicit VR element with an undefined length that the dictionary knows as something
+    else than a sequence (pydicom reads its value up to the next sequence delimiter and keeps
+    the undefined length, which an explicit VR short header cannot hold: ``InstanceNumber``
+    written as IS with length 0xFFFF). Private and unknown tags are sequences, as in pydicom."""
+    if tag in SQ_TAGS or (tag >> 16) & 1:
+        return False
+    try:
+        return dictionary_VR(tag) not in ("SQ", "UN")
+    except KeyError:
+        return False
+
+
 def _scan_elements(
     data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int, out: dict | None
 ) -> int:
@@ -747,11 +769,11 @@ def _scan_elements(
         value_tell = pos
         if length == 0xFFFFFFFF:
             tag = group << 16 | element
-            if vr is not None and vr != "SQ" and vr != "UN" and tag != 0x7FE00010:
+            if tag != 0x7FE00010 and (vr != "SQ" and vr != "UN" if vr is not None else _not_a_sequence(tag)):
                 # PS3.5 7.1: only sequences (SQ, or UN holding one) and encapsulated pixel data
                 # have an undefined length; DCMTK refuses anything else, so would a reader of ours.
-                raise InputError(f"element ({group:04X},{element:04X}) has VR {vr} and an undefined length",
-                                 reason="not_dicom")
+                raise InputError(f"element ({group:04X},{element:04X}) has VR {vr or dictionary_VR(tag)} "
+                                 "and an undefined length", reason="not_dicom")
             stop = _skip_undefined(data, pos, end, implicit, little, depth + 1,
                                    vr == "SQ" or (vr is None and tag != 0x7FE00010))
             value = data[pos:stop] if out is not None else None
@@ -1356,14 +1378,35 @@ def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodi
             write_data_element(fp, elem, encodings)
             return fp.getvalue()
         elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)
-    elem = correct_ambiguous_vr_element(elem, ds, little)
+    elem = correct_ambiguous_vr_element(elem, ds, little, ancestors=[ds, UNSIGNED_WITHOUT_PIXEL_REPRESENTATION])
     write_data_element(fp, elem, encodings)
     return fp.getvalue()
+
+
+def _unsigned_default() -> Dataset:
+    default = Dataset()
+    default._pixel_rep = 0  # what pydicom's ambiguous-VR resolution takes from a data set read with PixelRepresentation 0
+    return default
+
+
+#: The last "ancestor" for pydicom's ``correct_ambiguous_vr_element``: a ``US or SS`` element
+#: (SmallestImagePixelValue...) of a data set that has PixelData but no PixelRepresentation
+#: (a damaged file) is US, as DCMTK writes it (its "xs" VR; Orthanc 1.10.1 checked), where
+#: pydicom raises AttributeError. With PixelRepresentation anywhere above, that decides.
+UNSIGNED_WITHOUT_PIXEL_REPRESENTATION = _unsigned_default()
+
+
+def unsigned_without_pixel_representation(ds: Dataset) -> None:
+    """For a data set we built and hand to pydicom's whole-data-set writer (which resolves
+    ambiguous VRs itself, without ancestors): see ``UNSIGNED_WITHOUT_PIXEL_REPRESENTATION``."""
+    if 0x00280103 not in ds._dict and not hasattr(ds, "_pixel_rep"):
+        ds._pixel_rep = 0
 
 
 def _slow_body(ds: Dataset, implicit: bool, little: bool) -> bytes:
     """pydicom's own writer, for encoding changes (e.g. implicit to explicit VR)."""
     body = Dataset({tag: _as_bytes(elem) for tag, elem in ds._dict.items() if not _excluded(tag)})
+    unsigned_without_pixel_representation(body)
     src_implicit, src_little = ds.original_encoding
     if src_implicit is not None:
         body.set_original_encoding(src_implicit, src_little, ds.original_character_set)

@@ -61,7 +61,7 @@ from pydicom.sequence import Sequence
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
-from transforms.dicomio import is_valid_uid, shallow_copy
+from transforms.dicomio import is_valid_uid, shallow_copy, unsigned_without_pixel_representation
 from transforms.errors import CannotTranscode, RequestError, is_work_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -343,6 +343,7 @@ def _copy(ds: Dataset, *, deep: bool) -> Dataset:
     copy (``_set``). ``deep`` copies raw elements too, for byte swapping.
     """
     out = shallow_copy(ds)
+    unsigned_without_pixel_representation(out)  # (as dicomio writes it: US, as DCMTK does)
     for tag, elem in list(out._dict.items()):
         if deep or not isinstance(elem, RawDataElement) or isinstance(elem.value, memoryview):
             # (codecs and pydicom's encapsulation helpers want bytes, not views of the file)
@@ -474,6 +475,19 @@ def _as4d(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
+#: The Image Pixel module attributes pydicom's decoders read (``ds`` is always a copy here).
+_DECODE_NEEDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+                 "BitsStored", "PixelRepresentation")
+
+
+def _require_pixel_module(ds: Dataset) -> None:
+    """Refuse an image lacking what decoding reads (a damaged file: pydicom's decoders would
+    raise AttributeError, which says nothing to the user)."""
+    missing = next((k for k in _DECODE_NEEDS if k not in ds or ds[k].value in (None, "", b"")), None)
+    if missing is not None:
+        raise CannotTranscode(f"the image has no {missing} (type 1 in the Image Pixel module): its pixels cannot be decoded")
+
+
 def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
     """Decode all frames of ``ds`` (encoded in ``ts``) without colour conversion.
 
@@ -481,6 +495,7 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
     lossy codestreams in YCbCr come back as RGB, which is what their decoder (IJG in DCMTK)
     produces; everything else keeps its colour space.
     """
+    _require_pixel_module(ds)
     if int(ds.BitsAllocated) not in (1, 8, 16, 32, 64):
         raise CannotTranscode("BitsAllocated must be 1, 8, 16, 32 or 64 to decode")
     try:
@@ -614,6 +629,7 @@ def _decode_jpeg_imagecodecs(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
 
 
 def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeResult:
+    _require_pixel_module(out)
     if int(out.BitsAllocated) == 1 and target not in NATIVE:
         raise CannotTranscode(
             f"{_target_text(target)}: BitsAllocated 1 (bit-packed) pixel data can only be "
