@@ -672,3 +672,55 @@ def test_fast_sequence_check_never_changes_what_the_reader_decides(base: int, ed
 
 
 _NESTED = _nested_files()
+
+
+# --------------------------------------------------------------------------- damaged files found by mutation runs
+
+
+def test_number_string_that_cannot_be_re_encoded_is_invalid_value():
+    """A DS whose byte decodes, in the file's ISO_IR 13 character set, to a katakana character:
+    copied as is it stays, but re-encoding it (implicit VR here) made pydicom raise, then fail on
+    its own message (TypeError: an internal_error row, from a mutated Issue94/GuillemVela)."""
+    data = _explicit_file([(0x00080005, b"CS", b"ISO_IR 13 "), *_UIDS[:2], *_UIDS[2:],
+                           (0x00200037, b"DS", b"1\\0\\0\\0\\1\\\xa2")])
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds))  # unchanged encoding: copied, reads back
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert (refused.value.reason, str(refused.value)) == (
+        "invalid_value", "element (0020,0037) cannot be re-encoded in the output's transfer syntax: its value does not fit its VR")
+
+
+def test_a_vr_that_implicit_vr_cannot_carry_is_invalid_value():
+    """An explicit VR SS element on a sequence's tag (RadiopharmaceuticalInformationSequence,
+    after a mutation of Knee IM-0001-0002): copied it reads back; in implicit VR the dictionary
+    makes it a sequence of 2 bytes, which no reader parses, so it is refused before writing."""
+    data = _explicit_file([*_UIDS, (0x00540016, b"SS", b"\x01\x00")])
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds))._dict[0x00540016].VR == "SS"
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert refused.value.reason == "invalid_value"
+    assert str(refused.value).startswith(
+        "written in the output's transfer syntax, the data set would not read back: sequence (0054,0016) cannot be read")
+
+
+def _undefined_sequence(tag: int) -> bytes:
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def test_a_delimiter_among_top_level_elements_with_data_after_it_is_refused():
+    """pydicom stops reading at a stray item delimiter and drops what follows (a mutated
+    DicomSeg lost its identifiers and 830 kB of pixels that way, copied as part of the sequence
+    before the delimiter into an output that did not read back)."""
+    data = _explicit_file(_UIDS)
+    stray = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    at = data.index(b"\x20\x00\x0d\x00")  # StudyInstanceUID
+    damaged = data[:at] + _undefined_sequence(0x00081115) + stray + data[at:]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(damaged)
+    assert (refused.value.reason, str(refused.value)) == (
+        "not_dicom", "an item or delimiter tag (FFFE,E00D) stands where a data element should be")
+    intact = data[:at] + _undefined_sequence(0x00081115) + data[at:]
+    assert dicomio.read_dataset(intact).StudyInstanceUID == "1.2.3.5"

@@ -765,6 +765,12 @@ def _scan_elements(
         if group == 0xFFFE:
             if (group << 16 | element) == _ITEM_END and out is None:
                 return start
+            if out is not None and depth == 0 and any(data[start + 8:end]):
+                # An item or delimiter tag among the top-level elements with data after it:
+                # pydicom stops reading there and drops the rest silently (a pixel data, the
+                # identifiers), and the element before would be copied with it as its span.
+                raise InputError(f"an item or delimiter tag ({group:04X},{element:04X}) stands where a data "
+                                 "element should be", reason="not_dicom")
             raise _GiveUp
         value_tell = pos
         if length == 0xFFFFFFFF:
@@ -1175,7 +1181,21 @@ def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
         # Level 1: ~5x faster than the default on pixel data for a few percent more bytes.
         compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = compressor.compress(body) + compressor.flush()
+    if source is None or source.implicit != implicit or source.little != little:
+        _check_reads_back(head + body)
     return [head, body]
+
+
+def _check_reads_back(data: bytes) -> None:
+    """Read what pydicom's writer made (an encoding change, a data set without a source) as
+    the output's reader will: pydicom writes what a damaged input gave it, such as an element
+    whose VR disagrees with the dictionary (SS on a sequence's tag), which implicit VR turns
+    into a sequence that does not parse. (The copying paths keep what the reader checked.)"""
+    try:
+        read_dataset(data, check_uids=False)
+    except InputError as exc:
+        raise InputError(f"written in the output's transfer syntax, the data set would not read back: {exc}",
+                         reason="invalid_value") from None
 
 
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
@@ -1410,11 +1430,42 @@ def _slow_body(ds: Dataset, implicit: bool, little: bool) -> bytes:
     src_implicit, src_little = ds.original_encoding
     if src_implicit is not None:
         body.set_original_encoding(src_implicit, src_little, ds.original_character_set)
+    try:
+        encoded = _pydicom_body(body, implicit, little)
+    except (RecursionError, MemoryError):
+        raise  # (reasons of their own: too_deep, too_large)
+    except Exception:  # noqa: BLE001 - pydicom's messages quote values: name the element only
+        # e.g. an IS whose bytes decode to characters outside Latin-1 (a damaged file in a
+        # multi-byte character set): pydicom raises while re-encoding, then fails to add the
+        # tag to its own message (TypeError)
+        raise InputError(f"{_unwritable(body, implicit, little)} cannot be re-encoded in the output's "
+                         "transfer syntax: its value does not fit its VR", reason="invalid_value") from None
+    return encoded
+
+
+def _pydicom_body(body: Dataset, implicit: bool, little: bool) -> bytes:
     fp = DicomBytesIO()
     fp.is_little_endian = little
     fp.is_implicit_VR = implicit
     _pydicom_write_dataset(fp, body)
     return fp.getvalue()
+
+
+def _unwritable(body: Dataset, implicit: bool, little: bool) -> str:
+    """The first top-level element pydicom's writer fails on, written alone (with the
+    character set), for a message; only after the whole data set failed."""
+    charset = body._dict.get(0x00080005)
+    for tag in sorted(body._dict):
+        alone = Dataset({tag: body._dict[tag], **({BaseTag(0x00080005): charset} if charset is not None else {})})
+        alone.set_original_encoding(*body.original_encoding, body.original_character_set)
+        unsigned_without_pixel_representation(alone)
+        try:
+            _pydicom_body(alone, implicit, little)
+        except (RecursionError, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001
+            return f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return "an element"
 
 
 __all__ = [
