@@ -1457,9 +1457,10 @@ def _unwritable(body: Dataset, implicit: bool, little: bool) -> str:
     charset = body._dict.get(0x00080005)
     for tag in sorted(body._dict):
         alone = Dataset({tag: body._dict[tag], **({BaseTag(0x00080005): charset} if charset is not None else {})})
-        alone.set_original_encoding(*body.original_encoding, body.original_character_set)
         unsigned_without_pixel_representation(alone)
         try:
+            if body.original_encoding[0] is not None:
+                alone.set_original_encoding(*body.original_encoding, body.original_character_set)
             _pydicom_body(alone, implicit, little)
         except (RecursionError, MemoryError):
             raise
