@@ -172,3 +172,44 @@ def test_refusals_match_orthanc(orthanc: OrthancClient, case: BodyCase) -> None:
     message = str(refused.value)
     assert case.mentions in message
     assert not any(value in message for value in FILE_VALUES)
+
+
+#: Body texts (not JSON values): what Orthanc's JsonCpp reads, and what we decide. The
+#: StationName each gives is what the modified file holds (Orthanc) or must hold (ours).
+SYNTAX_CASES = {
+    "byte-order-mark": ("\ufeff" + '{"Replace": {"StationName": "BOM"}}', "BOM", None),
+    "comments": ('// relabel\n{"Replace": {"StationName": /* the new one */ "C"}}', "C", None),
+    "trailing-commas": ('{"Replace": {"StationName": "T",}, "Remove": ["OperatorsName",],}', "T", None),
+    # Orthanc keeps the last of two equal keys silently; we refuse, naming the key (deliberate)
+    "duplicate-key": ('{"Replace": {"StationName": "A"}, "Replace": {"StationName": "B"}}', "B",
+                      "--body: key 'Replace' is given twice in one object (Orthanc would keep the last one silently); give it once"),
+    # Orthanc ignores text after the body; we refuse it (deliberate)
+    "trailing-text": ('{"Replace": {"StationName": "G"}} garbage', "G",
+                      "--body: invalid JSON at line 1 column 35: Extra data"),
+}
+
+
+@pytest.mark.parametrize("case", list(SYNTAX_CASES))
+def test_body_syntax_as_orthanc_reads_it(orthanc: OrthancClient, case: str) -> None:
+    """Comments, trailing commas and a BOM are read as Orthanc 1.10.1 reads them (configs
+    written for it run unchanged); a duplicate key and trailing text are refused on purpose."""
+    import pydicom
+    from io import BytesIO
+
+    from pipelines.cli import load_request
+    from transforms.errors import RequestError  # (UsageError, for JSON syntax, is one)
+
+    text, station, our_error = SYNTAX_CASES[case]
+    instance = orthanc.upload_sample(FILE)
+    answer = orthanc._call("POST", f"/instances/{instance}/modify", text.encode("utf-8"), "application/json")
+    assert pydicom.dcmread(BytesIO(answer)).StationName == station
+    if our_error is not None:
+        with pytest.raises(RequestError) as refused:
+            load_request(text, None)
+        assert str(refused.value) == our_error
+        return
+    body, _ = load_request(text, None)
+    request, engine, identity, dicomio = engine_modules()
+    out = engine.apply(request.parse_modify(body), dicomio.read_dataset(sample(FILE).read_bytes()),
+                       identity.Key.from_bytes(KEY_BYTES))
+    assert out.StationName == station
