@@ -1,0 +1,127 @@
+"""A long mutation run: the property test of ``test_hostile.py``, for minutes instead of 80 cases.
+
+Mutates real files (pydicom's bundled ones and, when present, the shared samples under 1.5 MB)
+with the property test's operations (truncate, flip a byte, insert garbage, cut or duplicate a
+slice; 60% of the time inside the element headers), processes each under one of the property
+test's requests or a few more (transcodes to every native syntax and to JPEG-LS, JPEG 2000 and
+JPEG, a modify removing sequences, a 2017c anonymization keeping private tags), and checks the
+same invariants: one row, a specific reason when it fails (never ``internal_error``), nothing
+partial, and a written file reads back (and fully with pydicom when the input did).
+
+Not collected by pytest (it runs until a deadline). Deterministic for a seed, up to the
+deadline. Every case that breaks an invariant is printed and its bytes kept in ``--keep``::
+
+    python -m tests.mutation_run --seed 11 --seconds 1500 --keep /tmp/mutations
+
+Found this way and fixed (each now a regression test in ``test_dicomio.py``, ``test_hostile.py``
+or ``test_transcode.py``): an implicit VR InstanceNumber with an undefined length, a meta
+TransferSyntaxUID with VR US, US-or-SS elements without PixelRepresentation, a stray delimiter
+among top-level elements, a DS that ISO_IR 13 decodes to katakana, an explicit SS on a
+sequence's tag written in implicit VR. Known and left: a file without PixelRepresentation
+written in implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it
+raises AttributeError; DCMTK reads them as US), reported as "pydicom worse".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from tests.pipeline_support import KEY, output_files, pydicom_converts_all
+from tests.test_hostile import BASES, PLANS, _header_end, _mutate
+from transforms import dicomio, request
+from transforms.beam import RunConfig, process_file
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
+REASONS = ("not_dicom", "empty", "truncated", "too_deep", "invalid_uid", "invalid_value", "cannot_transcode",
+           "refused_by_request")
+MORE_PLANS = [
+    *(request.parse_anonymize({"Transcode": uid}) for uid in (
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.50")),
+    request.parse_modify({"Remove": ["ReferencedImageSequence", "SourceImageSequence"],
+                          "Replace": {"SeriesDescription": "x"}}),
+    request.parse_anonymize({"DicomVersion": "2017c", "Keep": ["StudyDescription"], "KeepPrivateTags": True}),
+]
+
+
+def _mutation(rng: random.Random) -> tuple:
+    kind, where = rng.choice(["truncate", "flip", "insert", "cut", "duplicate"]), rng.random()
+    if kind == "truncate":
+        return (kind, where)
+    if kind == "flip":
+        return (kind, where, rng.randint(1, 255))
+    if kind == "insert":
+        return (kind, where, rng.randbytes(rng.randint(1, 64)))
+    return (kind, where, rng.randint(1, 512))
+
+
+def _broken_invariant(data: bytes, plan: object) -> str | None:
+    """None when the invariants hold for ``data`` under ``plan``, else what broke."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.dcm", Path(tmp) / "out"
+        src.write_bytes(data)
+        cfg = RunConfig(plan=plan, output_root=str(out), run_id="mutation", key_id=KEY.key_id, key=KEY)
+        row, _ = process_file(str(src), len(data), cfg, KEY)
+        files = output_files(out) if out.exists() else {}
+        if row["status"] != "written":
+            if row["reason"] not in REASONS:
+                return f"{row['reason']}: {row['detail']}"
+            return "a failed file left an output" if files else None
+        if files != {row["output_uri"][len(str(out)) + 1:]: row["output_sha256"]}:
+            return "the outputs are not the one the row names"
+        output = Path(row["output_uri"]).read_bytes()
+        try:
+            dicomio.read_dataset(output)
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            return f"the output does not read back: {type(exc).__name__}: {exc}"
+        if not pydicom_converts_all(output) and pydicom_converts_all(data):
+            return "pydicom worse: the input converts fully, the output does not"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--keep", type=Path, help="folder for the bytes of each failing case")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    rng = random.Random(args.seed)
+    files = list(BASES)
+    if SAMPLES.is_dir():
+        files += sorted(p for p in SAMPLES.rglob("*") if p.is_file() and p.stat().st_size < 1_500_000)
+    plans = PLANS + MORE_PLANS
+    deadline, cases, broken = time.monotonic() + args.seconds, 0, Counter()
+    while time.monotonic() < deadline:
+        base = rng.choice(files)
+        original = base.read_bytes()
+        mutations = [_mutation(rng) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.6:
+            end = _header_end(original)
+            data = _mutate(original[:end], mutations) + original[end:]
+        else:
+            data = _mutate(original, mutations)
+        plan_index = rng.randrange(len(plans))
+        cases += 1
+        problem = _broken_invariant(data, plans[plan_index])
+        if problem is not None:
+            broken[problem.split(":")[0]] += 1
+            print(f"case {cases}: {base.name} {mutations!r} plan {plan_index}: {problem}", flush=True)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                (args.keep / f"seed{args.seed}-case{cases}-plan{plan_index}.dcm").write_bytes(data)
+    print(f"{cases} cases, {sum(broken.values())} broke an invariant: {dict(broken)}")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
