@@ -680,8 +680,8 @@ _NESTED = _nested_files()
 def test_number_string_that_cannot_be_re_encoded_is_invalid_value():
     """A DS whose byte decodes, in the file's ISO_IR 13 character set, to a katakana character:
     copied as is it stays, but re-encoding it (implicit VR here) made pydicom raise, then fail on
-    its own message (TypeError: an internal_error row, from a mutated Issue94/GuillemVela)."""
-    data = _explicit_file([(0x00080005, b"CS", b"ISO_IR 13 "), *_UIDS[:2], *_UIDS[2:],
+    its own message (TypeError: an internal_error row, from mutated ISO_IR13.dcm and GuillemVela)."""
+    data = _explicit_file([(0x00080005, b"CS", b"ISO_IR 13 "), *_UIDS,
                            (0x00200037, b"DS", b"1\\0\\0\\0\\1\\\xa2")])
     ds = dicomio.read_dataset(data)
     assert dicomio.read_dataset(dicomio.write_dataset(ds))  # unchanged encoding: copied, reads back
@@ -693,7 +693,7 @@ def test_number_string_that_cannot_be_re_encoded_is_invalid_value():
 
 def test_a_vr_that_implicit_vr_cannot_carry_is_invalid_value():
     """An explicit VR SS element on a sequence's tag (RadiopharmaceuticalInformationSequence,
-    after a mutation of Knee IM-0001-0002): copied it reads back; in implicit VR the dictionary
+    after a mutation of Comunix/Pet/IM-0001-0002.dcm): copied it reads back; in implicit VR the dictionary
     makes it a sequence of 2 bytes, which no reader parses, so it is refused before writing."""
     data = _explicit_file([*_UIDS, (0x00540016, b"SS", b"\x01\x00")])
     ds = dicomio.read_dataset(data)
