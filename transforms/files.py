@@ -982,17 +982,12 @@ def short_detail(text: str) -> str:
     return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
 
 
-def _matching_resources(ds: Any, selection: dict[str, tuple[int, ...]]) -> list[int]:
+def _matching_resources(ids: Identifiers, selection: dict[str, tuple[int, ...]]) -> list[int]:
     """Positions of the ``Resources`` entries that name this instance (by DICOM UID of its
     study, series or instance, or by the Orthanc id of its patient, study, series or instance),
-    ascending; ``selection`` as :func:`_selection` gives it."""
-    from transforms.orthanc_ids import orthanc_ids
-
-    study = safe_str(ds, "StudyInstanceUID") or ""
-    series = safe_str(ds, "SeriesInstanceUID") or ""
-    sop = safe_str(ds, "SOPInstanceUID") or ""
-    names = {study, series, sop} | set(orthanc_ids(safe_str(ds, "PatientID") or "", study, series, sop).values())
-    names.discard("")
+    ascending; ``ids`` the input's (:func:`identifiers_of`), ``selection`` as :func:`_selection`
+    gives it."""
+    names = {ids.study, ids.series, ids.sop, *ids.orthanc.values()} - {None, ""}
     return sorted(position for name in names for position in selection.get(name, ()))
 
 
@@ -1147,10 +1142,12 @@ def prepare_file(
         stage = "parse"
         ds = dicomio.read_dataset(data)
         describe_input(ds, row)
+        original = None  # the input's identifiers, for Resources and the crosswalk
         selection = _selection(plan)
         if selection:
             stage = "select"
-            hits = _matching_resources(ds, selection)
+            original = identifiers_of(ds)
+            hits = _matching_resources(original, selection)
             if matched is not None:
                 matched.extend(hits)
             if not hits:
@@ -1179,7 +1176,7 @@ def prepare_file(
             final = FileSystems.join(cfg.output_root, *name.split("/"))  # type: ignore[union-attr]
         crosswalk = None
         if cfg.crosswalk:
-            crosswalk = crosswalk_fields(path, cfg.run_id, cfg.key_id, identifiers_of(ds), ids)
+            crosswalk = crosswalk_fields(path, cfg.run_id, cfg.key_id, original or identifiers_of(ds), ids)
         return Prepared(row, parts, final, target, cfg.output_root, cfg.run_id, crosswalk)
     except BaseException as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
         if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
