@@ -690,22 +690,31 @@ def test_lossy_transcode_for_plan_gives_a_new_sop_instance_uid_unless_kept():
 
 
 def _rle_header_lies() -> Dataset:
-    """SC_rgb_rle.dcm claiming 16-bit samples in a 3 x 3 image: pylibjpeg-rle (Rust) panics
-    on it ("index out of bounds"), which pyo3 raises as PanicException, a BaseException."""
+    """SC_rgb_rle.dcm claiming 16-bit samples in a 3 x 3 image: pylibjpeg-rle's frame decoder
+    (Rust) panics on it ("index out of bounds"), which pyo3 raises as PanicException, a
+    BaseException."""
     ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm"))
     ds.Rows, ds.Columns, ds.BitsAllocated = 3, 3, 16
     return ds
 
 
-def test_a_codec_panic_is_a_failed_transcode():
+@pytest.fixture
+def panicking_rle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode RLE with pylibjpeg-rle's frame decoder only: the codec that panics (transcode
+    no longer uses it, see test_rle_decoder.py, but a panic must stay a failed transcode)."""
     pytest.importorskip("rle", reason="pylibjpeg-rle (the codecs extra) is the codec that panics")
+    monkeypatch.setattr(tc, "_DECODERS_RLE", ("pylibjpeg",))
+
+
+def test_a_codec_panic_is_a_failed_transcode(panicking_rle: None):
     with pytest.raises(CannotTranscode) as refused:
         tc.transcode_result(_rle_header_lies(), "1.2.840.10008.1.2.1")
-    assert "pylibjpeg: PanicException raised" in str(refused.value)
+    assert str(refused.value) == (
+        "cannot decode source transfer syntax 1.2.840.10008.1.2.5: pylibjpeg: PanicException raised"
+    )
 
 
-def test_a_codec_panic_is_a_failed_row_and_the_run_goes_on(tmp_path: Path):
-    pytest.importorskip("rle", reason="pylibjpeg-rle (the codecs extra) is the codec that panics")
+def test_a_codec_panic_is_a_failed_row_and_the_run_goes_on(tmp_path: Path, panicking_rle: None):
     from tests.pipeline_support import KEY
     from transforms import request
     from transforms.beam import RunConfig, process_file
@@ -716,6 +725,7 @@ def test_a_codec_panic_is_a_failed_row_and_the_run_goes_on(tmp_path: Path):
                     run_id="panic", key_id=KEY.key_id, key=KEY)
     row, _ = process_file(str(src), src.stat().st_size, cfg, KEY)
     assert (row["status"], row["reason"], row["output_uri"]) == ("failed", "cannot_transcode", None)
+    assert "pylibjpeg: PanicException raised" in row["detail"]
     assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*.dcm"))
 
 

@@ -61,6 +61,7 @@ from pydicom.sequence import Sequence
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
+from transforms import rle_decoder
 from transforms.dicomio import is_valid_uid, shallow_copy, unsigned_without_pixel_representation
 from transforms.errors import CannotTranscode, RequestError, is_work_failure
 
@@ -160,6 +161,9 @@ _PIXEL_DATA_TAG = 0x7FE00010
 _DECODERS_JPEG = ("imagecodecs", "pillow", "pylibjpeg", "gdcm")
 _DECODERS_JPEGLS = ("pyjpegls", "pylibjpeg", "gdcm")
 _DECODERS_OTHER = ("pylibjpeg", "pydicom", "pyjpegls", "pillow", "gdcm")
+# RLE: pylibjpeg-rle's segment decoder (``rle_decoder``), then pydicom's pure-Python one. Not
+# pylibjpeg-rle's frame decoder: it panics on padded segments (see ``rle_decoder``).
+_DECODERS_RLE = (rle_decoder.PLUGIN, "pydicom", "gdcm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,6 +573,8 @@ def _check_complete_frames(ds: Dataset, ts: str) -> None:
 
 
 def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[str]:
+    if ts == RLE_LOSSLESS:
+        _add_rle_plugin(decoder)
     available = set(getattr(decoder, "available_plugins", ()))
     if ts in _JPEG and _have_imagecodecs():
         available.add("imagecodecs")
@@ -578,11 +584,23 @@ def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[st
         order = _DECODERS_JPEG
     elif ts in (JPEGLS_LOSSLESS, JPEGLS_NEAR_LOSSLESS):
         order = _DECODERS_JPEGLS
+    elif ts == RLE_LOSSLESS:
+        order = _DECODERS_RLE
     else:
         order = _DECODERS_OTHER
     for plugin in order:
         if plugin in available:
             yield plugin
+
+
+def _add_rle_plugin(decoder: object) -> None:
+    """Register ``rle_decoder`` on pydicom's RLE decoder (once per process)."""
+    if rle_decoder.PLUGIN in getattr(decoder, "available_plugins", ()):
+        return
+    try:
+        decoder.add_plugin(rle_decoder.PLUGIN, ("transforms.rle_decoder", "decode_frame"))  # type: ignore[attr-defined]
+    except ValueError:  # registered already, unavailable (no pylibjpeg-rle)
+        pass
 
 
 def _have_imagecodecs() -> bool:
