@@ -705,10 +705,23 @@ def prepare_locations(args: argparse.Namespace, input_uri: str, output: str) -> 
 
 def prepare_runner(options: Any, args: argparse.Namespace, beam_args: list[str], locations: RunLocations,
                    run_id: str) -> bool:
-    """Whether the runner is local (:func:`quiet_local_workers`, which this calls). A local run
+    """Whether the runner is local (:func:`quiet_local_workers`, which this calls). A runner
+    on other machines (not local, not Prism) is refused local locations (UsageError). A local run
     also lists a remote INPUT and probes ``gs://`` OUTPUT, audit and crosswalk folders now, so
     that they are refused (UsageError) before anything is written: workers on another machine
     could not report to this terminal, and may have access this machine lacks."""
+    if not key_may_travel(options):
+        # A remote runner's workers would walk a folder that is not on their machine (no file),
+        # write outputs to their own disks (lost, though audited as written) and fail the
+        # audit's finalisation after all the work was done.
+        local = [name for name, uri in (("INPUT", locations.input_uri), ("OUTPUT", locations.output),
+                                        ("--audit", locations.audit), ("--crosswalk", locations.crosswalk))
+                 if uri is not None and _scheme(uri) in (None, "file")]
+        if local:
+            raise UsageError(
+                f"--runner {runner_name(options)} runs on other machines, which cannot reach this machine's "
+                f"files: give {', '.join(local)} as gs:// location{'s' if len(local) > 1 else ''}"
+            )
     local_runner = quiet_local_workers(options, verbose=args.verbose, beam_args=beam_args)
     if local_runner:
         refuse_empty_input(locations.input_uri, args.input, remote=True)

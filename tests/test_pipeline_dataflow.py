@@ -240,3 +240,38 @@ def test_readme_dataflow_command_builds_the_job_graph(tmp_path: Path, monkeypatc
     assert (fn._cfg.key, fn._cfg.key_uri, fn._cfg.output_root) == (None, "gs://my-secrets/deid.key", "gs://my-bucket/deid")
     assert fn._cfg.plan == plan
     assert SECRET not in proto.SerializeToString()
+
+
+REMOTE_ARGS = ["--runner", "DataflowRunner", "--project", "p", "--region", "europe-west1",
+               "--temp_location", "gs://deid-temp-bucket/tmp"]
+
+
+@pytest.mark.parametrize(
+    ("command", "where", "refused"),
+    [
+        (["anonymize"], ("gs://deid-in/a", "{tmp}/out"), "OUTPUT, --audit as gs:// locations"),
+        (["modify", "--level", "Instance"], ("gs://deid-in/a", "gs://deid-out/o", "--audit", "{tmp}/audit"),
+         "--audit as gs:// location"),
+        (["anonymize"], ("gs://deid-in/a", "gs://deid-out/o", "--crosswalk", "file://{tmp}/cw"),
+         "--crosswalk as gs:// location"),
+        (["split", "--study", "1.2.3"], ("{tmp}/in", "gs://deid-out/o"), "INPUT as gs:// location"),
+    ],
+)
+def test_a_remote_runner_is_refused_local_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str], command: list[str],
+                                                     where: tuple[str, ...], refused: str):
+    """Dataflow's workers would walk a folder they do not have, write outputs to their own disks
+    (lost, though audited as written) and fail the audit's finalisation after all the work:
+    refused before anything runs, naming the local locations."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.dcm").write_bytes(b"DICM")
+    monkeypatch.setattr(cli, "load_key", lambda _file: (KEY, "gs://deid-keys/deid.key"))  # no network
+    body = '{"Series": ["1.2.3.4"]}' if command[0] == "split" else "{}"
+    location_args = [w.format(tmp=tmp_path) for w in where]
+    argv = [*command, *location_args, "--key-file", "gs://deid-keys/deid.key", "--body", body, *REMOTE_ARGS]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "dicom-deid: --runner DataflowRunner runs on other machines, which cannot reach this machine's files: "
+        f"give {refused}\n"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "audit").exists()

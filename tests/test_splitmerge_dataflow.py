@@ -145,17 +145,25 @@ def test_apply_pass_reads_the_plan_from_its_uri(tmp_path: Path, request_, moved:
 
 def test_split_command_refuses_invalid_dataflow_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """Through ``dicom-deid split``: one line, exit 2, nothing written (no network, no job)."""
-    write_reference_studies(tmp_path / "in")
     key = tmp_path / "key"
     key.write_bytes(SECRET)
     args = [a if a != "deid-test-project" else "p" for a in DATAFLOW_ARGS]
-    out = tmp_path / "out"
-    code = cli.main(["split", str(tmp_path / "in"), str(out), "--study", STUDY_A, "--body", json.dumps({"Series": [CT_SERIES]}),
-                     "--key-file", str(key), "--quiet", "--progress", *args])  # fmt: skip
+    code = cli.main(["split", "gs://deid-in/archive", "gs://deid-out/o", "--study", STUDY_A,
+                     "--body", json.dumps({"Series": [CT_SERIES]}), "--key-file", str(key), "--quiet", "--progress",
+                     *args])  # fmt: skip
     assert code == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("dicom-deid: Beam options: Pipeline has validations errors: Invalid Project ID (p)")
     assert err.count("\n") == 1 and "\r" not in err  # --progress: a remote runner gets no progress line
+    # The same with local locations is refused before Beam sees the options.
+    write_reference_studies(tmp_path / "in")
+    out = tmp_path / "out"
+    code = cli.main(["split", str(tmp_path / "in"), str(out), "--study", STUDY_A, "--body", json.dumps({"Series": [CT_SERIES]}),
+                     "--key-file", str(key), "--quiet", *args])  # fmt: skip
+    assert code == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "dicom-deid: --runner DataflowRunner runs on other machines, which cannot reach this machine's files: "
+        "give INPUT, OUTPUT, --audit as gs:// locations\n")
     assert not out.exists() and not (tmp_path / "out-audit").exists()
 
 
