@@ -42,3 +42,21 @@ def test_duckdb_queries_the_audit_of_a_run(tmp_path: Path):
     assert summary["InputFiles"] == 6
     [(total_out,)] = duckdb.sql(f"select sum(bytes_out) from '{audit}'").fetchall()
     assert total_out == sum(p.stat().st_size for p in out.rglob("*.dcm"))
+
+
+def test_the_readme_audit_snippet_runs_on_a_run_s_audit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]):
+    """The README's Python block, as written, over the audit of a run into ``out``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [block] = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "duckdb.sql(" in b]
+    folder = tmp_path / "in"
+    write_study(make_study(seed=4, n_ct=1), folder / "study")
+    (folder / "notes.txt").write_text("not DICOM\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["anonymize", "in", "out", "--key-file", str(write_key(tmp_path)), "--quiet",
+                     "--runner", "DirectRunner"]) == 3
+    capsys.readouterr()
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own README
+    shown = capsys.readouterr().out
+    assert "not_dicom" in shown and "written" in shown
+    assert shown.rstrip().endswith("\n4")  # 1 CT + RTSTRUCT + SR written, the text file failed
