@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import threading
 from pathlib import Path
 
@@ -393,6 +394,12 @@ def test_a_bulk_selection_of_many_uids_is_indexed_once(tmp_path: Path):
     index = files._selection(plan)
     assert files._selection(plan) is index  # built once for the plan
     assert len(index) == 50_000 - 1
+    # Each DoFn instance unpickles its own plan (Dataflow runs several bundles per process):
+    # instances taking turns keep their indexes instead of rebuilding them for every file.
+    twins = [pickle.loads(pickle.dumps(plan)) for _ in range(8)]
+    indexes = [files._selection(twin) for twin in twins]
+    assert all(files._selection(twin) is built for twin, built in zip(twins, indexes))
+    assert files._selection(plan) is index and indexes[0] == index and indexes[0] is not index
 
 
 def test_crosswalk_holds_originals_and_audit_does_not(tmp_path: Path, study_folder: Path):
