@@ -705,6 +705,32 @@ def test_a_vr_that_implicit_vr_cannot_carry_is_invalid_value():
         "written in the output's transfer syntax, the data set would not read back: sequence (0054,0016) cannot be read")
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_value_the_dictionary_vr_cannot_read_in_implicit_vr_is_invalid_value(nested: bool):
+    """Explicit CS "SE" on BackgroundLuminance (0024,0020), whose dictionary VR is FL (a
+    mutated Comunix/Pet/IM-0001-0002.dcm, transcoded to implicit VR): copied or in big endian
+    it keeps its VR and reads back; in implicit VR a reader takes FL and two bytes are no float,
+    so it is refused before writing, at any depth, naming the element without its value."""
+    element = struct.pack("<HH2sH", 0x0024, 0x0020, b"CS", 2) + b"SE"
+    if nested:  # in an item of ReferencedImageSequence (0008,1140), between the 0008 and 0020 UIDs
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
+        sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
+        data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+    else:
+        data = _explicit_file(_UIDS) + element
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds))  # unchanged encoding: copied
+    big = dicomio.read_dataset(dicomio.write_dataset(ds, "1.2.840.10008.1.2.2"))
+    inner = big.ReferencedImageSequence[0] if nested else big
+    assert (inner[0x00240020].VR, inner[0x00240020].value) == ("CS", "SE")
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert (refused.value.reason, str(refused.value)) == (
+        "invalid_value",
+        "written in implicit VR, element (0024,0020) would read back with the dictionary's VR FL, which its value "
+        "does not fit")
+
+
 def _undefined_sequence(tag: int) -> bytes:
     item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
     return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)

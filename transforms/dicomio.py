@@ -1182,20 +1182,51 @@ def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
         compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = compressor.compress(body) + compressor.flush()
     if source is None or source.implicit != implicit or source.little != little:
-        _check_reads_back(head + body)
+        _check_reads_back(head + body, values=implicit and (source is None or not source.implicit))
     return [head, body]
 
 
-def _check_reads_back(data: bytes) -> None:
+def _check_reads_back(data: bytes, *, values: bool = False) -> None:
     """Read what pydicom's writer made (an encoding change, a data set without a source) as
     the output's reader will: pydicom writes what a damaged input gave it, such as an element
     whose VR disagrees with the dictionary (SS on a sequence's tag), which implicit VR turns
-    into a sequence that does not parse. (The copying paths keep what the reader checked.)"""
+    into a sequence that does not parse. (The copying paths keep what the reader checked.)
+    With ``values`` (implicit VR made from explicit VR, where each VR becomes the dictionary's),
+    every value is converted too: two bytes read as CS in the source cannot be an FL."""
     try:
-        read_dataset(data, check_uids=False)
+        ds = read_dataset(data, check_uids=False)
     except InputError as exc:
         raise InputError(f"written in the output's transfer syntax, the data set would not read back: {exc}",
                          reason="invalid_value") from None
+    if values:
+        _check_values_convert(ds)
+
+
+def _check_values_convert(ds: Dataset) -> None:
+    """Convert every value at every depth as a reader of implicit VR does (by the dictionary's
+    VR); an element that does not convert is ``invalid_value``, named without its value.
+    US-or-SS and the other ambiguous VRs are left to the reader (resolved by
+    ``unsigned_without_pixel_representation`` when written)."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except (RecursionError, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001 - pydicom's message quotes the value
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+            if " or " in vr:
+                continue
+            raise InputError(
+                f"written in implicit VR, element ({tag >> 16:04X},{tag & 0xFFFF:04X}) would read back with the "
+                f"dictionary's VR {vr}, which its value does not fit",
+                reason="invalid_value",
+            ) from None
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _check_values_convert(item)
 
 
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
