@@ -186,9 +186,11 @@ class RowsToArrow(beam.DoFn):
     """Row dicts -> ``pyarrow.Table`` s for ``WriteToParquetBatched``: the conversion
     ``WriteToParquet`` makes for bounded input (record batches of ``batch_rows`` rows, one table
     per bundle or per ``table_bytes``), with pyarrow's own converter. Beam's appends every
-    value column by column in Python (~20 us per audit row, against ~7 us)."""
+    value column by column in Python (~20 us per audit row, against ~7 us). ``table_bytes``
+    bounds what each instance holds (Dataflow runs a dozen per process; ~16 MB is ~50,000 rows,
+    one Parquet row group)."""
 
-    def __init__(self, schema: pa.Schema, batch_rows: int = 1000, table_bytes: int = 64 << 20) -> None:
+    def __init__(self, schema: pa.Schema, batch_rows: int = 1000, table_bytes: int = 16 << 20) -> None:
         self._schema = schema
         self._batch_rows = batch_rows
         self._table_bytes = table_bytes
@@ -248,9 +250,12 @@ def build(
     cfg: RunConfig,
     audit_root: str,
     crosswalk_root: str | None = None,
+    *,
+    spread: bool = True,
 ) -> None:
-    """Add the de-identification graph to ``pipeline`` (no I/O happens here)."""
-    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput.of(input_uri)
+    """Add the de-identification graph to ``pipeline`` (no I/O happens here). ``spread=False``
+    when a :class:`transforms.workers.LocalPool` does the work (see ``ExpandInput.of``)."""
+    files = pipeline | "Input" >> beam.Create([input_uri]) | "ExpandInput" >> ExpandInput.of(input_uri, spread=spread)
     outputs = files | "DeidentifyInstances" >> DeidentifyInstances(cfg)
     outputs.audit | "WriteAudit" >> WriteRowsToParquet(audit_prefix(audit_root, cfg.run_id), AUDIT_SCHEMA)
     if getattr(cfg.plan, "resources", None):
@@ -421,7 +426,7 @@ def execute(
     closed (its workers done with their files) before the temporary folder goes.
     """
     pipeline = make_pipeline(options)
-    build(pipeline, input_uri, cfg, audit_root, crosswalk_root)
+    build(pipeline, input_uri, cfg, audit_root, crosswalk_root, spread=pool is None)
     unclaimed: list[Any] = []
     try:
         if progress and cfg.progress_dir:

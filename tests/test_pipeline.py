@@ -140,9 +140,9 @@ def test_a_local_input_is_listed_in_one_stage_a_bucket_in_two():
 
     from transforms.beam import ExpandInput
 
-    def names(uri: str) -> set[str]:
+    def names(uri: str, spread: bool = True) -> set[str]:
         pipeline = beam.Pipeline()
-        _ = pipeline | beam.Create([uri]) | "ExpandInput" >> ExpandInput.of(uri)
+        _ = pipeline | beam.Create([uri]) | "ExpandInput" >> ExpandInput.of(uri, spread=spread)
         proto = pipeline.to_runner_api()
         return {t.unique_name for t in proto.components.transforms.values() if t.unique_name.startswith("ExpandInput/")}
 
@@ -150,6 +150,30 @@ def test_a_local_input_is_listed_in_one_stage_a_bucket_in_two():
     assert {"ExpandInput/MatchFiles", "ExpandInput/SpreadFiles"} <= local
     assert not any("Prefixes" in n for n in local)
     assert {"ExpandInput/SpreadPrefixes", "ExpandInput/ListPrefixes", "ExpandInput/SpreadFiles"} <= names("gs://bucket/in")
+    # A local run's worker pool: the listing streams into the DoFn that feeds it (a reshuffle
+    # would hold every (path, size) in the runner's memory first); a bucket is still spread.
+    assert names("/data/in", spread=False) == {"ExpandInput/MatchFiles"}
+    assert "ExpandInput/SpreadFiles" in names("gs://bucket/in", spread=False)
+
+
+@pytest.mark.parametrize(("processes", "spread"), [("1", False), ("0", True)])
+def test_a_local_run_spreads_its_listing_only_without_a_worker_pool(tmp_path: Path, study_folder: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  processes: str, spread: bool):
+    from pipelines import run as pipeline_run
+
+    seen: list[bool] = []
+    real_build = pipeline_run.build
+
+    def build(*args, spread: bool = True, **kwargs):
+        seen.append(spread)
+        return real_build(*args, spread=spread, **kwargs)
+
+    monkeypatch.setattr(pipeline_run, "build", build)
+    code, output, _ = _run(tmp_path, study_folder, "--processes", processes, "--runner", "DirectRunner",
+                           "--direct_num_workers", "1")
+    assert code == 3 and seen == [spread]  # notes.txt failed
+    assert len(list(output.rglob("*.dcm"))) == 10  # 3 CT + RTSTRUCT + SR of each study
 
 
 def test_publish_local_is_create_if_absent(tmp_path: Path):

@@ -354,18 +354,24 @@ class ExpandInput(beam.PTransform):
     first-level prefixes are spread the same way and listed in parallel (``ListPrefixFn``).
     """
 
-    def __init__(self, fan_out: bool = False) -> None:
+    def __init__(self, fan_out: bool = False, spread: bool = True) -> None:
         super().__init__()
         self._fan_out = fan_out
+        self._spread = spread
 
     @classmethod
-    def of(cls, input_uri: str) -> ExpandInput:
-        """Fan out (a stage more) only where it pays: a ``gs://`` INPUT."""
-        return cls(fan_out=input_uri.startswith("gs://"))
+    def of(cls, input_uri: str, *, spread: bool = True) -> ExpandInput:
+        """Fan out (a stage more) only where it pays: a ``gs://`` INPUT. ``spread=False``
+        (a local INPUT read by a local run whose worker pool does the work): no reshuffle, the
+        listing streams into the DoFn that feeds the pool, instead of being held whole in the
+        runner's memory first (measured: ~0.8 KB per file)."""
+        fan_out = input_uri.startswith("gs://")
+        return cls(fan_out=fan_out, spread=spread or fan_out)
 
     def expand(self, pcoll: beam.PCollection[str]) -> beam.PCollection[tuple[str, int]]:
         if not self._fan_out:
-            return pcoll | "MatchFiles" >> beam.ParDo(ExpandInputFn(fan_out=False)) | "SpreadFiles" >> beam.Reshuffle()
+            files = pcoll | "MatchFiles" >> beam.ParDo(ExpandInputFn(fan_out=False))
+            return files | "SpreadFiles" >> beam.Reshuffle() if self._spread else files
         listed = pcoll | "MatchFiles" >> beam.ParDo(ExpandInputFn()).with_outputs(PREFIX_TAG, main="files")
         deeper = (
             listed[PREFIX_TAG]
