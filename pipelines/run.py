@@ -280,8 +280,9 @@ def _shard_paths(prefix: str) -> list[str]:
 def _read_shard(path: str, columns: Iterable[str] | None = None) -> pa.Table:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         # ParquetFile, not read_table: the latter sets up pyarrow's dataset machinery (~0.1 s
-        # on first use) to read one in-memory file.
-        return pq.ParquetFile(io.BytesIO(f.read())).read(columns=None if columns is None else list(columns))
+        # on first use). On the seekable handle: only the footer and the columns asked for are
+        # read, not the whole shard.
+        return pq.ParquetFile(f).read(columns=None if columns is None else list(columns))
 
 
 def read_parquet_prefix(prefix: str, schema: pa.Schema) -> pa.Table:
