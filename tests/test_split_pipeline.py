@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -488,3 +489,49 @@ def test_the_study_index_never_sits_under_output_when_avoidable(tmp_path: Path):
     assert psm.work_folder(remote, "gs://shared-out/deid", "run-7") == "gs://scratch/tmp/dicom-deid-run-7"
     bare = pipeline_run.pipeline_options(["--runner", "DataflowRunner"])
     assert psm.work_folder(bare, "gs://shared-out/deid", "run-7") == "gs://shared-out/deid/.dicom-deid-tmp/run-7"
+
+
+class _RemoteHandle(io.BytesIO):
+    """A remote object's handle that records what was fetched: like Beam's GCS reader, a seek
+    before what it last fetched would fetch again, so it is refused here."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.fetched = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self.fetched += len(chunk)
+        return chunk
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        raise AssertionError("a seek on the remote handle fetches the object again")
+
+
+@pytest.mark.parametrize(("head_bytes", "fetched"), [(16 << 20, 3384), (1000, 3384), (3000, 3000)])
+def test_a_remote_header_is_read_in_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head_bytes: int,
+                                             fetched: int):
+    """Pass 1 on gs://: the header comes from one read of the object's start (the whole
+    object when small), never by seeking back (which refetched it: measured twice the bytes);
+    a header longer than the first read (1000 bytes into this 3,384-byte CT) reads the rest; one
+    that ends inside it (the pixel data starts at 2,860) reads no more."""
+    study = make_study(seed=7, n_ct=1)
+    write_study(study, tmp_path / "in")
+    path = next(p for p in sorted((tmp_path / "in").rglob("*.dcm")) if "CT" in p.name)
+    data = path.read_bytes()
+    local = smf.read_header(str(path), len(data), 1 << 30)
+    handles: list[_RemoteHandle] = []
+
+    class Remote:
+        @staticmethod
+        def open(uri: str, compression_type: object = None) -> _RemoteHandle:
+            assert uri == "gs://bucket/ct.dcm"
+            handles.append(_RemoteHandle(data))
+            return handles[-1]
+
+    monkeypatch.setattr(smf, "FileSystems", Remote)
+    monkeypatch.setattr(smf, "_REMOTE_HEAD_BYTES", head_bytes)
+    ds = smf.read_header("gs://bucket/ct.dcm", len(data), 1 << 30)
+    assert ds is not None and ds == local and "PixelData" not in ds and ds.PatientID == "PID-PLANTED-0001"
+    assert len(data) == 3384 and data.index(b"\xe0\x7f\x10\x00") == 2860  # PixelData's tag
+    assert [h.fetched for h in handles] == [fetched]  # each byte fetched once at most
