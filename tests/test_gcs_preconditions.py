@@ -145,3 +145,37 @@ def test_duplicate_instance_and_glob_on_gs(tmp_path: Path, fake_gcs, client):
     assert {k: hashlib.sha256(v).hexdigest() for k, v in _objects(client, "dup-out", "").items()} == {
         winner["output_uri"]: winner["output_sha256"]
     }
+
+
+_REPUBLISH = """
+import hashlib, json, sys
+from transforms import files
+from transforms.beam import DuplicateInstanceError, publish
+
+final = sys.argv[1]
+downloads = []
+real = files._sha256_of
+files._sha256_of = lambda path: downloads.append(path) or real(path)
+results = []
+for data in (b"first content", b"first content", b"other content", b"longer other content"):
+    try:
+        publish([data], hashlib.sha256(data).hexdigest(), final, final.rsplit("/", 1)[0], "run")
+        results.append("written")
+    except DuplicateInstanceError:
+        results.append("duplicate_instance")
+print(json.dumps([results, len(downloads)]))
+"""
+
+
+def test_an_existing_output_is_compared_by_its_metadata(fake_gcs, client):
+    """A rerun finds its outputs in place: the same bytes (same size, same MD5 as the storage
+    computed it) are written again and a different content of the same or another size is a
+    duplicate_instance, all from the object's metadata, without downloading it."""
+    _, env = fake_gcs
+    client.create_bucket("republish")
+    final = "gs://republish/o/1.2/3.4/5.6.dcm"
+    done = subprocess.run([sys.executable, "-c", _REPUBLISH, final], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [["written", "written", "duplicate_instance", "duplicate_instance"], 0]
+    assert _objects(client, "republish", "")[final] == b"first content"

@@ -29,6 +29,7 @@ component):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import hashlib
@@ -947,8 +948,21 @@ def _publish_gcs(data: bytes, sha256: str, final: str, client: Any) -> None:
             data, content_type="application/dicom", if_generation_match=0, checksum="crc32c"
         )
     except PreconditionFailed:  # the name exists: a rerun, a retried bundle, or a duplicate
-        if _sha256_of(final) != sha256:
+        if not _same_as_stored(client.bucket(bucket).get_blob(name), data, final, sha256):
             raise duplicate_instance_error() from None
+
+
+def _same_as_stored(blob: Any, data: bytes, final: str, sha256: str) -> bool:
+    """Whether the object at ``final`` holds ``data``: from its metadata (size, then the MD5
+    the storage computed) where it has them, one small request instead of downloading the
+    object again for every output of a rerun; else (a composite object has no MD5) from its
+    SHA-256."""
+    if blob is not None and blob.size is not None:
+        if int(blob.size) != len(data):
+            return False
+        if blob.md5_hash:
+            return blob.md5_hash == base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+    return _sha256_of(final) == sha256
 
 
 def _publish_remote(data: Any, sha256: str, final: str, output_root: str, run_id: str) -> None:
