@@ -154,7 +154,18 @@ def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     test_runner_api: bool | str = "AUTO"
     if isinstance(pipeline.runner, LocalDirectRunner) and not options.view_as(StandardOptions).streaming:
         test_runner_api = False
-    pipeline.run(test_runner_api=test_runner_api).wait_until_finish()
+    result = pipeline.run(test_runner_api=test_runner_api)
+    try:
+        result.wait_until_finish()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C while a remote job runs (the local runners are done when run() returns):
+        # cancel it, or it would go on unwatched, its summary never made (and a split or
+        # merge pass 2 would lose the plan its workers load, removed on the way out).
+        try:
+            result.cancel()
+        except Exception:  # noqa: BLE001 - already finished, or the service unreachable
+            pass
+        raise
 
 
 def audit_prefix(audit_root: str, run_id: str) -> str:

@@ -275,3 +275,36 @@ def test_a_remote_runner_is_refused_local_locations(tmp_path: Path, monkeypatch:
         f"give {refused}\n"
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "audit").exists()
+
+
+class _RemoteJob:
+    """What DataflowRunner.run returns, as far as run_and_wait uses it."""
+
+    def __init__(self, cancel_fails: bool) -> None:
+        self.cancelled = 0
+        self._cancel_fails = cancel_fails
+
+    def wait_until_finish(self) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the launcher waits for the job
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+        if self._cancel_fails:
+            raise RuntimeError("the service is unreachable")
+
+
+@pytest.mark.parametrize("cancel_fails", [False, True])
+def test_ctrl_c_while_waiting_for_a_remote_job_cancels_it(cancel_fails: bool):
+    """Left running, the job would go on unwatched (no summary) and a split's pass 2 would lose
+    the plan its workers load, which the launcher removes on its way out."""
+    job = _RemoteJob(cancel_fails)
+
+    class Pipeline:
+        runner = object()
+
+        def run(self, test_runner_api: object) -> _RemoteJob:
+            return job
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline_run.run_and_wait(Pipeline(), pipeline_run.pipeline_options(list(DATAFLOW_ARGS)))
+    assert job.cancelled == 1
