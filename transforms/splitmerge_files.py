@@ -42,6 +42,7 @@ from transforms.files import (
     describe_input,
     duplicate_instance_error,
     failure_reason,
+    get_scheme,
     identifiers_of,
     identity_columns,
     output_name,
@@ -105,7 +106,7 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
         return None
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            if "://" in path:
+            if get_scheme(path) not in (None, "file"):
                 ds = _remote_header(f, size)
             else:
                 head = f.read(_DICM_OFFSET + 4)
