@@ -535,3 +535,33 @@ def test_a_remote_header_is_read_in_one_pass(tmp_path: Path, monkeypatch: pytest
     assert ds is not None and ds == local and "PixelData" not in ds and ds.PatientID == "PID-PLANTED-0001"
     assert len(data) == 3384 and data.index(b"\xe0\x7f\x10\x00") == 2860  # PixelData's tag
     assert [h.fetched for h in handles] == [fetched]  # each byte fetched once at most
+
+
+def test_what_a_split_leaves_alone_is_described_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]):
+    """Pass 2 reads an unselected file whole only to say why it fails: a readable header gives
+    its skipped row (splitting one study out of an archive no longer reads every other file
+    twice), a truncated image it leaves alone is skipped as well (its pixels are not looked
+    at), and a file that is not DICOM still fails with its reason."""
+    paths = write_reference_studies(tmp_path / "in")
+    truncated = paths["B/ct2.dcm"]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (tmp_path / "in" / "notes.dcm").write_text("not DICOM\n")
+    read_whole: list[str] = []
+    real = smf.read_input
+    monkeypatch.setattr(smf, "read_input", lambda path, *args: read_whole.append(Path(path).name) or real(path, *args))
+    (tmp_path / "key").write_bytes(KEY_BYTES)
+    code = cli.main(["split", str(tmp_path / "in"), str(tmp_path / "out"), "--study", STUDY_A, "--key-file",
+                     str(tmp_path / "key"), "--quiet", "--body", json.dumps({"Series": [CT_SERIES]})])
+    assert code == cli.EXIT_SOME_FAILED, capsys.readouterr().err  # notes.dcm
+    rows = {Path(r["source_uri"]).relative_to(tmp_path / "in").as_posix(): r
+            for r in pq.read_table(tmp_path / "out-audit", ignore_prefixes=["summary", "."]).to_pylist()}
+    assert {name: (r["status"], r["reason"]) for name, r in rows.items()} == {
+        **{f"A/ct{i}.dcm": ("moved", None) for i in (1, 2, 3)},
+        **{name: ("skipped", "not_selected") for name in ("A/rtstruct.dcm", "A/mr1.dcm", "A/mr2.dcm", "A/sr.dcm",
+                                                          "B/ct1.dcm", "B/ct2.dcm")},
+        "notes.dcm": ("failed", "not_dicom"),
+    }
+    assert (rows["B/ct2.dcm"]["modality"], rows["B/ct2.dcm"]["transfer_syntax_in"]) == ("CT", "1.2.840.10008.1.2.1")
+    assert rows["A/mr1.dcm"]["modality"] == "MR" and rows["A/sr.dcm"]["modality"] == "SR"
+    assert sorted(read_whole) == ["ct1.dcm", "ct2.dcm", "ct3.dcm", "notes.dcm"]  # the moved CTs of A

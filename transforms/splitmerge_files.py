@@ -253,11 +253,20 @@ def process_instance(
     new = None
     stage = "read"
     try:
+        unselected = plan.disposition(path) == sm.UNSELECTED
+        if unselected and not cfg.copy_unselected:
+            # Left alone: its header (as pass 1 read it) describes it; the whole file is read
+            # only when the header does not parse, to say why it fails.
+            header = read_header(path, size, cfg.max_bytes)
+            if header is not None:
+                describe_input(header, row)
+                row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")
+                return audit_row(**row, finished_at=utc_now()), None
         data = read_input(path, size, cfg.max_bytes, row)
         stage = "parse"
         ds = dicomio.read_dataset(data)
         describe_input(ds, row)
-        if plan.disposition(path) == sm.UNSELECTED:
+        if unselected:
             if not cfg.copy_unselected:
                 row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")
                 return audit_row(**row, finished_at=utc_now()), None
