@@ -731,6 +731,28 @@ def test_a_value_the_dictionary_vr_cannot_read_in_implicit_vr_is_invalid_value(n
         "does not fit")
 
 
+@pytest.mark.parametrize("undefined", [True, False])
+def test_a_damaged_item_tag_is_refused(undefined: bool):
+    """SourceImageSequence's item tag (FFFE,E000) damaged into (FFFE,063B) (8 bytes inserted
+    after FFFE in a mutated 1.2.840.10008.1.2.4.80.dcm): pydicom warned and read on, taking the
+    rest for an element (AE9A,E000) of undefined length, and the anonymized output did not read
+    back. Refused as not DICOM, whether the sequence's length is defined or not."""
+    element = struct.pack("<HH2sH", 0x0008, 0x1150, b"UI", 6) + b"1.2.3\0"
+    item = struct.pack("<HHI", 0xFFFE, 0x063B, len(element)) + element
+    if undefined:
+        value, length = item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), 0xFFFFFFFF
+    else:
+        value, length = item, len(item)
+    sequence = struct.pack("<HH2sHI", 0x0008, 0x2112, b"SQ", 0, length) + value
+    data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)
+    assert (refused.value.reason, str(refused.value)) == (
+        "not_dicom", "a sequence holds the tag (FFFE,063B) where an item should start")
+    intact = data.replace(struct.pack("<HH", 0xFFFE, 0x063B), struct.pack("<HH", 0xFFFE, 0xE000))
+    assert dicomio.read_dataset(intact).SourceImageSequence[0].ReferencedSOPClassUID == "1.2.3"
+
+
 def _undefined_sequence(tag: int) -> bytes:
     item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
     return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)

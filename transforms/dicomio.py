@@ -556,6 +556,7 @@ def _skip_undefined(
         if tag == _SEQ_END:
             return pos
         if tag != _ITEM:
+            _refuse_stray_item_tag(group, element)
             raise _GiveUp
         pos += 8
         if length != 0xFFFFFFFF:
@@ -582,6 +583,7 @@ def _check_items(data: bytes, pos: int, end: int, implicit: bool, little: bool, 
             raise _GiveUp
         group, element, length = head(data, pos)
         if (group << 16 | element) != _ITEM:
+            _refuse_stray_item_tag(group, element)
             raise _GiveUp  # e.g. a sequence delimiter inside a defined length
         pos += 8
         if length == 0xFFFFFFFF:
@@ -591,6 +593,14 @@ def _check_items(data: bytes, pos: int, end: int, implicit: bool, little: bool, 
             pos += length
     if pos != end:
         raise _GiveUp
+
+
+def _refuse_stray_item_tag(group: int, element: int) -> None:
+    """Where a sequence's next item starts, a tag of the item group (FFFE) other than an item
+    or a delimiter (a damaged item tag) is refused: pydicom warns and reads on, taking what
+    follows for elements, and an output re-encoded from that does not read back."""
+    if group == 0xFFFE and element not in (0xE000, 0xE00D, 0xE0DD):
+        raise InputError(f"a sequence holds the tag (FFFE,{element:04X}) where an item should start", reason="not_dicom")
 
 
 def _check_item(data: bytes, pos: int, item_end: int, end: int, implicit: bool, little: bool, depth: int) -> None:
