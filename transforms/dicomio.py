@@ -1214,15 +1214,18 @@ def _check_reads_back(data: bytes, *, values: bool = False) -> None:
 
 def _check_values_convert(ds: Dataset) -> None:
     """Convert every value at every depth as a reader of implicit VR does (by the dictionary's
-    VR); an element that does not convert is ``invalid_value``, named without its value.
-    US-or-SS and the other ambiguous VRs are left to the reader (resolved by
-    ``unsigned_without_pixel_representation`` when written)."""
+    VR); a public element that does not convert is ``invalid_value``, named without its value.
+    Private elements (their VR comes from whichever private dictionary a reader has) and
+    US-or-SS and the other ambiguous VRs (resolved by ``unsigned_without_pixel_representation``
+    when written) are left to the reader."""
     for tag in list(ds.keys()):
         try:
             elem = ds[tag]
         except (RecursionError, MemoryError):
             raise
         except Exception:  # noqa: BLE001 - pydicom's message quotes the value
+            if tag >> 16 & 1:  # private: its VR comes from a private dictionary, if any (pydicom's,
+                continue  # e.g. ELSCINT1's, often disagrees with what vendors write; DCMTK reads UN)
             try:
                 vr = dictionary_VR(tag)
             except KeyError:
