@@ -946,8 +946,8 @@ def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, inpu
     if row["status"] == "failed":
         _err(f"{args.input}: {row['reason']}: {row['detail']}")
         return EXIT_USAGE if row["reason"] == "refused_by_request" else EXIT_SOME_FAILED
-    if row["status"] == "skipped":
-        _err(f"{args.input}: not selected by Resources; nothing written")
+    if row["status"] == "skipped":  # not selected by Resources, a DICOMDIR
+        _err(f"{args.input}: {row['reason']}: {row['detail']}; nothing written")
     return EXIT_OK
 
 

@@ -15,7 +15,8 @@ source_uri             string       the input file (local path or ``gs://`` URI)
 output_uri             string       the file written, ``<OUTPUT>/<study>/<series>/<sop>.dcm``;
                                     null when nothing was written (failed, skipped)
 status                 string       ``written`` (output exists with this row's content), ``failed``
-                                    (see ``reason``), ``skipped`` (not selected by ``Resources``);
+                                    (see ``reason``), ``skipped`` (not selected by ``Resources``, or
+                                    a DICOMDIR);
                                     split/merge add ``moved`` (re-parented, new UIDs) and ``copied``
                                     (written unchanged: --copy-unselected)
 reason                 string       null when written; else a code of ``transforms.errors.REASONS``:
@@ -23,7 +24,7 @@ reason                 string       null when written; else a code of ``transfor
                                     ``too_large``, ``invalid_uid``, ``invalid_value``,
                                     ``refused_by_request``, ``duplicate_instance``,
                                     ``cannot_transcode``, ``not_selected``, ``read_error``,
-                                    ``write_error``, ``internal_error``
+                                    ``write_error``, ``internal_error``, ``dicomdir`` (skipped)
 detail                 string       short explanation for people (names the stage, tag keyword or
                                     exception type; never a value from the file); null when written
 operation              string       ``modify``, ``anonymize``, ``split`` or ``merge``

@@ -14,6 +14,7 @@ import os
 import resource
 import struct
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from tests.pipeline_support import KEY, output_files, pydicom_converts_all, read
 from tests.pipeline_support import explicit_element as _element
 from transforms import dicomio, files, request
 from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
+from transforms.errors import InputError
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 CT_OTHER = Path(get_testdata_file("MR_small.dcm"))  # another study
@@ -435,3 +437,46 @@ def test_ctrl_c_under_beams_threads_is_quiet_and_leaves_no_sink_temporaries(tmp_
     audit = tmp_path / "out-audit"
     assert not audit.exists() or [p.name for p in audit.iterdir() if p.name.startswith("beam-temp")] == []
     assert not (tmp_path / "out" / TMP_DIR_NAME).exists()
+
+
+DICOMDIR = Path(get_testdata_file("DICOMDIR"))
+DICOMDIR_DETAIL = ("parse: a media directory (DICOMDIR), not an instance: it lists the other files by their "
+                   "original names and holds their patients' data; not copied (make a new one from OUTPUT if needed)")
+
+
+def test_a_dicomdir_is_refused_by_the_reader_with_its_own_reason():
+    """pydicom's DICOMDIR (a CD's directory: patient names in its records) has no SOPClassUID;
+    it used to fail as invalid_uid ("SOPClassUID is missing")."""
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(DICOMDIR.read_bytes())
+    assert refused.value.reason == "dicomdir"
+    assert "PatientName" not in str(refused.value) and "^" not in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["anonymize", "split"])
+def test_a_dicomdir_in_the_input_is_skipped_and_the_run_succeeds(tmp_path: Path, command: str):
+    """A CD export's DICOMDIR beside its images: a skipped row with reason dicomdir, nothing
+    written for it, exit status 0 (a scheduler has nothing to fix)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(DICOMDIR, folder / "DICOMDIR")
+    shutil.copy(CT, folder / "ct.dcm")
+    args = [command, str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    if command == "split":
+        ds = dicomio.read_dataset(CT.read_bytes())
+        args += ["--study", str(ds.StudyInstanceUID), "--body", json.dumps({"Series": [str(ds.SeriesInstanceUID)]})]
+    assert cli.main(args) == cli.EXIT_OK
+    rows = {Path(r["source_uri"]).name: (r["status"], r["reason"], r["detail"], r["output_uri"])
+            for r in read_rows(tmp_path / "out-audit")}
+    assert rows["DICOMDIR"] == ("skipped", "dicomdir", DICOMDIR_DETAIL, None)
+    assert rows["ct.dcm"][:2] == (("written" if command == "anonymize" else "moved"), None)
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == [Path(rows["ct.dcm"][3]).name]
+    summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    assert summary["Reasons"] == {"dicomdir": 1} and summary["FailedInstancesCount"] == 0
+
+
+def test_a_dicomdir_given_alone_writes_nothing_and_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "x.dcm"
+    assert cli.main(["anonymize", str(DICOMDIR), str(out), "--key-file", str(write_key(tmp_path))]) == cli.EXIT_OK
+    assert capsys.readouterr().err == f"dicom-deid: {DICOMDIR}: dicomdir: {DICOMDIR_DETAIL}; nothing written\n"
+    assert not out.exists()

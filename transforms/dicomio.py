@@ -333,8 +333,18 @@ def _check_pixel_data(ds: Dataset, *, fragments_checked: bool) -> None:
         raise InputError("file ends inside a pixel data fragment", reason="truncated")
 
 
+#: Media Storage Directory Storage: a DICOMDIR's SOP class.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
 def check_identifiers(ds: Dataset) -> None:
-    """Refuse a data set whose main identifiers are missing or malformed."""
+    """Refuse a data set whose main identifiers are missing or malformed, and a DICOMDIR
+    (reason ``dicomdir``: a directory of the other files, not an instance)."""
+    meta = getattr(ds, "file_meta", None)
+    if 0x00041220 in ds._dict or (meta is not None and meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY):
+        raise InputError("a media directory (DICOMDIR), not an instance: it lists the other files by their original "
+                         "names and holds their patients' data; not copied (make a new one from OUTPUT if needed)",
+                         reason="dicomdir")
     for keyword, tag in _REQUIRED_UID_TAGS:
         raw = ds._dict.get(tag)
         if type(raw) is RawDataElement and type(raw.value) is bytes and raw.value:

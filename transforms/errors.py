@@ -23,7 +23,11 @@ REASONS = (
     "read_error",
     "write_error",
     "internal_error",
+    "dicomdir",
 )
+
+#: Reasons whose rows are ``skipped``, not ``failed`` (no alert: nothing is wrong with the run).
+SKIPPED_REASONS = frozenset({"not_selected", "dicomdir"})
 
 
 class DeidError(Exception):

@@ -53,7 +53,7 @@ from schemas.audit import (
     crosswalk_row,
     utc_now,
 )
-from transforms.errors import DeidError, InputError, is_work_failure
+from transforms.errors import SKIPPED_REASONS, DeidError, InputError, is_work_failure
 
 
 class _Lazy:
@@ -1080,7 +1080,8 @@ class Prepared:
 
 def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, Any], None]:
     reason, detail = failure_reason(exc, stage)
-    row.update(status=FAILED, reason=reason, detail=short_detail(detail), output_uri=None)
+    status = SKIPPED if reason in SKIPPED_REASONS else FAILED  # a DICOMDIR
+    row.update(status=status, reason=reason, detail=short_detail(detail), output_uri=None)
     if reason != "duplicate_instance":
         for k in NEW_IDENTITY_COLUMNS:
             row.pop(k, None)

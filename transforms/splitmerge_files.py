@@ -35,6 +35,7 @@ from schemas.audit import (
 )
 from transforms import dicomio
 from transforms import splitmerge as sm
+from transforms.errors import SKIPPED_REASONS
 from transforms.files import (
     CompressionTypes,
     FileSystems,
@@ -322,7 +323,8 @@ def process_instance(
     else:
         for column in NEW_IDENTITY_COLUMNS:
             row.pop(column, None)
-    row.update(status=FAILED, reason=reason, detail=short_detail(detail))
+    status = SKIPPED if reason in SKIPPED_REASONS else FAILED  # a DICOMDIR
+    row.update(status=status, reason=reason, detail=short_detail(detail))
     return audit_row(**row, finished_at=utc_now()), None
 
 
