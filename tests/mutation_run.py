@@ -18,7 +18,8 @@ or ``test_transcode.py``): an implicit VR InstanceNumber with an undefined lengt
 TransferSyntaxUID with VR US, US-or-SS elements without PixelRepresentation, a stray delimiter
 among top-level elements, a DS that ISO_IR 13 decodes to katakana, an explicit SS on a
 sequence's tag written in implicit VR, an explicit CS on an FL tag written in implicit VR, a
-damaged item tag (FFFE,063B) that pydicom reads on from, and
+damaged item tag (FFFE,063B) that pydicom reads on from, a stray item delimiter after an
+undefined-length sequence where pydicom read leniently (it dropped the pixel data), and
 (not an invariant, a Rust panic printed on stderr) an RLE run past the image. Known and left: a file without PixelRepresentation
 written in implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it
 raises AttributeError; DCMTK reads them as US), reported as "pydicom worse".

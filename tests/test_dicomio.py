@@ -753,6 +753,31 @@ def test_a_damaged_item_tag_is_refused(undefined: bool):
     assert dicomio.read_dataset(intact).SourceImageSequence[0].ReferencedSOPClassUID == "1.2.3"
 
 
+def test_a_stray_delimiter_after_a_last_undefined_sequence_is_refused_where_pydicom_reads():
+    """pydicom stops at an item delimiter among the top-level elements and drops the rest. The
+    scanner refuses that itself; when it has given up earlier (here: a sequence delimiter inside
+    a defined-length sequence) and the element before the delimiter is an undefined-length
+    sequence (no length to check the bytes after it against), the file used to read without its
+    PixelData, and the dropped bytes were copied as that sequence's span into an output that
+    did not read back (a mutated DicomSeg.dcm: 5200,9230 closed early by a duplicated slice)."""
+    def short(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    item = short(0x00081150, b"UI", b"1.2.3\0")
+    gives_up = struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    defined = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(gives_up)) + gives_up
+    undefined = (struct.pack("<HH2sHI", 0x0040, 0x0275, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+                 + short(0x00400007, b"LO", b"ab") + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+                 + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    pixels = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 8) + bytes(range(1, 9))
+    head = _explicit_file(_UIDS[:2]) + defined + _explicit_file(_UIDS[2:])[132 + 28:] + undefined
+    assert dicomio.read_dataset(head + pixels).PixelData == bytes(range(1, 9))
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(head + struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + pixels)
+    assert (refused.value.reason, str(refused.value)) == (
+        "not_dicom", "an item or delimiter tag (FFFE,E00D) stands where a data element should be")
+
+
 def _undefined_sequence(tag: int) -> bytes:
     item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
     return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)

@@ -214,8 +214,9 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
             if check_uids:
                 check_identifiers(fast)
             return fast
+    stream = BytesIO(data)
     try:
-        ds = dcmread(BytesIO(data), force=not has_marker)
+        ds = dcmread(stream, force=not has_marker)
     except RecursionError:
         raise InputError("sequences nested too deeply to parse", reason="too_deep") from None
     except MemoryError:
@@ -232,6 +233,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
         raise InputError(f"unreadable DICOM structure ({type(exc).__name__})", reason="not_dicom") from None
     if not ds._dict:
         raise InputError("no data elements after the file meta header", reason="not_dicom")
+    _check_read_to_the_end(data, stream.tell(), ds)
     _check_transfer_syntax(ds)
     _attach_source(ds, data)  # first: truncation explains missing identifiers
     scanned = _check_structure(ds, data, _DICM_OFFSET + 4 if has_marker else 0)
@@ -434,6 +436,24 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
                 return
         spans[int(tag)] = (elem, start, end)
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, implicit, little, spans=spans))
+
+
+def _check_read_to_the_end(data: bytes, stopped: int, ds: Dataset) -> None:
+    """Refuse a file pydicom stopped reading before its end with data left (zero padding
+    aside): a stray item delimiter among the top-level elements, after a sequence closed early
+    by a damaged item, ends its reading there and everything after it (the pixel data, say)
+    would be dropped silently, or copied as part of the last element's bytes into an output
+    that does not read back (a mutated DicomSeg.dcm)."""
+    rest = len(data) - stopped
+    if rest <= 0 or data.count(0, stopped) == rest:
+        return
+    if stopped >= 8:
+        little = ds.original_encoding[1] is not False
+        group, element = struct.unpack_from("<HH" if little else ">HH", data, stopped - 8)
+        if group == 0xFFFE:
+            raise InputError(f"an item or delimiter tag ({group:04X},{element:04X}) stands where a data element "
+                             "should be", reason="not_dicom")
+    raise InputError(f"the data set ends {rest} bytes before the end of the file", reason="not_dicom")
 
 
 def _check_parsed(ds: Dataset) -> None:
