@@ -25,6 +25,7 @@ from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
 from tests.synthetic import make_study, write_study
 from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
 from transforms import splitmerge as sm
+from transforms import files
 from transforms import splitmerge_files as smf
 from transforms.dicomio import read_dataset
 from tests.conftest import SPLIT_MERGE_KEY_BYTES as KEY_BYTES
@@ -529,8 +530,8 @@ def test_a_remote_header_is_read_in_one_pass(tmp_path: Path, monkeypatch: pytest
             handles.append(_RemoteHandle(data))
             return handles[-1]
 
-    monkeypatch.setattr(smf, "FileSystems", Remote)
-    monkeypatch.setattr(smf, "_REMOTE_HEAD_BYTES", head_bytes)
+    monkeypatch.setattr(files, "FileSystems", Remote)
+    monkeypatch.setattr(files, "_REMOTE_HEAD_BYTES", head_bytes)
     ds = smf.read_header("gs://bucket/ct.dcm", len(data), 1 << 30)
     assert ds is not None and ds == local and "PixelData" not in ds and ds.PatientID == "PID-PLANTED-0001"
     assert len(data) == 3384 and data.index(b"\xe0\x7f\x10\x00") == 2860  # PixelData's tag

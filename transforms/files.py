@@ -158,6 +158,9 @@ def load_key_uri(uri: str) -> Any:
     return Key.from_file_bytes(data, name=uri)
 
 
+_DICM_OFFSET = 128  # the DICM marker's place in a Part 10 file
+
+
 _SELECTION_INDEX: dict[int, tuple[Any, dict[str, tuple[int, ...]]]] = {}
 #: How many plans' selection indexes a process keeps. Each DoFn instance unpickles its own plan
 #: (Dataflow runs several bundles at once per process, each with its instance): with one slot,
@@ -1086,6 +1089,69 @@ def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, 
         for k in NEW_IDENTITY_COLUMNS:
             row.pop(k, None)
     return audit_row(**row, finished_at=utc_now()), None
+
+
+def read_header(path: str, size: int, max_bytes: int) -> Any:
+    """The data set up to its pixel data (pydicom's reader, with the identifiers checked), or
+    None when the file is not usable DICOM: the caller reads it whole to say why. For
+    split/merge's index and the files a request leaves alone (``Resources``, split/merge's
+    unselected): a header instead of the whole file.
+    """
+    from pydicom import dcmread
+
+    from transforms import dicomio
+
+    if size > max_bytes or size <= 0:  # empty, not a regular file, or a name not in UTF-8
+        return None
+    try:
+        if get_scheme(path) not in (None, "file"):
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                ds = _remote_header(f, size)
+        else:
+            with open(path[len("file://"):] if path.startswith("file://") else path, "rb") as f:
+                head = f.read(_DICM_OFFSET + 4)
+                marker = head[_DICM_OFFSET:] == b"DICM"
+                if not marker and not dicomio.looks_like_bare_dataset(head):
+                    return None
+                f.seek(0)
+                ds = dcmread(f, stop_before_pixels=True, force=not marker)
+        if ds is None:
+            return None
+        dicomio.check_identifiers(ds)
+    except Exception:  # noqa: BLE001 - any failure (RecursionError included): the whole read says why
+        return None
+    return ds
+
+
+#: What the first read of a remote file asks for: the storage client fetches this much anyway
+#: (Beam's GCS reader buffers 16 MiB), and a seek back to the start would fetch it again.
+_REMOTE_HEAD_BYTES = 16 << 20
+
+
+def _remote_header(f: Any, size: int) -> Any:
+    """:func:`read_header` on a remote handle: parsed from one read of the first
+    ``_REMOTE_HEAD_BYTES`` (the whole object, usually), never seeking back; a header longer
+    than that (a file of hundreds of thousands of per-frame items) reads the rest."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    from transforms import dicomio
+
+    head = f.read(min(size, _REMOTE_HEAD_BYTES))
+    marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
+    if not marker and not dicomio.looks_like_bare_dataset(head):
+        return None
+    if len(head) < size:
+        buffer = BytesIO(head)
+        try:
+            ds = dcmread(buffer, stop_before_pixels=True, force=not marker)
+            if buffer.tell() < len(head):  # stopped at the pixel data, inside what was read
+                return ds
+        except Exception:  # noqa: BLE001 - cut inside the header: read the rest
+            pass
+        head += f.read()  # (size is at most --max-bytes)
+    return dcmread(BytesIO(head), stop_before_pixels=True, force=not marker)
 
 
 def read_input(path: str, size: int, max_bytes: int, row: dict[str, Any]) -> bytes:

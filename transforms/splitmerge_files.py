@@ -43,10 +43,10 @@ from transforms.files import (
     describe_input,
     duplicate_instance_error,
     failure_reason,
-    get_scheme,
     identifiers_of,
     identity_columns,
     output_name,
+    read_header,
     publish,
     read_bounded,
     read_input,
@@ -55,7 +55,6 @@ from transforms.files import (
     short_detail,
 )
 
-_DICM_OFFSET = 128
 
 
 # --------------------------------------------------------------------------- pass 1: the index
@@ -93,64 +92,6 @@ class IndexSelector:
             return True
         ids = (e.study_uid, e.study, e.series_uid, e.series, e.sop_uid, e.instance, e.patient)
         return any(i in self.resources for i in ids)
-
-
-def read_header(path: str, size: int, max_bytes: int) -> Any:
-    """The data set up to its pixel data, or None when the file is not usable DICOM.
-
-    Pass 2 reads every file again in full and records why a file failed; here an unreadable
-    file is simply not in the index.
-    """
-    from pydicom import dcmread
-
-    if size > max_bytes or size <= 0:  # empty, not a regular file, or a name not in UTF-8 (pass 2 says)
-        return None
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            if get_scheme(path) not in (None, "file"):
-                ds = _remote_header(f, size)
-            else:
-                head = f.read(_DICM_OFFSET + 4)
-                marker = head[_DICM_OFFSET:] == b"DICM"
-                if not marker and not dicomio.looks_like_bare_dataset(head):
-                    return None
-                f.seek(0)
-                ds = dcmread(f, stop_before_pixels=True, force=not marker)
-            if ds is None:
-                return None
-        dicomio.check_identifiers(ds)
-    except Exception:  # noqa: BLE001 - any failure (RecursionError included): not indexed, pass 2 says why
-        return None
-    return ds
-
-
-#: What the first read of a remote file asks for: the storage client fetches this much anyway
-#: (Beam's GCS reader buffers 16 MiB), and a seek back to the start would fetch it again.
-_REMOTE_HEAD_BYTES = 16 << 20
-
-
-def _remote_header(f: Any, size: int) -> Any:
-    """:func:`read_header` on a remote handle: parsed from one read of the first
-    ``_REMOTE_HEAD_BYTES`` (the whole object, usually), never seeking back; a header longer
-    than that (a file of hundreds of thousands of per-frame items) reads the rest."""
-    from io import BytesIO
-
-    from pydicom import dcmread
-
-    head = f.read(min(size, _REMOTE_HEAD_BYTES))
-    marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
-    if not marker and not dicomio.looks_like_bare_dataset(head):
-        return None
-    if len(head) < size:
-        buffer = BytesIO(head)
-        try:
-            ds = dcmread(buffer, stop_before_pixels=True, force=not marker)
-            if buffer.tell() < len(head):  # stopped at the pixel data, inside what was read
-                return ds
-        except Exception:  # noqa: BLE001 - cut inside the header: read the rest
-            pass
-        head += f.read()  # (size is at most --max-bytes)
-    return dcmread(BytesIO(head), stop_before_pixels=True, force=not marker)
 
 
 def index_file(path: str, size: int, selector: IndexSelector, max_bytes: int) -> sm.IndexEntry | None:
