@@ -27,7 +27,7 @@ from tests.pipeline_support import (
     write_key,
 )
 from tests.synthetic import PLANTED, make_study, original_uids, write_study
-from transforms import dicomio, request
+from transforms import dicomio, files, request
 from transforms.beam import TMP_DIR_NAME, DuplicateInstanceError, expand_input, publish
 
 ANONYMIZE = request.parse_anonymize({})
@@ -317,6 +317,28 @@ def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Pa
     assert not list(audit.glob(".matched-*"))
     assert "dicom-deid: warning: 1 of 3 Resources entries matched no input (positions 1, counting from 0)\n" in capsys.readouterr().err
     assert code == 3
+
+
+def test_files_a_selection_leaves_alone_are_decided_by_their_header(tmp_path: Path, study_folder: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """A bulk selection reads whole only the files it selects (and those whose header does not
+    read, to say why they fail): the others are skipped from their header, a truncated image
+    among them too (its pixels are not looked at); the selected ones are checked in full."""
+    study_a = make_study(seed=1)
+    victim = study_folder / "b" / "deep" / "000_CT.dcm"
+    victim.write_bytes(victim.read_bytes()[:-50])  # another study's CT, its pixel data cut
+    read_whole: list[str] = []
+    real = files.read_input
+    monkeypatch.setattr(files, "read_input", lambda path, *args: read_whole.append(path) or real(path, *args))
+    body = {"Resources": [study_a[0].StudyInstanceUID]}
+    code, output, audit = _run(tmp_path, study_folder, "--body", json.dumps(body), "--processes", "0")
+    got = {Path(r["source_uri"]).relative_to(study_folder).as_posix(): (r["status"], r["reason"], r["modality"])
+           for r in read_rows(audit)}
+    assert got["b/deep/000_CT.dcm"] == ("skipped", "not_selected", "CT")
+    assert got["b/deep/004_SR.dcm"] == ("skipped", "not_selected", "SR")
+    assert sorted(Path(p).relative_to(study_folder).as_posix() for p in read_whole) == [
+        "a/000_CT.dcm", "a/001_CT.dcm", "a/002_CT.dcm", "a/003_RTSTRUCT.dcm", "a/004_SR.dcm", "notes.txt"]
+    assert code == 3 and len(output_files(output)) == 5  # notes.txt failed (not_dicom)
 
 
 @pytest.mark.parametrize("command", ["modify", "anonymize"])

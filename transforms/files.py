@@ -1227,12 +1227,21 @@ def prepare_file(
     stage = "read"
     ds = new = None
     try:
+        selection = _selection(plan)
+        if selection and get_scheme(path) in (None, "file"):
+            # A local file a bulk selection may leave alone: its header decides (selecting 1%
+            # of an archive read all of it); one whose header does not read is read whole,
+            # which says why it fails. (On gs:// the header's read fetches the object anyway.)
+            header = read_header(path, size, cfg.max_bytes)
+            if header is not None and not _matching_resources(identifiers_of(header), selection):
+                describe_input(header, row)
+                row.update(status=SKIPPED, reason="not_selected", detail="not selected by Resources")
+                return audit_row(**row, finished_at=utc_now()), None
         data = read_input(path, size, cfg.max_bytes, row)
         stage = "parse"
         ds = dicomio.read_dataset(data)
         describe_input(ds, row)
         original = None  # the input's identifiers, for Resources and the crosswalk
-        selection = _selection(plan)
         if selection:
             stage = "select"
             original = identifiers_of(ds)
