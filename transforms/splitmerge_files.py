@@ -46,15 +46,14 @@ from transforms.files import (
     identifiers_of,
     identity_columns,
     output_name,
-    read_header,
     publish,
     read_bounded,
+    read_header,
     read_input,
     safe_str,
     safe_transfer_syntax,
     short_detail,
 )
-
 
 
 # --------------------------------------------------------------------------- pass 1: the index
