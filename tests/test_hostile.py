@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import struct
 import subprocess
-import shutil
 import sys
 import tempfile
 import time

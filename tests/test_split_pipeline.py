@@ -24,8 +24,8 @@ from pipelines import splitmerge as psm
 from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA
 from tests.synthetic import make_study, write_study
 from tests.test_split_synthetic import CT_SERIES, RT_SERIES, STUDY_A, STUDY_B, write_reference_studies
-from transforms import splitmerge as sm
 from transforms import files
+from transforms import splitmerge as sm
 from transforms import splitmerge_files as smf
 from transforms.dicomio import read_dataset
 from tests.conftest import SPLIT_MERGE_KEY_BYTES as KEY_BYTES
