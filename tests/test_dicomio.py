@@ -778,6 +778,20 @@ def test_a_stray_delimiter_after_a_last_undefined_sequence_is_refused_where_pydi
         "not_dicom", "an item or delimiter tag (FFFE,E00D) stands where a data element should be")
 
 
+def test_a_damaged_media_storage_class_in_the_meta_is_not_an_internal_error():
+    """(0002,0002) with its VR flipped to "II" (mutated IM-0001-0013.dcm): looking for a
+    DICOMDIR's class converted it, and pydicom raised NotImplementedError (an internal_error
+    row); it is now looked at without converting, and the file reads as before."""
+    data = _explicit_file(_UIDS)
+    meta_class = struct.pack("<HH2sH", 0x0002, 0x0002, b"II", 6) + b"1.2.3\0"
+    damaged = data[:132] + meta_class + data[132:]
+    assert dicomio.read_dataset(damaged).SOPInstanceUID == "1.2.3.4"
+    directory = data[:132] + struct.pack("<HH2sH", 0x0002, 0x0002, b"UI", 20) + b"1.2.840.10008.1.3.10" + data[132:]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(directory)
+    assert refused.value.reason == "dicomdir"
+
+
 def _undefined_sequence(tag: int) -> bytes:
     item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
     return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)

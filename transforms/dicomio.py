@@ -339,11 +339,23 @@ def _check_pixel_data(ds: Dataset, *, fragments_checked: bool) -> None:
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
+def _is_media_directory(ds: Dataset) -> bool:
+    """A DICOMDIR: directory records, or the Media Storage Directory class in the file meta
+    (read without trusting it: a damaged meta element must not raise here)."""
+    if 0x00041220 in ds._dict:
+        return True
+    meta = ds.__dict__.get("file_meta")
+    raw = meta._dict.get(0x00020002) if meta is not None else None
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        return value.rstrip(b"\0 ") == MEDIA_STORAGE_DIRECTORY.encode()
+    return isinstance(value, str) and value.rstrip("\0 ") == MEDIA_STORAGE_DIRECTORY
+
+
 def check_identifiers(ds: Dataset) -> None:
     """Refuse a data set whose main identifiers are missing or malformed, and a DICOMDIR
     (reason ``dicomdir``: a directory of the other files, not an instance)."""
-    meta = getattr(ds, "file_meta", None)
-    if 0x00041220 in ds._dict or (meta is not None and meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY):
+    if _is_media_directory(ds):
         raise InputError("a media directory (DICOMDIR), not an instance: it lists the other files by their original "
                          "names and holds their patients' data; not copied (make a new one from OUTPUT if needed)",
                          reason="dicomdir")
