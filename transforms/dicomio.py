@@ -1244,7 +1244,7 @@ def _check_reads_back(data: bytes, *, values: bool = False) -> None:
     whose VR disagrees with the dictionary (SS on a sequence's tag), which implicit VR turns
     into a sequence that does not parse. (The copying paths keep what the reader checked.)
     With ``values`` (implicit VR made from explicit VR, where each VR becomes the dictionary's),
-    every value is converted too: two bytes read as CS in the source cannot be an FL."""
+    :func:`_check_values_convert` too: two bytes read as CS in the source cannot be an FL."""
     try:
         ds = read_dataset(data, check_uids=False)
     except InputError as exc:
