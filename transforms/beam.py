@@ -364,7 +364,7 @@ class ExpandInput(beam.PTransform):
         """Fan out (a stage more) only where it pays: a ``gs://`` INPUT. ``spread=False``
         (a local INPUT read by a local run whose worker pool does the work): no reshuffle, the
         listing streams into the DoFn that feeds the pool, instead of being held whole in the
-        runner's memory first (measured: ~0.8 KB per file)."""
+        runner's memory first (measured: ~0.25 KB per file, 481 -> 408 MB peak on 300,000 files)."""
         fan_out = input_uri.startswith("gs://")
         return cls(fan_out=fan_out, spread=spread or fan_out)
 
