@@ -811,3 +811,67 @@ def test_a_delimiter_among_top_level_elements_with_data_after_it_is_refused():
         "not_dicom", "an item or delimiter tag (FFFE,E00D) stands where a data element should be")
     intact = data[:at] + _undefined_sequence(0x00081115) + data[at:]
     assert dicomio.read_dataset(intact).StudyInstanceUID == "1.2.3.5"
+
+
+# Text whose bytes are not valid in the declared character set (UTF-8 declared, Latin-1
+# written: a common misconfiguration), at the top level and in a sequence item.
+_BAD_TOP, _BAD_NESTED, _BAD_NAME = b"\xe9cole M\xfcller", b"\xffN\xe9STEDX", b"D\xfcrer^Hans"
+
+
+def _damaged_text_file(implicit: bool) -> bytes:
+    source = pydicom.dcmread(CT)
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.InstitutionName = "QQTOPQQQQQQQ"
+    item = Dataset()
+    item.RequestedProcedureDescription = "QQNESTED"
+    item.ScheduledPerformingPhysicianName = "QQNAMEQQQQ"
+    item.add_new(0x00281101, "US", [256, 0, 16])  # "US or SS", resolved from PixelRepresentation
+    source.RequestAttributesSequence = Sequence([item])
+    buffer = BytesIO()
+    if implicit:
+        source.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    source.save_as(buffer, implicit_vr=implicit, little_endian=True)
+    data = buffer.getvalue()
+    for placeholder, damaged in ((b"QQTOPQQQQQQQ", _BAD_TOP), (b"QQNESTED", _BAD_NESTED),
+                                 (b"QQNAMEQQQQ", _BAD_NAME)):
+        assert len(placeholder) == len(damaged) and data.count(placeholder) == 1
+        data = data.replace(placeholder, damaged)
+    return data
+
+
+@pytest.mark.parametrize("source_implicit", [False, True])
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_text_invalid_in_its_character_set_keeps_its_bytes_when_the_encoding_changes(source_implicit, target):
+    # pydicom's writer decodes each text value and encodes it again: such bytes came back as
+    # "?" (replacement characters), silently. Text has no byte order: the bytes read are kept.
+    ds = dicomio.read_dataset(_damaged_text_file(source_implicit))
+    out = dicomio.write_dataset(ds, target)
+    assert _BAD_TOP in out and _BAD_NESTED in out and _BAD_NAME in out
+    back = pydicom.dcmread(BytesIO(out))
+    assert back.file_meta.TransferSyntaxUID == target
+    lut = back.RequestAttributesSequence[0][0x00281101]
+    # CT_small is signed (PixelRepresentation 1): as pydicom resolves it without this change
+    assert (lut.VR, list(lut.value)) == ("US" if not source_implicit and target.endswith(".1") else "SS", [256, 0, 16])
+
+
+def test_keeping_text_bytes_never_changes_the_items_of_the_input():
+    ds = dicomio.read_dataset(_damaged_text_file(False))
+    edited = dicomio.shallow_copy(ds)
+    item = edited.RequestAttributesSequence[0]  # decoded: items as the engine shares them
+    before = dict(item._dict)
+    out = dicomio.write_dataset(edited, "1.2.840.10008.1.2")
+    assert _BAD_NESTED in out and _BAD_NAME in out
+    assert item._dict == before and all(item._dict[tag] is before[tag] for tag in before)
+    assert edited.RequestAttributesSequence[0] is item
+
+
+@pytest.mark.parametrize("name", ["chrSQEncoding.dcm", "chrSQEncoding1.dcm"])  # the item's own, the file's
+def test_iso_2022_names_in_an_item_keep_their_escapes(name):
+    # pydicom decodes and encodes again with other escapes (ESC ( J, JIS X 0201) than the
+    # file's (ESC ( B, ASCII); ours are the bytes read
+    data = open(pydicom.data.get_charset_files(name)[0], "rb").read()
+    raw = pydicom.dcmread(BytesIO(data)).RequestedProcedureCodeSequence[0]._dict[0x00100010].value
+    assert b"\x1b$B" in raw and b"\x1b(B" in raw  # ISO 2022 escapes (JIS X 0208, back to ASCII)
+    out = dicomio.write_dataset(dicomio.read_dataset(data, check_uids=False), "1.2.840.10008.1.2")
+    assert raw in out
+    assert pydicom.dcmread(BytesIO(out)).RequestedProcedureCodeSequence[0].PatientName == "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"

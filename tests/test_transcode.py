@@ -633,6 +633,23 @@ def test_through_dicomio(name: str, target: str) -> None:
     assert write_dataset(ds) == write_dataset(read_dataset(data))  # input left as read
 
 
+@pytest.mark.parametrize("target", [BIG_ENDIAN, "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80"])
+@pytest.mark.parametrize("source_implicit", [False, True])
+def test_text_invalid_in_its_character_set_keeps_its_bytes(target: str, source_implicit: bool) -> None:
+    # A byte order change converts every element; pydicom decoded and re-encoded the text
+    # ("?" for each byte invalid in the declared character set). Text has no byte order.
+    from tests.test_dicomio import _BAD_NAME, _BAD_NESTED, _BAD_TOP, _damaged_text_file
+    from transforms.dicomio import read_dataset, write_dataset
+
+    data = _damaged_text_file(source_implicit)
+    out = write_dataset(tc.transcode(read_dataset(data), target))
+    assert _BAD_TOP in out and _BAD_NESTED in out and _BAD_NAME in out
+    back = pydicom.dcmread(io.BytesIO(out))
+    assert back.file_meta.TransferSyntaxUID == target
+    assert np.array_equal(tc.decode_pixels(back)[0], tc.decode_pixels(pydicom.dcmread(io.BytesIO(data)))[0])
+    assert list(back.RequestAttributesSequence[0][0x00281101].value) == [256, 0, 16]
+
+
 @pytest.mark.parametrize("planted", ["PLANTEDGIVEN", "YBR_PLANTED", "RGB PLANTED"])
 def test_failure_messages_never_quote_file_values(planted: str) -> None:
     """pydicom and the codecs quote element values in their errors: none may reach ours."""

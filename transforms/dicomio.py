@@ -33,6 +33,7 @@ from pydicom import config as _pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHARSET
 from pydicom.tag import BaseTag
 from pydicom.errors import InvalidDicomError
@@ -47,6 +48,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     UID,
 )
+from pydicom.valuerep import PersonName
 
 from transforms import __version__
 from transforms.errors import InputError
@@ -1528,9 +1530,91 @@ def unsigned_without_pixel_representation(ds: Dataset) -> None:
         ds._pixel_rep = 0
 
 
+#: The VRs whose bytes depend on SpecificCharacterSet (PS3.5 6.1.2.3). Text has no byte order,
+#: so a value read fits every transfer syntax as it is.
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+
+
+def _text_as_read(elements: dict, encodings: Any, ds: Dataset) -> dict:
+    """The elements of ``elements`` (a data set's ``_dict``) to write instead, so that every text
+    value that is not plain ASCII keeps the bytes read, at any depth.
+
+    pydicom's writer, when the encoding changes, decodes each text value and encodes it again:
+    bytes that are invalid in the declared character set (a damaged file, a UTF-8 file holding
+    Latin-1) come back as replacement characters, "?" in the output, and ISO 2022 escapes may
+    be chosen differently. The character set never changes here, so the bytes read are right.
+    Items of sequences are copied before being changed: they may be the input's.
+    """
+    patch: dict = {}
+    for tag, elem in elements.items():
+        if type(elem) is RawDataElement:
+            vr = elem.VR
+            if vr is None:  # implicit VR: the dictionary's (private and unknown tags stay as they are)
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    continue
+            if vr in _CHARSET_VRS:
+                value = elem.value
+                if value and not bytes(value).isascii():
+                    # (pydicom writes a PersonName's bytes as read when its encodings are the
+                    # data set's; bytes given to a PN element alone are decoded and re-encoded)
+                    value = PersonName(bytes(value), encodings) if vr == "PN" else bytes(value)
+                    patch[tag] = DataElement(tag, vr, value)
+                continue
+            if vr != "SQ" or not elem.value:
+                continue
+            elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)  # new items
+            _pass_pixel_representation(ds, elem.value)
+        elif elem.VR != "SQ" or not elem.value:
+            continue
+        items = elem.value
+        new_items = None
+        for index, item in enumerate(items):
+            own = item._dict.get(0x00080005)
+            inner = _text_as_read(item._dict, _character_set(item) if own is not None else encodings, item)
+            if inner:
+                if new_items is None:
+                    new_items = list(items)
+                copy = shallow_copy(item)
+                copy._dict.update(inner)
+                for name in ("_parent_encoding", "_pixel_rep"):  # how pydicom resolves the rest
+                    if name in item.__dict__:
+                        copy.__dict__[name] = item.__dict__[name]
+                new_items[index] = copy
+        if new_items is not None:
+            patch[tag] = DataElement(tag, "SQ", Sequence(new_items), is_undefined_length=elem.is_undefined_length)
+    return patch
+
+
+def _pass_pixel_representation(ds: Dataset, items: Any) -> None:
+    """What pydicom does for the items of a sequence it converts (``Dataset.__getitem__``):
+    each item without a PixelRepresentation of its own takes the nearest one above, with which
+    pydicom's writer resolves "US or SS" elements read in implicit VR."""
+    rep = ds._dict.get(0x00280103)
+    if rep is not None:
+        value = rep.value
+        rep = int(b"\x01" in value) if isinstance(value, (bytes, memoryview)) else value
+    else:
+        rep = ds.__dict__.get("_pixel_rep")
+    if rep is None:
+        return
+    for item in items:
+        if 0x00280103 not in item._dict:
+            item._pixel_rep = rep
+
+
+def keep_text_as_read(ds: Dataset) -> None:
+    """Make every text value of ``ds`` that is not plain ASCII an element holding the bytes
+    read (see ``_text_as_read``), before code that converts all elements (the byte swap of
+    ``transforms.transcode``). Changes ``ds``: for a data set the caller owns."""
+    ds._dict.update(_text_as_read(ds._dict, _character_set(ds), ds))
+
+
 def _slow_body(ds: Dataset, implicit: bool, little: bool) -> bytes:
     """pydicom's own writer, for encoding changes (e.g. implicit to explicit VR)."""
     body = Dataset({tag: _as_bytes(elem) for tag, elem in ds._dict.items() if not _excluded(tag)})
+    body._dict.update(_text_as_read(body._dict, _character_set(ds), ds))
     unsigned_without_pixel_representation(body)
     src_implicit, src_little = ds.original_encoding
     if src_implicit is not None:

@@ -62,7 +62,7 @@ from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
 from transforms import rle_decoder
-from transforms.dicomio import is_valid_uid, shallow_copy, unsigned_without_pixel_representation
+from transforms.dicomio import is_valid_uid, keep_text_as_read, shallow_copy, unsigned_without_pixel_representation
 from transforms.errors import CannotTranscode, RequestError, is_work_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -393,6 +393,7 @@ def _change_byte_order(out: Dataset, source: str, target: str) -> None:
     """Byte-swap every OW/OL/OF/OD/OV value when the byte order changes (pydicom does not)."""
     if _is_little(source) == _is_little(target):
         return
+    keep_text_as_read(out)  # (converting every element would re-encode text)
     correct_ambiguous_vr(out, _is_little(source))
     _swap_values(out, from_big=not _is_little(source))
 
