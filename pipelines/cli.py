@@ -37,7 +37,7 @@ import warnings
 from typing import Any, Iterator, NoReturn, Sequence
 
 from pipelines import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: F401 - EXIT_* are this module's API too
-from transforms.errors import DeidError, RequestError, json_type
+from transforms.errors import SKIPPED_REASONS, DeidError, RequestError, json_type
 
 PROG = "dicom-deid"
 _SHOWN_POSITIONS = 20  # Resources positions named on the terminal
@@ -703,6 +703,37 @@ def prepare_locations(args: argparse.Namespace, input_uri: str, output: str) -> 
     return RunLocations(input_uri, output, audit, crosswalk)
 
 
+def other_key_warning(locations: RunLocations, key_id: str) -> list[str]:
+    """The warning (printed now and again at the end) when the last run recorded in the audit
+    folder wrote files into the same OUTPUT with another key: two sets of pseudonyms and UIDs
+    would sit side by side there (a rerun with a new random key, a trial run, then the real one
+    with the key file). Read from that run's ``summary.json``; none when there is none."""
+    uri = (os.path.join(locations.audit, "summary.json") if _scheme(locations.audit) is None
+           else f"{locations.audit.rstrip('/')}/summary.json")
+    try:
+        if _scheme(uri) is None:
+            with open(uri, "rb") as f:
+                previous = json.loads(f.read())
+        else:
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.open(uri) as f:
+                previous = json.loads(f.read())
+        statuses = previous.get("Statuses") or {}
+        written = sum(n for s, n in statuses.items() if s in ("written", "moved", "copied") and type(n) is int)
+        earlier, run = previous.get("KeyId"), previous.get("RunId")
+        same_output = previous.get("Output") == locations.output
+    except Exception:  # noqa: BLE001 - no summary, or not ours: nothing to compare with
+        return []
+    if not same_output or not written or not isinstance(earlier, str) or earlier == key_id:
+        return []
+    warning = (f"warning: OUTPUT already holds {written} files that run {run} wrote with key {earlier}; this "
+               f"run's key is {key_id}, so its pseudonyms and UIDs differ and both sets will sit side by side "
+               "in OUTPUT (give each key its own OUTPUT)")
+    _err(warning)
+    return [warning]
+
+
 def prepare_runner(options: Any, args: argparse.Namespace, beam_args: list[str], locations: RunLocations,
                    run_id: str) -> bool:
     """Whether the runner is local (:func:`quiet_local_workers`, which this calls). A runner
@@ -772,8 +803,12 @@ def report(args: argparse.Namespace, summary: dict[str, Any], exit_code: int, au
     for warning in warnings:
         _err(warning)
     if exit_code:
-        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k != "not_selected")
-        _err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons}); see {audit}")
+        # (a skipped DICOMDIR is no failure: it gets a clause of its own; not_selected none)
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["Reasons"].items() if k not in SKIPPED_REASONS)
+        media = summary["Reasons"].get("dicomdir")
+        skipped = f"; {media} DICOMDIR{'s' if media > 1 else ''} skipped" if media else ""
+        _err(f"{summary['FailedInstancesCount']} of {summary['InputFiles']} input files failed ({reasons})"
+             f"{skipped}; see {audit}")
     return exit_code
 
 
@@ -831,6 +866,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             raise UsageError(remote_key_message(options))
         local_runner = prepare_runner(options, args, beam_args, where, run_id)
     _warn_random_key(key)
+    mixed = other_key_warning(where, key.key_id)
     if early:
         from transforms.workers import default_processes
 
@@ -885,7 +921,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             if pool is not None:
                 pool.close()
     return report(args, outcome.summary, outcome.exit_code, where.audit, terse_on_tty=True,
-                  warnings=_resources_not_found(outcome.summary, plan))
+                  warnings=mixed + _resources_not_found(outcome.summary, plan))
 
 
 def _check_single_locations(input_file: str, output: str, audit: str | None, crosswalk: str | None) -> None:

@@ -455,6 +455,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     except pipeline_run.UnknownOptions as exc:
         raise cli.UsageError(str(exc)) from None
     cli._warn_random_key(key)
+    mixed = cli.other_key_warning(where, key.key_id)
     run_id = cli.new_run_id()
     local_runner = cli.prepare_runner(options, args, beam_args, where, run_id)
     progress_dir = cli.progress_folder(args, local_runner)
@@ -473,7 +474,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             extra_summary=where.summary_extra(),
             progress_dir=progress_dir,
         )
-    return cli.report(args, outcome.summary, outcome.exit_code, where.audit)
+    return cli.report(args, outcome.summary, outcome.exit_code, where.audit, warnings=mixed)
 
 
 __all__ = [

@@ -12,8 +12,10 @@ from typing import NoReturn
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: Where the sample folder is when it is not ``../shared/dicom-samples`` beside the checkout.
+SAMPLES_ENV = "DICOM_DEID_SAMPLES"
 #: Real DICOM files from Orthanc's test suite; CI has them, a fresh machine may not.
-SAMPLES = REPO.parent / "shared" / "dicom-samples"
+SAMPLES = Path(os.environ.get(SAMPLES_ENV) or REPO.parent / "shared" / "dicom-samples")
 #: Set to 1 by CI (``.ci/run``): there a missing ``../shared`` folder fails the tests that need
 #: it instead of skipping them, so CI cannot pass with those tests silently skipped.
 REQUIRE_SAMPLES_ENV = "DICOM_DEID_REQUIRE_SAMPLES"

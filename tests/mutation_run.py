@@ -37,12 +37,12 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from tests.conftest import SAMPLES
 from tests.pipeline_support import KEY, output_files, pydicom_converts_all
 from tests.test_hostile import BASES, PLANS, _header_end, _mutate
 from transforms import dicomio, request
 from transforms.beam import RunConfig, process_file
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
 REASONS = ("not_dicom", "empty", "truncated", "too_deep", "invalid_uid", "invalid_value", "cannot_transcode",
            "refused_by_request")
 MORE_PLANS = [

@@ -27,12 +27,13 @@ from typing import Any, NoReturn
 
 import pytest
 
+from tests.conftest import SAMPLES
+
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 REFERENCE_VERSION = "1.10.1"  # Debian bookworm's package
 #: Set to 1 by CI (``.ci/run``): an unusable reference fails the differential tests.
 REQUIRE_ORTHANC_ENV = "DICOM_DEID_REQUIRE_ORTHANC"
 SHIM_SOURCE = Path(__file__).with_name("bind_loopback.c")
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
 
 # The private dictionary of Orthanc's integration-test configuration (orthanc-tests
 # GenerateConfigurationForTests.py), in Orthanc's `Dictionary` format; both Orthanc and our

@@ -338,6 +338,35 @@ def test_random_key_is_announced_and_not_reproducible(tmp_path: Path, capsys: py
     assert names(tmp_path / "a").isdisjoint(names(tmp_path / "b"))
 
 
+def test_another_key_into_the_same_output_is_warned_at_the_start_and_the_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The README's order (a trial with a random key, then the key file) into one OUTPUT puts two
+    sets of pseudonyms side by side: the second run says so. The same key again does not."""
+    folder, out = _folder(tmp_path), tmp_path / "out"
+    assert cli.main(["anonymize", str(folder), str(out), "--quiet"]) == 0
+    trial = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    capsys.readouterr()
+    args = ["anonymize", str(folder), str(out), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    assert cli.main(args) == 0
+    warning = (f"dicom-deid: warning: OUTPUT already holds 2 files that run {trial['RunId']} wrote with key "
+               f"{trial['KeyId']}; this run's key is {KEY.key_id}, so its pseudonyms and UIDs differ and both "
+               "sets will sit side by side in OUTPUT (give each key its own OUTPUT)\n")
+    assert capsys.readouterr().err == warning * 2
+    assert len(list(out.rglob("*.dcm"))) == 4
+    assert cli.main(args) == 0  # an incremental batch with the same key: one set
+    assert capsys.readouterr().err == ""
+    assert len(list(out.rglob("*.dcm"))) == 4
+    last = json.loads((tmp_path / "out-audit" / "summary.json").read_text())["RunId"]
+    ds = pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True)
+    split = ["split", str(folder), str(out), "--study", str(ds.StudyInstanceUID), "--quiet",
+             "--body", json.dumps({"Series": [str(ds.SeriesInstanceUID)]})]
+    assert cli.main(split) == 0  # a random key: split and merge warn alike
+    err = capsys.readouterr().err.splitlines()
+    assert err[1] == err[2] == (f"dicom-deid: warning: OUTPUT already holds 2 files that run {last} wrote with key "
+                                f"{KEY.key_id}; this run's key is {err[0].split('random key ')[1].split(',')[0]}, so its "
+                                "pseudonyms and UIDs differ and both sets will sit side by side in OUTPUT (give each "
+                                "key its own OUTPUT)")
+
+
 def test_key_is_never_printed_or_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     folder = _folder(tmp_path)
     (folder / "junk.bin").write_bytes(b"junk")

@@ -475,6 +475,18 @@ def test_a_dicomdir_in_the_input_is_skipped_and_the_run_succeeds(tmp_path: Path,
     assert summary["Reasons"] == {"dicomdir": 1} and summary["FailedInstancesCount"] == 0
 
 
+def test_the_failure_line_does_not_count_a_skipped_dicomdir_as_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(DICOMDIR, folder / "DICOMDIR")
+    shutil.copy(CT, folder / "ct.dcm")
+    (folder / "notes.txt").write_text("not an image")
+    args = ["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    assert cli.main(args) == cli.EXIT_SOME_FAILED
+    assert capsys.readouterr().err == (f"dicom-deid: 1 of 3 input files failed (not_dicom 1); 1 DICOMDIR skipped; "
+                                       f"see {tmp_path / 'out-audit'}\n")
+
+
 def test_a_dicomdir_given_alone_writes_nothing_and_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "x.dcm"
     assert cli.main(["anonymize", str(DICOMDIR), str(out), "--key-file", str(write_key(tmp_path))]) == cli.EXIT_OK

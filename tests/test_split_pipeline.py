@@ -566,3 +566,24 @@ def test_what_a_split_leaves_alone_is_described_from_its_header(tmp_path: Path, 
     assert (rows["B/ct2.dcm"]["modality"], rows["B/ct2.dcm"]["transfer_syntax_in"]) == ("CT", "1.2.840.10008.1.2.1")
     assert rows["A/mr1.dcm"]["modality"] == "MR" and rows["A/sr.dcm"]["modality"] == "SR"
     assert sorted(read_whole) == ["ct1.dcm", "ct2.dcm", "ct3.dcm", "notes.dcm"]  # the moved CTs of A
+
+
+def test_the_readme_listing_snippet_names_the_studies_and_series_to_split(tmp_path: Path):
+    """The README's way to find a split's or merge's UIDs, run as written (with archive/ here)."""
+    import subprocess
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [block] = [b.split("```", 1)[0] for b in readme.split("```bash\n")[1:] if "python - archive/ <<'EOF'" in b]
+    script = block.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    study = make_study(seed=8, n_ct=2)
+    write_study(study, tmp_path / "archive" / "one")
+    (tmp_path / "archive" / "notes.txt").write_text("not DICOM\n")
+    done = subprocess.run([sys.executable, "-", "archive/"], input=script, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60, check=True)
+    expected = sorted(
+        "  ".join([str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.Modality,
+                   str(ds.get("SeriesDescription", "")), str(n)])
+        for ds, n in {str(d.SeriesInstanceUID): (d, sum(x.SeriesInstanceUID == d.SeriesInstanceUID for x in study))
+                      for d in study}.values()
+    )
+    assert done.stdout.splitlines() == expected and done.stderr == ""
