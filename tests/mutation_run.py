@@ -13,6 +13,10 @@ deadline. Every case that breaks an invariant is printed and its bytes kept in `
 
     python -m tests.mutation_run --seed 11 --seconds 1500 --keep /tmp/mutations
 
+``--splitmerge`` puts each mutated file through split/merge instead: indexed from its header as
+pass 1 does, its series split out of its study or its study merged into another file's, then
+moved as pass 2 does, with the same invariants.
+
 Found this way and fixed (each now a regression test in ``test_dicomio.py``, ``test_hostile.py``
 or ``test_transcode.py``): an implicit VR InstanceNumber with an undefined length, a meta
 TransferSyntaxUID with VR US, US-or-SS elements without PixelRepresentation, a stray delimiter
@@ -90,11 +94,87 @@ def _broken_invariant(data: bytes, plan: object) -> str | None:
     return None
 
 
+_SPLITMERGE_REASONS = (*REASONS, "not_selected", "duplicate_instance", "dicomdir")
+_UIDS: dict[Path, tuple[str, str] | None] = {}
+_OUTCOMES: Counter = Counter()  # what the split/merge cases came to
+
+
+def _study_and_series(path: Path) -> tuple[str, str] | None:
+    """The unmutated file's StudyInstanceUID and SeriesInstanceUID (None: it has none)."""
+    if path not in _UIDS:
+        try:
+            ds = dicomio.read_dataset(path.read_bytes())
+            _UIDS[path] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        except Exception:  # noqa: BLE001 - a base without identifiers cannot be split
+            _UIDS[path] = None
+    return _UIDS[path]
+
+
+def _broken_splitmerge(data: bytes, base: Path, other: Path, merge: bool, with_base: bool) -> str | None:
+    """None when the split/merge invariants hold for ``data`` (a mutated ``base``), else what
+    broke. A split moves ``base``'s series to a new study; a merge moves ``base``'s study into
+    ``other``'s (unmutated, beside it in INPUT, as is ``base`` itself when ``with_base``: the
+    same instance with other bytes). Pass 1 indexes the files from their headers as the
+    pipeline does; a request the index refuses is the run's refusal (exit 2), no case."""
+    from transforms import splitmerge as sm
+    from transforms.splitmerge_files import ApplyConfig, IndexSelector, index_file, process_instance
+
+    ids, target = _study_and_series(base), _study_and_series(other)
+    if ids is None or target is None or (merge and ids[0] == target[0]):
+        _OUTCOMES["no case: same study or no identifiers"] += 1
+        return None
+    if merge:
+        req = sm.parse_merge(target[0], {"Resources": [ids[0]]})
+        selector = IndexSelector.for_merge(req)
+    else:
+        req = sm.parse_split(ids[0], {"Series": [ids[1]], "Replace": {"PatientName": "Moved^Here", "StudyDescription": "x"}})
+        selector = IndexSelector.for_split(req)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, beside, out = Path(tmp) / "in" / "a.dcm", Path(tmp) / "in" / "b.dcm", Path(tmp) / "out"
+        src.parent.mkdir()
+        src.write_bytes(data)
+        beside.write_bytes(other.read_bytes())
+        files = [(str(src), len(data)), (str(beside), beside.stat().st_size)]
+        if with_base:
+            (Path(tmp) / "in" / "c.dcm").write_bytes(base.read_bytes())
+            files.append((str(Path(tmp) / "in" / "c.dcm"), base.stat().st_size))
+        entries = [e for e in (index_file(p, n, selector, 2 << 30) for p, n in files) if e is not None]
+        try:
+            plan = sm.plan_merge(entries, req, KEY) if merge else sm.plan_split(entries, req, KEY)
+        except request.RequestError:
+            _OUTCOMES["refused by the index (exit 2)"] += 1
+            return None
+        cfg = ApplyConfig(plan_uri="", output_root=str(out), run_id="mutation", key_id=KEY.key_id)
+        written = {}
+        for path, size in files:  # every input, as pass 2 does (the mutated one counted)
+            row, _ = process_instance(path, size, plan, cfg)
+            if path == str(src):
+                _OUTCOMES[row["status"] if row["status"] in ("moved", "copied") else row["reason"]] += 1
+            if row["status"] not in ("moved", "copied"):
+                if row["reason"] not in _SPLITMERGE_REASONS:
+                    return f"{Path(path).name}: {row['reason']}: {row['detail']}"
+                continue
+            written[row["output_uri"][len(str(out)) + 1:]] = row["output_sha256"]
+            output = Path(row["output_uri"]).read_bytes()
+            try:
+                dicomio.read_dataset(output)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                return f"{Path(path).name}: the output does not read back: {type(exc).__name__}: {exc}"
+            source = Path(path).read_bytes()
+            if not pydicom_converts_all(output) and pydicom_converts_all(source):
+                return f"{Path(path).name}: pydicom worse: the input converts fully, the output does not"
+        if (output_files(out) if out.exists() else {}) != written:
+            return "the outputs are not the ones the rows name"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--keep", type=Path, help="folder for the bytes of each failing case")
+    parser.add_argument("--splitmerge", action="store_true",
+                        help="split the mutated file's series out of its study, or merge its study into another's")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -115,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             data = _mutate(original, mutations)
         plan_index = rng.randrange(len(plans))
         cases += 1
-        problem = _broken_invariant(data, plans[plan_index])
+        if args.splitmerge:
+            plan_index = rng.randrange(2)  # 0 split, 1 merge
+            problem = _broken_splitmerge(data, base, rng.choice(files), merge=plan_index == 1,
+                                         with_base=rng.random() < 0.5)
+        else:
+            problem = _broken_invariant(data, plans[plan_index])
         if problem is not None:
             broken[problem.split(":")[0]] += 1
             print(f"case {cases}: {base.name} {mutations!r} plan {plan_index}: {problem}", flush=True)
@@ -123,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 (args.keep / f"seed{args.seed}-case{cases}-plan{plan_index}.dcm").write_bytes(data)
     print(f"{cases} cases, {sum(broken.values())} broke an invariant: {dict(broken)}")
+    if args.splitmerge:
+        print(f"outcomes: {dict(_OUTCOMES.most_common())}")
     return 1 if broken else 0
 
 
