@@ -875,3 +875,12 @@ def test_iso_2022_names_in_an_item_keep_their_escapes(name):
     out = dicomio.write_dataset(dicomio.read_dataset(data, check_uids=False), "1.2.840.10008.1.2")
     assert raw in out
     assert pydicom.dcmread(BytesIO(out)).RequestedProcedureCodeSequence[0].PatientName == "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+
+
+def test_text_of_a_public_tag_stored_as_un_keeps_its_bytes_when_the_encoding_changes():
+    # pydicom gives a public tag stored as UN its dictionary VR (LO here), decoding the text
+    un = struct.pack("<HH2sHL", 0x0008, 0x0080, b"UN", 0, len(_BAD_TOP)) + _BAD_TOP
+    data = _explicit_file([(0x00080005, b"CS", b"ISO_IR 192"), *_UIDS[:2]])
+    data += un + b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in _UIDS[2:])
+    out = dicomio.write_dataset(dicomio.read_dataset(data), "1.2.840.10008.1.2")
+    assert struct.pack("<HHL", 0x0008, 0x0080, len(_BAD_TOP)) + _BAD_TOP in out

@@ -1549,10 +1549,10 @@ def _text_as_read(elements: dict, encodings: Any, ds: Dataset) -> dict:
     for tag, elem in elements.items():
         if type(elem) is RawDataElement:
             vr = elem.VR
-            if vr is None:  # implicit VR: the dictionary's (private and unknown tags stay as they are)
-                try:
+            if vr is None or vr == "UN":  # implicit VR, or a public tag stored as UN (which pydicom
+                try:                      # converts to the dictionary's VR): the dictionary's
                     vr = dictionary_VR(tag)
-                except KeyError:
+                except KeyError:  # (private and unknown tags stay as they are)
                     continue
             if vr in _CHARSET_VRS:
                 value = elem.value
