@@ -123,9 +123,28 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     if discarded:
         raise UnknownOptions(f"unknown option(s): {discarded[0]} (not a dicom-deid option nor a Beam pipeline option)")
     standard = options.view_as(StandardOptions)
-    if not standard.runner:
-        standard.runner = "DirectRunner"
+    standard.runner = canonical_runner(standard.runner) if standard.runner else "DirectRunner"
     return options
+
+
+_KNOWN_RUNNERS = {name.lower(): name for name in StandardOptions.KNOWN_RUNNER_NAMES}
+
+
+def canonical_runner(name: str) -> str:
+    """``--runner`` as Beam resolves it (``create_runner``): any case, "Runner" optional
+    (``direct``, ``dataflow``), or a Beam runner's qualified class name; so that the command's
+    checks (local or remote, where the key may go) see the runner Beam will start. Any other
+    name as given (treated as a remote runner)."""
+    if not isinstance(name, str):
+        return name
+    lower = name.lower()
+    known = _KNOWN_RUNNERS.get(lower) or _KNOWN_RUNNERS.get(lower + "runner")
+    if known:
+        return known
+    module, _, cls = name.rpartition(".")
+    if module.startswith("apache_beam.runners.") and cls in StandardOptions.KNOWN_RUNNER_NAMES:
+        return cls
+    return name
 
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:

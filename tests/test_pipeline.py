@@ -654,6 +654,28 @@ def test_pipeline_options_default_runner_and_unknown_options():
         pipeline_run.pipeline_options(["--no_such_option", "3"])
 
 
+@pytest.mark.parametrize(("given", "runner"), [
+    ("direct", "DirectRunner"), ("Direct", "DirectRunner"), ("directrunner", "DirectRunner"),
+    ("apache_beam.runners.direct.direct_runner.DirectRunner", "DirectRunner"), ("dataflow", "DataflowRunner"),
+    ("prism", "PrismRunner"), ("my.company.Runner", "my.company.Runner"), ("mystery", "mystery"),
+])
+def test_runner_names_are_read_as_beam_reads_them(given: str, runner: str):
+    """Beam takes any case, with or without "Runner", and qualified names: the command's own
+    checks (a local runner, where the key may go) must see the runner Beam will start."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    assert pipeline_run.pipeline_options(["--runner", given]).view_as(StandardOptions).runner == runner
+
+
+def test_a_local_runner_named_in_lower_case_runs_with_local_paths_and_key(tmp_path: Path, study_folder: Path):
+    args = ["anonymize", str(study_folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+            "--quiet", "--runner", "direct"]
+    assert cli.main(args) == 3  # the text file fails (refused before: "a remote runner", local paths)
+    rows = read_rows(tmp_path / "out-audit")
+    assert [(r["status"], r["reason"]) for r in rows].count(("written", None)) == 10
+    assert [r["reason"] for r in rows if r["status"] != "written"] == ["not_dicom"]
+
+
 def test_audit_default_location_is_a_sibling(tmp_path: Path, study_folder: Path):
     code, output, audit = _run(tmp_path, study_folder)
     assert audit == tmp_path / "out-audit"
