@@ -577,3 +577,64 @@ def fingerprint(datasets: Sequence[Dataset]) -> str:
     for ds in datasets:
         digest.update(dataset_bytes(ds))
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- every profile tag
+
+#: A plausible value for each VR (UIDs are numbered per element, see ``every_profile_tag``).
+_VALUE_FOR_VR: dict[str, object] = {
+    "AE": "AETITLE", "AS": "030Y", "CS": "CODE", "DA": "20200102", "DS": "1.5", "DT": "20200102030405",
+    "IS": "3", "LO": "LOVALUE", "LT": "LT value", "PN": "Family^Given", "SH": "SHVAL", "ST": "ST value",
+    "TM": "030405", "UC": "UC value", "UR": "http://example.org/x", "UT": "UT value",
+    "FL": 1.5, "FD": 2.5, "SL": -7, "SS": -3, "UL": 7, "US": 3, "SV": -9, "UV": 9,
+    "OB": b"\x01\x02", "OW": b"\x01\x02", "OD": b"\0" * 8, "OF": b"\0" * 4, "OL": b"\0" * 4, "OV": b"\0" * 8,
+    "UN": b"UN", "AT": 0x00100010,
+}
+#: Sequences that hold every profile tag again, one item each: one the profile keeps and
+#: remaps (ReferencedImageSequence), one it removes (RequestAttributesSequence), one it does
+#: not list (CTDIPhantomTypeCodeSequence).
+EVERY_TAG_HOLDERS = (0x00081140, 0x00400275, 0x00189346)
+
+
+def _fill_every_tag(ds: Dataset, tags: Iterable[int], number: int, *, sequences: bool) -> int:
+    from pydicom.datadict import dictionary_VR
+
+    for tag in sorted(tags):
+        if tag >> 16 in (0x0000, 0x0002, 0xFFFE) or tag == 0x7FE00010:
+            continue
+        vr = dictionary_VR(tag).split(" or ")[0]
+        if vr == "SQ":
+            if sequences:
+                item = Dataset()
+                item.CodeValue = "C1"
+                item.ReferencedSOPInstanceUID = f"{UID_PREFIX}98.{number}"
+                item.PatientName = "Nested^Name"
+                ds.add_new(tag, "SQ", DicomSequence([item]))
+        else:
+            ds.add_new(tag, vr, f"{UID_PREFIX}99.{number}" if vr == "UI" else _VALUE_FOR_VR[vr])
+        number += 1
+    return number
+
+
+def every_profile_tag(version: str) -> Dataset:
+    """One instance holding every tag the ``version`` profile removes, empties or remaps (a
+    value per VR; each sequence with one item holding a UID reference and a PatientName),
+    at the top level and again inside one item of each of ``EVERY_TAG_HOLDERS``."""
+    from transforms.profiles import get_profile
+
+    profile = get_profile(version)
+    tags = profile.removals | profile.clearings | profile.uids
+    ds = Dataset()
+    number = _fill_every_tag(ds, tags, 1, sequences=True)
+    holder = Dataset()
+    _fill_every_tag(holder, tags, number, sequences=False)
+    for tag in EVERY_TAG_HOLDERS:
+        ds.add_new(tag, "SQ", DicomSequence([holder]))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (f"{UID_PREFIX}97.{i}" for i in (1, 2, 3))
+    ds.PatientID, ds.PatientName, ds.Modality = "PID-EVERY-TAG", "Top^Name", "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds

@@ -773,3 +773,36 @@ def test_references_the_table_misses_follow_the_uids_it_maps(version):
     assert kept.VolumeFrameOfReferenceUID == frame
     old = _anonymize({"DicomVersion": "2008"}, dicomio.read_dataset(data, check_uids=False))
     assert old.VolumeFrameOfReferenceUID == frame and old.FiducialSetSequence[0].ReferencedFiducialUID == "1.2.3.4.5.7"
+
+
+#: Set by the anonymization itself whatever the table says: the patient's pseudonyms and the
+#: de-identification attributes.
+_SET_BY_US = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064}
+
+
+@pytest.mark.parametrize("version", ["2008", "2017c", "2021b", "2023b"])
+def test_every_profile_tag_gets_its_action_at_the_top_level(version):
+    """The whole table (2023b included, which Orthanc 1.10.1 cannot be compared with): every
+    tag the profile removes is gone, every one it empties is empty, every UID is a new one."""
+    from tests.synthetic import dataset_bytes, every_profile_tag
+    from transforms.profiles import get_profile
+
+    profile = get_profile(version)
+    source = dicomio.read_dataset(dataset_bytes(every_profile_tag(version)))
+    out = _anonymize({"DicomVersion": version}, source)
+    checked, wrong = 0, []
+    for tag in sorted(profile.removals | profile.clearings | profile.uids):
+        if tag not in source or tag in _SET_BY_US:
+            continue
+        action, elem = profile.action(tag), out.get(tag)
+        if action == "remove":
+            ok = elem is None
+        elif action == "clear":
+            ok = elem is not None and elem.is_empty
+        else:
+            ok = elem is not None and str(elem.value).startswith("2.25.") and elem.value != source[tag].value
+        checked += 1
+        if not ok:
+            wrong.append(f"{tag:08X} {action}: {elem!r}")
+    assert wrong == []
+    assert checked == {"2008": 47, "2017c": 264, "2021b": 446, "2023b": 594}[version]  # (the table but groups 0000, 0002 and _SET_BY_US)

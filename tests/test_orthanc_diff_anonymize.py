@@ -319,6 +319,25 @@ def test_instance_anonymize_sweep_matches_orthanc(orthanc: OrthancClient, relati
     judge([_differences(ours, reference, uids, f"{relative} [sweep 2021b]")], DELIBERATE_DIFFERENCES)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("extra", [{}, {"KeepPrivateTags": True}, {"Keep": ["ReferencedImageSequence"]}],
+                         ids=["profile", "keep-private", "keep-sequence"])
+def test_every_profile_tag_matches_orthanc(orthanc: OrthancClient, version: str, extra: dict) -> None:
+    """A generated instance holding every tag of the profile (a value per VR), at the top level
+    and inside a kept, a removed and an unlisted sequence: the whole table, not only the tags
+    the sample files happen to hold."""
+    data = synthetic.dataset_bytes(synthetic.every_profile_tag(version))
+    body = {"DicomVersion": version, **extra}
+    reference = read(orthanc.anonymize_instance(orthanc.upload_once(data), body))
+    request = engine_modules()[0]
+    ours = ours_for(request.parse_anonymize(body, dictionary=TEST_DICTIONARY), data)
+    source = read(data)
+    assert len(source) > {"2008": 50, "2017c": 250, "2021b": 400}[version]  # (the table is there)
+    assert len(reference) < len(source) * 2 // 3  # (and Orthanc applied it)
+    uids = UidStructure(collect_identifiers([source], extra_tags=[PATIENT_NAME]))
+    judge([_differences(ours, reference, uids, f"every {version} tag {extra}")], DELIBERATE_DIFFERENCES)
+
+
 def test_orthanc_refuses_2023b(orthanc: OrthancClient) -> None:
     """Why no case names 2023b: Orthanc 1.10.1 does not know it."""
     from tests.orthanc_ref import OrthancHTTPError
