@@ -23,8 +23,9 @@ TransferSyntaxUID with VR US, US-or-SS elements without PixelRepresentation, a s
 among top-level elements, a DS that ISO_IR 13 decodes to katakana, an explicit SS on a
 sequence's tag written in implicit VR, an explicit CS on an FL tag written in implicit VR, a
 damaged item tag (FFFE,063B) that pydicom reads on from, a stray item delimiter after an
-undefined-length sequence where pydicom read leniently (it dropped the pixel data), and
-(not an invariant, a Rust panic printed on stderr) an RLE run past the image. Known and left: a file without PixelRepresentation
+undefined-length sequence where pydicom read leniently (it dropped the pixel data),
+(not an invariant, a Rust panic printed on stderr) an RLE run past the image, and
+(``--splitmerge``) a merge's switch to UTF-8 that decoded a damaged DS as katakana. Known and left: a file without PixelRepresentation
 written in implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it
 raises AttributeError; DCMTK reads them as US), reported as "pydicom worse".
 """

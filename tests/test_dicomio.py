@@ -884,3 +884,18 @@ def test_text_of_a_public_tag_stored_as_un_keeps_its_bytes_when_the_encoding_cha
     data += un + b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in _UIDS[2:])
     out = dicomio.write_dataset(dicomio.read_dataset(data), "1.2.840.10008.1.2")
     assert struct.pack("<HHL", 0x0008, 0x0080, len(_BAD_TOP)) + _BAD_TOP in out
+
+
+def test_a_changed_element_that_cannot_be_encoded_is_invalid_value_naming_it():
+    # pydicom keeps a DS it cannot read as text: here a byte ISO_IR 13 decodes to katakana
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.tag import Tag
+
+    raw = RawDataElement(Tag(0x00180095), "DS", 4, b"150\xbd", 0, False, True)
+    changed = convert_raw_data_element(raw, encoding=convert_encodings("ISO_IR 13"), ds=Dataset())
+    assert changed.value == "150ｽ"
+    ds = dicomio.shallow_copy(dicomio.read_dataset(open(CT, "rb").read()))
+    ds._dict[0x00180095] = changed
+    with pytest.raises(InputError, match=r"^element \(0018,0095\) cannot be encoded: its value does not fit its VR$") as refused:
+        dicomio.write_dataset(ds)
+    assert refused.value.reason == "invalid_value"

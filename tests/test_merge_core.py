@@ -179,6 +179,26 @@ def test_merge_switches_to_utf8_when_the_target_name_does_not_fit(samples: Path)
     assert "StudyDescription" not in merged  # the target has none
 
 
+def test_the_utf8_switch_decodes_only_text(samples: Path, tmp_path: Path) -> None:
+    """A Greek name into an ISO_IR 13 (katakana) instance whose DS holds a stray byte 0xBD
+    (found by a split/merge mutation run): the switch used to decode every element, and the
+    DS, read as katakana, could not be written back (an internal error). Only text is decoded
+    now; every other value keeps the bytes read."""
+    greek = samples / "Encodings" / "Lena-greek.dcm"
+    original = (samples / "Encodings" / "ISO_IR13.dcm").read_bytes()
+    damaged = tmp_path / "ISO_IR13-damaged.dcm"
+    damaged.write_bytes(original.replace(b"\x18\x00\x95\x00DS\x04\x00150 ", b"\x18\x00\x95\x00DS\x04\x00150\xbd"))
+    target_uid = str(pydicom.dcmread(greek, stop_before_pixels=True).StudyInstanceUID)
+    index = index_of([greek, damaged], target_uid)
+    plan = sm.plan_merge(index, sm.parse_merge(target_uid, {"Resources": [index[1].instance]}), KEY)
+    out = write_dataset(sm.apply_plan(plan, read_dataset(damaged.read_bytes()), str(damaged)))
+    merged, source = pydicom.dcmread(io.BytesIO(out)), pydicom.dcmread(damaged)
+    assert (merged.SpecificCharacterSet, merged.PatientName) == ("ISO_IR 192", "Test-Θ")
+    assert b"\x18\x00\x95\x00DS\x04\x00150\xbd" in out  # as read
+    texts = [e.tag for e in source.iterall() if e.VR in ("SH", "LO", "ST", "LT", "UT", "PN") and e.tag not in sm.MODULE_TAGS]
+    assert len(texts) > 5 and all(merged[t].value == source[t].value for t in texts if t in source)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -806,13 +806,45 @@ def _encodable(ds: Dataset, texts: Iterable[str]) -> bool:
     return all(text.isascii() or fit_text(text, encodings) == text for text in texts)
 
 
+#: The VRs whose bytes depend on SpecificCharacterSet (PS3.5 6.1.2.3): the only values a switch
+#: to UTF-8 decodes; every other one keeps the bytes read.
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+
+
 def _to_utf8(ds: Dataset) -> None:
-    """Decode every text element of ``ds`` (a private copy) and declare UTF-8."""
-    for tag, elem in list(ds._dict.items()):
-        if not isinstance(elem, RawDataElement):
-            ds._dict[tag] = copy.deepcopy(elem)
-    ds.decode()
+    """Decode every text element of ``ds`` (a private copy), at any depth, and declare UTF-8.
+
+    Only the character-set dependent VRs are decoded (pydicom's ``Dataset.decode`` converts
+    every element: a damaged DS holding a byte ISO_IR 13 reads as katakana could then not be
+    written back, an internal error found by a mutation run)."""
+    _decode_texts(ds, convert_encodings(peek(ds, _CHARSET) or None))
     ds._dict[_CHARSET] = DataElement(_CHARSET, "CS", _UTF8)
+
+
+def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
+    for tag, elem in list(ds._dict.items()):
+        if isinstance(elem, RawDataElement):
+            vr = elem.VR
+            if vr is None or vr == "UN":  # implicit VR, or a public tag stored as UN
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:  # (private and unknown tags keep their bytes)
+                    continue
+            if vr not in _CHARSET_VRS and vr != "SQ":
+                continue
+            elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)  # (new items)
+        else:
+            elem = copy.deepcopy(elem)  # (decoded elements may be the input's)
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                own = item._dict.get(_CHARSET)
+                _decode_texts(item, convert_encodings(peek(item, _CHARSET) or None) if own is not None else encodings)
+                if own is not None:  # what is left raw there holds no text: read it as UTF-8 too
+                    item._dict[_CHARSET] = DataElement(_CHARSET, "CS", _UTF8)
+                    implicit, little = item.original_encoding
+                    if implicit is not None:
+                        item.set_original_encoding(implicit, little, convert_encodings(_UTF8))
+        ds._dict[tag] = elem
 
 
 def apply_plan(plan: Plan, ds: Dataset, source: str) -> Dataset:
