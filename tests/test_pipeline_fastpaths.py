@@ -3,6 +3,7 @@ exactly what the general paths give: same bytes, same refusals, same error types
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -431,6 +432,41 @@ def test_deidentify_fns_of_one_process_share_a_memory_budget(tmp_path: Path, mon
     assert limit // 2 < max(used_seen) <= limit  # the budget was the bound, and it was reached
     assert seen_by_big == [big.stat().st_size]  # the big file waited until it was alone
     assert budget.peak == big.stat().st_size
+
+
+def test_a_transcode_holds_its_decoded_pixels_in_the_memory_budget(tmp_path: Path):
+    """The budget counts input bytes; a Transcode decodes pixels beyond them (a compressed
+    input decodes to many times its size): while it runs, the file holds its input plus three times its
+    decoded size, then its input again until the output is written, then nothing."""
+    from transforms import beam as tbeam
+    from transforms.request import parse_anonymize
+
+    source = Path(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmd.dcm"))  # JPEG, 100x100 RGB
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decoded = header.Rows * header.Columns * header.SamplesPerPixel * header.BitsAllocated // 8
+    budget = tbeam.MemoryBudget(1 << 30)
+    seen: list[int] = []
+    real_acquire = budget.acquire
+
+    def acquire(n: int) -> None:
+        real_acquire(n)
+        seen.append(budget.used)
+
+    budget.acquire = acquire  # type: ignore[method-assign]
+    cfg = RunConfig(plan=parse_anonymize({"Transcode": "1.2.840.10008.1.2.5"}), output_root=str(tmp_path / "out"),
+                    run_id="r", key_id=KEY.key_id, key=KEY)  # fmt: skip
+    size = source.stat().st_size
+    with tbeam.budget_hold(budget, size) as hold:
+        prepared = tbeam.prepare_file(str(source), size, cfg, KEY)
+        assert budget.used == hold.n == size  # (back to the input once the pixels are encoded)
+    assert seen == [size, size + 3 * decoded] and budget.peak == size + 3 * decoded
+    row, _ = tbeam.finish_file(prepared)
+    hold.release()
+    assert (row["status"], row["transfer_syntax_out"], budget.used) == ("written", "1.2.840.10008.1.2.5", 0)
+    with tbeam.budget_hold(budget, size) as hold:  # without Transcode: the input only
+        tbeam.prepare_file(str(source), size, dataclasses.replace(cfg, plan=parse_anonymize({})), KEY)
+    hold.release()
+    assert seen[2:] == [size] and budget.used == 0
 
 
 def test_the_default_memory_budget_is_a_share_of_this_machine(monkeypatch: pytest.MonkeyPatch):

@@ -44,6 +44,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     TMP_DIR_NAME,
     DuplicateInstanceError,
     MemoryBudget,
+    budget_hold,
     ProgressFile,
     RunConfig,
     _gcs_client,
@@ -209,17 +210,10 @@ class DeidentifyFn(beam.DoFn):
         # Held from before the read until the output is on storage; a file over --max-bytes
         # is refused unread and holds nothing.
         held = int(size) if 0 < size <= self._cfg.max_bytes else 0
-        budget = self._budget
-        if held:
-            budget.acquire(held)
-        try:
+        with budget_hold(self._budget, held) as hold:  # (grown while a Transcode decodes)
             prepared = prepare_file(path, size, self._cfg, self._key, matched=matched)
-        except BaseException:
-            if held:
-                budget.release(held)
-            raise
-        if held and isinstance(prepared, tuple):
-            budget.release(held)
+        if isinstance(prepared, tuple):
+            hold.release()
         yield from self._matched(matched, windowed=False)
         if isinstance(prepared, tuple):
             yield from self._emit(*prepared, windowed=False)
@@ -233,11 +227,9 @@ class DeidentifyFn(beam.DoFn):
                 try:
                     yield from self._emit(*finish_file(prepared), windowed=False)
                 finally:
-                    if held:
-                        budget.release(held)
+                    hold.release()
                 return
-            if held:
-                future.add_done_callback(lambda _done, held=held: budget.release(held))
+            future.add_done_callback(lambda _done, hold=hold: hold.release())
             self._pending.append((future, nbytes))
             self._pending_bytes += nbytes
         pending = self._pending

@@ -30,6 +30,7 @@ component):
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -1257,7 +1258,14 @@ def prepare_file(
             stage = "transcode"
             from transforms.transcode import transcode_for_plan
 
-            new = transcode_for_plan(plan, new, key).dataset  # lossy: new SOPInstanceUID
+            hold = getattr(_HOLD, "current", None)
+            if hold is not None:  # (a budgeted DoFn: the decoded pixels count while they exist)
+                hold.grow_to(hold.base + BudgetHold.TRANSCODE_FACTOR * _decoded_bytes(new))
+            try:
+                new = transcode_for_plan(plan, new, key).dataset  # lossy: new SOPInstanceUID
+            finally:
+                if hold is not None:
+                    hold.shrink_to(hold.base)
         stage = "name"
         ids = identifiers_of(new)
         row.update(identity_columns(ids))  # _failed drops them again if output_name refuses a UID
@@ -1394,8 +1402,8 @@ class MemoryBudget:
     holds its size from before it is read until its output is on storage (or it failed). A
     file larger than the whole budget waits until nothing else is held, then runs alone.
     Requests are served in arrival order, so a large file is not starved by a stream of small
-    ones that would each fit. Transcoding decodes pixels beyond the input's size: the budget
-    counts input bytes only.
+    ones that would each fit. Transcoding decodes pixels beyond the input's size: while it runs,
+    the file's :class:`BudgetHold` grows to count them.
     """
 
     def __init__(self, limit: int) -> None:
@@ -1423,6 +1431,71 @@ class MemoryBudget:
         with self._cond:
             self.used -= n
             self._cond.notify_all()
+
+
+class BudgetHold:
+    """One file's share of a :class:`MemoryBudget`: its input bytes from before the read until
+    its output is on storage, grown for the time a Transcode decodes its pixels (the decoded
+    image, the encoded result and the verifying decode: measured ~4x the input for RLE)."""
+
+    #: Bytes held per decoded byte while a transcode runs, beside the input's.
+    TRANSCODE_FACTOR = 3
+
+    def __init__(self, budget: MemoryBudget, n: int) -> None:
+        self.budget, self.n, self.base = budget, 0, n
+        if n:
+            budget.acquire(n)
+            self.n = n
+
+    def grow_to(self, total: int) -> None:
+        """Hold ``total`` bytes. Released first, then asked for whole in arrival order: a
+        thread waiting for more never holds a part, so growing never deadlocks."""
+        if total <= self.n:
+            return
+        self.budget.release(self.n)
+        self.n = 0
+        self.budget.acquire(total)
+        self.n = total
+
+    def shrink_to(self, total: int) -> None:
+        if total < self.n:
+            self.budget.release(self.n - total)
+            self.n = total
+
+    def release(self) -> None:
+        """Release everything held (the writer's callback; again is harmless)."""
+        held, self.n = self.n, 0
+        if held:
+            self.budget.release(held)
+
+
+_HOLD = threading.local()  # the BudgetHold of the file this thread prepares, if budgeted
+
+
+@contextlib.contextmanager
+def budget_hold(budget: MemoryBudget, n: int) -> Iterator[BudgetHold]:
+    """A :class:`BudgetHold` of ``n`` bytes, which :func:`prepare_file` grows while a Transcode
+    decodes; the caller releases it (here only when the block raises)."""
+    hold = BudgetHold(budget, n)
+    previous = getattr(_HOLD, "current", None)
+    _HOLD.current = hold
+    try:
+        yield hold
+    except BaseException:
+        hold.release()
+        raise
+    finally:
+        _HOLD.current = previous
+
+
+def _decoded_bytes(ds: Any) -> int:
+    """What the pixel data of ``ds`` takes decoded (0 when its attributes do not say)."""
+    try:
+        frames = int(str(ds.get("NumberOfFrames", 1) or 1).strip() or 1)
+        return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * max(frames, 1)
+                * int(ds.BitsAllocated) // 8)
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 _BUDGETS: dict[int | None, MemoryBudget] = {}
