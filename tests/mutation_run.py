@@ -153,17 +153,17 @@ def _broken_splitmerge(data: bytes, base: Path, other: Path, merge: bool, with_b
                 _OUTCOMES[row["status"] if row["status"] in ("moved", "copied") else row["reason"]] += 1
             if row["status"] not in ("moved", "copied"):
                 if row["reason"] not in _SPLITMERGE_REASONS:
-                    return f"{Path(path).name}: {row['reason']}: {row['detail']}"
+                    return f"{row['reason']}: {row['detail']} ({Path(path).name})"
                 continue
             written[row["output_uri"][len(str(out)) + 1:]] = row["output_sha256"]
             output = Path(row["output_uri"]).read_bytes()
             try:
                 dicomio.read_dataset(output)
             except Exception as exc:  # noqa: BLE001 - any failure is the finding
-                return f"{Path(path).name}: the output does not read back: {type(exc).__name__}: {exc}"
+                return f"the output does not read back: {type(exc).__name__}: {exc} ({Path(path).name})"
             source = Path(path).read_bytes()
             if not pydicom_converts_all(output) and pydicom_converts_all(source):
-                return f"{Path(path).name}: pydicom worse: the input converts fully, the output does not"
+                return f"pydicom worse: the input converts fully, the output does not ({Path(path).name})"
         if (output_files(out) if out.exists() else {}) != written:
             return "the outputs are not the ones the rows name"
     return None
