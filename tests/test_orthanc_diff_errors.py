@@ -126,6 +126,20 @@ CASES = [
                         "are stripped by both)"),
     BodyCase("us-list-for-vm-1", "modify", {"Replace": {"Rows": "1\\2"}}, 400, "Rows"),
     BodyCase("fd-list-for-vm-1", "modify", {"Replace": {"0018,9087": "1.5\\2"}}, 400, "0018,9087"),
+    # found by replacing a tag of every VR with typical strings on both sides (Orthanc 1.10.1
+    # answers 400 or 500 for any value of these VRs; where both accepted, the outputs were equal)
+    BodyCase("ur-value", "modify", {"Replace": {"FileAccessURI": "http://example.org/x"}}, 500, "FileAccessURI",
+             deliberate="a UR value (a URI) is written; Orthanc 1.10.1 fails on any (500)"),
+    BodyCase("sv-value", "modify", {"Replace": {"SelectorSVValue": "-3"}}, 400, "SelectorSVValue",
+             deliberate="the 64-bit VRs (SV, UV, OV) take integers in their range; Orthanc 1.10.1 "
+                        "refuses any value"),
+    BodyCase("uv-value", "modify", {"Replace": {"TotalNumberOfStudyRecords": "12"}}, 500, "TotalNumberOfStudyRecords",
+             deliberate="the 64-bit VRs (SV, UV, OV) take integers in their range; Orthanc 1.10.1 "
+                        "refuses any value (400) or fails on it (500)"),
+    BodyCase("ss-list-for-vm-2", "modify", {"Replace": {"CenterOfCircularExposureControlSensingRegion": "1\\2"}},
+             400, "CenterOfCircularExposureControlSensingRegion",
+             deliberate="a backslash list for a multi-valued SS/UL/OD tag is accepted, as for US/FD; "
+                        "Orthanc refuses every list for binary numbers"),
     BodyCase("at-list-for-vm-1", "modify", {"Replace": {"DimensionIndexPointer": "0020,9056\\0020,9057"}},
              None, "DimensionIndexPointer",
              deliberate="two values for an AT tag of VM 1 are refused with a message naming the "

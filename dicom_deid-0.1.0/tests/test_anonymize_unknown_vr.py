@@ -1,0 +1,424 @@
+"""Sequences whose VR the file does not say: the nested pass looks into them too.
+
+A private sequence in an implicit VR file, an unknown (or private) sequence written in explicit
+VR as ``UN`` with a defined length (PS3.5 6.2.2 encodes its items in implicit VR little
+endian), or an explicit-VR sequence whose VR alone was lost: pydicom reads all of them as
+opaque bytes. Orthanc leaves such values alone, so a PatientName or an original UID nested
+in them survived anonymization (with ``KeepPrivateTags``, or in an unknown public tag). Here
+the nested rules apply to them as to any sequence, and a value that only starts like an item
+stays as it is.
+
+Building item objects costs ~1 KB per item however small the item: the last tests pin the
+per-file limit (``paths.MAX_WALKED_ITEMS``) on every path that builds them (the object walk,
+values of unknown VR, sequences named by ``Replace``/``Remove`` paths), and that the
+byte-level walk keeps no object per unchanged item. A property test ends the module: random
+nestings of such sequences, where nothing planted survives and both walks agree.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from transforms import dicomio, engine, paths
+from transforms.engine import apply
+from transforms.errors import InputError
+from transforms.identity import Key
+from transforms.request import parse_anonymize
+
+KEY = Key.from_bytes(b"unknown-vr-test-key-0123456789")
+KEEP_PRIVATE = parse_anonymize({"KeepPrivateTags": True})
+DEFAULT = parse_anonymize({})
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SOP, STUDY, SERIES = "1.2.826.0.1.3680043.2.1125.71", "1.2.826.0.1.3680043.2.1125.72", "1.2.826.0.1.3680043.2.1125.73"
+OTHER_SOP = "1.2.826.0.1.3680043.2.1125.79"
+SECRET = b"Nested^Secret"
+UNKNOWN_PUBLIC = 0x00189999  # not in the dictionary
+PRIVATE_CREATOR, PRIVATE_SQ = 0x00090010, 0x00091001  # block 0x10 of "ACME"
+REFERENCED_IMAGE_SQ = 0x00081140
+TOO_MANY = ("too many sequence items to de-identify in one file (at most 1000, or one per 64 bytes "
+            "of a sequence)")  # with MAX_WALKED_ITEMS patched to 1000
+
+
+def _pad(value: bytes, vr: bytes) -> bytes:
+    return value + (b"\x00" if vr == b"UI" else b" ") if len(value) % 2 else value
+
+
+def _implicit(tag: int, value: bytes, vr: bytes = b"LO") -> bytes:
+    value = _pad(value, vr)
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    value = _pad(value, vr)
+    if vr in (b"SQ", b"UN", b"OB"):
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _item(body: bytes) -> bytes:
+    return struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body
+
+
+def _secret_item(implicit: bool) -> bytes:
+    """An item naming a patient (SECRET) and referencing this instance."""
+    if implicit:
+        return _item(_implicit(0x00081150, CT.encode(), b"UI") + _implicit(0x00081155, SOP.encode(), b"UI")
+                     + _implicit(0x00100010, SECRET, b"PN"))
+    return _item(_explicit(0x00081150, b"UI", CT.encode()) + _explicit(0x00081155, b"UI", SOP.encode())
+                 + _explicit(0x00100010, b"PN", SECRET))
+
+
+def _file(elements: list[tuple[int, bytes]], implicit: bool) -> bytes:
+    ids = [(0x00080016, CT), (0x00080018, SOP), (0x0020000D, STUDY), (0x0020000E, SERIES)]
+    base = [(tag, _implicit(tag, v.encode(), b"UI") if implicit else _explicit(tag, b"UI", v.encode()))
+            for tag, v in ids]
+    base.append((0x00100010, _implicit(0x00100010, b"Top^Secret", b"PN") if implicit
+                 else _explicit(0x00100010, b"PN", b"Top^Secret")))
+    body = b"".join(data for _, data in sorted(base + elements))
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return dicomio.encode_file_meta(CT, SOP, syntax) + body
+
+
+def _anonymize(data: bytes, plan=DEFAULT) -> tuple[bytes, object]:
+    out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(data), KEY))
+    return out, dicomio.read_dataset(out)
+
+
+def _items_of(elem) -> list:
+    if elem.VR == "SQ":
+        return list(elem.value)
+    items = engine.parse_items(elem.value, True, True, None)
+    assert items is not None, "not a run of implicit VR items"
+    return items
+
+
+def _new_sop() -> str:
+    return KEY.uid("anonymize.instance", SOP)
+
+
+def test_unknown_public_tag_written_as_un_is_walked():
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", _secret_item(implicit=True)))], implicit=False)
+    assert data.count(SECRET) == 1
+    out, ds = _anonymize(data)
+    assert SECRET not in out and SOP.encode() not in out
+    elem = ds[UNKNOWN_PUBLIC]
+    assert elem.VR == "SQ" and len(elem.value) == 1
+    item = elem.value[0]
+    assert item.ReferencedSOPInstanceUID == _new_sop() == ds.SOPInstanceUID
+    assert item.ReferencedSOPClassUID == CT  # SOP classes are never touched
+    assert item.PatientName == KEY.patient_name("Nested^Secret")  # as in any sequence
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file-un"])
+def test_items_under_a_known_text_tag_are_refused(implicit):
+    """Manufacturer (LO) holding a sequence's items: pydicom reads them back as text, names and
+    UIDs included, so the nested pass cannot clean them and copying them would leak them."""
+    manufacturer = 0x00080070
+    value = (_implicit(manufacturer, _secret_item(True)) if implicit
+             else _explicit(manufacturer, b"UN", _secret_item(True)))
+    data = _file([(manufacturer, value)], implicit=implicit)
+    with pytest.raises(InputError, match=re.escape("element (0008,0070) holds sequence items, but the dictionary "
+                                                   "gives it VR LO")) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "invalid_value" and "Secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file-un"])
+def test_kept_private_sequence_of_unknown_vr_is_walked(implicit):
+    creator = _implicit(PRIVATE_CREATOR, b"ACME") if implicit else _explicit(PRIVATE_CREATOR, b"LO", b"ACME")
+    private = (_implicit(PRIVATE_SQ, _secret_item(True)) if implicit
+               else _explicit(PRIVATE_SQ, b"UN", _secret_item(True)))
+    data = _file([(PRIVATE_CREATOR, creator), (PRIVATE_SQ, private)], implicit=implicit)
+    out, ds = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and SOP.encode() not in out
+    assert ds[PRIVATE_CREATOR].value == "ACME"  # the private tags are kept ...
+    assert PRIVATE_SQ in ds
+    # ... and their items follow the nested rules (explicit VR writes them back as SQ;
+    # implicit VR as they came, items pydicom cannot tell from bytes without the dictionary).
+    items = _items_of(ds[PRIVATE_SQ])
+    assert ds[PRIVATE_SQ].VR == ("UN" if implicit else "SQ")
+    assert len(items) == 1
+    assert items[0].ReferencedSOPInstanceUID == _new_sop()
+    assert items[0].PatientName == KEY.patient_name("Nested^Secret")
+
+
+def test_private_sequence_whose_vr_was_lost_in_explicit_vr_is_walked():
+    """Explicit-VR items under a ``UN`` header (a writer that dropped only the VR)."""
+    data = _file([(PRIVATE_CREATOR, _explicit(PRIVATE_CREATOR, b"LO", b"ACME")),
+                  (PRIVATE_SQ, _explicit(PRIVATE_SQ, b"UN", _secret_item(False)))], implicit=False)
+    out, ds = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and SOP.encode() not in out
+    assert ds[PRIVATE_SQ].VR == "SQ"
+    assert ds[PRIVATE_SQ].value[0].ReferencedSOPInstanceUID == _new_sop()
+
+
+def _nested_private_file() -> bytes:
+    """Implicit VR: ReferencedImageSequence > item > private sequence (defined length) > item."""
+    outer = _item(_implicit(0x00081150, CT.encode(), b"UI") + _implicit(0x00081155, OTHER_SOP.encode(), b"UI")
+                  + _implicit(PRIVATE_CREATOR, b"ACME") + _implicit(PRIVATE_SQ, _secret_item(True)))
+    return _file([(REFERENCED_IMAGE_SQ, _implicit(REFERENCED_IMAGE_SQ, outer))], implicit=True)
+
+
+def test_nested_private_sequence_is_walked_by_both_passes(monkeypatch):
+    data = _nested_private_file()
+    out, ds = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and SOP.encode() not in out and OTHER_SOP.encode() not in out
+    outer = ds.ReferencedImageSequence[0]
+    assert outer.ReferencedSOPInstanceUID == KEY.uid("anonymize.instance", OTHER_SOP)
+    inner = _items_of(outer[PRIVATE_SQ])
+    assert inner[0].ReferencedSOPInstanceUID == _new_sop()
+    assert inner[0].PatientName == KEY.patient_name("Nested^Secret")
+    # The byte-level pass hands such a sequence to the object walk: same bytes either way.
+    with monkeypatch.context() as patch:
+        patch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
+        assert dicomio.write_dataset(apply(KEEP_PRIVATE, dicomio.read_dataset(data), KEY)) == out
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xfe\xff\x00\xe0" + b"\x01" * 12,  # an item header whose length runs past the value
+        _item(b"\x10\x00\x10\x00\xff\xff\x00\x00abcd"),  # an item whose element does not fit
+        _item(_implicit(0x00100010, SECRET, b"PN")) + b"\x00\x00",  # trailing bytes after items
+    ],
+    ids=["length-past-end", "bad-element", "trailing-bytes"],
+)
+def test_values_that_only_start_like_items_stay_opaque(value):
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", value))], implicit=False)
+    out, ds = _anonymize(data)
+    assert ds[UNKNOWN_PUBLIC].VR == "UN"
+    assert ds[UNKNOWN_PUBLIC].value == value  # unchanged, and no error for the file
+    assert out.count(value) == 1
+
+
+def test_too_many_items_of_unknown_vr_fail_the_file_instead_of_filling_memory():
+    """8-byte empty items would each become a Dataset: a few megabytes, gigabytes of objects."""
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * (engine._MAX_OPAQUE_ITEMS + 1)
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", items))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "too_large"
+    assert str(info.value) == (f"(0018,9999): a value of unknown VR holding {engine._MAX_OPAQUE_ITEMS + 1} "
+                               f"items (more than {engine._MAX_OPAQUE_ITEMS}), too many to de-identify")
+    # At the limit it is walked (empty items: nothing to change, the bytes stay as they were).
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * engine._MAX_OPAQUE_ITEMS
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", items))], implicit=False)
+    _, ds = _anonymize(data)
+    assert ds[UNKNOWN_PUBLIC].VR == "UN" and ds[UNKNOWN_PUBLIC].value == items
+
+
+def _many_items_then_one_for_the_object_walk(empty: int) -> bytes:
+    """ReferencedImageSequence: ``empty`` empty items, then one holding an item-shaped UN value
+    (which the byte-level walk leaves to the object walk, for the whole sequence)."""
+    odd = _item(_explicit(UNKNOWN_PUBLIC, b"UN", _item(b"")))
+    value = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * empty + odd
+    return _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", value))], implicit=False)
+
+
+def _count_built_items(monkeypatch) -> list[int]:
+    """From now on, each parse of items appends how many it built (-1: it refused)."""
+    built: list[int] = []
+    original = engine._items
+
+    def spy(*args, **kwargs):
+        try:
+            result = original(*args, **kwargs)
+        except InputError:
+            built.append(-1)
+            raise
+        built.append(len(result))
+        return result
+
+    monkeypatch.setattr(engine, "_items", spy)
+    return built
+
+
+def test_object_walk_builds_a_bounded_number_of_items(monkeypatch):
+    """A crafted file of 8 MB of empty items took ~1 GB in the object walk; it now stops at
+    MAX_WALKED_ITEMS items (bounded memory) and the file fails as too_large."""
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 1000)
+    fits = _many_items_then_one_for_the_object_walk(998)  # 999 items, and 1 nested: 1000
+    _, ds = _anonymize(fits)
+    assert len(ds.ReferencedImageSequence) == 999
+    built = _count_built_items(monkeypatch)
+    with pytest.raises(InputError) as info:
+        apply(DEFAULT, dicomio.read_dataset(_many_items_then_one_for_the_object_walk(1000)), KEY)
+    assert info.value.reason == "too_large"
+    assert str(info.value) == TOO_MANY
+    assert built == [-1]  # stopped while parsing, not after building every item
+
+
+def test_sequences_named_by_paths_are_bounded_too(monkeypatch):
+    """modify with a [*] path decodes the sequence it names (pydicom): refused before it
+    builds more items than the limit (the crafted 8 MB file took 1.5 GB and 55 s)."""
+    from transforms.request import parse_modify
+
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 1000)
+    plan = parse_modify({"Replace": {"ReferencedImageSequence[*].ReferencedSOPClassUID": CT}})
+    empty = struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+    fits = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", empty * 1000))], implicit=False)
+    _, ds = _anonymize(fits, plan)
+    assert len(ds.ReferencedImageSequence) == 1000
+    assert {item.ReferencedSOPClassUID for item in ds.ReferencedImageSequence} == {CT}
+    built = _count_built_items(monkeypatch)
+    too_many = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", empty * 1001))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(plan, dicomio.read_dataset(too_many), KEY)
+    assert (info.value.reason, str(info.value)) == ("too_large", TOO_MANY)
+    assert built == [-1]  # counted (at most 1001 built) before pydicom decoded anything
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr-un"])
+def test_known_tag_of_another_vr_is_never_taken_for_items(implicit):
+    """RedPaletteColorLookupTableData (OW, which the profile keeps) whose bytes happen to be a
+    run of items: the dictionary says what it is, so it is copied as it is."""
+    tag = 0x00281201
+    value = _secret_item(implicit=True)
+    element = _implicit(tag, value, b"OW") if implicit else _explicit(tag, b"UN", value)
+    out, ds = _anonymize(_file([(tag, element)], implicit=implicit))
+    assert ds[tag].value == value
+    assert out.count(SECRET) == 1
+
+
+def test_walked_items_that_cannot_be_re_encoded_fail_the_file_without_quoting_values():
+    """Items read from a UN value in an explicit VR file are re-encoded in explicit VR; an
+    element whose value does not fit its VR (26 bytes for FL) fails the file as
+    invalid_value, naming the tag only (pydicom's own error quotes the value)."""
+    inner = _item(_implicit(0x00100010, SECRET, b"PN") + _implicit(0x00220010, b"PLANTEDFAMILY^PLANTEDGIVEN", b"FL"))
+    data = _file([(PRIVATE_CREATOR, _explicit(PRIVATE_CREATOR, b"LO", b"ACME")),
+                  (PRIVATE_SQ, _explicit(PRIVATE_SQ, b"UN", inner))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(KEEP_PRIVATE, dicomio.read_dataset(data), KEY)
+    assert (info.value.reason, str(info.value)) == (
+        "invalid_value", "(0022,0010) cannot be re-encoded: its value does not fit its VR")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # In implicit VR the same items keep their bytes: written, the name pseudonymized.
+    data = _file([(PRIVATE_CREATOR, _implicit(PRIVATE_CREATOR, b"ACME")),
+                  (PRIVATE_SQ, _implicit(PRIVATE_SQ, inner))], implicit=True)
+    out, _ = _anonymize(data, KEEP_PRIVATE)
+    assert SECRET not in out and b"PLANTEDFAMILY^PLANTEDGIVEN" in out
+
+
+@pytest.mark.parametrize("defined", [True, False], ids=["defined-length-items", "undefined-length-items"])
+def test_byte_walk_memory_does_not_grow_with_unchanged_items(defined):
+    """20,000 empty items and one that changes, walked on the bytes: no object per unchanged
+    item (a tuple per item took ~180 bytes each; 20,000 of them ~3.6 MB)."""
+    empty = (struct.pack("<HHL", 0xFFFE, 0xE000, 0) if defined else
+             struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))
+    changed = _item(_explicit(0x00100010, b"PN", SECRET))
+    value = empty * 20_000 + changed
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", value))], implicit=False)
+    ds = dicomio.read_dataset(data)
+    seen: list = []
+    original = engine._Run._byte_sequence
+
+    def spy(self, elem, tag):
+        seen.append(result := original(self, elem, tag))
+        return result
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine._Run, "_byte_sequence", spy)
+            new = apply(DEFAULT, ds, KEY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen and seen[0] is not engine._FALLBACK  # the byte-level walk did it
+    assert len(new.ReferencedImageSequence) == 20_001
+    assert new.ReferencedImageSequence[20_000].PatientName == KEY.patient_name("Nested^Secret")
+    assert peak < 3 * len(value) + (2 << 20), peak  # the input and the output, about
+
+
+def test_a_large_sequence_may_build_one_item_per_64_bytes_beyond_the_file_limit(monkeypatch):
+    """Real sequences of many items are large (a slide's per-frame items: ~200 bytes each):
+    past the per-file limit a sequence may still build one item per 64 bytes of its value."""
+    monkeypatch.setattr(paths, "MAX_WALKED_ITEMS", 100)
+    plan = parse_anonymize({"Keep": ["ReferencedImageSequence[0].ReferencedSOPClassUID"]})  # the object walk
+    reference = _item(_explicit(0x00081150, b"UI", CT.encode()) + _explicit(0x00081155, b"UI", OTHER_SOP.encode()))
+    assert len(reference) >= 64
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", reference * 500))], implicit=False)
+    _, ds = _anonymize(data, plan)  # 500 items > 100, in 500 x 80 bytes: allowed
+    assert len(ds.ReferencedImageSequence) == 500
+    assert {i.ReferencedSOPInstanceUID for i in ds.ReferencedImageSequence} == {KEY.uid("anonymize.instance", OTHER_SOP)}
+    small = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * 500  # 500 empty items in 4,000 bytes: 62 allowed
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", small + reference))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(plan, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "too_large"
+
+
+# --------------------------------------------------------------------------- property
+
+
+PLANTED = b"PLANTED^NAME"
+
+
+def _element(tag: int, vr: bytes, value: bytes, implicit: bool) -> bytes:
+    return _implicit(tag, value, vr) if implicit else _explicit(tag, vr, value)
+
+
+def _nested_items(draw, depth: int, implicit: bool) -> bytes:
+    """Items of random content: a planted name, a reference to this instance, text, and
+    (not too deep) sequences of unknown VR holding more of the same."""
+    items = b""
+    for _ in range(draw(st.integers(1, 3))):
+        elements: list[tuple[int, bytes]] = []
+        if draw(st.booleans()):
+            elements.append((0x00100010, _element(0x00100010, b"PN", PLANTED, implicit)))
+        if draw(st.booleans()):
+            elements.append((0x00081155, _element(0x00081155, b"UI", SOP.encode(), implicit)))
+        if draw(st.booleans()):
+            elements.append((0x00204000, _element(0x00204000, b"LT", b"free text", implicit)))
+        if depth < 2 and draw(st.booleans()):
+            inner = _nested_items(draw, depth + 1, True)  # UN content: implicit VR (PS3.5 6.2.2)
+            if draw(st.booleans()):
+                elements.append((PRIVATE_CREATOR, _element(PRIVATE_CREATOR, b"LO", b"ACME", implicit)))
+                tag = PRIVATE_SQ
+            else:
+                tag = UNKNOWN_PUBLIC
+            elements.append((tag, _implicit(tag, inner) if implicit else _explicit(tag, b"UN", inner)))
+        items += _item(b"".join(data for _, data in sorted(elements)))
+    return items
+
+
+@pytest.mark.parametrize("keep_private", [False, True], ids=["private-removed", "private-kept"])
+def test_property_no_planted_name_or_uid_survives_and_both_walks_agree(keep_private):
+    """Random nestings of sequences of unknown VR (private or unknown tags, implicit or UN
+    written) under a known sequence, an unknown one or a private one, in implicit or explicit
+    VR files: the planted name and the original UID never survive, and the byte-level walk
+    gives the object walk's bytes."""
+    plan = KEEP_PRIVATE if keep_private else DEFAULT
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(data=st.data())
+    def check(data) -> None:
+        implicit = data.draw(st.booleans(), "implicit VR file")
+        holder = data.draw(st.sampled_from([REFERENCED_IMAGE_SQ, UNKNOWN_PUBLIC, PRIVATE_SQ]), "holder")
+        # A known sequence holds items in the file's encoding; the others as UN would.
+        items = _nested_items(data.draw, 0, implicit or holder != REFERENCED_IMAGE_SQ)
+        if holder == REFERENCED_IMAGE_SQ:
+            element = _implicit(holder, items) if implicit else _explicit(holder, b"SQ", items)
+        else:
+            element = _implicit(holder, items) if implicit else _explicit(holder, b"UN", items)
+        elements = [(holder, element)]
+        if holder == PRIVATE_SQ:
+            elements.append((PRIVATE_CREATOR, _element(PRIVATE_CREATOR, b"LO", b"ACME", implicit)))
+        source = _file(elements, implicit)
+        out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(source), KEY))
+        assert PLANTED not in out
+        assert SOP.encode() not in out
+        dicomio.read_dataset(out)  # our own output reads back
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
+            assert dicomio.write_dataset(apply(plan, dicomio.read_dataset(source), KEY)) == out
+
+    check()

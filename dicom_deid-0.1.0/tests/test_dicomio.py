@@ -1,0 +1,901 @@
+"""Reading and writing DICOM bytes: round trips, fresh meta, bad-input classification."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.charset import convert_encodings
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from tests.conftest import sample
+from transforms import dicomio
+from transforms.errors import InputError
+
+CT = get_testdata_file("CT_small.dcm")
+
+
+def _elements(ds: Dataset) -> dict:
+    return {t: ds[t].value for t in ds.keys() if (t >> 16) != 2 and (t & 0xFFFF) != 0}
+
+
+def test_unchanged_round_trip_is_byte_identical_after_the_meta():
+    data = open(CT, "rb").read()
+    ds = dicomio.read_dataset(data)
+    out = dicomio.write_dataset(ds)
+    original = pydicom.dcmread(BytesIO(data))
+    body_offset = 132 + 12 + original.file_meta.FileMetaInformationGroupLength
+    assert out.endswith(data[body_offset:])
+    reread = pydicom.dcmread(BytesIO(out))
+    assert _elements(reread) == _elements(original)
+
+
+def test_fresh_meta_follows_the_dataset():
+    ds = dicomio.shallow_copy(dicomio.read_dataset(open(CT, "rb").read()))
+    ds.SOPInstanceUID = "1.2.3.4"
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    assert out.SOPInstanceUID == "1.2.3.4"
+    assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert out.file_meta.ImplementationClassUID == dicomio.IMPLEMENTATION_CLASS_UID
+    assert out.preamble == b"\0" * 128
+
+
+def _without_sop_class(data: bytes) -> bytes:
+    ds = dicomio.shallow_copy(dicomio.read_dataset(data))
+    del ds.SOPClassUID
+    return dicomio.write_dataset(ds)
+
+
+def test_meta_class_without_sop_class_uid():
+    """No SOPClassUID left in the data set: DCMTK's generic file class (what Orthanc 1.10.1
+    writes), whatever the source meta said; never an empty type 1 element."""
+    data = open(CT, "rb").read()
+    assert pydicom.dcmread(CT).file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    with_meta = pydicom.dcmread(BytesIO(_without_sop_class(data)))
+    assert "SOPClassUID" not in with_meta
+    assert with_meta.file_meta.MediaStorageSOPClassUID == "1.2.276.0.7230010.3.1.0.1"
+
+    bare = BytesIO()  # the same data set, implicit VR, with no file meta at all
+    source = pydicom.dcmread(CT)
+    del source.file_meta
+    source.save_as(bare, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert not bare.getvalue().startswith(b"\0" * 128 + b"DICM")
+    out = pydicom.dcmread(BytesIO(_without_sop_class(bare.getvalue())))
+    assert "SOPClassUID" not in out
+    assert out.file_meta.MediaStorageSOPClassUID == "1.2.276.0.7230010.3.1.0.1"
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == source.SOPInstanceUID
+
+
+def test_shallow_copy_edits_leave_the_input_alone():
+    data = open(CT, "rb").read()
+    ds = dicomio.read_dataset(data)
+    copy = dicomio.shallow_copy(ds)
+    copy.PatientName = "Changed^Name"
+    del copy.StudyDate
+    copy.ReferencedStudySequence = Sequence([Dataset()])
+    copy.ReferencedStudySequence[0].ReferencedSOPInstanceUID = "1.2.3"
+    assert ds.PatientName == "CompressedSamples^CT1"
+    assert ds.StudyDate == "20040119"
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(copy)))
+    assert out.PatientName == "Changed^Name"
+    assert "StudyDate" not in out
+    assert out.ReferencedStudySequence[0].ReferencedSOPInstanceUID == "1.2.3"
+    assert out.PixelData == pydicom.dcmread(CT).PixelData
+
+
+@pytest.mark.parametrize("name", ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm"])
+def test_shallow_copy_keeps_encoding_and_character_set_and_owns_its_meta(name: str) -> None:
+    source = pydicom.dcmread(get_testdata_file(name))
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "Müller^Jürgen"
+    buffer = BytesIO()
+    source.save_as(buffer)
+    ds = dicomio.read_dataset(buffer.getvalue())
+    copy = dicomio.shallow_copy(ds)
+    assert type(copy) is pydicom.Dataset
+    assert copy.original_encoding == ds.original_encoding == source.original_encoding
+    assert copy.original_character_set == ds.original_character_set == convert_encodings("ISO_IR 192")
+    assert copy.file_meta is not ds.file_meta and copy.file_meta == ds.file_meta
+    copy.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    assert ds.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID
+    assert dicomio.write_parts(copy)[1:] == dicomio.write_parts(ds)[1:]  # the same original bytes
+    assert pydicom.dcmread(BytesIO(dicomio.write_dataset(copy))).PatientName == "Müller^Jürgen"
+
+
+def test_implicit_input_written_as_explicit_on_request():
+    data = open(get_testdata_file("MR_small_implicit.dcm"), "rb").read()
+    ds = dicomio.read_dataset(data)
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds, "1.2.840.10008.1.2.1")))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert out.original_encoding == (False, True)
+    assert _elements(out) == _elements(pydicom.dcmread(BytesIO(data)))
+
+
+def test_deflated_output_reads_back():
+    ds = dicomio.read_dataset(open(CT, "rb").read())
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds, "1.2.840.10008.1.2.1.99")))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    assert out.PatientName == "CompressedSamples^CT1"
+    assert out.PixelData == pydicom.dcmread(CT).PixelData
+
+
+def test_every_shared_sample_round_trips(samples):
+    checked = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            ds = dicomio.read_dataset(data)
+        except InputError as exc:
+            assert exc.reason == "invalid_uid", path.name  # the C-FIND query file has no SOP UIDs
+            continue
+        out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+        assert _elements(out) == _elements(pydicom.dcmread(BytesIO(data), force=True)), path.name
+        checked += 1
+    assert checked >= 150
+
+
+def test_file_without_meta_header_is_read(samples):
+    data = sample("TransferSyntaxes/1.2.840.10008.1.2.dcm").read_bytes()
+    assert data[128:132] != b"DICM"
+    ds = dicomio.read_dataset(data)
+    assert dicomio.transfer_syntax_of(ds) == "1.2.840.10008.1.2"
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert out.SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d: b"", "empty"),
+        (lambda d: b"hello world, not DICOM at all" * 10, "not_dicom"),
+        (lambda d: b"\0" * 128 + b"DICM" + b"\xff" * 40, "not_dicom"),
+        (lambda d: d[: len(d) - 1000], "truncated"),
+        (lambda d: d[: len(d) - 3], "truncated"),
+    ],
+    ids=["empty", "text", "bad-meta", "truncated-pixels", "truncated-header"],
+)
+def test_bad_input_gets_a_reason(make, reason):
+    data = open(CT, "rb").read()
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(make(data))
+    assert info.value.reason == reason
+
+
+def test_absurd_length_is_truncation():
+    data = bytearray(open(CT, "rb").read())
+    ds = pydicom.dcmread(BytesIO(bytes(data)))
+    raw = ds._dict[0x00100010]  # PatientName, explicit VR: 2-byte length before the value
+    struct.pack_into("<H", data, raw.value_tell - 2, 0xFFF0)
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(bytes(data))
+    assert info.value.reason in ("truncated", "not_dicom")
+    assert "CompressedSamples" not in str(info.value)
+
+
+def _nested(depth: int) -> bytes:
+    """Explicit VR LE data set with ``depth`` undefined-length nested sequences."""
+    item_start = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    seq_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    seq_start = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+    body = (seq_start + item_start) * depth + (item_end + seq_end) * depth
+    meta = dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.840.10008.1.2.1")
+    return meta + body
+
+
+def test_deep_nesting_is_too_deep():
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(_nested(20000), check_uids=False)
+    assert info.value.reason == "too_deep"
+
+
+def test_missing_and_malformed_uids():
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = "../../etc/passwd"
+    buf = BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(buf.getvalue())
+    assert info.value.reason == "invalid_uid"
+    assert "passwd" not in str(info.value)
+    ds.SOPInstanceUID = "1.2.3.4"
+    del ds.StudyInstanceUID
+    buf = BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InputError, match="StudyInstanceUID is missing"):
+        dicomio.read_dataset(buf.getvalue())
+
+
+@pytest.mark.parametrize("value", ["1.2.345\n", "1.2\n", "1\n"])
+def test_a_uid_with_a_trailing_newline_is_invalid(value: str):
+    """``$`` matches before a final newline: the UID check must not (such a value names files)."""
+    assert not dicomio.is_valid_uid(value)
+    assert not dicomio.is_valid_uid(value, strict=True)
+    assert dicomio.is_valid_uid(value.rstrip("\n"), strict=True)
+
+
+@pytest.mark.parametrize(
+    ("uid", "valid"),
+    [("1.2.840.10008.1.2", True), ("2.25.123", True), ("", False), ("1..2", False), ("1.2.", False),
+     ("1.2.a", False), ("1" * 65, False), ("../x", False)],
+)
+def test_uid_syntax(uid, valid):
+    assert dicomio.is_valid_uid(uid) is valid
+
+
+def test_encapsulated_pixel_data_declared_ow_is_written_ob(samples):
+    data = sample("Knee/T1/IM-0001-0001.dcm").read_bytes()
+    original = pydicom.dcmread(BytesIO(data))
+    assert original["PixelData"].VR == "OW"  # the source file says OW for JPEG 2000 fragments
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(dicomio.read_dataset(data))))
+    assert out["PixelData"].VR == "OB"
+    assert out.PixelData == original.PixelData
+
+
+def _dump(ds: Dataset, out: list, path: str = "") -> list:
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.append((path + str(elem.tag), "SQ", len(elem.value)))
+            for i, item in enumerate(elem.value):
+                _dump(item, out, f"{path}{elem.tag}[{i}].")
+        else:
+            out.append((path + str(elem.tag), elem.VR, elem.value))
+    return out
+
+
+def test_fast_scanner_reads_exactly_what_pydicom_reads(samples):
+    """The header scanner is only a speed-up: every decoded value, nested ones included,
+    must equal pydicom's own reading of the file."""
+    fast_paths = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        data = path.read_bytes()
+        fast = dicomio._fast_read(data) if data[128:132] == b"DICM" else None
+        if fast is None:
+            continue
+        fast_paths += 1
+        assert _dump(fast, []) == _dump(pydicom.dcmread(BytesIO(data)), []), path.name
+    assert fast_paths >= 165  # all but deflated files and files without a meta header
+
+
+def test_fast_scanner_refuses_nesting_beyond_the_limit():
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(_nested(dicomio._MAX_DEPTH + 5), check_uids=False)
+    assert info.value.reason == "too_deep"
+    assert dicomio.read_dataset(_nested(10), check_uids=False)[0x00081115].VR == "SQ"
+
+
+def _nested_defined(depth: int) -> bytes:
+    """As ``_nested``, with defined lengths (each sequence and item sized by its content)."""
+    body = b""
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+        body = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, len(item)) + item
+    return dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.840.10008.1.2.1") + body
+
+
+@pytest.mark.parametrize("make", [_nested, _nested_defined], ids=["undefined-lengths", "defined-lengths"])
+def test_the_nesting_limit_is_64_levels_whatever_the_lengths(make):
+    """README: sequences nested more than 64 levels deep fail with too_deep. (Defined lengths
+    used to count two levels per sequence, undefined ones allowed 65.)"""
+    ds = dicomio.read_dataset(make(64), check_uids=False)
+    inner = ds
+    for _ in range(64):
+        inner = inner.ReferencedSeriesSequence[0]
+    assert len(inner) == 0
+    with pytest.raises(InputError, match="sequences nested more than 64 levels deep") as info:
+        dicomio.read_dataset(make(65), check_uids=False)
+    assert info.value.reason == "too_deep"
+
+
+def _writer_plans():
+    from transforms.request import parse_anonymize, parse_modify
+
+    return [
+        None,  # unchanged
+        parse_anonymize({}),
+        parse_anonymize({"DicomVersion": "2008", "KeepPrivateTags": True}),
+        parse_modify({"Replace": {"PatientName": "A^B", "0009,0010": "X"}, "Remove": ["StationName"],
+                      "RemovePrivateTags": True}),
+    ]
+
+
+def test_ordered_writer_equals_the_general_writer(samples):
+    """The writer's C-level comparison path (tags ascending in the source) must emit exactly
+    the bytes of the element-by-element path, whatever the engine changed, removed or added."""
+    from transforms.engine import apply
+    from transforms.errors import DeidError
+    from transforms.identity import Key
+
+    key = Key.from_bytes(b"writer-test-key-0123456789abcdef")
+    compared = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        try:
+            ds = dicomio.read_dataset(path.read_bytes())
+        except InputError:
+            continue
+        source = getattr(ds, dicomio._SOURCE_ATTR, None)
+        if source is None or not source.ordered:
+            continue
+        for plan in _writer_plans():
+            try:
+                out = apply(plan, ds, key) if plan is not None else ds
+            except DeidError:
+                continue
+            parts = dicomio.write_parts(out)
+            fast = dicomio.write_dataset(out)
+            assert b"".join(parts) == fast
+            source.ordered = False
+            try:
+                general = dicomio.write_dataset(out)
+            finally:
+                source.ordered = True
+            assert fast == general, path.name
+            compared += 1
+    assert compared >= 600
+
+
+def _explicit_file(elements: list[tuple[int, bytes, bytes]]) -> bytes:
+    meta_elems = [(0x00020010, b"UI", b"1.2.840.10008.1.2.1\0")]
+    meta = b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in meta_elems)
+    body = b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in elements)
+    return b"\0" * 128 + b"DICM" + meta + body
+
+
+_UIDS = [(0x00080016, b"UI", b"1.2.3\0"), (0x00080018, b"UI", b"1.2.3.4\0"),
+         (0x0020000D, b"UI", b"1.2.3.5\0"), (0x0020000E, b"UI", b"1.2.3.6\0")]
+
+
+def test_tags_out_of_order_are_written_in_ascending_order():
+    data = _explicit_file([_UIDS[0], _UIDS[1], (0x00100020, b"LO", b"ID12"), (0x00100010, b"PN", b"X^Y "),
+                           _UIDS[2], _UIDS[3]])
+    ds = dicomio.read_dataset(data)
+    assert not getattr(ds, dicomio._SOURCE_ATTR).ordered
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert [int(t) for t in out.keys()] == sorted(int(t) for t in out.keys())
+    assert out.PatientName == "X^Y" and out.PatientID == "ID12"
+
+
+def test_repeated_tag_keeps_one_element():
+    data = _explicit_file([*_UIDS[:2], (0x00100010, b"PN", b"A^B "), (0x00100010, b"PN", b"C^D "), *_UIDS[2:]])
+    ds = dicomio.read_dataset(data)
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.PatientName == ds.PatientName
+    assert len([t for t in out.keys() if t == 0x00100010]) == 1
+
+
+def _with_meta_syntax(data: bytes, old: bytes, new: bytes) -> bytes:
+    """``data`` with the meta TransferSyntaxUID value ``old`` replaced by ``new`` (same parity)."""
+    header = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(old))
+    at = data.index(header + old)
+    return data[:at] + struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(new)) + new + data[at + len(header) + len(old):]
+
+
+def test_malformed_meta_transfer_syntax_is_refused():
+    """A TransferSyntaxUID that is not a UID (here one flipped padding byte) would be copied into
+    the output's meta, naming an encoding the body is not in: the input is refused instead."""
+    data = _with_meta_syntax(open(get_testdata_file("rtplan.dcm"), "rb").read(),
+                             b"1.2.840.10008.1.2\0", b"1.2.840.10008.1.2\x01")
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(data)
+    assert (info.value.reason, str(info.value)) == ("invalid_uid", "TransferSyntaxUID in the file meta is not a valid UID")
+
+
+def test_meta_transfer_syntax_with_another_vr_is_refused():
+    """One damaged byte makes the meta's TransferSyntaxUID a US element: pydicom decodes it as
+    ten numbers, and the writer once named their list as the output's syntax (found by a long
+    mutation run on Issue154-d2.dcm)."""
+    data = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    at = data.index(struct.pack("<HH2s", 0x0002, 0x0010, b"UI"))
+    damaged = data[:at + 4] + b"US" + data[at + 6:]
+    with pytest.raises(InputError) as info:
+        dicomio.read_dataset(damaged)
+    assert (info.value.reason, str(info.value)) == ("not_dicom", "TransferSyntaxUID in the file meta has VR US, not UI")
+    assert dicomio.read_dataset(data).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+
+@pytest.mark.parametrize("syntax", [b"1.2.840.10008.1.2.1\0", b"1.2.3.4\0"])  # explicit VR LE; unknown
+def test_body_in_another_encoding_than_the_meta_says_is_written_consistently(syntax: bytes):
+    """The meta names an explicit-VR syntax (or one pydicom does not know, read as explicit VR
+    little endian) but the body is implicit VR, which pydicom detects and reads as such: the
+    output must be in the encoding its own meta names, never the implicit bytes copied under
+    that header."""
+    original = open(get_testdata_file("rtplan.dcm"), "rb").read()
+    data = _with_meta_syntax(original, b"1.2.840.10008.1.2\0", syntax)
+    ds = dicomio.read_dataset(data)
+    out = dicomio.write_dataset(ds)
+    reread = dicomio.read_dataset(out)
+    assert reread.file_meta.TransferSyntaxUID == syntax.rstrip(b"\0").decode()
+    assert reread.original_encoding == (False, True)
+    assert getattr(reread, dicomio._SOURCE_ATTR).ordered  # our own scanner reads it, no fallback
+    assert _elements(pydicom.dcmread(BytesIO(out))) == _elements(pydicom.dcmread(BytesIO(original)))
+
+
+# Found by a long mutation run: pydicom's own parse errors on damaged files are input errors
+# with a reason, not internal errors (the mutations are those of tests/test_hostile.py).
+def _damaged(data: bytes, mutations: list[tuple]) -> bytes:
+    from tests.test_hostile import _mutate
+
+    return _mutate(data, mutations)
+
+
+def test_sequence_item_past_the_end_is_truncated():
+    with open(get_testdata_file("rtstruct.dcm"), "rb") as f:
+        original = f.read()
+    data = _damaged(original,
+                    [("cut", 0.27214726363618974, 127), ("duplicate", 0.850421364915467, 494),
+                     ("duplicate", 0.8216832107858123, 156), ("cut", 0.8368423361890398, 98)])
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)  # pydicom: OSError "No tag to read at file position ..."
+    assert (refused.value.reason, str(refused.value)) == ("truncated", "file ends inside an element (OSError)")
+
+
+def test_meta_element_of_impossible_length_is_not_dicom():
+    data = _damaged(sample("Knee/T2/IM-0001-0022.dcm").read_bytes(),
+                    [("duplicate", 0.05, 137), ("duplicate", 0.05, 243),
+                     ("duplicate", 3.280838652222492e-231, 137), ("duplicate", 3.280838652222492e-231, 190)])
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)  # pydicom: BytesLengthException on (0002,0000)
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "unreadable DICOM structure (BytesLengthException)")
+
+
+def _jpeg2000() -> bytes:
+    with open(get_testdata_file("JPEG2000.dcm"), "rb") as f:
+        return f.read()
+
+
+def test_encapsulated_pixel_data_without_its_transfer_syntax_is_refused():
+    """A file whose meta was lost, holding fragments: written as native it would not read back."""
+    data = _jpeg2000()
+    (meta_length,) = struct.unpack_from("<I", data, 140)  # (0002,0000) value
+    bare = data[144 + meta_length :]
+    assert pydicom.dcmread(BytesIO(bare), force=True)[0x7FE00010].is_undefined_length
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(bare)
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "PixelData is encapsulated but the transfer syntax is not a compressed one")
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5"])
+def test_native_pixel_data_under_a_compressed_syntax_is_refused(syntax: str):
+    """The converse: copied as is, the output would claim compressed pixels it does not hold."""
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    (meta_length,) = struct.unpack_from("<I", data, 140)
+    source = pydicom.dcmread(BytesIO(data))
+    body = data[144 + meta_length :]
+    relabelled = dicomio.encode_file_meta(source.SOPClassUID, source.SOPInstanceUID, syntax) + body
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(relabelled)
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "PixelData is not encapsulated but the transfer syntax is a compressed one")
+    again = dicomio.encode_file_meta(source.SOPClassUID, source.SOPInstanceUID, "1.2.840.10008.1.2.1") + body
+    assert dicomio.read_dataset(again).PixelData == source.PixelData  # the same bytes, honestly labelled
+
+
+def test_fragments_are_walked_when_pydicom_reads_the_file(monkeypatch):
+    """pydicom finds the end of encapsulated pixel data by searching for the delimiter; on its
+    path the reader still walks the fragment items, and refuses damaged ones as the fast path
+    does."""
+    data = _jpeg2000()
+    pixel = data.index(b"\xe0\x7f\x10\x00OB")
+    first_item = pixel + 12  # (FFFE,E000) of the offset table, then the first fragment's
+    offset_table = struct.unpack_from("<I", data, first_item + 4)[0]
+    fragment = first_item + 8 + offset_table
+    assert struct.unpack_from("<HH", data, fragment) == (0xFFFE, 0xE000)
+    length = struct.unpack_from("<I", data, fragment + 4)[0]
+    damaged = data[: fragment + 4] + struct.pack("<I", length + 16) + data[fragment + 8 :]
+    with pytest.raises(InputError) as fast:
+        dicomio.read_dataset(damaged)
+    monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)  # the pydicom path
+    assert dicomio.read_dataset(data)._dict[0x7FE00010].length == 0xFFFFFFFF
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(damaged)
+    assert (refused.value.reason, str(refused.value)) == (fast.value.reason, str(fast.value)) == \
+        ("truncated", "file ends inside a sequence")
+    # where the scanner gives up on the layout, the reader's own fragment walk answers
+    monkeypatch.setattr(dicomio, "_check_structure", lambda ds, data, pos: False)
+    with pytest.raises(InputError) as walked:
+        dicomio.read_dataset(damaged)
+    assert (walked.value.reason, str(walked.value)) == ("truncated", "file ends inside a pixel data fragment")
+
+
+def test_encapsulated_pixel_data_is_never_written_in_a_native_syntax():
+    ds = dicomio.read_dataset(_jpeg2000())
+    with pytest.raises(ValueError, match="encapsulated PixelData cannot be written in a native transfer syntax"):
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert dicomio.read_dataset(dicomio.write_dataset(ds)).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.91"
+
+
+def test_implicit_vr_element_inside_an_explicit_vr_file_is_kept():
+    """SC_rgb_jpeg.dcm stores PixelData in implicit VR inside an explicit VR file; pydicom gives
+    it the dictionary's "OB or OW". The nested-structure checks must not take that for a
+    damaged VR: the file is read, and written with the same fragments."""
+    with open(get_testdata_file("SC_rgb_jpeg.dcm"), "rb") as f:
+        data = f.read()
+    ds = dicomio.read_dataset(data)
+    assert ds._dict[0x7FE00010].is_implicit_VR and ds._dict[0x7FE00010].VR == "OB or OW"
+    out = dicomio.write_dataset(ds)
+    again = dicomio.read_dataset(out)
+    assert bytes(again._dict[0x7FE00010].value) == bytes(ds._dict[0x7FE00010].value)
+    assert pydicom.dcmread(BytesIO(out)).pixel_array.shape == (256, 256, 3)
+
+
+def test_bare_big_endian_data_set_is_read():
+    """No preamble and no file meta, explicit VR big endian (pydicom reads it with force)."""
+    with open(get_testdata_file("ExplVR_BigEndNoMeta.dcm"), "rb") as f:
+        data = f.read()
+    ds = dicomio.read_dataset(data)
+    assert ds.original_encoding == (False, False)
+    assert (ds.Modality, ds.SOPInstanceUID) == ("RTPLAN", "1.2.333.4444.5.6.7.8")
+    out = pydicom.dcmread(BytesIO(dicomio.write_dataset(ds)))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    assert out.SOPInstanceUID == "1.2.333.4444.5.6.7.8"
+
+
+def _implicit_file(sequence: bytes) -> bytes:
+    """An implicit VR little endian Part 10 file: the identifiers and ``sequence`` (0008,1140)."""
+    sop_class, sop = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5.6"
+    body = (_implicit(0x00080016, sop_class.encode() + b"\x00") + _implicit(0x00080018, sop.encode())
+            + sequence + _implicit(0x0020000D, b"1.2.3.4\x00") + _implicit(0x0020000E, b"1.2.3.4.5\x00"))
+    return dicomio.encode_file_meta(sop_class, sop, "1.2.840.10008.1.2") + body
+
+
+def _implicit(tag: int, value: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value) if length is None else length) + value
+
+
+def test_implicit_vr_sequences_are_checked_by_the_dictionary():
+    """In implicit VR a sequence is known only by its tag: ReferencedImageSequence with an
+    item whose length swallows the next item's header is refused, the intact one is read."""
+    uid = _implicit(0x00081155, b"1.2.3\x00")
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid)) + uid
+    swallowing = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid) + len(item)) + uid + item
+    good = _implicit_file(_implicit(0x00081140, item + item))
+    assert len(dicomio.read_dataset(good).ReferencedImageSequence) == 2
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(_implicit_file(_implicit(0x00081140, swallowing)))
+    assert (refused.value.reason, str(refused.value)) == \
+        ("not_dicom", "an item or delimiter tag (FFFE,E000) stands where a data element should be")
+
+
+_SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+@pytest.mark.parametrize("meta", [True, False], ids=["part10", "bare"])
+def test_implicit_undefined_length_of_a_non_sequence_is_refused(where: str, meta: bool):
+    """In implicit VR an undefined length is a sequence's; on InstanceNumber (IS) pydicom reads
+    the value up to the next sequence delimiter and keeps the undefined length, which an
+    explicit VR header cannot hold: transcoded, the output did not read back (a long mutation
+    run on rtstruct.dcm). Refused as in explicit VR, at the top and inside an item."""
+    bad = _implicit(0x00200013, b"1 ", 0xFFFFFFFF) + _SEQ_DELIMITER
+    if where == "top":
+        data = _implicit_file(bad)
+    else:
+        uid = _implicit(0x00081155, b"1.2.3\x00")
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid) + len(bad)) + uid + bad
+        data = _implicit_file(_implicit(0x00081140, item))
+    if not meta:
+        data = data[data.index(_implicit(0x00080016, b"")[:4]):]  # the body alone
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)
+    assert (refused.value.reason, str(refused.value)) == ("not_dicom", "element (0020,0013) has VR IS and an undefined length")
+
+
+def test_implicit_undefined_length_of_a_private_tag_is_a_sequence():
+    """... while a private or unknown tag with an undefined length is a sequence, as pydicom
+    reads it."""
+    uid = _implicit(0x00081155, b"1.2.3\x00")
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(uid)) + uid
+    private = _implicit(0x00090010, b"CREATOR ") + _implicit(0x00091001, item, 0xFFFFFFFF) + _SEQ_DELIMITER
+    assert dicomio.read_dataset(_implicit_file(private))[0x00091001].VR == "SQ"
+
+
+# --------------------------------------------------------------------------- fast sequence check
+
+
+def _read_outcome(data: bytes) -> tuple:
+    try:
+        return ("ok", dicomio.write_dataset(dicomio.read_dataset(data)))
+    except InputError as exc:
+        return ("refused", exc.reason, str(exc))
+
+
+def _nested_files() -> list[bytes]:
+    from tests.synthetic import dataset_bytes, make_study
+
+    files = []
+    for name in ("rtstruct.dcm", "rtplan.dcm"):  # re-encoded in explicit VR (the fast case)
+        ds = pydicom.dcmread(get_testdata_file(name), force=True)
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        files.append(buffer.getvalue())
+    return files + [dataset_bytes(ds) for ds in make_study(seed=21, n_ct=2)[-2:]]  # RTSTRUCT, SR
+
+
+def test_fast_sequence_check_walks_regular_files_alone():
+    calls: list[int | None] = []
+    real = dicomio._clean_sequence
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    for data in _nested_files():
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dicomio, "_clean_sequence", spy)
+            dicomio.read_dataset(data)
+        assert calls and None not in calls  # every top-level sequence checked by the fast loop
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(base=st.integers(0, 3), edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 5), st.binary(min_size=1, max_size=4)),
+                                              min_size=1, max_size=4))
+def test_fast_sequence_check_never_changes_what_the_reader_decides(base: int, edits: list):
+    """Damaged nested structure (bytes changed, item and delimiter tags, undefined lengths,
+    cuts): the reader with the fast loop answers exactly as with the recursive checks alone."""
+    data = bytearray(_NESTED[base])
+    for offset, kind, blob in edits:
+        pos = 132 + offset % max(len(data) - 132, 1)
+        if kind == 0:
+            data[pos : pos + len(blob)] = blob
+        elif kind == 1:
+            data[pos : pos + 4] = b"\xfe\xff\x00\xe0"
+        elif kind == 2:
+            data[pos : pos + 4] = b"\xfe\xff\x0d\xe0"
+        elif kind == 3:
+            data[pos : pos + 4] = b"\xfe\xff\xdd\xe0"
+        elif kind == 4:
+            data[pos : pos + 4] = b"\xff\xff\xff\xff"
+        else:
+            del data[pos:]
+    data = bytes(data)
+    fast = _read_outcome(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dicomio, "_clean_sequence", lambda *args: None)
+        assert _read_outcome(data) == fast
+
+
+_NESTED = _nested_files()
+
+
+# --------------------------------------------------------------------------- damaged files found by mutation runs
+
+
+def test_number_string_that_cannot_be_re_encoded_is_invalid_value():
+    """A DS whose byte decodes, in the file's ISO_IR 13 character set, to a katakana character:
+    copied as is it stays, but re-encoding it (implicit VR here) made pydicom raise, then fail on
+    its own message (TypeError: an internal_error row, from mutated ISO_IR13.dcm and GuillemVela)."""
+    data = _explicit_file([(0x00080005, b"CS", b"ISO_IR 13 "), *_UIDS,
+                           (0x00200037, b"DS", b"1\\0\\0\\0\\1\\\xa2")])
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds))  # unchanged encoding: copied, reads back
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert (refused.value.reason, str(refused.value)) == (
+        "invalid_value", "element (0020,0037) cannot be re-encoded in the output's transfer syntax: its value does not fit its VR")
+
+
+def test_a_vr_that_implicit_vr_cannot_carry_is_invalid_value():
+    """An explicit VR SS element on a sequence's tag (RadiopharmaceuticalInformationSequence,
+    after a mutation of Comunix/Pet/IM-0001-0002.dcm): copied it reads back; in implicit VR the dictionary
+    makes it a sequence of 2 bytes, which no reader parses, so it is refused before writing."""
+    data = _explicit_file([*_UIDS, (0x00540016, b"SS", b"\x01\x00")])
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds))._dict[0x00540016].VR == "SS"
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert refused.value.reason == "invalid_value"
+    assert str(refused.value).startswith(
+        "written in the output's transfer syntax, the data set would not read back: sequence (0054,0016) cannot be read")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_value_the_dictionary_vr_cannot_read_in_implicit_vr_is_invalid_value(nested: bool):
+    """Explicit CS "SE" on BackgroundLuminance (0024,0020), whose dictionary VR is FL (a
+    mutated Comunix/Pet/IM-0001-0002.dcm, transcoded to implicit VR): copied or in big endian
+    it keeps its VR and reads back; in implicit VR a reader takes FL and two bytes are no float,
+    so it is refused before writing, at any depth, naming the element without its value."""
+    element = struct.pack("<HH2sH", 0x0024, 0x0020, b"CS", 2) + b"SE"
+    if nested:  # in an item of ReferencedImageSequence (0008,1140), between the 0008 and 0020 UIDs
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
+        sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
+        data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+    else:
+        data = _explicit_file(_UIDS) + element
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds))  # unchanged encoding: copied
+    big = dicomio.read_dataset(dicomio.write_dataset(ds, "1.2.840.10008.1.2.2"))
+    inner = big.ReferencedImageSequence[0] if nested else big
+    assert (inner[0x00240020].VR, inner[0x00240020].value) == ("CS", "SE")
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert (refused.value.reason, str(refused.value)) == (
+        "invalid_value",
+        "written in implicit VR, element (0024,0020) would read back with the dictionary's VR FL, which its value "
+        "does not fit")
+
+
+@pytest.mark.parametrize("undefined", [True, False])
+def test_a_damaged_item_tag_is_refused(undefined: bool):
+    """SourceImageSequence's item tag (FFFE,E000) damaged into (FFFE,063B) (8 bytes inserted
+    after FFFE in a mutated 1.2.840.10008.1.2.4.80.dcm): pydicom warned and read on, taking the
+    rest for an element (AE9A,E000) of undefined length, and the anonymized output did not read
+    back. Refused as not DICOM, whether the sequence's length is defined or not."""
+    element = struct.pack("<HH2sH", 0x0008, 0x1150, b"UI", 6) + b"1.2.3\0"
+    item = struct.pack("<HHI", 0xFFFE, 0x063B, len(element)) + element
+    if undefined:
+        value, length = item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), 0xFFFFFFFF
+    else:
+        value, length = item, len(item)
+    sequence = struct.pack("<HH2sHI", 0x0008, 0x2112, b"SQ", 0, length) + value
+    data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)
+    assert (refused.value.reason, str(refused.value)) == (
+        "not_dicom", "a sequence holds the tag (FFFE,063B) where an item should start")
+    intact = data.replace(struct.pack("<HH", 0xFFFE, 0x063B), struct.pack("<HH", 0xFFFE, 0xE000))
+    assert dicomio.read_dataset(intact).SourceImageSequence[0].ReferencedSOPClassUID == "1.2.3"
+
+
+def test_a_stray_delimiter_after_a_last_undefined_sequence_is_refused_where_pydicom_reads():
+    """pydicom stops at an item delimiter among the top-level elements and drops the rest. The
+    scanner refuses that itself; when it has given up earlier (here: a sequence delimiter inside
+    a defined-length sequence) and the element before the delimiter is an undefined-length
+    sequence (no length to check the bytes after it against), the file used to read without its
+    PixelData, and the dropped bytes were copied as that sequence's span into an output that
+    did not read back (a mutated DicomSeg.dcm: 5200,9230 closed early by a duplicated slice)."""
+    def short(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    item = short(0x00081150, b"UI", b"1.2.3\0")
+    gives_up = struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    defined = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(gives_up)) + gives_up
+    undefined = (struct.pack("<HH2sHI", 0x0040, 0x0275, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+                 + short(0x00400007, b"LO", b"ab") + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+                 + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    pixels = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 8) + bytes(range(1, 9))
+    head = _explicit_file(_UIDS[:2]) + defined + _explicit_file(_UIDS[2:])[132 + 28:] + undefined
+    assert dicomio.read_dataset(head + pixels).PixelData == bytes(range(1, 9))
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(head + struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + pixels)
+    assert (refused.value.reason, str(refused.value)) == (
+        "not_dicom", "an item or delimiter tag (FFFE,E00D) stands where a data element should be")
+
+
+def test_a_damaged_media_storage_class_in_the_meta_is_not_an_internal_error():
+    """(0002,0002) with its VR flipped to "II" (mutated IM-0001-0013.dcm): looking for a
+    DICOMDIR's class converted it, and pydicom raised NotImplementedError (an internal_error
+    row); it is now looked at without converting, and the file reads as before."""
+    data = _explicit_file(_UIDS)
+    meta_class = struct.pack("<HH2sH", 0x0002, 0x0002, b"II", 6) + b"1.2.3\0"
+    damaged = data[:132] + meta_class + data[132:]
+    assert dicomio.read_dataset(damaged).SOPInstanceUID == "1.2.3.4"
+    directory = data[:132] + struct.pack("<HH2sH", 0x0002, 0x0002, b"UI", 20) + b"1.2.840.10008.1.3.10" + data[132:]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(directory)
+    assert refused.value.reason == "dicomdir"
+
+
+def _undefined_sequence(tag: int) -> bytes:
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def test_a_delimiter_among_top_level_elements_with_data_after_it_is_refused():
+    """pydicom stops reading at a stray item delimiter and drops what follows (a mutated
+    DicomSeg lost its identifiers and 830 kB of pixels that way, copied as part of the sequence
+    before the delimiter into an output that did not read back)."""
+    data = _explicit_file(_UIDS)
+    stray = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    at = data.index(b"\x20\x00\x0d\x00")  # StudyInstanceUID
+    damaged = data[:at] + _undefined_sequence(0x00081115) + stray + data[at:]
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(damaged)
+    assert (refused.value.reason, str(refused.value)) == (
+        "not_dicom", "an item or delimiter tag (FFFE,E00D) stands where a data element should be")
+    intact = data[:at] + _undefined_sequence(0x00081115) + data[at:]
+    assert dicomio.read_dataset(intact).StudyInstanceUID == "1.2.3.5"
+
+
+# Text whose bytes are not valid in the declared character set (UTF-8 declared, Latin-1
+# written: a common misconfiguration), at the top level and in a sequence item.
+_BAD_TOP, _BAD_NESTED, _BAD_NAME = b"\xe9cole M\xfcller", b"\xffN\xe9STEDX", b"D\xfcrer^Hans"
+
+
+def _damaged_text_file(implicit: bool) -> bytes:
+    source = pydicom.dcmread(CT)
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.InstitutionName = "QQTOPQQQQQQQ"
+    item = Dataset()
+    item.RequestedProcedureDescription = "QQNESTED"
+    item.ScheduledPerformingPhysicianName = "QQNAMEQQQQ"
+    item.add_new(0x00281101, "US", [256, 0, 16])  # "US or SS", resolved from PixelRepresentation
+    source.RequestAttributesSequence = Sequence([item])
+    buffer = BytesIO()
+    if implicit:
+        source.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    source.save_as(buffer, implicit_vr=implicit, little_endian=True)
+    data = buffer.getvalue()
+    for placeholder, damaged in ((b"QQTOPQQQQQQQ", _BAD_TOP), (b"QQNESTED", _BAD_NESTED),
+                                 (b"QQNAMEQQQQ", _BAD_NAME)):
+        assert len(placeholder) == len(damaged) and data.count(placeholder) == 1
+        data = data.replace(placeholder, damaged)
+    return data
+
+
+@pytest.mark.parametrize("source_implicit", [False, True])
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_text_invalid_in_its_character_set_keeps_its_bytes_when_the_encoding_changes(source_implicit, target):
+    # pydicom's writer decodes each text value and encodes it again: such bytes came back as
+    # "?" (replacement characters), silently. Text has no byte order: the bytes read are kept.
+    ds = dicomio.read_dataset(_damaged_text_file(source_implicit))
+    out = dicomio.write_dataset(ds, target)
+    assert _BAD_TOP in out and _BAD_NESTED in out and _BAD_NAME in out
+    back = pydicom.dcmread(BytesIO(out))
+    assert back.file_meta.TransferSyntaxUID == target
+    lut = back.RequestAttributesSequence[0][0x00281101]
+    # CT_small is signed (PixelRepresentation 1): as pydicom resolves it without this change
+    assert (lut.VR, list(lut.value)) == ("US" if not source_implicit and target.endswith(".1") else "SS", [256, 0, 16])
+
+
+def test_keeping_text_bytes_never_changes_the_items_of_the_input():
+    ds = dicomio.read_dataset(_damaged_text_file(False))
+    edited = dicomio.shallow_copy(ds)
+    item = edited.RequestAttributesSequence[0]  # decoded: items as the engine shares them
+    before = dict(item._dict)
+    out = dicomio.write_dataset(edited, "1.2.840.10008.1.2")
+    assert _BAD_NESTED in out and _BAD_NAME in out
+    assert item._dict == before and all(item._dict[tag] is before[tag] for tag in before)
+    assert edited.RequestAttributesSequence[0] is item
+
+
+@pytest.mark.parametrize("name", ["chrSQEncoding.dcm", "chrSQEncoding1.dcm"])  # the item's own, the file's
+def test_iso_2022_names_in_an_item_keep_their_escapes(name):
+    # pydicom decodes and encodes again with other escapes (ESC ( J, JIS X 0201) than the
+    # file's (ESC ( B, ASCII); ours are the bytes read
+    data = open(pydicom.data.get_charset_files(name)[0], "rb").read()
+    raw = pydicom.dcmread(BytesIO(data)).RequestedProcedureCodeSequence[0]._dict[0x00100010].value
+    assert b"\x1b$B" in raw and b"\x1b(B" in raw  # ISO 2022 escapes (JIS X 0208, back to ASCII)
+    out = dicomio.write_dataset(dicomio.read_dataset(data, check_uids=False), "1.2.840.10008.1.2")
+    assert raw in out
+    assert pydicom.dcmread(BytesIO(out)).RequestedProcedureCodeSequence[0].PatientName == "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+
+
+def test_text_of_a_public_tag_stored_as_un_keeps_its_bytes_when_the_encoding_changes():
+    # pydicom gives a public tag stored as UN its dictionary VR (LO here), decoding the text
+    un = struct.pack("<HH2sHL", 0x0008, 0x0080, b"UN", 0, len(_BAD_TOP)) + _BAD_TOP
+    data = _explicit_file([(0x00080005, b"CS", b"ISO_IR 192"), *_UIDS[:2]])
+    data += un + b"".join(struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr, len(v)) + v for t, vr, v in _UIDS[2:])
+    out = dicomio.write_dataset(dicomio.read_dataset(data), "1.2.840.10008.1.2")
+    assert struct.pack("<HHL", 0x0008, 0x0080, len(_BAD_TOP)) + _BAD_TOP in out
+
+
+def test_a_changed_element_that_cannot_be_encoded_is_invalid_value_naming_it():
+    # pydicom keeps a DS it cannot read as text: here a byte ISO_IR 13 decodes to katakana
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.tag import Tag
+
+    raw = RawDataElement(Tag(0x00180095), "DS", 4, b"150\xbd", 0, False, True)
+    changed = convert_raw_data_element(raw, encoding=convert_encodings("ISO_IR 13"), ds=Dataset())
+    assert changed.value == "150ｽ"
+    ds = dicomio.shallow_copy(dicomio.read_dataset(open(CT, "rb").read()))
+    ds._dict[0x00180095] = changed
+    with pytest.raises(InputError, match=r"^element \(0018,0095\) cannot be encoded: its value does not fit its VR$") as refused:
+        dicomio.write_dataset(ds)
+    assert refused.value.reason == "invalid_value"

@@ -1,0 +1,494 @@
+"""Hostile input: every bad file gets exactly one failure row, the run goes on, nothing partial.
+
+The hostile folder is built here: not DICOM, empty, truncated, an absurd element length,
+100,000 nested sequences (pydicom raises RecursionError; Orthanc 1.10.1 segfaults), invalid
+UIDs, a multi-megabyte value, a 3 GiB (sparse) file above ``--max-bytes``. A hypothesis test
+mutates real files (truncate, flip bytes, insert garbage, cut/duplicate slices) and checks the
+one-row-per-input and no-partial-output invariants, directly and through Beam.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from pydicom.data import get_testdata_file
+
+from pipelines import cli
+from pipelines import run as pipeline_run
+from tests.pipeline_support import KEY, output_files, pydicom_converts_all, read_rows, write_key
+from tests.pipeline_support import explicit_element as _element
+from transforms import dicomio, files, request
+from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
+from transforms.errors import InputError
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+CT_OTHER = Path(get_testdata_file("MR_small.dcm"))  # another study
+BASES = [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "no_meta.dcm",
+                                               "rtstruct.dcm", "ExplVR_BigEnd.dcm", "SC_rgb_rle.dcm", "nested_priv_SQ.dcm")]
+#: Requests the property tests draw from: the default anonymization, one keeping private tags,
+#: a modify that leaves most sequences untouched (copied byte for byte), and transcodes.
+PLANS = [
+    request.parse_anonymize({}),
+    request.parse_anonymize({"DicomVersion": "2008", "KeepPrivateTags": True}),
+    request.parse_modify({"Replace": {"PatientName": "X", "ReferencedImageSequence[*].ReferencedSOPInstanceUID": "1.2.3"}}),
+    request.parse_anonymize({"Transcode": "1.2.840.10008.1.2.1"}),
+    request.parse_anonymize({"Transcode": "1.2.840.10008.1.2.5"}),
+]
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _instance(sop: bytes = b"1.2.3.4.5.6", study: bytes = b"1.2.3.4", series: bytes = b"1.2.3.4.5", extra: bytes = b"") -> bytes:
+    """A minimal explicit-VR little-endian file; ``extra`` goes between the 0008 and 0020 groups."""
+    meta = dicomio.encode_file_meta(CT_CLASS, "1.2.3.4.5.6", EXPLICIT_LE)
+    body = (
+        _element(0x0008, 0x0016, b"UI", CT_CLASS.encode())
+        + _element(0x0008, 0x0018, b"UI", sop)
+        + _element(0x0008, 0x0060, b"CS", b"CT")
+        + extra
+        + _element(0x0010, 0x0020, b"LO", b"HOSTILE-PATIENT")
+        + _element(0x0020, 0x000D, b"UI", study)
+        + _element(0x0020, 0x000E, b"UI", series)
+    )
+    return meta + body
+
+
+def _deep(levels: int) -> bytes:
+    """``levels`` nested ReferencedSeriesSequence items, undefined lengths, properly closed."""
+    opening = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return opening * levels + closing * levels
+
+
+def build_hostile_folder(folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Write the hostile files; return ``{name: (status, reason)}`` expected for each."""
+    folder.mkdir(parents=True)
+    ct = CT.read_bytes()
+    files = {
+        "good.dcm": (ct, ("written", None)),
+        "minimal.dcm": (_instance(), ("written", None)),
+        "not_dicom.txt": (b"Patient list\nDOE^JOHN 1970-01-01\n" * 10, ("failed", "not_dicom")),
+        "empty.dcm": (b"", ("failed", "empty")),
+        "truncated.dcm": (ct[: len(ct) // 2], ("failed", "truncated")),
+        "absurd_length.dcm": (
+            _instance(extra=struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, 0xFFFFFFF0) + b"abcd"),
+            ("failed", "truncated"),
+        ),
+        "deep.dcm": (_instance(extra=_deep(100_000)), ("failed", "too_deep")),
+        # an OB element of undefined length holding a sequence's items (a PatientName among
+        # them): only SQ, UN and encapsulated pixel data may have an undefined length
+        "ob_undefined_length.dcm": (
+            _instance(extra=struct.pack("<HH2sHI", 0x0008, 0x1234, b"OB", 0, 0xFFFFFFFF)
+                      + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + _element(0x0010, 0x0010, b"PN", b"DOE^JOHN")
+                      + struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)),
+            ("failed", "not_dicom"),
+        ),
+        "dotdot_uid.dcm": (_instance(sop=b"../../x"), ("failed", "invalid_uid")),
+        "long_uid.dcm": (_instance(study=b"1." * 40 + b"1"), ("failed", "invalid_uid")),
+        "no_sop.dcm": (_instance(sop=b""), ("failed", "invalid_uid")),
+        "garbage_after_dicm.dcm": (b"\0" * 128 + b"DICM" + os.urandom(64) * 0 + b"\xff" * 300, ("failed", "not_dicom")),
+        # a 6 MB value: above the run's --max-bytes (4 MiB), so refused before being read
+        "huge_value.dcm": (_instance(extra=_element(0x0009, 0x0010, b"LO", b"BIG") + _element(0x0009, 0x1011, b"OB", b"\x01" * (6 << 20))), ("failed", "too_large")),
+        # a 3 MB value below the cap: processed normally
+        "big_value.dcm": (_instance(sop=b"1.2.3.4.5.7", extra=_element(0x0009, 0x0010, b"LO", b"BIG") + _element(0x0009, 0x1011, b"OB", b"\x02" * (3 << 20))), ("written", None)),
+    }
+    expected = {}
+    for name, (data, outcome) in files.items():
+        (folder / name).write_bytes(data)
+        expected[name] = outcome
+    # 3 GiB without using disk: reading it would show in the peak memory
+    with open(folder / "sparse_3gib.dcm", "wb") as f:
+        f.truncate(3 << 30)
+    expected["sparse_3gib.dcm"] = ("failed", "too_large")
+    return expected
+
+
+def test_each_hostile_file_fails_alone(tmp_path: Path):
+    """Direct check of the reader's classification, so the end-to-end test's table is honest."""
+    expected = build_hostile_folder(tmp_path / "in")
+    for name, (status, reason) in expected.items():
+        if name == "sparse_3gib.dcm" or reason == "too_large":
+            continue
+        try:
+            dicomio.read_dataset((tmp_path / "in" / name).read_bytes())
+            got = ("written", None)
+        except Exception as exc:  # noqa: BLE001
+            got = ("failed", getattr(exc, "reason", type(exc).__name__))
+        assert got == (status, reason), name
+
+
+def test_hostile_folder_end_to_end_in_a_subprocess(tmp_path: Path):
+    expected = build_hostile_folder(tmp_path / "in")
+    key = write_key(tmp_path)
+    script = (
+        "import resource, sys\n"
+        "from pipelines.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+        "print('PEAK_KIB', peak, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--key-file", str(key), "--max-bytes", "4MiB", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("dicom-deid: 12 of 15 input files failed (empty 1, invalid_uid 3, not_dicom 3, too_deep 1, too_large 2, truncated 2); see ")
+    peak_kib = int(lines[-1].split()[1])
+    assert peak_kib < 1_500_000, f"peak memory {peak_kib} KiB: a large input was read"
+    rows = read_rows(tmp_path / "out-audit")
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"]) for r in rows}
+    assert got == expected
+    assert len(rows) == len(expected)
+    for row in rows:
+        assert "HOSTILE-PATIENT" not in (row["detail"] or "")
+        assert "DOE^JOHN" not in (row["detail"] or "")
+    # exactly the written files, nothing partial, no temporary left
+    assert output_files(tmp_path / "out") == {
+        r["output_uri"][len(str(tmp_path / "out")) + 1 :]: r["output_sha256"] for r in rows if r["status"] == "written"
+    }
+    assert not (tmp_path / "out" / TMP_DIR_NAME).exists()
+    summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    assert summary["Reasons"] == {"empty": 1, "invalid_uid": 3, "not_dicom": 3, "too_deep": 1, "too_large": 2, "truncated": 2}
+    assert summary["Statuses"] == {"written": 3, "failed": 12, "skipped": 0}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("command", ["anonymize", "split"])
+def test_fifos_broken_links_and_undecodable_names_get_a_row(tmp_path: Path, command: str):
+    """A FIFO would block a plain ``open`` until some process writes to it (forever), a broken
+    symbolic link is a file the user expected, and a name that is not UTF-8 cannot travel
+    through Beam (it used to end the run with an internal error): each gets its ``read_error``
+    row, the run goes on. A folder whose name ends in ``.dcm`` is walked like any other."""
+    folder = tmp_path / "in"
+    (folder / "series.dcm").mkdir(parents=True)
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    (folder / "series.dcm" / "inner.dcm").write_bytes(CT_OTHER.read_bytes())
+    os.mkfifo(folder / "pipe.dcm")
+    (folder / "gone.dcm").symlink_to(folder / "absent.dcm")
+    (folder / "loop.dcm").symlink_to(folder / "loop.dcm")  # os.scandir's is_dir() raises ELOOP
+    try:  # a Latin-1 name from an old archive; some filesystems refuse such names
+        with open(os.path.join(os.fsencode(folder), b"M\xfcller.dcm"), "wb") as f:
+            f.write(CT.read_bytes())
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    args = [command, str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    if command == "split":
+        ds = dicomio.read_dataset(CT.read_bytes())
+        args += ["--study", str(ds.StudyInstanceUID), "--body", json.dumps({"Series": [str(ds.SeriesInstanceUID)]})]
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    assert done.stderr.startswith("dicom-deid: 4 of 6 input files failed (read_error 4)"), done.stderr
+    got = {Path(r["source_uri"]).relative_to(folder).as_posix(): (r["status"], r["reason"], r["detail"])
+           for r in read_rows(tmp_path / "out-audit")}
+    good, inner = {
+        "anonymize": (("written", None, None), ("written", None, None)),
+        "split": (("moved", None, None), ("skipped", "not_selected", "not selected by the split")),  # another study
+    }[command]
+    assert got == {
+        "good.dcm": good,
+        "series.dcm/inner.dcm": inner,
+        "pipe.dcm": ("failed", "read_error", "read: not a regular file (a FIFO, socket or device)"),
+        "gone.dcm": ("failed", "read_error", "read: FileNotFoundError ENOENT"),
+        "loop.dcm": ("failed", "read_error", "read: OSError ELOOP"),
+        "M\\xfcller.dcm": ("failed", "read_error",
+                           "read: the file name is not valid UTF-8 (shown with \\x escapes): rename the file"),
+    }
+
+
+def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]):
+    """A sub-folder without read permission (chmod 000; root ignores permissions, so the refusal
+    is simulated) used to end the run with an internal error and no audit: the folder gets a
+    read_error row of its own, everything else is processed."""
+    folder = tmp_path / "in"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "locked" / "hidden.dcm").write_bytes(CT.read_bytes())
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and path.endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert sorted(files.expand_input(str(folder))) == sorted([
+        (str(folder / "good.dcm"), CT.stat().st_size), (str(folder / "locked"), files.UNLISTABLE_FOLDER)])
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                     "--quiet", "--processes", "0"])
+    assert code == cli.EXIT_SOME_FAILED
+    assert capsys.readouterr().err.startswith("dicom-deid: 1 of 2 input files failed (read_error 1)")
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"], r["detail"], r["bytes_in"])
+           for r in read_rows(tmp_path / "out-audit")}
+    assert got == {
+        "good.dcm": ("written", None, None, CT.stat().st_size),
+        "locked": ("failed", "read_error", "read: this folder cannot be listed (no permission or an I/O error): "
+                   "the files in it were not processed", None),
+    }
+
+
+def test_a_bucket_prefix_that_cannot_be_listed_gets_a_row(monkeypatch: pytest.MonkeyPatch):
+    """A gs:// prefix whose listing fails part-way (after the client's own retries: access
+    denied, the bucket gone) used to end the run with an internal error: the objects listed
+    before the failure are processed and the prefix gets the read_error row of a folder."""
+    pytest.importorskip("apache_beam.io.gcp.gcsio", reason="gs:// needs the gcp extra")
+    from transforms import beam as deid_beam
+
+    class Blob:
+        def __init__(self, name: str) -> None:
+            self.name, self.size = name, 10
+
+    class Client:
+        def list_blobs(self, bucket: str, prefix: str):
+            assert (bucket, prefix) == ("archive", "in/a/")
+            yield Blob("in/a/1.dcm")
+            raise RuntimeError("403 Forbidden: the listing was refused")
+
+    monkeypatch.setattr(deid_beam, "_gcs_client", lambda prefix: Client())
+    listed = list(deid_beam.ListPrefixFn().process(("gs://archive/in/**", "gs://archive/in/a/")))
+    assert listed == [("gs://archive/in/a/1.dcm", 10), ("gs://archive/in/a/", files.UNLISTABLE_FOLDER)]
+
+
+def test_default_max_bytes_refuses_without_reading(tmp_path: Path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(folder / "sparse.dcm", "wb") as f:
+        f.truncate((2 << 30) + 1)
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # In this process (--processes 0), where ru_maxrss sees it; the end-to-end test above
+    # checks the same with the worker processes (the children's peak).
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet",
+                     "--processes", "0"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert code == cli.EXIT_SOME_FAILED
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"], r["bytes_in"]) for r in read_rows(tmp_path / "out-audit")}
+    assert got == {"sparse.dcm": ("failed", "too_large", (2 << 30) + 1), "good.dcm": ("written", None, CT.stat().st_size)}
+    assert after - before < 1_000_000  # KiB: the 2 GiB file was never read
+
+
+# --------------------------------------------------------------------------- property tests
+
+_mutation = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(1, 255)),
+    st.tuples(st.just("insert"), st.floats(0, 1), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("cut"), st.floats(0, 1), st.integers(1, 512)),
+    st.tuples(st.just("duplicate"), st.floats(0, 1), st.integers(1, 512)),
+)
+
+
+def _mutate(data: bytes, mutations: list[tuple]) -> bytes:
+    for m in mutations:
+        pos = int(m[1] * len(data))
+        if m[0] == "truncate":
+            data = data[:pos]
+        elif m[0] == "flip" and data:
+            pos = min(pos, len(data) - 1)
+            data = data[:pos] + bytes([data[pos] ^ m[2]]) + data[pos + 1 :]
+        elif m[0] == "insert":
+            data = data[:pos] + m[2] + data[pos:]
+        elif m[0] == "cut":
+            data = data[:pos] + data[pos + m[2] :]
+        elif m[0] == "duplicate":
+            data = data[:pos] + data[pos : pos + m[2]] * 2 + data[pos + m[2] :]
+    return data
+
+
+_mutated_file = st.tuples(st.sampled_from(range(len(BASES))), st.lists(_mutation, min_size=1, max_size=3))
+
+
+def _header_end(data: bytes) -> int:
+    """Where the pixel data's value starts (or 8 KiB): mutations there hit element headers."""
+    pixel = data.rfind(b"\xe0\x7f\x10\x00")
+    return pixel + 16 if pixel > 0 else min(len(data), 8192)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_mutated_file, plan_index=st.sampled_from(range(len(PLANS))), header_only=st.booleans())
+# Found by longer runs; each once wrote an output that did not read back:
+@example(case=(2, [("flip", 0.1015625, 1)]), plan_index=0, header_only=False)  # rtplan: TransferSyntaxUID ends in \x01 -> invalid_uid
+@example(case=(0, [("cut", 0.5, 1), ("cut", 0.5, 1), ("cut", 0.5, 127)]), plan_index=0, header_only=False)  # CT: VR-less tail -> not_dicom
+# rtstruct (implicit VR): an item length made defined and huge inside an undefined-length
+# sequence; pydicom reads it leniently, the output's fast read refused it -> truncated
+@example(case=(5, [("flip", 0.5234375, 1)]), plan_index=0, header_only=False)
+# rtplan (implicit VR): an item tag read as an element of an item -> not_dicom
+@example(case=(2, [("cut", 0.578125, 260)]), plan_index=3, header_only=False)
+# MR_small: a duplicated run repeats tags; pydicom keeps one of each, and the byte span of the
+# element before the dropped ones covered them too -> the writer takes the slow path
+@example(case=(1, [("duplicate", 0.05890805031074421, 192)]), plan_index=0, header_only=False)
+# rtstruct (implicit VR): InstanceNumber given an undefined length; transcoded to explicit VR its
+# header could not hold it -> not_dicom
+@example(case=(5, [("cut", 0.20000538460057427, 498)]), plan_index=3, header_only=True)
+def test_mutated_file_gives_one_row_and_no_partial_output(case, plan_index, header_only):
+    """A mutated real file (anywhere, or in its element headers only), under one of several
+    requests: one row, a specific reason when it fails (never internal_error), no partial
+    output; what is written reads back, and fully with pydicom when the input did."""
+    base, mutations = case
+    original = BASES[base].read_bytes()
+    if header_only:
+        end = _header_end(original)
+        data = _mutate(original[:end], mutations) + original[end:]
+    else:
+        data = _mutate(original, mutations)
+    plan = PLANS[plan_index]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in.dcm"
+        src.write_bytes(data)
+        out = Path(tmp) / "out"
+        cfg = RunConfig(plan=plan, output_root=str(out), run_id="prop", key_id=KEY.key_id, key=KEY)
+        row, _ = process_file(str(src), len(data), cfg, KEY)
+        files = output_files(out) if out.exists() else {}
+        if row["status"] == "written":
+            assert files == {row["output_uri"][len(str(out)) + 1 :]: row["output_sha256"]}
+            output = Path(row["output_uri"]).read_bytes()
+            dicomio.read_dataset(output)  # what we write reads back
+            # and never worse for pydicom: values we copy unchanged may be as damaged as the
+            # input's (an FL of 2 bytes), but a clean input gives a clean output
+            assert pydicom_converts_all(output) or not pydicom_converts_all(data)
+        else:
+            assert row["status"] == "failed"
+            assert row["reason"] in ("not_dicom", "empty", "truncated", "too_deep", "invalid_uid", "invalid_value",
+                                     "cannot_transcode", "refused_by_request")
+            assert files == {}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases=st.lists(_mutated_file, min_size=1, max_size=5))
+def test_mutated_folder_through_beam_one_row_per_input(cases):
+    plan = request.parse_anonymize({})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i, (base, mutations) in enumerate(cases):
+            (folder / f"{i:02d}.dcm").write_bytes(_mutate(BASES[base].read_bytes(), mutations))
+        out, audit = Path(tmp) / "out", Path(tmp) / "audit"
+        cfg = RunConfig(plan=plan, output_root=str(out), run_id="prop", key_id=KEY.key_id, key=KEY)
+        outcome = pipeline_run.execute(pipeline_run.pipeline_options([]), str(folder), cfg, str(audit), reproducible=True)
+        rows = read_rows(audit)
+        assert sorted(r["source_uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+        written = {r["output_uri"][len(str(out)) + 1 :]: r["output_sha256"] for r in rows if r["status"] == "written"}
+        assert (output_files(out) if out.exists() else {}) == written
+        assert outcome.summary["InputFiles"] == len(cases)
+        assert outcome.exit_code == (3 if any(r["status"] == "failed" for r in rows) else 0)
+
+
+@pytest.mark.parametrize("mode", [["--direct_running_mode", "multi_threading", "--processes", "0"],
+                                  ["--direct_running_mode", "multi_threading"]], ids=["threads", "threads+pool"])
+def test_ctrl_c_under_beams_threads_is_quiet_and_leaves_no_sink_temporaries(tmp_path: Path, mode: list[str]):
+    """Beam tears a DoFn down while another of its threads is still in process(): the writer
+    thread is gone (it used to print "cannot schedule new futures after shutdown" and a
+    traceback); and Beam's Parquet sinks leave beam-temp-* folders in the audit folder when
+    the run does not finish: removed."""
+    import signal
+    import textwrap
+
+    from tests.test_workers import _command
+
+    folder = tmp_path / "in"
+    for i in range(40):
+        ds = dicomio.read_dataset(CT.read_bytes())
+        ds.SOPInstanceUID = f"1.2.3.4.5.{i + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i:02}.dcm").write_bytes(dicomio.write_dataset(ds))
+    slow = """
+    import os
+    def slow(real):
+        def wrapper(*args, **kwargs):
+            os.write(1, b"r")  # a file began (in a thread or a worker process)
+            time.sleep(0.1)
+            return real(*args, **kwargs)
+        return wrapper
+    from transforms import beam as tbeam
+    files.prepare_file = tbeam.prepare_file = slow(files.prepare_file)
+    files.process_file = slow(files.process_file)
+    """
+    argv = _command(tmp_path, folder, textwrap.dedent(slow))
+    at = argv.index("--processes")
+    argv[at:at + 2] = mode
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert child.stdout.read(1) == b"r"
+    time.sleep(1.0)  # files in flight in several threads
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    err = err.decode()
+    assert child.returncode == cli.EXIT_INTERRUPTED, err
+    assert err.strip().splitlines()[-1] == "dicom-deid: interrupted"
+    assert "Traceback" not in err and "ERROR" not in err, err
+    audit = tmp_path / "out-audit"
+    assert not audit.exists() or [p.name for p in audit.iterdir() if p.name.startswith("beam-temp")] == []
+    assert not (tmp_path / "out" / TMP_DIR_NAME).exists()
+
+
+DICOMDIR = Path(get_testdata_file("DICOMDIR"))
+DICOMDIR_DETAIL = ("parse: a media directory (DICOMDIR), not an instance: it lists the other files by their "
+                   "original names and holds their patients' data; not copied (make a new one from OUTPUT if needed)")
+
+
+def test_a_dicomdir_is_refused_by_the_reader_with_its_own_reason():
+    """pydicom's DICOMDIR (a CD's directory: patient names in its records) has no SOPClassUID;
+    it used to fail as invalid_uid ("SOPClassUID is missing")."""
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(DICOMDIR.read_bytes())
+    assert refused.value.reason == "dicomdir"
+    assert "PatientName" not in str(refused.value) and "^" not in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["anonymize", "split"])
+def test_a_dicomdir_in_the_input_is_skipped_and_the_run_succeeds(tmp_path: Path, command: str):
+    """A CD export's DICOMDIR beside its images: a skipped row with reason dicomdir, nothing
+    written for it, exit status 0 (a scheduler has nothing to fix)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(DICOMDIR, folder / "DICOMDIR")
+    shutil.copy(CT, folder / "ct.dcm")
+    args = [command, str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    if command == "split":
+        ds = dicomio.read_dataset(CT.read_bytes())
+        args += ["--study", str(ds.StudyInstanceUID), "--body", json.dumps({"Series": [str(ds.SeriesInstanceUID)]})]
+    assert cli.main(args) == cli.EXIT_OK
+    rows = {Path(r["source_uri"]).name: (r["status"], r["reason"], r["detail"], r["output_uri"])
+            for r in read_rows(tmp_path / "out-audit")}
+    assert rows["DICOMDIR"] == ("skipped", "dicomdir", DICOMDIR_DETAIL, None)
+    assert rows["ct.dcm"][:2] == (("written" if command == "anonymize" else "moved"), None)
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == [Path(rows["ct.dcm"][3]).name]
+    summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    assert summary["Reasons"] == {"dicomdir": 1} and summary["FailedInstancesCount"] == 0
+
+
+def test_the_failure_line_does_not_count_a_skipped_dicomdir_as_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(DICOMDIR, folder / "DICOMDIR")
+    shutil.copy(CT, folder / "ct.dcm")
+    (folder / "notes.txt").write_text("not an image")
+    args = ["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)), "--quiet"]
+    assert cli.main(args) == cli.EXIT_SOME_FAILED
+    assert capsys.readouterr().err == (f"dicom-deid: 1 of 3 input files failed (not_dicom 1); 1 DICOMDIR skipped; "
+                                       f"see {tmp_path / 'out-audit'}\n")
+
+
+def test_a_dicomdir_given_alone_writes_nothing_and_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "x.dcm"
+    assert cli.main(["anonymize", str(DICOMDIR), str(out), "--key-file", str(write_key(tmp_path))]) == cli.EXIT_OK
+    assert capsys.readouterr().err == f"dicom-deid: {DICOMDIR}: dicomdir: {DICOMDIR_DETAIL}; nothing written\n"
+    assert not out.exists()
