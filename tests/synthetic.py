@@ -631,7 +631,9 @@ def every_profile_tag(version: str) -> Dataset:
     for tag in EVERY_TAG_HOLDERS:
         ds.add_new(tag, "SQ", DicomSequence([holder]))
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (f"{UID_PREFIX}97.{i}" for i in (1, 2, 3))
+    # (identifiers of their own per version: a server storing two of them keeps both)
+    edition = "".join(c for c in version if c.isdigit())
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (f"{UID_PREFIX}97.{edition}.{i}" for i in (1, 2, 3))
     ds.PatientID, ds.PatientName, ds.Modality = "PID-EVERY-TAG", "Top^Name", "OT"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
