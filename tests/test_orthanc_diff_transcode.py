@@ -110,3 +110,24 @@ def test_transcode_matches_orthanc(orthanc: OrthancClient, case: TranscodeCase) 
     uids = UidStructure(collect_identifiers([read(data)]))
     label = f"{case.file} [{case.name}]"
     judge([(label, compare_datasets(ours, reference, uids=uids, where=label))], table)
+
+
+@pytest.mark.parametrize(("source_implicit", "target"), [(False, "1.2.840.10008.1.2"), (True, "1.2.840.10008.1.2.1"),
+                                                         (False, "1.2.840.10008.1.2.2")])
+def test_text_invalid_in_its_character_set_keeps_its_bytes_as_in_orthanc(orthanc: OrthancClient, source_implicit: bool,
+                                                                          target: str) -> None:
+    """UTF-8 declared, Latin-1 written, at the top level and in an item: DCMTK writes the bytes
+    it read in any transfer syntax, and so do we (pydicom's writer wrote "?" for them)."""
+    from tests.test_dicomio import _BAD_NAME, _BAD_NESTED, _BAD_TOP, _damaged_text_file
+
+    data = _damaged_text_file(source_implicit)
+    body = {"Replace": {"StationName": "x"}, "Transcode": target}
+    reference = orthanc.modify_instance(orthanc.upload_once(data), body)
+    request, engine, identity, dicomio = engine_modules()
+    from transforms.transcode import transcode
+
+    modified = engine.apply(request.parse_modify(body), dicomio.read_dataset(data), identity.Key.from_bytes(KEY_BYTES))
+    ours = dicomio.write_dataset(transcode(modified, target))
+    assert read(reference).file_meta.TransferSyntaxUID == read(ours).file_meta.TransferSyntaxUID == target
+    assert [m in reference for m in (_BAD_TOP, _BAD_NESTED, _BAD_NAME)] == [True] * 3
+    assert [m in ours for m in (_BAD_TOP, _BAD_NESTED, _BAD_NAME)] == [True] * 3
