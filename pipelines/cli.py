@@ -762,6 +762,14 @@ def prepare_runner(options: Any, args: argparse.Namespace, beam_args: list[str],
     return local_runner
 
 
+def remote_progress(args: argparse.Namespace, local_runner: bool) -> Any:
+    """stderr for the progress line of a job on other machines (polled from its counters), or
+    None: a local runner (see :func:`progress_folder`), ``--no-progress``, or by default stderr
+    not a terminal."""
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    return sys.stderr if progress and not local_runner else None
+
+
 def progress_folder(args: argparse.Namespace, local_runner: bool) -> str | None:
     """A new local folder where the workers count files for the progress line (the caller
     removes it), or None: no line (``--no-progress``, by default stderr not a terminal, or a
@@ -916,6 +924,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
                 extra_summary=where.summary_extra(),
                 progress=bool(progress_dir),
                 pool=pool,
+                remote_progress=remote_progress(args, local_runner),
             )
         finally:
             if pool is not None:

@@ -52,6 +52,7 @@ from schemas.audit import AUDIT_SCHEMA, CROSSWALK_SCHEMA, FAILED, SKIPPED, WRITT
 from transforms.errors import RequestError
 from transforms.files import remove_sink_temporaries, run_tmp_dir  # noqa: F401 - remove_sink_temporaries re-exported for split/merge
 from transforms.beam import (
+    _METRICS_NAMESPACE,
     failed_row,
     remove_local_tmp,
     DeidentifyInstances,
@@ -163,19 +164,22 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
         raise InvalidOptions(f"Beam options: {text}") from None
 
 
-def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
+def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions, progress: TextIO | None = None) -> None:
     """Run ``pipeline`` (made by :func:`make_pipeline`) to completion.
 
     Beam skips its test round trip through the runner API (to_runner_api + from_runner_api of
     the whole graph, ~0.3 s) for the DirectRunner in batch, recognising it by class name; our
     LocalDirectRunner subclass would defeat that check, so say it explicitly.
+
+    ``progress``: a stream for the progress line of a job that runs on other machines (the
+    local runners are done when ``run`` returns and count in a folder: ``ProgressPrinter``).
     """
     test_runner_api: bool | str = "AUTO"
     if isinstance(pipeline.runner, LocalDirectRunner) and not options.view_as(StandardOptions).streaming:
         test_runner_api = False
     result = pipeline.run(test_runner_api=test_runner_api)
     try:
-        result.wait_until_finish()
+        wait_for(result, progress)
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C while a remote job runs (the local runners are done when run() returns):
         # cancel it, or it would go on unwatched, its summary never made (and a split or
@@ -388,6 +392,65 @@ def cleanup_tmp(output_root: str, run_id: str) -> None:
 # --------------------------------------------------------------------------- progress
 
 
+def progress_line(counts: Mapping[str, int], elapsed: float) -> str:
+    """``N files: W written, F failed, S skipped[, C copied, M moved], R files/s``."""
+    done = sum(counts.values())
+    others = "".join(f", {n} {status}" for status, n in sorted(counts.items())
+                     if status not in (WRITTEN, FAILED, SKIPPED) and n)  # split/merge: moved, copied
+    return (f"{done} files: {counts.get(WRITTEN, 0)} written, {counts.get(FAILED, 0)} failed, "
+            f"{counts.get(SKIPPED, 0)} skipped{others}, {done / max(elapsed, 1e-6):.0f} files/s")
+
+
+#: The file statuses the DoFns count in Beam metrics (namespace ``dicom_deid``).
+_STATUS_COUNTERS = frozenset({WRITTEN, FAILED, SKIPPED, "moved", "copied"})
+#: Seconds between two progress lines of a job on other machines (each one asks its service).
+REMOTE_PROGRESS_SECONDS = 15.0
+
+
+def job_counts(result: Any) -> dict[str, int] | None:
+    """Files per status so far, from the job's metrics (attempted values: the committed ones lag
+    until bundles commit); None when the runner cannot say."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(_METRICS_NAMESPACE))["counters"]
+    except Exception:  # noqa: BLE001 - a progress line never stops a run
+        return None
+    counts: dict[str, int] = {}
+    for counter in counters:
+        name = counter.key.metric.name
+        if name in _STATUS_COUNTERS:
+            value = counter.attempted if counter.attempted is not None else counter.committed
+            counts[name] = counts.get(name, 0) + int(value or 0)
+    return counts
+
+
+def wait_for(result: Any, progress: TextIO | None = None, interval: float = REMOTE_PROGRESS_SECONDS) -> None:
+    """Wait until the job ends; with ``progress``, print its progress line there meanwhile
+    (``\r``-rewritten, a newline at the end) from the job's own counters."""
+    from apache_beam.runners.runner import PipelineState
+
+    if progress is None or PipelineState.is_terminal(result.state):
+        result.wait_until_finish()
+        return
+    start, printed = time.monotonic(), False
+    try:
+        while not PipelineState.is_terminal(result.wait_until_finish(duration=int(interval * 1000))):
+            counts = job_counts(result)
+            if counts:
+                progress.write(f"\r{progress_line(counts, time.monotonic() - start)}   ")
+                progress.flush()
+                printed = True
+        counts = job_counts(result)
+        if counts:
+            progress.write(f"\r{progress_line(counts, time.monotonic() - start)}   ")
+            printed = True
+    finally:
+        if printed:
+            progress.write("\n")
+            progress.flush()
+
+
 class ProgressPrinter:
     """A thread printing ``N files: W written, F failed, S skipped[, C copied, M moved], R files/s``
     on one terminal line (stderr)."""
@@ -419,16 +482,9 @@ class ProgressPrinter:
 
     def _print(self) -> None:
         counts = read_progress(self._folder)
-        done = sum(counts.values())
-        if not done and not self._printed:
+        if not sum(counts.values()) and not self._printed:
             return
-        elapsed = max(time.monotonic() - self._start, 1e-6)
-        others = "".join(f", {n} {status}" for status, n in sorted(counts.items())
-                         if status not in (WRITTEN, FAILED, SKIPPED) and n)  # split/merge: moved, copied
-        self._stream.write(
-            f"\r{done} files: {counts[WRITTEN]} written, {counts[FAILED]} failed, "
-            f"{counts[SKIPPED]} skipped{others}, {done / elapsed:.0f} files/s   "
-        )
+        self._stream.write(f"\r{progress_line(counts, time.monotonic() - self._start)}   ")
         self._stream.flush()
         self._printed = True
 
@@ -450,6 +506,7 @@ def execute(
     extra_summary: Mapping[str, Any] | None = None,
     progress: bool = False,
     pool: Any = None,
+    remote_progress: TextIO | None = None,
 ) -> Outcome:
     """Build, run and wait for the pipeline; then summarise this run's audit.
 
@@ -464,7 +521,7 @@ def execute(
             with ProgressPrinter(cfg.progress_dir):
                 run_and_wait(pipeline, options)
         else:
-            run_and_wait(pipeline, options)
+            run_and_wait(pipeline, options, remote_progress)
     except BaseException:
         for root in (audit_root, crosswalk_root):
             remove_sink_temporaries(root, cfg.run_id)

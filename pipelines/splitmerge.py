@@ -326,11 +326,14 @@ def execute(
     copy_unselected: bool = False,
     extra_summary: Mapping[str, Any] | None = None,
     progress_dir: str | None = None,
+    remote_progress: Any = None,
 ) -> Outcome:
     """Index, plan, apply; then summarise this run's audit.
 
     With ``progress_dir`` (an existing local folder), pass 2 shows
     :class:`pipelines.run.ProgressPrinter`'s line on stderr; the caller removes the folder.
+    With ``remote_progress`` (a stream), pass 2 of a job on other machines shows the same line
+    from the job's counters (:func:`pipelines.run.wait_for`).
 
     Raises:
         RequestError: the request does not fit INPUT (unknown study, empty selection, ...);
@@ -393,7 +396,7 @@ def execute(
             with ProgressPrinter(progress_dir):
                 run_and_wait(pipeline, options)
         else:
-            run_and_wait(pipeline, options)
+            run_and_wait(pipeline, options, remote_progress)
     except RequestError:
         cleanup_tmp(output_root, run_id)
         if used or is_local(tmp):
@@ -473,6 +476,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             copy_unselected=args.copy_unselected,
             extra_summary=where.summary_extra(),
             progress_dir=progress_dir,
+            remote_progress=cli.remote_progress(args, local_runner),
         )
     return cli.report(args, outcome.summary, outcome.exit_code, where.audit, warnings=mixed)
 

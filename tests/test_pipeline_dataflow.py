@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apache_beam.internal import pickler
@@ -284,7 +285,9 @@ class _RemoteJob:
         self.cancelled = 0
         self._cancel_fails = cancel_fails
 
-    def wait_until_finish(self) -> None:
+    state = "RUNNING"
+
+    def wait_until_finish(self, duration: int | None = None) -> None:
         raise KeyboardInterrupt  # Ctrl-C while the launcher waits for the job
 
     def cancel(self) -> None:
@@ -293,10 +296,14 @@ class _RemoteJob:
             raise RuntimeError("the service is unreachable")
 
 
+@pytest.mark.parametrize("progress", [False, True])
 @pytest.mark.parametrize("cancel_fails", [False, True])
-def test_ctrl_c_while_waiting_for_a_remote_job_cancels_it(cancel_fails: bool):
+def test_ctrl_c_while_waiting_for_a_remote_job_cancels_it(cancel_fails: bool, progress: bool):
     """Left running, the job would go on unwatched (no summary) and a split's pass 2 would lose
-    the plan its workers load, which the launcher removes on its way out."""
+    the plan its workers load, which the launcher removes on its way out. So while it shows
+    the job's progress."""
+    import io
+
     job = _RemoteJob(cancel_fails)
 
     class Pipeline:
@@ -306,5 +313,71 @@ def test_ctrl_c_while_waiting_for_a_remote_job_cancels_it(cancel_fails: bool):
             return job
 
     with pytest.raises(KeyboardInterrupt):
-        pipeline_run.run_and_wait(Pipeline(), pipeline_run.pipeline_options(list(DATAFLOW_ARGS)))
+        pipeline_run.run_and_wait(Pipeline(), pipeline_run.pipeline_options(list(DATAFLOW_ARGS)),
+                                  io.StringIO() if progress else None)
     assert job.cancelled == 1
+
+
+class _ProgressingJob:
+    """A job on other machines as Beam's result object shows it: running for three polls, its
+    DoFns' counters (two steps, attempted values ahead of committed ones) growing meanwhile."""
+
+    def __init__(self, final: str = "DONE") -> None:
+        self.polls: list[int | None] = []
+        self.state = "RUNNING"
+        self._final = final
+
+    def wait_until_finish(self, duration: int | None = None) -> str:
+        self.polls.append(duration)
+        if duration is None or len(self.polls) >= 3:
+            self.state = self._final
+        return self.state
+
+    def metrics(self) -> Any:
+        from apache_beam.metrics.execution import MetricKey, MetricResult
+        from apache_beam.metrics.metricbase import MetricName
+
+        n = len(self.polls)
+        counters = [MetricResult(MetricKey(step, MetricName("dicom_deid", name)), committed, attempted)
+                    for step, name, committed, attempted in [
+                        ("Deidentify", "written", 10 * n, 100 * n), ("Deidentify", "failed", 0, n),
+                        ("Other", "written", 0, 5), ("Deidentify", "reason_not_dicom", 0, n)]]
+        job = self
+
+        class Results:
+            def query(self, filter: Any = None) -> dict[str, list[Any]]:
+                assert filter.namespaces == {"dicom_deid"}
+                return {"counters": counters if job.polls else [], "distributions": [], "gauges": []}
+
+        return Results()
+
+
+def test_a_job_on_other_machines_shows_progress_from_its_counters():
+    """Dataflow's workers cannot write into a local folder: the launcher polls the job's own
+    counters (written/failed/skipped, summed over steps, attempted values) while it waits."""
+    import io
+
+    from pipelines.run import wait_for
+
+    job, stream = _ProgressingJob(), io.StringIO()
+    wait_for(job, stream, interval=0.01)
+    assert job.polls == [10, 10, 10]
+    lines = [line.rsplit(", ", 1)[0] for line in stream.getvalue().split("\r") if line]
+    assert lines == ["106 files: 105 written, 1 failed, 0 skipped", "207 files: 205 written, 2 failed, 0 skipped",
+                     "308 files: 305 written, 3 failed, 0 skipped"]
+    assert stream.getvalue().endswith(" files/s   \n")
+    quiet = _ProgressingJob()
+    wait_for(quiet, None)  # --no-progress: one wait, as before
+    assert quiet.polls == [None]
+
+
+def test_remote_progress_is_for_terminals_and_runners_on_other_machines(monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli.remote_progress(SimpleNamespace(progress=None), local_runner=False) is cli.sys.stderr
+    assert cli.remote_progress(SimpleNamespace(progress=None), local_runner=True) is None
+    assert cli.remote_progress(SimpleNamespace(progress=False), local_runner=False) is None
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: False, raising=False)
+    assert cli.remote_progress(SimpleNamespace(progress=None), local_runner=False) is None
+    assert cli.remote_progress(SimpleNamespace(progress=True), local_runner=False) is cli.sys.stderr
