@@ -430,7 +430,8 @@ def wait_for(result: Any, progress: TextIO | None = None, interval: float = REMO
     (``\r``-rewritten, a newline at the end) from the job's own counters."""
     from apache_beam.runners.runner import PipelineState
 
-    if progress is None or PipelineState.is_terminal(result.state):
+    state = getattr(result, "state", None)
+    if progress is None or state is None or PipelineState.is_terminal(state):
         result.wait_until_finish()
         return
     start, printed = time.monotonic(), False
