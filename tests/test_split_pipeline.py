@@ -318,11 +318,11 @@ def test_sigterm_during_a_split_cleans_its_index_out_of_output(tmp_path: Path, m
     real = pipeline_run.run_and_wait
     calls = []
 
-    def second_pass_terminated(pipeline, options):
+    def second_pass_terminated(pipeline, options, *progress):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(pipeline, options)
+        return real(pipeline, options, *progress)
 
     monkeypatch.setattr(pipeline_run, "run_and_wait", second_pass_terminated)
     folder = tmp_path / "in"
