@@ -1493,20 +1493,20 @@ def _as_bytes(elem: Any) -> Any:
 def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodings: Any) -> bytes:
     """One changed element's bytes; a value pydicom cannot encode in its VR (a DS holding a
     character outside ASCII, a number out of its VR's range) is the file's ``invalid_value``."""
+    if type(elem) is RawDataElement and elem.is_implicit_VR == implicit \
+            and elem.is_little_endian == little:
+        encoded = _raw_element_bytes(elem, implicit, little)
+        if encoded is not None:
+            return encoded
     try:
-        return _encoded(ds, elem, implicit, little, encodings)
+        return _pydicom_element(ds, elem, implicit, little, encodings)
     except (ValueError, struct.error, OverflowError):  # (UnicodeEncodeError is a ValueError)
         tag = int(elem.tag)  # pydicom's messages quote the value: name the element only
         raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be encoded: its value does not "
                          "fit its VR", reason="invalid_value") from None
 
 
-def _encoded(ds: Dataset, elem: Any, implicit: bool, little: bool, encodings: Any) -> bytes:
-    if type(elem) is RawDataElement and elem.is_implicit_VR == implicit \
-            and elem.is_little_endian == little:
-        encoded = _raw_element_bytes(elem, implicit, little)
-        if encoded is not None:
-            return encoded
+def _pydicom_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodings: Any) -> bytes:
     fp = DicomBytesIO()
     fp.is_little_endian = little
     fp.is_implicit_VR = implicit
