@@ -17,8 +17,8 @@ deadline. Every case that breaks an invariant is printed and its bytes kept in `
 pass 1 does, its series split out of its study or its study merged into another file's, then
 moved as pass 2 does, with the same invariants.
 
-Found this way and fixed (each now a regression test in ``test_dicomio.py``, ``test_hostile.py``
-or ``test_transcode.py``): an implicit VR InstanceNumber with an undefined length, a meta
+Found this way and fixed (each now a regression test in ``test_dicomio.py``, ``test_hostile.py``,
+``test_transcode.py`` or ``test_merge_core.py``): an implicit VR InstanceNumber with an undefined length, a meta
 TransferSyntaxUID with VR US, US-or-SS elements without PixelRepresentation, a stray delimiter
 among top-level elements, a DS that ISO_IR 13 decodes to katakana, an explicit SS on a
 sequence's tag written in implicit VR, an explicit CS on an FL tag written in implicit VR, a
