@@ -711,14 +711,9 @@ def other_key_warning(locations: RunLocations, key_id: str) -> list[str]:
     uri = (os.path.join(locations.audit, "summary.json") if _scheme(locations.audit) is None
            else f"{locations.audit.rstrip('/')}/summary.json")
     try:
-        if _scheme(uri) is None:
-            with open(uri, "rb") as f:
-                previous = json.loads(f.read())
-        else:
-            from apache_beam.io.filesystems import FileSystems
+        from transforms.files import read_bounded
 
-            with FileSystems.open(uri) as f:
-                previous = json.loads(f.read())
+        previous = json.loads(read_bounded(uri, 64 << 20))
         statuses = previous.get("Statuses") or {}
         written = sum(n for s, n in statuses.items() if s in ("written", "moved", "copied") and type(n) is int)
         earlier, run = previous.get("KeyId"), previous.get("RunId")

@@ -1543,7 +1543,20 @@ def unsigned_without_pixel_representation(ds: Dataset) -> None:
 
 #: The VRs whose bytes depend on SpecificCharacterSet (PS3.5 6.1.2.3). Text has no byte order,
 #: so a value read fits every transfer syntax as it is.
-_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+
+
+def raw_vr(tag: int, elem: RawDataElement) -> str | None:
+    """The VR pydicom gives a raw element when it converts it: the one read, else (implicit VR,
+    or a public tag stored as UN) the dictionary's; None for a private or unknown tag without
+    one (its bytes stay as they are)."""
+    vr = elem.VR
+    if vr is None or vr == "UN":
+        try:
+            return dictionary_VR(tag)
+        except KeyError:
+            return None
+    return vr
 
 
 def _text_as_read(elements: dict, encodings: Any, ds: Dataset) -> dict:
@@ -1559,13 +1572,8 @@ def _text_as_read(elements: dict, encodings: Any, ds: Dataset) -> dict:
     patch: dict = {}
     for tag, elem in elements.items():
         if type(elem) is RawDataElement:
-            vr = elem.VR
-            if vr is None or vr == "UN":  # implicit VR, or a public tag stored as UN (which pydicom
-                try:                      # converts to the dictionary's VR): the dictionary's
-                    vr = dictionary_VR(tag)
-                except KeyError:  # (private and unknown tags stay as they are)
-                    continue
-            if vr in _CHARSET_VRS:
+            vr = raw_vr(tag, elem)
+            if vr in CHARSET_VRS:
                 value = elem.value
                 if value and not bytes(value).isascii():
                     # (pydicom writes a PersonName's bytes as read when its encodings are the
@@ -1670,6 +1678,7 @@ def _unwritable(body: Dataset, implicit: bool, little: bool) -> str:
 
 
 __all__ = [
+    "CHARSET_VRS",
     "IMPLEMENTATION_CLASS_UID",
     "REQUIRED_UIDS",
     "UID",
@@ -1677,7 +1686,9 @@ __all__ = [
     "check_identifiers",
     "encode_file_meta",
     "is_valid_uid",
+    "keep_text_as_read",
     "peek",
+    "raw_vr",
     "read_dataset",
     "shallow_copy",
     "transfer_syntax_of",

@@ -1256,11 +1256,11 @@ def prepare_file(
         new = engine.apply(plan, ds, key)
         if getattr(plan, "transcode", None):
             stage = "transcode"
-            from transforms.transcode import transcode_for_plan
+            from transforms.transcode import decoded_size, transcode_for_plan
 
             hold = getattr(_HOLD, "current", None)
             if hold is not None:  # (a budgeted DoFn: the decoded pixels count while they exist)
-                hold.grow_to(hold.base + BudgetHold.TRANSCODE_FACTOR * _decoded_bytes(new))
+                hold.grow_to(hold.base + BudgetHold.TRANSCODE_FACTOR * (decoded_size(new) or 0))
             try:
                 new = transcode_for_plan(plan, new, key).dataset  # lossy: new SOPInstanceUID
             finally:
@@ -1486,16 +1486,6 @@ def budget_hold(budget: MemoryBudget, n: int) -> Iterator[BudgetHold]:
         raise
     finally:
         _HOLD.current = previous
-
-
-def _decoded_bytes(ds: Any) -> int:
-    """What the pixel data of ``ds`` takes decoded (0 when its attributes do not say)."""
-    try:
-        frames = int(str(ds.get("NumberOfFrames", 1) or 1).strip() or 1)
-        return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * max(frames, 1)
-                * int(ds.BitsAllocated) // 8)
-    except (AttributeError, TypeError, ValueError):
-        return 0
 
 
 _BUDGETS: dict[int | None, MemoryBudget] = {}

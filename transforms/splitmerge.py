@@ -52,7 +52,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
 from transforms import paths
-from transforms.dicomio import peek, shallow_copy
+from transforms.dicomio import CHARSET_VRS, peek, raw_vr, shallow_copy
 from transforms.errors import RequestError, json_type
 from transforms.identity import Key
 from transforms.orthanc_ids import is_orthanc_id, orthanc_ids
@@ -806,15 +806,10 @@ def _encodable(ds: Dataset, texts: Iterable[str]) -> bool:
     return all(text.isascii() or fit_text(text, encodings) == text for text in texts)
 
 
-#: The VRs whose bytes depend on SpecificCharacterSet (PS3.5 6.1.2.3): the only values a switch
-#: to UTF-8 decodes; every other one keeps the bytes read.
-_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
-
-
 def _to_utf8(ds: Dataset) -> None:
     """Decode every text element of ``ds`` (a private copy), at any depth, and declare UTF-8.
 
-    Only the character-set dependent VRs are decoded (pydicom's ``Dataset.decode`` converts
+    Only the character-set dependent VRs (``dicomio.CHARSET_VRS``) are decoded (pydicom's ``Dataset.decode`` converts
     every element: a damaged DS holding a byte ISO_IR 13 reads as katakana could then not be
     written back, an internal error found by a mutation run)."""
     _decode_texts(ds, convert_encodings(peek(ds, _CHARSET) or None))
@@ -824,13 +819,8 @@ def _to_utf8(ds: Dataset) -> None:
 def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
     for tag, elem in list(ds._dict.items()):
         if isinstance(elem, RawDataElement):
-            vr = elem.VR
-            if vr is None or vr == "UN":  # implicit VR, or a public tag stored as UN
-                try:
-                    vr = dictionary_VR(tag)
-                except KeyError:  # (private and unknown tags keep their bytes)
-                    continue
-            if vr not in _CHARSET_VRS and vr != "SQ":
+            vr = raw_vr(tag, elem)
+            if vr not in CHARSET_VRS and vr != "SQ":
                 continue
             elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)  # (new items)
         else:

@@ -281,14 +281,20 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
         raise CannotTranscode(f"{_target_text(target)}: {_describe(exc)}") from None
 
 
-def _check_decoded_size(ds: Dataset) -> None:
-    """Refuse before decoding an image whose pixels would exceed ``MAX_DECODED_BYTES``."""
+def decoded_size(ds: Dataset) -> int | None:
+    """The bytes the pixel data of ``ds`` takes decoded, from its attributes (None when they do
+    not say: the decoder then says what is missing)."""
     try:
-        size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
                 * _frames(ds) * int(ds.BitsAllocated) // 8)
     except (AttributeError, TypeError, ValueError):
-        return  # the decoder says what is missing
-    if size > MAX_DECODED_BYTES:
+        return None
+
+
+def _check_decoded_size(ds: Dataset) -> None:
+    """Refuse before decoding an image whose pixels would exceed ``MAX_DECODED_BYTES``."""
+    size = decoded_size(ds)
+    if size is not None and size > MAX_DECODED_BYTES:
         raise CannotTranscode(
             f"the decoded pixel data would take {size:,} bytes, more than the {MAX_DECODED_BYTES:,} "
             "a transcode takes on"
@@ -1022,6 +1028,7 @@ __all__ = [
     "ORTHANC_KNOWN",
     "SUPPORTED",
     "TranscodeResult",
+    "decoded_size",
     "is_lossy",
     "source_syntax",
     "transcode",
