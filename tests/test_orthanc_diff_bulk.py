@@ -72,7 +72,9 @@ class BulkCase:
     """``body`` without ``Resources``; ``select`` names (level, file) pairs: the Orthanc id of
     that file's resource at that level goes into ``Resources``. ``level``: the level Orthanc
     works at (given or detected); None for an anonymization. ``same_ids``: further resource
-    types whose ids the body fixes (a replaced PatientID)."""
+    types whose ids the body fixes (a replaced PatientID). ``counted_twice``: instances that
+    two ``Resources`` entries cover (a series and one of its instances): Orthanc processes them
+    once per entry and counts them so in ``InstancesCount``; we process every file once."""
 
     name: str
     operation: str  # 'anonymize' or 'modify'
@@ -80,6 +82,7 @@ class BulkCase:
     select: tuple[tuple[str, str], ...]
     level: str | None = None
     same_ids: tuple[str, ...] = ()
+    counted_twice: int = 0
 
 
 CASES = [
@@ -112,6 +115,15 @@ CASES = [
         {"Replace": {"PatientID": "bulk-patient", "PatientName": "Bulk^Patient"}, "Force": True},
         (("study", "Brainix/Flair/IM-0001-0001.dcm"), ("study", "Comunix/Ct/IM-0001-0001.dcm")),
         level="Patient", same_ids=("Patient",)),
+    BulkCase(  # a study and one of its instances: that instance is in the output once
+        "anonymize-overlapping-selection", "anonymize", {"DicomVersion": "2021b"},
+        (("study", "Comunix/Ct/IM-0001-0001.dcm"), ("instance", "Comunix/Ct/IM-0001-0002.dcm")),
+        counted_twice=1),
+    BulkCase(
+        "modify-overlapping-selection", "modify", {"Level": "Study", "Replace": {"StudyID": "7"}},
+        (("series", "Brainix/Epi/IM-0001-0002.dcm"), ("instance", "Brainix/Epi/IM-0001-0002.dcm"),
+         ("study", "Knee/T2/IM-0001-0001.dcm")),
+        level="Study", counted_twice=1),
 ]
 
 
@@ -179,7 +191,8 @@ def test_bulk_route_matches_orthanc(orthanc: OrthancClient, tmp_path: Path, file
     # The same instances, all of them written; the rest skipped as not selected.
     assert job["FailedInstancesCount"] == 0 and code == 0
     assert sorted(ours) == sorted(references)
-    assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (job["InstancesCount"], 0)
+    assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (len(references), 0)
+    assert job["InstancesCount"] == len(references) + case.counted_twice
     assert {r["reason"] for r in rows if r["status"] != "written"} <= {"not_selected"}
     assert summary["IsAnonymization"] is job["IsAnonymization"] is (case.operation == "anonymize")
 
