@@ -92,6 +92,23 @@ DELIBERATE_DIFFERENCES: list[Deliberate] = [
                reason="overlay comments (60xx,4000) removed at top level too (PS3.15 X)"),
 ]
 
+_HIERARCHY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def forced_uid_differences(body: dict[str, Any]) -> list[Deliberate]:
+    """The deliberate differences a ``body`` that forces hierarchy UIDs brings (README, "Forced
+    UIDs across instances"): a nested reference to *another* file's original UID, which Orthanc
+    sets to the forced value when its job met the referenced file first (its map keeps the
+    first value, orthanc-behavior.md 3 step 1), keeps our keyed UID of that original."""
+    replace = body.get("Replace") or {}
+    if not body.get("Force"):
+        return []
+    return [deliberate(tag, ["uid-structure"], "nested", reference=replace[tag],
+                       reason="a forced UID follows references inside its own file only; "
+                              "Orthanc's nested references follow it in the order its job met the files")
+            for tag in _HIERARCHY_UIDS if isinstance(replace.get(tag), str)]
+
+
 STUDIES: dict[str, tuple[str, ...]] = {
     "brainix": ("Brainix/Flair/IM-0001-0001.dcm", "Brainix/Flair/IM-0001-0002.dcm",
                 "Brainix/Epi/IM-0001-0001.dcm", "Brainix/Epi/IM-0001-0002.dcm"),

@@ -36,7 +36,7 @@ from tests.conftest import sample
 from tests.orthanc_ref import TEST_DICTIONARY, OrthancClient, orthanc, orthanc_process  # noqa: F401
 from tests.pipeline_support import read_rows, write_key
 from tests.test_orthanc_diff_anonymize import DELIBERATE_DIFFERENCES as ANONYMIZE_DELIBERATE
-from tests.test_orthanc_diff_anonymize import PATIENT_NAME
+from tests.test_orthanc_diff_anonymize import PATIENT_NAME, forced_uid_differences
 from tests.test_orthanc_diff_modify import DELIBERATE_DIFFERENCES as MODIFY_DELIBERATE
 
 pytestmark = pytest.mark.orthanc
@@ -124,6 +124,10 @@ CASES = [
         (("series", "Brainix/Epi/IM-0001-0002.dcm"), ("instance", "Brainix/Epi/IM-0001-0002.dcm"),
          ("study", "Knee/T2/IM-0001-0001.dcm")),
         level="Study", counted_twice=1),
+    BulkCase(  # a forced SeriesInstanceUID: the SR's evidence names the MR series (README)
+        "anonymize-forced-series-uid", "anonymize",
+        {"DicomVersion": "2021b", "Replace": {"SeriesInstanceUID": "1.2.3.2"}, "Force": True},
+        (("study", "HierarchicalAnonymization/StructuredReports/IM0"),)),
 ]
 
 
@@ -217,7 +221,8 @@ def test_bulk_route_matches_orthanc(orthanc: OrthancClient, tmp_path: Path, file
         where = f"{label} [{case.name}]"
         compared.append((where, compare_datasets(read(ours[label]), read(references[label]), uids=uids,
                                                  structural_tags=structural, where=where)))
-    judge(compared, BULK_ANONYMIZE_DELIBERATE if case.operation == "anonymize" else MODIFY_DELIBERATE)
+    table = BULK_ANONYMIZE_DELIBERATE if case.operation == "anonymize" else MODIFY_DELIBERATE
+    judge(compared, [*table, *forced_uid_differences(case.body)])
 
 
 def test_bulk_cases_cover_every_level_and_both_operations() -> None:
@@ -225,3 +230,29 @@ def test_bulk_cases_cover_every_level_and_both_operations() -> None:
     assert {c.level for c in CASES if c.operation == "modify"} == {"Instance", "Series", "Study", "Patient"}
     assert {level for c in CASES for level, _ in c.select} == {"study", "series", "instance"}
     assert {c.operation for c in CASES} == {"anonymize", "modify"}
+
+
+def test_forced_uid_reaches_other_files_in_orthanc_only(orthanc: OrthancClient, tmp_path: Path,
+                                                        files: dict[str, bytes]) -> None:
+    """The README's "Forced UIDs across instances": with SeriesInstanceUID forced, the SR's
+    evidence reference to the MR's series is the forced value in Orthanc's bulk output (its job
+    met the MR first) and our keyed UID of the MR's original series (each file alone): the same
+    UID the MR's series gets from an anonymization that does not force it."""
+    [case] = [c for c in CASES if c.name == "anonymize-forced-series-uid"]
+    sr, mr = "HierarchicalAnonymization/StructuredReports/IM0", "HierarchicalAnonymization/StructuredReports/IM631"
+    job, references, resources = _orthanc_side(orthanc, case, files)
+    _, _, ours, _ = _our_side(tmp_path / "forced", case, files, resources)
+    _, _, unforced, _ = _our_side(tmp_path / "unforced", BulkCase("unforced", "anonymize", {"DicomVersion": "2021b"},
+                                                                  case.select), files, resources)
+
+    def evidence_series(data: bytes) -> list[str]:
+        return [series.SeriesInstanceUID for item in read(data).CurrentRequestedProcedureEvidenceSequence
+                for series in item.ReferencedSeriesSequence]
+
+    assert read(files[sr]).CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID \
+        == read(files[mr]).SeriesInstanceUID
+    assert [read(references[label]).SeriesInstanceUID for label in (sr, mr)] == ["1.2.3.2", "1.2.3.2"]
+    assert [read(ours[label]).SeriesInstanceUID for label in (sr, mr)] == ["1.2.3.2", "1.2.3.2"]
+    assert evidence_series(references[sr]) == ["1.2.3.2"]
+    assert evidence_series(ours[sr]) == [read(unforced[mr]).SeriesInstanceUID]
+    assert read(unforced[mr]).SeriesInstanceUID.startswith("2.25.")
