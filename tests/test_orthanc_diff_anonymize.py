@@ -99,11 +99,12 @@ def forced_uid_differences(body: dict[str, Any]) -> list[Deliberate]:
     """The deliberate differences a ``body`` that forces hierarchy UIDs brings (README, "Forced
     UIDs across instances"): a nested reference to *another* file's original UID, which Orthanc
     sets to the forced value when its job met the referenced file first (its map keeps the
-    first value, orthanc-behavior.md 3 step 1), keeps our keyed UID of that original."""
+    first value, orthanc-behavior.md 3 step 1), keeps our keyed UID of that original. Any
+    nested tag: a forced SOPInstanceUID reaches ReferencedSOPInstanceUID through the same map."""
     replace = body.get("Replace") or {}
     if not body.get("Force"):
         return []
-    return [deliberate(tag, ["uid-structure"], "nested", reference=replace[tag],
+    return [deliberate(0, ["uid-structure"], "nested", mask=0, reference=replace[tag],
                        reason="a forced UID follows references inside its own file only; "
                               "Orthanc's nested references follow it in the order its job met the files")
             for tag in _HIERARCHY_UIDS if isinstance(replace.get(tag), str)]
