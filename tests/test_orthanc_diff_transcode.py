@@ -4,7 +4,11 @@ Orthanc's instance route transcodes after the modification; our side runs the en
 ``transforms.transcode.transcode`` (as the pipeline does). Everything is compared tag by tag.
 Where both write an uncompressed or deflated syntax, PixelData must be byte-identical; where the
 target is compressed, the encoders differ (DCMTK against ours), so the decoded pixels are
-compared instead. Only lossless targets Orthanc 1.10.1 can produce are used.
+compared instead. Lossless targets are those Orthanc 1.10.1 can produce; the lossy ones are
+its two JPEG targets (.4.50, .4.51), through ``transcode_for_plan`` as the pipeline calls it:
+the same new SOPInstanceUID structure, the same lossy attributes (ratio and description within
+2%: another encoder build may differ by a few bytes), the predecessor reference, and decoded
+pixels within 2 grey levels of DCMTK's (identical with the codecs measured here).
 """
 
 from __future__ import annotations
@@ -131,3 +135,74 @@ def test_text_invalid_in_its_character_set_keeps_its_bytes_as_in_orthanc(orthanc
     assert read(reference).file_meta.TransferSyntaxUID == read(ours).file_meta.TransferSyntaxUID == target
     assert [m in reference for m in (_BAD_TOP, _BAD_NESTED, _BAD_NAME)] == [True] * 3
     assert [m in ours for m in (_BAD_TOP, _BAD_NESTED, _BAD_NAME)] == [True] * 3
+
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+
+#: Differences kept on purpose for the lossy JPEG targets.
+LOSSY_DELIBERATE: list[Deliberate] = [
+    *WRITER_DIFFERENCES,
+    deliberate("PixelData", ["value"], "top",
+               reason="another encoder's bitstream; the decoded pixels are compared instead"),
+    deliberate("LossyImageCompressionRatio", ["value"], "top",
+               reason="checked within 2% below (a codec build may differ by a few bytes)"),
+    deliberate("DerivationDescription", ["value"], "top",
+               reason="ends with the ratio, checked within 2% below"),
+    deliberate("ModalityLUTSequence", ["extra"], "top", sample="KarstenHilbertRF.dcm",
+               reason="we compress the stored values and keep the Modality LUT that gives them "
+                      "meaning; DCMTK renders the pixels through it and drops it"),
+    deliberate("PixelIntensityRelationship", ["value"], "top", sample="KarstenHilbertRF.dcm",
+               ours="LIN", reference="DISP",
+               reason="kept with the Modality LUT; DCMTK writes DISP once it has applied it"),
+]
+
+LOSSY_CASES = [
+    TranscodeCase("rf-8bit-to-jpeg-baseline", "KarstenHilbertRF.dcm", {"Transcode": JPEG_BASELINE}),
+    TranscodeCase("rgb-to-jpeg-baseline", "ColorTestMalaterre.dcm", {"Transcode": JPEG_BASELINE}),
+    TranscodeCase("rf-8bit-to-jpeg-extended", "KarstenHilbertRF.dcm", {"Transcode": JPEG_EXTENDED}),
+    TranscodeCase("mr-12bit-to-jpeg-extended", "Brainix/Flair/IM-0001-0006.dcm",
+                  {"Transcode": JPEG_EXTENDED, "Replace": {"SeriesDescription": "lossy"}}),
+]
+
+
+def _ratio_and_description(ds: Any) -> tuple[float, str]:
+    description = str(ds.DerivationDescription)
+    head, _, ratio = description.rpartition(" compression ratio ")
+    assert float(ratio) == float(ds.LossyImageCompressionRatio), description
+    return float(ds.LossyImageCompressionRatio), head
+
+
+@pytest.mark.parametrize("case", LOSSY_CASES, ids=[c.name for c in LOSSY_CASES])
+def test_lossy_transcode_matches_orthanc(orthanc: OrthancClient, case: TranscodeCase) -> None:
+    data = sample(case.file).read_bytes()
+    target = case.body["Transcode"]
+    reference = read(orthanc.modify_instance(orthanc.upload_sample(case.file), case.body))
+    request, engine, identity, dicomio = engine_modules()
+    from transforms.transcode import decode_pixels, transcode_for_plan
+
+    key = identity.Key.from_bytes(KEY_BYTES)
+    plan = request.parse_modify(case.body, dictionary=TEST_DICTIONARY)
+    modified = engine.apply(plan, dicomio.read_dataset(data), key)
+    ours = read(dicomio.write_dataset(transcode_for_plan(plan, modified, key).dataset))
+
+    for side in (ours, reference):
+        assert side.file_meta.TransferSyntaxUID == target
+        assert (side.LossyImageCompression, side.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+        assert side.ImageType[0] == "DERIVED"
+        [predecessor] = side.SourceImageSequence
+        assert predecessor.ReferencedSOPClassUID == side.SOPClassUID
+        assert predecessor.PurposeOfReferenceCodeSequence[0].CodeValue == "121320"
+        assert predecessor.ReferencedSOPInstanceUID != side.SOPInstanceUID
+    # the predecessor is the modification's instance, never written: ours is keyed
+    assert ours.SourceImageSequence[0].ReferencedSOPInstanceUID == modified.SOPInstanceUID
+    (our_ratio, our_text), (their_ratio, their_text) = map(_ratio_and_description, (ours, reference))
+    assert our_text == their_text
+    assert abs(our_ratio / their_ratio - 1) < 0.02, (our_ratio, their_ratio)
+    our_pixels, their_pixels = (decode_pixels(ds)[0].astype(np.int32) for ds in (ours, reference))
+    assert our_pixels.shape == their_pixels.shape
+    assert np.abs(our_pixels - their_pixels).max() <= 2
+
+    uids = UidStructure(collect_identifiers([read(data)]))
+    label = f"{case.file} [{case.name}]"
+    judge([(label, compare_datasets(ours, reference, uids=uids, where=label))], LOSSY_DELIBERATE)

@@ -697,10 +697,52 @@ def test_lossy_transcode_for_plan_gives_a_new_sop_instance_uid_unless_kept():
     written = pydicom.dcmread(_BytesIO(_dicomio.write_dataset(result.dataset)))
     assert written.file_meta.MediaStorageSOPInstanceUID == new_uid == written.SOPInstanceUID
     assert written.LossyImageCompression == "01"
+    # the new image names the one it was made from, as DCMTK does (121320, PS3.3 C.7.6.1.2)
+    [predecessor] = written.SourceImageSequence
+    assert (predecessor.ReferencedSOPClassUID, predecessor.ReferencedSOPInstanceUID) == (
+        "1.2.840.10008.5.1.4.1.1.2", str(_apply(lossy, ds, key).SOPInstanceUID))
+    [purpose] = predecessor.PurposeOfReferenceCodeSequence
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+        "121320", "DCM", "Uncompressed predecessor")
+    assert "SourceImageSequence" not in out  # lossless: nothing to name
 
     kept = _parse_modify({"Transcode": "1.2.840.10008.1.2.4.91", "Keep": ["SOPInstanceUID"], "Force": True})
     result = transcode_for_plan(kept, _apply(kept, ds, key), key)
     assert result.lossy and result.dataset.SOPInstanceUID == original
+    assert "SourceImageSequence" not in result.dataset  # the same identity: no predecessor
+
+
+def test_predecessor_follows_the_source_images_an_image_already_had():
+    """A derived image keeps its SourceImageSequence items (unchanged, the input's untouched)
+    and gains the predecessor after them."""
+    from transforms.engine import apply as _apply
+    from transforms.identity import Key as _Key
+    from transforms.request import parse_anonymize as _parse_anonymize
+    from transforms.transcode import transcode_for_plan
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    earlier = Dataset()
+    earlier.ReferencedSOPClassUID, earlier.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"
+    ds.SourceImageSequence = [earlier]
+    plan = _parse_anonymize({"DicomVersion": "2021b", "Transcode": J2K})
+    key = _Key.from_bytes(b"t" * 32)
+    anonymized = _apply(plan, ds, key)
+    out = transcode_for_plan(plan, anonymized, key).dataset
+    assert [i.ReferencedSOPInstanceUID for i in out.SourceImageSequence] == [
+        key.uid("anonymize.instance", "1.2.3.4.5"), str(anonymized.SOPInstanceUID)]  # the profile keeps the item, remapped
+    assert len(anonymized.SourceImageSequence) == 1 and len(ds.SourceImageSequence) == 1
+
+
+def test_compression_ratio_counts_bits_stored_as_dcmtk():
+    """A 12-bit image in 16-bit words: the uncompressed size is counted at 12 bits per sample
+    (Orthanc 1.10.1 writes 6.8031 for Brainix/Flair/IM-0001-0006.dcm, not 9.0709)."""
+    ds = _signed_12_bit()
+    ds.PixelRepresentation = 0
+    ds.PixelData = (np.frombuffer(ds.PixelData, "<i2") & 0x0FFF).astype("<u2").tobytes()
+    result = tc.transcode_result(ds, JPEG_LOSSY[1])
+    compressed = sum(len(f) for f in pydicom.encaps.generate_frames(result.dataset.PixelData, number_of_frames=1))
+    assert result.compression_ratio == ds.Rows * ds.Columns * 12 / 8 / compressed
+    assert result.dataset.LossyImageCompressionRatio == f"{result.compression_ratio:.5g}"
 
 
 # --------------------------------------------------------------------------- codec panics
