@@ -918,3 +918,32 @@ def test_decoding_an_image_without_its_pixel_module_names_what_is_missing(tmp_pa
     row = _transcoded_row(tmp_path, _implicit_without(missing), target)
     assert (row["status"], row["reason"], row["output_uri"]) == ("failed", "cannot_transcode", None)
     assert row["detail"] == f"transcode: the image has no {missing} (type 1 in the Image Pixel module): its pixels cannot be decoded"
+
+
+@pytest.mark.parametrize(("vr", "value"), [("LO", b"hello world "), ("OB", b"\xfe\xff\x00\xe0\x00\x00\x00\x00"),
+                                           ("UN", b"\x01\x02\x03\x04\x05\x06\x07\x08")])
+def test_a_source_image_sequence_with_another_vr_is_left_as_it_was(vr: str, value: bytes):
+    """A lossy step meets SourceImageSequence stored as LO, OB or UN (bytes that are not
+    items): the element keeps its bytes and gets no predecessor, and the file is written (it
+    was an internal_error: the text or bytes were listed as items)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from transforms import dicomio as _dicomio
+    from transforms.engine import apply as _apply
+    from transforms.identity import Key as _Key
+    from transforms.request import parse_modify as _parse_modify
+    from transforms.transcode import transcode_for_plan
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds._dict[Tag(0x00082112)] = RawDataElement(Tag(0x00082112), vr, len(value), value, 0, False, True)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    plan = _parse_modify({"Transcode": J2K})
+    key = _Key.from_bytes(b"t" * 32)
+    source = _dicomio.read_dataset(buffer.getvalue())
+    out = transcode_for_plan(plan, _apply(plan, source, key), key).dataset
+    assert out.LossyImageCompression == "01"
+    written = pydicom.dcmread(io.BytesIO(_dicomio.write_dataset(out)))
+    raw = written.get_item(0x00082112)
+    assert (raw.VR, raw.value) == (vr, value)

@@ -1074,14 +1074,29 @@ def transcode_for_plan(plan: object, ds: Dataset, key: object) -> TranscodeResul
     return dataclasses.replace(result, dataset=out)
 
 
+_SOURCE_IMAGE_SEQUENCE = 0x00082112
+
+
 def _add_predecessor(out: Dataset, sop_class: str, sop_instance: str) -> None:
     """Append the "Uncompressed predecessor" reference to SourceImageSequence in a new
-    Sequence (the items ``out`` had may be shared with the source dataset: never modified)."""
+    Sequence (the items ``out`` had may be shared with the source dataset: never modified).
+
+    A SourceImageSequence the file stores with another VR (UN, OB, LO, ...) is left as it
+    was, without the reference: rewriting bytes we cannot read as items would change them."""
+    items: list[Dataset] = []
+    if _SOURCE_IMAGE_SEQUENCE in out:
+        if out.get_item(_SOURCE_IMAGE_SEQUENCE).VR not in ("SQ", None):  # None: implicit VR
+            return
+        try:
+            items = list(out[_SOURCE_IMAGE_SEQUENCE].value or [])
+        except Exception:  # noqa: BLE001 - not a sequence after all: leave it as it was
+            return
+        if not all(isinstance(item, Dataset) for item in items):
+            return
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = ("121320", "DCM", "Uncompressed predecessor")
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance
     item.PurposeOfReferenceCodeSequence = Sequence([purpose])
-    items = list(out.get("SourceImageSequence", None) or [])
     _set(out, "SourceImageSequence", Sequence([*items, item]))
