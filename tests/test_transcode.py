@@ -705,6 +705,8 @@ def test_lossy_transcode_for_plan_gives_a_new_sop_instance_uid_unless_kept():
     assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
         "121320", "DCM", "Uncompressed predecessor")
     assert "SourceImageSequence" not in out  # lossless: nothing to name
+    plain = _parse_modify({})  # the same body without Transcode writes the predecessor
+    assert str(_apply(plain, ds, key).SOPInstanceUID) == predecessor.ReferencedSOPInstanceUID
 
     kept = _parse_modify({"Transcode": "1.2.840.10008.1.2.4.91", "Keep": ["SOPInstanceUID"], "Force": True})
     result = transcode_for_plan(kept, _apply(kept, ds, key), key)
