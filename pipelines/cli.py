@@ -869,13 +869,14 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
             raise UsageError(remote_key_message(options))
         local_runner = prepare_runner(options, args, beam_args, where, run_id)
     _warn_random_key(key)
-    mixed = other_key_warning(where, key.key_id)
     if early:
         from transforms.workers import default_processes
 
         processes = args.processes if args.processes is not None else default_processes()
     else:
         processes = local_processes(options, args.processes, local=local_runner)  # may refuse
+        pipeline_run.check_options(options)
+    mixed = other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
     progress_dir = progress_folder(args, local_runner)
     cfg = RunConfig(
         plan=plan,

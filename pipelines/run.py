@@ -164,6 +164,16 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
         raise InvalidOptions(f"Beam options: {text}") from None
 
 
+def check_options(options: PipelineOptions) -> None:
+    """Beam's own validation of ``options`` (a Dataflow project id, region, ...), as
+    :func:`make_pipeline` runs it, so that a command refuses them before it reads anything.
+
+    Raises:
+        InvalidOptions: one line, no traceback.
+    """
+    make_pipeline(options)
+
+
 def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions, progress: TextIO | None = None) -> None:
     """Run ``pipeline`` (made by :func:`make_pipeline`) to completion.
 

@@ -458,9 +458,10 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     except pipeline_run.UnknownOptions as exc:
         raise cli.UsageError(str(exc)) from None
     cli._warn_random_key(key)
-    mixed = cli.other_key_warning(where, key.key_id)
     run_id = cli.new_run_id()
     local_runner = cli.prepare_runner(options, args, beam_args, where, run_id)
+    pipeline_run.check_options(options)
+    mixed = cli.other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
     progress_dir = cli.progress_folder(args, local_runner)
     with cli.run_leftovers_removed(output, run_id, progress_dir):
         outcome = execute(

@@ -126,6 +126,21 @@ def test_invalid_dataflow_options_are_refused_up_front():
         _build(_config(), args)
 
 
+def test_anonymize_command_refuses_invalid_dataflow_options_before_reading_anything(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """One line, exit 2, before the last summary in gs:// OUTPUT is read (offline, that read
+    retried for two minutes before the refusal)."""
+    monkeypatch.setattr(cli, "load_key", lambda _file: (KEY, "gs://deid-keys/deid.key"))  # no network
+    monkeypatch.setattr(cli, "other_key_warning", lambda *_: pytest.fail("read the last summary before refusing"))
+    args = [a if a != "deid-test-project" else "p" for a in DATAFLOW_ARGS]
+    code = cli.main(["anonymize", "gs://deid-in/archive", "gs://deid-out/o", "--key-file", "gs://deid-keys/deid.key",
+                     "--quiet", *args])  # fmt: skip
+    assert code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("dicom-deid: Beam options: Pipeline has validations errors: Invalid Project ID (p)")
+    assert err.count("\n") == 1
+
+
 def test_setup_file_packages_the_code_for_workers(tmp_path: Path):
     """Beam's stager builds the sdist Dataflow workers install (PEP 517, offline)."""
     # Python 3.12+ venvs come without setuptools; the gcp extra installs it (CI has it).
@@ -267,6 +282,9 @@ def test_a_remote_runner_is_refused_local_locations(tmp_path: Path, monkeypatch:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.dcm").write_bytes(b"DICM")
     monkeypatch.setattr(cli, "load_key", lambda _file: (KEY, "gs://deid-keys/deid.key"))  # no network
+    # The other-key check reads OUTPUT's last summary (gs://: a network read, two minutes of
+    # retries offline): only once the command is accepted.
+    monkeypatch.setattr(cli, "other_key_warning", lambda *_: pytest.fail("read the last summary before refusing"))
     body = '{"Series": ["1.2.3.4"]}' if command[0] == "split" else "{}"
     location_args = [w.format(tmp=tmp_path) for w in where]
     argv = [*command, *location_args, "--key-file", "gs://deid-keys/deid.key", "--body", body, *REMOTE_ARGS]

@@ -143,8 +143,11 @@ def test_apply_pass_reads_the_plan_from_its_uri(tmp_path: Path, request_, moved:
     assert SECRET not in serialized
 
 
-def test_split_command_refuses_invalid_dataflow_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    """Through ``dicom-deid split``: one line, exit 2, nothing written (no network, no job)."""
+def test_split_command_refuses_invalid_dataflow_options(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """Through ``dicom-deid split``: one line, exit 2, nothing written (no network, no job: the
+    last summary in gs:// OUTPUT is not even read)."""
+    monkeypatch.setattr(cli, "other_key_warning", lambda *_: pytest.fail("read the last summary before refusing"))
     key = tmp_path / "key"
     key.write_bytes(SECRET)
     args = [a if a != "deid-test-project" else "p" for a in DATAFLOW_ARGS]
