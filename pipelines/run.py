@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -171,7 +172,8 @@ def check_options(options: PipelineOptions) -> None:
     Raises:
         InvalidOptions: one line, no traceback.
     """
-    make_pipeline(options)
+    pipeline = make_pipeline(options)
+    shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)  # made by Pipeline(), removed by run()
 
 
 def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions, progress: TextIO | None = None) -> None:
