@@ -11,7 +11,8 @@ checks a request's ``Transcode`` value up front; ``decode_pixels`` decodes with 
   silently changes an image.
 * Lossy targets (``LOSSY``) set LossyImageCompression ``01``, its ratio and method (appended to
   earlier lossy steps), ImageType value 1 ``DERIVED``, DerivationDescription and
-  DerivationCodeSequence (113040), as DCMTK does for Orthanc. The caller gives such an instance a
+  DerivationCodeSequence (113040), and drop the smallest/largest and padding values the new
+  pixels may contradict, as DCMTK does for Orthanc. The caller gives such an instance a
   new SOPInstanceUID (``is_lossy(uid)`` / ``TranscodeResult.lossy``): this module never
   changes UIDs.
 * Objects without pixel data (SR, PDF, ...) only change transfer syntax, even to an encapsulated
@@ -947,8 +948,16 @@ def _compression_ratio(out: Dataset) -> float:
     return size / max(1, compressed)
 
 
+#: What a lossy step makes untrue about the stored values, removed as DCMTK removes it for
+#: Orthanc (which keeps a monochrome image's PixelPaddingRangeLimit without its
+#: PixelPaddingValue, where PS3.3 C.7.5.1.1.2 requires both or neither: we remove both).
+_STALE_AFTER_LOSSY = ("SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
+                      "LargestPixelValueInSeries", "PixelPaddingValue", "PixelPaddingRangeLimit")
+
+
 def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
-    """Record a lossy step (PS3.3 C.7.6.1.1.5) the way DCMTK does for Orthanc."""
+    """Record a lossy step (PS3.3 C.7.6.1.1.5) the way DCMTK does for Orthanc: ImageType value
+    1 DERIVED (the whole value when there was none), the extreme and padding values dropped."""
     ratio_text = f"{ratio:.5g}"
     method = _LOSSY_METHOD[target]
     ratios = list(_values(out, "LossyImageCompressionRatio"))
@@ -959,8 +968,10 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     _set(out, "LossyImageCompressionRatio", [*ratios, ratio_text] if ratios else ratio_text)
     _set(out, "LossyImageCompressionMethod", [*methods, method] if methods else method)
     image_type = list(_values(out, "ImageType"))
-    if image_type:
-        _set(out, "ImageType", ["DERIVED", *image_type[1:]])
+    _set(out, "ImageType", ["DERIVED", *image_type[1:]] if image_type else "DERIVED")
+    for keyword in _STALE_AFTER_LOSSY:  # the new pixel values may lie outside them
+        if keyword in out:
+            del out[keyword]
     description = {
         JPEG_BASELINE: f"Lossy compression with JPEG baseline, IJG quality factor {JPEG_QUALITY}",
         JPEG_EXTENDED: (
