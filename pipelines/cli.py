@@ -90,9 +90,10 @@ def _count(text: str) -> int:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, one_file: bool = True) -> None:
     p.add_argument("input", metavar="INPUT", help="file, folder (recursive), glob, or gs:// prefix or glob")
-    p.add_argument("output", metavar="OUTPUT", help="output folder or gs:// prefix (or a .dcm file for one INPUT file)")
+    p.add_argument("output", metavar="OUTPUT", help="output folder or gs:// prefix"
+                   + (" (or a .dcm file for one INPUT file)" if one_file else ""))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--body", metavar="JSON", help="the Orthanc request body, as JSON text")
     src.add_argument(
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     for command, (summary, study_help, body_help) in _SPLIT_MERGE_HELP.items():
         p = sub.add_parser(command, help=summary, description=f"{summary}. {body_help}")
-        _add_common(p)
+        _add_common(p, one_file=False)  # split and merge read a whole study: no one-file mode
         p.add_argument("--study", required=True, metavar="STUDY" if command == "split" else "TARGET", help=study_help)
         p.add_argument(
             "--copy-unselected",

@@ -771,3 +771,13 @@ def test_a_storage_we_do_not_write_to_is_refused_up_front(tmp_path: Path, capsys
                      '{"Series": ["1.2.3.4"]}', *extra]) == cli.EXIT_USAGE
     assert capsys.readouterr().err.endswith(expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize(("command", "one_file"), [("anonymize", True), ("modify", True), ("split", False), ("merge", False)])
+def test_help_offers_one_file_mode_only_where_it_exists(command: str, one_file: bool, capsys: pytest.CaptureFixture[str]):
+    """split and merge refuse an OUTPUT ending in .dcm (they read whole studies): their help
+    does not offer it."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert ("(or a .dcm file for one INPUT file)" in " ".join(capsys.readouterr().out.split())) is one_file

@@ -580,8 +580,11 @@ def test_the_readme_listing_snippet_names_the_studies_and_series_to_split(tmp_pa
     (tmp_path / "archive" / "notes.txt").write_text("not DICOM\n")
     done = subprocess.run([sys.executable, "-", "archive/"], input=script, capture_output=True, text=True,
                           cwd=tmp_path, timeout=60, check=True)
+    from transforms.orthanc_ids import orthanc_ids
+
     expected = sorted(
-        "  ".join([str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.Modality,
+        "  ".join([orthanc_ids(ds.PatientID, ds.StudyInstanceUID, "", "")["study"], str(ds.PatientID),
+                   str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.Modality,
                    str(ds.get("SeriesDescription", "")), str(n)])
         for ds, n in {str(d.SeriesInstanceUID): (d, sum(x.SeriesInstanceUID == d.SeriesInstanceUID for x in study))
                       for d in study}.values()
