@@ -12,6 +12,8 @@ audit read back). Compared:
   ids wherever the level leaves that resource's identifiers as they were (Orthanc lists the
   unchanged parents of an Instance-level bulk modify too, behaviour §10.3), or the body sets
   them (a replaced PatientID);
+- ``Transcode`` in the body: the job's and the summary's ``Transcode``, and every output's
+  syntax (Orthanc 1.10.1 keeps JPEG 2000 sources it cannot decode, README);
 - every output instance tag by tag against Orthanc's (``compare_datasets``), regenerated
   identifiers by structure over the whole request: Orthanc's bulk job uses one UID map for all
   its instances, ours one key, so a UID shared by two selected studies must stay shared.
@@ -62,6 +64,7 @@ BULK_ANONYMIZE_DELIBERATE = [
 ]
 
 JPEG_2000 = "1.2.840.10008.1.2.4.91"
+_ROUTE = {"Instance": "instances", "Series": "series", "Study": "studies", "Patient": "patients"}
 
 #: Levels whose resources keep their identifiers, per (operation, level): their Orthanc ids
 #: must be exactly Orthanc's.
@@ -231,9 +234,7 @@ def test_bulk_route_matches_orthanc(orthanc: OrthancClient, tmp_path: Path, file
             assert mine[kind] == theirs[kind], kind
         else:
             assert not set(mine[kind]) & set(theirs[kind]), kind
-    assert [e["Path"] for e in summary["Resources"]] == [
-        f"/{ {'Instance': 'instances', 'Series': 'series', 'Study': 'studies', 'Patient': 'patients'}[e['Type']] }/{e['ID']}"
-        for e in summary["Resources"]]
+    assert [e["Path"] for e in summary["Resources"]] == [f"/{_ROUTE[e['Type']]}/{e['ID']}" for e in summary["Resources"]]
 
     # Tag by tag, identifiers by structure over the whole request.
     structural = [PATIENT_NAME] if case.operation == "anonymize" else []
