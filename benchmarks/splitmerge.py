@@ -6,6 +6,8 @@ filters entries file by file (no shuffle); a merge groups them by Orthanc study 
 section measures, on a generated archive (default 10,000 instances: 200 studies x 2 series x
 25 instances, one patient per study, each a clone of one small CT with new UIDs):
 
+- ``plain file copy``: ``read_bytes`` + ``write_bytes`` of every input file into a scratch
+  folder, the baseline of the ``vs copy`` column (the copy's wall time over the measure's);
 - ``header loop``: plain Python, read every header (``stop_before_pixels``) - the floor;
 - ``index, split``: the Beam index pass without grouping;
 - ``index, merge``: the same with ``GroupByKey`` by study;
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -189,13 +192,29 @@ def group_by_study(instances: int, workers_list: list[int], repeat: int, workdir
     scratch.mkdir(exist_ok=True)
     results: list[dict[str, Any]] = []
 
+    copy_wall = 0.0
+
     def record(name: str, workers: int, timing: tuple[float, float, Any], detail: str = "") -> None:
         wall, cpu, _ = timing
+        vs_copy = copy_wall / wall if wall else 0.0
         results.append({"measure": name, "workers": workers, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                        "instances_per_wall_s": round(instances / wall), "load": os.getloadavg()[0],
-                        "detail": detail})  # fmt: skip
-        print(f"{name:<38} workers={workers}  wall {wall:6.2f} s ({instances / wall:6.0f} inst/s)  "
-              f"cpu {cpu:6.2f} s  load {os.getloadavg()[0]:.1f}  {detail}", flush=True)  # fmt: skip
+                        "instances_per_wall_s": round(instances / wall), "vs_copy": round(vs_copy, 4),
+                        "load": os.getloadavg()[0], "detail": detail})  # fmt: skip
+        print(f"{name:<38} workers={workers}  wall {wall:6.2f} s ({instances / wall:6.0f} inst/s, "
+              f"{vs_copy:5.2f} of the copy)  cpu {cpu:6.2f} s  load {os.getloadavg()[0]:.1f}  {detail}",
+              flush=True)  # fmt: skip
+
+    def copy_all() -> int:
+        target = scratch / "copy"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        for n, path in enumerate(paths):
+            (target / f"{n:06d}.dcm").write_bytes(path.read_bytes())
+        return len(paths)
+
+    timing = _median(copy_all, repeat)
+    copy_wall = timing[0]
+    record("plain file copy (baseline)", 1, timing, f"{timing[2]} files")
 
     timing = _median(
         lambda: [sm.index_entry(str(p), smf.read_header(str(p), p.stat().st_size, 1 << 30)) for p in paths], repeat

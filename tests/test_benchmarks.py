@@ -88,3 +88,43 @@ def test_pipeline_benchmark_writes_every_file_and_reports_durable_figures(bench_
     assert rows[0]["peak_tree_pss_MiB"] is None  # the copy runs in the benchmark's own process
     for row in rows[1:]:  # the command's whole process tree holds at least its main process
         assert row["peak_tree_pss_MiB"] > 20 and row["peak_rss_MiB"] > 20
+
+
+def test_transcode_benchmark_reports_each_target_against_the_copy(bench_samples: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    rle, explicit = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1"
+    done = _run("transcode.py", "--samples", str(bench_samples), "--repeat", "1", "--targets", rle, explicit,
+                "--no-verify-too", "--json", str(out), cwd=tmp_path)  # fmt: skip
+    assert done.stdout.startswith("6 files (all sources)")  # 5 generated + CT_small; README.txt left out
+    rows = json.loads(out.read_text())
+    assert [(r["target"], r["verify"]) for r in rows] == [
+        ("copy", None), ("none", True), (rle, True), (rle, False), (explicit, True), (explicit, False)]
+    assert rows[0]["vs_copy"] == rows[1]["vs_none"] == 1.0 and rows[0]["out_over_in"] == 1.0
+    for row in rows:
+        assert (row["ok"], row["refused"]) == (6, 0), row  # every file, every target: lossless, no refusal
+        assert row["files_per_s"] > 0 and row["files_per_wall_s"] > 0
+        assert row["vs_copy"] == pytest.approx(row["files_per_wall_s"] / rows[0]["files_per_wall_s"], rel=1e-3)
+    assert rows[2]["out_over_in"] < 1.0  # RLE compresses the generated images
+
+
+def test_splitmerge_benchmark_measures_the_grouping_against_the_copy(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    _run("splitmerge.py", "--instances", "100", "--workers", "1", "--repeat", "1", "--json", str(out), cwd=tmp_path)
+    rows = {r["measure"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == [
+        "plain file copy (baseline)", "header loop (plain Python)", "empty pipeline (overhead)",
+        "index, split (no shuffle)", "index, merge (GroupByKey by study)", "in-memory entries, keyed",
+        "in-memory entries, keyed + GroupByKey", "plan_merge over the index (driver)",
+        "split end to end (2 passes)", "merge end to end (2 passes)"]  # fmt: skip
+    assert rows["plain file copy (baseline)"]["vs_copy"] == 1.0
+    # 100 instances = 2 studies x 2 series x 25: the split's study is one of them; the merge
+    # moves the other study's 50 instances; the grouping leaves one group per study
+    assert rows["plain file copy (baseline)"]["detail"] == "100 files"
+    assert rows["header loop (plain Python)"]["detail"] == "100 entries"
+    assert rows["index, split (no shuffle)"]["detail"] == "50 entries kept"
+    assert rows["index, merge (GroupByKey by study)"]["detail"] == "100 entries kept"
+    assert rows["in-memory entries, keyed + GroupByKey"]["detail"] == "2 groups"
+    assert rows["plan_merge over the index (driver)"]["detail"] == "50 moved"
+    assert rows["split end to end (2 passes)"]["detail"] == rows["merge end to end (2 passes)"]["detail"] == "exit 0"
+    for name, row in rows.items():
+        assert row["wall_s"] >= 0 and row["cpu_s"] >= 0, name
