@@ -373,6 +373,48 @@ def test_repeated_tag_keeps_one_element():
     assert len([t for t in out.keys() if t == 0x00100010]) == 1
 
 
+def _undefined_explicit_sequence(tag: int, item: bytes) -> bytes:
+    return (struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, len(item))
+            + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))  # fmt: skip
+
+
+@pytest.mark.parametrize("first", ["charset", "sequence"])
+@pytest.mark.parametrize("pydicom_path", ["forced", "invalid VR"])
+def test_elements_dropped_as_repeated_never_reach_the_output(first: str, pydicom_path: str, monkeypatch):
+    """A block of elements repeated later in the file (a damaged copy): the reader keeps the
+    last of each tag. On pydicom's path, an element pydicom decodes (SpecificCharacterSet, a
+    sequence) used to span up to the next element kept, so the writer copied the dropped
+    block with it: the first PatientName in the clear after anonymization, and an element
+    with an invalid VR that made the output unreadable (mutation run, seed 35)."""
+    from tests.pipeline_support import KEY
+    from transforms.engine import apply
+    from transforms.request import parse_anonymize
+
+    item = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 4) + b"CODE"
+    head = (struct.pack("<HH2sH", 0x0008, 0x0005, b"CS", 10) + b"ISO_IR 100" if first == "charset"
+            else _undefined_explicit_sequence(0x00081032, item))  # fmt: skip
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    dropped = element(0x00080016, b"UI", b"1.2.3\0") + element(0x00100010, b"PN", b"LEAK^FIRST")
+    if pydicom_path == "invalid VR":
+        dropped += element(0x00100020, b"PS", b"ISO_IR 100")  # the fast scanner gives up
+    else:
+        monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)
+    kept = b"".join(element(t, vr, v) for t, vr, v in [
+        _UIDS[0], _UIDS[1], (0x00100010, b"PN", b"KEPT^NAME "), (0x00100020, b"LO", b"ID12"), *_UIDS[2:]])
+    data = _explicit_file([]) + head + dropped + kept
+    ds = dicomio.read_dataset(data)
+    assert (str(ds.PatientName), ds.PatientID) == ("KEPT^NAME", "ID12")
+    unchanged = dicomio.write_dataset(ds)
+    anonymized = dicomio.write_dataset(apply(parse_anonymize({}), ds, KEY))
+    for out in (unchanged, anonymized):
+        assert b"LEAK" not in out and b"\x10\x00\x20\x00PS" not in out
+        dicomio.read_dataset(out)  # reads back
+    assert pydicom.dcmread(BytesIO(unchanged)).PatientName == "KEPT^NAME"
+    assert pydicom.dcmread(BytesIO(anonymized)).PatientName == KEY.patient_name("KEPT^NAME")
+
+
 def _with_meta_syntax(data: bytes, old: bytes, new: bytes) -> bytes:
     """``data`` with the meta TransferSyntaxUID value ``old`` replaced by ``new`` (same parity)."""
     header = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(old))

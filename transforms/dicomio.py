@@ -56,6 +56,7 @@ from transforms.tags import SQ_TAGS  # how implicit VR sequences are known
 
 # Raw VRs whose explicit-VR header carries a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_LONG_VR_BYTES = frozenset(vr.encode("ascii") for vr in _LONG_VRS)
 
 #: Our implementation class UID: a UUID-derived UID under 2.25 (PS3.5 B.2), fixed forever.
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://dicom-deid/implementation").int)
@@ -444,12 +445,37 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
             return  # layout we do not understand: the writer uses the slow path
         if type(elem) is RawDataElement and elem.length != 0xFFFFFFFF:
             value_end = elem.value_tell + elem.length
-            if value_end != end and (i + 1 < len(starts) or any(data[value_end:end])):
-                # Bytes between this element and the next one pydicom kept: elements it
-                # dropped (a repeated tag keeps one). The span would copy them: slow path.
+        else:  # a value pydicom decoded (a character set, a sequence) or an undefined length
+            value_end = _element_end(data, start, int(tag), implicit, little)
+            if value_end is None:
                 return
+        if value_end != end and (i + 1 < len(starts) or any(data[value_end:end])):
+            # Bytes between this element and the next one pydicom kept: elements it
+            # dropped (a repeated tag keeps one). The span would copy them, unchanged by
+            # the request (a second PatientName in the clear): slow path.
+            return
         spans[int(tag)] = (elem, start, end)
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, implicit, little, spans=spans))
+
+
+def _element_end(data: bytes, start: int, tag: int, implicit: bool, little: bool) -> int | None:
+    """Where the element ``tag`` whose header is at ``start`` ends, read from its header (and,
+    for an undefined length, by walking its items or fragments to the delimiter); None when
+    that walk fails."""
+    try:
+        if implicit:
+            length = struct.unpack_from("<I" if little else ">I", data, start + 4)[0]
+            header = 8
+        elif bytes(data[start + 4 : start + 6]) in _LONG_VR_BYTES:
+            length = struct.unpack_from("<I" if little else ">I", data, start + 8)[0]
+            header = 12
+        else:
+            return start + 8 + struct.unpack_from("<H" if little else ">H", data, start + 6)[0]
+        if length != 0xFFFFFFFF:
+            return start + header + length
+        return _skip_undefined(data, start + header, len(data), implicit, little, 1, items=tag != 0x7FE00010) + 8
+    except (InputError, _GiveUp, struct.error, RecursionError):
+        return None
 
 
 def _check_read_to_the_end(data: bytes, stopped: int, ds: Dataset) -> None:
