@@ -941,3 +941,147 @@ def test_a_changed_element_that_cannot_be_encoded_is_invalid_value_naming_it():
     with pytest.raises(InputError, match=r"^element \(0018,0095\) cannot be encoded: its value does not fit its VR$") as refused:
         dicomio.write_dataset(ds)
     assert refused.value.reason == "invalid_value"
+
+
+# --------------------------------------------------------------------------- explicit to implicit VR by bytes
+
+
+def _normalised(data: bytes) -> dict:
+    """The elements of a written data set as pydicom reads them, text padding (NUL or space)
+    and surrounding spaces of numbers left out: what pydicom's writer changes and the byte path
+    keeps."""
+
+    def norm(ds: Dataset) -> dict:
+        out = {}
+        for elem in ds:
+            if elem.VR == "SQ":
+                out[int(elem.tag)] = [norm(item) for item in elem.value]
+                continue
+            value = elem.value
+            if isinstance(value, (bytes, bytearray)):
+                value = bytes(value).strip(b"\0 ")
+            elif isinstance(value, str):
+                value = value.strip("\0 ")
+            out[int(elem.tag)] = (elem.VR, repr(value))
+        return out
+
+    return norm(pydicom.dcmread(BytesIO(data), force=True))
+
+
+def _by_pydicom(monkeypatch: pytest.MonkeyPatch, ds: Dataset, syntax: str) -> bytes:
+    def give_up(ds: Dataset) -> bytes:
+        raise dicomio._NotPlain
+
+    with monkeypatch.context() as m:
+        m.setattr(dicomio, "_implicit_body", give_up)
+        return dicomio.write_dataset(ds, syntax)
+
+
+def test_explicit_to_implicit_by_bytes_reads_as_pydicoms_writer(samples, monkeypatch):
+    """Every explicit VR little endian sample (and each anonymized), written in implicit VR:
+    the byte path's output reads as the same elements and values as pydicom's writer's, every
+    value's bytes kept. It is taken for all of them (no fallback)."""
+    from transforms.engine import apply
+    from transforms.identity import Key
+    from transforms.request import parse_anonymize
+
+    key, anonymize = Key.from_bytes(b"writer-test-key-0123456789abcdef"), parse_anonymize({})
+    fell_back = []
+    real_slow = dicomio._slow_body
+    monkeypatch.setattr(dicomio, "_slow_body", lambda *a: fell_back.append(1) or real_slow(*a))
+    compared = identical = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        try:
+            ds = dicomio.read_dataset(path.read_bytes())
+        except InputError:
+            continue
+        if dicomio.transfer_syntax_of(ds) != "1.2.840.10008.1.2.1":
+            continue
+        for out in (ds, apply(anonymize, ds, key)):
+            fast = dicomio.write_dataset(out, "1.2.840.10008.1.2")
+            assert not fell_back, path.name
+            slow = _by_pydicom(monkeypatch, out, "1.2.840.10008.1.2")
+            fell_back.clear()
+            if fast == slow:
+                identical += 1
+            else:
+                try:
+                    expected = _normalised(slow)
+                except AttributeError:  # US-or-SS without PixelRepresentation: pydicom cannot read it
+                    continue
+                assert _normalised(fast) == expected, path.name
+            assert dicomio.read_dataset(fast).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+            compared += 1
+    assert compared >= 80 and identical >= 30
+
+
+def test_explicit_to_implicit_by_bytes_rewrites_every_header_and_length():
+    """Nested sequences of both length kinds, items of both kinds, a group length inside an item
+    (pydicom's writer drops it; so does the byte path), a long-VR element: exact bytes."""
+
+    def explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"OB", b"SQ", b"UN", b"UT"):
+            return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    def implicit(tag: int, value: bytes, length: int | None = None) -> bytes:
+        return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value) if length is None else length) + value
+
+    item_end, seq_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0), struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    code = explicit(0x00080100, b"SH", b"CODE") + explicit(0x00080104, b"LO", b"a meaning ")
+    inner = explicit(0x00081150, b"UI", b"1.2.3\0") + explicit(0x00081155, b"UI", b"1.2.3.4\0")
+    undefined_inner = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+                       + inner + item_end + seq_end)  # fmt: skip
+    item = explicit(0x00080000, b"UL", struct.pack("<I", 99)) + code + undefined_inner
+    body = [
+        (0x00080016, b"UI", b"1.2.3\0"), (0x00080018, b"UI", b"1.2.3.4\0"),
+        (0x00081032, b"SQ", struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item),
+        (0x00100010, b"PN", b"Doe^Jane"), (0x0020000D, b"UI", b"1.2.3.5\0"), (0x0020000E, b"UI", b"1.2.3.6\0"),
+        (0x00204000, b"LT", b"text"), (0x00420011, b"OB", b"\x01\x02"),
+    ]  # fmt: skip
+    meta = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", 20) + b"1.2.840.10008.1.2.1\0"
+    data = b"\0" * 128 + b"DICM" + meta + b"".join(explicit(*e) for e in body)
+    ds = dicomio.read_dataset(data)
+    out = dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    implicit_inner = implicit(0x00081150, b"1.2.3\0") + implicit(0x00081155, b"1.2.3.4\0")
+    implicit_item = (implicit(0x00080100, b"CODE") + implicit(0x00080104, b"a meaning ")
+                     + implicit(0x00081140, struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + implicit_inner + item_end, 0xFFFFFFFF)
+                     + seq_end)  # fmt: skip
+    expected = b"".join([
+        implicit(0x00080016, b"1.2.3\0"), implicit(0x00080018, b"1.2.3.4\0"),
+        implicit(0x00081032, struct.pack("<HHI", 0xFFFE, 0xE000, len(implicit_item)) + implicit_item),
+        implicit(0x00100010, b"Doe^Jane"), implicit(0x0020000D, b"1.2.3.5\0"), implicit(0x0020000E, b"1.2.3.6\0"),
+        implicit(0x00204000, b"text"), implicit(0x00420011, b"\x01\x02"),
+    ])  # fmt: skip
+    assert out.endswith(expected)
+    assert dicomio.read_dataset(out).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert out == _by_pydicom(pytest.MonkeyPatch(), ds, "1.2.840.10008.1.2")
+
+
+@pytest.mark.parametrize("case", ["odd length", "unsorted item", "undefined-length UN"])
+def test_explicit_to_implicit_leaves_to_pydicom_what_it_would_change(case: str, monkeypatch):
+    """What pydicom's writer would not keep as it is (an odd length it pads, an item whose
+    elements it sorts, an undefined-length UN it parses) goes to its writer: the output is
+    the one pydicom writes."""
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    if case == "odd length":
+        extra = element(0x00100010, b"PN", b"Doe")
+    elif case == "unsorted item":
+        item = element(0x00081155, b"UI", b"1.2.3.4\0") + element(0x00081150, b"UI", b"1.2.3\0")
+        extra = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item) + 8) + struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+    else:
+        item = struct.pack("<HHI", 0x0008, 0x1150, 6) + b"1.2.3\0"
+        extra = (struct.pack("<HH2sHI", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, len(item))
+                 + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))  # fmt: skip
+    meta = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", 20) + b"1.2.840.10008.1.2.1\0"
+    body = b"".join(element(t, vr, v) for t, vr, v in _UIDS[:2]) + extra + b"".join(element(t, vr, v) for t, vr, v in _UIDS[2:])
+    ds = dicomio.read_dataset(b"\0" * 128 + b"DICM" + meta + body)
+    calls = []
+    real = dicomio._slow_body
+    monkeypatch.setattr(dicomio, "_slow_body", lambda *a: calls.append(1) or real(*a))
+    out = dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert calls == [1]
+    monkeypatch.setattr(dicomio, "_slow_body", real)
+    assert out == _by_pydicom(monkeypatch, ds, "1.2.840.10008.1.2")

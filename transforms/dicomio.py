@@ -1255,6 +1255,11 @@ def write_parts(ds: Dataset, transfer_syntax: str | None = None) -> list[Any]:
             parts.insert(0, head)
             return parts
         body = b"".join(parts)
+    elif implicit and little:
+        try:
+            body = _implicit_body(ds)  # explicit VR little endian elements: new headers only
+        except _NotPlain:
+            body = _slow_body(ds, implicit, little)
     else:
         body = _slow_body(ds, implicit, little)
     if deflated:
@@ -1675,6 +1680,177 @@ def _slow_body(ds: Dataset, implicit: bool, little: bool) -> bytes:
         raise InputError(f"{_unwritable(body, implicit, little)} cannot be re-encoded in the output's "
                          "transfer syntax: its value does not fit its VR", reason="invalid_value") from None
     return encoded
+
+
+class _NotPlain(Exception):
+    """Left to pydicom's writer by :func:`_implicit_body`."""
+
+
+_IMPLICIT_HEADER = struct.Struct("<HHI")
+_TAG_LE = struct.Struct("<HH")
+_U16_LE = struct.Struct("<H")
+_U32_LE = struct.Struct("<I")
+_IMPLICIT_ITEM_END = _IMPLICIT_HEADER.pack(0xFFFE, 0xE00D, 0)
+_IMPLICIT_SEQUENCE_END = _IMPLICIT_HEADER.pack(0xFFFE, 0xE0DD, 0)
+
+
+def _implicit_body(ds: Dataset) -> bytes:
+    """``ds`` encoded in implicit VR little endian when its elements were read in explicit VR
+    little endian: each element keeps the bytes of its value and gets an implicit header, at
+    every depth (sequence and item lengths recomputed), so a transcode between the two costs
+    about what copying costs. Changed elements (not raw) are encoded by pydicom, one by one.
+    What pydicom's writer would do otherwise than keep the bytes raises :class:`_NotPlain` and
+    the caller uses :func:`_slow_body`: elements read in another encoding, an odd length (which
+    pydicom pads), an undefined length other than a sequence's, unsorted or repeated tags
+    inside an item, nesting beyond ``_MAX_DEPTH``. Kept bytes include text padding as read
+    (pydicom's writer rewrites NUL padding as spaces, as the unchanged-syntax path does not)."""
+    return b"".join(_implicit_elements(ds, _character_set(ds), 0))
+
+
+def _implicit_elements(ds: Dataset, encodings: Any, depth: int) -> list[Any]:
+    parts: list[Any] = []
+    pack = _IMPLICIT_HEADER.pack
+    for tag in sorted(int(t) for t in ds._dict):
+        if _excluded(tag) if depth == 0 else (tag & 0xFFFF) == 0 and (tag >> 16) > 6:
+            continue  # (in items, pydicom's writer drops group lengths only)
+        elem = ds._dict[tag]
+        if type(elem) is RawDataElement:
+            if elem.is_implicit_VR is not False or not elem.is_little_endian:
+                raise _NotPlain
+            value = elem.value
+            if elem.VR == "SQ":
+                data = value if value is not None else b""
+                items = _implicit_items(data, 0, len(data), depth + 1)
+                if elem.length == 0xFFFFFFFF:
+                    parts += (pack(tag >> 16, tag & 0xFFFF, 0xFFFFFFFF), items, _IMPLICIT_SEQUENCE_END)
+                else:
+                    parts += (pack(tag >> 16, tag & 0xFFFF, len(items)), items)
+                continue
+            if value is None or elem.length == 0xFFFFFFFF or len(value) & 1:
+                raise _NotPlain
+            parts += (pack(tag >> 16, tag & 0xFFFF, len(value)), value)
+        elif elem.VR == "SQ" and type(elem.value) is Sequence:
+            items = []
+            for item in elem.value:
+                own = item._dict.get(0x00080005)
+                if depth + 1 > _MAX_DEPTH:
+                    raise _NotPlain
+                body = b"".join(_implicit_elements(item, _character_set(item) if own is not None else encodings,
+                                                   depth + 1))  # fmt: skip
+                if getattr(item, "is_undefined_length_sequence_item", False):
+                    items += (pack(0xFFFE, 0xE000, 0xFFFFFFFF), body, _IMPLICIT_ITEM_END)
+                else:
+                    items += (pack(0xFFFE, 0xE000, len(body)), body)
+            joined = b"".join(items)
+            if elem.is_undefined_length:
+                parts += (pack(tag >> 16, tag & 0xFFFF, 0xFFFFFFFF), joined, _IMPLICIT_SEQUENCE_END)
+            else:
+                parts += (pack(tag >> 16, tag & 0xFFFF, len(joined)), joined)
+        else:
+            parts.append(_encode_element(ds, elem, True, True, encodings))
+    return parts
+
+
+def _implicit_items(data: Any, pos: int, end: int, depth: int) -> bytes:
+    """The items of an explicit VR little endian sequence value ``data[pos:end]``, in implicit VR."""
+    if depth > _MAX_DEPTH:
+        raise _NotPlain
+    items: list[Any] = []
+    while pos < end:
+        if end - pos < 8:
+            raise _NotPlain
+        group, element = _TAG_LE.unpack_from(data, pos)
+        length = _U32_LE.unpack_from(data, pos + 4)[0]
+        if (group << 16 | element) != _ITEM:
+            raise _NotPlain
+        pos += 8
+        if length == 0xFFFFFFFF:
+            body, pos = _implicit_item(data, pos, end, depth, undefined=True)
+            items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, 0xFFFFFFFF), body, _IMPLICIT_ITEM_END)
+        else:
+            if pos + length > end:
+                raise _NotPlain
+            body, _ = _implicit_item(data, pos, pos + length, depth, undefined=False)
+            pos += length
+            items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, len(body)), body)
+    return b"".join(items)
+
+
+def _implicit_item(data: Any, pos: int, end: int, depth: int, *, undefined: bool) -> tuple[bytes, int]:
+    """One item's elements from ``pos``: their implicit VR bytes and where the item ends."""
+    parts: list[Any] = []
+    pack = _IMPLICIT_HEADER.pack
+    last = -1
+    while pos < end:
+        if end - pos < 8:
+            raise _NotPlain
+        group, element = _TAG_LE.unpack_from(data, pos)
+        tag = group << 16 | element
+        if tag == _ITEM_END:
+            if not undefined:
+                raise _NotPlain
+            return b"".join(parts), pos + 8
+        if tag <= last:
+            raise _NotPlain  # pydicom sorts the elements of an item and keeps one of a repeated tag
+        last = tag
+        vr = bytes(data[pos + 4 : pos + 6])
+        if vr in _LONG_VR_BYTES:
+            if end - pos < 12:
+                raise _NotPlain
+            length = _U32_LE.unpack_from(data, pos + 8)[0]
+            pos += 12
+        elif vr.isalpha() and vr.isupper():
+            length = _U16_LE.unpack_from(data, pos + 6)[0]
+            pos += 8
+        else:
+            raise _NotPlain
+        dropped = element == 0 and group > 6  # a group length: pydicom's writer drops it
+        if length == 0xFFFFFFFF:
+            if vr != b"SQ":
+                raise _NotPlain
+            items, pos = _implicit_undefined_items(data, pos, end, depth + 1)
+            if not dropped:
+                parts += (pack(group, element, 0xFFFFFFFF), items, _IMPLICIT_SEQUENCE_END)
+            continue
+        if pos + length > end or length & 1:
+            raise _NotPlain
+        if not dropped:
+            if vr == b"SQ":
+                items = _implicit_items(data, pos, pos + length, depth + 1)
+                parts += (pack(group, element, len(items)), items)
+            else:
+                parts += (pack(group, element, length), data[pos : pos + length])
+        pos += length
+    if undefined:
+        raise _NotPlain
+    return b"".join(parts), pos
+
+
+def _implicit_undefined_items(data: Any, pos: int, end: int, depth: int) -> tuple[bytes, int]:
+    """The items of an undefined-length sequence from ``pos`` up to its delimiter (consumed)."""
+    if depth > _MAX_DEPTH:
+        raise _NotPlain
+    items: list[Any] = []
+    while True:
+        if end - pos < 8:
+            raise _NotPlain
+        group, element = _TAG_LE.unpack_from(data, pos)
+        length = _U32_LE.unpack_from(data, pos + 4)[0]
+        tag = group << 16 | element
+        if tag == _SEQ_END:
+            return b"".join(items), pos + 8
+        if tag != _ITEM:
+            raise _NotPlain
+        pos += 8
+        if length == 0xFFFFFFFF:
+            body, pos = _implicit_item(data, pos, end, depth, undefined=True)
+            items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, 0xFFFFFFFF), body, _IMPLICIT_ITEM_END)
+        else:
+            if pos + length > end:
+                raise _NotPlain
+            body, _ = _implicit_item(data, pos, pos + length, depth, undefined=False)
+            pos += length
+            items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, len(body)), body)
 
 
 def _pydicom_body(body: Dataset, implicit: bool, little: bool) -> bytes:
