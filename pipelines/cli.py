@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+from itertools import islice
 import shutil
 import signal
 import sys
@@ -431,27 +432,97 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
             raise UsageError(f"{name}: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)")
         if folder is not None and _scheme(folder) in (None, "file"):
             _refuse_file_in_the_way(name, folder)
-    # Compared as real paths: a symbolic link must not hide OUTPUT inside INPUT.
+    # Compared as real paths: a symbolic link must not hide OUTPUT inside INPUT (and by device
+    # and inode, see _inside_local: nor a bind mount).
     base = _real(input_uri if _scheme(input_uri) is None and os.path.exists(input_uri) else _glob_base(input_uri))
     output, audit = _real(output), _real(audit)
     crosswalk = _real(crosswalk) if crosswalk is not None else None
-    if _inside(output, base) or _inside(base, output):
+    if _inside_local(output, base) or _inside_local(base, output):
         raise UsageError("OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
-    if _inside(audit, output):
+    if _inside_local(audit, output):
         raise UsageError("--audit is inside OUTPUT: the audit must live beside the output, not in it")
-    if _inside(audit, base):
+    if _inside_local(audit, base):
         raise UsageError("--audit is inside INPUT: it would be read as input by the next run")
-    if _inside(output, audit):
+    if _inside_local(output, audit):
         raise UsageError("OUTPUT is inside --audit: the audit folder must hold the audit only")
     if crosswalk is not None:
-        if _inside(crosswalk, output):
+        if _inside_local(crosswalk, output):
             raise UsageError("--crosswalk is inside OUTPUT: original identifiers must never sit with the output")
-        if _inside(crosswalk, base):
+        if _inside_local(crosswalk, base):
             raise UsageError("--crosswalk is inside INPUT: it would be read as input by the next run")
-        if _inside(crosswalk, audit):
+        if _inside_local(crosswalk, audit):
             raise UsageError("--crosswalk is inside --audit: keep original identifiers apart from the audit")
-        if _inside(output, crosswalk) or _inside(audit, crosswalk) or _inside(base, crosswalk):
+        if _inside_local(output, crosswalk) or _inside_local(audit, crosswalk) or _inside_local(base, crosswalk):
             raise UsageError("OUTPUT, --audit or INPUT is inside --crosswalk: keep original identifiers apart")
+    _refuse_earlier_runs_files(output, audit, crosswalk)
+
+
+def _inside_local(child: str, parent: str) -> bool:
+    """:func:`_inside`, and for local paths also where ``child`` reaches ``parent`` by another
+    name (a bind mount, as in ``docker run -v /data:/in -v /data/deid:/out``): one of its
+    existing ancestors is ``parent``'s very folder (same device and inode)."""
+    if _inside(child, parent):
+        return True
+    if _scheme(child) is not None or _scheme(parent) is not None:
+        return False
+    try:
+        target = os.stat(parent)
+    except OSError:
+        return False
+    path = _existing_ancestor(child)
+    while True:
+        try:
+            if os.path.samestat(os.stat(path), target):
+                return True
+        except OSError:
+            return False
+        up = os.path.dirname(path)
+        if up == path:
+            return False
+        path = up
+
+
+#: Entries looked at in an existing OUTPUT (study folders can number millions).
+_EARLIER_RUN_SCAN = 10_000
+_UID_NAME = re.compile(r"[0-9]+(\.[0-9]+)+")
+
+
+def _earlier_run_files(folder: str | None) -> set[str]:
+    """What an earlier run left at the top of the existing local ``folder``, by the names this
+    command writes: ``output`` (``*.dcm``, a study folder named by its UID), ``audit``
+    (``audit-*.parquet``, ``summary*.json``), ``crosswalk`` (``crosswalk-*.parquet``)."""
+    found: set[str] = set()
+    if folder is None or _scheme(folder) is not None or not os.path.isdir(folder):
+        return found
+    try:
+        with os.scandir(folder) as entries:
+            for entry in islice(entries, _EARLIER_RUN_SCAN):
+                name = entry.name
+                if name.endswith(".parquet") and name.startswith("crosswalk-"):
+                    found.add("crosswalk")
+                elif (name.endswith(".parquet") and name.startswith("audit-")) or (
+                        name.startswith("summary") and name.endswith(".json")):
+                    found.add("audit")
+                elif name.lower().endswith(".dcm") or (_UID_NAME.fullmatch(name) and entry.is_dir()):
+                    found.add("output")
+    except OSError:
+        pass  # an unreadable folder is refused elsewhere (no permission to write in it)
+    return found
+
+
+def _refuse_earlier_runs_files(output: str, audit: str, crosswalk: str | None) -> None:
+    """Refuse a folder that already holds another kind of output of an earlier run: the
+    original identifiers of a crosswalk beside a release, an audit among the DICOM files (the
+    audit's readers take every file there for Parquet), DICOM files in an audit folder."""
+    what = {"output": "de-identified DICOM files", "audit": "an audit", "crosswalk": "a crosswalk"}
+    for name, folder, allowed in (("OUTPUT", output, "output"), ("--audit", audit, "audit"),
+                                  ("--crosswalk", crosswalk, "crosswalk")):
+        other = sorted(_earlier_run_files(folder) - {allowed})
+        if other:
+            held = " and ".join(what[kind] for kind in other)
+            raise UsageError(f"{name} {folder!r} already holds {held} of an earlier run: give {name} a folder "
+                             "of its own" + (" (original identifiers must never sit with the output)"
+                                             if "crosswalk" in other or allowed == "crosswalk" else ""))
 
 
 def _real(uri: str) -> str:
@@ -834,14 +905,19 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     plan = parse_plan(args.command, request, dictionary, getattr(args, "level", None))
     if request.get("KeepSource") is False:
         _err("note: KeepSource false is ignored: dicom-deid never deletes its inputs")
+    for note in plan.notes:
+        _err(f"note: {note}")
     key, key_uri = load_key(args.key_file)
     run_id = new_run_id()
 
     input_uri = normalize_input(args.input)
     output = normalize(args.output)
     local_in = _scheme(input_uri) is None
-    single = local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
-    if not single and output.lower().endswith(".dcm"):
+    # "out.dcm/" names a folder: the trailing separator is the user's word for it
+    as_folder = args.output.endswith(("/", os.sep))
+    single = (local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
+              and not as_folder)
+    if not single and output.lower().endswith(".dcm") and not as_folder:
         raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
 
     if single:  # (INPUT is an existing file; a pipeline's INPUT is checked in prepare_locations)
@@ -1006,6 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
         parser = build_parser()
         args, beam_args = parser.parse_known_args(argv)
+        _refuse_empty_paths(args)
         if args.command in ("anonymize", "modify"):
             return run_deid(args, beam_args)
         handler = getattr(args, "func", None)
@@ -1039,11 +1116,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in previous_term.items():
+            signal.signal(signum, handler)
         if _STOP_CHILDREN:
             _STOP_CHILDREN = False
             signal.signal(signal.SIGINT, previous_int)
+
+
+#: Path arguments, as named in messages.
+_PATH_ARGUMENTS = (("input", "INPUT"), ("output", "OUTPUT"), ("audit", "--audit"), ("crosswalk", "--crosswalk"),
+                   ("key_file", "--key-file"), ("config", "--config"))  # fmt: skip
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path (an unset ``"$OUT"`` in a script) is refused: taken as the current folder,
+    it would de-identify or write into wherever the command runs."""
+    for attribute, name in _PATH_ARGUMENTS:
+        value = getattr(args, attribute, None)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"{name} is empty: give a path (an unset shell variable?)")
 
 
 #: Set for Beam's multi_processing mode: a signal stops the command's child processes first.
@@ -1093,14 +1184,20 @@ def _stop_children() -> None:
             continue
 
 
-def _terminate_like_interrupt() -> Any:
-    """SIGTERM (``timeout``, schedulers, Kubernetes) unwinds like Ctrl-C, so the same cleanup
-    runs: split/merge's temporary index holds original identifiers and must not stay in
-    OUTPUT. Returns the previous handler (None when not on the main thread)."""
+def _terminate_like_interrupt() -> dict[int, Any]:
+    """SIGTERM (``timeout``, schedulers, Kubernetes) and SIGHUP (a closed terminal or SSH
+    session) unwind like Ctrl-C, so the same cleanup runs: split/merge's temporary index holds
+    original identifiers and must not stay in OUTPUT. SIGHUP only where it would kill the
+    process (under ``nohup`` it stays ignored). Returns the previous handlers to restore
+    (none when not on the main thread)."""
+    previous: dict[int, Any] = {}
     try:
-        return signal.signal(signal.SIGTERM, _on_terminate)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_terminate)
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_terminate)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
-        return None
+        pass
+    return previous
 
 
 def _storage_error(exc: BaseException) -> str | None:

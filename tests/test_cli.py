@@ -247,6 +247,110 @@ def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.Cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["anonymize", "IN", ""], "OUTPUT is empty: give a path (an unset shell variable?)"),
+        (["anonymize", "", "OUT"], "INPUT is empty: give a path (an unset shell variable?)"),
+        (["anonymize", "IN", "OUT", "--crosswalk", ""], "--crosswalk is empty: give a path (an unset shell variable?)"),
+        (["anonymize", "IN", "OUT", "--audit", " "], "--audit is empty: give a path (an unset shell variable?)"),
+        (["modify", "IN", "OUT", "--key-file", ""], "--key-file is empty: give a path (an unset shell variable?)"),
+        (["split", "IN", "", "--study", "1.2.3", "--body", "{}"], "OUTPUT is empty: give a path (an unset shell variable?)"),
+    ],
+)
+def test_an_empty_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, argv, message):
+    """An unset "$OUT" in a script: taken as the current folder, the run would write into (or
+    de-identify) wherever the command runs; refused before anything happens."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    argv = [{"IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out")}.get(a, a) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_folders_of_an_earlier_run_keep_their_own_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Checked within one run, the locations could still be mixed across runs: a crosswalk
+    (original identifiers) written into an earlier run's release, an audit among its DICOM
+    files, DICOM files into an earlier audit folder, an audit into an earlier crosswalk folder.
+    Each is refused before anything is written; a rerun into the same folders is not."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    key = ["--key-file", str(write_key(tmp_path)), "--quiet"]
+    rel1 = tmp_path / "rel1"
+    assert cli.main(["anonymize", str(tmp_path / "in"), str(rel1), "--crosswalk", str(tmp_path / "cw"), *key]) == 0
+    cases = [
+        ([str(tmp_path / "rel2"), "--crosswalk", str(rel1)],
+         f"--crosswalk {str(rel1)!r} already holds de-identified DICOM files of an earlier run: give --crosswalk a "
+         "folder of its own (original identifiers must never sit with the output)"),
+        ([str(tmp_path / "rel3"), "--audit", str(rel1)],
+         f"--audit {str(rel1)!r} already holds de-identified DICOM files of an earlier run: give --audit a folder of "
+         "its own"),
+        ([str(tmp_path / "rel1-audit")],
+         f"OUTPUT {str(tmp_path / 'rel1-audit')!r} already holds an audit of an earlier run: give OUTPUT a folder of "
+         "its own"),
+        ([str(tmp_path / "rel4"), "--audit", str(tmp_path / "cw")],
+         f"--audit {str(tmp_path / 'cw')!r} already holds a crosswalk of an earlier run: give --audit a folder of its "
+         "own (original identifiers must never sit with the output)"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert cli.main(["anonymize", str(tmp_path / "in"), *args, *key]) == cli.EXIT_USAGE
+        assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cw", "deid.key", "in", "rel1", "rel1-audit"]
+    # the same run again, into the same three folders
+    assert cli.main(["anonymize", str(tmp_path / "in"), str(rel1), "--crosswalk", str(tmp_path / "cw"), *key]) == 0
+
+
+def test_output_under_another_name_of_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """INPUT given by a bind mount's name (``docker run -v /data:/in``) and OUTPUT by the host's
+    (``/data/deid``): no path string says that OUTPUT is inside INPUT, and the run would read
+    its own outputs as inputs. OUTPUT's existing ancestors are compared by device and inode.
+    (Two bind mounts, ``-v /data:/in -v /data/deid:/out``, hide it from any path: README.)"""
+    data = tmp_path / "data"
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), data)
+    (tmp_path / "in").mkdir()
+    done = subprocess.run(["mount", "--bind", str(data), str(tmp_path / "in")], capture_output=True, check=False)
+    if done.returncode:
+        pytest.skip("bind mounts need root (mount --bind failed)")
+    try:
+        assert cli.main(["anonymize", str(tmp_path / "in"), str(data / "deid"), "--audit", str(tmp_path / "audit"),
+                         "--key-file", str(write_key(tmp_path))]) == cli.EXIT_USAGE  # fmt: skip
+        assert _one_line_error(capsys.readouterr().err) == (
+            "dicom-deid: OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
+        assert not (data / "deid").exists() and not (tmp_path / "audit").exists()
+    finally:
+        subprocess.run(["umount", str(tmp_path / "in")], check=False)
+
+
+def test_an_output_name_ending_in_a_separator_is_a_folder(tmp_path: Path):
+    """``new.dcm/`` names a folder: one input file is written into it, as a pipeline output;
+    an existing folder named ``x.dcm`` is a valid OUTPUT for a folder INPUT."""
+    key = ["--key-file", str(write_key(tmp_path)), "--quiet"]
+    assert cli.main(["anonymize", str(CT), str(tmp_path / "new.dcm") + "/", *key]) == 0
+    assert (tmp_path / "new.dcm").is_dir()
+    (written,) = (tmp_path / "new.dcm").rglob("*.dcm")
+    assert pydicom.dcmread(written).PatientIdentityRemoved == "YES"
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    (tmp_path / "dir.dcm").mkdir()
+    assert cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "dir.dcm") + "/", *key]) == 0
+    assert len(list((tmp_path / "dir.dcm").rglob("*.dcm"))) == len(list((tmp_path / "in").rglob("*.dcm")))
+
+
+def test_one_tag_named_twice_in_replace_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """``PatientName`` and ``0010,0010`` in one Replace: Orthanc visits the names in sorted
+    order and keeps the last value; so do we (bodies are accepted verbatim), with a note that
+    names both spellings (never the values)."""
+    out = tmp_path / "o.dcm"
+    body = {"Replace": {"PatientName": "A^SECRET", "0010,0010": "B^SECRET"}}
+    assert cli.main(["modify", str(CT), str(out), "--body", json.dumps(body), "--key-file", str(write_key(tmp_path))]) == 0
+    assert capsys.readouterr().err == (
+        "dicom-deid: note: Replace names 'PatientName' (0010,0010) twice ('0010,0010' and 'PatientName'): the value "
+        "of 'PatientName', the later in name order, is used, as in Orthanc\n")
+    assert pydicom.dcmread(out).PatientName == "A^SECRET"
+    plan = request.parse_modify({"Replace": {"PatientName": "A"}})
+    assert plan.notes == () and request.parse_modify(body).notes != ()
+
+
 def test_an_existing_folder_is_taken_literally_whatever_its_name(tmp_path: Path):
     """``scan[1]`` names that folder, not a pattern that would match a sibling ``scan1``."""
     folder = tmp_path / "scan[1]"

@@ -307,10 +307,10 @@ files.process_file = slow
 """
 
 
-def _interrupt(child: subprocess.Popen, out: Path) -> None:
-    """Ctrl-C to the command's process group: "interrupted" (130), no traceback, no temporary
-    files left, and whatever was published is whole."""
-    os.killpg(child.pid, signal.SIGINT)
+def _interrupt(child: subprocess.Popen, out: Path, signum: int = signal.SIGINT) -> None:
+    """Ctrl-C (or a hangup) to the command's process group: "interrupted" (130), no traceback,
+    no temporary files left, and whatever was published is whole."""
+    os.killpg(child.pid, signum)
     _, err = child.communicate(timeout=120)
     assert child.returncode == cli.EXIT_INTERRUPTED, err
     assert err.strip().splitlines()[-1] == "dicom-deid: interrupted"
@@ -320,10 +320,12 @@ def _interrupt(child: subprocess.Popen, out: Path) -> None:
         assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"
 
 
-def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
-    """SIGINT to the whole process group (a terminal's Ctrl-C): the workers ignore it and finish
-    the file in hand, the command says "interrupted" (130), stops them and leaves no temporary
-    files; every published output is complete."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path, signum: int):
+    """SIGINT to the whole process group (a terminal's Ctrl-C), or SIGHUP (the terminal or SSH
+    session closed): the workers ignore it and finish the file in hand, the command says
+    "interrupted" (130), stops them and leaves no temporary files; every published output is
+    complete."""
     folder = tmp_path / "in"
     _inputs(folder, n_ct=12)
     started = tmp_path / "started"
@@ -342,11 +344,12 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path):
     workers.LocalPool.__init__ = announce
     """
     argv = _command(tmp_path, folder, _SLOW_FILES + textwrap.dedent(announce))
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # (not nohup's)
     pids = [int(p) for p in child.stdout.readline().split()]
     assert len(pids) == 2
     _wait_for(lambda: len(list(started.iterdir())) >= 2, "two files begun")  # of 12, 0.2 s each
-    _interrupt(child, tmp_path / "out")
+    _interrupt(child, tmp_path / "out", signum)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
 

@@ -109,6 +109,8 @@ class Plan:
     resources: tuple[str, ...] = ()
     keep_source: bool | None = None
     forced_uids: frozenset[int] = field(default=frozenset())  # hierarchy UIDs replaced by the user
+    #: What the command tells the user about the body without refusing it (no values).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def is_anonymization(self) -> bool:
@@ -173,6 +175,8 @@ class _Builder:
         self.remove_paths: list[TagPath] = []
         self.replace_paths: list[tuple[TagPath, Value]] = []
         self.customised = False
+        self.replace_names: dict[int, str] = {}  # top-level Replace tag -> the name that set it
+        self.notes: list[str] = []
 
     def _path(self, text: str, key: str) -> TagPath:
         return parse_path(text, key=key, dictionary=self.dictionary,
@@ -223,6 +227,13 @@ class _Builder:
             self.replace_paths.append((path, value))
             return
         tag = path.tag
+        earlier = self.replace_names.get(tag)
+        if earlier is not None:
+            # Orthanc visits the names in sorted order and keeps the last value: so do we
+            # (bodies are accepted verbatim), but not silently.
+            self.notes.append(f"Replace names {describe_tag(tag)} twice ({earlier!r} and {name!r}): the value "
+                              f"of {name!r}, the later in name order, is used, as in Orthanc")
+        self.replace_names[tag] = name
         self.removals.discard(tag)
         self.clearings.discard(tag)
         self.uids.discard(tag)
@@ -283,6 +294,7 @@ class _Builder:
             resources=common["resources"],
             keep_source=common["keep_source"],
             forced_uids=frozenset(self.replacements) & _HIERARCHY_UIDS,
+            notes=tuple(self.notes),
             **specific,
         )
 

@@ -125,10 +125,11 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
     # so that only the parent holds them and its death means end-of-file in every worker.
     for other in inherited:
         other.close()
-    # Ctrl-C reaches the whole process group: the parent stops the pool after the file each
-    # worker has in hand. SIGTERM: the parent's handler (raise KeyboardInterrupt) would unwind
-    # a worker mid-file; the default (end) is what a signal to a worker means.
+    # Ctrl-C and a hangup reach the whole process group: the parent stops the pool after the
+    # file each worker has in hand. SIGTERM: the parent's handler (raise KeyboardInterrupt)
+    # would unwind a worker mid-file; the default (end) is what a signal to a worker means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from transforms.files import forget_clients, process_file, quiet_pydicom_warnings
 
