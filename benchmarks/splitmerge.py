@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
+    # Beam's multi_processing workers log two warnings each per pipeline: noise between the rows
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="splitmerge-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

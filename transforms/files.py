@@ -641,7 +641,8 @@ class DuplicateInstanceError(DeidError):
 
 def duplicate_instance_error() -> DuplicateInstanceError:
     return DuplicateInstanceError(
-        "another input already produced this output name (same new SOPInstanceUID) with different content",
+        "this output name (same new SOPInstanceUID) already holds a file with different content: another "
+        "input of this run, or an earlier run's file (another body or key, or a damaged file)",
         reason="duplicate_instance",
     )
 
