@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-from itertools import islice
 import shutil
 import signal
 import sys
@@ -35,6 +34,7 @@ import threading
 import time
 import uuid
 import warnings
+from itertools import islice
 from typing import Any, Iterator, NoReturn, Sequence
 
 from pipelines import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: F401 - EXIT_* are this module's API too
@@ -459,8 +459,10 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
 
 def _inside_local(child: str, parent: str) -> bool:
     """:func:`_inside`, and for local paths also where ``child`` reaches ``parent`` by another
-    name (a bind mount, as in ``docker run -v /data:/in -v /data/deid:/out``): one of its
-    existing ancestors is ``parent``'s very folder (same device and inode)."""
+    name (INPUT named by a bind mount, ``docker run -v /data:/in``, OUTPUT by the host's path
+    ``/data/deid``): one of its existing ancestors is ``parent``'s very folder (same device and
+    inode). Two bind mounts (``-v /data:/in -v /data/deid:/out``) hide the nesting from every
+    path: the README asks for OUTPUT to be mounted outside INPUT."""
     if _inside(child, parent):
         return True
     if _scheme(child) is not None or _scheme(parent) is not None:
@@ -521,7 +523,7 @@ def _refuse_earlier_runs_files(output: str, audit: str, crosswalk: str | None) -
         if other:
             held = " and ".join(what[kind] for kind in other)
             raise UsageError(f"{name} {folder!r} already holds {held} of an earlier run: give {name} a folder "
-                             "of its own" + (" (original identifiers must never sit with the output)"
+                             "of its own" + (" (keep original identifiers apart)"
                                              if "crosswalk" in other or allowed == "crosswalk" else ""))
 
 

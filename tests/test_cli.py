@@ -282,7 +282,7 @@ def test_folders_of_an_earlier_run_keep_their_own_kind(tmp_path: Path, capsys: p
     cases = [
         ([str(tmp_path / "rel2"), "--crosswalk", str(rel1)],
          f"--crosswalk {str(rel1)!r} already holds de-identified DICOM files of an earlier run: give --crosswalk a "
-         "folder of its own (original identifiers must never sit with the output)"),
+         "folder of its own (keep original identifiers apart)"),
         ([str(tmp_path / "rel3"), "--audit", str(rel1)],
          f"--audit {str(rel1)!r} already holds de-identified DICOM files of an earlier run: give --audit a folder of "
          "its own"),
@@ -291,7 +291,7 @@ def test_folders_of_an_earlier_run_keep_their_own_kind(tmp_path: Path, capsys: p
          "its own"),
         ([str(tmp_path / "rel4"), "--audit", str(tmp_path / "cw")],
          f"--audit {str(tmp_path / 'cw')!r} already holds a crosswalk of an earlier run: give --audit a folder of its "
-         "own (original identifiers must never sit with the output)"),
+         "own (keep original identifiers apart)"),
     ]  # fmt: skip
     for args, message in cases:
         assert cli.main(["anonymize", str(tmp_path / "in"), *args, *key]) == cli.EXIT_USAGE
