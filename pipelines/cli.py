@@ -921,6 +921,8 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
               and not as_folder)
     if not single and output.lower().endswith(".dcm") and not as_folder:
         raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
+    if single and os.path.isdir(output):
+        raise UsageError(f"OUTPUT {output!r} is an existing folder: end it with / to write into it, or name a file")
 
     if single:  # (INPUT is an existing file; a pipeline's INPUT is checked in prepare_locations)
         check_names(input_uri, output, normalize(args.audit) if args.audit else None,

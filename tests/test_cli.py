@@ -322,7 +322,7 @@ def test_output_under_another_name_of_input_is_refused(tmp_path: Path, capsys: p
         subprocess.run(["umount", str(tmp_path / "in")], check=False)
 
 
-def test_an_output_name_ending_in_a_separator_is_a_folder(tmp_path: Path):
+def test_an_output_name_ending_in_a_separator_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """``new.dcm/`` names a folder: one input file is written into it, as a pipeline output;
     an existing folder named ``x.dcm`` is a valid OUTPUT for a folder INPUT."""
     key = ["--key-file", str(write_key(tmp_path)), "--quiet"]
@@ -334,6 +334,11 @@ def test_an_output_name_ending_in_a_separator_is_a_folder(tmp_path: Path):
     (tmp_path / "dir.dcm").mkdir()
     assert cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "dir.dcm") + "/", *key]) == 0
     assert len(list((tmp_path / "dir.dcm").rglob("*.dcm"))) == len(list((tmp_path / "in").rglob("*.dcm")))
+    # one file into an existing folder named like a file, without the separator: refused
+    assert cli.main(["anonymize", str(CT), str(tmp_path / "new.dcm"), *key]) == cli.EXIT_USAGE
+    assert _one_line_error(capsys.readouterr().err) == (
+        f"dicom-deid: OUTPUT {str(tmp_path / 'new.dcm')!r} is an existing folder: end it with / to write into it, "
+        "or name a file")
 
 
 def test_one_tag_named_twice_in_replace_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
