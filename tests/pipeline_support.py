@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import struct
 import warnings
 from io import BytesIO
@@ -113,3 +114,12 @@ def explicit_element(group: int, element: int, vr: bytes, value: bytes) -> bytes
     if vr in (b"OB", b"SQ", b"UT", b"UN", b"OW"):
         return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for a command a test will interrupt: SIGINT and SIGHUP as a terminal's
+    job has them. A script started in the background by a shell without job control (a CI
+    runner's ``cmd &``) passes SIGINT on ignored, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)

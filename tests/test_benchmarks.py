@@ -103,7 +103,8 @@ def test_transcode_benchmark_reports_each_target_against_the_copy(bench_samples:
     for row in rows:
         assert (row["ok"], row["refused"]) == (6, 0), row  # every file, every target: lossless, no refusal
         assert row["files_per_s"] > 0 and row["files_per_wall_s"] > 0
-        assert row["vs_copy"] == pytest.approx(row["files_per_wall_s"] / rows[0]["files_per_wall_s"], rel=1e-3)
+        # (both figures are rounded in the JSON: 4 decimals, 0.1 files/s)
+        assert row["vs_copy"] == pytest.approx(row["files_per_wall_s"] / rows[0]["files_per_wall_s"], rel=2e-3, abs=1e-4)
     assert rows[2]["out_over_in"] < 1.0  # RLE compresses the generated images
 
 

@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 
 from pipelines import cli
 from pipelines import run as pipeline_run
-from tests.pipeline_support import KEY, output_files, pydicom_converts_all, read_rows, write_key
+from tests.pipeline_support import KEY, default_signals, output_files, pydicom_converts_all, read_rows, write_key
 from tests.pipeline_support import explicit_element as _element
 from transforms import dicomio, files, request
 from transforms.beam import TMP_DIR_NAME, RunConfig, process_file
@@ -425,7 +425,8 @@ def test_ctrl_c_under_beams_threads_is_quiet_and_leaves_no_sink_temporaries(tmp_
     argv = _command(tmp_path, folder, textwrap.dedent(slow))
     at = argv.index("--processes")
     argv[at:at + 2] = mode
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             preexec_fn=default_signals)
     assert child.stdout.read(1) == b"r"
     time.sleep(1.0)  # files in flight in several threads
     os.killpg(child.pid, signal.SIGINT)

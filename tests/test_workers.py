@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from pipelines import cli
-from tests.pipeline_support import KEY, SECRET, output_files, read_rows, write_key
+from tests.pipeline_support import KEY, SECRET, default_signals, output_files, read_rows, write_key
 from tests.synthetic import make_study, write_study
 from transforms import files, request, workers
 from transforms.files import RunConfig
@@ -345,7 +345,7 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path, signum: int):
     """
     argv = _command(tmp_path, folder, _SLOW_FILES + textwrap.dedent(announce))
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # (not nohup's)
+                             preexec_fn=default_signals)
     pids = [int(p) for p in child.stdout.readline().split()]
     assert len(pids) == 2
     _wait_for(lambda: len(list(started.iterdir())) >= 2, "two files begun")  # of 12, 0.2 s each
@@ -548,7 +548,8 @@ def test_ctrl_c_before_the_pipeline_runs_leaves_no_temporaries(tmp_path: Path):
     run.pipeline_options = stuck
     """
     argv = _command(tmp_path, folder, _SLOW_FILES + textwrap.dedent(stuck))
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=default_signals)
     assert child.stdout.readline().strip() == "ready"
     out = tmp_path / "out"  # the workers are on their head start: one output is published
     _wait_for(lambda: any(files.TMP_DIR_NAME not in p.parts for p in out.rglob("*.dcm")), "a published file")
