@@ -1719,8 +1719,8 @@ def _implicit_elements(ds: Dataset, encodings: Any, depth: int) -> list[Any]:
                 raise _NotPlain
             value = elem.value
             if elem.VR == "SQ":
-                data = value if value is not None else b""
-                items = _implicit_items(data, 0, len(data), depth + 1)
+                data = value if value is not None else b""  # (without its delimiter)
+                items, _ = _implicit_items(data, 0, len(data), depth + 1, undefined=False)
                 if elem.length == 0xFFFFFFFF:
                     parts += (pack(tag >> 16, tag & 0xFFFF, 0xFFFFFFFF), items, _IMPLICIT_SEQUENCE_END)
                 else:
@@ -1751,17 +1751,24 @@ def _implicit_elements(ds: Dataset, encodings: Any, depth: int) -> list[Any]:
     return parts
 
 
-def _implicit_items(data: Any, pos: int, end: int, depth: int) -> bytes:
-    """The items of an explicit VR little endian sequence value ``data[pos:end]``, in implicit VR."""
+def _implicit_items(data: Any, pos: int, end: int, depth: int, *, undefined: bool) -> tuple[bytes, int]:
+    """The items of an explicit VR little endian sequence from ``pos``, in implicit VR, and
+    where they end: at ``end`` (a defined length), or past the sequence delimiter
+    (``undefined``; ``end`` then bounds the search)."""
     if depth > _MAX_DEPTH:
         raise _NotPlain
     items: list[Any] = []
-    while pos < end:
+    while True:
+        if not undefined and pos >= end:
+            return b"".join(items), pos
         if end - pos < 8:
             raise _NotPlain
         group, element = _TAG_LE.unpack_from(data, pos)
         length = _U32_LE.unpack_from(data, pos + 4)[0]
-        if (group << 16 | element) != _ITEM:
+        tag = group << 16 | element
+        if undefined and tag == _SEQ_END:
+            return b"".join(items), pos + 8
+        if tag != _ITEM:
             raise _NotPlain
         pos += 8
         if length == 0xFFFFFFFF:
@@ -1773,7 +1780,6 @@ def _implicit_items(data: Any, pos: int, end: int, depth: int) -> bytes:
             body, _ = _implicit_item(data, pos, pos + length, depth, undefined=False)
             pos += length
             items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, len(body)), body)
-    return b"".join(items)
 
 
 def _implicit_item(data: Any, pos: int, end: int, depth: int, *, undefined: bool) -> tuple[bytes, int]:
@@ -1808,7 +1814,7 @@ def _implicit_item(data: Any, pos: int, end: int, depth: int, *, undefined: bool
         if length == 0xFFFFFFFF:
             if vr != b"SQ":
                 raise _NotPlain
-            items, pos = _implicit_undefined_items(data, pos, end, depth + 1)
+            items, pos = _implicit_items(data, pos, end, depth + 1, undefined=True)
             if not dropped:
                 parts += (pack(group, element, 0xFFFFFFFF), items, _IMPLICIT_SEQUENCE_END)
             continue
@@ -1816,7 +1822,7 @@ def _implicit_item(data: Any, pos: int, end: int, depth: int, *, undefined: bool
             raise _NotPlain
         if not dropped:
             if vr == b"SQ":
-                items = _implicit_items(data, pos, pos + length, depth + 1)
+                items, _ = _implicit_items(data, pos, pos + length, depth + 1, undefined=False)
                 parts += (pack(group, element, len(items)), items)
             else:
                 parts += (pack(group, element, length), data[pos : pos + length])
@@ -1824,33 +1830,6 @@ def _implicit_item(data: Any, pos: int, end: int, depth: int, *, undefined: bool
     if undefined:
         raise _NotPlain
     return b"".join(parts), pos
-
-
-def _implicit_undefined_items(data: Any, pos: int, end: int, depth: int) -> tuple[bytes, int]:
-    """The items of an undefined-length sequence from ``pos`` up to its delimiter (consumed)."""
-    if depth > _MAX_DEPTH:
-        raise _NotPlain
-    items: list[Any] = []
-    while True:
-        if end - pos < 8:
-            raise _NotPlain
-        group, element = _TAG_LE.unpack_from(data, pos)
-        length = _U32_LE.unpack_from(data, pos + 4)[0]
-        tag = group << 16 | element
-        if tag == _SEQ_END:
-            return b"".join(items), pos + 8
-        if tag != _ITEM:
-            raise _NotPlain
-        pos += 8
-        if length == 0xFFFFFFFF:
-            body, pos = _implicit_item(data, pos, end, depth, undefined=True)
-            items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, 0xFFFFFFFF), body, _IMPLICIT_ITEM_END)
-        else:
-            if pos + length > end:
-                raise _NotPlain
-            body, _ = _implicit_item(data, pos, pos + length, depth, undefined=False)
-            pos += length
-            items += (_IMPLICIT_HEADER.pack(0xFFFE, 0xE000, len(body)), body)
 
 
 def _pydicom_body(body: Dataset, implicit: bool, little: bool) -> bytes:
