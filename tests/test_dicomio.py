@@ -1085,3 +1085,108 @@ def test_explicit_to_implicit_leaves_to_pydicom_what_it_would_change(case: str, 
     assert calls == [1]
     monkeypatch.setattr(dicomio, "_slow_body", real)
     assert out == _by_pydicom(monkeypatch, ds, "1.2.840.10008.1.2")
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def _header_elements(ds: Dataset) -> dict:
+    """Every top-level element of a header as (VR, value), views as bytes."""
+    out = {}
+    for tag in ds.keys():
+        elem = ds[tag]
+        value = elem.value
+        if isinstance(value, memoryview):
+            value = bytes(value)
+        elif elem.VR == "SQ":
+            value = [_header_elements(item) for item in value]
+        out[int(tag)] = (elem.VR, value)
+    return out
+
+
+def _header_files() -> list[Path]:
+    from tests.conftest import SAMPLES
+
+    bundled = Path(CT).parent  # pydicom's own test files (get_testdata_files would download more)
+    found = sorted(p for p in bundled.glob("*.dcm") if p.is_file())
+    if SAMPLES.is_dir():
+        found += sorted(p for p in SAMPLES.rglob("*") if p.is_file() and p.stat().st_size < 4_000_000)
+    return found
+
+
+def test_a_header_read_by_the_scanner_is_pydicoms_stop_before_pixels():
+    """Split/merge reads the header of every file of an archive: the project's scanner gives
+    what ``dcmread(stop_before_pixels=True)`` gives, element for element, on every bundled and
+    shared file it reads; the others (no DICM marker, a deflated data set, a layout it leaves
+    to pydicom) are left to pydicom's reader (None)."""
+    import warnings
+
+    scanned, left = [], []
+    for path in _header_files():
+        data = path.read_bytes()
+        ds = dicomio.read_header_bytes(data, complete=True)
+        if ds is None:
+            left.append(path.name)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+            assert _header_elements(ds) == _header_elements(reference), path.name
+        assert ds.file_meta.TransferSyntaxUID == reference.file_meta.TransferSyntaxUID
+        assert not {0x7FE00008, 0x7FE00009, 0x7FE00010} & set(ds.keys())
+        scanned.append(path.name)
+    for name in ("CT_small.dcm", "MR_small.dcm", "ExplVR_BigEnd.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm"):
+        assert name in scanned
+    for name in ("image_dfl.dcm", "no_meta.dcm", "ExplVR_LitEndNoMeta.dcm"):  # deflated; no DICM marker
+        assert name in left
+    assert len(scanned) > 4 * len(left)
+
+
+def test_a_header_cut_short_asks_for_more_bytes():
+    """The first bytes of a file up to its pixel data's tag: NEED_MORE at every cut before it
+    (the caller reads on), the header once the tag is in; a complete file cut inside an element
+    is left to pydicom (which says it is truncated)."""
+    data = Path(CT).read_bytes()
+    pixel = data.index(b"\xe0\x7f\x10\x00")
+    reference = _header_elements(pydicom.dcmread(BytesIO(data), stop_before_pixels=True))
+    for cut in (0, 100, 131, 132, 140, 300, pixel - 200, pixel - 1, pixel, pixel + 7):
+        assert dicomio.read_header_bytes(data[:cut], complete=False) == dicomio.NEED_MORE, cut
+    for cut in (pixel + 8, pixel + 12, pixel + 1000, len(data)):
+        ds = dicomio.read_header_bytes(data[:cut], complete=cut == len(data))
+        assert isinstance(ds, Dataset) and _header_elements(ds) == reference, cut
+    assert dicomio.read_header_bytes(data[: pixel - 3], complete=True) is None
+    assert dicomio.header_end(data, complete=True) == pixel
+
+
+def test_read_header_reads_on_past_its_first_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A header longer than the first read (an enhanced multi-frame's functional groups; here
+    a 40 kB comment) is read on in growing steps by the scanner, never by pydicom; the
+    identifiers are checked as before (a broken one: None, the whole read says why)."""
+    from transforms import files
+
+    ds = pydicom.dcmread(CT)
+    ds.ImageComments = "x" * 40_000
+    path = tmp_path / "long.dcm"
+    ds.save_as(path)
+    data = path.read_bytes()
+    heads: list[int] = []
+    real = dicomio.read_header_bytes
+
+    def spy(head: bytes, *, complete: bool) -> object:
+        heads.append(len(head))
+        return real(head, complete=complete)
+
+    monkeypatch.setattr(dicomio, "read_header_bytes", spy)
+    monkeypatch.setattr(files, "dcmread", lambda *a, **k: pytest.fail("pydicom's reader was used"), raising=False)
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: pytest.fail("pydicom's reader was used"))
+    header = files.read_header(str(path), len(data), 1 << 30)
+    assert heads == [16 << 10, 64 << 10] and len(data) > 64 << 10
+    assert header.ImageComments == "x" * 40_000 and header.PatientName == "CompressedSamples^CT1"
+    assert "PixelData" not in header and header.Rows == 128
+    monkeypatch.setattr(files, "_LOCAL_HEAD_BYTES", 1000)
+    heads.clear()
+    assert files.read_header(str(path), len(data), 1 << 30).ImageComments == "x" * 40_000
+    assert heads == [1000, 4000, 16000, 64000]
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(data.replace(ds.SOPInstanceUID.encode(), b"1.2.x".ljust(len(ds.SOPInstanceUID), b" ")))
+    assert files.read_header(str(bad), len(data), 1 << 30) is None

@@ -45,3 +45,42 @@ def test_a_multi_valued_patient_id_is_hashed_as_written():
     assert orthanc_ids(files.safe_str(read, "PatientID"), "", "", "")["patient"] == \
         "a342c58e-5645ab17-b54aefaa-132162e1-5d0d3971"
     assert sm.index_entry("x.dcm", read).patient == "a342c58e-5645ab17-b54aefaa-132162e1-5d0d3971"
+
+
+def _converted(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The same data set with every top-level element decoded by pydicom (no raw bytes left)."""
+    for _ in ds:  # iterating a Dataset converts its raw elements in place
+        pass
+    return ds
+
+
+def test_the_index_reads_plain_ascii_identifiers_without_pydicom_and_the_rest_with_it():
+    """Split/merge's index reads four identifiers of every file: plain ASCII values from their
+    bytes, the others through pydicom; both give the same index entry, padding, leading
+    spaces, a backslash and a character set included."""
+    from pydicom.data import get_testdata_file
+
+    from transforms import dicomio
+    from transforms import splitmerge as sm
+
+    cases = [  # (SpecificCharacterSet, PatientID, expected index PatientID)
+        (None, "  887 ", "  887"),
+        ("ISO_IR 100", "M\u00fcller-42", "M\u00fcller-42"),
+        ("ISO_IR 192", "\u60a3\u8005 7", "\u60a3\u8005 7"),
+        (["", "ISO 2022 IR 87"], "\u5c71\u7530", "\u5c71\u7530"),
+        (None, ["A1", "B2"], "A1\\B2"),
+        ("ISO_IR 13", "ID~77", "ID~77"),
+    ]
+    for charset, patient_id, expected in cases:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.PatientID = patient_id
+        ds.StudyInstanceUID = "1.2.3.4"
+        data = dicomio.write_dataset(ds)
+        raw = dicomio.read_dataset(data)
+        assert raw._dict[0x0020000D].value == b"1.2.3.4\0"  # padded to an even length with a NUL
+        entry = sm.index_entry("x.dcm", raw)
+        assert entry == sm.index_entry("x.dcm", _converted(dicomio.read_dataset(data))), patient_id
+        assert (entry.patient_id, entry.study_uid) == (expected, "1.2.3.4"), patient_id
+        assert entry.patient == orthanc_ids(expected, "", "", "")["patient"]

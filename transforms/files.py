@@ -1094,8 +1094,10 @@ def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, 
 
 
 def read_header(path: str, size: int, max_bytes: int) -> Any:
-    """The data set up to its pixel data (pydicom's reader, with the identifiers checked), or
-    None when the file is not usable DICOM: the caller reads it whole to say why. For
+    """The data set up to its pixel data, with the identifiers checked, or None when the file
+    is not usable DICOM: the caller reads it whole to say why. Read by the project's scanner
+    (:func:`transforms.dicomio.read_header_bytes`, as a whole file is), else by pydicom's
+    reader with ``stop_before_pixels``. For
     split/merge's index and the files a request leaves alone (``Resources``, split/merge's
     unselected): a header instead of the whole file.
     """
@@ -1111,12 +1113,14 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
                 ds = _remote_header(f, size)
         else:
             with open(path[len("file://"):] if path.startswith("file://") else path, "rb") as f:
-                head = f.read(_DICM_OFFSET + 4)
-                marker = head[_DICM_OFFSET:] == b"DICM"
-                if not marker and not dicomio.looks_like_bare_dataset(head):
-                    return None
-                f.seek(0)
-                ds = dcmread(f, stop_before_pixels=True, force=not marker)
+                head = f.read(min(size, _LOCAL_HEAD_BYTES))
+                ds = _scanned_header(f, head, size)
+                if ds is None:
+                    marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
+                    if not marker and not dicomio.looks_like_bare_dataset(head):
+                        return None
+                    f.seek(0)
+                    ds = dcmread(f, stop_before_pixels=True, force=not marker)
         if ds is None:
             return None
         dicomio.check_identifiers(ds)
@@ -1125,15 +1129,44 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
     return ds
 
 
+#: What the first read of a local file asks for: most headers fit (a CT's is 2 to 10 kB); a
+#: longer one (an enhanced multi-frame's functional groups) is read on in growing steps.
+_LOCAL_HEAD_BYTES = 16 << 10
+
+#: The longest header the project's scanner reads (beyond: pydicom's reader, as for a layout
+#: the scanner leaves to pydicom).
+_SCANNED_HEADER_MAX = 64 << 20
+
+
+def _scanned_header(f: Any, head: bytes, size: int) -> Any:
+    """The header (:func:`transforms.dicomio.read_header_bytes`) of the file open as ``f``
+    whose first bytes are ``head``, reading on while the pixel data is not reached; None to
+    leave the file to pydicom's reader (``f`` is then anywhere: seek back)."""
+    from transforms import dicomio
+
+    limit = min(size, _SCANNED_HEADER_MAX)
+    while True:
+        ds = dicomio.read_header_bytes(head, complete=len(head) >= size)
+        if not isinstance(ds, int):
+            return ds
+        if len(head) >= limit:
+            return None
+        more = f.read(min(3 * len(head), limit - len(head)))
+        if not more:
+            return None  # shorter than listed: pydicom's reader says what is there
+        head += more
+
+
 #: What the first read of a remote file asks for: the storage client fetches this much anyway
 #: (Beam's GCS reader buffers 16 MiB), and a seek back to the start would fetch it again.
 _REMOTE_HEAD_BYTES = 16 << 20
 
 
 def _remote_header(f: Any, size: int) -> Any:
-    """:func:`read_header` on a remote handle: parsed from one read of the first
-    ``_REMOTE_HEAD_BYTES`` (the whole object, usually), never seeking back; a header longer
-    than that (a file of hundreds of thousands of per-frame items) reads the rest."""
+    """:func:`read_header` on a remote handle: parsed (by the project's scanner, else pydicom's
+    reader) from one read of the first ``_REMOTE_HEAD_BYTES`` (the whole object, usually),
+    never seeking back; a header longer than that (a file of hundreds of thousands of
+    per-frame items) reads the rest."""
     from io import BytesIO
 
     from pydicom import dcmread
@@ -1141,6 +1174,9 @@ def _remote_header(f: Any, size: int) -> Any:
     from transforms import dicomio
 
     head = f.read(min(size, _REMOTE_HEAD_BYTES))
+    scanned = dicomio.read_header_bytes(head, complete=len(head) >= size)
+    if scanned is not None and not isinstance(scanned, int):
+        return scanned
     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
     if not marker and not dicomio.looks_like_bare_dataset(head):
         return None

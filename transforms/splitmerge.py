@@ -256,8 +256,25 @@ class IndexEntry(NamedTuple):
     study_tags: tuple[tuple[int, str | None], ...] | None = None
 
 
+#: The index's identifiers: (tag, the VR a raw element may be read with without pydicom).
+_INDEX_TAGS = {"PatientID": (0x00100020, "LO"), "StudyInstanceUID": (_STUDY_UID, "UI"),
+               "SeriesInstanceUID": (_SERIES_UID, "UI"), "SOPInstanceUID": (_SOP_UID, "UI")}
+
+#: Printable ASCII without a backslash, then NUL padding: bytes every DICOM character set
+#: decodes as ASCII, into one value (the text pydicom would give, up to its padding).
+_PLAIN_ASCII = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\x00*\Z")
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    value = peek(ds, keyword)
+    tag, vr = _INDEX_TAGS[keyword]
+    raw = ds._dict.get(tag)
+    plain = type(raw) is RawDataElement and raw.VR in (vr, None) and type(raw.value) is bytes
+    if plain and _PLAIN_ASCII.match(raw.value):
+        # Without pydicom's conversion (which derives the character set for every value):
+        # the index reads four values of every file of an archive.
+        value = raw.value.decode("ascii")
+    else:
+        value = peek(ds, keyword)
     if isinstance(value, (MultiValue, list, tuple)):
         value = "\\".join(str(v) for v in value)  # as stored: Orthanc hashes the text
     # A PatientID keeps its leading spaces, as Orthanc's ids do (DCMTK strips trailing only).
