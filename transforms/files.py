@@ -1095,11 +1095,11 @@ def _failed(row: dict[str, Any], exc: Exception, stage: str) -> tuple[dict[str, 
 
 def read_header(path: str, size: int, max_bytes: int) -> Any:
     """The data set up to its pixel data, with the identifiers checked, or None when the file
-    is not usable DICOM: the caller reads it whole to say why. Read by the project's scanner
-    (:func:`transforms.dicomio.read_header_bytes`, as a whole file is), else by pydicom's
-    reader with ``stop_before_pixels``. For
-    split/merge's index and the files a request leaves alone (``Resources``, split/merge's
-    unselected): a header instead of the whole file.
+    is not usable DICOM: the caller reads it whole to say why. For split/merge's index and the
+    files a request leaves alone (``Resources``, split/merge's unselected): a header instead of
+    the whole file. Read by the project's scanner as a whole file is
+    (:func:`transforms.dicomio.read_header_bytes`), else by pydicom's reader with
+    ``stop_before_pixels``.
     """
     from pydicom import dcmread
 
