@@ -8,7 +8,8 @@ section measures, on a generated archive (default 10,000 instances: 200 studies 
 
 - ``plain file copy``: ``read_bytes`` + ``write_bytes`` of every input file into a scratch
   folder, the baseline of the ``vs copy`` column (the copy's wall time over the measure's);
-- ``header loop``: plain Python, read every header (``stop_before_pixels``) - the floor;
+- ``header loop``: plain Python, read every header (``read_header``: up to the pixel data) and
+  make its index entry - the floor;
 - ``index, split``: the Beam index pass without grouping;
 - ``index, merge``: the same with ``GroupByKey`` by study;
 - ``in-memory entries, keyed [+ GroupByKey]``: 10,000 index entries created in memory and
