@@ -213,6 +213,28 @@ def test_fifos_broken_links_and_undecodable_names_get_a_row(tmp_path: Path, comm
     }
 
 
+def test_a_name_that_spells_out_another_files_escapes_is_a_file_of_its_own(tmp_path: Path):
+    """``lat\\xe9.dcm`` (a backslash, an x, an e and a 9: valid UTF-8) and ``lat<0xE9>.dcm`` (a
+    Latin-1 name) travel under the same printable path. The workers' head start kept one file
+    per path: the Latin-1 one was lost and the other processed twice (two ``written`` rows of
+    one CT). Each now gets its own row."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "lat\\xe9.dcm").write_bytes(CT.read_bytes())
+    try:
+        with open(os.path.join(os.fsencode(folder), b"lat\xe9.dcm"), "wb") as f:
+            f.write(CT_OTHER.read_bytes())
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "anonymize", str(folder), str(tmp_path / "out"),
+                           "--key-file", str(write_key(tmp_path)), "--quiet"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    rows = sorted((r["source_uri"], r["status"], r["reason"], r["bytes_in"]) for r in read_rows(tmp_path / "out-audit"))
+    shown = str(folder / "lat\\xe9.dcm")
+    assert rows == [(shown, "failed", "read_error", None), (shown, "written", None, len(CT.read_bytes()))]
+
+
 def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]):
     """A sub-folder without read permission (chmod 000; root ignores permissions, so the refusal

@@ -445,6 +445,21 @@ def test_a_file_that_is_not_in_the_head_start_is_sent_as_usual(tmp_path: Path):
     assert sorted(r[0]["status"] for r in results.values()) == ["failed"] + ["written"] * 5
 
 
+def test_two_head_start_files_under_one_path_are_two_jobs(tmp_path: Path):
+    """A Latin-1 name is listed under its printable form with the size UNREADABLE_NAME; a real
+    file may spell out the same form. Jobs and answers are keyed by (path, size): each claim
+    gets its own file's answer, in either order of the listing and of the claims."""
+    path, size = _inputs(tmp_path / "in", n_ct=1)[0]
+    for listed in ([(path, files.UNREADABLE_NAME), (path, size)], [(path, size), (path, files.UNREADABLE_NAME)]):
+        for claims in (listed, listed[::-1]):
+            with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, head_start=listed) as pool:
+                for claim in claims:
+                    assert pool.submit("me", *claim)
+                got = sorted((s, r[0]["status"], r[0]["reason"]) for _, s, r in pool.take("me", all_of_them=True))
+                assert pool.close() == []
+            assert got == [(files.UNREADABLE_NAME, "failed", "read_error"), (size, "written", None)]
+
+
 def test_close_returns_the_head_start_files_nobody_claimed(tmp_path: Path):
     """The folder changed between the command's listing and the pipeline's: what the workers
     processed anyway comes back from close() for the audit; what they had not begun is not done."""
