@@ -460,6 +460,17 @@ def test_two_head_start_files_under_one_path_are_two_jobs(tmp_path: Path):
             assert got == [(files.UNREADABLE_NAME, "failed", "read_error"), (size, "written", None)]
 
 
+def test_a_head_start_file_that_grew_before_its_claim_is_claimed_once(tmp_path: Path):
+    """A file still being copied in is listed by the head start with one size and by the
+    pipeline with another: one file, claimed once (one row), not an unclaimed orphan besides."""
+    path, size = _inputs(tmp_path / "in", n_ct=1)[0]
+    with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=1, head_start=[(path, size)]) as pool:
+        assert pool.submit("me", path, size + 100)
+        got = pool.take("me", all_of_them=True)
+        assert pool.close() == []
+    assert [(p, s, r[0]["status"]) for p, s, r in got] == [(path, size, "written")]
+
+
 def test_close_returns_the_head_start_files_nobody_claimed(tmp_path: Path):
     """The folder changed between the command's listing and the pipeline's: what the workers
     processed anyway comes back from close() for the audit; what they had not begun is not done."""

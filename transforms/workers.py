@@ -184,8 +184,12 @@ class _Worker:
         self.outstanding: collections.deque = collections.deque()  # _Job, in the order answered
 
 
-#: No answer yet for a claimed head-start file (answers are never None, but say so anyway).
-_NOT_YET = object()
+def _file_key(path: str, size: int) -> tuple[str, int | None]:
+    """What identifies a listed file between the head start's listing and the pipeline's: its
+    path, and its size only when that is a marker (``UNREADABLE_NAME``: a name that is not
+    UTF-8, shown with ``\\xNN`` escapes, which another file's real name may spell out). A
+    real size is left out: a file that grew between the two listings is still one file."""
+    return (path, size if size < 0 else None)
 
 
 class LocalPool:
@@ -214,17 +218,15 @@ class LocalPool:
         self._done: dict[Hashable, list[tuple[str, int, Any]]] = collections.defaultdict(list)
         self._outstanding: collections.Counter = collections.Counter()  # owner -> files not yet answered
         self._workers: list[_Worker] = []
-        # Head-start files not claimed yet, and their answers until claimed, by (path, size):
-        # two files can travel under one path (a name that is not UTF-8 is shown with \xNN
-        # escapes, which another file's name may spell out), never with one size as well.
-        self._head: dict[tuple[str, int], _Job] = {}
-        self._unclaimed: dict[tuple[str, int], Any] = {}
+        # Head-start files not claimed yet, and their (size, answer) until claimed (_file_key).
+        self._head: dict[tuple[str, int | None], _Job] = {}
+        self._unclaimed: dict[tuple[str, int | None], tuple[int, Any]] = {}
         self._drainer: threading.Thread | None = None  # reads head-start answers until the first claim
         self._stop_draining = threading.Event()
         self._drain_error: BaseException | None = None
         ctx = multiprocessing.get_context("fork")
         parent_ends: list[Connection] = []
-        head_start = list(dict.fromkeys(head_start or ()))  # (one job per file)
+        head_start = list({_file_key(*f): f for f in head_start or ()}.values())  # (one job per file)
         try:
             for number in range(processes):
                 share = head_start[number::processes]
@@ -240,7 +242,7 @@ class LocalPool:
                 parent_ends.append(parent_end)
                 worker = _Worker(process, parent_end)
                 for path, size in share:
-                    job = self._head[path, size] = _Job(None, path, size)
+                    job = self._head[_file_key(path, size)] = _Job(None, path, size)
                     worker.outstanding.append(job)
                 self._workers.append(worker)
         except BaseException:
@@ -278,11 +280,11 @@ class LocalPool:
         worker is left (process it yourself)."""
         self._start_reading()
         with self._lock:
-            job = self._head.pop((path, size), None)
+            job = self._head.pop(_file_key(path, size), None)
             if job is not None:
-                answered = self._unclaimed.pop((path, size), _NOT_YET)
-                if answered is not _NOT_YET:
-                    self._done[owner].append((path, size, answered))
+                answered = self._unclaimed.pop(_file_key(path, size), None)
+                if answered is not None:
+                    self._done[owner].append((path, *answered))
                 else:
                     job.owner = owner
                     self._outstanding[owner] += 1
@@ -337,7 +339,7 @@ class LocalPool:
         if isinstance(reply, str):
             raise RuntimeError(f"in a worker process: {reply}")
         if job.owner is None:
-            self._unclaimed[job.path, job.size] = reply
+            self._unclaimed[_file_key(job.path, job.size)] = (job.size, reply)
         else:
             self._outstanding[job.owner] -= 1
             self._done[job.owner].append((job.path, job.size, reply))
@@ -376,7 +378,7 @@ class LocalPool:
                 self._outstanding[job.owner] -= 1
         for job in queued[1:]:
             if job.owner is None:
-                self._head.pop((job.path, job.size), None)
+                self._head.pop(_file_key(job.path, job.size), None)
             elif not self.submit(job.owner, job.path, job.size):
                 self._done[job.owner].append((job.path, job.size, None))  # no worker left: the caller runs it
 
@@ -409,7 +411,7 @@ class LocalPool:
                 except (EOFError, OSError, RuntimeError):
                     pass  # ended (or failed) without answering the rest: those files were not done
                 worker.outstanding.clear()
-            orphans = [(path, size, result) for (path, size), result in self._unclaimed.items()]
+            orphans = [(path, size, result) for (path, _), (size, result) in self._unclaimed.items()]
             self._unclaimed.clear()
             self._head.clear()
         for worker in workers:
