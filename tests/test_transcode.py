@@ -857,6 +857,45 @@ def test_decoded_size_is_bounded_before_decoding():
         tc.transcode(ds, RLE)
 
 
+def _patched_frame(ds: Dataset, marker: bytes, offset: int, value: bytes) -> Dataset:
+    """``ds`` with the bytes at ``offset`` after ``marker`` in its first frame replaced."""
+    frames = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+    at = frames[0].index(marker) + offset
+    frames[0] = frames[0][:at] + value + frames[0][at + len(value):]
+    ds.PixelData = pydicom.encaps.encapsulate(frames)
+    return ds
+
+
+@pytest.mark.parametrize(("name", "marker", "offset", "value", "declared"), [
+    # One flipped byte of a Knee image's SIZ (the mutation run, seed 40): Ysiz 512 -> 11,207,168;
+    # openjpeg allocated 11.6 GB and took 20 s, or the kernel killed the process.
+    ("JPEG2000.dcm", b"\xff\x4f\xff\x51", 12, b"\x00\xab\x02\x00", "11207168 rows, 256 columns and 1 samples"),
+    ("SC_rgb_jpeg_dcmtk.dcm", b"\xff\xc0", 5, b"\xff\xf0", "65520 rows, 100 columns and 3 samples"),  # SOF0 height
+    ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7", 5, b"\x7f\x00", "32512 rows, 64 columns and 1 samples"),  # SOF55 height
+])
+def test_a_codestream_declaring_other_dimensions_is_refused_before_decoding(
+        monkeypatch: pytest.MonkeyPatch, name: str, marker: bytes, offset: int, value: bytes, declared: str):
+    """The decoders allocate what a codestream declares: before decoding, every frame's header
+    must agree with Rows, Columns and SamplesPerPixel (which MAX_DECODED_BYTES bounds)."""
+    ds = _patched_frame(pydicom.dcmread(get_testdata_file(name)), marker, offset, value)
+    monkeypatch.setattr(tc, "_decoder_order", lambda *a: pytest.fail("a decoder was called"))
+    expected = f"{ds.Rows}, {ds.Columns} and {ds.get('SamplesPerPixel', 1)}"
+    with pytest.raises(CannotTranscode, match=f"frame 1 of the source .* declares {declared} per pixel, "
+                                              f"the data set {expected}: the codestream or the data set is damaged"):
+        tc.transcode(ds, ExplicitVRLittleEndian)
+
+
+def test_pydicoms_damaged_jpeg_2000_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch):
+    """pydicom's JPEG2000-embedded-sequence-delimiter.dcm: a sequence delimiter inside the SIZ
+    segment makes it declare 3,722,445,056 columns (Pillow refused it as a decompression
+    bomb, openjpeg as an unreadable header): refused from the header."""
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000-embedded-sequence-delimiter.dcm"))
+    monkeypatch.setattr(tc, "_decoder_order", lambda *a: pytest.fail("a decoder was called"))
+    with pytest.raises(CannotTranscode, match="declares 1024 rows, 3722445056 columns and 1 samples per pixel, "
+                                              "the data set 1024, 256 and 1"):
+        tc.transcode(ds, ExplicitVRLittleEndian)
+
+
 def test_bits_above_high_bit_are_not_dropped_silently():
     """12 bits stored in 16 with bit 15 set (a retired embedded overlay): a compressed target
     keeps 12 bits and the decoders mask the rest on both sides, so the check would not see it."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import struct
 from collections.abc import Iterator
 
 import numpy as np
@@ -552,11 +553,20 @@ def _decode(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
 
 
 def _check_complete_frames(ds: Dataset, ts: str) -> None:
-    """Refuse a frame whose codestream does not end with its end marker (FFD9: EOI in JPEG and
-    JPEG-LS, EOC in JPEG 2000) within its last ``_EOI_SLACK`` bytes: a truncated stream.
-    libjpeg-turbo only warns about one and fills the missing rows, so the result would be a
-    different image."""
+    """Before any decoding, refuse a frame whose codestream
+
+    - does not end with its end marker (FFD9: EOI in JPEG and JPEG-LS, EOC in JPEG 2000)
+      within its last ``_EOI_SLACK`` bytes: a truncated stream. libjpeg-turbo only warns
+      about one and fills the missing rows, so the result would be a different image;
+    - declares other dimensions than the data set (Rows, Columns, SamplesPerPixel): the
+      decoders allocate what the codestream declares, and one damaged byte of a JPEG 2000
+      header asked for 11 GB (512 x 11,207,168 samples) where the data set said 512 x 512;
+      :data:`MAX_DECODED_BYTES` holds only if the codestream agrees with the data set;
+    - has more precise samples than BitsAllocated: the decoders cut its values to fit.
+    """
     bits = int(ds.BitsAllocated)
+    expected = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1))
+    j2k = ts.startswith("1.2.840.10008.1.2.4.9")
     for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=_frames(ds))):
         # Writers pad or leave a few stray bytes after the marker (0x00, 0xFF, "14 01" in the
         # samples); the marker cannot occur inside the coded data (FF is stuffed there).
@@ -565,19 +575,52 @@ def _check_complete_frames(ds: Dataset, ts: str) -> None:
                 f"frame {index + 1} of the source ({_syntax_text(ts)}) does not end with its "
                 "end-of-image marker: the codestream is truncated"
             )
-        if index == 0:
-            # A codestream more precise than BitsAllocated: the decoders cut its values to fit.
-            parse = get_j2k_parameters if ts.startswith("1.2.840.10008.1.2.4.9") else _get_jpg_parameters
-            try:
-                header = parse(frame) if parse is not None else {}
-            except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
-                header = {}
-            precision = header.get("precision")
-            if isinstance(precision, int) and precision > bits:
-                raise CannotTranscode(
-                    f"the source codestream has {precision}-bit samples but BitsAllocated is {bits}: "
-                    "decoding would cut its values"
-                )
+        declared = _j2k_size(frame) if j2k else _jpeg_size(frame)
+        if declared is not None and declared != expected:
+            raise CannotTranscode(
+                f"frame {index + 1} of the source ({_syntax_text(ts)}) declares {declared[0]} rows, "
+                f"{declared[1]} columns and {declared[2]} samples per pixel, the data set {expected[0]}, "
+                f"{expected[1]} and {expected[2]}: the codestream or the data set is damaged"
+            )
+        parse = get_j2k_parameters if j2k else _get_jpg_parameters
+        try:
+            header = parse(frame) if parse is not None else {}
+        except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
+            header = {}
+        precision = header.get("precision")
+        if isinstance(precision, int) and precision > bits:
+            raise CannotTranscode(
+                f"the source codestream has {precision}-bit samples but BitsAllocated is {bits}: "
+                "decoding would cut its values"
+            )
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG 2000 codestream's SIZ segment (ISO/IEC 15444-1
+    A.5.1: Xsiz - XOsiz columns, Ysiz - YOsiz rows, Csiz components), a JP2 wrapper skipped;
+    None when it has no SIZ where the standard puts it (the decoder then says what it is)."""
+    offset = 0
+    if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: its codestream is the jp2c box
+        offset = frame.find(b"jp2c") + 4
+        if offset < 4:
+            return None
+    head = frame[offset : offset + 42]
+    if len(head) < 42 or head[:4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ (A.3: always second)
+        return None
+    x, y, x0, y0 = struct.unpack_from(">IIII", head, 8)
+    return (y - y0, x - x0, struct.unpack_from(">H", head, 40)[0])
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG or JPEG-LS frame header (SOFn / SOF55), None when
+    it cannot be read (the decoder then says what it is)."""
+    try:
+        header = _get_jpg_parameters(frame) if _get_jpg_parameters is not None else {}
+    except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
+        return None
+    if not all(isinstance(header.get(k), int) for k in ("height", "width", "components")):
+        return None
+    return (header["height"], header["width"], header["components"])
 
 
 def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[str]:
