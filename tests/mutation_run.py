@@ -17,24 +17,30 @@ deadline. Every case that breaks an invariant is printed and its bytes kept in `
 pass 1 does, its series split out of its study or its study merged into another file's, then
 moved as pass 2 does, with the same invariants.
 
-Found this way and fixed (each now a regression test in ``test_dicomio.py``, ``test_hostile.py``,
-``test_transcode.py`` or ``test_merge_core.py``): an implicit VR InstanceNumber with an undefined length, a meta
-TransferSyntaxUID with VR US, US-or-SS elements without PixelRepresentation, a stray delimiter
-among top-level elements, a DS that ISO_IR 13 decodes to katakana, an explicit SS on a
-sequence's tag written in implicit VR, an explicit CS on an FL tag written in implicit VR, a
-damaged item tag (FFFE,063B) that pydicom reads on from, a stray item delimiter after an
-undefined-length sequence where pydicom read leniently (it dropped the pixel data),
-(not an invariant, a Rust panic printed on stderr) an RLE run past the image, and
-(``--splitmerge``) a merge's switch to UTF-8 that decoded a damaged DS as katakana. Known and left: a file without PixelRepresentation
-written in implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it
-raises AttributeError; DCMTK reads them as US), reported as "pydicom worse".
+Found this way and fixed (each now a regression test in ``test_dicomio.py``,
+``test_hostile.py``, ``test_transcode.py`` or ``test_merge_core.py``): an implicit VR
+InstanceNumber with an undefined length, a meta TransferSyntaxUID with VR US, US-or-SS elements
+without PixelRepresentation, a stray delimiter among top-level elements, a DS that ISO_IR 13
+decodes to katakana, an explicit SS on a sequence's tag written in implicit VR, an explicit CS
+on an FL tag written in implicit VR, a damaged item tag (FFFE,063B) that pydicom reads on from,
+a stray item delimiter after an undefined-length sequence where pydicom read leniently (it
+dropped the pixel data), (not an invariant, a Rust panic printed on stderr) an RLE run past the
+image, (``--splitmerge``) a merge's switch to UTF-8 that decoded a damaged DS as katakana, and
+(not an invariant: the kernel killed the run) a JPEG 2000 header declaring 11 million rows,
+which openjpeg allocated (11.6 GB). Since then a case that raises the peak resident size by
+more than 1 GB is a finding (``memory: ...``), and ``--memory-mb`` keeps a runaway allocation
+from reaching the kernel's limit. Known and left: a file without PixelRepresentation written in
+implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it raises
+AttributeError; DCMTK reads them as US), reported as "pydicom worse".
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -58,6 +64,19 @@ MORE_PLANS = [
                           "Replace": {"SeriesDescription": "x"}}),
     request.parse_anonymize({"DicomVersion": "2017c", "Keep": ["StudyDescription"], "KeepPrivateTags": True}),
 ]
+
+
+#: A case that raises the process's peak resident size by more than this is a finding.
+_MEMORY_FINDING_MB = 1024
+
+
+def _default_memory_mb() -> int:
+    """3/4 of the machine's memory, at most 16 GiB."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4096
+    return min(16 << 10, (total >> 20) * 3 // 4)
 
 
 def _mutation(rng: random.Random) -> tuple:
@@ -176,7 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="folder for the bytes of each failing case")
     parser.add_argument("--splitmerge", action="store_true",
                         help="split the mutated file's series out of its study, or merge its study into another's")
+    parser.add_argument("--memory-mb", type=int, default=_default_memory_mb(),
+                        help="address space limit, so that a runaway allocation fails instead of the kernel "
+                             "killing the run (default: 3/4 of the memory, at most 16 GiB; 0: none)")
     args = parser.parse_args(argv)
+    if args.memory_mb:
+        limit = args.memory_mb << 20
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     rng = random.Random(args.seed)
@@ -185,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         files += sorted(p for p in SAMPLES.rglob("*") if p.is_file() and p.stat().st_size < 1_500_000)
     plans = PLANS + MORE_PLANS
     deadline, cases, broken = time.monotonic() + args.seconds, 0, Counter()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     while time.monotonic() < deadline:
         base = rng.choice(files)
         original = base.read_bytes()
@@ -202,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                                          with_base=rng.random() < 0.5)
         else:
             problem = _broken_invariant(data, plans[plan_index])
+        peak_before, peak_kb = peak_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        grown = (peak_kb - peak_before) >> 10
+        if problem is None and grown > _MEMORY_FINDING_MB:
+            # Inputs under 1.5 MB never need gigabytes: the case that raised the peak is a finding.
+            problem = f"memory: the peak resident size grew by {grown} MB"
         if problem is not None:
             broken[problem.split(":")[0]] += 1
             print(f"case {cases}: {base.name} {mutations!r} plan {plan_index}: {problem}", flush=True)
