@@ -400,7 +400,7 @@ def test_elements_dropped_as_repeated_never_reach_the_output(first: str, pydicom
     if pydicom_path == "invalid VR":
         dropped += element(0x00100020, b"PS", b"ISO_IR 100")  # the fast scanner gives up
     else:
-        monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)
+        monkeypatch.setattr(dicomio, "_fast_read", lambda data, max_inflated=0: None)
     kept = b"".join(element(t, vr, v) for t, vr, v in [
         _UIDS[0], _UIDS[1], (0x00100010, b"PN", b"KEPT^NAME "), (0x00100020, b"LO", b"ID12"), *_UIDS[2:]])
     data = _explicit_file([]) + head + dropped + kept
@@ -538,7 +538,7 @@ def test_fragments_are_walked_when_pydicom_reads_the_file(monkeypatch):
     damaged = data[: fragment + 4] + struct.pack("<I", length + 16) + data[fragment + 8 :]
     with pytest.raises(InputError) as fast:
         dicomio.read_dataset(damaged)
-    monkeypatch.setattr(dicomio, "_fast_read", lambda data: None)  # the pydicom path
+    monkeypatch.setattr(dicomio, "_fast_read", lambda data, max_inflated=0: None)  # the pydicom path
     assert dicomio.read_dataset(data)._dict[0x7FE00010].length == 0xFFFFFFFF
     with pytest.raises(InputError) as refused:
         dicomio.read_dataset(damaged)
@@ -1190,3 +1190,65 @@ def test_read_header_reads_on_past_its_first_read(tmp_path: Path, monkeypatch: p
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(data.replace(ds.SOPInstanceUID.encode(), b"1.2.x".ljust(len(ds.SOPInstanceUID), b" ")))
     assert files.read_header(str(bad), len(data), 1 << 30) is None
+
+
+# --------------------------------------------------------------------------- deflate bombs
+
+
+def _deflated(extra_zeros: int) -> bytes:
+    """A deflated CT whose data set ends with a private OB element of ``extra_zeros`` zeros:
+    deflate packs them about 1,000 to 1."""
+    import zlib
+
+    ds = pydicom.dcmread(CT)
+    del ds.PixelData
+    ds.add_new(0x00111010, "LO", "BOMB")  # private creator of (0011,10xx)
+    ds.add_new(0x00111000, "OB", b"")  # placeholder, its length patched below
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    meta_end = 132 + 12 + struct.unpack_from("<I", data, 132 + 8)[0]
+    body = data[meta_end:]
+    at = body.index(struct.pack("<HH", 0x0011, 0x1000) + b"OB")
+    body = body[:at] + struct.pack("<HH2sHI", 0x0011, 0x1000, b"OB", 0, extra_zeros) + body[at + 12:]
+    body = body[: at + 12] + bytes(extra_zeros) + body[at + 12:]
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    buf = BytesIO()
+    pydicom.filewriter.write_file_meta_info(buf, ds.file_meta, enforce_standard=True)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"\0" * 128 + b"DICM" + buf.getvalue() + compressor.compress(body) + compressor.flush()
+
+
+def test_a_deflated_data_set_inflates_up_to_a_bound():
+    """A few kilobytes of deflate can hold gigabytes (1.4 MB held a 1.5 GB element): the data
+    set inflates up to ``max_inflated`` bytes (the pipeline's --max-bytes), beyond is too_large."""
+    data = _deflated(10_000_000)
+    assert len(data) < 30_000
+    ds = dicomio.read_dataset(data)
+    assert len(ds[0x00111000].value) == 10_000_000 and ds.PatientName == "CompressedSamples^CT1"
+    assert dicomio.inflated_size(ds) > 10_000_000 and dicomio.inflated_size(dicomio.read_dataset(Path(CT).read_bytes())) == 0
+    with pytest.raises(InputError, match=r"the deflated data set inflates to more than 1000000 bytes \(--max-bytes\)") as exc:
+        dicomio.read_dataset(data, max_inflated=1_000_000)
+    assert exc.value.reason == "too_large"
+
+
+def test_a_deflated_file_never_reaches_pydicoms_unbounded_inflation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """pydicom's reader inflates a deflated data set whole: a deflated file whose meta header
+    the scanner cannot walk is refused, and split/merge's header read of a deflated file is
+    the bounded whole read."""
+    from transforms import files
+
+    data = _deflated(10_000_000)
+    path = tmp_path / "dfl.dcm"
+    path.write_bytes(data)
+    monkeypatch.setattr(pydicom.filereader, "dcmread", lambda *a, **k: pytest.fail("pydicom's reader was used"))
+    monkeypatch.setattr(dicomio, "dcmread", lambda *a, **k: pytest.fail("pydicom's reader was used"))
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: pytest.fail("pydicom's reader was used"))
+    header = files.read_header(str(path), len(data), 1 << 30)
+    assert header.PatientName == "CompressedSamples^CT1" and len(header[0x00111000].value) == 10_000_000
+    assert files.read_header(str(path), len(data), 1_000_000) is None  # the whole read says why
+    meta_vr = data.index(b"UI", 132)  # the meta header's first UI element: an unknown VR now
+    broken = data[:meta_vr] + b"ZZ" + data[meta_vr + 2:]
+    with pytest.raises(InputError, match="a deflated data set whose file meta header this reader cannot walk") as exc:
+        dicomio.read_dataset(broken)
+    assert exc.value.reason == "not_dicom"

@@ -80,6 +80,13 @@ _pydicom_config.settings.writing_validation_mode = _pydicom_config.IGNORE
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 _DICM_OFFSET = 128
 
+#: The most bytes a deflated data set may inflate to (``--max-bytes``' default): deflate packs
+#: zeros about 1,000 to 1; a 1.4 MB file held a 1.5 GB element.
+MAX_INFLATED_BYTES = 2 << 30
+_DEFLATED_UID_BYTES = b"1.2.840.10008.1.2.1.99"
+#: Where a file meta header's TransferSyntaxUID is looked for when the scanner cannot walk it.
+_META_SEARCH_BYTES = 4096
+
 
 def is_valid_uid(value: str, *, strict: bool = False) -> bool:
     """A UID of digits and dots, at most 64 characters (strict: no leading zeros, PS3.5 9.1)."""
@@ -196,12 +203,14 @@ def looks_like_bare_dataset(data: bytes) -> bool:
     return length <= len(data) - 8  # implicit VR with a plausible length
 
 
-def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
+def read_dataset(data: bytes, *, check_uids: bool = True, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
     """Parse DICOM bytes lazily. Raises :class:`InputError` with an audit reason code.
 
     Reasons: ``empty``, ``not_dicom``, ``truncated`` (including element lengths that run past
     the end of the file), ``too_deep`` (nesting that exhausts the parser), ``invalid_uid``
-    (a missing or malformed Study/Series/SOP Instance or SOP Class UID, when ``check_uids``).
+    (a missing or malformed Study/Series/SOP Instance or SOP Class UID, when ``check_uids``),
+    ``too_large`` (a deflated data set that inflates to more than ``max_inflated`` bytes: a
+    megabyte of deflated zeros is a gigabyte inflated; the pipeline passes ``--max-bytes``).
     Messages name the problem, never a value from the file.
     """
     if not data:
@@ -210,13 +219,17 @@ def read_dataset(data: bytes, *, check_uids: bool = True) -> Dataset:
     if not has_marker and not looks_like_bare_dataset(data):
         raise InputError("not a DICOM file: no DICM marker and no recognisable data set", reason="not_dicom")
     if has_marker:
-        fast = _fast_read(data)
+        fast = _fast_read(data, max_inflated)
         if fast is not None:
             _check_transfer_syntax(fast)
             _check_pixel_data(fast, fragments_checked=True)
             if check_uids:
                 check_identifiers(fast)
             return fast
+    if has_marker and names_deflated(data) and not _inflates_within(data, max_inflated):
+        # pydicom inflates a deflated data set whole, without a bound: only one whose size
+        # the scanner has seen goes to it.
+        raise InputError("a deflated data set whose file meta header this reader cannot walk", reason="not_dicom")
     stream = BytesIO(data)
     try:
         ds = dcmread(stream, force=not has_marker)
@@ -1047,8 +1060,56 @@ def _new_dataset(cls: type, elements: dict) -> Any:
     return obj
 
 
-def _fast_read(data: bytes) -> Dataset | None:
-    """The data set of a Part 10 file (with ``DICM``), or None to let pydicom read it."""
+def _inflate(deflated: bytes, max_inflated: int) -> bytes:
+    """A raw deflate stream inflated, refusing (``too_large``) more than ``max_inflated`` bytes."""
+    try:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflater.decompress(deflated, max_inflated + 1)
+        if len(data) > max_inflated or inflater.unconsumed_tail:
+            raise InputError(f"the deflated data set inflates to more than {max_inflated} bytes (--max-bytes)",
+                             reason="too_large")
+        return data + inflater.flush()
+    except zlib.error:
+        raise InputError("the deflated data set cannot be inflated", reason="truncated") from None
+
+
+def names_deflated(head: bytes) -> bool:
+    """Whether the file meta header in a Part 10 file's first bytes may name the deflated
+    transfer syntax (its UID within the first bytes after the preamble): pydicom's reader,
+    which inflates without a bound, must not be given such a file (:func:`read_dataset` is)."""
+    return _DEFLATED_UID_BYTES in head[_DICM_OFFSET : _DICM_OFFSET + _META_SEARCH_BYTES]
+
+
+def inflated_size(ds: Dataset) -> int:
+    """The bytes a deflated input's data set took once inflated (0 for any other input): what
+    it holds in memory beyond the file's own bytes."""
+    if transfer_syntax_of(ds) != DeflatedExplicitVRLittleEndian:
+        return 0
+    source = getattr(ds, _SOURCE_ATTR, None)
+    return len(source.data) if source is not None else 0
+
+
+def _inflates_within(data: bytes, max_inflated: int) -> bool:
+    """Whether a file naming the deflated syntax in its meta header was inflated by the scanner
+    (its meta header walked, its size checked): only then may pydicom read it."""
+    meta: dict = {}
+    try:
+        meta_end = _scan_meta(data, _DICM_OFFSET + 4, len(data), meta)
+    except struct.error:
+        return False
+    ts_raw = meta.get(0x00020010)
+    if meta_end is None or ts_raw is None:
+        return False
+    if ts_raw.value.decode("ascii", "replace").strip(" \0") != DeflatedExplicitVRLittleEndian:
+        return True  # the UID stood elsewhere in the meta header: not a deflated file
+    _inflate(data[meta_end:], max_inflated)  # (raises when it is too large)
+    return True
+
+
+def _fast_read(data: bytes, max_inflated: int = 0) -> Dataset | None:
+    """The data set of a Part 10 file (with ``DICM``), or None to let pydicom read it; a
+    deflated data set is inflated up to ``max_inflated`` bytes (default
+    :data:`MAX_INFLATED_BYTES`)."""
     size = len(data)
     pos = _DICM_OFFSET + 4
     meta: dict = {}
@@ -1064,11 +1125,7 @@ def _fast_read(data: bytes) -> Dataset | None:
         implicit, little, deflated = _encoding_of(ts)
         if deflated:
             # The data set is a raw deflate stream: scan (and later copy from) its inflation.
-            try:
-                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                data = inflater.decompress(data[meta_end:]) + inflater.flush()
-            except zlib.error:
-                raise InputError("the deflated data set cannot be inflated", reason="truncated") from None
+            data = _inflate(data[meta_end:], max_inflated or MAX_INFLATED_BYTES)
             meta_end, size = 0, len(data)
         elements: dict = {}
         if implicit:

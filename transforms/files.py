@@ -1110,12 +1110,18 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
     try:
         if get_scheme(path) not in (None, "file"):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                ds = _remote_header(f, size)
+                ds = _remote_header(f, size, max_bytes)
         else:
             with open(path[len("file://"):] if path.startswith("file://") else path, "rb") as f:
                 head = f.read(min(size, _LOCAL_HEAD_BYTES))
                 ds = _scanned_header(f, head, size)
-                if ds is None:
+                if ds is None and dicomio.names_deflated(head):
+                    f.seek(0)  # read whole: pydicom's reader would inflate it without a bound
+                    data = f.read(max_bytes + 1)
+                    if len(data) > max_bytes:
+                        return None
+                    ds = dicomio.read_dataset(data, check_uids=False, max_inflated=max_bytes)
+                elif ds is None:
                     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
                     if not marker and not dicomio.looks_like_bare_dataset(head):
                         return None
@@ -1162,7 +1168,7 @@ def _scanned_header(f: Any, head: bytes, size: int) -> Any:
 _REMOTE_HEAD_BYTES = 16 << 20
 
 
-def _remote_header(f: Any, size: int) -> Any:
+def _remote_header(f: Any, size: int, max_bytes: int) -> Any:
     """:func:`read_header` on a remote handle: parsed (by the project's scanner, else pydicom's
     reader) from one read of the first ``_REMOTE_HEAD_BYTES`` (the whole object, usually),
     never seeking back; a header longer than that (a file of hundreds of thousands of
@@ -1177,6 +1183,9 @@ def _remote_header(f: Any, size: int) -> Any:
     scanned = dicomio.read_header_bytes(head, complete=len(head) >= size)
     if scanned is not None and not isinstance(scanned, int):
         return scanned
+    if dicomio.names_deflated(head):  # (pydicom's reader would inflate it without a bound)
+        return dicomio.read_dataset(head + f.read() if len(head) < size else head, check_uids=False,
+                                    max_inflated=max_bytes)
     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
     if not marker and not dicomio.looks_like_bare_dataset(head):
         return None
@@ -1277,7 +1286,11 @@ def prepare_file(
                 return audit_row(**row, finished_at=utc_now()), None
         data = read_input(path, size, cfg.max_bytes, row)
         stage = "parse"
-        ds = dicomio.read_dataset(data)
+        ds = dicomio.read_dataset(data, max_inflated=cfg.max_bytes)
+        inflated = dicomio.inflated_size(ds)
+        hold = getattr(_HOLD, "current", None)
+        if inflated and hold is not None:  # (a budgeted DoFn: a deflated input's inflation counts)
+            hold.grow_to(hold.base + inflated)
         describe_input(ds, row)
         original = None  # the input's identifiers, for Resources and the crosswalk
         if selection:

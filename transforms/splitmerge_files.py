@@ -205,7 +205,7 @@ def process_instance(
                 return audit_row(**row, finished_at=utc_now()), None
         data = read_input(path, size, cfg.max_bytes, row)
         stage = "parse"
-        ds = dicomio.read_dataset(data)
+        ds = dicomio.read_dataset(data, max_inflated=cfg.max_bytes)
         describe_input(ds, row)
         if unselected:
             if not cfg.copy_unselected:
