@@ -1065,10 +1065,12 @@ def _inflate(deflated: bytes, max_inflated: int) -> bytes:
     try:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         data = inflater.decompress(deflated, max_inflated + 1)
+        if len(data) <= max_inflated and not inflater.unconsumed_tail:
+            data += inflater.flush()
         if len(data) > max_inflated or inflater.unconsumed_tail:
             raise InputError(f"the deflated data set inflates to more than {max_inflated} bytes (--max-bytes)",
                              reason="too_large")
-        return data + inflater.flush()
+        return data
     except zlib.error:
         raise InputError("the deflated data set cannot be inflated", reason="truncated") from None
 
@@ -1227,9 +1229,10 @@ def header_end(head: bytes, *, complete: bool) -> int | None:
 def read_header_bytes(head: bytes, *, complete: bool) -> Dataset | int | None:
     """The data set of a Part 10 file up to its pixel data, read by the project's scanner from
     the file's first bytes: what ``dcmread(stop_before_pixels=True)`` gives, in less than half
-    its time (split/merge reads the header of every file of an archive). :data:`NEED_MORE` when ``head`` ends before the pixel data; None for a layout
-    left to pydicom (see :func:`header_end`) or bytes the scanner refuses (pydicom decides
-    what they are). The identifiers are not checked.
+    its time (split/merge reads the header of every file of an archive). :data:`NEED_MORE`
+    when ``head`` ends before the pixel data; None for a layout left to pydicom (see
+    :func:`header_end`) or bytes the scanner refuses (pydicom decides what they are). The
+    identifiers are not checked.
     """
     end = header_end(head, complete=complete)
     if end is None or end == NEED_MORE:
