@@ -885,6 +885,22 @@ def test_a_codestream_declaring_other_dimensions_is_refused_before_decoding(
         tc.transcode(ds, ExplicitVRLittleEndian)
 
 
+def test_the_dimensions_of_a_jp2_wrapped_codestream_are_read_from_its_jp2c_box():
+    """A JP2 file as a frame: the boxes are walked by their lengths (a box holding the bytes
+    "jp2c" and a SIZ is not the codestream), 64-bit box lengths included."""
+    import struct
+
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    (frame,) = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+    signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+    content = b"jp2c\xff\x4f\xff\x51" + struct.pack(">II", 9, 9) + b"\0"
+    decoy = struct.pack(">I4s", 8 + len(content), b"xml ") + content
+    assert tc._j2k_size(frame) == (1024, 256, 1)
+    assert tc._j2k_size(signature + decoy + struct.pack(">I4s", 8 + len(frame), b"jp2c") + frame) == (1024, 256, 1)
+    assert tc._j2k_size(signature + struct.pack(">I4sQ", 1, b"jp2c", 16 + len(frame)) + frame) == (1024, 256, 1)
+    assert tc._j2k_size(signature + decoy) is None and tc._j2k_size(signature + struct.pack(">I4s", 0, b"xml ")) is None
+
+
 def test_pydicoms_damaged_jpeg_2000_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch):
     """pydicom's JPEG2000-embedded-sequence-delimiter.dcm: a sequence delimiter inside the SIZ
     segment makes it declare 3,722,445,056 columns (Pillow refused it as a decompression

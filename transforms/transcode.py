@@ -601,9 +601,18 @@ def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
     None when it has no SIZ where the standard puts it (the decoder then says what it is)."""
     offset = 0
     if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: its codestream is the jp2c box
-        offset = frame.find(b"jp2c") + 4
-        if offset < 4:
-            return None
+        while True:  # boxes (ISO/IEC 15444-1 I.4): length (1: 64-bit length after the type), type
+            if offset + 8 > len(frame):
+                return None
+            length, kind = struct.unpack_from(">I4s", frame, offset)
+            if kind == b"jp2c":
+                offset += 16 if length == 1 else 8
+                break
+            if length == 1 and offset + 16 <= len(frame):
+                length = struct.unpack_from(">Q", frame, offset + 8)[0]
+            if length < 8:  # 0 (to the end of the file) before the codestream, or damaged
+                return None
+            offset += length
     head = frame[offset : offset + 42]
     if len(head) < 42 or head[:4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ (A.3: always second)
         return None
