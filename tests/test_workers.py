@@ -447,8 +447,9 @@ def test_a_file_that_is_not_in_the_head_start_is_sent_as_usual(tmp_path: Path):
 
 def test_two_head_start_files_under_one_path_are_two_jobs(tmp_path: Path):
     """A Latin-1 name is listed under its printable form with the size UNREADABLE_NAME; a real
-    file may spell out the same form. Jobs and answers are keyed by (path, size): each claim
-    gets its own file's answer, in either order of the listing and of the claims."""
+    file may spell out the same form. Jobs and answers are keyed by path and, for that marker
+    only, size: each claim gets its own file's answer, in either order of the listing and of
+    the claims."""
     path, size = _inputs(tmp_path / "in", n_ct=1)[0]
     for listed in ([(path, files.UNREADABLE_NAME), (path, size)], [(path, size), (path, files.UNREADABLE_NAME)]):
         for claims in (listed, listed[::-1]):
