@@ -1116,11 +1116,9 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
                 head = f.read(min(size, _LOCAL_HEAD_BYTES))
                 ds = _scanned_header(f, head, size)
                 if ds is None and dicomio.names_deflated(head):
-                    f.seek(0)  # read whole: pydicom's reader would inflate it without a bound
-                    data = f.read(max_bytes + 1)
-                    if len(data) > max_bytes:
-                        return None
-                    ds = dicomio.read_dataset(data, check_uids=False, max_inflated=max_bytes)
+                    # Read whole: pydicom's reader would inflate it without a bound.
+                    ds = dicomio.read_dataset(read_bounded(path, max_bytes), check_uids=False,
+                                              max_inflated=max_bytes)
                 elif ds is None:
                     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
                     if not marker and not dicomio.looks_like_bare_dataset(head):

@@ -575,18 +575,18 @@ def _check_complete_frames(ds: Dataset, ts: str) -> None:
                 f"frame {index + 1} of the source ({_syntax_text(ts)}) does not end with its "
                 "end-of-image marker: the codestream is truncated"
             )
-        declared = _j2k_size(frame) if j2k else _jpeg_size(frame)
+        parse = get_j2k_parameters if j2k else _get_jpg_parameters
+        try:
+            header = parse(frame) if parse is not None else {}
+        except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
+            header = {}
+        declared = _j2k_size(frame) if j2k else _jpeg_size(header)
         if declared is not None and declared != expected:
             raise CannotTranscode(
                 f"frame {index + 1} of the source ({_syntax_text(ts)}) declares {declared[0]} rows, "
                 f"{declared[1]} columns and {declared[2]} samples per pixel, the data set {expected[0]}, "
                 f"{expected[1]} and {expected[2]}: the codestream or the data set is damaged"
             )
-        parse = get_j2k_parameters if j2k else _get_jpg_parameters
-        try:
-            header = parse(frame) if parse is not None else {}
-        except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
-            header = {}
         precision = header.get("precision")
         if isinstance(precision, int) and precision > bits:
             raise CannotTranscode(
@@ -620,13 +620,9 @@ def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
     return (y - y0, x - x0, struct.unpack_from(">H", head, 40)[0])
 
 
-def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) of a JPEG or JPEG-LS frame header (SOFn / SOF55), None when
-    it cannot be read (the decoder then says what it is)."""
-    try:
-        header = _get_jpg_parameters(frame) if _get_jpg_parameters is not None else {}
-    except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
-        return None
+def _jpeg_size(header: dict) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG or JPEG-LS frame header (SOFn / SOF55) as
+    pydicom's parser gives it, None when it could not be read (the decoder then says what it is)."""
     if not all(isinstance(header.get(k), int) for k in ("height", "width", "components")):
         return None
     return (header["height"], header["width"], header["components"])
