@@ -317,6 +317,55 @@ def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
     assert [p for p, _ in found["folder"]] == sorted(f"gs://listing/{n}" for n in names if n.startswith("x/"))
 
 
+_LITERAL_PROBE = """
+import json, sys
+from apache_beam import pvalue
+from transforms.beam import ExpandInputFn, ListPrefixFn, expand_input
+
+def fanned_out(uri):
+    files = []
+    for out in ExpandInputFn().process(uri):
+        files += ListPrefixFn().process(out.value) if isinstance(out, pvalue.TaggedOutput) else [out]
+    return sorted(path for path, _ in files)
+
+uris = json.loads(sys.argv[1])
+print(json.dumps({u: [sorted(p for p, _ in expand_input(u)), fanned_out(u)] for u in uris}))
+"""
+
+
+def test_gcs_names_with_glob_characters_are_taken_literally_when_they_exist(emulator, gcs):
+    """``gs://b/scan[1]/`` is that prefix when objects lie under it, and ``gs://b/x*y.dcm`` that
+    object when it exists, as a local folder or file of such a name is (they used to be
+    patterns: ``scan[1]/`` matched nothing and the run was refused, ``x*y.dcm`` took
+    ``xzy.dcm`` too); a name that exists in neither way stays a glob."""
+    _, env = emulator
+    bucket = gcs.create_bucket("literal")
+    names = ["in/scan[1]/a.dcm", "in/scan[1]/deep/b.dcm", "in/scan1/c.dcm", "in/x*y.dcm", "in/xzy.dcm", "in/q?/d.dcm",
+             "in/qq/e.dcm"]  # fmt: skip
+    for name in names:
+        bucket.blob(name).upload_from_string(b"v")
+    base = "gs://literal/in"
+    uris = [f"{base}/scan[1]/", f"{base}/scan[1]", f"{base}/scan[12]/**", f"{base}/x*y.dcm", f"{base}/x?y.dcm",
+            f"{base}/q?", f"{base}/q[q]/*"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _LITERAL_PROBE, json.dumps(uris)], capture_output=True, text=True, env=env, timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    listed = {u: streamed for u, (streamed, fanned) in found.items()}
+    assert {u: fanned for u, (_, fanned) in found.items()} == listed  # the pipeline lists the same
+    assert listed == {
+        f"{base}/scan[1]/": [f"{base}/scan[1]/a.dcm", f"{base}/scan[1]/deep/b.dcm"],
+        f"{base}/scan[1]": [f"{base}/scan[1]/a.dcm", f"{base}/scan[1]/deep/b.dcm"],
+        f"{base}/scan[12]/**": [f"{base}/scan1/c.dcm"],  # no such prefix: a glob
+        f"{base}/x*y.dcm": [f"{base}/x*y.dcm"],
+        f"{base}/x?y.dcm": [f"{base}/x*y.dcm", f"{base}/xzy.dcm"],
+        f"{base}/q?": [f"{base}/q?/d.dcm"],
+        f"{base}/q[q]/*": [f"{base}/qq/e.dcm"],
+    }
+
+
 def test_bucket_root_trailing_slash_prefix_and_empty_prefix(tmp_path: Path, emulator, gcs):
     """A whole bucket as INPUT (used to end with "GCS path must be in the form gs://<bucket>/
     <object>"), a prefix written with a slash where an object of the same name exists (used to

@@ -58,6 +58,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     finish_file,
     is_local,
     list_gcs,
+    listing_prefix,
     load_key_uri,
     output_name,
     prepare_file,
@@ -107,7 +108,7 @@ class ExpandInputFn(beam.DoFn):
         from apache_beam.io.gcp.gcsio import parse_gcs_path
 
         matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
-        bucket, name_prefix = parse_gcs_path(re.match(r"^[^[*?]*", pattern).group(0), object_optional=True)
+        bucket, name_prefix = parse_gcs_path(listing_prefix(pattern), object_optional=True)
         listing = client.list_blobs(bucket, prefix=name_prefix, delimiter="/")
         for blob in listing:
             path = f"gs://{bucket}/{blob.name}"

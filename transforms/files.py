@@ -217,6 +217,8 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
     itself; anything else is a folder or prefix, matched recursively. Our own temporary folder
     is never input. The listing streams (see :func:`_match_streaming`): a bucket of 50 million
     objects is never one list in a worker's memory.
+    A ``gs://`` INPUT holding those characters is taken literally in the same way when it
+    names an existing object, or a prefix with objects under it.
     """
     if is_local(uri) and os.path.isdir(uri):
         yield from (_shown(path, size) for path, size in _walk_local(uri.rstrip("/") or "/") if _is_input(path))
@@ -235,13 +237,42 @@ def _input_pattern(uri: str) -> str | None:
     if is_local(uri) and os.path.isfile(uri):
         return None  # literally, whatever characters its name holds
     if has_glob(uri):
-        return uri
+        return uri if is_local(uri) else _remote_glob(uri)
     if not is_local(uri):
         if uri.endswith("/") or re.fullmatch(r"[a-z0-9]+://[^/]+", uri):
             return uri.rstrip("/") + "/**"  # a prefix as written ("x/"), or a whole bucket
         if FileSystems.exists(uri):
             return None
     return uri.rstrip("/") + "/**"
+
+
+def _escape_glob(text: str) -> str:
+    """``text`` as a pattern matching only itself (``[`` as ``[[]``: Beam's pattern syntax, like
+    fnmatch's, has no other way to quote)."""
+    return re.sub(r"([\[*?])", r"[\1]", text)
+
+
+def listing_prefix(pattern: str) -> str:
+    """The literal start of a pattern (up to its first glob character; ``[[]``, ``[*]``, ``[?]``
+    as written by :func:`_escape_glob` are that character), which a listing can ask for."""
+    return re.sub(r"\[([\[*?])\]", r"\1", re.match(r"(?:\[[\[*?]\]|[^\[*?])*", pattern).group(0))
+
+
+def _remote_glob(uri: str) -> str | None:
+    """The pattern of a remote INPUT holding glob characters: none for an existing object of
+    that name, every object under it for a prefix of that name that has objects
+    (``gs://b/scan[1]/`` is that "folder", not a pattern matching ``scan1/``, as a local folder
+    is), the glob itself otherwise."""
+    if not uri.endswith("/") and FileSystems.exists(uri):
+        return None
+    folder = uri.rstrip("/") + "/"
+    if folder.startswith("gs://") and (client := _gcs_client(folder)) is not None:
+        from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+        bucket, name_prefix = parse_gcs_path(folder, object_optional=True)
+        if next(iter(client.list_blobs(bucket, prefix=name_prefix, max_results=1)), None) is not None:
+            return _escape_glob(folder) + "**"
+    return uri
 
 
 def _is_input(path: str) -> bool:
@@ -263,7 +294,7 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     """
     fs = FileSystems.get_filesystem(pattern)
     matches = re.compile(fs.translate_pattern(pattern)).match
-    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    prefix = listing_prefix(pattern)
     if is_local(pattern):
         yield from (_shown(p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
     elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
