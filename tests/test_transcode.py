@@ -912,6 +912,30 @@ def test_pydicoms_damaged_jpeg_2000_is_refused_before_decoding(monkeypatch: pyte
         tc.transcode(ds, ExplicitVRLittleEndian)
 
 
+def test_a_high_throughput_jpeg_2000_source_is_decoded_and_checked_as_jpeg_2000_is(monkeypatch: pytest.MonkeyPatch):
+    """HTJ2K (ISO/IEC 15444-15, 1.2.840.10008.1.2.4.201) sources decode through pydicom; their
+    frames are JPEG 2000 codestreams and get the same checks before decoding (they used to get
+    none: a damaged one failed as "pylibjpeg: RuntimeError raised", after the decoder's try)."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    frame = imagecodecs.htj2k_encode(source.pixel_array)  # reversible: lossless
+    ds = copy.deepcopy(source)
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+    ds = _reread(ds)
+    out = tc.transcode(ds, ExplicitVRLittleEndian)
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and out.PixelData == source.PixelData
+    monkeypatch.setattr(tc, "_decoder_order", lambda *a: pytest.fail("a decoder was called"))
+    tall = _patched_frame(copy.deepcopy(ds), b"\xff\x4f\xff\x51", 12, b"\x00\xab\x00\x00")  # Ysiz
+    with pytest.raises(CannotTranscode, match=r"frame 1 of the source \(1.2.840.10008.1.2.4.201\) declares 11206656 rows, "
+                                              "128 columns and 1 samples per pixel, the data set 128, 128 and 1"):
+        tc.transcode(tall, ExplicitVRLittleEndian)
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) * 7 // 10 // 2 * 2]])
+    with pytest.raises(CannotTranscode, match="does not end with its end-of-image marker: the codestream is truncated"):
+        tc.transcode(ds, ExplicitVRLittleEndian)
+
+
 def test_bits_above_high_bit_are_not_dropped_silently():
     """12 bits stored in 16 with bit 15 set (a retired embedded overlay): a compressed target
     keeps 12 bits and the decoders mask the rest on both sides, so the check would not see it."""

@@ -133,11 +133,17 @@ _LOSSY_METHOD = {
 _JPEG = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV1})
 _JPEG_LOSSY = frozenset({JPEG_BASELINE, JPEG_EXTENDED})
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Sources whose frames are JPEG 2000 codestreams: Part 1 and Part 2 (4.90 to 4.93) and
+# High-Throughput JPEG 2000 (ISO/IEC 15444-15, PS3.5 A.4.11: 4.201 to 4.203), which pydicom
+# decodes as sources (no target: Orthanc 1.10.1 does not know them).
+_J2K_SOURCES = frozenset(
+    [f"1.2.840.10008.1.2.4.{n}" for n in range(90, 94)] + [f"1.2.840.10008.1.2.4.{n}" for n in range(201, 204)]
+)
 # Syntaxes whose frames end with the FFD9 marker (EOI, or EOC for JPEG 2000): all but RLE.
 _ENDS_WITH_EOI = frozenset(
     [f"1.2.840.10008.1.2.4.{n}" for n in range(50, 67)]
     + [JPEG_LOSSLESS_SV1, JPEGLS_LOSSLESS, JPEGLS_NEAR_LOSSLESS]
-    + [f"1.2.840.10008.1.2.4.{n}" for n in range(90, 94)]
+    + list(_J2K_SOURCES)
 )
 _EOI_SLACK = 16
 #: The most decoded pixel data a transcode takes on (Rows x Columns x samples x frames x
@@ -566,7 +572,7 @@ def _check_complete_frames(ds: Dataset, ts: str) -> None:
     """
     bits = int(ds.BitsAllocated)
     expected = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1))
-    j2k = ts.startswith("1.2.840.10008.1.2.4.9")
+    j2k = ts in _J2K_SOURCES
     for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=_frames(ds))):
         # Writers pad or leave a few stray bytes after the marker (0x00, 0xFF, "14 01" in the
         # samples); the marker cannot occur inside the coded data (FF is stuffed there).
