@@ -936,6 +936,49 @@ def test_a_high_throughput_jpeg_2000_source_is_decoded_and_checked_as_jpeg_2000_
         tc.transcode(ds, ExplicitVRLittleEndian)
 
 
+@pytest.mark.parametrize(("syntax", "shown"), [
+    ("1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.110"),  # JPEG XL Lossless: standard, unknown to pydicom 3.0
+    ("1.2.840.10008.1.2.8.1", "1.2.840.10008.1.2.8.1"),  # Deflated Image Frame Compression (Sup 244)
+    ("1.2.826.0.1.3680043.2.1143.99", "(a UID that is not a known transfer syntax)"),  # a file's own value: not shown
+])
+def test_a_source_syntax_without_decoder_is_refused_by_name_when_standard(syntax: str, shown: str):
+    """Standard syntaxes newer than pydicom's list are named (the message used to read "no pixel
+    data decoder for source transfer syntax an unknown syntax"); any other UID is not shown."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    ds.file_meta.TransferSyntaxUID = syntax
+    with pytest.raises(CannotTranscode) as raised:
+        tc.transcode(ds, ExplicitVRLittleEndian)
+    assert str(raised.value) == f"no pixel data decoder for source transfer syntax {shown}"
+
+
+def test_a_file_in_a_syntax_newer_than_pydicom_passes_through_and_its_transcode_is_refused(tmp_path: Path):
+    """JPEG XL (PS3.5 A.4.12, unknown to pydicom 3.0): anonymized, the pixel data and the
+    syntax stay as they are; a Transcode of it gets a cannot_transcode row naming the syntax."""
+    from tests.pipeline_support import KEY
+    from transforms import dicomio, request
+    from transforms.beam import RunConfig, process_file
+
+    path = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    raw, source = Path(path).read_bytes(), pydicom.dcmread(path)
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")  # after (0002,0000) and its group
+    jxl = tmp_path / "in" / "jxl.dcm"
+    jxl.parent.mkdir()
+    jxl.write_bytes(dicomio.encode_file_meta(source.SOPClassUID, source.SOPInstanceUID, "1.2.840.10008.1.2.4.110")
+                    + raw[meta_end:])
+    rows = {}
+    for name, body in (("plain", {}), ("transcode", {"Transcode": ExplicitVRLittleEndian})):
+        cfg = RunConfig(plan=request.parse_anonymize(body), output_root=str(tmp_path / name), run_id="r",
+                        key_id=KEY.key_id, key=KEY)
+        rows[name], _ = process_file(str(jxl), jxl.stat().st_size, cfg, KEY)
+    assert rows["plain"]["status"] == "written"
+    out = pydicom.dcmread(rows["plain"]["output_uri"])
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.110" and out.PixelData == source.PixelData
+    assert out.PatientIdentityRemoved == "YES"
+    assert (rows["transcode"]["status"], rows["transcode"]["reason"], rows["transcode"]["detail"]) == (
+        "failed", "cannot_transcode", "transcode: no pixel data decoder for source transfer syntax 1.2.840.10008.1.2.4.110")
+    assert not any(p.is_file() for p in (tmp_path / "transcode").rglob("*"))  # nothing written, nothing partial
+
+
 def test_bits_above_high_bit_are_not_dropped_silently():
     """12 bits stored in 16 with bit 15 set (a retired embedded overlay): a compressed target
     keeps 12 bits and the decoders mask the rest on both sides, so the check would not see it."""
