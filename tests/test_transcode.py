@@ -952,7 +952,7 @@ def test_a_source_syntax_without_decoder_is_refused_by_name_when_standard(syntax
 
 
 def test_a_file_in_a_syntax_newer_than_pydicom_passes_through_and_its_transcode_is_refused(tmp_path: Path):
-    """JPEG XL (PS3.5 A.4.12, unknown to pydicom 3.0): anonymized, the pixel data and the
+    """JPEG XL (ISO/IEC 18181-1; unknown to pydicom 3.0): anonymized, the pixel data and the
     syntax stay as they are; a Transcode of it gets a cannot_transcode row naming the syntax."""
     from tests.pipeline_support import KEY
     from transforms import dicomio, request

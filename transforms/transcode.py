@@ -134,7 +134,7 @@ _JPEG = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV
 _JPEG_LOSSY = frozenset({JPEG_BASELINE, JPEG_EXTENDED})
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Sources whose frames are JPEG 2000 codestreams: Part 1 and Part 2 (4.90 to 4.93) and
-# High-Throughput JPEG 2000 (ISO/IEC 15444-15, PS3.5 A.4.11: 4.201 to 4.203), which pydicom
+# High-Throughput JPEG 2000 (ISO/IEC 15444-15: 4.201 to 4.203), which pydicom
 # decodes as sources (no target: Orthanc 1.10.1 does not know them).
 _J2K_SOURCES = frozenset(
     [f"1.2.840.10008.1.2.4.{n}" for n in range(90, 94)] + [f"1.2.840.10008.1.2.4.{n}" for n in range(201, 204)]
