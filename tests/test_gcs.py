@@ -333,6 +333,24 @@ print(json.dumps({u: [sorted(p for p, _ in expand_input(u)), fanned_out(u)] for 
 """
 
 
+def test_an_escaped_name_matches_only_itself_and_is_listed_from_its_literal_start():
+    """The pattern a literal ``gs://`` prefix becomes (Beam's syntax has no quoting: ``[[]``)."""
+    from apache_beam.io.filesystem import FileSystem
+
+    from transforms import files
+
+    for folder, other in (("gs://b/scan[1]/", "gs://b/scan1/"), ("gs://b/a*b?c[d]/", "gs://b/aXbYcd/"),
+                          ("gs://b/plain/", "gs://b/plainer/")):  # fmt: skip
+        pattern = files._escape_glob(folder) + "**"
+        matches = files.pattern_matcher(pattern)
+        assert matches(folder + "deep/x.dcm") and not matches(other + "deep/x.dcm")
+        assert files.listing_prefix(pattern) == folder
+    for glob in ("gs://b/x/[ab]/*.dcm", "gs://b/**/a?.dcm", "gs://b/[!x]*/y", "gs://b/t[", "gs://b/a.b+c(d)"):
+        assert files.pattern_matcher(glob).__self__.pattern == FileSystem.translate_pattern(glob)  # Beam's own
+    assert files.listing_prefix("gs://b/x/[ab]/*.dcm") == "gs://b/x/"  # a real glob stops the prefix
+    assert files.listing_prefix("gs://b/x/a?.dcm") == "gs://b/x/a"
+
+
 def test_gcs_names_with_glob_characters_are_taken_literally_when_they_exist(emulator, gcs):
     """``gs://b/scan[1]/`` is that prefix when objects lie under it, and ``gs://b/x*y.dcm`` that
     object when it exists, as a local folder or file of such a name is (they used to be

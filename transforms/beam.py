@@ -28,14 +28,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-import re
 import sys
 import threading
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
@@ -61,6 +59,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     listing_prefix,
     load_key_uri,
     output_name,
+    pattern_matcher,
     prepare_file,
     process_budget,
     process_file,
@@ -107,7 +106,7 @@ class ExpandInputFn(beam.DoFn):
             return
         from apache_beam.io.gcp.gcsio import parse_gcs_path
 
-        matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
+        matches = pattern_matcher(pattern)
         bucket, name_prefix = parse_gcs_path(listing_prefix(pattern), object_optional=True)
         listing = client.list_blobs(bucket, prefix=name_prefix, delimiter="/")
         for blob in listing:
@@ -124,7 +123,7 @@ class ListPrefixFn(beam.DoFn):
 
     def process(self, element: tuple[str, str]) -> Iterator[tuple[str, int]]:
         pattern, prefix = element
-        matches = re.compile(FileSystems.get_filesystem(pattern).translate_pattern(pattern)).match
+        matches = pattern_matcher(pattern)
         client = _gcs_client(prefix)  # present: ExpandInputFn only fans out when it had one
         try:
             for path, size in list_gcs(client, prefix):

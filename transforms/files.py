@@ -252,6 +252,21 @@ def _escape_glob(text: str) -> str:
     return re.sub(r"([\[*?])", r"[\1]", text)
 
 
+def pattern_matcher(pattern: str) -> Any:
+    """``re.match`` of Beam's pattern syntax (``FileSystem.translate_pattern``), where the
+    escapes ``[[]``, ``[*]``, ``[?]`` match that character: Beam would make ``[[]`` a regular
+    expression set holding ``[``, which Python warns may become a nested set one day."""
+    from apache_beam.io.filesystem import FileSystem
+
+    parts = []
+    for index, part in enumerate(re.split(r"(\[[\[*?]\])", pattern)):
+        if index % 2:
+            parts.append(re.escape(part[1]))
+        elif part:
+            parts.append(FileSystem.translate_pattern(part)[len("(?ms)"):-len("\\Z")])
+    return re.compile("(?ms)" + "".join(parts) + r"\Z").match
+
+
 def listing_prefix(pattern: str) -> str:
     """The literal start of a pattern (up to its first glob character; ``[[]``, ``[*]``, ``[?]``
     as written by :func:`_escape_glob` are that character), which a listing can ask for."""
@@ -292,8 +307,7 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     vanishing); ``gs://`` is listed page by page with the storage client of Beam's own GCS
     filesystem; any other scheme falls back to ``FileSystems.match``.
     """
-    fs = FileSystems.get_filesystem(pattern)
-    matches = re.compile(fs.translate_pattern(pattern)).match
+    matches = pattern_matcher(pattern)
     prefix = listing_prefix(pattern)
     if is_local(pattern):
         yield from (_shown(p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
