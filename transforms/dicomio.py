@@ -304,8 +304,18 @@ _NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, Ex
                               DeflatedExplicitVRLittleEndian})
 
 
+#: Standard transfer syntaxes with encapsulated pixel data that pydicom 3.0 does not know
+#: (PS3.6 Table A-1, 2024-2025 editions): Encapsulated Uncompressed Explicit VR Little Endian,
+#: JPEG XL Lossless, JPEG XL JPEG Recompression, JPEG XL, Deflated Image Frame Compression.
+#: Their data sets are Explicit VR Little Endian, as pydicom reads an unknown syntax.
+NEWER_ENCAPSULATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111",
+                                         "1.2.840.10008.1.2.4.112", "1.2.840.10008.1.2.8.1"})
+
+
 def _is_encapsulated_syntax(ts: str) -> bool:
-    """A transfer syntax pydicom knows as encapsulated (compressed); unknown ones: False."""
+    """A transfer syntax known as encapsulated (compressed); unknown ones: False."""
+    if ts in NEWER_ENCAPSULATED_SYNTAXES:
+        return True
     try:
         return bool(UID(ts).is_encapsulated)
     except ValueError:

@@ -64,7 +64,13 @@ from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
 from transforms import rle_decoder
-from transforms.dicomio import is_valid_uid, keep_text_as_read, shallow_copy, unsigned_without_pixel_representation
+from transforms.dicomio import (
+    NEWER_ENCAPSULATED_SYNTAXES,
+    is_valid_uid,
+    keep_text_as_read,
+    shallow_copy,
+    unsigned_without_pixel_representation,
+)
 from transforms.errors import CannotTranscode, RequestError, is_work_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -162,12 +168,6 @@ _ENCODER_NAME = {
     J2K: "OpenJPEG (pylibjpeg-openjpeg)",
 }
 _PYDICOM_SYNTAXES = frozenset(str(u) for u in AllTransferSyntaxes)
-#: Standard transfer syntaxes neither pydicom 3.0 nor Orthanc 1.10.1 knows (PS3.6 Table A-1,
-#: 2024-2025 editions): Encapsulated Uncompressed Explicit VR Little Endian, JPEG XL Lossless,
-#: JPEG XL JPEG Recompression, JPEG XL, Deflated Image Frame Compression. Such files pass
-#: through as they are; a Transcode of them is refused, naming the syntax.
-_NEWER_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111",
-                             "1.2.840.10008.1.2.4.112", "1.2.840.10008.1.2.8.1"})
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA_TAG = 0x7FE00010
 # Decoding plugins in order of preference (fastest correct first). GDCM comes last (it decodes
@@ -331,7 +331,7 @@ def _describe(exc: BaseException) -> str:
 
 def _syntax_text(uid: str) -> str:
     """A transfer syntax UID for a message: only UIDs we know (a file's value could be PHI)."""
-    if uid in ORTHANC_KNOWN or uid in _PYDICOM_SYNTAXES or uid in _NEWER_SYNTAXES:
+    if uid in ORTHANC_KNOWN or uid in _PYDICOM_SYNTAXES or uid in NEWER_ENCAPSULATED_SYNTAXES:
         return uid
     return "(a UID that is not a known transfer syntax)"
 
