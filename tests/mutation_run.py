@@ -1,6 +1,7 @@
 """A long mutation run: the property test of ``test_hostile.py``, for minutes instead of 80 cases.
 
-Mutates real files (pydicom's bundled ones and, when present, the shared samples under 1.5 MB)
+Mutates real files (pydicom's bundled ones, two of them recompressed as High-Throughput JPEG
+2000 when imagecodecs is installed, and, when present, the shared samples under 1.5 MB)
 with the property test's operations (truncate, flip a byte, insert garbage, cut or duplicate a
 slice; 60% of the time inside the element headers), processes each under one of the property
 test's requests or a few more (transcodes to every native syntax and to JPEG-LS, JPEG 2000 and
@@ -77,6 +78,31 @@ def _default_memory_mb() -> int:
     except (ValueError, OSError):
         return 4096
     return min(16 << 10, (total >> 20) * 3 // 4)
+
+
+def _htj2k_bases(folder: Path) -> list[Path]:
+    """High-Throughput JPEG 2000 copies of two bundled images (one grey, one RGB), written into
+    ``folder``: no bundled or shared file is in that syntax. None without imagecodecs."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return []
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate
+
+    made = []
+    for name in ("CT_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        pixels = ds.pixel_array
+        ds.PixelData = encapsulate([imagecodecs.htj2k_encode(pixels)])
+        ds["PixelData"].VR = "OB"
+        if pixels.ndim == 3:
+            ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+        made.append(folder / f"htj2k-{name}")
+        ds.save_as(made[-1], enforce_file_format=True)
+    return made
 
 
 def _mutation(rng: random.Random) -> tuple:
@@ -207,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     rng = random.Random(args.seed)
-    files = list(BASES)
+    generated = tempfile.TemporaryDirectory()
+    files = [*BASES, *_htj2k_bases(Path(generated.name))]
     if SAMPLES.is_dir():
         files += sorted(p for p in SAMPLES.rglob("*") if p.is_file() and p.stat().st_size < 1_500_000)
     plans = PLANS + MORE_PLANS
