@@ -253,17 +253,35 @@ def _escape_glob(text: str) -> str:
 
 
 def pattern_matcher(pattern: str) -> Any:
-    """``re.match`` of Beam's pattern syntax (``FileSystem.translate_pattern``), where the
-    escapes ``[[]``, ``[*]``, ``[?]`` match that character: Beam would make ``[[]`` a regular
-    expression set holding ``[``, which Python warns may become a nested set one day."""
+    """``re.match`` of Beam's pattern syntax (``FileSystem.translate_pattern``), where a set of
+    one ``[``, ``*`` or ``?`` (``[[]``, as :func:`_escape_glob` writes) is translated as that
+    character: Beam would write ``[[]`` into the regular expression, which Python warns may
+    become a nested set one day. Sets are delimited as Beam (and fnmatch) delimit them."""
     from apache_beam.io.filesystem import FileSystem
 
-    parts = []
-    for index, part in enumerate(re.split(r"(\[[\[*?]\])", pattern)):
-        if index % 2:
-            parts.append(re.escape(part[1]))
-        elif part:
-            parts.append(FileSystem.translate_pattern(part)[len("(?ms)"):-len("\\Z")])
+    def translated(chunk: str) -> str:
+        return FileSystem.translate_pattern(chunk)[len("(?ms)"):-len("\\Z")] if chunk else ""
+
+    parts, start, i, n = [], 0, 0, len(pattern)
+    while i < n:
+        if pattern[i] != "[":
+            i += 1
+            continue
+        j = i + 1
+        if j < n and pattern[j] == "!":
+            j += 1
+        if j < n and pattern[j] == "]":
+            j += 1
+        while j < n and pattern[j] != "]":
+            j += 1
+        if j >= n:  # no closing bracket: a literal "[" (Beam's reading too)
+            i += 1
+            continue
+        if pattern[i + 1:j] in ("[", "*", "?"):
+            parts += [translated(pattern[start:i]), re.escape(pattern[i + 1])]
+            start = j + 1
+        i = j + 1
+    parts.append(translated(pattern[start:]))
     return re.compile("(?ms)" + "".join(parts) + r"\Z").match
 
 
