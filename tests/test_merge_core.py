@@ -199,6 +199,30 @@ def test_the_utf8_switch_decodes_only_text(samples: Path, tmp_path: Path) -> Non
     assert len(texts) > 5 and all(merged[t].value == source[t].value for t in texts if t in source)
 
 
+def test_a_specific_character_set_damaged_into_vr_us_reads_as_written(samples: Path, tmp_path: Path) -> None:
+    """One flipped byte made a Latin-1 instance's SpecificCharacterSet VR US (found by a
+    split/merge mutation run): pydicom decodes it as numbers it then cannot look up, and both a
+    split (its reference pass) and a merge (its UTF-8 switch) ended in an internal error. Its
+    bytes still say ISO_IR 100, and are read so, as the modification engine reads them."""
+    greek = samples / "Encodings" / "Lena-greek.dcm"
+    flair = samples / "Brainix" / "Flair" / "IM-0001-0021.dcm"
+    damaged = tmp_path / "flair-damaged.dcm"
+    charset = b"\x08\x00\x05\x00CS\n\x00ISO_IR 100"
+    assert flair.read_bytes().count(charset) == 1
+    damaged.write_bytes(flair.read_bytes().replace(charset, b"\x08\x00\x05\x00US\n\x00ISO_IR 100"))
+    target_uid = str(pydicom.dcmread(greek, stop_before_pixels=True).StudyInstanceUID)
+    index = index_of([greek, damaged], target_uid)
+    plan = sm.plan_merge(index, sm.parse_merge(target_uid, {"Resources": [index[1].instance]}), KEY)
+    merged = pydicom.dcmread(io.BytesIO(write_dataset(sm.apply_plan(plan, read_dataset(damaged.read_bytes()), str(damaged)))))
+    assert (merged.SpecificCharacterSet, merged.PatientName) == ("ISO_IR 192", "Test-Θ")
+    assert merged.RequestedProcedureDescription == "IRM cérébrale, neuro-crâne"
+    study, series = index[1].study_uid, index[1].series_uid
+    split = sm.plan_split(index_of([damaged], None), sm.parse_split(study, {"Series": [series], "Replace": {"PatientName": "Moved^Here"}}), KEY)
+    moved = read_dataset(write_dataset(sm.apply_plan(split, read_dataset(damaged.read_bytes()), str(damaged))))
+    assert (moved.StudyInstanceUID, moved.PatientName) == (split.study_uid, "Moved^Here")
+    assert moved.RequestedProcedureDescription == "IRM cérébrale, neuro-crâne"
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -802,7 +802,7 @@ def _remap_references(new: Dataset, plan: Plan) -> None:
     if not candidates:
         return
     scratch = Dataset()
-    scratch._parent_encoding = convert_encodings(peek(new, _CHARSET) or None)
+    scratch._parent_encoding = _encodings(new)
     for tag in candidates:
         elem = new._dict[tag]
         scratch._dict[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
@@ -829,8 +829,18 @@ def _to_utf8(ds: Dataset) -> None:
     Only the character-set dependent VRs (``dicomio.CHARSET_VRS``) are decoded (pydicom's ``Dataset.decode`` converts
     every element: a damaged DS holding a byte ISO_IR 13 reads as katakana could then not be
     written back, an internal error found by a mutation run)."""
-    _decode_texts(ds, convert_encodings(peek(ds, _CHARSET) or None))
+    _decode_texts(ds, _encodings(ds))
     ds._dict[_CHARSET] = DataElement(_CHARSET, "CS", _UTF8)
+
+
+def _encodings(ds: Dataset) -> list[str]:
+    """The codecs of ``ds``'s own SpecificCharacterSet, read from its bytes as the modification
+    engine reads them (:func:`transforms.values.dataset_encodings`): a damaged one (VR US, which
+    pydicom decodes as numbers and then cannot look up: an internal error found by a mutation
+    run) reads as written, or else as the default repertoire."""
+    from transforms.values import dataset_encodings
+
+    return dataset_encodings(ds)
 
 
 def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
@@ -845,7 +855,7 @@ def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
         if elem.VR == "SQ":
             for item in elem.value or ():
                 own = item._dict.get(_CHARSET)
-                _decode_texts(item, convert_encodings(peek(item, _CHARSET) or None) if own is not None else encodings)
+                _decode_texts(item, _encodings(item) if own is not None else encodings)
                 if own is not None:  # what is left raw there holds no text: read it as UTF-8 too
                     item._dict[_CHARSET] = DataElement(_CHARSET, "CS", _UTF8)
                     implicit, little = item.original_encoding
