@@ -1255,3 +1255,80 @@ def test_a_deflated_file_never_reaches_pydicoms_unbounded_inflation(tmp_path: Pa
     with pytest.raises(InputError, match="a deflated data set whose file meta header this reader cannot walk") as exc:
         dicomio.read_dataset(broken)
     assert exc.value.reason == "not_dicom"
+
+
+def _many_elements(count: int, syntax: str | None, *, repeated: bool = False) -> bytes:
+    """A CT's identifiers with ``count`` empty private elements between them (distinct and
+    ascending, or one tag ``repeated``), in ``syntax`` (None: a bare implicit VR data set)."""
+    import zlib
+
+    implicit = syntax in (None, "1.2.840.10008.1.2")
+
+    def element(group: int, number: int, value: bytes) -> bytes:
+        if implicit:
+            return struct.pack("<HHI", group, number, len(value)) + value
+        return struct.pack("<HH2sH", group, number, b"LO" if group & 1 else b"UI", len(value)) + value
+
+    head = element(0x0008, 0x0016, b"1.2.840.10008.5.1.4.1.1.2\0") + element(0x0008, 0x0018, b"1.2.3.4\0")
+    if repeated:
+        many = element(0x0011, 0x1000, b"") * count
+    else:
+        many = b"".join([element(0x0011 + 2 * (i // 0xF000), 0x1000 + i % 0xF000, b"") for i in range(count)])
+    body = head + many + element(0x0020, 0x000D, b"1.2.3\0") + element(0x0020, 0x000E, b"1.2.3.5\0")
+    if syntax is None:
+        return body
+    if syntax == "1.2.840.10008.1.2.1.99":
+        packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        body = packer.compress(body) + packer.flush()
+    return dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", syntax) + body
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", None])
+@pytest.mark.parametrize("repeated", [False, True])
+def test_a_data_set_of_more_than_max_elements_is_refused_before_they_are_built(
+        monkeypatch: pytest.MonkeyPatch, syntax: str | None, repeated: bool):
+    """Each element is an object of ~200 bytes however short it is: past MAX_ELEMENTS top-level
+    elements (repeats included), ``too_large``, on every reading path (the explicit and the
+    implicit VR scanners, a deflated data set, pydicom's reader for a bare data set). Exactly
+    MAX_ELEMENTS read."""
+    monkeypatch.setattr(dicomio, "MAX_ELEMENTS", 2000)
+    fits = _many_elements(2000 - 4, syntax, repeated=repeated)  # with the 4 identifiers
+    ds = dicomio.read_dataset(fits)
+    assert ds.SOPInstanceUID == "1.2.3.4" and ds.SeriesInstanceUID == "1.2.3.5"
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(_many_elements(2000 - 3, syntax, repeated=repeated))
+    assert (refused.value.reason, str(refused.value)) == (
+        "too_large", "more than 2,000 elements in the data set, too many to hold (real data sets have a few thousand)")
+
+
+def test_ten_million_deflated_elements_are_refused_at_the_first_million():
+    """The bomb itself: 10 million repeated 8-byte elements, 80 MB inflated from 117 KB, took
+    20 s and 600 MB to read (and 2 GiB inflated would have taken tens of gigabytes)."""
+    data = _many_elements(10_000_000, "1.2.840.10008.1.2.1.99", repeated=True)
+    assert len(data) < 200_000
+    with pytest.raises(InputError, match="more than 1,000,000 elements") as refused:
+        dicomio.read_dataset(data)
+    assert refused.value.reason == "too_large"
+
+
+def test_pydicoms_reader_gets_no_more_items_than_de_identification_may_build(monkeypatch: pytest.MonkeyPatch):
+    """pydicom builds every item of an undefined-length sequence as it reads (8 MB of empty
+    items: 23 s, 735 MB). A bare data set (no file meta: pydicom's reader) with more item tags
+    than MAX_WALKED_ITEMS, or one per 64 bytes, is refused before it reads; the scanner of a
+    Part 10 file keeps such a sequence as bytes and reads it."""
+    monkeypatch.setattr(dicomio, "MAX_WALKED_ITEMS", 100)
+
+    def bare(items: int) -> bytes:
+        sequence = (struct.pack("<HHI", 0x0008, 0x1140, 0xFFFFFFFF) + b"\xfe\xff\x00\xe0\x00\x00\x00\x00" * items
+                    + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+        ids = _many_elements(0, None)
+        at = ids.index(struct.pack("<HH", 0x0020, 0x000D))
+        return ids[:at] + sequence + ids[at:]
+
+    assert len(dicomio.read_dataset(bare(100)).ReferencedImageSequence) == 100
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(bare(1000))  # 8 KB: an allowance of max(100, 8,000 / 64) items
+    assert (refused.value.reason, str(refused.value)) == (
+        "too_large", "too many sequence items to read in one file (at most 100, or one per 64 bytes)")
+    part10 = dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2") + bare(1000)
+    assert dicomio.read_dataset(part10).SOPInstanceUID == "1.2.3.4"

@@ -38,7 +38,7 @@ from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHAR
 from pydicom.tag import BaseTag
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import dcmread
+from pydicom.filereader import dcmread, read_partial
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.filewriter import write_dataset as _pydicom_write_dataset
 from pydicom.uid import (
@@ -52,6 +52,7 @@ from pydicom.valuerep import PersonName
 
 from transforms import __version__
 from transforms.errors import InputError
+from transforms.paths import BYTES_PER_ITEM, MAX_WALKED_ITEMS
 from transforms.tags import SQ_TAGS  # how implicit VR sequences are known
 
 # Raw VRs whose explicit-VR header carries a 4-byte length (PS3.5 7.1.2).
@@ -83,6 +84,11 @@ _DICM_OFFSET = 128
 #: The most bytes a deflated data set may inflate to (``--max-bytes``' default): deflate packs
 #: zeros about 1,000 to 1; a 1.4 MB file held a 1.5 GB element.
 MAX_INFLATED_BYTES = 2 << 30
+#: The most top-level elements (repeats included) a data set may have. Each becomes an object of
+#: ~200 bytes however short it is: 10 million 8-byte elements (an 80 MB file, or 117 KB deflated)
+#: took 20 s and 600 MB, and the 2 GiB that --max-bytes lets through would have taken tens of
+#: gigabytes. Real data sets have a few thousand (the standard's dictionary holds ~5,000 tags).
+MAX_ELEMENTS = 1_000_000
 _DEFLATED_UID_BYTES = b"1.2.840.10008.1.2.1.99"
 #: Where a file meta header's TransferSyntaxUID is looked for when the scanner cannot walk it.
 _META_SEARCH_BYTES = 4096
@@ -230,9 +236,12 @@ def read_dataset(data: bytes, *, check_uids: bool = True, max_inflated: int = MA
         # pydicom inflates a deflated data set whole, without a bound: only one whose size
         # the scanner has seen goes to it.
         raise InputError("a deflated data set whose file meta header this reader cannot walk", reason="not_dicom")
+    _check_pydicom_bounds(data)
     stream = BytesIO(data)
     try:
-        ds = dcmread(stream, force=not has_marker)
+        ds = _pydicom_read(stream, data, force=not has_marker)
+    except _TooManyElements:
+        raise too_many_elements() from None
     except RecursionError:
         raise InputError("sequences nested too deeply to parse", reason="too_deep") from None
     except MemoryError:
@@ -259,6 +268,65 @@ def read_dataset(data: bytes, *, check_uids: bool = True, max_inflated: int = MA
     if check_uids:
         check_identifiers(ds)
     return ds
+
+
+class _TooManyElements(Exception):
+    """Raised from pydicom's reader, past :data:`MAX_ELEMENTS` top-level elements."""
+
+
+def _pydicom_read(stream: BytesIO, data: bytes, *, force: bool) -> Dataset:
+    """``dcmread``, stopped (:class:`_TooManyElements`) past :data:`MAX_ELEMENTS` top-level
+    elements, which the scanner counts on the fast path."""
+    if len(data) <= 8 * MAX_ELEMENTS:  # too short to hold that many
+        return dcmread(stream, force=force)
+    count = 0
+
+    def stop_when(tag: Any, vr: Any, length: int) -> bool:  # pydicom calls it per top-level element
+        nonlocal count
+        count += 1
+        if count > MAX_ELEMENTS:
+            raise _TooManyElements
+        return False
+
+    return read_partial(stream, stop_when, force=force)
+
+
+def pydicom_header(data: bytes, *, force: bool) -> tuple[Dataset, int]:
+    """``dcmread(stop_before_pixels=True)`` of ``data`` with the bounds :func:`read_dataset` puts
+    on pydicom's reader (sequence items, top-level elements), and where it stopped. For the
+    headers of files the scanner leaves to pydicom."""
+    _check_pydicom_bounds(data)
+    count = 0
+
+    def stop_when(tag: Any, vr: Any, length: int) -> bool:  # per top-level element
+        nonlocal count
+        if tag in _PIXEL_TAGS:  # as stop_before_pixels
+            return True
+        count += 1
+        if count > MAX_ELEMENTS:
+            raise _TooManyElements
+        return False
+
+    stream = BytesIO(data)
+    try:
+        return read_partial(stream, stop_when, force=force), stream.tell()
+    except _TooManyElements:
+        raise too_many_elements() from None
+
+
+def _check_pydicom_bounds(data: bytes) -> None:
+    """Refuse (``too_large``) bytes whose sequence items pydicom's reader would build beyond what
+    de-identification may build (:data:`transforms.paths.MAX_WALKED_ITEMS`, or one per
+    ``BYTES_PER_ITEM`` bytes): it parses every item of an undefined-length sequence into an
+    object at once, so 8 MB of empty items took 23 s and 735 MB. Each item starts with the item
+    tag's 4 bytes, whose count bounds theirs (either byte order)."""
+    allowance = max(MAX_WALKED_ITEMS, len(data) // BYTES_PER_ITEM)
+    if len(data) // 8 <= allowance:
+        return  # an item takes 8 bytes at least
+    for item_tag in (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00"):
+        if data.count(item_tag) > allowance:
+            raise InputError(f"too many sequence items to read in one file (at most {MAX_WALKED_ITEMS}, "
+                             f"or one per {BYTES_PER_ITEM} bytes)", reason="too_large")
 
 
 def peek(ds: Dataset, keyword_or_tag: str | int) -> Any:
@@ -599,6 +667,11 @@ def _check_structure(ds: Dataset, data: bytes, pos: int) -> bool:
     return True
 
 
+def too_many_elements() -> InputError:
+    return InputError(f"more than {MAX_ELEMENTS:,} elements in the data set, too many to hold (real data "
+                      "sets have a few thousand)", reason="too_large")
+
+
 def _tag_at(data: bytes, offset: int, tag: int, little: bool) -> bool:
     if offset + 4 > len(data):
         return False
@@ -837,11 +910,14 @@ def _scan_elements(
     vr_table = _VR_TABLE
     starts: list[int] | None = [] if out is not None else None
     append = starts.append if starts is not None else None
+    counted = out is not None and end - pos > 8 * MAX_ELEMENTS  # as _scan_explicit_top
     while pos < end:
         if end - pos < 8:
             if out is not None and not any(data[pos:end]):
                 break  # zero padding after the last element
             raise InputError("file ends inside an element header", reason="truncated")
+        if counted and len(starts) >= MAX_ELEMENTS:
+            raise too_many_elements()
         start = pos
         if implicit:
             group, element, length = tag_len(data, pos)
@@ -967,11 +1043,14 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
     new, raw_type, base_tag, tags = _tuple_new, RawDataElement, BaseTag, _TAGS
     view = memoryview(data)
     limit = end - 12  # room for the longest header: no bounds check per header below
+    counted = end - pos > 8 * MAX_ELEMENTS  # else too short to hold that many (8 bytes or more each)
     while pos <= limit:
         group, element, vr_bytes, length = tag_vr_short(data, pos)
         info = vr_table.get(vr_bytes)
         if info is None or group == 0xFFFE:
             break
+        if counted and len(starts) >= MAX_ELEMENTS:
+            raise too_many_elements()
         vr, is_long = info
         if is_long:
             length = long_len(data, pos + 8)[0]
@@ -1014,6 +1093,8 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
         rest: dict = {}
         _scan_elements(data, pos, end, False, little, 0, rest)
         starts.extend(rest.pop("__starts__"))
+        if len(starts) > MAX_ELEMENTS + 1:  # each scan counted its own (the last start is an end)
+            raise too_many_elements()
         out.update(rest)  # a tag repeated across the two scans keeps its first position
     else:
         starts.append(pos)

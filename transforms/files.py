@@ -1162,10 +1162,8 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
     files a request leaves alone (``Resources``, split/merge's unselected): a header instead of
     the whole file. Read by the project's scanner as a whole file is
     (:func:`transforms.dicomio.read_header_bytes`), else by pydicom's reader with
-    ``stop_before_pixels``.
+    ``stop_before_pixels`` (:func:`transforms.dicomio.pydicom_header`).
     """
-    from pydicom import dcmread
-
     from transforms import dicomio
 
     if size > max_bytes or size <= 0:  # empty, not a regular file, or a name not in UTF-8
@@ -1186,8 +1184,8 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
                     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
                     if not marker and not dicomio.looks_like_bare_dataset(head):
                         return None
-                    f.seek(0)
-                    ds = dcmread(f, stop_before_pixels=True, force=not marker)
+                    # Read whole (a rare layout): the bounds on pydicom's reader look at every byte.
+                    ds, _ = dicomio.pydicom_header(read_bounded(path, max_bytes), force=not marker)
         if ds is None:
             return None
         dicomio.check_identifiers(ds)
@@ -1234,10 +1232,6 @@ def _remote_header(f: Any, size: int, max_bytes: int) -> Any:
     reader) from one read of the first ``_REMOTE_HEAD_BYTES`` (the whole object, usually),
     never seeking back; a header longer than that (a file of hundreds of thousands of
     per-frame items) reads the rest."""
-    from io import BytesIO
-
-    from pydicom import dcmread
-
     from transforms import dicomio
 
     head = f.read(min(size, _REMOTE_HEAD_BYTES))
@@ -1251,15 +1245,14 @@ def _remote_header(f: Any, size: int, max_bytes: int) -> Any:
     if not marker and not dicomio.looks_like_bare_dataset(head):
         return None
     if len(head) < size:
-        buffer = BytesIO(head)
         try:
-            ds = dcmread(buffer, stop_before_pixels=True, force=not marker)
-            if buffer.tell() < len(head):  # stopped at the pixel data, inside what was read
+            ds, stopped = dicomio.pydicom_header(head, force=not marker)
+            if stopped < len(head):  # stopped at the pixel data, inside what was read
                 return ds
         except Exception:  # noqa: BLE001 - cut inside the header: read the rest
             pass
         head += f.read()  # (size is at most --max-bytes)
-    return dcmread(BytesIO(head), stop_before_pixels=True, force=not marker)
+    return dicomio.pydicom_header(head, force=not marker)[0]
 
 
 def read_input(path: str, size: int, max_bytes: int, row: dict[str, Any]) -> bytes:
