@@ -26,9 +26,10 @@ decodes to katakana, an explicit SS on a sequence's tag written in implicit VR, 
 on an FL tag written in implicit VR, a damaged item tag (FFFE,063B) that pydicom reads on from,
 a stray item delimiter after an undefined-length sequence where pydicom read leniently (it
 dropped the pixel data), (not an invariant, a Rust panic printed on stderr) an RLE run past the
-image, (``--splitmerge``) a merge's switch to UTF-8 that decoded a damaged DS as katakana, and
+image, (``--splitmerge``) a merge's switch to UTF-8 that decoded a damaged DS as katakana,
 (not an invariant: the kernel killed the run) a JPEG 2000 header declaring 11 million rows,
-which openjpeg allocated (11.6 GB). Since then a case that raises the peak resident size by
+which openjpeg allocated (11.6 GB), and (``--splitmerge``) a SpecificCharacterSet damaged into
+VR US, which pydicom decodes as numbers. Since then a case that raises the peak resident size by
 more than 1 GB is a finding (``memory: ...``), and ``--memory-mb`` keeps a runaway allocation
 from reaching the kernel's limit. Known and left: a file without PixelRepresentation written in
 implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it raises
