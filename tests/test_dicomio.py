@@ -1195,6 +1195,40 @@ def test_read_header_reads_on_past_its_first_read(tmp_path: Path, monkeypatch: p
     assert files.read_header(str(bad), len(data), 1 << 30) is None
 
 
+def test_a_header_left_to_pydicom_is_read_in_growing_steps_with_its_bounds(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """A bare data set (no file meta: pydicom's reader) with a 40 kB header before 32 kB of
+    pixels: read from 16 kB, then 64 kB, where the reader stops at the pixel data (not the whole
+    file); one of 1,000 empty items in an 8 kB undefined-length sequence gives None (the whole
+    read then says too_large), as the reading of the whole file bounds pydicom's reader."""
+    from transforms import files
+
+    ds = pydicom.dcmread(CT)
+    ds.ImageComments = "x" * 40_000
+    ds.PixelData = b"\0" * 32_768
+    del ds.file_meta
+    ds.preamble = None
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=True, little_endian=True)  # no preamble, no file meta
+    path = tmp_path / "bare.dcm"
+    path.write_bytes(buffer.getvalue())
+    assert not dicomio.read_header_bytes(path.read_bytes(), complete=True)  # not the scanner's
+    heads: list[int] = []
+    real = dicomio.pydicom_header
+    monkeypatch.setattr(dicomio, "pydicom_header", lambda head, **k: heads.append(len(head)) or real(head, **k))
+    header = files.read_header(str(path), path.stat().st_size, 1 << 30)
+    assert header.ImageComments == "x" * 40_000 and "PixelData" not in header
+    assert heads == [16 << 10, 64 << 10] and path.stat().st_size > 64 << 10
+    monkeypatch.setattr(dicomio, "MAX_WALKED_ITEMS", 100)
+    items = (struct.pack("<HHI", 0x0008, 0x1140, 0xFFFFFFFF) + b"\xfe\xff\x00\xe0\x00\x00\x00\x00" * 1000
+             + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    bomb = tmp_path / "items.dcm"
+    bomb.write_bytes(_many_elements(0, None).replace(b"\x20\x00\x0d\x00", items + b"\x20\x00\x0d\x00", 1))
+    assert files.read_header(str(bomb), bomb.stat().st_size, 1 << 30) is None
+    with pytest.raises(InputError, match="too many sequence items to read in one file"):
+        dicomio.read_dataset(bomb.read_bytes())
+
+
 # --------------------------------------------------------------------------- deflate bombs
 
 

@@ -1184,8 +1184,8 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
                     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
                     if not marker and not dicomio.looks_like_bare_dataset(head):
                         return None
-                    # Read whole (a rare layout): the bounds on pydicom's reader look at every byte.
-                    ds, _ = dicomio.pydicom_header(read_bounded(path, max_bytes), force=not marker)
+                    f.seek(0)
+                    ds = _pydicom_header(f, size, marker)
         if ds is None:
             return None
         dicomio.check_identifiers(ds)
@@ -1219,6 +1219,29 @@ def _scanned_header(f: Any, head: bytes, size: int) -> Any:
         more = f.read(min(3 * len(head), limit - len(head)))
         if not more:
             return None  # shorter than listed: pydicom's reader says what is there
+        head += more
+
+
+def _pydicom_header(f: Any, size: int, marker: bool) -> Any:
+    """The header of the local file open as ``f`` (at its start) by pydicom's reader, with its
+    bounds (:func:`transforms.dicomio.pydicom_header`), from growing reads: first
+    ``_LOCAL_HEAD_BYTES``, then four times as much each time the reader did not stop at pixel
+    data inside what was read (as :func:`_scanned_header` grows), up to the whole file."""
+    from transforms import dicomio
+
+    head = f.read(min(size, _LOCAL_HEAD_BYTES))
+    while True:
+        complete = len(head) >= size
+        try:
+            ds, stopped = dicomio.pydicom_header(head, force=not marker)
+            if complete or stopped < len(head):
+                return ds
+        except Exception:  # noqa: BLE001 - cut inside the header: read on (the whole file says why)
+            if complete:
+                raise
+        more = f.read(min(3 * len(head), size - len(head)))
+        if not more:  # shorter than listed: what is there
+            return dicomio.pydicom_header(head, force=not marker)[0]
         head += more
 
 
