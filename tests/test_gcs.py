@@ -286,6 +286,17 @@ print(json.dumps({"reference": reference, "streamed": streamed, "folder": folder
 """
 
 
+def _run_probe(script: str, argument: Any, env: dict) -> Any:
+    """Run a listing probe in a process of its own (against the emulator ``env`` names) with
+    ``argument`` as JSON; what it printed last, as JSON."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argument)], capture_output=True, text=True, env=env, timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
     """``gs://`` INPUT is listed page by page (never one list of every object, as Beam's match
     builds), with exactly the objects Beam's match would give for the same pattern."""
@@ -298,12 +309,7 @@ def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
     base = "gs://listing/x"
     patterns = [f"{base}/**", f"{base}/*", f"{base}/**.dcm", f"{base}/*/*.dcm", f"{base}/b/t?o.dcm", f"{base}/[ab]/*.dcm",
                 f"{base}/a/000*", f"{base}/missing/**"]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-c", _LISTING_PROBE, json.dumps(patterns)], capture_output=True, text=True, env=env, timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.splitlines()[-1])
+    found = _run_probe(_LISTING_PROBE, patterns, env)
     assert found["streamed"] == found["reference"]
     # The pipeline's listing: one level here, each deeper prefix listed by another worker.
     # Placeholders ("x/folder/") are never input; everything else is what Beam matches.
@@ -372,12 +378,7 @@ def test_gcs_names_with_glob_characters_are_taken_literally_when_they_exist(emul
     base = "gs://literal/in"
     uris = [f"{base}/scan[1]/", f"{base}/scan[1]", f"{base}/scan[12]/**", f"{base}/x*y.dcm", f"{base}/x?y.dcm",
             f"{base}/q?", f"{base}/q[q]/*"]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-c", _LITERAL_PROBE, json.dumps(uris)], capture_output=True, text=True, env=env, timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.splitlines()[-1])
+    found = _run_probe(_LITERAL_PROBE, uris, env)
     listed = {u: streamed for u, (streamed, fanned) in found.items()}
     assert {u: fanned for u, (_, fanned) in found.items()} == listed  # the pipeline lists the same
     assert listed == {

@@ -895,10 +895,11 @@ def test_the_dimensions_of_a_jp2_wrapped_codestream_are_read_from_its_jp2c_box()
     signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
     content = b"jp2c\xff\x4f\xff\x51" + struct.pack(">II", 9, 9) + b"\0"
     decoy = struct.pack(">I4s", 8 + len(content), b"xml ") + content
-    assert tc._j2k_size(frame) == (1024, 256, 1)
-    assert tc._j2k_size(signature + decoy + struct.pack(">I4s", 8 + len(frame), b"jp2c") + frame) == (1024, 256, 1)
-    assert tc._j2k_size(signature + struct.pack(">I4sQ", 1, b"jp2c", 16 + len(frame)) + frame) == (1024, 256, 1)
-    assert tc._j2k_size(signature + decoy) is None and tc._j2k_size(signature + struct.pack(">I4s", 0, b"xml ")) is None
+    header = ((1024, 256, 1), ds.BitsStored)  # what the SIZ says: the data set's dimensions and precision
+    assert tc._j2k_header(frame) == header
+    assert tc._j2k_header(signature + decoy + struct.pack(">I4s", 8 + len(frame), b"jp2c") + frame) == header
+    assert tc._j2k_header(signature + struct.pack(">I4sQ", 1, b"jp2c", 16 + len(frame)) + frame) == header
+    assert tc._j2k_header(signature + decoy) == tc._j2k_header(signature + struct.pack(">I4s", 0, b"xml ")) == (None, None)
 
 
 def test_pydicoms_damaged_jpeg_2000_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch):

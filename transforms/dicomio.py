@@ -38,7 +38,7 @@ from pydicom.charset import convert_encodings, default_encoding as _DEFAULT_CHAR
 from pydicom.tag import BaseTag
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import dcmread, read_partial
+from pydicom.filereader import read_partial
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.filewriter import write_dataset as _pydicom_write_dataset
 from pydicom.uid import (
@@ -239,7 +239,7 @@ def read_dataset(data: bytes, *, check_uids: bool = True, max_inflated: int = MA
     _check_pydicom_bounds(data)
     stream = BytesIO(data)
     try:
-        ds = _pydicom_read(stream, data, force=not has_marker)
+        ds = _pydicom_read(stream, force=not has_marker)
     except _TooManyElements:
         raise too_many_elements() from None
     except RecursionError:
@@ -274,15 +274,16 @@ class _TooManyElements(Exception):
     """Raised from pydicom's reader, past :data:`MAX_ELEMENTS` top-level elements."""
 
 
-def _pydicom_read(stream: BytesIO, data: bytes, *, force: bool) -> Dataset:
-    """``dcmread``, stopped (:class:`_TooManyElements`) past :data:`MAX_ELEMENTS` top-level
-    elements, which the scanner counts on the fast path."""
-    if len(data) <= 8 * MAX_ELEMENTS:  # too short to hold that many
-        return dcmread(stream, force=force)
+def _pydicom_read(stream: BytesIO, *, force: bool, before_pixels: bool = False) -> Dataset:
+    """``dcmread`` (``stop_before_pixels`` with ``before_pixels``), stopped
+    (:class:`_TooManyElements`) past :data:`MAX_ELEMENTS` top-level elements, which the
+    scanner counts on its own path."""
     count = 0
 
     def stop_when(tag: Any, vr: Any, length: int) -> bool:  # pydicom calls it per top-level element
         nonlocal count
+        if before_pixels and tag in _PIXEL_TAGS:
+            return True
         count += 1
         if count > MAX_ELEMENTS:
             raise _TooManyElements
@@ -296,20 +297,9 @@ def pydicom_header(data: bytes, *, force: bool) -> tuple[Dataset, int]:
     on pydicom's reader (sequence items, top-level elements), and where it stopped. For the
     headers of files the scanner leaves to pydicom."""
     _check_pydicom_bounds(data)
-    count = 0
-
-    def stop_when(tag: Any, vr: Any, length: int) -> bool:  # per top-level element
-        nonlocal count
-        if tag in _PIXEL_TAGS:  # as stop_before_pixels
-            return True
-        count += 1
-        if count > MAX_ELEMENTS:
-            raise _TooManyElements
-        return False
-
     stream = BytesIO(data)
     try:
-        return read_partial(stream, stop_when, force=force), stream.tell()
+        return _pydicom_read(stream, force=force, before_pixels=True), stream.tell()
     except _TooManyElements:
         raise too_many_elements() from None
 

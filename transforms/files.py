@@ -1185,7 +1185,7 @@ def read_header(path: str, size: int, max_bytes: int) -> Any:
                     if not marker and not dicomio.looks_like_bare_dataset(head):
                         return None
                     f.seek(0)
-                    ds = _pydicom_header(f, size, marker)
+                    ds = _pydicom_header(f, f.read(min(size, _LOCAL_HEAD_BYTES)), size, marker)
         if ds is None:
             return None
         dicomio.check_identifiers(ds)
@@ -1222,14 +1222,13 @@ def _scanned_header(f: Any, head: bytes, size: int) -> Any:
         head += more
 
 
-def _pydicom_header(f: Any, size: int, marker: bool) -> Any:
-    """The header of the local file open as ``f`` (at its start) by pydicom's reader, with its
-    bounds (:func:`transforms.dicomio.pydicom_header`), from growing reads: first
-    ``_LOCAL_HEAD_BYTES``, then four times as much each time the reader did not stop at pixel
-    data inside what was read (as :func:`_scanned_header` grows), up to the whole file."""
+def _pydicom_header(f: Any, head: bytes, size: int, marker: bool) -> Any:
+    """The header of the file open as ``f``, whose first bytes ``head`` were read, by pydicom's
+    reader with its bounds (:func:`transforms.dicomio.pydicom_header`): reading on, four times
+    as much each time (as :func:`_scanned_header` grows, never seeking back), while the reader
+    did not stop at pixel data inside what was read, up to the whole file."""
     from transforms import dicomio
 
-    head = f.read(min(size, _LOCAL_HEAD_BYTES))
     while True:
         complete = len(head) >= size
         try:
@@ -1254,7 +1253,7 @@ def _remote_header(f: Any, size: int, max_bytes: int) -> Any:
     """:func:`read_header` on a remote handle: parsed (by the project's scanner, else pydicom's
     reader) from one read of the first ``_REMOTE_HEAD_BYTES`` (the whole object, usually),
     never seeking back; a header longer than that (a file of hundreds of thousands of
-    per-frame items) reads the rest."""
+    per-frame items) reads on (:func:`_pydicom_header`)."""
     from transforms import dicomio
 
     head = f.read(min(size, _REMOTE_HEAD_BYTES))
@@ -1267,15 +1266,7 @@ def _remote_header(f: Any, size: int, max_bytes: int) -> Any:
     marker = head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
     if not marker and not dicomio.looks_like_bare_dataset(head):
         return None
-    if len(head) < size:
-        try:
-            ds, stopped = dicomio.pydicom_header(head, force=not marker)
-            if stopped < len(head):  # stopped at the pixel data, inside what was read
-                return ds
-        except Exception:  # noqa: BLE001 - cut inside the header: read the rest
-            pass
-        head += f.read()  # (size is at most --max-bytes)
-    return dicomio.pydicom_header(head, force=not marker)[0]
+    return _pydicom_header(f, head, size, marker)
 
 
 def read_input(path: str, size: int, max_bytes: int, row: dict[str, Any]) -> bytes:

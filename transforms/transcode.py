@@ -49,10 +49,10 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
-try:  # codestream headers (pydicom >= 3.0; the JPEG one is private, so guarded)
-    from pydicom.pixels.utils import _get_jpg_parameters, get_j2k_parameters
-except ImportError:  # pragma: no cover - another pydicom: no precision check
-    _get_jpg_parameters = get_j2k_parameters = None  # type: ignore[assignment]
+try:  # JPEG frame headers (pydicom >= 3.0; private, so guarded)
+    from pydicom.pixels.utils import _get_jpg_parameters
+except ImportError:  # pragma: no cover - another pydicom: no JPEG header checks
+    _get_jpg_parameters = None  # type: ignore[assignment]
 from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, get_encoder
@@ -589,35 +589,31 @@ def _check_complete_frames(ds: Dataset, ts: str) -> None:
                 f"frame {index + 1} of the source ({_syntax_text(ts)}) does not end with its "
                 "end-of-image marker: the codestream is truncated"
             )
-        parse = get_j2k_parameters if j2k else _get_jpg_parameters
-        try:
-            header = parse(frame) if parse is not None else {}
-        except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say
-            header = {}
-        declared = _j2k_size(frame) if j2k else _jpeg_size(header)
+        declared, precision = _j2k_header(frame) if j2k else _jpeg_header(frame)
         if declared is not None and declared != expected:
             raise CannotTranscode(
                 f"frame {index + 1} of the source ({_syntax_text(ts)}) declares {declared[0]} rows, "
                 f"{declared[1]} columns and {declared[2]} samples per pixel, the data set {expected[0]}, "
                 f"{expected[1]} and {expected[2]}: the codestream or the data set is damaged"
             )
-        precision = header.get("precision")
-        if isinstance(precision, int) and precision > bits:
+        if precision is not None and precision > bits:
             raise CannotTranscode(
                 f"the source codestream has {precision}-bit samples but BitsAllocated is {bits}: "
                 "decoding would cut its values"
             )
 
 
-def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) of a JPEG 2000 codestream's SIZ segment (ISO/IEC 15444-1
-    A.5.1: Xsiz - XOsiz columns, Ysiz - YOsiz rows, Csiz components), a JP2 wrapper skipped;
-    None when it has no SIZ where the standard puts it (the decoder then says what it is)."""
+def _j2k_header(frame: bytes) -> tuple[tuple[int, int, int] | None, int | None]:
+    """((rows, columns, components), precision of the first component) of a JPEG 2000
+    codestream's SIZ segment (ISO/IEC 15444-1 A.5.1: Xsiz - XOsiz columns, Ysiz - YOsiz rows,
+    Csiz components, Ssiz), a JP2 wrapper skipped (its boxes walked by their lengths, 64-bit ones
+    included: pydicom's parser does not read those); (None, None) when it has no SIZ where the
+    standard puts it (the decoder then says what it is)."""
     offset = 0
     if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: its codestream is the jp2c box
         while True:  # boxes (ISO/IEC 15444-1 I.4): length (1: 64-bit length after the type), type
             if offset + 8 > len(frame):
-                return None
+                return None, None
             length, kind = struct.unpack_from(">I4s", frame, offset)
             if kind == b"jp2c":
                 offset += 16 if length == 1 else 8
@@ -625,21 +621,27 @@ def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
             if length == 1 and offset + 16 <= len(frame):
                 length = struct.unpack_from(">Q", frame, offset + 8)[0]
             if length < 8:  # 0 (to the end of the file) before the codestream, or damaged
-                return None
+                return None, None
             offset += length
-    head = frame[offset : offset + 42]
-    if len(head) < 42 or head[:4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ (A.3: always second)
-        return None
+    head = frame[offset : offset + 43]
+    if len(head) < 43 or head[:4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ (A.3: always second)
+        return None, None
     x, y, x0, y0 = struct.unpack_from(">IIII", head, 8)
-    return (y - y0, x - x0, struct.unpack_from(">H", head, 40)[0])
+    return (y - y0, x - x0, struct.unpack_from(">H", head, 40)[0]), (head[42] & 0x7F) + 1
 
 
-def _jpeg_size(header: dict) -> tuple[int, int, int] | None:
-    """(rows, columns, components) of a JPEG or JPEG-LS frame header (SOFn / SOF55) as
-    pydicom's parser gives it, None when it could not be read (the decoder then says what it is)."""
-    if not all(isinstance(header.get(k), int) for k in ("height", "width", "components")):
-        return None
-    return (header["height"], header["width"], header["components"])
+def _jpeg_header(frame: bytes) -> tuple[tuple[int, int, int] | None, int | None]:
+    """((rows, columns, components), precision) of a JPEG or JPEG-LS frame header (SOFn /
+    SOF55) as pydicom's parser reads it; None for what it could not read (the decoder then
+    says what it is)."""
+    try:
+        header = _get_jpg_parameters(frame) if _get_jpg_parameters is not None else {}
+    except Exception:  # noqa: BLE001 - an unreadable header
+        header = {}
+    size = tuple(header.get(k) for k in ("height", "width", "components"))
+    precision = header.get("precision")
+    return (size if all(isinstance(v, int) for v in size) else None,  # type: ignore[return-value]
+            precision if isinstance(precision, int) else None)
 
 
 def _decoder_order(ts: str, decoder: object, bits_allocated: int) -> Iterator[str]:
