@@ -885,6 +885,20 @@ def test_a_codestream_declaring_other_dimensions_is_refused_before_decoding(
         tc.transcode(ds, ExplicitVRLittleEndian)
 
 
+@pytest.mark.parametrize(("offset", "value"), [(16, 269), (20, 1024), (20, 0xFFFFFFFF)])  # XOsiz, YOsiz
+def test_a_jpeg_2000_offset_beyond_its_size_is_refused_as_such(monkeypatch: pytest.MonkeyPatch, offset: int,
+                                                               value: int):
+    """XOsiz / YOsiz at or past Xsiz / Ysiz leave no image: said so, not as "-13 columns"."""
+    import struct
+
+    ds = _patched_frame(pydicom.dcmread(get_testdata_file("JPEG2000.dcm")), b"\xff\x4f\xff\x51", offset,
+                        struct.pack(">I", value))
+    monkeypatch.setattr(tc, "_decoder_order", lambda *a: pytest.fail("a decoder was called"))
+    with pytest.raises(CannotTranscode, match=r"^frame 1 of the source \(.*\) declares an image offset at or beyond "
+                                              r"its size \(no rows or no columns left\): the codestream is damaged$"):
+        tc.transcode(ds, ExplicitVRLittleEndian)
+
+
 def test_the_dimensions_of_a_jp2_wrapped_codestream_are_read_from_its_jp2c_box():
     """A JP2 file as a frame: the boxes are walked by their lengths (a box holding the bytes
     "jp2c" and a SIZ is not the codestream), 64-bit box lengths included."""

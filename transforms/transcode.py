@@ -590,6 +590,11 @@ def _check_complete_frames(ds: Dataset, ts: str) -> None:
                 "end-of-image marker: the codestream is truncated"
             )
         declared, precision = _j2k_header(frame) if j2k else _jpeg_header(frame)
+        if declared is not None and min(declared[:2]) <= 0:  # JPEG 2000: an offset at or past the size
+            raise CannotTranscode(
+                f"frame {index + 1} of the source ({_syntax_text(ts)}) declares an image offset at or "
+                "beyond its size (no rows or no columns left): the codestream is damaged"
+            )
         if declared is not None and declared != expected:
             raise CannotTranscode(
                 f"frame {index + 1} of the source ({_syntax_text(ts)}) declares {declared[0]} rows, "
