@@ -1366,3 +1366,37 @@ def test_pydicoms_reader_gets_no_more_items_than_de_identification_may_build(mon
         "too_large", "too many sequence items to read in one file (at most 100, or one per 64 bytes)")
     part10 = dicomio.encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2") + bare(1000)
     assert dicomio.read_dataset(part10).SOPInstanceUID == "1.2.3.4"
+
+
+@pytest.mark.parametrize("tag_vr", ["OB", "OW"])
+def test_a_large_binary_value_on_a_text_tag_is_read_as_bytes_and_anonymized_as_its_text(tag_vr: str):
+    """Large binary values are views of the file; a damaged FrameOfReferenceUID of VR OB (the
+    structured mutation run, seed 2: a tag rewritten onto a 90 KB OB element) became one and
+    the anonymization's UID mapping, which reads the tag's bytes as text, failed with
+    internal_error (AttributeError). It is read as bytes, mapped as its text ("1.2.3") is,
+    while a large OB on a private or binary tag stays a view."""
+    from tests.pipeline_support import KEY
+    from transforms import engine, request
+
+    def with_frame_of_reference(value: bytes, vr: bytes) -> bytes:
+        ds = pydicom.dcmread(CT)
+        del ds.FrameOfReferenceUID
+        ds.add_new(0x00291001, "OB", b"\x01" * 70_000)  # private, binary: stays a view
+        ds.add_new(0x00291000, "LO", "a creator")
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        at = data.index(b"\x20\x00\x60\x00")  # PositionReferenceIndicator (0020,1040) follows (0020,0052)
+        header = struct.pack("<HH2sHI", 0x0020, 0x0052, vr, 0, len(value)) if vr != b"UI" else \
+            struct.pack("<HH2sH", 0x0020, 0x0052, vr, len(value))
+        return data[:at] + header + value + data[at:]
+
+    damaged = dicomio.read_dataset(with_frame_of_reference(b"1.2.3" + b"\x00" * 90_000, tag_vr.encode()))
+    assert type(damaged._dict[0x00200052].value) is bytes
+    assert type(damaged._dict[0x00291001].value) is memoryview
+    plan = request.parse_anonymize({})
+    clean = dicomio.read_dataset(with_frame_of_reference(b"1.2.3\x00", b"UI"))
+    expected = engine.apply(plan, clean, KEY).FrameOfReferenceUID
+    mapped = engine.apply(plan, damaged, KEY)["FrameOfReferenceUID"]
+    assert (mapped.VR, mapped.value) == (tag_vr, expected.encode())  # its VR as it came
+    assert expected.startswith("2.25.") and expected != clean.FrameOfReferenceUID

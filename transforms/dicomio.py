@@ -1009,7 +1009,9 @@ _VIEW_MIN = 1 << 16
 def _binary_value(tag: int, vr: str | None) -> bool:
     """Whether a large top-level value is kept as a view (:data:`_VIEW_VRS`); in an implicit VR
     file (``vr`` None) the dictionary's VR decides (pixel data held twice doubled the memory
-    of every implicit VR file, the default transfer syntax)."""
+    of every implicit VR file, the default transfer syntax). A binary VR on a tag the
+    dictionary gives only text VRs (a damaged FrameOfReferenceUID of VR OB) is not viewed: the
+    code that reads such tags as text expects bytes."""
     if vr is None:
         if tag == 0x7FE00010:
             return True
@@ -1018,7 +1020,13 @@ def _binary_value(tag: int, vr: str | None) -> bool:
         except KeyError:
             return False
         return vr in _VIEW_VRS or vr == "OB or OW"
-    return vr in _VIEW_VRS
+    if vr not in _VIEW_VRS or tag == 0x7FE00010:
+        return vr in _VIEW_VRS
+    try:
+        known = dictionary_VR(tag)
+    except KeyError:
+        return True  # a private or unknown tag: as its VR says
+    return any(v in _VIEW_VRS for v in known.split(" or "))
 
 
 def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict) -> None:
@@ -1074,7 +1082,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
         tag = tags.get(group << 16 | element)
         if tag is None:
             tag = _base_tag(group << 16 | element)
-        if length < _VIEW_MIN or vr not in _VIEW_VRS:
+        if length < _VIEW_MIN or not _binary_value(tag, vr):
             value = data[value_tell:stop]
         else:
             value = view[value_tell:stop]  # a view of the file: see _VIEW_VRS
