@@ -35,10 +35,16 @@ dropped the pixel data), (not an invariant, a Rust panic printed on stderr) an R
 image, (``--splitmerge``) a merge's switch to UTF-8 that decoded a damaged DS as katakana,
 (not an invariant: the kernel killed the run) a JPEG 2000 header declaring 11 million rows,
 which openjpeg allocated (11.6 GB), and (``--splitmerge``) a SpecificCharacterSet damaged into
-VR US, which pydicom decodes as numbers, and (``--structured``) a FrameOfReferenceUID given VR OB
-and a 90 KB value, kept as a view of the file like large binary values. Since then a case that raises the peak resident size by
+VR US, which pydicom decodes as numbers. Since then a case that raises the peak resident size by
 more than 1 GB is a finding (``memory: ...``), and ``--memory-mb`` keeps a runaway allocation
-from reaching the kernel's limit. Known and left: a file without PixelRepresentation written in
+from reaching the kernel's limit. ``--structured`` then found (regression tests in
+``test_dicomio.py``, ``test_hostile.py`` and ``test_anonymize_unknown_vr.py``): a large
+FrameOfReferenceUID of VR OB, kept as a view of the file like binary values; new UIDs and
+pseudonyms written under the input's VR where it cannot hold them (PatientName of VR UL,
+SOPInstanceUID of VR IS); main UIDs of VR SS or AT, garbled by a change of byte order; a
+PixelRepresentation of 5 bytes, which pydicom converts for the items of any sequence a path
+edits; a sequence's tag on 4 bytes of UN; and a sequence pydicom could not parse, which it
+returns as text under VR SQ. Known and left: a file without PixelRepresentation written in
 implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it raises
 AttributeError; DCMTK reads them as US), reported as "pydicom worse".
 """
@@ -59,7 +65,7 @@ from pathlib import Path
 
 from tests.conftest import SAMPLES
 from tests.pipeline_support import KEY, output_files, pydicom_converts_all
-from tests.test_hostile import BASES, PLANS, _header_end, _mutate
+from tests.test_hostile import BASES, PLANS, _header_end, _mutate, damage_element
 from transforms import dicomio, request
 from transforms.beam import RunConfig, process_file
 
@@ -225,134 +231,6 @@ def _broken_splitmerge(data: bytes, base: Path, other: Path, merge: bool, with_b
     return None
 
 
-# --- structure-aware mutations (``--structured``) ----------------------------------------------
-
-_VRS = [vr.encode("ascii") for vr in sorted(
-    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split())]
-_LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-#: Tags a damaged element may take: the ones the reader, the engine and the writer look at.
-_TAGS = [0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00100010, 0x00100020,
-         0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101,
-         0x00280103, 0x7FE00010, 0x7FE00008, 0x00020010, 0x00020000, 0x00000000, 0x00080000,
-         0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD, 0x00090010, 0x00091010, 0x00091001, 0x00081140,
-         0x00082112, 0x52009230, 0x30060020, 0x0040A730, 0x00081155, 0x00200052, 0x60003000,
-         0x50000010, 0x00181000, 0x00100030, 0x00080020, 0x00431029, 0x7FE10010]
-#: Values a damaged element may hold (its length set to match).
-_VALUES = [b"", b"\\", b"\\\\\\", b"ISO 2022 IR 87", b"ISO_IR 192", b"ISO 2022 IR 13\\ISO 2022 IR 87",
-           b"ISO_IR 100\\GB18030", b"\x1b$B\x30\x21", b"\xff\xfe\xfd", b"1.2.3\x00", b"1.2.3 ",
-           b"01.2", b"1..2", b"2.25." + b"9" * 60, b"A" * 65, b"0" * 1000, b"-1", b"1e400", b"NaN ",
-           b"\x00\x00", b"\xff\xff", b"\x00\x80", b"\x01\x00\x00\x00", b"\xff\xff\xff\xff\xff\xff\xff\xff",
-           b"YES ", b"MONOCHROME2 ", b"RGB ", b"YBR_FULL_422", b"PALETTE COLOR ", b"Doe^John^^^",
-           b"=\x1b$B\x30\x21", b"19000101", b"20261301", b"\xfe\xff\x00\xe0\x00\x00\x00\x00"]
-
-
-def _element_spans(data: bytes) -> list[tuple]:
-    """Every element header the walk reaches (file meta, data set, inside items at any depth):
-    (offset, header size, VR or None (implicit), length offset, length size, length, little,
-    end). A tolerant walk: it stops where the layout stops making sense."""
-    import struct
-
-    spans: list[tuple] = []
-
-    def walk(pos: int, end: int, implicit: bool, little: bool, depth: int, meta: bool = False) -> int:
-        order = "<" if little else ">"
-        while pos + 8 <= end and depth < 40:
-            group, elem = struct.unpack_from(order + "HH", data, pos)
-            tag = group << 16 | elem
-            if meta and group != 0x0002:
-                return pos
-            if tag in (0xFFFEE00D, 0xFFFEE0DD):
-                return pos + 8
-            if implicit or group == 0xFFFE:
-                vr, length, header, lpos, lsize = None, struct.unpack_from(order + "I", data, pos + 4)[0], 8, pos + 4, 4
-            else:
-                vr = data[pos + 4:pos + 6]
-                if vr in _LONG:
-                    if pos + 12 > end:
-                        return end
-                    length, header, lpos, lsize = struct.unpack_from(order + "I", data, pos + 8)[0], 12, pos + 8, 4
-                else:
-                    length, header, lpos, lsize = struct.unpack_from(order + "H", data, pos + 6)[0], 8, pos + 6, 2
-            start = pos + header
-            sequence = vr == b"SQ" or (vr in (None, b"UN") and length == 0xFFFFFFFF) or tag == 0xFFFEE000
-            if length == 0xFFFFFFFF:
-                after = walk(start, end, implicit or vr == b"UN", little, depth + 1) if sequence else end
-            elif start + length > end:
-                spans.append((pos, header, vr, lpos, lsize, length, little, end))
-                return end
-            else:
-                after = start + length
-                if sequence:
-                    walk(start, after, implicit, little, depth + 1)
-            if meta and tag == 0x00020010:
-                syntax[0] = data[start:after].rstrip(b"\x00 ")
-            spans.append((pos, header, vr, lpos, lsize, length, little, after))
-            pos = after
-        return end
-
-    syntax = [b""]
-    try:
-        pos = walk(132, len(data), False, True, 0, meta=True) if data[128:132] == b"DICM" else 0
-        if syntax[0] == b"1.2.840.10008.1.2.1.99":
-            return spans
-        little = syntax[0] != b"1.2.840.10008.1.2.2"
-        if syntax[0]:
-            walk(pos, len(data), syntax[0] == b"1.2.840.10008.1.2", little, 0)
-            return spans
-    except struct.error:
-        return spans
-    found = []  # no meta: whichever reading reaches further, from the first bytes or the next
-    for start in (pos, pos + 1):
-        for implicit in (True, False):
-            del spans[:]
-            try:
-                walk(start, len(data), implicit, True, 0)
-            except struct.error:
-                pass
-            found = max(found, list(spans), key=len)
-    return found
-
-
-def _structured(rng: random.Random, data: bytes) -> tuple[bytes, str]:
-    """``data`` with one element damaged the way writers and bit rot damage them: its VR,
-    length, tag or value changed, or it is duplicated, dropped or swapped with the next."""
-    import struct
-
-    spans = _element_spans(data)
-    if not spans:
-        return data, "none"
-    pos, header, vr, lpos, lsize, length, little, end = rng.choice(spans)
-    order = "<" if little else ">"
-    kind = rng.choice(["vr", "length", "tag", "value", "value", "duplicate", "drop", "swap"])
-    if kind == "vr" and vr is not None:
-        new = rng.choice(_VRS)
-        return data[:pos + 4] + new + data[pos + 6:], f"vr {pos} {vr!r}->{new!r}"
-    if kind == "length":
-        top = 0xFFFFFFFF if lsize == 4 else 0xFFFF
-        new = min(top, rng.choice([0, 1, 2, 3, length + 1, max(0, length - 1), length * 2, top, top - 1,
-                                   0x7FFFFFFF, rng.randrange(top + 1)]))
-        return data[:lpos] + struct.pack(order + ("I" if lsize == 4 else "H"), new) + data[lpos + lsize:], \
-            f"length {pos} {length}->{new}"
-    if kind == "tag":
-        tag = rng.choice(_TAGS)
-        return data[:pos] + struct.pack(order + "HH", tag >> 16, tag & 0xFFFF) + data[pos + 4:], f"tag {pos}->{tag:08X}"
-    if kind == "value" and length != 0xFFFFFFFF and end == pos + header + length:
-        value = rng.choice(_VALUES)
-        if lsize == 2 and len(value) > 0xFFFF:
-            value = value[:0xFFFF]
-        return (data[:lpos] + struct.pack(order + ("I" if lsize == 4 else "H"), len(value)) + data[lpos + lsize:pos + header]
-                + value + data[end:]), f"value {pos} {value[:20]!r}"
-    if kind == "duplicate":
-        return data[:end] + data[pos:end] + data[end:], f"duplicate {pos}-{end}"
-    if kind == "drop":
-        return data[:pos] + data[end:], f"drop {pos}-{end}"
-    following = [s for s in spans if s[0] == end]
-    if kind == "swap" and following:
-        other_end = following[0][7]
-        return data[:pos] + data[end:other_end] + data[pos:end] + data[other_end:], f"swap {pos}-{end}-{other_end}"
-    return data, "none"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -389,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.structured:
             data, mutations = original, []
             for _ in range(rng.randint(1, 3)):
-                data, what = _structured(rng, data)
+                data, what = damage_element(rng, data)
                 mutations.append(what)
         elif rng.random() < 0.6:
             end = _header_end(original)

@@ -26,11 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from tests.pipeline_support import pydicom_converts_all
 from transforms import dicomio, engine, paths
 from transforms.engine import apply
 from transforms.errors import InputError
 from transforms.identity import Key
-from transforms.request import parse_anonymize
+from transforms.request import parse_anonymize, parse_modify
 
 KEY = Key.from_bytes(b"unknown-vr-test-key-0123456789")
 KEEP_PRIVATE = parse_anonymize({"KeepPrivateTags": True})
@@ -422,3 +423,64 @@ def test_property_no_planted_name_or_uid_survives_and_both_walks_agree(keep_priv
             assert dicomio.write_dataset(apply(plan, dicomio.read_dataset(source), KEY)) == out
 
     check()
+
+
+def test_a_mapped_identifier_under_a_vr_that_cannot_hold_it_gets_its_own_vr():
+    """A PatientID of VR UL, a SOPInstanceUID of VR IS, a FrameOfReferenceUID of VR FD, a
+    nested ReferencedSOPInstanceUID of VR SL (damaged files; the structured mutation runs,
+    seeds 50 and 51): their pseudonym or new UID kept the old VR, and the output held 22 bytes
+    of UL that no reader converts, or an IS that is no number. They get their own VR, as an
+    explicit UN does; a free-text VR long enough for the value (PatientID as LT) is kept, and a
+    short one (SH: 16 characters) is not (Orthanc 1.10.1 keeps SH)."""
+    referenced = _explicit(REFERENCED_IMAGE_SQ, b"SQ", _item(_explicit(0x00081150, b"UI", CT.encode())
+                                                               + _explicit(0x00081155, b"SL", b"1.23")))
+    damaged = _file([(0x00100020, _explicit(0x00100020, b"UL", b"1234")),
+                     (0x00200052, _explicit(0x00200052, b"FD", b"1.2.3.45")),
+                     (REFERENCED_IMAGE_SQ, referenced)], implicit=False)
+    damaged = damaged.replace(b"\x08\x00\x18\x00UI", b"\x08\x00\x18\x00IS", 1)
+    out, ds = _anonymize(damaged)
+    assert (ds["PatientID"].VR, ds.PatientID) == ("LO", KEY.patient_id("1234"))
+    assert (ds["SOPInstanceUID"].VR, ds.SOPInstanceUID) == ("UI", _new_sop())
+    clean = _file([(0x00200052, _explicit(0x00200052, b"UI", b"1.2.3.45")),
+                   (0x00100020, _explicit(0x00100020, b"LT", b"1234"))], implicit=False)
+    _, expected = _anonymize(clean)
+    assert (ds["FrameOfReferenceUID"].VR, ds.FrameOfReferenceUID) == ("UI", expected.FrameOfReferenceUID)
+    assert expected.FrameOfReferenceUID.startswith("2.25.")
+    assert (expected["PatientID"].VR, expected.PatientID) == ("LT", ds.PatientID)
+    short = _file([(0x00100020, _explicit(0x00100020, b"SH", b"1234"))], implicit=False)
+    assert _anonymize(short)[1]["PatientID"].VR == "LO" and len(ds.PatientID) > 16
+    item = ds.ReferencedImageSequence[0]
+    assert (item["ReferencedSOPInstanceUID"].VR, item.ReferencedSOPInstanceUID) == (
+        "UI", KEY.uid("anonymize.instance", "1.23"))
+    assert pydicom_converts_all(out)
+
+
+def test_a_sequence_tag_holding_what_is_not_a_sequence_is_not_dicom():
+    """PerFrameFunctionalGroupsSequence as an explicit UN of 4 bytes ("YES "; the structured
+    mutation run, seed 50, rewrote a tag): pydicom parses a known sequence's UN value as
+    items and cannot. The file is malformed (``not_dicom``), not unreadable (``read_error``
+    is the storage's)."""
+    data = _file([(0x52009230, _explicit(0x52009230, b"UN", b"YES "))], implicit=False)
+    with pytest.raises(InputError, match=re.escape("sequence (5200,9230) cannot be parsed")) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "not_dicom"
+
+
+def test_a_sequence_pydicom_cannot_read_as_items_is_not_dicom(monkeypatch: pytest.MonkeyPatch):
+    """An item whose SpecificCharacterSet holds a NUL: pydicom's sequence parser raises
+    ValueError on it, then retries the bytes as other VRs and returns them as text under VR SQ
+    (the structured mutation run, seed 51). Walked as items, that text raised AttributeError,
+    and pydicom's own ``ds[tag]`` raised TypeError (internal errors); now ``not_dicom``, both where a
+    path edits the sequence and where the nested pass leaves a layout to pydicom."""
+    body = _explicit(0x00080005, b"CS", b"AB\x00C") + _explicit(0x00081150, b"UI", CT.encode()) \
+        + _explicit(0x00081155, b"UI", b"1.2.3")
+    data = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, b"SQ", _item(body)))], implicit=False)
+    message = re.escape("sequence (0008,1140) cannot be parsed")
+    edit = parse_modify({"Replace": {"ReferencedImageSequence[0].ReferencedSOPClassUID": "1.2"}})
+    with pytest.raises(InputError, match=message) as info:
+        apply(edit, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "not_dicom"
+    monkeypatch.setattr(engine, "parse_items", lambda *args: None)  # a layout our item scanner leaves to pydicom
+    with pytest.raises(InputError, match=message) as info:
+        apply(parse_anonymize({"Keep": ["ReferencedImageSequence[0].ReferencedSOPClassUID"]}), dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "not_dicom"

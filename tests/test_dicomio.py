@@ -1373,7 +1373,8 @@ def test_a_large_binary_value_on_a_text_tag_is_read_as_bytes_and_anonymized_as_i
     """Large binary values are views of the file; a damaged FrameOfReferenceUID of VR OB (the
     structured mutation run, seed 2: a tag rewritten onto a 90 KB OB element) became one and
     the anonymization's UID mapping, which reads the tag's bytes as text, failed with
-    internal_error (AttributeError). It is read as bytes, mapped as its text ("1.2.3") is,
+    internal_error (AttributeError). It is read as bytes, mapped as its text ("1.2.3") is (and
+    written as UI, which holds text),
     while a large OB on a private or binary tag stays a view."""
     from tests.pipeline_support import KEY
     from transforms import engine, request
@@ -1398,5 +1399,24 @@ def test_a_large_binary_value_on_a_text_tag_is_read_as_bytes_and_anonymized_as_i
     clean = dicomio.read_dataset(with_frame_of_reference(b"1.2.3\x00", b"UI"))
     expected = engine.apply(plan, clean, KEY).FrameOfReferenceUID
     mapped = engine.apply(plan, damaged, KEY)["FrameOfReferenceUID"]
-    assert (mapped.VR, mapped.value) == (tag_vr, expected.encode())  # its VR as it came
+    assert (mapped.VR, mapped.value) == ("UI", expected)  # (OB or OW cannot hold text)
     assert expected.startswith("2.25.") and expected != clean.FrameOfReferenceUID
+
+
+@pytest.mark.parametrize(("vr", "refused"), [(b"SS", True), (b"AT", True), (b"FD", True), (b"LO", False), (b"UN", False)])
+def test_a_main_uid_under_a_vr_that_cannot_hold_text_is_invalid(vr: bytes, refused: bool):
+    """SOPClassUID written with VR SS or AT (the structured mutation run, seed 50): its bytes
+    read as a UID, but a transcode to big endian swapped them as numbers, and the output did
+    not read back. Refused as ``invalid_uid``; a text VR (or UN) still reads."""
+    data = Path(CT).read_bytes()
+    at = data.index(b"\x08\x00\x16\x00UI")
+    damaged = data[:at + 4] + vr + data[at + 6:]
+    if vr == b"UN":  # a long header: 2 reserved bytes, a 4-byte length
+        length = struct.unpack_from("<H", data, at + 6)[0]
+        damaged = data[:at + 4] + b"UN\x00\x00" + struct.pack("<I", length) + data[at + 8:]
+    if refused:
+        with pytest.raises(InputError, match=f"^SOPClassUID has VR {vr.decode()}, which cannot hold a UID$") as info:
+            dicomio.read_dataset(damaged)
+        assert info.value.reason == "invalid_uid"
+    else:
+        assert dicomio.read_dataset(damaged).SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"

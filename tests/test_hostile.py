@@ -2,15 +2,17 @@
 
 The hostile folder is built here: not DICOM, empty, truncated, an absurd element length,
 100,000 nested sequences (pydicom raises RecursionError; Orthanc 1.10.1 segfaults), invalid
-UIDs, a multi-megabyte value, a 3 GiB (sparse) file above ``--max-bytes``. A hypothesis test
-mutates real files (truncate, flip bytes, insert garbage, cut/duplicate slices) and checks the
-one-row-per-input and no-partial-output invariants, directly and through Beam.
+UIDs, a multi-megabyte value, a 3 GiB (sparse) file above ``--max-bytes``. Hypothesis tests
+mutate real files (truncate, flip bytes, insert garbage, cut/duplicate slices; or damage whole
+elements: VR, length, tag, value, duplicated, dropped, swapped) and check the one-row-per-input
+and no-partial-output invariants, directly and through Beam.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import shutil
 import struct
@@ -338,6 +340,134 @@ def _mutate(data: bytes, mutations: list[tuple]) -> bytes:
 _mutated_file = st.tuples(st.sampled_from(range(len(BASES))), st.lists(_mutation, min_size=1, max_size=3))
 
 
+# Structure-aware damage (``tests.mutation_run --structured`` and the property test below)
+
+_DAMAGE_VRS = [vr.encode("ascii") for vr in sorted(
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split())]
+_LONG_HEADER_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+#: Tags a damaged element may take: the ones the reader, the engine and the writer look at.
+_DAMAGE_TAGS = [
+    0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00100010, 0x00100020, 0x00280002,
+    0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280103, 0x7FE00010,
+    0x7FE00008, 0x00020010, 0x00020000, 0x00000000, 0x00080000, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD,
+    0x00090010, 0x00091010, 0x00091001, 0x00081140, 0x00082112, 0x52009230, 0x30060020, 0x0040A730,
+    0x00081155, 0x00200052, 0x60003000, 0x50000010, 0x00181000, 0x00100030, 0x00080020, 0x00431029,
+    0x7FE10010,
+]
+#: Values a damaged element may hold (its length set to match).
+_DAMAGE_VALUES = [
+    b"", b"\\", b"\\\\\\", b"ISO 2022 IR 87", b"ISO_IR 192", b"ISO 2022 IR 13\\ISO 2022 IR 87",
+    b"ISO_IR 100\\GB18030", b"\x1b$B\x30\x21", b"\xff\xfe\xfd", b"1.2.3\x00", b"1.2.3 ", b"01.2", b"1..2",
+    b"2.25." + b"9" * 60, b"A" * 65, b"0" * 1000, b"-1", b"1e400", b"NaN ", b"\x00\x00", b"\xff\xff",
+    b"\x00\x80", b"\x01\x00\x00\x00", b"\xff" * 8, b"YES ", b"MONOCHROME2 ", b"RGB ", b"YBR_FULL_422",
+    b"PALETTE COLOR ", b"Doe^John^^^", b"=\x1b$B\x30\x21", b"19000101", b"20261301",
+    b"\xfe\xff\x00\xe0\x00\x00\x00\x00",
+]
+
+
+def element_spans(data: bytes) -> list[tuple]:
+    """Every element header the walk reaches (file meta, data set, inside items at any depth):
+    (offset, header size, VR or None (implicit), length offset, length size, length, little,
+    end). A tolerant walk: it stops where the layout stops making sense."""
+    spans: list[tuple] = []
+    syntax = [b""]  # the meta's TransferSyntaxUID, as the walk finds it
+
+    def walk(pos: int, end: int, implicit: bool, little: bool, depth: int, meta: bool = False) -> int:
+        order = "<" if little else ">"
+        while pos + 8 <= end and depth < 40:
+            group, elem = struct.unpack_from(order + "HH", data, pos)
+            tag = group << 16 | elem
+            if meta and group != 0x0002:
+                return pos
+            if tag in (0xFFFEE00D, 0xFFFEE0DD):
+                return pos + 8
+            if implicit or group == 0xFFFE:
+                vr, length, header, lpos, lsize = None, struct.unpack_from(order + "I", data, pos + 4)[0], 8, pos + 4, 4
+            else:
+                vr = data[pos + 4:pos + 6]
+                if vr in _LONG_HEADER_VRS:
+                    if pos + 12 > end:
+                        return end
+                    length, header, lpos, lsize = struct.unpack_from(order + "I", data, pos + 8)[0], 12, pos + 8, 4
+                else:
+                    length, header, lpos, lsize = struct.unpack_from(order + "H", data, pos + 6)[0], 8, pos + 6, 2
+            start = pos + header
+            sequence = vr == b"SQ" or (vr in (None, b"UN") and length == 0xFFFFFFFF) or tag == 0xFFFEE000
+            if length == 0xFFFFFFFF:
+                after = walk(start, end, implicit or vr == b"UN", little, depth + 1) if sequence else end
+            elif start + length > end:
+                spans.append((pos, header, vr, lpos, lsize, length, little, end))
+                return end
+            else:
+                after = start + length
+                if sequence:
+                    walk(start, after, implicit, little, depth + 1)
+            if meta and tag == 0x00020010:
+                syntax[0] = data[start:after].rstrip(b"\x00 ")
+            spans.append((pos, header, vr, lpos, lsize, length, little, after))
+            pos = after
+        return end
+
+    try:
+        pos = walk(132, len(data), False, True, 0, meta=True) if data[128:132] == b"DICM" else 0
+        if syntax[0] == b"1.2.840.10008.1.2.1.99":
+            return spans
+        little = syntax[0] != b"1.2.840.10008.1.2.2"
+        if syntax[0]:
+            walk(pos, len(data), syntax[0] == b"1.2.840.10008.1.2", little, 0)
+            return spans
+    except struct.error:
+        return spans
+    found = []  # no meta: whichever reading reaches further, from the first bytes or the next
+    for start in (pos, pos + 1):
+        for implicit in (True, False):
+            del spans[:]
+            try:
+                walk(start, len(data), implicit, True, 0)
+            except struct.error:
+                pass
+            found = max(found, list(spans), key=len)
+    return found
+
+
+def damage_element(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """``data`` with one element damaged the way writers and bit rot damage them: its VR,
+    length, tag or value changed, or it is duplicated, dropped or swapped with the next."""
+    spans = element_spans(data)
+    if not spans:
+        return data, "none"
+    pos, header, vr, lpos, lsize, length, little, end = rng.choice(spans)
+    order = "<" if little else ">"
+    kind = rng.choice(["vr", "length", "tag", "value", "value", "duplicate", "drop", "swap"])
+    if kind == "vr" and vr is not None:
+        new = rng.choice(_DAMAGE_VRS)
+        return data[:pos + 4] + new + data[pos + 6:], f"vr {pos} {vr!r}->{new!r}"
+    if kind == "length":
+        top = 0xFFFFFFFF if lsize == 4 else 0xFFFF
+        new = min(top, rng.choice([0, 1, 2, 3, length + 1, max(0, length - 1), length * 2, top, top - 1,
+                                   0x7FFFFFFF, rng.randrange(top + 1)]))
+        return data[:lpos] + struct.pack(order + ("I" if lsize == 4 else "H"), new) + data[lpos + lsize:], \
+            f"length {pos} {length}->{new}"
+    if kind == "tag":
+        tag = rng.choice(_DAMAGE_TAGS)
+        return data[:pos] + struct.pack(order + "HH", tag >> 16, tag & 0xFFFF) + data[pos + 4:], f"tag {pos}->{tag:08X}"
+    if kind == "value" and length != 0xFFFFFFFF and end == pos + header + length:
+        value = rng.choice(_DAMAGE_VALUES)
+        if lsize == 2 and len(value) > 0xFFFF:
+            value = value[:0xFFFF]
+        return (data[:lpos] + struct.pack(order + ("I" if lsize == 4 else "H"), len(value)) + data[lpos + lsize:pos + header]
+                + value + data[end:]), f"value {pos} {value[:20]!r}"
+    if kind == "duplicate":
+        return data[:end] + data[pos:end] + data[end:], f"duplicate {pos}-{end}"
+    if kind == "drop":
+        return data[:pos] + data[end:], f"drop {pos}-{end}"
+    following = [s for s in spans if s[0] == end]
+    if kind == "swap" and following:
+        other_end = following[0][7]
+        return data[:pos] + data[end:other_end] + data[pos:end] + data[other_end:], f"swap {pos}-{end}-{other_end}"
+    return data, "none"
+
+
 def _header_end(data: bytes) -> int:
     """Where the pixel data's value starts (or 8 KiB): mutations there hit element headers."""
     pixel = data.rfind(b"\xe0\x7f\x10\x00")
@@ -371,7 +501,25 @@ def test_mutated_file_gives_one_row_and_no_partial_output(case, plan_index, head
         data = _mutate(original[:end], mutations) + original[end:]
     else:
         data = _mutate(original, mutations)
-    plan = PLANS[plan_index]
+    _assert_one_row(data, PLANS[plan_index])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from(range(len(BASES))), seed=st.integers(0, 1 << 32), damages=st.integers(1, 3),
+       plan_index=st.sampled_from(range(len(PLANS))))
+def test_structurally_damaged_file_gives_one_row_and_no_partial_output(base, seed, damages, plan_index):
+    """The same invariants for files whose elements are damaged whole (:func:`damage_element`:
+    a VR, length, tag or value changed, an element duplicated, dropped or swapped, at any
+    depth). Longer runs of it (``tests.mutation_run --structured``) found a FrameOfReferenceUID
+    of VR OB, a PatientName of VR UL, a SOPClassUID of VR SS, a PixelRepresentation of 5 bytes
+    and a sequence's tag on 4 bytes of UN: each has its own test."""
+    rng, data = random.Random(seed), BASES[base].read_bytes()
+    for _ in range(damages):
+        data, _what = damage_element(rng, data)
+    _assert_one_row(data, PLANS[plan_index])
+
+
+def _assert_one_row(data: bytes, plan: object) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.dcm"
         src.write_bytes(data)
@@ -515,3 +663,42 @@ def test_a_dicomdir_given_alone_writes_nothing_and_says_why(tmp_path: Path, caps
     assert cli.main(["anonymize", str(DICOMDIR), str(out), "--key-file", str(write_key(tmp_path))]) == cli.EXIT_OK
     assert capsys.readouterr().err == f"dicom-deid: {DICOMDIR}: dicomdir: {DICOMDIR_DETAIL}; nothing written\n"
     assert not out.exists()
+
+
+def test_a_value_too_short_for_its_vr_that_pydicom_converts_on_the_way_is_an_invalid_value(tmp_path: Path):
+    """A PixelRepresentation of 5 bytes (VR US): pydicom converts it to pass it to the items of
+    any sequence it converts or that is set in that data set, and raised BytesLengthException,
+    an internal_error (the structured mutation run, seed 50, on a shared sample). Now the
+    file's invalid_value, naming the element and not quoting the value; requests that edit no
+    sequence in place write the file with the value as it came."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(CT)
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = CT_CLASS, "1.2.3.4.5"
+    ds.ReferencedImageSequence = [ref]
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    good = buffer.getvalue()
+    at = good.index(b"\x28\x00\x03\x01US\x02\x00")  # PixelRepresentation, explicit VR LE
+    damaged = good[:at + 6] + b"\x05\x00" + b"7e400" + good[at + 10:]
+    (tmp_path / "in.dcm").write_bytes(damaged)
+
+    def run(body: dict, modify: bool) -> dict:
+        plan = request.parse_modify(body) if modify else request.parse_anonymize(body)
+        cfg = RunConfig(plan=plan, output_root=str(tmp_path / "out"), run_id="t", key_id=KEY.key_id, key=KEY)
+        return process_file(str(tmp_path / "in.dcm"), len(damaged), cfg, KEY)[0]
+
+    row = run({"Replace": {"ReferencedImageSequence[*].ReferencedSOPInstanceUID": "1.2.3"}}, True)
+    assert (row["status"], row["reason"], row["detail"]) == (
+        "failed", "invalid_value", "apply: element (0028,0103) holds a value whose length does not fit its VR")
+    assert not (tmp_path / "out").exists() or output_files(tmp_path / "out") == {}
+    for body, modify in (({"Replace": {"ReferencedImageSequence": [{"ReferencedSOPInstanceUID": "1.2.3"}]}}, True),
+                         ({}, False)):  # a whole sequence set, the default anonymization
+        row = run(body, modify)
+        assert row["status"] == "written"
+        written = Path(row["output_uri"]).read_bytes()
+        assert b"\x28\x00\x03\x01US\x05\x007e400" in written

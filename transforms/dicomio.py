@@ -52,7 +52,7 @@ from pydicom.valuerep import PersonName
 
 from transforms import __version__
 from transforms.errors import InputError
-from transforms.paths import BYTES_PER_ITEM, MAX_WALKED_ITEMS
+from transforms.paths import BYTES_PER_ITEM, MAX_WALKED_ITEMS, sequence_items
 from transforms.tags import SQ_TAGS  # how implicit VR sequences are known
 
 # Raw VRs whose explicit-VR header carries a 4-byte length (PS3.5 7.1.2).
@@ -66,6 +66,8 @@ IMPLEMENTATION_VERSION_NAME = ("DICOMDEID_" + __version__.replace(".", ""))[:16]
 # \Z, not $: "$" also matches before a trailing newline (as _UID_LAX_BYTES_RE below).
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
 _UID_LAX_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+#: The VRs whose values are text (what a UID, a name or a pseudonym can be stored as).
+STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 #: Identifiers every instance must carry (Orthanc refuses to store a file without them).
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _REQUIRED_UID_TAGS = tuple((k, tag_for_keyword(k)) for k in REQUIRED_UIDS)
@@ -445,6 +447,9 @@ def check_identifiers(ds: Dataset) -> None:
                          reason="dicomdir")
     for keyword, tag in _REQUIRED_UID_TAGS:
         raw = ds._dict.get(tag)
+        if type(raw) is RawDataElement and raw.VR not in STRING_VRS and raw.VR not in (None, "UN"):
+            # (a damaged VR: numbers or bytes, which a change of byte order would swap)
+            raise InputError(f"{keyword} has VR {raw.VR}, which cannot hold a UID", reason="invalid_uid")
         if type(raw) is RawDataElement and type(raw.value) is bytes and raw.value:
             # Fast path on the raw bytes (UIDs are ASCII; padding is NUL or space).
             if _UID_LAX_BYTES_RE.match(raw.value.rstrip(b" \0")) and len(raw.value.rstrip(b" \0")) <= 64:
@@ -1830,7 +1835,7 @@ def _text_as_read(elements: dict, encodings: Any, ds: Dataset) -> dict:
             if vr != "SQ" or not elem.value:
                 continue
             elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)  # new items
-            _pass_pixel_representation(ds, elem.value)
+            _pass_pixel_representation(ds, sequence_items(elem, tag))
         elif elem.VR != "SQ" or not elem.value:
             continue
         items = elem.value

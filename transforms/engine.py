@@ -85,6 +85,7 @@ from transforms.dicomio import (
     _STRUCTS,
     _VR_TABLE,
 )
+from transforms.dicomio import STRING_VRS as _STRING_VRS
 from transforms.errors import DeidError, InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
@@ -115,7 +116,7 @@ def apply(plan: Plan, ds: Dataset, key: Any) -> Dataset:
 
     Raises:
         InputError: a sequence of the input cannot be parsed (``too_deep`` for runaway
-            nesting, ``read_error`` otherwise).
+            nesting, ``not_dicom`` otherwise).
     """
     try:
         return _Run(plan, ds, key).result
@@ -124,7 +125,6 @@ def apply(plan: Plan, ds: Dataset, key: Any) -> Dataset:
 
 
 _UNDEFINED = 0xFFFFFFFF
-_STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _HIERARCHY = {STUDY_INSTANCE_UID: STUDY, SERIES_INSTANCE_UID: SERIES, SOP_INSTANCE_UID: INSTANCE}
 _MEDIA_STORAGE = {SOP_CLASS_UID: 0x00020002, SOP_INSTANCE_UID: 0x00020003}
 _MEDIA_STORAGE_TAGS = {tag: BaseTag(tag) for tag in _MEDIA_STORAGE.values()}
@@ -171,6 +171,21 @@ def _item_shaped(data: bytes, start: int, end: int, tag: int) -> bool:
         raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds sequence items, but the "
                          f"dictionary gives it VR {vr}", reason="invalid_value")
     return vr is None
+
+
+#: Free-text VRs long enough for any new UID or pseudonym: a mapped value stays in one.
+_FREE_TEXT_VRS = frozenset({"LO", "LT", "ST", "UT", "UC"})
+
+
+def _mapped_vr(old: str | None, vr: str) -> str:
+    """The explicit VR of a UID, PatientID or PatientName that replaces a value of VR ``old``:
+    ``old`` where it holds the new value, else the value's own ``vr`` (UI, LO, PN), as for an
+    explicit UN. A damaged file's PatientName of VR UL, SOPInstanceUID of VR IS or
+    ReferencedSOPInstanceUID of VR OB kept it, and the output held 22 bytes of UL, or an IS
+    that was no number. (Orthanc 1.10.1 also gives a PatientName of VR UL its VR PN, but keeps
+    any text VR: a PatientID of VR SH holds its 36-character UUID.)"""
+    return old if old == vr or old in _FREE_TEXT_VRS else vr  # type: ignore[return-value]
+
 
 # Markers of the per-plan action tables.
 _DELETE = object()
@@ -347,8 +362,8 @@ class _Run:
         if len(data) % 2:
             data += b"\x00" if vr == "UI" else b" "
         if type(old) is RawDataElement:
-            # Implicit VR writes no VR; an explicit UN becomes the proper VR (as DCMTK does).
-            raw_vr = None if old.is_implicit_VR else (vr if old.VR in ("UN", None) else old.VR)
+            # Implicit VR writes no VR; an explicit VR is kept where it holds the value.
+            raw_vr = None if old.is_implicit_VR else _mapped_vr(old.VR, vr)
             return _raw(tag, raw_vr, len(data), data, old.value_tell, old.is_implicit_VR,
                         old.is_little_endian)
         if self.implicit is not None:
@@ -599,10 +614,10 @@ class _Run:
                 except Exception:
                     raise InputError(
                         f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed",
-                        reason="read_error") from None
+                        reason="not_dicom") from None
                 if parsed.VR != "SQ":
                     return None
-                items = parsed.value
+                items = paths.sequence_items(parsed, tag)
                 _check_walked(len(items), allowance)
             fresh = True
         elif elem.VR == "SQ":
@@ -1004,8 +1019,7 @@ class _Run:
                     text = text.encode("ascii")
                     if len(text) % 2:
                         text += b"\x00" if new_vr == "UI" else b" "
-                    # As _ascii_element: an explicit UN becomes the proper VR.
-                    new_vr = None if implicit else (new_vr if vr == "UN" else vr)
+                    new_vr = None if implicit else _mapped_vr(vr, new_vr)  # as _ascii_element
                 encoded = self._element_bytes(tag, new_vr, text)
                 self.byte_memo[memo_key] = encoded
             return encoded

@@ -1081,12 +1081,16 @@ def _matching_resources(ids: Identifiers, selection: dict[str, tuple[int, ...]])
     return sorted(position for name in names for position in selection.get(name, ()))
 
 
+#: Where pydicom's BytesLengthException names the element ("... while trying to parse (0028,0103)").
+_PARSED_TAG = re.compile(r"(?<=parse )\([0-9A-F]{4},[0-9A-F]{4}\)")
+
 
 def failure_reason(exc: Exception, stage: str, write_stages: tuple[str, ...] = ("write",)) -> tuple[str, str]:
     """(reason code, detail) of the audit row for a file whose processing raised ``exc``.
 
     Our own errors carry their reason and a value-free message; anything else is named by its
-    type only (and errno code), because library messages may quote data from the file.
+    type only (and errno code; pydicom's wrong-length value: its tag), because library messages
+    may quote data from the file.
     """
     if isinstance(exc, DeidError):
         return exc.reason, f"{stage}: {exc}"
@@ -1094,6 +1098,15 @@ def failure_reason(exc: Exception, stage: str, write_stages: tuple[str, ...] = (
         return "too_deep", f"{stage}: nesting too deep (RecursionError)"
     if isinstance(exc, MemoryError):
         return "too_large", f"{stage}: out of memory (MemoryError)"
+    if type(exc).__module__ == "pydicom.errors" and type(exc).__name__ == "BytesLengthException":
+        # pydicom's (named, not imported: this module does not load pydicom for the launcher),
+        # converting a value of the file: every value we make has its VR's length, the file's
+        # damaged ones (5 bytes of US) are converted wherever pydicom wants them, e.g. the
+        # PixelRepresentation it passes to the items of any sequence set or edited in a data
+        # set. Its message quotes the value: the tag only.
+        where = _PARSED_TAG.search(str(exc))
+        element = f"element {where.group(0)}" if where else "an element"
+        return "invalid_value", f"{stage}: {element} holds a value whose length does not fit its VR"
     reason = "write_error" if stage in write_stages else ("read_error" if stage == "read" else "internal_error")
     if isinstance(exc, OSError) and isinstance(exc.errno, int):
         code = errno.errorcode.get(exc.errno, "")

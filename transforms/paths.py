@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -160,6 +160,21 @@ def item_allowance(value: object, items_left: int) -> int:
     return max(items_left, size // BYTES_PER_ITEM, 0)
 
 
+def sequence_items(elem: DataElement, tag: int) -> list[Dataset]:
+    """The items of a sequence element pydicom converted. Failing to parse a sequence's bytes,
+    pydicom retries them as other VRs and may return them read as text under VR SQ (a damaged
+    PerFrameFunctionalGroupsSequence came back as 438 strings): refused rather than walked as
+    items (which raised AttributeError: an internal error).
+
+    Raises:
+        InputError: ``not_dicom``.
+    """
+    value = elem.value
+    if isinstance(value, Sequence) or (isinstance(value, list) and not value):
+        return value
+    raise InputError(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed", reason="not_dicom")
+
+
 def too_many_items() -> InputError:
     return InputError(f"too many sequence items to de-identify in one file (at most "
                       f"{MAX_WALKED_ITEMS}, or one per {BYTES_PER_ITEM} bytes of a sequence)",
@@ -213,12 +228,17 @@ class Workspace:
         if current is None:
             return None
         if isinstance(current, RawDataElement):
+            from transforms.dicomio import _character_set  # dicomio imports this module
+
             check_item_count(current, self.items_left)
-            # Parsing a raw element yields new objects that nobody else sees.
-            elem = ds[tag]
+            # Parsing a raw element yields new objects that nobody else sees. (Not ds[tag]:
+            # pydicom's __getitem__ wraps what it converted in a Sequence, and raised TypeError
+            # on bytes it could not parse as items.)
+            elem = convert_raw_data_element(current, encoding=_character_set(ds), ds=ds)
             if elem.VR != "SQ":
                 return None
-            self.items_left -= len(elem.value)
+            self.items_left -= len(sequence_items(elem, tag))
+            ds[tag] = elem  # (pydicom passes the PixelRepresentation on to the items)
             return self.adopt_sequence(elem).value
         if current.VR != "SQ":
             return None

@@ -693,6 +693,7 @@ class _Remapper:
         if isinstance(elem, RawDataElement):
             paths.check_item_count(elem, self.items_left)
             elem = convert_raw_data_element(elem, encoding=item._character_set, ds=item)
+            paths.sequence_items(elem, tag)  # (not_dicom: bytes pydicom could not parse as items)
             item._dict[tag] = elem  # ``item`` belongs to a private copy (see apply)
             self.items_left -= len(elem.value or ())
         return elem.value or ()
@@ -853,7 +854,7 @@ def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
         else:
             elem = copy.deepcopy(elem)  # (decoded elements may be the input's)
         if elem.VR == "SQ":
-            for item in elem.value or ():
+            for item in paths.sequence_items(elem, tag):
                 own = item._dict.get(_CHARSET)
                 _decode_texts(item, _encodings(item) if own is not None else encodings)
                 if own is not None:  # what is left raw there holds no text: read it as UTF-8 too

@@ -1067,6 +1067,8 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
         "Lossy Compression",
     )
     items = list(out.get("DerivationCodeSequence", None) or [])
+    if not all(isinstance(item, Dataset) for item in items):
+        items = []  # bytes pydicom could not read as items (it returns them as text): replaced
     if not any(getattr(i, "CodeValue", None) == "113040" for i in items):
         _set(out, "DerivationCodeSequence", Sequence([*items, code]))
 
