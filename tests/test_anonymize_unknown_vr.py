@@ -484,3 +484,16 @@ def test_a_sequence_pydicom_cannot_read_as_items_is_not_dicom(monkeypatch: pytes
     with pytest.raises(InputError, match=message) as info:
         apply(parse_anonymize({"Keep": ["ReferencedImageSequence[0].ReferencedSOPClassUID"]}), dicomio.read_dataset(data), KEY)
     assert info.value.reason == "not_dicom"
+
+
+def test_a_sequence_tag_on_bytes_pydicom_cannot_read_is_not_dicom_when_written():
+    """StructureSetROISequence as an explicit UN of 2 bytes ("2D"; the structured split/merge
+    run, seed 53): a request that leaves it alone reaches pydicom's writer, which parses it to
+    re-encode text and raised OSError (an internal error). ``not_dicom`` now, as when the
+    nested pass meets it."""
+    data = _file([(0x30060020, _explicit(0x30060020, b"UN", b"2D"))], implicit=False)
+    big_endian = parse_modify({"Transcode": "1.2.840.10008.1.2.2", "Replace": {"PatientName": "X"}})
+    new = apply(big_endian, dicomio.read_dataset(data), KEY)
+    with pytest.raises(InputError, match=re.escape("sequence (3006,0020) cannot be parsed")) as info:
+        dicomio.write_dataset(new, "1.2.840.10008.1.2.2")
+    assert info.value.reason == "not_dicom"

@@ -223,6 +223,41 @@ def test_a_specific_character_set_damaged_into_vr_us_reads_as_written(samples: P
     assert moved.RequestedProcedureDescription == "IRM cérébrale, neuro-crâne"
 
 
+def test_a_specific_character_set_damaged_into_a_sequence_does_not_stop_a_split(tmp_path: Path) -> None:
+    """CT_small with its SpecificCharacterSet replaced by a sequence of one item referencing
+    the instance (the structured split/merge run, seed 53, retagged a sequence so): the
+    reference pass parsed sequences with pydicom's own character set lookup, which raised
+    TypeError on it (an internal error). It reads the default, as the modification engine
+    does, and the references in both sequences follow the instance."""
+    import struct
+
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    reference = Dataset()  # a reference to the instance itself: the reference pass parses it
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = ct.SOPClassUID, ct.SOPInstanceUID
+    ct.ReferencedImageSequence = [reference]
+    buffer = io.BytesIO()
+    ct.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    charset = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100"
+    assert data.count(charset) == 1
+    uid = ct.SOPInstanceUID.encode() + b"\0" * (len(ct.SOPInstanceUID) % 2)
+    element = b"\x08\x00\x55\x11UI" + struct.pack("<H", len(uid)) + uid  # a ReferencedSOPInstanceUID
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
+    damaged = tmp_path / "ct.dcm"
+    damaged.write_bytes(data.replace(charset, b"\x08\x00\x05\x00SQ\x00\x00" + struct.pack("<I", len(item)) + item))
+    source = read_dataset(damaged.read_bytes())
+    study, series = str(source.StudyInstanceUID), str(source.SeriesInstanceUID)
+    split = sm.plan_split(index_of([damaged], None),
+                          sm.parse_split(study, {"Series": [series], "Replace": {"PatientName": "Moved^Here"}}), KEY)
+    moved = read_dataset(write_dataset(sm.apply_plan(split, read_dataset(damaged.read_bytes()), str(damaged))))
+    assert (moved.StudyInstanceUID, moved.PatientName) == (split.study_uid, "Moved^Here")
+    assert moved.ReferencedImageSequence[0].ReferencedSOPInstanceUID == moved.SOPInstanceUID != ct.SOPInstanceUID
+    assert moved[0x00080005].value[0].ReferencedSOPInstanceUID == moved.SOPInstanceUID
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -52,7 +52,7 @@ from pydicom.valuerep import PersonName
 
 from transforms import __version__
 from transforms.errors import InputError
-from transforms.paths import BYTES_PER_ITEM, MAX_WALKED_ITEMS, sequence_items
+from transforms.paths import BYTES_PER_ITEM, MAX_WALKED_ITEMS, convert_sequence
 from transforms.tags import SQ_TAGS  # how implicit VR sequences are known
 
 # Raw VRs whose explicit-VR header carries a 4-byte length (PS3.5 7.1.2).
@@ -1834,8 +1834,10 @@ def _text_as_read(elements: dict, encodings: Any, ds: Dataset) -> dict:
                 continue
             if vr != "SQ" or not elem.value:
                 continue
-            elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)  # new items
-            _pass_pixel_representation(ds, sequence_items(elem, tag))
+            elem = convert_sequence(elem, tag, encodings, ds)  # new items
+            if elem.VR != "SQ":
+                continue
+            _pass_pixel_representation(ds, elem.value)
         elif elem.VR != "SQ" or not elem.value:
             continue
         items = elem.value

@@ -606,18 +606,10 @@ class _Run:
                 items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
                                     _character_set(holder), len(parents), allowance)
             if items is None:  # a layout the item scanner leaves to pydicom (e.g. UN)
-                try:
-                    parsed = convert_raw_data_element(elem, encoding=_character_set(holder),
-                                                      ds=holder)
-                except RecursionError:
-                    raise
-                except Exception:
-                    raise InputError(
-                        f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed",
-                        reason="not_dicom") from None
+                parsed = paths.convert_sequence(elem, tag, _character_set(holder), holder)
                 if parsed.VR != "SQ":
                     return None
-                items = paths.sequence_items(parsed, tag)
+                items = parsed.value
                 _check_walked(len(items), allowance)
             fresh = True
         elif elem.VR == "SQ":

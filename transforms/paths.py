@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
@@ -160,19 +161,42 @@ def item_allowance(value: object, items_left: int) -> int:
     return max(items_left, size // BYTES_PER_ITEM, 0)
 
 
-def sequence_items(elem: DataElement, tag: int) -> list[Dataset]:
-    """The items of a sequence element pydicom converted. Failing to parse a sequence's bytes,
-    pydicom retries them as other VRs and may return them read as text under VR SQ (a damaged
-    PerFrameFunctionalGroupsSequence came back as 438 strings): refused rather than walked as
-    items (which raised AttributeError: an internal error).
+def convert_sequence(raw: RawDataElement, tag: int, encodings: Any, ds: Dataset) -> DataElement:
+    """pydicom's conversion of a raw element that should hold a sequence (``tag``'s, in ``ds``
+    whose text is in ``encodings``): a value it cannot read as items is the file's
+    ``not_dicom``. pydicom raises OSError or ValueError on one, or, retrying other VRs after a
+    ValueError, returns it read as text under VR SQ (a damaged PerFrameFunctionalGroupsSequence
+    came back as 438 strings); walked as items, that raised AttributeError (internal errors).
+    An element pydicom converts to another VR is returned as it is.
 
     Raises:
         InputError: ``not_dicom``.
     """
+    try:
+        elem = convert_raw_data_element(raw, encoding=encodings, ds=ds)
+    except (RecursionError, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001 - pydicom's reader: OSError, ValueError, ...
+        raise _unparsable(tag) from None
+    if elem.VR == "SQ":
+        sequence_items(elem, tag)
+    return elem
+
+
+def sequence_items(elem: DataElement, tag: int) -> list[Dataset]:
+    """The items of a sequence element pydicom converted (see :func:`convert_sequence`).
+
+    Raises:
+        InputError: ``not_dicom``, for what pydicom returned as text under VR SQ.
+    """
     value = elem.value
     if isinstance(value, Sequence) or (isinstance(value, list) and not value):
         return value
-    raise InputError(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed", reason="not_dicom")
+    raise _unparsable(tag)
+
+
+def _unparsable(tag: int) -> InputError:
+    return InputError(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be parsed", reason="not_dicom")
 
 
 def too_many_items() -> InputError:
@@ -234,10 +258,10 @@ class Workspace:
             # Parsing a raw element yields new objects that nobody else sees. (Not ds[tag]:
             # pydicom's __getitem__ wraps what it converted in a Sequence, and raised TypeError
             # on bytes it could not parse as items.)
-            elem = convert_raw_data_element(current, encoding=_character_set(ds), ds=ds)
+            elem = convert_sequence(current, tag, _character_set(ds), ds)
             if elem.VR != "SQ":
                 return None
-            self.items_left -= len(sequence_items(elem, tag))
+            self.items_left -= len(elem.value)
             ds[tag] = elem  # (pydicom passes the PixelRepresentation on to the items)
             return self.adopt_sequence(elem).value
         if current.VR != "SQ":

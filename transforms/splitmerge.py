@@ -692,8 +692,7 @@ class _Remapper:
     def _items(self, item: Dataset, tag: int, elem: Any) -> Sequence[Dataset]:
         if isinstance(elem, RawDataElement):
             paths.check_item_count(elem, self.items_left)
-            elem = convert_raw_data_element(elem, encoding=item._character_set, ds=item)
-            paths.sequence_items(elem, tag)  # (not_dicom: bytes pydicom could not parse as items)
+            elem = paths.convert_sequence(elem, tag, _encodings(item), item)
             item._dict[tag] = elem  # ``item`` belongs to a private copy (see apply)
             self.items_left -= len(elem.value or ())
         return elem.value or ()
@@ -850,7 +849,10 @@ def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
             vr = raw_vr(tag, elem)
             if vr not in CHARSET_VRS and vr != "SQ":
                 continue
-            elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)  # (new items)
+            if vr == "SQ":
+                elem = paths.convert_sequence(elem, tag, encodings, ds)  # (new items)
+            else:
+                elem = convert_raw_data_element(elem, encoding=encodings, ds=ds)
         else:
             elem = copy.deepcopy(elem)  # (decoded elements may be the input's)
         if elem.VR == "SQ":
