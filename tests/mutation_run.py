@@ -44,9 +44,10 @@ pseudonyms written under the input's VR where it cannot hold them (PatientName o
 SOPInstanceUID of VR IS); main UIDs of VR SS or AT, garbled by a change of byte order; a
 PixelRepresentation of 5 bytes, which pydicom converts for the items of any sequence a path
 edits; a sequence's tag on 4 bytes of UN; a sequence pydicom could not parse, which it
-returns as text under VR SQ or raises OSError on when writing; and (``--splitmerge``) a
+returns as text under VR SQ or raises OSError on when writing; (``--splitmerge``) a
 SpecificCharacterSet retagged onto a sequence, which pydicom's character set lookup could not
-take. Known and left: a file without PixelRepresentation written in
+take; and zero padding after the last element, copied with it into an output where eight
+zero bytes read as an element of no valid VR. Known and left: a file without PixelRepresentation written in
 implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it raises
 AttributeError; DCMTK reads them as US), reported as "pydicom worse".
 """

@@ -1105,3 +1105,32 @@ def test_a_lossy_step_drops_what_the_new_pixels_may_contradict():
     assert (lossless.SmallestImagePixelValue, lossless.PixelPaddingRangeLimit) == (7, 7)
     assert "ImageType" not in lossless
     assert ds.PixelPaddingValue == 7 and "ImageType" not in ds  # the source is untouched
+
+
+def test_a_derivation_code_sequence_pydicom_cannot_read_is_not_dicom():
+    """A lossy transcode appends the Lossy Compression code to DerivationCodeSequence; one
+    whose item holds a SpecificCharacterSet with a NUL (pydicom raises on it, then returns
+    the bytes as text under VR SQ) failed as cannot_transcode "TypeError raised". It is the
+    file's ``not_dicom``, as the same sequence is everywhere else."""
+    import struct
+
+    from tests.pipeline_support import KEY
+    from transforms import dicomio, engine, request
+    from transforms.errors import InputError
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.DerivationCodeSequence = [Dataset()]
+    ct.DerivationCodeSequence[0].CodeValue = "X"
+    buffer = io.BytesIO()
+    ct.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    at = data.index(b"\x08\x00\x15\x92SQ")
+    charset = b"\x08\x00\x05\x00CS\x04\x00AB\x00C"
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(charset)) + charset
+    length = struct.unpack_from("<I", data, at + 8)[0]
+    data = data[:at] + b"\x08\x00\x15\x92SQ\x00\x00" + struct.pack("<I", len(item)) + item + data[at + 12 + length:]
+    plan = request.parse_modify({"Transcode": J2K, "Replace": {"PatientName": "x"}})
+    new = engine.apply(plan, dicomio.read_dataset(data), KEY)
+    with pytest.raises(InputError, match=r"^sequence \(0008,9215\) cannot be parsed$") as info:
+        tc.transcode_for_plan(plan, new, KEY)
+    assert info.value.reason == "not_dicom"

@@ -68,6 +68,8 @@ _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
 _UID_LAX_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 #: The VRs whose values are text (what a UID, a name or a pseudonym can be stored as).
 STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+#: The raw VRs a main UID is read from: text, UN, or none (implicit VR).
+_UID_VRS = STRING_VRS | {"UN", None}
 #: Identifiers every instance must carry (Orthanc refuses to store a file without them).
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _REQUIRED_UID_TAGS = tuple((k, tag_for_keyword(k)) for k in REQUIRED_UIDS)
@@ -447,13 +449,16 @@ def check_identifiers(ds: Dataset) -> None:
                          reason="dicomdir")
     for keyword, tag in _REQUIRED_UID_TAGS:
         raw = ds._dict.get(tag)
-        if type(raw) is RawDataElement and raw.VR not in STRING_VRS and raw.VR not in (None, "UN"):
-            # (a damaged VR: numbers or bytes, which a change of byte order would swap)
-            raise InputError(f"{keyword} has VR {raw.VR}, which cannot hold a UID", reason="invalid_uid")
-        if type(raw) is RawDataElement and type(raw.value) is bytes and raw.value:
-            # Fast path on the raw bytes (UIDs are ASCII; padding is NUL or space).
-            if _UID_LAX_BYTES_RE.match(raw.value.rstrip(b" \0")) and len(raw.value.rstrip(b" \0")) <= 64:
-                continue
+        if type(raw) is RawDataElement:
+            if raw.VR not in _UID_VRS:
+                # (a damaged VR: numbers or bytes, which a change of byte order would swap)
+                raise InputError(f"{keyword} has VR {raw.VR}, which cannot hold a UID", reason="invalid_uid")
+            value = raw.value
+            if type(value) is bytes and value:
+                # Fast path on the raw bytes (UIDs are ASCII; padding is NUL or space).
+                value = value.rstrip(b" \0")
+                if _UID_LAX_BYTES_RE.match(value) and len(value) <= 64:
+                    continue
         try:
             value = peek(ds, keyword)
         except Exception as exc:  # undecodable raw value
@@ -540,7 +545,10 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
             # dropped (a repeated tag keeps one). The span would copy them, unchanged by
             # the request (a second PatientName in the clear): slow path.
             return
-        spans[int(tag)] = (elem, start, end)
+        # (value_end, not end: the zero padding tolerated after the last element is not
+        # copied. Eight zero bytes or more read as an element of no valid VR, which a file
+        # gets past only where an earlier element has that tag (0000,0000) too.)
+        spans[int(tag)] = (elem, start, value_end)
     object.__setattr__(ds, _SOURCE_ATTR, _Source(view, implicit, little, spans=spans))
 
 
@@ -1025,8 +1033,10 @@ def _binary_value(tag: int, vr: str | None) -> bool:
         except KeyError:
             return False
         return vr in _VIEW_VRS or vr == "OB or OW"
-    if vr not in _VIEW_VRS or tag == 0x7FE00010:
-        return vr in _VIEW_VRS
+    if vr not in _VIEW_VRS:
+        return False
+    if tag == 0x7FE00010:
+        return True
     try:
         known = dictionary_VR(tag)
     except KeyError:
@@ -1087,7 +1097,7 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
         tag = tags.get(group << 16 | element)
         if tag is None:
             tag = _base_tag(group << 16 | element)
-        if length < _VIEW_MIN or not _binary_value(tag, vr):
+        if length < _VIEW_MIN or vr not in _VIEW_VRS or (group != 0x7FE0 and not _binary_value(tag, vr)):
             value = data[value_tell:stop]
         else:
             value = view[value_tell:stop]  # a view of the file: see _VIEW_VRS

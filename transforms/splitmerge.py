@@ -693,6 +693,8 @@ class _Remapper:
         if isinstance(elem, RawDataElement):
             paths.check_item_count(elem, self.items_left)
             elem = paths.convert_sequence(elem, tag, _encodings(item), item)
+            if elem.VR != "SQ":
+                return ()
             item._dict[tag] = elem  # ``item`` belongs to a private copy (see apply)
             self.items_left -= len(elem.value or ())
         return elem.value or ()

@@ -63,15 +63,16 @@ from pydicom.sequence import Sequence
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import UID, AllTransferSyntaxes
 
-from transforms import rle_decoder
+from transforms import paths, rle_decoder
 from transforms.dicomio import (
     NEWER_ENCAPSULATED_SYNTAXES,
+    _character_set,
     is_valid_uid,
     keep_text_as_read,
     shallow_copy,
     unsigned_without_pixel_representation,
 )
-from transforms.errors import CannotTranscode, RequestError, is_work_failure
+from transforms.errors import CannotTranscode, InputError, RequestError, is_work_failure
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -286,7 +287,7 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
             return _native_to_native(out, source, target, verify)
         _check_decoded_size(out)
         return _recode(out, source, target, verify)
-    except CannotTranscode:
+    except (CannotTranscode, InputError):  # ours, with their reason (InputError: the file's)
         raise
     except BaseException as exc:  # noqa: BLE001 - any codec failure is a failed transcode, not a crash
         if not is_work_failure(exc):
@@ -1024,6 +1025,9 @@ _STALE_AFTER_LOSSY = ("SmallestImagePixelValue", "LargestImagePixelValue", "Smal
                       "LargestPixelValueInSeries", "PixelPaddingValue", "PixelPaddingRangeLimit")
 
 
+_DERIVATION_CODE_SEQUENCE = 0x00089215
+
+
 def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     """Record a lossy step (PS3.3 C.7.6.1.1.5) the way DCMTK does for Orthanc: ImageType value
     1 DERIVED (the whole value when there was none), the extreme and padding values dropped."""
@@ -1066,9 +1070,11 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
         "DCM",
         "Lossy Compression",
     )
+    raw = out._dict.get(_DERIVATION_CODE_SEQUENCE)
+    if type(raw) is RawDataElement:  # (not_dicom: bytes pydicom cannot read as items)
+        out._dict[_DERIVATION_CODE_SEQUENCE] = paths.convert_sequence(raw, _DERIVATION_CODE_SEQUENCE,
+                                                                      _character_set(out), out)
     items = list(out.get("DerivationCodeSequence", None) or [])
-    if not all(isinstance(item, Dataset) for item in items):
-        items = []  # bytes pydicom could not read as items (it returns them as text): replaced
     if not any(getattr(i, "CodeValue", None) == "113040" for i in items):
         _set(out, "DerivationCodeSequence", Sequence([*items, code]))
 
