@@ -1373,9 +1373,9 @@ def test_a_large_binary_value_on_a_text_tag_is_read_as_bytes_and_anonymized_as_i
     """Large binary values are views of the file; a damaged FrameOfReferenceUID of VR OB (the
     structured mutation run, seed 2: a tag rewritten onto a 90 KB OB element) became one and
     the anonymization's UID mapping, which reads the tag's bytes as text, failed with
-    internal_error (AttributeError). It is read as bytes, mapped as its text ("1.2.3") is (and
-    written as UI, which holds text),
-    while a large OB on a private or binary tag stays a view."""
+    internal_error (AttributeError). It is read as bytes and mapped as its text ("1.2.3") is
+    (written as UI, which holds text), while a large OB on a private or binary tag stays a
+    view."""
     from tests.pipeline_support import KEY
     from transforms import engine, request
 
