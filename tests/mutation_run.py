@@ -38,7 +38,8 @@ which openjpeg allocated (11.6 GB), and (``--splitmerge``) a SpecificCharacterSe
 VR US, which pydicom decodes as numbers. Since then a case that raises the peak resident size by
 more than 1 GB is a finding (``memory: ...``), and ``--memory-mb`` keeps a runaway allocation
 from reaching the kernel's limit. ``--structured`` then found (regression tests in
-``test_dicomio.py``, ``test_hostile.py`` and ``test_anonymize_unknown_vr.py``): a large
+``test_dicomio.py``, ``test_hostile.py``, ``test_anonymize_unknown_vr.py``,
+``test_merge_core.py`` and ``test_transcode.py``): a large
 FrameOfReferenceUID of VR OB, kept as a view of the file like binary values; new UIDs and
 pseudonyms written under the input's VR where it cannot hold them (PatientName of VR UL,
 SOPInstanceUID of VR IS); main UIDs of VR SS or AT, garbled by a change of byte order; a
@@ -47,9 +48,9 @@ edits; a sequence's tag on 4 bytes of UN; a sequence pydicom could not parse, wh
 returns as text under VR SQ or raises OSError on when writing; (``--splitmerge``) a
 SpecificCharacterSet retagged onto a sequence, which pydicom's character set lookup could not
 take; and zero padding after the last element, copied with it into an output where eight
-zero bytes read as an element of no valid VR. Known and left: a file without PixelRepresentation written in
-implicit VR holds US-or-SS elements that pydicom cannot resolve when reading (it raises
-AttributeError; DCMTK reads them as US), reported as "pydicom worse".
+zero bytes read as an element of no valid VR. Known and left: a file without
+PixelRepresentation written in implicit VR holds US-or-SS elements that pydicom cannot resolve
+when reading (it raises AttributeError; DCMTK reads them as US), reported as "pydicom worse".
 """
 
 from __future__ import annotations
