@@ -5,9 +5,10 @@ Mutates real files (pydicom's bundled ones, two of them recompressed as High-Thr
 with the property test's operations (truncate, flip a byte, insert garbage, cut or duplicate a
 slice; 60% of the time inside the element headers), processes each under one of the property
 test's requests or a few more (transcodes to every native syntax and to JPEG-LS, JPEG 2000 and
-JPEG, a modify removing sequences, a 2017c anonymization keeping private tags), and checks the
-same invariants: one row, a specific reason when it fails (never ``internal_error``), nothing
-partial, and a written file reads back (and fully with pydicom when the input did).
+JPEG, a modify removing sequences, a 2017c anonymization keeping private tags, path edits at
+depth in a series-level modify and in an anonymization), and checks the same invariants: one
+row, a specific reason when it fails (never ``internal_error``), nothing partial, and a
+written file reads back (and fully with pydicom when the input did).
 
 Not collected by pytest (it runs until a deadline). Deterministic for a seed, up to the
 deadline. Every case that breaks an invariant is printed and its bytes kept in ``--keep``::
@@ -69,7 +70,7 @@ from pathlib import Path
 
 from tests.conftest import SAMPLES
 from tests.pipeline_support import KEY, output_files, pydicom_converts_all
-from tests.test_hostile import BASES, PLANS, _header_end, _mutate, damage_element
+from tests.test_hostile import BASES, CT_CLASS, PLANS, _header_end, _mutate, damage_element
 from transforms import dicomio, request
 from transforms.beam import RunConfig, process_file
 
@@ -82,6 +83,25 @@ MORE_PLANS = [
     request.parse_modify({"Remove": ["ReferencedImageSequence", "SourceImageSequence"],
                           "Replace": {"SeriesDescription": "x"}}),
     request.parse_anonymize({"DicomVersion": "2017c", "Keep": ["StudyDescription"], "KeepPrivateTags": True}),
+    # Path edits at depth (items parsed by pydicom, unlike the anonymizer's own walk), a sequence
+    # replaced from JSON, new series UIDs: on the sequences of the RT, enhanced and SR bases.
+    request.parse_modify({
+        "Remove": ["ReferencedFrameOfReferenceSequence[*].RTReferencedStudySequence[*].ReferencedSOPClassUID",
+                   "BeamSequence[0].ControlPointSequence[*].GantryAngle", "RTROIObservationsSequence"],
+        "Replace": {
+            "ReferencedFrameOfReferenceSequence[*].RTReferencedStudySequence[*].RTReferencedSeriesSequence[*]"
+            ".SeriesInstanceUID": "1.2.3.4",
+            "BeamSequence[*].BeamName": "B",
+            "SharedFunctionalGroupsSequence[*].PixelMeasuresSequence[*].SliceThickness": "1.5",
+            "ReferencedImageSequence": [{"ReferencedSOPClassUID": CT_CLASS, "ReferencedSOPInstanceUID": "1.2.3"}]},
+        "RemovePrivateTags": True}, level="Series"),
+    request.parse_anonymize({
+        "Keep": ["ReferencedImageSequence[*].ReferencedSOPInstanceUID", "SourceImageSequence",
+                 "StructureSetROISequence[*].ROIName"],
+        "Remove": ["ReferencedStudySequence[*].ReferencedSOPClassUID", "ROIContourSequence[*].ContourSequence[*].ContourData"],
+        "Replace": {"ReferencedPatientSequence": [{"PatientName": "P^Q", "OtherPatientIDsSequence": [{"PatientID": "x"}]}],
+                    "ROIContourSequence[*].ROIDisplayColor": "1\\2\\3"},
+        "DicomVersion": "2021b"}),
 ]
 
 

@@ -497,3 +497,50 @@ def test_a_sequence_tag_on_bytes_pydicom_cannot_read_is_not_dicom_when_written()
     with pytest.raises(InputError, match=re.escape("sequence (3006,0020) cannot be parsed")) as info:
         dicomio.write_dataset(new, "1.2.840.10008.1.2.2")
     assert info.value.reason == "not_dicom"
+
+
+@pytest.mark.filterwarnings("ignore:The value for the data element .0020,0052. exceeds")  # pydicom: UI -> UN
+def test_a_mapped_value_too_long_for_its_vr_is_written_as_un(monkeypatch):
+    """A nested ReferencedSOPInstanceUID of 10,000 short values (48,889 bytes of UI, within its
+    16-bit length) maps to 10,000 UIDs of ~44 characters; a damaged file's nested LUTData (US,
+    32,768 bytes) retagged as StudyInstanceUID maps its 16,384 numbers to 731,948 bytes of
+    UIDs (the structured mutation run, seed 58). Packing that length into the 16-bit field raised
+    struct.error (``internal_error``) in both walks; it is written as UN with a 32-bit length,
+    as PS3.5 6.2.2 says and pydicom's writer does for the same value at top level."""
+    values = [str(i) for i in range(10_000)]
+    lut = b"".join(bytes((0x5C, 0x80 + i % 100)) for i in range(16_384))  # not ASCII: the object walk
+    referenced = _explicit(REFERENCED_IMAGE_SQ, b"SQ", _item(
+        _explicit(0x00081150, b"UI", CT.encode()) + _explicit(0x00081155, b"UI", "\\".join(values).encode())))
+    voi_lut = _explicit(0x00283010, b"SQ", _item(
+        _explicit(0x00080005, b"CS", b"ISO_IR 100") + _explicit(0x0020000D, b"US", lut)))
+    data = _file([(REFERENCED_IMAGE_SQ, referenced), (0x00200052, _explicit(0x00200052, b"UI", "\\".join(values).encode())),
+                  (0x00283010, voi_lut)], implicit=False)
+    out, ds = _anonymize(data)
+    expected = "\\".join(KEY.uid("anonymize.instance", v) for v in values).encode()
+    expected += b"\x00" * (len(expected) % 2)
+    nested = ds.ReferencedImageSequence[0]["ReferencedSOPInstanceUID"]
+    assert (nested.VR, nested.value) == ("UN", expected) and len(expected) > 0xFFFF
+    top = ds["FrameOfReferenceUID"]  # written by pydicom's writer: the same rule
+    assert top.VR == "UN" and len(top.value) > 0xFFFF
+    study = ds.VOILUTSequence[0]["StudyInstanceUID"]
+    numbers = struct.unpack(f"<{len(lut) // 2}H", lut)  # a value of VR US is read as its numbers
+    mapped = "\\".join(KEY.uid("anonymize.study", str(n)) for n in numbers).encode()
+    assert (study.VR, study.value.rstrip(b"\x00")) == ("UN", mapped.rstrip(b"\x00")) and len(mapped) > 0xFFFF
+    # The byte-level walk encodes the ASCII one itself (the LUT's goes to the object walk):
+    # the same bytes as the object walk's.
+    fell_back = []
+    byte_sequence = engine._Run._byte_sequence
+
+    def spy(self, elem, tag):
+        new = byte_sequence(self, elem, tag)
+        if new is engine._FALLBACK:
+            fell_back.append(tag)
+        return new
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine._Run, "_byte_sequence", spy)
+        assert dicomio.write_dataset(apply(DEFAULT, dicomio.read_dataset(data), KEY)) == out
+    assert fell_back == [0x00283010]
+    with monkeypatch.context() as patch:
+        patch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
+        assert dicomio.write_dataset(apply(DEFAULT, dicomio.read_dataset(data), KEY)) == out

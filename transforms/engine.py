@@ -970,6 +970,8 @@ class _Run:
         if vr in _LONG_VRS:
             return long_pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0,  # type: ignore
                              len(value)) + value
+        if len(value) > 0xFFFF:
+            return long_pack(tag >> 16, tag & 0xFFFF, b"UN", 0, len(value)) + value  # as _header
         return short_pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"),  # type: ignore
                           len(value)) + value
 
@@ -1400,14 +1402,17 @@ _HEADER_PACKERS = {
 
 
 def _header(tag: int, vr: str | None, length: int, implicit: bool, little: bool) -> bytes:
+    """An element's header. A value too long for its explicit VR's 16-bit length (a mapped
+    multi-valued UID can be 20 times its original) is written as UN, as PS3.5 6.2.2 says and
+    pydicom's writer does."""
     order = "<" if little else ">"
     group, element = tag >> 16, tag & 0xFFFF
     if implicit:
         return struct.pack(order + "HHL", group, element, length)
-    vr_bytes = vr.encode("ascii")  # type: ignore[union-attr]
-    if vr in _LONG_VRS:
+    if vr in _LONG_VRS or (length > 0xFFFF and length != _UNDEFINED):
+        vr_bytes = vr.encode("ascii") if vr in _LONG_VRS else b"UN"  # type: ignore[union-attr]
         return struct.pack(order + "HH2sHL", group, element, vr_bytes, 0, length)
-    return struct.pack(order + "HH2sH", group, element, vr_bytes, length)
+    return struct.pack(order + "HH2sH", group, element, vr.encode("ascii"), length)  # type: ignore[union-attr]
 
 
 def _encode_items(items: Any, implicit: bool, little: bool, encodings: list[str]) -> bytes:
