@@ -506,7 +506,8 @@ def test_a_mapped_value_too_long_for_its_vr_is_written_as_un(monkeypatch):
     32,768 bytes) retagged as StudyInstanceUID maps its 16,384 numbers to 731,948 bytes of
     UIDs (the structured mutation run, seed 58). Packing that length into the 16-bit field raised
     struct.error (``internal_error``) in both walks; it is written as UN with a 32-bit length,
-    as PS3.5 6.2.2 says and pydicom's writer does for the same value at top level."""
+    as CP 1066 added to PS3.5 6.2.2 and as pydicom's writer does for the same value at top
+    level."""
     values = [str(i) for i in range(10_000)]
     lut = b"".join(bytes((0x5C, 0x80 + i % 100)) for i in range(16_384))  # not ASCII: the object walk
     referenced = _explicit(REFERENCED_IMAGE_SQ, b"SQ", _item(

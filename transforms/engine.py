@@ -1403,8 +1403,8 @@ _HEADER_PACKERS = {
 
 def _header(tag: int, vr: str | None, length: int, implicit: bool, little: bool) -> bytes:
     """An element's header. A value too long for its explicit VR's 16-bit length (a mapped
-    multi-valued UID can be 20 times its original) is written as UN, as PS3.5 6.2.2 says and
-    pydicom's writer does."""
+    multi-valued UID can be 20 times its original) is written as UN, as CP 1066 added to
+    PS3.5 6.2.2 and as pydicom's writer does."""
     order = "<" if little else ">"
     group, element = tag >> 16, tag & 0xFFFF
     if implicit:
