@@ -9,9 +9,7 @@ import pytest
 
 from transforms.errors import RequestError
 from transforms.tags import (
-    creator_tag_for,
     describe_tag,
-    format_tag,
     is_private,
     parse_dictionary,
     parse_tag,
@@ -109,10 +107,5 @@ def test_dictionary_errors_name_the_key(config, message):
 
 def test_small_helpers():
     assert is_private(0x00091001) and not is_private(0x00100010)
-    assert format_tag(0x0008103E) == "0008,103e"
     assert describe_tag(0x00280010) == "'Rows' (0028,0010)"
     assert describe_tag(0x00091001) == "(0009,1001)"
-    assert creator_tag_for(0x00091001) == 0x00090010
-    assert creator_tag_for(0x000912FF) == 0x00090012
-    assert creator_tag_for(0x00090010) is None
-    assert creator_tag_for(0x00100010) is None

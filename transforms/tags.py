@@ -72,11 +72,6 @@ def is_private(tag: int) -> bool:
     return bool((tag >> 16) & 1)
 
 
-def format_tag(tag: int) -> str:
-    """``0x00100010`` -> ``'0010,0010'`` (lower-case hex, as Orthanc's ``?short``)."""
-    return f"{tag >> 16:04x},{tag & 0xFFFF:04x}"
-
-
 def describe_tag(tag: int, dictionary: PrivateDictionary | None = None) -> str:
     """Human label for messages: ``'Rows' (0028,0010)`` or ``(0009,1001)``."""
     name = keyword_of(tag, dictionary)
@@ -241,16 +236,6 @@ def parse_tag(
 @lru_cache(maxsize=1)
 def _keywords() -> list[str]:
     return [*keyword_dict, *_REPEATER_KEYWORDS]
-
-
-def creator_tag_for(tag: int) -> int | None:
-    """The private creator element (gggg,00xx) reserving the block of private ``tag``."""
-    if not is_private(tag):
-        return None
-    element = tag & 0xFFFF
-    if element < 0x1000:
-        return None
-    return (tag & 0xFFFF0000) | (element >> 8)
 
 
 def vr_for_new_element(
