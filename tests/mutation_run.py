@@ -49,7 +49,9 @@ edits; a sequence's tag on 4 bytes of UN; a sequence pydicom could not parse, wh
 returns as text under VR SQ or raises OSError on when writing; (``--splitmerge``) a
 SpecificCharacterSet retagged onto a sequence, which pydicom's character set lookup could not
 take; and zero padding after the last element, copied with it into an output where eight
-zero bytes read as an element of no valid VR. Known and left: a file without
+zero bytes read as an element of no valid VR; then (seed 58) a nested LUTData retagged as
+StudyInstanceUID, whose 16,384 numbers mapped to 731,948 bytes of UIDs, more than the 16-bit
+length of an explicit VR (now written as UN). Known and left: a file without
 PixelRepresentation written in implicit VR holds US-or-SS elements that pydicom cannot resolve
 when reading (it raises AttributeError; DCMTK reads them as US), reported as "pydicom worse".
 """
