@@ -1229,6 +1229,39 @@ def test_a_header_left_to_pydicom_is_read_in_growing_steps_with_its_bounds(tmp_p
         dicomio.read_dataset(bomb.read_bytes())
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_a_header_cut_inside_an_undefined_length_value_is_read_on(tmp_path: Path):
+    """An explicit OB of undefined length among the top-level elements (a damaged file: the
+    structured header fuzzing, seed 2) that runs past the first 16 kB: pydicom's reader, given
+    those 16 kB, returns an empty data set (its EOFError caught inside its reader, a warning)
+    and a position short of their end, which was taken for "stopped at the pixel data". Locally
+    the header was then None (no identifiers) where a ``gs://`` read of the whole object found
+    it: now the local read goes on until the reader reaches the pixel data, as the remote one
+    did, and both give the same header."""
+    from transforms import files
+
+    ds = pydicom.dcmread(CT)
+    body = BytesIO()
+    ds.save_as(body, enforce_file_format=True)
+    data = body.getvalue()
+    at = data.index(struct.pack("<HH", 0x0008, 0x1030))  # StudyDescription: identifiers follow
+    damaged = (struct.pack("<HH2sHI", 0x0008, 0x1029, b"OB", 0, 0xFFFFFFFF) + b"\x01" * 20_000
+               + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    data = data[:at] + damaged + data[at:]
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(data)
+    assert dicomio.read_header_bytes(data, complete=True) is None  # left to pydicom's reader
+    with pytest.warns(UserWarning):
+        assert dicomio.pydicom_header(data[:16 << 10], force=False)[0]._dict == {}  # pydicom's quirk
+    local = files.read_header(str(path), len(data), 1 << 30)
+    remote = files._remote_header(BytesIO(data), len(data), 1 << 30)
+    assert local is not None and remote is not None
+    assert (local.StudyInstanceUID, local.SOPInstanceUID) == (ds.StudyInstanceUID, ds.SOPInstanceUID)
+    assert [e.tag for e in local] == [e.tag for e in remote] and "PixelData" not in local
+    with pytest.raises(InputError, match=r"\(0008,1029\) has VR OB and an undefined length"):
+        dicomio.read_dataset(data)  # the whole read refuses it, if the request selects it
+
+
 # --------------------------------------------------------------------------- deflate bombs
 
 

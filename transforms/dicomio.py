@@ -278,15 +278,18 @@ class _TooManyElements(Exception):
     """Raised from pydicom's reader, past :data:`MAX_ELEMENTS` top-level elements."""
 
 
-def _pydicom_read(stream: BytesIO, *, force: bool, before_pixels: bool = False) -> Dataset:
-    """``dcmread`` (``stop_before_pixels`` with ``before_pixels``), stopped
-    (:class:`_TooManyElements`) past :data:`MAX_ELEMENTS` top-level elements, which the
-    scanner counts on its own path."""
+def _pydicom_read(stream: BytesIO, *, force: bool, before_pixels: bool = False,
+                  at_pixels: list[bool] | None = None) -> Dataset:
+    """``dcmread`` (``stop_before_pixels`` with ``before_pixels``; then ``at_pixels`` receives
+    True if it stopped there), stopped (:class:`_TooManyElements`) past :data:`MAX_ELEMENTS`
+    top-level elements, which the scanner counts on its own path."""
     count = 0
 
     def stop_when(tag: Any, vr: Any, length: int) -> bool:  # pydicom calls it per top-level element
         nonlocal count
         if before_pixels and tag in _PIXEL_TAGS:
+            if at_pixels is not None:
+                at_pixels.append(True)
             return True
         count += 1
         if count > MAX_ELEMENTS:
@@ -296,14 +299,17 @@ def _pydicom_read(stream: BytesIO, *, force: bool, before_pixels: bool = False) 
     return read_partial(stream, stop_when, force=force)
 
 
-def pydicom_header(data: bytes, *, force: bool) -> tuple[Dataset, int]:
+def pydicom_header(data: bytes, *, force: bool) -> tuple[Dataset, bool]:
     """``dcmread(stop_before_pixels=True)`` of ``data`` with the bounds :func:`read_dataset` puts
-    on pydicom's reader (sequence items, top-level elements), and where it stopped. For the
-    headers of files the scanner leaves to pydicom."""
+    on pydicom's reader (sequence items, top-level elements), and whether it stopped at the
+    pixel data (else it read to the end of ``data``, or gave up on it: an element of undefined
+    length that ``data`` ends inside made it return an empty data set, with a warning, at the
+    element's start). For the headers of files the scanner leaves to pydicom."""
     _check_pydicom_bounds(data)
     stream = BytesIO(data)
+    at_pixels: list[bool] = []
     try:
-        return _pydicom_read(stream, force=force, before_pixels=True), stream.tell()
+        return _pydicom_read(stream, force=force, before_pixels=True, at_pixels=at_pixels), bool(at_pixels)
     except _TooManyElements:
         raise too_many_elements() from None
 

@@ -1245,8 +1245,8 @@ def _pydicom_header(f: Any, head: bytes, size: int, marker: bool) -> Any:
     while True:
         complete = len(head) >= size
         try:
-            ds, stopped = dicomio.pydicom_header(head, force=not marker)
-            if complete or stopped < len(head):
+            ds, at_pixels = dicomio.pydicom_header(head, force=not marker)
+            if complete or at_pixels:
                 return ds
         except Exception:  # noqa: BLE001 - cut inside the header: read on (the whole file says why)
             if complete:
