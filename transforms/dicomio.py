@@ -302,9 +302,9 @@ def _pydicom_read(stream: BytesIO, *, force: bool, before_pixels: bool = False,
 def pydicom_header(data: bytes, *, force: bool) -> tuple[Dataset, bool]:
     """``dcmread(stop_before_pixels=True)`` of ``data`` with the bounds :func:`read_dataset` puts
     on pydicom's reader (sequence items, top-level elements), and whether it stopped at the
-    pixel data (else it read to the end of ``data``, or gave up on it: an element of undefined
-    length that ``data`` ends inside made it return an empty data set, with a warning, at the
-    element's start). For the headers of files the scanner leaves to pydicom."""
+    pixel data (else it read to the end of ``data``, or gave up on it: for an element of
+    undefined length that ``data`` ends inside, it warns and returns an empty data set). For
+    the headers of files the scanner leaves to pydicom."""
     _check_pydicom_bounds(data)
     stream = BytesIO(data)
     at_pixels: list[bool] = []
