@@ -757,3 +757,63 @@ def test_a_value_too_short_for_its_vr_that_pydicom_converts_on_the_way_is_an_inv
         assert row["status"] == "written"
         written = Path(row["output_uri"]).read_bytes()
         assert b"\x28\x00\x03\x01US\x05\x007e400" in written
+
+
+def test_multi_valued_identifiers_are_mapped_up_to_a_bound_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each value of a multi-valued UID becomes a UID of ~44 characters however short it was:
+    20 MB of one-digit values (ten million) took 1.4 GB and made a 450 MB output. Past
+    ``paths.MAX_MAPPED_VALUES`` values in a file (1,000,000; 1,000 here) the file is
+    ``too_large``, refused before the values are split: in one element, over many items of a
+    sequence (the byte-level walk, which writes a repeated value or nested sequence from its
+    memos, counts them each time), and in a top-level element of implicit VR (no 16-bit length
+    to bound it)."""
+    from transforms import paths
+
+    monkeypatch.setattr(paths, "MAX_MAPPED_VALUES", 1000)
+
+    def item(count: int, first: int = 0) -> bytes:
+        uids = "\\".join(str(first + i) for i in range(count)).encode()
+        body = _element(0x0008, 0x1150, b"UI", CT_CLASS.encode()) + _element(0x0008, 0x1155, b"UI", uids)
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+    def run(data: bytes, name: str) -> dict:
+        (tmp_path / name).write_bytes(data)
+        cfg = RunConfig(plan=request.parse_anonymize({}), output_root=str(tmp_path / name[:-4]), run_id="t",
+                        key_id=KEY.key_id, key=KEY)
+        return process_file(str(tmp_path / name), len(data), cfg, KEY)[0]
+
+    def sequence(*items: bytes) -> bytes:
+        return _element(0x0008, 0x1140, b"SQ", b"".join(items))  # ReferencedImageSequence
+
+    def nested(count: int, undefined: bool) -> bytes:
+        """An item holding a ReferencedInstanceSequence of one item of ``count`` values."""
+        if undefined:
+            inner = (struct.pack("<HH2sHI", 0x0008, 0x114A, b"SQ", 0, 0xFFFFFFFF) + item(count)
+                     + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        else:
+            inner = _element(0x0008, 0x114A, b"SQ", item(count))
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+
+    row = run(_instance(extra=sequence(item(1000))), "at-bound.dcm")
+    assert row["status"] == "written"
+    written = dicomio.read_dataset(Path(row["output_uri"]).read_bytes())
+    assert list(written.ReferencedImageSequence[0].ReferencedSOPInstanceUID) == [
+        KEY.uid("anonymize.instance", str(i)) for i in range(1000)]
+    assert run(_instance(extra=sequence(*[nested(250, True)] * 4)), "nested-at-bound.dcm")["status"] == "written"
+    too_large = ("failed", "too_large", "apply: too many values of multi-valued UIDs, PatientIDs or PatientNames "
+                 "to map in one file (at most 1,000)")
+    for name, data in (("one.dcm", _instance(extra=sequence(item(1001)))),
+                       ("repeated.dcm", _instance(extra=sequence(*[item(300)] * 4))),
+                       ("several.dcm", _instance(extra=sequence(item(600), item(600, 600)))),
+                       # identical nested sequences, walked once and written again (both memos)
+                       ("nested.dcm", _instance(extra=sequence(*[nested(300, False)] * 4))),
+                       ("nested-undefined.dcm", _instance(extra=sequence(*[nested(300, True)] * 4)))):
+        row = run(data, name)
+        assert (row["status"], row["reason"], row["detail"]) == too_large, name
+        assert not (tmp_path / name[:-4]).exists() or output_files(tmp_path / name[:-4]) == {}
+    elements = ((0x00080016, CT_CLASS), (0x00080018, "1.2.3.4.5.6"), (0x0020000D, "1.2.3.4"),
+                (0x0020000E, "1.2.3.4.5"), (0x00200052, "\\".join(["1"] * 1001)))  # FrameOfReferenceUID
+    implicit = dicomio.encode_file_meta(CT_CLASS, "1.2.3.4.5.6", "1.2.840.10008.1.2") + b"".join(
+        struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value) + 1) + value.encode() + b"\0"
+        for tag, value in elements)  # odd lengths, padded
+    assert run(implicit, "implicit.dcm")["reason"] == "too_large"

@@ -309,6 +309,7 @@ class _Run:
         self.byte_memo: dict[tuple, bytes] = {}  # mapped identifiers of this dataset
         self.sequences_memo: dict[tuple, tuple] = {}  # nested sequences of this dataset
         self.items_left = paths.MAX_WALKED_ITEMS  # items the object walk may still build
+        self.values_left = paths.MAX_MAPPED_VALUES  # values of multi-valued identifiers still to map
         self.delimiter = _SEQUENCE_DELIMITER[self.little]
         self.forced: dict[tuple[str, str], str] = {}
         self.result = self._run()
@@ -327,8 +328,20 @@ class _Run:
         return any(glo <= group <= ghi and elo <= element <= ehi
                    for glo, ghi, elo, ehi in self.ranges)
 
+    def _spend_values(self, count: int) -> None:
+        """Count ``count`` more values of multi-valued identifiers mapped in this data set.
+
+        Raises:
+            InputError: ``too_large``, past :data:`transforms.paths.MAX_MAPPED_VALUES`.
+        """
+        self.values_left -= count
+        if self.values_left < 0:
+            raise InputError(f"too many values of multi-valued UIDs, PatientIDs or PatientNames to map in one "
+                             f"file (at most {paths.MAX_MAPPED_VALUES:,})", reason="too_large")
+
     def _mapped_element(self, tag: int, elem: Any, ds: Dataset, kind: str) -> Any | None:
         """``elem`` with every value mapped in ``kind``'s namespace (None: leave as is)."""
+        spent = 0
         if type(elem) is RawDataElement:
             data = elem.value
             if not data:
@@ -342,9 +355,14 @@ class _Run:
                 if int(tag) == PATIENT_ID:
                     return self._ascii_element(tag, "LO", self.key.patient_id(text), elem)
                 return self._ascii_element(tag, "PN", self.key.patient_name(text), elem)
+            if type(data) is bytes:  # before the values are split into as many strings
+                spent = data.count(b"\\") + 1
+                self._spend_values(spent)
         values = _text_of(elem, ds)
         if values is None:
             return None
+        if len(values) > max(spent, 1):
+            self._spend_values(len(values) - spent)
         if kind == PATIENT:
             if tag == PATIENT_ID:
                 return self._ascii_element(tag, "LO", "\\".join(
@@ -708,9 +726,11 @@ class _Run:
                 or not (elem.VR == "SQ" or (elem.VR is None and implicit)):
             return _FALLBACK
         data = elem.value
+        values_left = self.values_left
         try:
             body = self._byte_items(data, 0, len(data), (tag,), 1)[0]
         except (_Unusual, InputError, struct.error):
+            self.values_left = values_left  # the object walk counts them again
             return _FALLBACK
         if body is None:
             return None
@@ -850,8 +870,11 @@ class _Run:
                         memo_key = (tag, ptags, depth, data[pos:value_end])
                         found = sequences_memo.get(memo_key)
                         if found is None:
-                            found = sequences_memo[memo_key] = self._byte_items(
-                                data, pos, value_end, ptags + (tag,), depth + 1)[:1]
+                            values_left = self.values_left
+                            body = self._byte_items(data, pos, value_end, ptags + (tag,), depth + 1)[0]
+                            found = sequences_memo[memo_key] = (body, values_left - self.values_left)
+                        elif found[1]:
+                            self._spend_values(found[1])  # its mapped values written again
                         body = found[0]
                         pos = value_end
                         if body is None:
@@ -941,18 +964,21 @@ class _Run:
         memo_key = None
         if first >= 0:
             memo_key = (tag, ptags, depth, data[pos:first])
-            for value, body in self.sequences_memo.get(memo_key, ()):
+            for value, body, spent in self.sequences_memo.get(memo_key, ()):
                 stop = pos + len(value)
                 if stop + 8 <= end and data.startswith(value, pos) \
                         and data.startswith(delimiter, stop):
+                    if spent:
+                        self._spend_values(spent)  # its mapped values written again
                     return body, stop
+        values_left = self.values_left
         body, stop, closed = self._byte_items(data, pos, end, ptags + (tag,), depth + 1)
         if not closed:
             raise _Unusual  # no sequence delimiter
         if memo_key is not None:
             candidates = self.sequences_memo.setdefault(memo_key, [])
             if len(candidates) < 16:
-                candidates.append((data[pos:stop], body))
+                candidates.append((data[pos:stop], body, values_left - self.values_left))
         return body, stop
 
     def _sequence_bytes(self, tag: int, body: bytes) -> bytes:
@@ -991,6 +1017,8 @@ class _Run:
                 raise _Unusual  # decoded with the item's character set by the object walk
             memo_key = (action, tag, vr, value)
             encoded = self.byte_memo.get(memo_key)
+            if encoded is not None and b"\\" in value:
+                self._spend_values(value.count(b"\\") + 1)  # written again: counted again
             if encoded is None:
                 if b"\\" in value:
                     new = self._mapped_element(

@@ -150,6 +150,11 @@ def shallow_copy(ds: Dataset) -> Dataset:
 #: and has no such limit.
 MAX_WALKED_ITEMS = 200_000
 BYTES_PER_ITEM = 64
+#: Values of multi-valued UIDs (and PatientIDs, PatientNames) one file may have mapped or
+#: compared: each value becomes a string object, and a mapped one a UID of ~44 characters
+#: however short it was, so 20 MB of one-digit values (ten million) took 1.4 GB and made a
+#: 450 MB output. Real files have a handful (most identifiers have one value).
+MAX_MAPPED_VALUES = 1_000_000
 
 _ITEM_TAG_BYTES = {True: b"\xfe\xff\x00\xe0", False: b"\xff\xfe\xe0\x00"}  # by little endian
 
