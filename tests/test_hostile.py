@@ -765,8 +765,8 @@ def test_multi_valued_identifiers_are_mapped_up_to_a_bound_per_file(tmp_path: Pa
     ``paths.MAX_MAPPED_VALUES`` values in a file (1,000,000; 1,000 here) the file is
     ``too_large``, refused before the values are split: in one element, over many items of a
     sequence (the byte-level walk, which writes a repeated value or nested sequence from its
-    memos, counts them each time), and in a top-level element of implicit VR (no 16-bit length
-    to bound it)."""
+    memos, counts them each time), and in a top-level UID or PatientName of implicit VR (no
+    16-bit length to bound it)."""
     from transforms import paths
 
     monkeypatch.setattr(paths, "MAX_MAPPED_VALUES", 1000)
@@ -811,9 +811,13 @@ def test_multi_valued_identifiers_are_mapped_up_to_a_bound_per_file(tmp_path: Pa
         row = run(data, name)
         assert (row["status"], row["reason"], row["detail"]) == too_large, name
         assert not (tmp_path / name[:-4]).exists() or output_files(tmp_path / name[:-4]) == {}
-    elements = ((0x00080016, CT_CLASS), (0x00080018, "1.2.3.4.5.6"), (0x0020000D, "1.2.3.4"),
-                (0x0020000E, "1.2.3.4.5"), (0x00200052, "\\".join(["1"] * 1001)))  # FrameOfReferenceUID
-    implicit = dicomio.encode_file_meta(CT_CLASS, "1.2.3.4.5.6", "1.2.840.10008.1.2") + b"".join(
-        struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value) + 1) + value.encode() + b"\0"
-        for tag, value in elements)  # odd lengths, padded
-    assert run(implicit, "implicit.dcm")["reason"] == "too_large"
+    def implicit(tag: int, value: str) -> bytes:
+        elements = sorted(((0x00080016, CT_CLASS), (0x00080018, "1.2.3.4.5.6"), (0x0020000D, "1.2.3.4"),
+                           (0x0020000E, "1.2.3.4.5"), (tag, value)))
+        return dicomio.encode_file_meta(CT_CLASS, "1.2.3.4.5.6", "1.2.840.10008.1.2") + b"".join(
+            struct.pack("<HHI", t >> 16, t & 0xFFFF, len(v) + 1) + v.encode() + b"\0"
+            for t, v in elements)  # odd lengths, padded
+
+    for tag, value in ((0x00200052, "1"), (0x00100010, "A")):  # FrameOfReferenceUID, PatientName
+        assert run(implicit(tag, "\\".join([value] * 1001)), "implicit.dcm")["reason"] == "too_large"
+        assert run(implicit(tag, "\\".join([value] * 999)), f"implicit-{tag}.dcm")["status"] == "written"

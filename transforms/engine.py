@@ -339,9 +339,20 @@ class _Run:
             raise InputError(f"too many values of multi-valued UIDs, PatientIDs or PatientNames to map in one "
                              f"file (at most {paths.MAX_MAPPED_VALUES:,})", reason="too_large")
 
+    def _values_of(self, elem: Any, ds: Dataset | None) -> list[str] | None:
+        """:func:`_text_of` for values to map, counted (:meth:`_spend_values`) before a raw
+        value is split when it holds several."""
+        spent = 0
+        if type(elem) is RawDataElement and type(elem.value) is bytes and b"\\" in elem.value:
+            spent = elem.value.count(b"\\") + 1
+            self._spend_values(spent)
+        values = _text_of(elem, ds)
+        if values is not None and len(values) > max(spent, 1):
+            self._spend_values(len(values) - spent)  # decoded by pydicom into more values
+        return values
+
     def _mapped_element(self, tag: int, elem: Any, ds: Dataset, kind: str) -> Any | None:
         """``elem`` with every value mapped in ``kind``'s namespace (None: leave as is)."""
-        spent = 0
         if type(elem) is RawDataElement:
             data = elem.value
             if not data:
@@ -355,14 +366,9 @@ class _Run:
                 if int(tag) == PATIENT_ID:
                     return self._ascii_element(tag, "LO", self.key.patient_id(text), elem)
                 return self._ascii_element(tag, "PN", self.key.patient_name(text), elem)
-            if type(data) is bytes:  # before the values are split into as many strings
-                spent = data.count(b"\\") + 1
-                self._spend_values(spent)
-        values = _text_of(elem, ds)
+        values = self._values_of(elem, ds)
         if values is None:
             return None
-        if len(values) > max(spent, 1):
-            self._spend_values(len(values) - spent)
         if kind == PATIENT:
             if tag == PATIENT_ID:
                 return self._ascii_element(tag, "LO", "\\".join(
@@ -457,7 +463,7 @@ class _Run:
                     sequences.append(value.tag)  # a replaced sequence gets the nested pass too
         if anonymize and PATIENT_NAME in plan.uids:
             key, elem = captured.get(_PSEUDONYM) or (BaseTag(PATIENT_NAME), None)
-            names = _text_of(elem, self.source) if elem is not None else None
+            names = self._values_of(elem, self.source) if elem is not None else None
             pseudonym = "\\".join(self.key.patient_name(n) for n in names) if names else ""
             d[key] = self._ascii_element(PATIENT_NAME, "PN", pseudonym, elem)
 
