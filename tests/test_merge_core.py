@@ -328,3 +328,24 @@ def test_merge_is_deterministic_and_keyed(tmp_path: Path) -> None:
     seed = documented_uid(SECRET, "merge-operation", operation_digest(["merge", target, *moved]))
     assert plan.series_map[CT_SERIES] == documented_uid(SECRET, "merge-series", f"{seed}|{CT_SERIES}")
     assert plan.series_map[CT_SERIES] == "2.25.34613562177338514172135443155282628531"
+
+
+def test_the_read_only_reference_scan_keeps_no_list_of_every_token():
+    """Which elements mention a moved UID is found by scanning raw values for UID-shaped
+    tokens, into a set. ``findall`` built the list of every token first: 18 MB of "11\\" (six
+    million tokens) took 320 MB where the set keeps three; now the scan streams."""
+    import tracemalloc
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import BaseTag
+
+    value = b"11\\" * 600_000  # 1.8 MB
+    elem = RawDataElement(BaseTag(0x00081155), "UI", len(value), value, 0, True, True)
+    tracemalloc.start()
+    try:
+        tokens = set(sm._tokens(elem))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tokens == {"11", "1", ""}
+    assert peak < 1 << 20, peak  # the list alone: 600,000 bytes objects, ~25 MB
