@@ -349,3 +349,35 @@ def test_the_read_only_reference_scan_keeps_no_list_of_every_token():
         tracemalloc.stop()
     assert tokens == {"11", "1", ""}
     assert peak < 1 << 20, peak  # the list alone: 600,000 bytes objects, ~25 MB
+
+
+def test_multi_valued_references_are_compared_up_to_a_bound_per_file(tmp_path: Path, monkeypatch) -> None:
+    """A moved instance whose references hold many values (each split into a string, compared
+    and maybe mapped to a ~44-character UID): past ``paths.MAX_MAPPED_VALUES`` (1,000,000;
+    1,000 here) the instance is ``too_large``, counted before the values are split, as in
+    de-identification."""
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+
+    from transforms import paths
+    from transforms.errors import InputError
+
+    monkeypatch.setattr(paths, "MAX_MAPPED_VALUES", 1000)
+    target, moved = Path(get_testdata_file("CT_small.dcm")), tmp_path / "mr.dcm"
+    target_uid = str(pydicom.dcmread(target, stop_before_pixels=True).StudyInstanceUID)
+
+    def merged(count: int) -> pydicom.Dataset:
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, [ds.SOPInstanceUID] * count
+        ds.ReferencedImageSequence = [ref]
+        ds.save_as(moved, enforce_file_format=True)
+        index = index_of([target, moved], target_uid)
+        plan = sm.plan_merge(index, sm.parse_merge(target_uid, {"Resources": [index[1].instance]}), KEY)
+        return applied(plan, moved), plan.sop_map[str(ds.SOPInstanceUID)]
+
+    out, new_sop = merged(999)
+    assert list(out.ReferencedImageSequence[0].ReferencedSOPInstanceUID) == [new_sop] * 999
+    with pytest.raises(InputError, match=r"too many values of multi-valued UIDs to compare in one file \(at most 1,000\)") as raised:
+        merged(1001)
+    assert raised.value.reason == "too_large"

@@ -53,7 +53,7 @@ from pydicom.valuerep import validate_value
 
 from transforms import paths
 from transforms.dicomio import CHARSET_VRS, peek, raw_vr, shallow_copy
-from transforms.errors import RequestError, json_type
+from transforms.errors import InputError, RequestError, json_type
 from transforms.identity import Key
 from transforms.orthanc_ids import is_orthanc_id, orthanc_ids
 from transforms.tags import describe_tag as _label
@@ -688,6 +688,26 @@ class _Remapper:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.items_left = paths.MAX_WALKED_ITEMS  # items decoding may still build (paths.py)
+        self.values_left = paths.MAX_MAPPED_VALUES  # values of multi-valued UIDs to compare
+
+    def _values(self, elem: Any) -> list[str]:
+        """:func:`_uids`, counted against :data:`transforms.paths.MAX_MAPPED_VALUES` before a
+        raw value is split (``rewrite`` splits again what ``flags`` counted).
+
+        Raises:
+            InputError: ``too_large``.
+        """
+        raw = elem.value if isinstance(elem, RawDataElement) else None
+        count = raw.count(b"\\") + 1 if isinstance(raw, bytes) and b"\\" in raw else 0
+        self.values_left -= count
+        if self.values_left >= 0:
+            values = _uids(elem)
+            if not count and len(values) > 1:
+                self.values_left -= len(values)
+            if self.values_left >= 0:
+                return values
+        raise InputError(f"too many values of multi-valued UIDs to compare in one file (at most "
+                         f"{paths.MAX_MAPPED_VALUES:,})", reason="too_large")
 
     def _items(self, item: Dataset, tag: int, elem: Any) -> Sequence[Dataset]:
         if isinstance(elem, RawDataElement):
@@ -708,7 +728,7 @@ class _Remapper:
         for tag, elem in list(item._dict.items()):
             vr = _vr_of(tag, elem)
             if vr == "UI":
-                for uid in _uids(elem):
+                for uid in self._values(elem):
                     moved |= uid in self.plan.sop_map
                     staying |= uid in self.plan.staying
             elif vr == "SQ":
