@@ -777,15 +777,21 @@ class _Remapper:
 # the low byte of the next element's group (0x0030-0x0039), and in big endian preceded by one
 # that is the low byte of its own 2-byte length (48-57), hence the trimmed lookups below.
 _UID_TOKEN = re.compile(rb"[0-9][0-9.]{1,65}")
+_LISTED_TOKENS_UP_TO = 1 << 20  # bytes of a value whose tokens are listed at once (<= ~15 MB)
 
 
 def _tokens(elem: Any) -> Iterator[str]:
     """UID candidates in an element, read-only: raw bytes are scanned, never converted."""
     if isinstance(elem, RawDataElement):
-        # finditer, not findall: a crafted value of short numbers (18 MB of "11\\") made a list
-        # of six million tokens, 320 MB, where the caller's set keeps three.
-        for match in _UID_TOKEN.finditer(elem.value or b""):
-            text = match.group().decode("ascii")
+        value = elem.value or b""
+        # A large value is scanned as a stream: findall's list of every token for a crafted
+        # value of short numbers (18 MB of "11\\") took 320 MB where the caller's set keeps
+        # three. Others as a list: finditer's match objects cost 17% more instructions (the
+        # scan of the samples' references: 44.1 million instructions, now 46.4).
+        found = (_UID_TOKEN.findall(value) if len(value) <= _LISTED_TOKENS_UP_TO
+                 else (match.group() for match in _UID_TOKEN.finditer(value)))
+        for token in found:
+            text = token.decode("ascii")
             yield text
             yield text[:-1]
             yield text[1:]
