@@ -333,7 +333,7 @@ def test_merge_is_deterministic_and_keyed(tmp_path: Path) -> None:
 def test_the_read_only_reference_scan_keeps_no_list_of_every_token():
     """Which elements mention a moved UID is found by scanning raw values for UID-shaped
     tokens, into a set. ``findall`` built the list of every token first: 18 MB of "11\\" (six
-    million tokens) took 320 MB where the set keeps three; now the scan streams."""
+    million tokens) took 320 MB where the set keeps three; now a value over 1 MB is streamed."""
     import tracemalloc
 
     from pydicom.dataelem import RawDataElement
