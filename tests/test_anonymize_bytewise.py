@@ -177,6 +177,28 @@ def test_repeated_nested_sequences_are_rewritten_alike(monkeypatch):
         assert item.FrameContentSequence[0].DimensionIndexValues == index
 
 
+@pytest.mark.parametrize("undefined_first", [False, True], ids=["defined-first", "undefined-first"])
+def test_one_nested_sequence_in_both_length_encodings(monkeypatch, undefined_first):
+    """The same nested sequence in two items, once with a defined length and once with an
+    undefined one (legal, if unusual): its bytes up to the delimiter are the other's whole
+    value, and the two memos of nested sequences shared one dictionary under the same key. The
+    second walk took the first's entry for its own (ValueError or TypeError: an internal
+    error). Found reading the code; each encoding now has its memo."""
+    reference = _item(_el(0x00081150, b"UI", MR_STORAGE.encode()) + _el(0x00081155, b"UI", b"1.2.3.4.5.6.7"))
+    both = [_sq(0x0008114A, reference), _sq(0x0008114A, reference, defined=False)]
+    if undefined_first:
+        both.reverse()
+    source = _dataset((0x00081115, _sq(0x00081115, b"".join(_item(sequence) for sequence in both))))
+
+    output, seen = _byte_results(monkeypatch, DEFAULT, source)
+
+    assert len(seen) == 1 and seen[0] is not engine._FALLBACK
+    assert output == _object_walk(monkeypatch, DEFAULT, source)
+    series = dicomio.read_dataset(output).ReferencedSeriesSequence
+    assert [item.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID for item in series] == [
+        _uid("instance", "1.2.3.4.5.6.7")] * 2
+
+
 @pytest.mark.parametrize("case", ["group length", "unsorted", "reserved bytes",
                                   "delimiter length", "explicit UN", "non-ASCII name"])
 def test_layouts_left_to_the_object_walk(monkeypatch, case):

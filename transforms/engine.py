@@ -308,6 +308,7 @@ class _Run:
         self.headers = _HEADER_PACKERS[self.little]
         self.byte_memo: dict[tuple, bytes] = {}  # mapped identifiers of this dataset
         self.sequences_memo: dict[tuple, tuple] = {}  # nested sequences of this dataset
+        self.undefined_memo: dict[tuple, list] = {}  # and those of undefined length
         self.items_left = paths.MAX_WALKED_ITEMS  # items the object walk may still build
         self.values_left = paths.MAX_MAPPED_VALUES  # values of multi-valued identifiers still to map
         self.delimiter = _SEQUENCE_DELIMITER[self.little]
@@ -970,7 +971,7 @@ class _Run:
         memo_key = None
         if first >= 0:
             memo_key = (tag, ptags, depth, data[pos:first])
-            for value, body, spent in self.sequences_memo.get(memo_key, ()):
+            for value, body, spent in self.undefined_memo.get(memo_key, ()):
                 stop = pos + len(value)
                 if stop + 8 <= end and data.startswith(value, pos) \
                         and data.startswith(delimiter, stop):
@@ -982,7 +983,7 @@ class _Run:
         if not closed:
             raise _Unusual  # no sequence delimiter
         if memo_key is not None:
-            candidates = self.sequences_memo.setdefault(memo_key, [])
+            candidates = self.undefined_memo.setdefault(memo_key, [])
             if len(candidates) < 16:
                 candidates.append((data[pos:stop], body, values_left - self.values_left))
         return body, stop
