@@ -366,7 +366,7 @@ def test_multi_valued_references_are_compared_up_to_a_bound_per_file(tmp_path: P
     target, moved = Path(get_testdata_file("CT_small.dcm")), tmp_path / "mr.dcm"
     target_uid = str(pydicom.dcmread(target, stop_before_pixels=True).StudyInstanceUID)
 
-    def merged(count: int) -> pydicom.Dataset:
+    def merged(count: int) -> tuple[pydicom.Dataset, str]:
         ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
         ref = Dataset()
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, [ds.SOPInstanceUID] * count
@@ -378,6 +378,7 @@ def test_multi_valued_references_are_compared_up_to_a_bound_per_file(tmp_path: P
 
     out, new_sop = merged(999)
     assert list(out.ReferencedImageSequence[0].ReferencedSOPInstanceUID) == [new_sop] * 999
-    with pytest.raises(InputError, match=r"too many values of multi-valued UIDs to compare in one file \(at most 1,000\)") as raised:
+    message = r"too many values of multi-valued UIDs to compare in one file \(at most 1,000\)"
+    with pytest.raises(InputError, match=message) as raised:
         merged(1001)
     assert raised.value.reason == "too_large"
