@@ -1444,9 +1444,10 @@ def _header(tag: int, vr: str | None, length: int, implicit: bool, little: bool)
     group, element = tag >> 16, tag & 0xFFFF
     if implicit:
         return struct.pack(order + "HHL", group, element, length)
-    if vr in _LONG_VRS or (length > 0xFFFF and length != _UNDEFINED):
-        vr_bytes = vr.encode("ascii") if vr in _LONG_VRS else b"UN"  # type: ignore[union-attr]
-        return struct.pack(order + "HH2sHL", group, element, vr_bytes, 0, length)
+    if vr in _LONG_VRS:
+        return struct.pack(order + "HH2sHL", group, element, vr.encode("ascii"), 0, length)  # type: ignore[union-attr]
+    if length > 0xFFFF:
+        return struct.pack(order + "HH2sHL", group, element, b"UN", 0, length)
     return struct.pack(order + "HH2sH", group, element, vr.encode("ascii"), length)  # type: ignore[union-attr]
 
 

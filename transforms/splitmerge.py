@@ -698,16 +698,18 @@ class _Remapper:
             InputError: ``too_large``.
         """
         raw = elem.value if isinstance(elem, RawDataElement) else None
-        count = raw.count(b"\\") + 1 if isinstance(raw, bytes) and b"\\" in raw else 0
+        counted = raw.count(b"\\") + 1 if isinstance(raw, bytes) and b"\\" in raw else 0
+        self._spend(counted)
+        values = _uids(elem)
+        if not counted and len(values) > 1:  # decoded already
+            self._spend(len(values))
+        return values
+
+    def _spend(self, count: int) -> None:
         self.values_left -= count
-        if self.values_left >= 0:
-            values = _uids(elem)
-            if not count and len(values) > 1:
-                self.values_left -= len(values)
-            if self.values_left >= 0:
-                return values
-        raise InputError(f"too many values of multi-valued UIDs to compare in one file (at most "
-                         f"{paths.MAX_MAPPED_VALUES:,})", reason="too_large")
+        if self.values_left < 0:
+            raise InputError(f"too many values of multi-valued UIDs to compare in one file (at most "
+                             f"{paths.MAX_MAPPED_VALUES:,})", reason="too_large")
 
     def _items(self, item: Dataset, tag: int, elem: Any) -> Sequence[Dataset]:
         if isinstance(elem, RawDataElement):
