@@ -149,6 +149,24 @@ def test_merge_follows_references_and_copies_tags(tmp_path: Path) -> None:
     assert LONG_COMMENT not in plan.describe()
 
 
+def test_merge_copies_target_values_up_to_a_nul_as_orthanc(tmp_path: Path) -> None:
+    """Orthanc 1.10.1 reads the target's values as C strings: "desc\\0tail" merges as "desc"
+    (checked against it); a NUL also lets a value longer than 256 bytes through, cut short."""
+    refs = write_reference_studies(tmp_path)
+    target = pydicom.dcmread(refs["B/ct1.dcm"])
+    target.StudyDescription = "desc\0tail"
+    target.AccessionNumber = "A\0B"
+    target.PatientComments = "short\0" + "x" * 300
+    target.save_as(refs["B/ct1.dcm"])
+    index = index_of(list(refs.values()), STUDY_B)
+    assert first_instance(index, STUDY_B) == refs["B/ct1.dcm"]
+    plan = sm.plan_merge(index, sm.parse_merge(STUDY_B, {"Resources": [STUDY_A]}), KEY)
+    tags = dict(plan.set_tags)
+    assert (tags[0x00081030], tags[0x00080050], tags[0x00104000]) == ("desc", "A", "short")
+    merged = applied(plan, refs["A/ct1.dcm"])
+    assert (merged.StudyDescription, merged.AccessionNumber, merged.PatientComments) == ("desc", "A", "short")
+
+
 def test_merge_one_series_keeps_study_references_elsewhere(tmp_path: Path) -> None:
     """Only the MR series joins study B: the SR that stays is not an output; the MR images'
     own hierarchy changes, and study A is partial (its CT, RTSTRUCT and SR stay)."""

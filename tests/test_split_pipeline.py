@@ -480,6 +480,66 @@ def test_which_duplicate_moves_is_the_plans_choice_not_the_workers_order(tmp_pat
     assert "ImageComments" not in written or written.ImageComments != "same instance, other content"
 
 
+def _plan_for(folder: Path, datasets: list, keep_source: bool = False) -> tuple[sm.Plan, "Key"]:
+    from transforms.identity import Key
+
+    key = Key.from_bytes(KEY_BYTES)
+    index = [sm.index_entry(str(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.glob("*.dcm"))]
+    body = {"Series": [str(datasets[0].SeriesInstanceUID)], "KeepSource": keep_source}
+    return sm.plan_split(index, sm.parse_split(str(datasets[0].StudyInstanceUID), body), key), key
+
+
+@pytest.mark.parametrize("cut_first", [True, False])
+def test_a_copy_cut_short_does_not_take_the_good_copy_down(tmp_path: Path, cut_first: bool):
+    """The plan reads headers only, so a copy of an instance cut inside its pixel data can be
+    the duplicates' defining input (the first by URI). It fails as truncated; the good copy
+    used to fail as its duplicate, and the instance was in neither OUTPUT nor any moved row."""
+    folder = tmp_path / "in"
+    datasets = make_study(seed=17, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    good = next(folder.glob("000_*.dcm"))
+    cut = folder / "0.dcm"  # sorts before 000_CT.dcm: the defining input
+    cut.write_bytes(good.read_bytes()[:-4])
+    plan, key = _plan_for(folder, datasets)
+    assert plan.duplicate_of == {str(good): str(cut)}
+    cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
+    rows = {}
+    for path in ([cut, good] if cut_first else [good, cut]):
+        rows[path.name] = smf.process_instance(str(path), path.stat().st_size, plan, cfg)[0]
+    assert (rows[cut.name]["status"], rows[cut.name]["reason"]) == ("failed", "truncated")
+    assert (rows[good.name]["status"], rows[good.name]["reason"]) == ("moved", None)
+    written = pydicom.dcmread(rows[good.name]["output_uri"])
+    assert written.SOPInstanceUID == plan.moves[str(cut)][1] and written.PixelData == datasets[0].PixelData
+    assert [p.name for p in (tmp_path / "out").rglob("*.dcm")] == [Path(rows[good.name]["output_uri"]).name]
+
+
+def test_keep_source_that_cannot_keep_the_original_writes_nothing(tmp_path: Path):
+    """KeepSource writes the original under its own UIDs. Where another file with other content
+    already lies there (two inputs sharing Study/Series/SOP UIDs under two PatientIDs, as in the
+    shared samples, one of them copied by --copy-unselected), the row fails and nothing of the
+    input is written; the re-parented file used to be written, its row failed, output_uri null."""
+    folder = tmp_path / "in"
+    datasets = make_study(seed=18, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    source = next(folder.glob("000_*.dcm"))
+    plan, key = _plan_for(folder, datasets, keep_source=True)
+    out = tmp_path / "out"
+    cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(out), run_id="run-1", key_id=key.key_id)
+    ds = datasets[0]
+    original = out / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    original.parent.mkdir(parents=True)
+    original.write_bytes(b"another file under the same UIDs")
+    row, crosswalk = smf.process_instance(str(source), source.stat().st_size, plan, cfg)
+    assert (row["status"], row["reason"], row["output_uri"], crosswalk) == ("failed", "duplicate_instance", None, None)
+    assert row["detail"].startswith("KeepSource: another file with different content already lies under this")
+    assert row["sop_instance_uid"] is None  # the original's UIDs are never in the audit
+    assert [p for p in out.rglob("*") if p.is_file()] == [original]
+    original.unlink()
+    row, _ = smf.process_instance(str(source), source.stat().st_size, plan, cfg)
+    assert (row["status"], row["detail"]) == ("moved", "KeepSource: the original was also written unchanged under its own UIDs")
+    assert original.read_bytes() == source.read_bytes() and Path(row["output_uri"]).is_file()
+
+
 def test_the_study_index_never_sits_under_output_when_avoidable(tmp_path: Path):
     """The index and the plan hold original identifiers: a run killed with kill -9 used to leave
     them in OUTPUT/.dicom-deid-tmp/ (the folder that gets shared), also on gs://."""

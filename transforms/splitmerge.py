@@ -160,6 +160,16 @@ def _cast_split_value(tag: int, value: Any) -> str:
         )
     if not isinstance(value, str):
         raise RequestError(f"split: Replace: the value of tag {_label(tag)} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800" (Orthanc answers 400)
+        raise RequestError(f"split: Replace: the value of tag {_label(tag)} holds an unpaired surrogate "
+                           "(\\ud800-\\udfff), which is not valid Unicode") from None
+    # Orthanc cuts the value at its first NUL; trailing NULs are padding, one inside the value
+    # would silently drop what follows it: refused, as modify does.
+    value = value.rstrip("\0")
+    if "\0" in value:
+        raise RequestError(f"split: Replace: the value of tag {_label(tag)} holds a NUL character")
     for part in value.split("\\") if vr not in ("LT", "ST", "UT") else (value,):
         try:
             validate_value(vr, part, pydicom_config.RAISE)
@@ -305,8 +315,9 @@ def _plain_string(ds: Dataset, tag: int) -> str | None:
     raw = ds.get_item(tag)
     if raw is None:
         return None
-    if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length > MAX_COPIED_LENGTH:
-        return None
+    if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length > MAX_COPIED_LENGTH
+            and b"\0" not in (raw.value or b"")[: MAX_COPIED_LENGTH + 1]):
+        return None  # too long, without decoding it (a NUL would cut it short: see below)
     elem = ds[tag]
     if elem.VR == "SQ" or elem.VR in ("OB", "OW", "UN", "OD", "OF", "OL", "OV"):
         return None
@@ -317,6 +328,7 @@ def _plain_string(ds: Dataset, tag: int) -> str | None:
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value)
+    text = text.split("\0", 1)[0]  # Orthanc reads the value as a C string
     if len(text.encode("utf-8")) > MAX_COPIED_LENGTH:
         return None
     return text

@@ -192,6 +192,7 @@ def process_instance(
         "started_at": started,
     }
     new = None
+    kept = False  # whether KeepSource wrote the original
     stage = "read"
     try:
         unselected = plan.disposition(path) == sm.UNSELECTED
@@ -223,8 +224,10 @@ def process_instance(
             )
             return audit_row(**row, finished_at=utc_now()), None
         defining = plan.duplicate_of.get(path)
-        if defining is not None and not _same_bytes(defining, data, cfg.max_bytes):
-            # Decided by the plan, not by which worker publishes first: a rerun moves the same file.
+        if defining is not None and not _same_bytes(defining, data, cfg.max_bytes) and _moves(defining, plan, cfg):
+            # Decided by the plan, not by which worker publishes first: a rerun moves the same
+            # file. Only where the defining input moves itself: a copy of the instance cut short
+            # (the plan reads headers only) must not take the good copy down with it.
             stage = "write"
             new = sm.apply_plan(plan, ds, path)
             raise duplicate_instance_error()
@@ -232,6 +235,12 @@ def process_instance(
         new = sm.apply_plan(plan, ds, path)
         stage = "encode"
         out = dicomio.write_dataset(new)
+        if plan.keep_source:
+            # The original first: when it cannot be kept (another input with other content
+            # under the same UIDs), nothing of this input is written and its row says so.
+            stage = "keep source"
+            _publish_named(data, ds, cfg)
+            kept = True
         stage = "write"
         final, sha = _publish_named(out, new, cfg)
         new_ids = identifiers_of(new)
@@ -244,8 +253,6 @@ def process_instance(
             output_sha256=sha,
         )
         if plan.keep_source:
-            stage = "keep source"
-            _publish_named(data, ds, cfg)
             row["detail"] = "KeepSource: the original was also written unchanged under its own UIDs"
         crosswalk = None
         if cfg.crosswalk:
@@ -254,11 +261,14 @@ def process_instance(
         return audit_row(**row, finished_at=utc_now()), crosswalk
     except Exception as exc:  # noqa: BLE001 - dead letter: every failure becomes an audit row
         reason, detail = failure_reason(exc, stage, ("write", "keep source"))
-    if stage == "keep source" and row.get("output_uri"):
-        detail += f" (the re-parented instance was written to {row['output_uri']})"
+    if stage == "keep source" and reason == "duplicate_instance":
+        detail = ("KeepSource: another file with different content already lies under this instance's "
+                  "own UIDs, so the original could not be kept (and the re-parented instance was not written)")
+    elif kept:
+        detail = f"KeepSource: the original was written unchanged under its own UIDs; then {detail}"
     for column in OUTPUT_COLUMNS:
         row.pop(column, None)
-    if reason == "duplicate_instance" and new is not None:
+    if reason == "duplicate_instance" and new is not None and stage == "write":
         row.update(identity_columns(identifiers_of(new)))  # the identity it collided on (the plan's UIDs)
     else:
         for column in NEW_IDENTITY_COLUMNS:
@@ -266,6 +276,17 @@ def process_instance(
     status = SKIPPED if reason in SKIPPED_REASONS else FAILED  # a DICOMDIR
     row.update(status=status, reason=reason, detail=short_detail(detail))
     return audit_row(**row, finished_at=utc_now()), None
+
+
+def _moves(path: str, plan: sm.Plan, cfg: ApplyConfig) -> bool:
+    """Whether the input at ``path`` (a duplicate's defining input) reads, re-parents and
+    encodes: what its own pass 2 does before publishing."""
+    try:
+        ds = dicomio.read_dataset(read_bounded(path, cfg.max_bytes), max_inflated=cfg.max_bytes)
+        dicomio.write_dataset(sm.apply_plan(plan, ds, path))
+    except Exception:  # noqa: BLE001 - it fails in its own row; the duplicate takes its place
+        return False
+    return True
 
 
 def _same_bytes(path: str, data: bytes, max_bytes: int) -> bool:
