@@ -6,6 +6,7 @@ import copy
 import hashlib
 import hmac
 import logging
+import os
 import pickle
 import re
 import struct
@@ -247,6 +248,24 @@ def test_from_env(monkeypatch):
     assert Key.from_env() == Key.from_bytes(SECRET)
     assert Key.from_env().source == ENV_VAR
     assert Key.from_env({ENV_VAR: OTHER.decode()}) == Key.from_bytes(OTHER)
+
+
+def test_from_env_takes_the_raw_bytes_of_a_binary_value(tmp_path):
+    """``export DICOM_DEID_KEY="$(head -c 32 /dev/urandom)"``: Python holds the bytes that are
+    not UTF-8 as lone surrogates, which used to end the command with an internal error. The key
+    is the bytes the process was given, the same as --key-file on a file holding them."""
+    import subprocess
+    import sys
+
+    raw = bytes(range(0x80, 0xA0)) + b"plain text"
+    assert Key.from_env({ENV_VAR: os.fsdecode(raw)}) == Key.from_bytes(raw)
+    (tmp_path / "k.key").write_bytes(raw)
+    code = ("import os, sys; from transforms.identity import Key; "
+            "sys.stdout.write(Key.from_env().key_id + ' ' + Key.load(os.environ['KEY_FILE']).key_id)")
+    env = {**os.environb, ENV_VAR.encode(): raw, b"KEY_FILE": os.fsencode(tmp_path / "k.key")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)
+    from_env, from_file = done.stdout.decode().split()
+    assert from_env == from_file == Key.from_bytes(raw).key_id
 
 
 def test_from_env_refusals(monkeypatch):

@@ -254,11 +254,24 @@ CASES = [
         "pixel-data-data-uri", "TransferSyntaxes/1.2.840.10008.1.2.1.dcm",
         {"Replace": {"PixelData": _data_uri(_OW_BYTES)}},
         {"PixelData": _OW_BYTES}),
-    ModifyCase(  # ... swapped into a big endian file's byte order
+    ModifyCase(  # ... swapped into a big endian file's byte order; other OB-or-OW tags are OB
         "ow-data-uri-big-endian", "TransferSyntaxes/1.2.840.10008.1.2.2.dcm",
         {"Replace": {"PixelData": _data_uri(_OW_BYTES),
-                     "RedPaletteColorLookupTableData": _data_uri(_OW_BYTES)}},
-        {}),
+                     "RedPaletteColorLookupTableData": _data_uri(_OW_BYTES),
+                     "AirCounts": _data_uri(_OW_BYTES)}},
+        {"AirCounts": _OW_BYTES}),
+    ModifyCase(  # nested: groups no data set holds are dropped; a nested SOP UID may be null
+        "nested-non-data-set-groups-and-null-uid", "DicomSeg.dcm",
+        {"Replace": {"DimensionIndexSequence[1].0000,0900": "1", "DimensionIndexSequence[1].0001,0010": "x",
+                     "DimensionIndexSequence[1].0007,0010": "x", "DimensionIndexSequence[1].FFFF,0010": "x",
+                     "DimensionIndexSequence[1].SOPInstanceUID": None,
+                     "ReferencedStudySequence": [{"0000,0900": "1", "ReferencedSOPInstanceUID": "1.3"}]}},
+        {"DimensionIndexSequence[1].(0001,0010)": None, "DimensionIndexSequence[1].(ffff,0010)": None,
+         "DimensionIndexSequence[1].SOPInstanceUID": "", "ReferencedStudySequence[0].ReferencedSOPInstanceUID": "1.3"}),
+    ModifyCase(  # OB-or-OW tags other than PixelData and OverlayData are written OB, odd lengths padded
+        "ob-or-ow-written-ob", "TransferSyntaxes/1.2.840.10008.1.2.1.dcm",
+        {"Replace": {"WaveformData": "abc", "AirCounts": _data_uri(b"\x01\x02\x03")}},
+        {"WaveformData": b"abc\x00", "AirCounts": b"\x01\x02\x03\x00"}),
     ModifyCase(  # TC-24 test_modify_attribute for AT
         "numeric-and-at-values", "Knee/T1/IM-0001-0003.dcm",
         {"Replace": {"PatientWeight": "70.5", "SeriesNumber": "42", "Rows": "256",

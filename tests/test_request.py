@@ -76,6 +76,12 @@ def _refused(parse, body, message, **kwargs):
         ({"Priority": "high"}, "Priority: expected an integer, got string"),
         ({"Replace": {"MediaStorageSOPInstanceUID": "1.2"}},
          "Replace: 'MediaStorageSOPInstanceUID' (0002,0003) belongs to the file meta header"),
+        ({"Replace": {"DimensionIndexSequence[1].TransferSyntaxUID": "1.2.840.10008.1.2"}},
+         "Replace 'DimensionIndexSequence[1].TransferSyntaxUID': 'TransferSyntaxUID' (0002,0010) belongs to "
+         "the file meta header, which never stands inside a sequence item"),
+        ({"Replace": {"ReferencedStudySequence": [{"ReferencedSOPInstanceUID": "1.3"}, {"0002,0013": "X"}]}},
+         "Replace: tag 'ReferencedStudySequence' (0008,1110) (SQ): item 1 names 'ImplementationVersionName' "
+         "(0002,0013), an element of the file meta header, which never stands inside a sequence item"),
         ({"Dictionary": {"4321,1012": "LO"}}, "Dictionary: entry '4321,1012' must be"),
         ({"Replace": {"DimensionIndexSequence[0].Rows": "x"}},
          "Replace 'DimensionIndexSequence[0].Rows': tag 'Rows' (0028,0010) (US): 'x' is not"),
@@ -167,6 +173,23 @@ def test_unknown_keys_are_refused_with_the_allowed_list():
 )
 def test_anonymize_refusals(body, message):
     _refused(parse_anonymize, body, message)
+
+
+def test_nested_values_orthanc_drops_or_reads_freely():
+    """Orthanc 1.10.1 drops elements of groups no data set holds (0000, 0001-0007 odd, FFFF)
+    from nested paths and sequence items, as our writer drops them at top level; and only the
+    top-level SOP UIDs must be strings: a nested one may be null (checked against it)."""
+    plan = parse_modify({"Replace": {
+        "DimensionIndexSequence[1].0000,0900": "1", "DimensionIndexSequence[1].0001,0010": "x",
+        "DimensionIndexSequence[1].0007,0010": "x", "DimensionIndexSequence[1].FFFF,0010": "x",
+        "DimensionIndexSequence[1].SOPInstanceUID": None, "DimensionIndexSequence[0].SOPClassUID": None,
+        "ReferencedStudySequence": [{"0000,0900": "1", "0003,0010": "x", "ReferencedSOPInstanceUID": "1.3"}],
+    }})
+    assert [(str(path), value) for path, value in plan.replace_paths] == [
+        ("(0020,9222)[0].(0008,0016)", Value(0x00080016, "UI", None)),
+        ("(0020,9222)[1].(0008,0018)", Value(0x00080018, "UI", None)),
+    ]
+    assert plan.replacements == (Value(0x00081110, "SQ", ((Value(0x00081155, "UI", "1.3"),),)),)
 
 
 # ---------------------------------------------------------------- plans

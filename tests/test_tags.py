@@ -88,6 +88,10 @@ def test_vr_for_new_element_public_private_and_creators():
     assert vr_for_new_element(0x00091001) == "UN"
     assert vr_for_new_element(0x00091001, private_creator="GEMS_IDEN_01") == "LO"
     assert vr_for_new_element(0x60003000) == "OB or OW"  # repeating group
+    # pydicom's private dictionary spells this one's VR 'OB_OW': an empty Replace of it used to
+    # pass the body check and then fail every file (internal_error)
+    assert vr_for_new_element(0x70191080, private_creator="TOSHIBA_MEC_OT3") == "OB or OW"
+    assert vr_for_new_element(0x00291008, private_creator="SIEMENS CSA HEADER") == "CS"
 
 
 @pytest.mark.parametrize(

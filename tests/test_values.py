@@ -45,6 +45,11 @@ def _prepare(tag, value, **kwargs):
         (0x00340005, "abc", Value(0x00340005, "OB", b"abc\x00")),  # padded to even length
         (0x00340005, BOOK_BINARY, Value(0x00340005, "OB",
                                         b"I was here in 2019.  Marty McFly.\x00")),
+        # OB or OW: OW for PixelData and OverlayData, OB for the others (as DCMTK, so Orthanc)
+        (0x54001010, "abc", Value(0x54001010, "OB", b"abc\x00")),  # WaveformData
+        (0x00143070, "data:application/octet-stream;base64,AQID", Value(0x00143070, "OB", b"\x01\x02\x03\x00")),
+        (0x60023000, "data:application/octet-stream;base64,AQIDBA==", Value(0x60023000, "OW", b"\x01\x02\x03\x04")),
+        (0x00143070, "", Value(0x00143070, "OB", None)),
         (0x00081140, "", Value(0x00081140, "SQ", None)),  # empty sequence at top level
         (0x00660016, "101.1\\102.2", Value(0x00660016, "OF", (101.1, 102.2))),
         (0x00660041, "20\\30\\42", Value(0x00660041, "OL", (20, 30, 42))),
@@ -79,6 +84,11 @@ def test_sequences_nested_and_binary_items():
     assert encrypted.value[0] == (Value(0x04000510, "UI", "1.2.840.10008.1.2"),
                                   Value(0x04000520, "OB", b"I was here in 2019.  Marty McFly.\x00"))
     assert pickle.loads(pickle.dumps(value)) == value
+
+
+def test_private_tag_with_pydicoms_ob_ow_spelling():
+    assert _prepare(0x70191080, "", private_creator="TOSHIBA_MEC_OT3") == Value(0x70191080, "OB", None)
+    assert _prepare(0x70191080, "abc", private_creator="TOSHIBA_MEC_OT3") == Value(0x70191080, "OB", b"abc\x00")
 
 
 def test_private_tag_uses_dictionary_vr_with_its_creator():

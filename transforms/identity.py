@@ -138,7 +138,8 @@ class Key:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Key:
-        """Key from the ``DICOM_DEID_KEY`` environment variable (its UTF-8 bytes).
+        """Key from the ``DICOM_DEID_KEY`` environment variable (its bytes as the process got
+        them: the UTF-8 of a text value, the raw bytes of ``$(head -c 32 /dev/urandom)``).
 
         Raises:
             InvalidKey: the variable is unset, empty or shorter than 16 bytes.
@@ -149,7 +150,8 @@ class Key:
             raise InvalidKey(f"{ENV_VAR} is not set")
         if not value:
             raise InvalidKey(f"{ENV_VAR} is set but empty")
-        return cls(value.encode("utf-8"), source=ENV_VAR)
+        # os.environ holds undecodable bytes as lone surrogates (PEP 383): give them back.
+        return cls(value.encode("utf-8", "surrogateescape"), source=ENV_VAR)
 
     @classmethod
     def random(cls) -> Key:

@@ -38,6 +38,8 @@ from transforms.paths import TagPath, parse_path
 from transforms.tags import (
     DATABASE_KEYS,
     EMPTY_DICTIONARY,
+    FILE_META_GROUP,
+    NON_DATA_SET_GROUPS,
     PATIENT_ID,
     PATIENT_NAME,
     SERIES_INSTANCE_UID,
@@ -215,13 +217,18 @@ class _Builder:
         self.customised = True
         if path.touches_group_length():
             return  # Orthanc silently ignores group lengths
-        if path.is_top_level and path.tag >> 16 == 0x0002:
+        if path.tag >> 16 == FILE_META_GROUP:
+            if not path.is_top_level:
+                raise RequestError(f"Replace {name!r}: {describe_tag(path.tag)} belongs to the file meta "
+                                   "header, which never stands inside a sequence item")
             raise RequestError(
                 f"Replace: {describe_tag(path.tag)} belongs to the file meta header, which is "
                 "rebuilt from the data set on write (replace SOPInstanceUID/SOPClassUID instead)")
         if not path.is_top_level:
-            label = f"Replace {name!r}"
-            self._check_string(path.tag, json_value, label, _STRING_ONLY)
+            if path.tag >> 16 in NON_DATA_SET_GROUPS:
+                return  # never written, as at top level (Orthanc drops it too)
+            label = f"Replace {name!r}"  # (a nested SOP UID may be null: Orthanc reads only
+            # the top-level ones as strings)
             value = prepare_value(path.tag, json_value, key=label, dictionary=self.dictionary,
                                   private_creator=self.private_creator, top_level=False)
             self.replace_paths.append((path, value))

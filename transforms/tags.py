@@ -67,6 +67,14 @@ _VALID_VRS = frozenset(
 )
 
 
+#: Groups that never stand in a data set (PS3.5 7.1, 7.8.1): the command group, the reserved
+#: odd groups 0001-0007 and FFFF. The writer drops them at top level; a request's nested path
+#: or sequence item naming one is ignored, as Orthanc 1.10.1 drops it. (0002, the file meta
+#: header, is refused instead: see transforms.request.)
+NON_DATA_SET_GROUPS = frozenset({0x0000, 0x0001, 0x0003, 0x0005, 0x0007, 0xFFFF})
+FILE_META_GROUP = 0x0002
+
+
 def is_private(tag: int) -> bool:
     """True for tags of an odd group (private data elements and private creators)."""
     return bool((tag >> 16) & 1)
@@ -261,7 +269,8 @@ def vr_for_new_element(
             return "LO"
         if private_creator:
             try:
-                return private_dictionary_VR(tag, private_creator)
+                # pydicom spells one private entry's VR 'OB_OW' (TOSHIBA_MEC_OT3 7019,xx80)
+                return private_dictionary_VR(tag, private_creator).replace("_", " or ")
             except KeyError:
                 pass
         return "UN"

@@ -36,6 +36,8 @@ from pydicom.sequence import Sequence
 
 from transforms.errors import RequestError
 from transforms.tags import (
+    FILE_META_GROUP,
+    NON_DATA_SET_GROUPS,
     SPECIFIC_CHARACTER_SET,
     PrivateDictionary,
     describe_tag,
@@ -136,7 +138,7 @@ def _prepare(tag: int, vr: str, json_value: object, ctx: _Context, *, top_level:
     elif isinstance(json_value, str):
         text = json_value
         if text == "" and top_level:
-            return Value(tag, "SQ" if vr == "SQ" else _resolve_ambiguous(vr, ""), None)
+            return Value(tag, "SQ" if vr == "SQ" else _resolve_ambiguous(tag, vr, ""), None)
     else:
         kind = {bool: "a boolean", int: "a number", float: "a number", dict: "an object"}.get(
             type(json_value), type(json_value).__name__)
@@ -157,8 +159,11 @@ def _prepare_item(item: object, seq_tag: int, index: int, ctx: _Context) -> tupl
             raise RequestError(f"{ctx.key}: item {index} has a non-string tag name")
         tag = parse_tag(name, key=ctx.key, dictionary=ctx.dictionary,
                         private_creator=ctx.private_creator)
-        if tag & 0xFFFF == 0:
-            continue  # group lengths are never written from requests
+        if tag & 0xFFFF == 0 or tag >> 16 in NON_DATA_SET_GROUPS:
+            continue  # group lengths and groups no data set holds are never written from requests
+        if tag >> 16 == FILE_META_GROUP:
+            raise RequestError(f"{_label(seq_tag, 'SQ', ctx)}: item {index} names {describe_tag(tag, ctx.dictionary)}, an element "
+                               "of the file meta header, which never stands inside a sequence item")
         vr = vr_for_new_element(tag, dictionary=ctx.dictionary,
                                 private_creator=ctx.private_creator)
         value = _prepare(tag, vr, item[name], ctx, top_level=False)
@@ -175,13 +180,15 @@ def _single_valued(tag: int) -> bool:
         return False
 
 
-def _resolve_ambiguous(vr: str, text: str) -> str:
+def _resolve_ambiguous(tag: int, vr: str, text: str) -> str:
     if vr in ("US or SS", "US or SS or OW"):
         return "SS" if "-" in text else "US"
     if vr == "US or OW":
         return "US"
     if vr == "OB or OW":
-        return "OW"  # PixelData, OverlayData, CurveData...: DCMTK (and so Orthanc) writes OW
+        # DCMTK (and so Orthanc 1.10.1) makes new PixelData and OverlayData elements OW, any
+        # other (WaveformData, AirCounts, CurveData, ...) OB: checked against it.
+        return "OW" if tag == 0x7FE00010 or tag & 0xFF00FFFF == 0x60003000 else "OB"
     return vr
 
 
@@ -205,7 +212,7 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
         # we would store the URI's text as the pixels or the document: refuse instead.
         raise RequestError(f"{_label(tag, vr, ctx)}: only 'data:application/octet-stream;base64,...' "
                            "values are supported here (no image or PDF embedding)")
-    vr = _resolve_ambiguous(vr, text if payload is None else "")
+    vr = _resolve_ambiguous(tag, vr, text if payload is None else "")
 
     if vr == "SQ":
         raise RequestError(f"{_label(tag, vr, ctx)}: a sequence takes an array of objects "
