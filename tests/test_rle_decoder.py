@@ -132,6 +132,18 @@ def test_a_short_segment_is_refused_naming_it() -> None:
         _ours(short)
 
 
+def test_an_empty_segment_is_refused_without_a_panic(capfd: pytest.CaptureFixture[str]) -> None:
+    """A segment whose offset is the frame's end (or the next segment's): decode_segment(b"")
+    panics in pylibjpeg-rle (Rust prints a backtrace on stderr); it is short, and said so."""
+    source, frame, second = _mr_small()
+    empty = _with_frame(source, frame[:second])  # segment 2 starts where the frame ends
+    with pytest.raises(CannotTranscode, match="^cannot decode source transfer syntax 1.2.840.10008.1.2.5: "):
+        tc.transcode_result(empty, "1.2.840.10008.1.2.1")
+    with pytest.raises(RuntimeError, match="RLE segment 2 decodes to 0 bytes where the image has 4096 pixels"):
+        _ours(empty)
+    assert "panicked" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [

@@ -1010,6 +1010,64 @@ def test_bits_above_high_bit_are_not_dropped_silently():
     assert tc.transcode(ds, BIG_ENDIAN).file_meta.TransferSyntaxUID == BIG_ENDIAN  # native: every bit kept
 
 
+def _grey(bits_allocated: int, bits_stored: int, pixels: np.ndarray, high_bit: int | None = None) -> Dataset:
+    """A native unsigned MONOCHROME2 image (explicit VR little endian) holding ``pixels``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated, ds.BitsStored = bits_allocated, bits_stored
+    ds.HighBit = bits_stored - 1 if high_bit is None else high_bit
+    ds.PixelData = pixels.astype(f"<u{bits_allocated // 8}").tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("target", [RLE, JLS, J2K_LOSSLESS, JPEG_LOSSLESS[1]])
+def test_bits_above_bits_stored_in_8_bit_data_are_not_dropped_silently(target: str):
+    """The check used to look at 16- and 32-bit data only: 8 bits allocated, 7 stored, bit 7
+    set in half the pixels went to every compressed target with those bits gone."""
+    pixels = (np.arange(48 * 48).reshape(48, 48) % 128).astype(np.uint8)
+    assert np.array_equal(tc.decode_pixels(_reread(tc.transcode(_grey(8, 7, pixels), target)))[0][0, :, :, 0], pixels)
+    with pytest.raises(CannotTranscode, match=r"bits above HighBit 6 are set in the pixel data .*BitsStored \(7\)"):
+        tc.transcode(_grey(8, 7, pixels | 0x80), target)
+
+
+@pytest.mark.parametrize("target", [RLE, JLS, J2K_LOSSLESS])
+def test_a_high_bit_above_bits_stored_minus_one_is_not_dropped_silently(target: str):
+    """BitsStored 12 with HighBit 15 (values in the top 12 bits: old, non-conformant, real):
+    every codec keeps bits 0-11, so the check looks at bits 12 and up, not above HighBit."""
+    pixels = (np.arange(48 * 48).reshape(48, 48) % 1439 * 16).astype(np.uint16)
+    with pytest.raises(CannotTranscode, match=r"bits at or above bit 12 \(HighBit 15\) are set"):
+        tc.transcode(_grey(16, 12, pixels, high_bit=15), target)
+    out = tc.transcode(_grey(16, 12, pixels // 16, high_bit=15), target)  # bits 0-11 only: kept
+    assert np.array_equal(tc.decode_pixels(_reread(out))[0][0, :, :, 0], pixels // 16)
+
+
+@pytest.mark.parametrize("target", [*JPEG_LOSSLESS, JPEG_LOSSY[1]])
+def test_jpeg_refuses_32_bits_allocated(target: str):
+    """PS3.5 8.2.1 allows JPEG only for 8 or 16 bits allocated; a 32-bit greyscale image with
+    12 stored bits used to be written as JPEG with BitsAllocated 32."""
+    pixels = (np.arange(48 * 48).reshape(48, 48) % 4096).astype(np.uint32)
+    with pytest.raises(CannotTranscode, match=r"BitsAllocated must be 8 or 16 \(PS3.5 8.2.1\)$"):
+        tc.transcode(_grey(32, 12, pixels), target)
+
+
+@pytest.mark.parametrize("target", JPEG_LOSSY)
+def test_lossy_jpeg_of_fewer_than_8_stored_bits_declares_8(target: str):
+    """A 6-bit 0/63 checkerboard decodes with values up to about 67 after lossy JPEG: with
+    BitsStored left at 6 a reader cuts the white squares to 0-3. The codestream's precision
+    (8) is what the header must say, as for 12."""
+    pixels = ((np.indices((64, 64)) // 4).sum(axis=0) % 2 * 63).astype(np.uint8)  # 4x4 squares
+    out = _reread(tc.transcode(_grey(8, 6, pixels), target))
+    assert (out.BitsStored, out.HighBit) == (8, 7)
+    decoded = out.pixel_array.astype(int)
+    assert decoded.max() > 63  # the overshoot this is about
+    assert np.abs(decoded - pixels).max() <= 16
+
+
 def _implicit_without(*missing: str) -> bytes:
     """MR_small (16-bit, PixelRepresentation 1) in implicit VR with SmallestImagePixelValue, an
     ambiguous US-or-SS element, and without the Image Pixel attributes named."""

@@ -75,7 +75,8 @@ def decode_frame(src: bytes, runner: Any) -> memoryview:
         start, end = bounds[index], bounds[index + 1]
         if not 64 <= start <= end:
             raise ValueError(f"RLE segment {index + 1} has an offset outside the frame")
-        segment = decode_segment(src[start:end])
+        # (an empty segment would panic the Rust decoder: it is short by definition)
+        segment = decode_segment(src[start:end]) if end > start else b""
         if len(segment) < plane:
             raise ValueError(
                 f"RLE segment {index + 1} decodes to {len(segment)} bytes where the image has "

@@ -775,24 +775,26 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
 
 
 def _check_high_bits(out: Dataset, source: str, target: str) -> None:
-    """Refuse unsigned native pixel data whose bits above HighBit are set (the retired embedded
-    overlays, or stray bits): every compressed target keeps BitsStored bits only, and the
-    decoders mask the rest on both sides of the check, so the loss would go unseen."""
+    """Refuse unsigned native pixel data with bits set at or above BitsStored (the retired
+    embedded overlays above HighBit, stray bits, or a HighBit above BitsStored - 1): every
+    compressed target keeps bits 0 to BitsStored - 1 only, and the decoders mask the rest on
+    both sides of the check, so the loss would go unseen."""
     if source not in NATIVE or int(out.get("PixelRepresentation", 0) or 0) != 0:
         return
     bits, stored = int(out.BitsAllocated), int(out.get("BitsStored", out.BitsAllocated) or out.BitsAllocated)
-    high = int(out.get("HighBit", stored - 1) or stored - 1)
-    if bits not in (16, 32) or high + 1 >= bits:
+    if bits not in (8, 16, 32) or stored >= bits:
         return
     value = out.PixelData
     if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) % (bits // 8):
         return
     order = "<" if _is_little(source) else ">"
     words = np.frombuffer(value, dtype=f"{order}u{bits // 8}")
-    if words.size and int(np.bitwise_or.reduce(words)) >> (high + 1):
+    if words.size and int(np.bitwise_or.reduce(words)) >> stored:
+        high = int(out.get("HighBit", stored - 1) or stored - 1)
+        where = f"above HighBit {high}" if high == stored - 1 else f"at or above bit {stored} (HighBit {high})"
         raise CannotTranscode(
-            f"{_target_text(target)}: bits above HighBit {high} are set in the pixel data (an "
-            "embedded overlay?); the target keeps BitsStored bits only"
+            f"{_target_text(target)}: bits {where} are set in the pixel data (an embedded "
+            f"overlay?); the target keeps BitsStored ({stored}) bits only"
         )
 
 
@@ -815,6 +817,8 @@ def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> Non
             raise CannotTranscode(f"{text}: BitsStored must be at most 12")
     if target in _JPEG and bits_stored > 16:
         raise CannotTranscode(f"{text}: BitsStored must be at most 16")
+    if target in _JPEG and int(out.BitsAllocated) not in (8, 16):
+        raise CannotTranscode(f"{text}: BitsAllocated must be 8 or 16 (PS3.5 8.2.1)")
     if target in _JPEG and arr.size:
         low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (
             0, (1 << bits_stored) - 1)
@@ -943,9 +947,11 @@ def _encode_jpeg(
                     bitspersample=precision,
                 )
             )
-        if precision == 12 and bits_stored != 12:
-            _set(out, "BitsStored", 12)
-            _set(out, "HighBit", 11)
+        if bits_stored != precision:
+            # The codestream's precision: its lossy values can overshoot a smaller BitsStored
+            # (a 6-bit 0/63 checkerboard decodes up to 67, which a 6-bit reader cuts to 3).
+            _set(out, "BitsStored", precision)
+            _set(out, "HighBit", precision - 1)
         return frames, ("YBR_FULL_422" if samples == 3 else pi), arr
 
     # Lossless: the codec sees unsigned integers of BitsStored bits (two's complement for
