@@ -37,6 +37,9 @@ def _prepare(tag, value, **kwargs):
         (0x00186020, "-5", Value(0x00186020, "SL", (-5,))),
         (0x00200012, "3", Value(0x00200012, "IS", "3")),
         (WINDOW_CENTER, "40.5\\-2e3", Value(WINDOW_CENTER, "DS", "40.5\\-2e3")),
+        (0x00200032, "1\\\\3", Value(0x00200032, "DS", "1\\\\3")),  # an empty value in a list (PS3.5 6.4)
+        (0x00200013, "-2147483648", Value(0x00200013, "IS", "-2147483648")),
+        (0x00180050, "-1.234567890e-10", Value(0x00180050, "DS", "-1.234567890e-10")),  # 16 characters
         (0x00189327, "1.25", Value(0x00189327, "FD", (1.25,))),
         (0x00209165, "0020,9056", Value(0x00209165, "AT", (0x00209056,))),  # test_modify_attribute
         (0x00209165, "StackID", Value(0x00209165, "AT", (0x00209056,))),
@@ -114,6 +117,14 @@ def test_private_tag_uses_dictionary_vr_with_its_creator():
         (0x00200012, "x1", "Replace: tag 'AcquisitionNumber' (0020,0012) (IS): 'x1' is not an "
                            "integer string"),
         (WINDOW_CENTER, "abc", "(DS): 'abc' is not a decimal string"),
+        # PS3.5 Table 6.2-1 (Orthanc 1.10.1 writes these invalid values)
+        (0x00200013, "2147483648", "(IS): '2147483648' is not an IS value (at most 12 characters, "
+                                   "within -2147483648..2147483647)"),
+        (0x00200013, "-000000000001", "(IS): '-000000000001' is not an IS value"),
+        (0x00180050, "12345678901234567", "(DS): '12345678901234567' is not a DS value (at most 16 "
+                                          "characters, within a double's range)"),
+        (0x00180050, "1e400", "(DS): '1e400' is not a DS value"),
+        (WINDOW_CENTER, "1\\\\x", "(DS): 'x' is not a decimal string"),
         (0x00189327, "fast", "(FD): 'fast' is not a 64-bit float"),
         (0x00081140, "x", "Replace: tag 'ReferencedImageSequence' (0008,1140) (SQ): a sequence "
                           "takes an array of objects"),
@@ -186,7 +197,8 @@ def test_built_elements_round_trip_through_bytes():
     assert back.StudyDate == ""
 
 
-@pytest.mark.parametrize(("tag", "text"), [(ROWS, "1\\2"), (0x00189087, "1.5\\2")])
+@pytest.mark.parametrize(("tag", "text"), [(ROWS, "1\\2"), (0x00189087, "1.5\\2"), (0x00200013, "1\\2"),
+                                           (0x00180050, "1.5\\2")])  # InstanceNumber, SliceThickness
 def test_numbers_for_single_valued_tags_refuse_lists(tag, text):
     with pytest.raises(RequestError, match=re.escape("takes a single value (VM 1), got 2 "
                                                      "backslash-separated values")):

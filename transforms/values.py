@@ -172,6 +172,23 @@ def _prepare_item(item: object, seq_tag: int, index: int, ctx: _Context) -> tupl
     return tuple(values[t] for t in sorted(values))
 
 
+def _check_number_string(tag: int, vr: str, part: str, ctx: _Context) -> None:
+    """One IS or DS value as PS3.5 Table 6.2-1 allows it: the syntax, at most 12 (IS) or 16
+    (DS) bytes, an IS within -2^31..2^31-1, a DS within a double's range."""
+    if vr == "IS":
+        if not _IS_RE.match(part):
+            raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not an integer string like '12'")
+        if len(part) > 12 or not -(1 << 31) <= int(part) < 1 << 31:
+            raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not an IS value (at most 12 "
+                               "characters, within -2147483648..2147483647)")
+        return
+    if not _DS_RE.match(part):
+        raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not a decimal string like '1.5' or '-2e3'")
+    if len(part) > 16 or not math.isfinite(float(part)):
+        raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not a DS value (at most 16 "
+                           "characters, within a double's range)")
+
+
 def _single_valued(tag: int) -> bool:
     """True when the public dictionary allows exactly one value (VM "1")."""
     try:
@@ -258,12 +275,14 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
     if vr in ("IS", "DS"):
         if text == "":
             return Value(tag, vr, None)
-        pattern = _IS_RE if vr == "IS" else _DS_RE
-        for part in text.split("\\"):
-            if not pattern.match(part):
-                what = "an integer string like '12'" if vr == "IS" else \
-                    "a decimal string like '1.5' or '-2e3'"
-                raise RequestError(f"{_label(tag, vr, ctx)}: {part!r} is not {what}")
+        parts = text.split("\\")
+        if len(parts) > 1 and _single_valued(tag):
+            raise RequestError(f"{_label(tag, vr, ctx)}: takes a single value (VM 1), got "
+                               f"{len(parts)} backslash-separated values")
+        for part in parts:
+            if part == "" and len(parts) > 1:
+                continue  # an empty value inside a list (PS3.5 6.4), as Orthanc stores it
+            _check_number_string(tag, vr, part, ctx)
         return Value(tag, vr, text)
     # (OF/OD/OL/OV hold one packed stream: VM 1 whatever the number of values.)
     if (vr in _INT_RANGES or vr in _FLOAT_VRS or vr == "AT") and vr not in _PACKED \
