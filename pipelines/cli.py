@@ -445,6 +445,8 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
         raise UsageError("--audit is inside INPUT: it would be read as input by the next run")
     if _inside_local(output, audit):
         raise UsageError("OUTPUT is inside --audit: the audit folder must hold the audit only")
+    if _inside_local(base, audit):
+        raise UsageError("INPUT is inside --audit: the audit folder must hold the audit only (it is shared)")
     if crosswalk is not None:
         if _inside_local(crosswalk, output):
             raise UsageError("--crosswalk is inside OUTPUT: original identifiers must never sit with the output")
@@ -876,7 +878,13 @@ def report(args: argparse.Namespace, summary: dict[str, Any], exit_code: int, au
         if terse_on_tty and sys.stdout.isatty() and len(summary["Resources"]) > _TTY_RESOURCES:
             # A terminal gets the counts, not thousands of ids; summary.json has them all.
             shown = {**summary, "Resources": f"{len(summary['Resources'])} entries, see {audit}/summary.json"}
-        print(json.dumps(shown, indent=2))
+        try:
+            print(json.dumps(shown, indent=2))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # A reader that stopped early (`| head`): the run itself is complete (summary.json
+            # holds the summary), so its status stands; later writes go nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     for warning in warnings:
         _err(warning)
     if exit_code:
@@ -949,7 +957,6 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
         if key_uri is None and not key_may_travel(options):  # (refused: a runner prepare_runner leaves alone)
             raise UsageError(remote_key_message(options))
         local_runner = prepare_runner(options, args, beam_args, where, run_id)
-    _warn_random_key(key)
     if early:
         from transforms.workers import default_processes
 
@@ -957,6 +964,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     else:
         processes = local_processes(options, args.processes, local=local_runner)  # may refuse
         pipeline_run.check_options(options)
+    _warn_random_key(key)
     mixed = other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
     progress_dir = progress_folder(args, local_runner)
     cfg = RunConfig(
@@ -1022,6 +1030,9 @@ def _check_single_locations(input_file: str, output: str, audit: str | None, cro
     real_cw = os.path.realpath(crosswalk) if crosswalk else None
     if real_audit and (_inside(real_audit, real_out) or _inside(real_audit, real_in)):
         raise UsageError("--audit must not be the INPUT or OUTPUT file")
+    if real_audit and (_inside(real_in, real_audit) or _inside(real_out, real_audit)):
+        raise UsageError("--audit holds the INPUT or OUTPUT file: the audit folder must hold the audit only "
+                         "(a folder run over it would read the audit as input)")
     if real_cw:
         if _inside(real_cw, real_out) or _inside(real_cw, real_in) or _inside(real_out, real_cw):
             raise UsageError("--crosswalk must not be, or hold, the INPUT or OUTPUT file")

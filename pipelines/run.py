@@ -19,6 +19,7 @@ different engine. Naming ``--runner DirectRunner`` therefore selects the same lo
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import shutil
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
 from apache_beam.transforms.window import GlobalWindows
 
@@ -172,6 +173,15 @@ def check_options(options: PipelineOptions) -> None:
     Raises:
         InvalidOptions: one line, no traceback.
     """
+    # Values Beam takes here and fails on mid-run (an IndexError in its runner, an ImportError
+    # when it pickles the first function), with OUTPUT already claimed.
+    workers = options.view_as(DirectOptions).direct_num_workers
+    if workers is not None and workers < 0:
+        raise InvalidOptions(f"Beam options: --direct_num_workers must be 0 (all cores) or more, got {workers}")
+    library = options.view_as(SetupOptions).pickle_library
+    if library == "dill" and importlib.util.find_spec("dill") is None:
+        raise InvalidOptions("Beam options: --pickle_library dill: the dill package is not installed "
+                             "(pip install dill, or leave the option out)")
     pipeline = make_pipeline(options)
     shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)  # made by Pipeline(), removed by run()
 

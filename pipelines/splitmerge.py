@@ -457,10 +457,17 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         options = pipeline_run.pipeline_options(beam_args)
     except pipeline_run.UnknownOptions as exc:
         raise cli.UsageError(str(exc)) from None
-    cli._warn_random_key(key)
     run_id = cli.new_run_id()
     local_runner = cli.prepare_runner(options, args, beam_args, where, run_id)
     pipeline_run.check_options(options)
+    if local_runner:
+        import tempfile
+
+        if any(c in tempfile.gettempdir() for c in "*?["):
+            # The study index is written there by Beam's text sink, which reads the name as a glob.
+            raise cli.UsageError(f"{args.command}: the temporary directory {tempfile.gettempdir()!r} holds *, ? or [, "
+                                 "which Beam's file sinks read as patterns: set TMPDIR to another folder")
+    cli._warn_random_key(key)
     mixed = cli.other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
     progress_dir = cli.progress_folder(args, local_runner)
     with cli.run_leftovers_removed(output, run_id, progress_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -147,6 +148,11 @@ def _nested_items(levels: int) -> list:
          "dicom-deid: Replace: values nested more than 64 sequence levels deep (the most a DICOM file read here may hold)"),
         (["--direct_running_mode", "fast"], "dicom-deid: Beam option: argument --direct_running_mode: invalid choice: 'fast' (choose from 'in_memory', 'multi_threading', 'multi_processing')"),
         (["--direct_num_workers", "two"], "dicom-deid: Beam option: argument --direct_num_workers: invalid int value: 'two'"),
+        # Beam takes these, then fails mid-run (IndexError; ImportError when it first pickles)
+        (["--direct_num_workers", "-1"], "dicom-deid: Beam options: --direct_num_workers must be 0 (all cores) or more, got -1"),
+        pytest.param(["--pickle_library", "dill"], "dicom-deid: Beam options: --pickle_library dill: the dill package is "
+                     "not installed (pip install dill, or leave the option out)",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("dill") is not None, reason="dill is installed")),
         (["--body", '{"DicomVersion": "1999"}'], None),
     ],
 )
@@ -223,6 +229,7 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"output": "out[1]"}, "OUTPUT: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)"),
         ({"audit": "aud*"}, "--audit: the path must not contain *, ? or ["),
         ({"output": "aud/out", "audit": "aud"}, "OUTPUT is inside --audit"),
+        ({"input": "in/sub", "audit": "in"}, "INPUT is inside --audit: the audit folder must hold the audit only"),
         ({"audit": "cw/aud", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),
         ({"output": "cw/out", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),
     ],
@@ -378,10 +385,15 @@ def test_single_file_locations_are_checked_before_anything_is_written(tmp_path: 
         ([str(source), str(tmp_path / "b.dcm"), "--audit", str(tmp_path / "x"), "--crosswalk", str(tmp_path / "x")],
          "--crosswalk is inside --audit (or the reverse): keep original identifiers apart from the audit"),
         ([str(source), str(tmp_path / "b.dcm"), "--audit", str(source)], f"--audit {str(source)!r} exists and is not a folder"),
+        ([str(source), str(tmp_path / "x" / "b.dcm"), "--audit", str(tmp_path)],
+         "--audit holds the INPUT or OUTPUT file: the audit folder must hold the audit only (a folder run over it "
+         "would read the audit as input)"),
+        ([str(source), str(tmp_path / "x" / "b.dcm"), "--audit", str(tmp_path / "x")],
+         "--audit holds the INPUT or OUTPUT file: the audit folder must hold the audit only"),
     ]
     for args, message in cases:
         assert cli.main(["anonymize", *args, *key]) == cli.EXIT_USAGE
-        assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
+        assert _one_line_error(capsys.readouterr().err).startswith(f"dicom-deid: {message}")
         assert source.read_bytes() == CT.read_bytes()
         assert not (tmp_path / "b.dcm").exists() and not (tmp_path / "x").exists()
     # --crosswalk without --audit is written, not ignored
@@ -390,6 +402,23 @@ def test_single_file_locations_are_checked_before_anything_is_written(tmp_path: 
     import pyarrow.parquet as pq
 
     assert pq.read_table(table).column("original_sop_instance_uid").to_pylist() == [pydicom.dcmread(CT).SOPInstanceUID]
+
+
+def test_a_reader_that_stops_early_does_not_turn_a_run_into_a_storage_error(tmp_path: Path):
+    """`dicom-deid anonymize ... | head -1`: the summary's print met a closed pipe, and the
+    BrokenPipeError reached the storage-error branch (exit 1, "the audit may be incomplete")
+    although every file, the audit and summary.json were complete."""
+    folder = tmp_path / "in"
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), folder)
+    argv = [sys.executable, "-m", "pipelines.cli", "anonymize", str(folder), str(tmp_path / "out"),
+            "--key-file", str(write_key(tmp_path)), "--runner", "DirectRunner"]
+    root = Path(__file__).resolve().parents[1]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root) as proc:
+        proc.stdout.close()  # no reader: the first write gets EPIPE
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=300)
+    assert (code, err) == (0, "")
+    assert json.loads((tmp_path / "out-audit" / "summary.json").read_text())["Statuses"]["written"] == 1
 
 
 @pytest.mark.parametrize("command", ["anonymize", "split"])

@@ -540,6 +540,27 @@ def test_keep_source_that_cannot_keep_the_original_writes_nothing(tmp_path: Path
     assert original.read_bytes() == source.read_bytes() and Path(row["output_uri"]).is_file()
 
 
+def test_a_temporary_directory_named_like_a_pattern_is_refused_up_front(tmp_path: Path, monkeypatch, capsys):
+    """The study index goes to the system's temporary directory through Beam's text sink,
+    which reads ``[1]`` as a pattern: the run used to end in an internal error (BeamIOError)."""
+    import tempfile
+
+    folder = tmp_path / "in"
+    datasets = make_study(seed=19, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    odd = tmp_path / "tmp[1]"
+    odd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(odd))
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    code = cli.main(["split", str(folder), str(tmp_path / "out"), "--study", str(datasets[0].StudyInstanceUID),
+                     "--body", json.dumps({"Series": [str(datasets[0].SeriesInstanceUID)]}), "--key-file", str(key)])
+    assert code == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (f"dicom-deid: split: the temporary directory {str(odd)!r} holds *, ? or [, which "
+                                       "Beam's file sinks read as patterns: set TMPDIR to another folder\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "k.key", "tmp[1]"] and not any(odd.iterdir())
+
+
 def test_the_study_index_never_sits_under_output_when_avoidable(tmp_path: Path):
     """The index and the plan hold original identifiers: a run killed with kill -9 used to leave
     them in OUTPUT/.dicom-deid-tmp/ (the folder that gets shared), also on gs://."""
