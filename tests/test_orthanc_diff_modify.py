@@ -206,6 +206,12 @@ CASES = [
         "unrepresentable-characters", "Encodings/Lena-greek.dcm",
         {"Replace": {"InstitutionalDepartmentName": "Sw\u00e9ep \u03a9\u03bc\u03ad\u03b3\u03b1"}},
         {"SpecificCharacterSet": "ISO_IR 126"}),
+    ModifyCase(  # ISO_IR 13: romaji and half-width katakana mix in one value (pydicom wrote "?")
+        "iso-ir-13-romaji-and-katakana", "Encodings/Lena-shift-jis.dcm",
+        {"Replace": {"StudyDescription": "\uff83\uff7d\uff84 1", "InstitutionName": "A\uff88",
+                     "ReferencedStudySequence": [{"StudyDescription": "B\uff88"}]}},
+        {"SpecificCharacterSet": "ISO_IR 13", "StudyDescription": "\uff83\uff7d\uff84 1", "InstitutionName": "A\uff88",
+         "ReferencedStudySequence[0].StudyDescription": "B\uff88"}),
     ModifyCase(  # implicit VR little endian: inserted elements must be written implicit too
         "implicit-vr-file", "TransferSyntaxes/1.2.840.10008.1.2.dcm",
         {"Replace": {"PatientName": "Implicit", "ImageComments": "inserted",

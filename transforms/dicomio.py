@@ -51,6 +51,7 @@ from pydicom.uid import (
 from pydicom.valuerep import PersonName
 
 from transforms import __version__
+from transforms import values as _values  # noqa: F401 - its ISO_IR 13 encoder is pydicom's from now on
 from transforms.errors import InputError
 from transforms.paths import BYTES_PER_ITEM, MAX_WALKED_ITEMS, convert_sequence
 from transforms.tags import SQ_TAGS  # how implicit VR sequences are known

@@ -27,6 +27,7 @@ from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom import charset as _pydicom_charset
 from pydicom import config
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VM
@@ -392,6 +393,32 @@ def fitting_encodings(ds: Dataset, encodings: list[str]) -> list[str]:
 #: ISO_IR 13 (JIS X 0201) is single-byte: pydicom's "shift_jis" codec would accept kanji and
 #: its writer then emits "?" for them.
 _SINGLE_BYTE_ONLY = frozenset({"shift_jis"})
+
+
+def _encode_jis_x_0201(value: str, errors: str = "strict") -> bytes:
+    """ISO_IR 13 text as PS3.3 Table C.12-2 defines the character set: JIS X 0201 romaji (G0)
+    and half-width katakana (G1), one byte each, mixed freely within a value.
+
+    pydicom 3.0's encoder takes one half per value and writes ``?`` for every character of the
+    other ("Aﾈ" -> ``A?``; Orthanc writes ``A\xc8``); it is replaced in pydicom's table of
+    custom encoders below. ``errors`` other than "strict" write ``?`` for a character outside
+    JIS X 0201, as pydicom's does.
+    """
+    encoded = bytearray()
+    for index, char in enumerate(value):
+        try:
+            byte = char.encode("shift_jis")
+        except UnicodeEncodeError:
+            byte = b""
+        if len(byte) != 1:
+            if errors == "strict":
+                raise UnicodeEncodeError("shift_jis", value, index, index + 1, "not a JIS X 0201 character")
+            byte = b"?"
+        encoded += byte
+    return bytes(encoded)
+
+
+_pydicom_charset.custom_encoders["shift_jis"] = _encode_jis_x_0201
 
 
 def build_element(value: Value, *, little_endian: bool = True,
