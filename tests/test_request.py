@@ -42,7 +42,7 @@ def _refused(parse, body, message, **kwargs):
         ({"PrivateCreator": None}, "PrivateCreator: expected a string, got null"),
         ({"Priority": None}, "Priority: expected an integer, got null"),
         ({"Transcode": None}, "Transcode: expected a transfer syntax UID (a string), got null; allowed: 1.2.840"),
-        ({"Level": None}, "Level: expected one of Patient, Study, Series, Instance"),
+        ({"Level": None}, "Level: expected one of Patient, Study, Series, Instance (got null)"),
         ({"Dictionary": None}, "Dictionary: expected an object mapping private tags"),
         ({"Remove": "PatientName"}, "Remove: expected an array of tag names or paths, got string"),
         ({"Keep": {"a": 1}}, "Keep: expected an array of tag names or paths, got object"),
@@ -70,7 +70,7 @@ def _refused(parse, body, message, **kwargs):
          "malformed base64"),
         ({"Transcode": "1.2.3"}, "Transcode: '1.2.3' is not a supported transfer syntax UID; "
                                  "allowed: "),
-        ({"Level": "Galaxy"}, "Level: expected one of Patient, Study, Series, Instance"),
+        ({"Level": "Galaxy"}, "Level: expected one of Patient, Study, Series, Instance (got 'Galaxy')"),
         ({"Resources": "abc"}, "Resources: expected an array of non-empty strings"),
         ({"Resources": [""]}, "Resources: expected an array of non-empty strings"),
         ({"Priority": "high"}, "Priority: expected an integer, got string"),
@@ -159,11 +159,11 @@ def test_unknown_keys_are_refused_with_the_allowed_list():
         ({"KeepPrivateTags": None}, "KeepPrivateTags: expected true or false, got null"),
         ({"DicomVersion": None}, "DicomVersion: expected a string, got null; allowed: \"2008\", "
                                  "\"2017c\", \"2021b\", \"2023b\" (leave it out for 2023b)"),
-        ({"Level": None}, "Level: expected one of Patient, Study, Series, Instance"),
+        ({"Level": None}, "Level: expected one of Patient, Study, Series, Instance (got null)"),
         ({"Keep": ["StudyInstanceUID"]}, "Keep: marking tag 'StudyInstanceUID' (0020,000D) as "
                                          "to be kept requires the \"Force\" option"),
         ({"Replace": {"SeriesInstanceUID": "1.2"}}, "as to be replaced requires the \"Force\""),
-        ({"Level": 3}, "Level: expected one of Patient, Study, Series, Instance"),
+        ({"Level": 3}, "Level: expected one of Patient, Study, Series, Instance (got number)"),
         # Orthanc's anonymization reads replaced Study/Series UIDs as strings
         ({"Replace": {"StudyInstanceUID": None}, "Force": True},
          "Replace: 'StudyInstanceUID' (0020,000D) must be given as a string, got null"),

@@ -134,6 +134,9 @@ def test_private_tag_uses_dictionary_vr_with_its_creator():
         (0x00081140, [{"Rows": "abc"}], "tag 'Rows' (0028,0010) (US): 'abc' is not an integer"),
         (0x00340005, "data:application/octet-stream;base64,!!!", "malformed base64"),
         (0x00281201, "abc", "(OW): OW needs an even number of bytes, got 3"),
+        (0x00660016, "data:application/octet-stream;base64,AAAA",
+         "Replace: tag 'PointCoordinatesData' (0066,0016) (OF): give OF values as backslash-separated numbers "
+         "('1.5\\\\2'), not as a data: URI (Orthanc refuses it too)"),
         (0x00209165, "Nope", "Replace: unknown tag 'Nope'"),
         # ASCII-only VRs and strict numbers (Python's int()/float() take more than Orthanc does)
         (0x00080060, "\u03a9", "Replace: tag 'Modality' (0008,0060) (CS): CS values are ASCII only (this VR has no character set)"),

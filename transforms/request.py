@@ -352,8 +352,8 @@ def _replace_map(body: Mapping[str, Any]) -> Mapping[str, Any]:
 def parse_level(value: object, key: str = "Level") -> str:
     """``Patient(s)``, ``Study/Studies``, ``Series``, ``Instance(s)/Image(s)`` (any case)."""
     if not isinstance(value, str) or value.strip().lower() not in _LEVEL_ALIASES:
-        raise RequestError(f"{key}: expected one of {', '.join(LEVELS)} (got "
-                           f"{value!r:.40})")
+        got = f"{value!r:.40}" if isinstance(value, str) else json_type(value)
+        raise RequestError(f"{key}: expected one of {', '.join(LEVELS)} (got {got})")
     return _LEVEL_ALIASES[value.strip().lower()]
 
 

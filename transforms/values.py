@@ -252,6 +252,9 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
             data += b"\x00"  # DICOM values have even length (pydicom does not pad UN)
         return Value(tag, vr, data or None)
 
+    if payload is not None and vr in _PACKED:
+        raise RequestError(f"{_label(tag, vr, ctx)}: give {vr} values as backslash-separated numbers "
+                           "('1.5\\\\2'), not as a data: URI (Orthanc refuses it too)")
     if payload is not None:
         try:
             text = payload.decode("utf-8")
