@@ -545,3 +545,122 @@ def test_a_mapped_value_too_long_for_its_vr_is_written_as_un(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(engine._Run, "_byte_sequence", lambda self, elem, tag: engine._FALLBACK)
         assert dicomio.write_dataset(apply(DEFAULT, dicomio.read_dataset(data), KEY)) == out
+
+
+# --------------------------------------------------------------------------- found by a review
+# of the byte-level paths (each leaked the planted name before its fix)
+
+
+def _undefined_item(body: bytes) -> bytes:
+    return struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + body + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+
+
+def _secret_body() -> bytes:
+    return _secret_item(True)[8:]
+
+
+@pytest.mark.parametrize("layout", ["undefined", "defined-then-undefined"])
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file-un"])
+def test_items_of_undefined_length_in_a_value_of_unknown_vr_are_walked(implicit, layout):
+    """A defined-length value of unknown VR whose items have undefined lengths (legal): the
+    tiling check took only items of defined length, so the whole value stayed opaque and was
+    copied as it was, the nested PatientName and UIDs with it (unknown public tag: default
+    profile; private: KeepPrivateTags)."""
+    value = _undefined_item(_secret_body())
+    if layout == "defined-then-undefined":
+        value = _item(_implicit(0x00081150, CT.encode(), b"UI")) + value
+    unknown = _implicit(UNKNOWN_PUBLIC, value) if implicit else _explicit(UNKNOWN_PUBLIC, b"UN", value)
+    data = _file([(UNKNOWN_PUBLIC, unknown)], implicit=implicit)
+    assert data.count(SECRET) == 1
+    out, ds = _anonymize(data)
+    assert SECRET not in out and SOP.encode() not in out
+    items = _items_of(ds[UNKNOWN_PUBLIC])
+    assert items[-1].ReferencedSOPInstanceUID == _new_sop()
+    assert items[-1].PatientName == KEY.patient_name("Nested^Secret")
+
+
+def _big_endian_file(elements: list[tuple[int, bytes]]) -> bytes:
+    from pydicom.uid import ExplicitVRBigEndian
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        value = _pad(value, vr)
+        if vr in (b"SQ", b"UN", b"OB"):
+            return struct.pack(">HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+        return struct.pack(">HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    ids = [(0x00080016, CT), (0x00080018, SOP), (0x0020000D, STUDY), (0x0020000E, SERIES)]
+    base = [(tag, element(tag, b"UI", v.encode())) for tag, v in ids]
+    base += [(tag, element(tag, b"UN", value)) for tag, value in elements]
+    return dicomio.encode_file_meta(CT, SOP, ExplicitVRBigEndian) + b"".join(data for _, data in sorted(base))
+
+
+@pytest.mark.parametrize("tag", [REFERENCED_IMAGE_SQ, UNKNOWN_PUBLIC])
+def test_a_sequence_written_as_un_in_a_big_endian_file_is_walked(tag):
+    """PS3.5 6.2.2: the items of a sequence written as UN are implicit VR little endian, in a
+    big endian file too. pydicom read ReferencedImageSequence's in the file's byte order (one
+    garbage item): nothing matched, and the value was copied with the name in it."""
+    data = _big_endian_file([(tag, _secret_item(True))])
+    out, ds = _anonymize(data)
+    assert SECRET not in out and SOP.encode() not in out
+    item = ds[tag].value[0]
+    assert item.ReferencedSOPInstanceUID == _new_sop()
+    assert item.PatientName == KEY.patient_name("Nested^Secret")
+
+
+def _hidden_after_delimiter(where: str, implicit: bool) -> bytes:
+    hidden = _implicit(0x00100010, SECRET, b"PN") if implicit else _explicit(0x00100010, b"PN", SECRET)
+    reference = _implicit(0x00081150, CT.encode(), b"UI") if implicit else _explicit(0x00081150, b"UI", CT.encode())
+    if where == "item":
+        return _item(reference + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + hidden)
+    return _item(reference) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + _item(hidden)
+
+
+@pytest.mark.parametrize("where", ["item", "sequence"])
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr-file", "explicit-vr-file"])
+def test_data_hidden_after_a_delimiter_is_refused(where, implicit):
+    """Elements after an item delimiter inside a defined-length item (or after a sequence
+    delimiter inside a defined-length sequence): readers stop at the delimiter and never see
+    them, and the unchanged raw value used to be copied, the hidden name with it."""
+    value = _hidden_after_delimiter(where, implicit)
+    sequence = (_implicit(REFERENCED_IMAGE_SQ, value) if implicit
+                else _explicit(REFERENCED_IMAGE_SQ, b"SQ", value))
+    data = _file([(REFERENCED_IMAGE_SQ, sequence)], implicit=implicit)
+    what = "a sequence item of defined length" if where == "item" else "a sequence of defined length"
+    with pytest.raises(InputError, match=f"^{what} goes on after its delimiter \\(data that readers skip\\)$") as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "not_dicom"
+
+
+def test_data_hidden_after_a_delimiter_in_a_value_of_unknown_vr_is_refused():
+    """The same inside a value of unknown VR whose items tile it, which the reader does not
+    walk: refused, not walked without the hidden part. (A sequence delimiter between items
+    makes the value no run of items at all: opaque bytes, kept as they are, like the values
+    that only start like items above.)"""
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", _hidden_after_delimiter("item", True)))],
+                 implicit=False)
+    with pytest.raises(InputError, match="^a sequence item of defined length goes on after its delimiter") as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "not_dicom"
+    value = _hidden_after_delimiter("sequence", True)
+    _, ds = _anonymize(_file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, b"UN", value))], implicit=False))
+    assert ds[UNKNOWN_PUBLIC].VR == "UN" and ds[UNKNOWN_PUBLIC].value == value
+
+
+def test_an_unchanged_input_item_re_encoded_in_another_syntax_is_not_modified():
+    """A sequence written as UN with an undefined length (implicit VR items, which pydicom
+    reads): re-encoding its unchanged private item in explicit VR went through pydicom's VR
+    lookup, which read the private creator through ``item[tag]`` and so replaced the input's
+    raw element by a decoded one. The engine never modifies its input."""
+    from pydicom.dataelem import RawDataElement
+
+    items = (_undefined_item(_implicit(0x00081155, OTHER_SOP.encode(), b"UI"))
+             + _undefined_item(_implicit(PRIVATE_CREATOR, b"ACME 1.0") + _implicit(0x00091001, b"kept")))
+    sequence = (struct.pack("<HH2sHL", 0x3006, 0x0010, b"UN", 0, 0xFFFFFFFF) + items
+                + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    source = dicomio.read_dataset(_file([(0x30060010, sequence)], implicit=False))
+    private_item = source[0x30060010].value[1]
+    assert type(private_item._dict[PRIVATE_CREATOR]) is RawDataElement
+    out = dicomio.read_dataset(dicomio.write_dataset(apply(KEEP_PRIVATE, source, KEY)))
+    assert type(private_item._dict[PRIVATE_CREATOR]) is RawDataElement
+    assert out[0x30060010].value[0].ReferencedSOPInstanceUID == KEY.uid("anonymize.instance", OTHER_SOP)
+    assert out[0x30060010].value[1][0x00091001].value == b"kept"

@@ -760,7 +760,9 @@ def _check_items(data: bytes, pos: int, end: int, implicit: bool, little: bool, 
         group, element, length = head(data, pos)
         if (group << 16 | element) != _ITEM:
             _refuse_stray_item_tag(group, element)
-            raise _GiveUp  # e.g. a sequence delimiter inside a defined length
+            if (group << 16 | element) == _SEQ_END and pos + 8 < end:
+                raise hidden_data_error("a sequence of defined length")
+            raise _GiveUp  # e.g. a sequence delimiter ending a defined length
         pos += 8
         if length == 0xFFFFFFFF:
             pos = _scan_elements(data, pos, end, implicit, little, depth, None) + 8
@@ -790,7 +792,16 @@ def _check_item(data: bytes, pos: int, item_end: int, end: int, implicit: bool, 
             raise
         raise InputError("an element runs past the end of its sequence item", reason="truncated") from None
     if stop != item_end:
-        raise _GiveUp  # an item delimiter inside a defined-length item
+        if stop + 8 < item_end:
+            raise hidden_data_error("a sequence item of defined length")
+        raise _GiveUp  # an item delimiter ending a defined-length item
+
+
+def hidden_data_error(where: str) -> InputError:
+    """Bytes after a delimiter inside a value of defined length: readers stop at the
+    delimiter and never see them (a PatientName hidden there would pass every de-identification
+    check and still be in the file), so such a file is refused."""
+    return InputError(f"{where} goes on after its delimiter (data that readers skip)", reason="not_dicom")
 
 
 #: Nesting the fast sequence check walks itself; deeper input goes to the recursive checks.

@@ -86,6 +86,7 @@ from transforms.dicomio import (
     _VR_TABLE,
 )
 from transforms.dicomio import STRING_VRS as _STRING_VRS
+from transforms.dicomio import hidden_data_error
 from transforms.errors import DeidError, InputError
 from transforms.identity import INSTANCE, PATIENT, SERIES, STUDY
 from transforms.paths import Workspace, remove_at, replace_at, shallow_copy
@@ -226,10 +227,21 @@ def _character_set(ds: Dataset) -> Any:
     (``Dataset._character_set`` would store a decoded SpecificCharacterSet back into the
     dataset, which the writer then re-encodes.)
     """
+    if SPECIFIC_CHARACTER_SET in ds._dict:
+        # A sequence item may declare its own (PS3.5 7.5.3): its text is in that one. Items
+        # were read with their parent's (pydicom and the item scanner alike), so a nested
+        # Latin-1 'Müller' in a UTF-8 file got the pseudonym of 'M\ufffdller'.
+        return _python_encodings(ds)
     original = ds.__dict__.get("_read_charset")
     if original:
         return original
     return _python_encodings(ds)
+
+
+def _plain_ascii(data: bytes) -> bool:
+    """Whether raw text reads the same in every DICOM character set: ASCII without the ESC
+    of ISO 2022 code extensions (ISO 2022 IR 87 Japanese is 7-bit: 'ESC $ B' + JIS pairs)."""
+    return data.isascii() and b"\x1b" not in data
 
 
 def _dict_vr(tag: int) -> str | None:
@@ -252,7 +264,7 @@ def _text_of(elem: Any, ds: Dataset) -> list[str] | None:
         data = elem.value
         if not data:
             return None
-        if data.isascii():  # every DICOM character set is ASCII-compatible
+        if _plain_ascii(data):  # every DICOM character set is ASCII-compatible
             parts = [p.strip(" \x00") for p in data.decode("ascii").split("\\")]
             return parts if any(parts) else None
         elem = convert_raw_data_element(elem, encoding=_character_set(ds), ds=ds)
@@ -358,7 +370,7 @@ class _Run:
             data = elem.value
             if not data:
                 return None
-            if b"\\" not in data and data.isascii():  # one ASCII value (as _text_of reads it)
+            if b"\\" not in data and _plain_ascii(data):  # one ASCII value (as _text_of reads it)
                 text = data.decode("ascii").strip(" \x00")
                 if not text:
                     return None
@@ -630,7 +642,24 @@ class _Run:
             if elem.VR == "SQ" or (elem.VR is None and elem.is_implicit_VR):
                 items = parse_items(elem.value, elem.is_implicit_VR, elem.is_little_endian,
                                     _character_set(holder), len(parents), allowance)
-            if items is None:  # a layout the item scanner leaves to pydicom (e.g. UN)
+            elif elem.VR == "UN" and elem.length != _UNDEFINED:
+                # A sequence written as UN holds implicit VR little endian items (PS3.5
+                # 6.2.2) whatever the file's syntax (or, as some writers leave it, explicit VR
+                # little endian): pydicom reads them in a big endian file's byte order, one
+                # garbage item, and the value used to be copied unread.
+                for implicit in (True, False):
+                    try:
+                        items = parse_items(elem.value, implicit, True, _character_set(holder), len(parents),
+                                            allowance)
+                    except _HiddenData:
+                        raise
+                    except InputError as exc:
+                        if exc.reason == "too_large":
+                            raise
+                        items = None
+                    if items is not None:
+                        break
+            if items is None:  # a layout the item scanner leaves to pydicom
                 parsed = paths.convert_sequence(elem, tag, _character_set(holder), holder)
                 if parsed.VR != "SQ":
                     return None
@@ -735,10 +764,13 @@ class _Run:
         data = elem.value
         values_left = self.values_left
         try:
-            body = self._byte_items(data, 0, len(data), (tag,), 1)[0]
+            body, stop, closed = self._byte_items(data, 0, len(data), (tag,), 1)
         except (_Unusual, InputError, struct.error):
             self.values_left = values_left  # the object walk counts them again
             return _FALLBACK
+        if closed and stop + 8 < len(data):
+            self.values_left = values_left
+            return _FALLBACK  # bytes after the delimiter: the object walk refuses them
         if body is None:
             return None
         if implicit and tag not in SQ_TAGS:
@@ -1020,7 +1052,7 @@ class _Run:
                 action = STUDY if ptags == _RT_STUDY_PARENTS else INSTANCE  # RT-STRUCT quirk
             if not value:
                 return None
-            if not value.isascii():
+            if not _plain_ascii(value):
                 raise _Unusual  # decoded with the item's character set by the object walk
             memo_key = (action, tag, vr, value)
             encoded = self.byte_memo.get(memo_key)
@@ -1108,28 +1140,46 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
     if type(data) is not bytes or not data.startswith(_LE_ITEM_START) or elem.length == _UNDEFINED:
         return None
     pos, end, count = 0, len(data), 0
-    while pos < end:  # items of defined length that tile the value exactly
+    while pos < end:  # items of defined length tiling the value, up to one of undefined length
         if pos + 8 > end:
             return None
         group, element, length = _STRUCTS[True][0](data, pos)
-        if (group << 16 | element) != _ITEM or length == _UNDEFINED or pos + 8 + length > end:
+        if (group << 16 | element) != _ITEM:
+            return None
+        if length == _UNDEFINED:
+            # Its end is its delimiter, found by parsing it (below): an item of undefined
+            # length used to make the whole value opaque, copied as it was, with a PatientName
+            # nested in it.
+            break
+        if pos + 8 + length > end:
             return None
         pos += 8 + length
         count += 1
+    def too_many(count: int | None) -> InputError:
+        held = f"{count} items (more than {_MAX_OPAQUE_ITEMS})" if count else f"more than {_MAX_OPAQUE_ITEMS} items"
+        return InputError(f"({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}): a value of unknown VR "
+                          f"holding {held}, too many to de-identify", reason="too_large")
+
     if count > _MAX_OPAQUE_ITEMS:
         # Each item becomes a Dataset (~1 KB for an 8-byte empty item): a few megabytes of
         # them would take gigabytes. Real sequences of unknown VR hold a handful of items.
-        raise InputError(f"({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}): a value of unknown VR "
-                         f"holding {count} items (more than {_MAX_OPAQUE_ITEMS}), too many to "
-                         "de-identify", reason="too_large")
+        raise too_many(count)
     _check_walked(count, limit)
     # Implicit VR as the standard says; explicit VR little endian as some writers leave it
     # (an explicit-VR sequence whose VR alone was lost).
     for implicit in ((True,) if elem.is_implicit_VR else (True, False)):
         try:
-            return _items(data, 0, len(data), implicit, True, charset, depth)
-        except (_Unusual, struct.error, InputError):
+            items = _items(data, 0, len(data), implicit, True, charset, depth, _MAX_OPAQUE_ITEMS)
+        except _HiddenData:
+            raise
+        except InputError as exc:
+            if exc.reason == "too_large":
+                raise too_many(None) from None
             continue
+        except (_Unusual, struct.error):
+            continue
+        _check_walked(len(items), limit)
+        return items
     return None  # not (only) items: opaque bytes, as pydicom reads them
 
 
@@ -1270,6 +1320,14 @@ _BASIC_PROFILE_CODE = basic_profile_code()
 # unknown VRs) returns None and the caller lets pydicom parse the sequence.
 
 
+class _HiddenData(InputError):
+    """Bytes after a delimiter inside a value of defined length (see
+    :func:`transforms.dicomio.hidden_data_error`): refused, never taken for opaque bytes."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(hidden_data_error(where).args[0], reason="not_dicom")
+
+
 class _Unusual(Exception):
     """The item scanner met a layout it leaves to pydicom."""
 
@@ -1311,6 +1369,8 @@ def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charse
         group, element, length = tag_len(data, pos)
         tag = group << 16 | element
         if tag == _SEQ_END:
+            if pos + 8 < end:
+                raise _HiddenData("a sequence of defined length")
             break
         if tag != _ITEM:
             raise _Unusual
@@ -1324,7 +1384,9 @@ def _items(data: bytes, pos: int, end: int, implicit: bool, little: bool, charse
             if pos + length > end:
                 raise InputError("a sequence item runs past the end of its sequence",
                                  reason="truncated")
-            elements, _ = _elements(data, pos, pos + length, implicit, little, depth, True)
+            elements, stop = _elements(data, pos, pos + length, implicit, little, depth, True)
+            if stop + 8 < pos + length:
+                raise _HiddenData("a sequence item of defined length")
             pos += length
         item = object.__new__(Dataset)
         attrs = item.__dict__
@@ -1469,6 +1531,7 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool, encodings: list[s
         encodings = _python_encodings(ds)
     delimiter = struct.pack(("<" if little else ">") + "HHL", 0xFFFE, 0xE0DD, 0)
     parts = []
+    shadow = None
     for tag in sorted(elements):
         if tag & 0xFFFF == 0:
             continue  # group lengths are not written (pydicom and DCMTK drop or recompute them)
@@ -1493,8 +1556,21 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool, encodings: list[s
                 parts.append(_header(tag, "SQ", len(body), False, little))
                 parts.append(body)
         else:
-            parts.append(_pydicom_element(ds, elem, implicit, little, encodings))
+            if shadow is None:
+                shadow = _shadow(ds)
+            parts.append(_pydicom_element(shadow, elem, implicit, little, encodings))
     return b"".join(parts)
+
+
+def _shadow(ds: Dataset) -> Dataset:
+    """A data set sharing ``ds``'s elements in a dict of its own: pydicom's conversions look
+    up private creators and PixelRepresentation through ``ds[tag]``, which converts a raw
+    element in place; an unchanged input item re-encoded in another syntax was so modified."""
+    shadow = object.__new__(Dataset)
+    shadow.__dict__.update(ds.__dict__)
+    shadow.__dict__["_dict"] = dict(ds._dict)
+    shadow.__dict__["_private_blocks"] = {}
+    return shadow
 
 
 def _pydicom_element(ds: Dataset | None, elem: Any, implicit: bool, little: bool,

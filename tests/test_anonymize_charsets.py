@@ -1,0 +1,68 @@
+"""Pseudonyms of names depend on the name, not on how the file encodes it.
+
+A patient's pseudonym is the keyed hash of the decoded name. Two encodings used to leak into
+it: a sequence item's own SpecificCharacterSet (PS3.5 7.5.3) was ignored, so a Latin-1 name
+nested in a UTF-8 file was decoded with U+FFFD in place of its accented letters (and names
+differing only there shared a pseudonym); and ISO 2022 IR 87 Japanese is 7-bit, so the ASCII
+shortcut hashed its escape sequences instead of the name. Found by a review of the engine.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from transforms import dicomio
+from transforms.engine import apply
+from transforms.identity import Key
+from transforms.request import parse_anonymize
+
+KEY = Key.from_bytes(b"charset-test-key-0123456789abcdef")
+PLAN = parse_anonymize({})
+
+
+def _file(charset: str | list[str], name: str, item_charset: str | None = None, nested: str | None = None) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    item = Dataset()
+    if item_charset is not None:
+        item.SpecificCharacterSet = item_charset
+    item.PatientName = nested if nested is not None else name
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    ds.ReferencedImageSequence = Sequence([item])
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def _names(data: bytes) -> tuple[str, str]:
+    out = dicomio.read_dataset(dicomio.write_dataset(apply(PLAN, dicomio.read_dataset(data), KEY)))
+    return str(out.PatientName), str(out.ReferencedImageSequence[0].PatientName)
+
+
+@pytest.mark.parametrize("name", ["M\u00fcller^Hans", "M\u00f6ller^Hans"])
+def test_a_nested_name_in_its_items_own_character_set(name: str):
+    data = _file("ISO_IR 192", name, item_charset="ISO_IR 100")
+    assert name.encode("latin-1") in data and name.encode("utf-8") in data  # both encodings are there
+    assert _names(data) == (KEY.patient_name(name),) * 2
+
+
+def test_names_differing_only_in_accented_letters_keep_different_pseudonyms():
+    first = _names(_file("ISO_IR 192", "Ren\u00e9", item_charset="ISO_IR 100", nested="M\u00fcller^Hans"))[1]
+    second = _names(_file("ISO_IR 192", "Ren\u00e9", item_charset="ISO_IR 100", nested="M\u00f6ller^Hans"))[1]
+    assert first != second
+
+
+def test_iso_2022_ir_87_names_get_the_pseudonym_of_the_name():
+    name = "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce=\u3084\u307e\u3060^\u305f\u308d\u3046"
+    iso_2022 = _file(["", "ISO 2022 IR 87"], name)
+    assert b"\x1b$B" in iso_2022  # the name is 7-bit: escape sequences and JIS pairs
+    utf8 = _file("ISO_IR 192", name)
+    assert _names(iso_2022) == _names(utf8) == (KEY.patient_name(name),) * 2
