@@ -1106,6 +1106,29 @@ def test_implicit_to_explicit_without_pixel_representation_writes_us_as_dcmtk(tm
     assert ("PixelRepresentation" in out) == (not missing)  # nothing added
 
 
+def test_explicit_to_implicit_without_pixel_representation_is_refused(tmp_path: Path):
+    """The other way: explicit VR said US or SS; implicit VR leaves it to the reader, which
+    without PixelRepresentation cannot tell (pydicom raises on the element), so the output
+    would be worse than its input. Found by the mutation run (Issue141.dcm, bytes dropped)."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.PixelRepresentation
+    ds.add_new(0x00280106, "US", 7)  # SmallestImagePixelValue, its VR said
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    row = _transcoded_row(tmp_path, buffer.getvalue(), "1.2.840.10008.1.2")
+    assert (row["status"], row["reason"], row["output_uri"]) == ("failed", "invalid_value", None)
+    assert row["detail"].endswith("written in implicit VR, element (0028,0106) would read back as US or SS with "
+                                  "nothing to tell which (no PixelRepresentation, say): readers fail on it")
+    with_it = pydicom.dcmread(get_testdata_file("MR_small.dcm"))  # PixelRepresentation 1: SS, fine
+    with_it.SmallestImagePixelValue = -7
+    buffer = io.BytesIO()
+    with_it.save_as(buffer, enforce_file_format=True)
+    (tmp_path / "2").mkdir()
+    row = _transcoded_row(tmp_path / "2", buffer.getvalue(), "1.2.840.10008.1.2")
+    assert row["status"] == "written"
+    assert pydicom.dcmread(row["output_uri"]).SmallestImagePixelValue == -7
+
+
 @pytest.mark.parametrize("missing", ["PixelRepresentation", "BitsAllocated", "Rows"])
 @pytest.mark.parametrize("target", ["1.2.840.10008.1.2.5", BIG_ENDIAN])
 def test_decoding_an_image_without_its_pixel_module_names_what_is_missing(tmp_path: Path, missing: str, target: str):

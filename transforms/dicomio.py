@@ -1546,9 +1546,9 @@ def _check_values_convert(ds: Dataset) -> None:
     value size (two bytes of CS on an FL tag are not a float); failing that, ``invalid_value``
     names the element without its value. Checked on the raw lengths, not by converting every
     value (that cost ~3 ms per file). Private elements (their VR comes from whichever private
-    dictionary a reader has; pydicom's ELSCINT1 entries disagree with real files) and US-or-SS
-    and the other ambiguous VRs (resolved by ``unsigned_without_pixel_representation`` when
-    written) are left to the reader."""
+    dictionary a reader has; pydicom's ELSCINT1 entries disagree with real files) are left to
+    the reader; the ambiguous VRs (US or SS, ...) must resolve as a reader resolves them, from
+    PixelRepresentation and the like, which a damaged file may lack (explicit VR said which)."""
     for tag, elem in list(ds._dict.items()):
         if tag >> 16 & 1:
             continue
@@ -1570,6 +1570,18 @@ def _check_values_convert(ds: Dataset) -> None:
                 )
             for item in items:
                 _check_values_convert(item)
+            continue
+        if " or " in vr:
+            try:
+                ds[tag]  # pydicom resolves it here, from PixelRepresentation and the like
+            except (RecursionError, MemoryError):
+                raise
+            except Exception:  # noqa: BLE001 - AttributeError: nothing to resolve it from
+                raise InputError(
+                    f"written in implicit VR, element ({tag >> 16:04X},{tag & 0xFFFF:04X}) would read back as "
+                    f"{vr} with nothing to tell which (no PixelRepresentation, say): readers fail on it",
+                    reason="invalid_value",
+                ) from None
             continue
         size = _VALUE_SIZES.get(vr)
         if size is None:
