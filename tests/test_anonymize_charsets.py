@@ -66,3 +66,20 @@ def test_iso_2022_ir_87_names_get_the_pseudonym_of_the_name():
     assert b"\x1b$B" in iso_2022  # the name is 7-bit: escape sequences and JIS pairs
     utf8 = _file("ISO_IR 192", name)
     assert _names(iso_2022) == _names(utf8) == (KEY.patient_name(name),) * 2
+
+
+@pytest.mark.parametrize("charset", ["ISO 2022 IR 87", "ISO 2022 IR 159"])
+def test_an_empty_value_in_a_list_under_iso_2022_multibyte_sets(charset: str):
+    """pydicom 3.0's encoders for these read the value's first character: an empty value inside
+    a replaced list ('a\\\\b' in JSON) was an internal error for every file; Orthanc writes
+    ['a', '', 'b'] (found by a differential run against it)."""
+    from transforms.request import parse_modify
+
+    data = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    plan = parse_modify({"Replace": {"SpecificCharacterSet": charset, "StudyDescription": "a\\\\b",
+                                     "OperatorsName": "Doe^^John"}})
+    with pytest.warns(UserWarning):  # pydicom: ASCII is not in a lone ISO 2022 multi-byte set
+        out = dicomio.write_dataset(apply(plan, dicomio.read_dataset(data), KEY))
+    written = pydicom.dcmread(io.BytesIO(out))
+    assert list(written.StudyDescription) == ["a", "", "b"]
+    assert written.get_item("OperatorsName").value == b"Doe^^John "  # an empty name component too

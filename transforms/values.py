@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import charset as _pydicom_charset
+from pydicom import filewriter as _pydicom_filewriter
 from pydicom import config
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VM
@@ -422,6 +423,21 @@ def _encode_jis_x_0201(value: str, errors: str = "strict") -> bytes:
 
 
 _pydicom_charset.custom_encoders["shift_jis"] = _encode_jis_x_0201
+
+
+def _encode_string(value: str, encodings: Sequence_[str]) -> bytes:
+    """pydicom's ``encode_string`` for its writer, except that an empty value is no bytes in
+    every character set: under a SpecificCharacterSet whose first value is ISO 2022 IR 87 or
+    IR 159, pydicom 3.0's encoder read the empty value's first character (IndexError, an
+    internal error for the file; 'a\\\\b' in JSON is such a list, and 'A^^B' a person name
+    with an empty component, both of which Orthanc writes), and its escape back to the first
+    set would have run into the next value's delimiter."""
+    return b"" if value == "" else _pydicom_encode_string(value, encodings)
+
+
+_pydicom_encode_string = _pydicom_charset.encode_string
+# The writer holds its own name for it; person names look it up in pydicom.charset.
+_pydicom_filewriter.encode_string = _pydicom_charset.encode_string = _encode_string
 
 
 def build_element(value: Value, *, little_endian: bool = True,
