@@ -1155,6 +1155,7 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
             return None
         pos += 8 + length
         count += 1
+
     def too_many(count: int | None) -> InputError:
         held = f"{count} items (more than {_MAX_OPAQUE_ITEMS})" if count else f"more than {_MAX_OPAQUE_ITEMS} items"
         return InputError(f"({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}): a value of unknown VR "
