@@ -647,18 +647,7 @@ class _Run:
                 # 6.2.2) whatever the file's syntax (or, as some writers leave it, explicit VR
                 # little endian): pydicom reads them in a big endian file's byte order, one
                 # garbage item, and the value used to be copied unread.
-                for implicit in (True, False):
-                    try:
-                        items = parse_items(elem.value, implicit, True, _character_set(holder), len(parents),
-                                            allowance)
-                    except _HiddenData:
-                        raise
-                    except InputError as exc:
-                        if exc.reason == "too_large":
-                            raise
-                        items = None
-                    if items is not None:
-                        break
+                items = _le_items(elem.value, (True, False), _character_set(holder), len(parents), allowance)
             if items is None:  # a layout the item scanner leaves to pydicom
                 parsed = paths.convert_sequence(elem, tag, _character_set(holder), holder)
                 if parsed.VR != "SQ":
@@ -1168,20 +1157,35 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
     _check_walked(count, limit)
     # Implicit VR as the standard says; explicit VR little endian as some writers leave it
     # (an explicit-VR sequence whose VR alone was lost).
-    for implicit in ((True,) if elem.is_implicit_VR else (True, False)):
+    try:
+        items = _le_items(data, (True,) if elem.is_implicit_VR else (True, False), charset, depth,
+                          _MAX_OPAQUE_ITEMS)
+    except InputError as exc:
+        if exc.reason == "too_large":
+            raise too_many(None) from None
+        raise
+    if items is None:
+        return None  # not (only) items: opaque bytes, as pydicom reads them
+    _check_walked(len(items), limit)
+    return items
+
+
+def _le_items(data: bytes, encodings: tuple[bool, ...], charset: Any, depth: int,
+              limit: int | None) -> list[Dataset] | None:
+    """The little-endian items a value of unknown VR holds, read in implicit VR (``True``
+    in ``encodings``) and then explicit VR, or None when neither reads. Data hidden after a
+    delimiter and too many items are errors; anything else only means "not this encoding"."""
+    for implicit in encodings:
         try:
-            items = _items(data, 0, len(data), implicit, True, charset, depth, _MAX_OPAQUE_ITEMS)
+            return _items(data, 0, len(data), implicit, True, charset, depth, limit)
         except _HiddenData:
             raise
         except InputError as exc:
             if exc.reason == "too_large":
-                raise too_many(None) from None
-            continue
+                raise
         except (_Unusual, struct.error):
-            continue
-        _check_walked(len(items), limit)
-        return items
-    return None  # not (only) items: opaque bytes, as pydicom reads them
+            pass
+    return None
 
 
 def _cleared_vr(elem: RawDataElement, tag: int) -> str | None:
