@@ -1125,8 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         storage = _storage_error(exc)
         if storage:  # input and output files' errors are rows: this is the run's own storage
-            _err(f"the run stopped on a storage error outside the per-file work (the audit, crosswalk or "
-                 f"summary folder, or a listing): {storage}; the audit may be incomplete")
+            where = getattr(exc, "where", None)  # RunFolderError: OUTPUT, before any file
+            if where:
+                _err(f"the run stopped before any file on a storage error in {where}: {storage}")
+            else:
+                _err(f"the run stopped on a storage error outside the per-file work (the audit, crosswalk "
+                     f"or summary folder, or a listing): {storage}; the audit may be incomplete")
             return EXIT_INTERNAL
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL

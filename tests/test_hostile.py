@@ -272,6 +272,67 @@ def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: 
     }
 
 
+def test_names_that_are_not_utf8_get_rows_whatever_made_them_listed(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]):
+    """A symbolic-link loop and an unlistable folder whose names are not UTF-8 used to reach
+    Beam under their raw names and stop the run in its coder (internal error, no audit): each
+    is listed under its printable name and gets its read_error row."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.fsencode(folder)
+    try:
+        os.symlink(os.path.join(raw, b"loopB"), os.path.join(raw, b"loop\xe9"))
+        os.mkdir(os.path.join(raw, b"locked\xe9"))
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    os.symlink(os.path.join(raw, b"loop\xe9"), os.path.join(raw, b"loopB"))
+    (folder / "good.dcm").write_bytes(CT.read_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and path.endswith("locked\udce9"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert sorted(files.expand_input(str(folder))) == sorted([
+        (str(folder / "good.dcm"), CT.stat().st_size), (str(folder / "loopB"), 0),
+        (str(folder / "loop\\xe9"), files.UNREADABLE_NAME), (str(folder / "locked\\xe9"), files.UNLISTABLE_FOLDER)])
+    code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                     "--quiet", "--processes", "0"])
+    assert code == cli.EXIT_SOME_FAILED, capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("dicom-deid: 3 of 4 input files failed (read_error 3)")
+    got = {Path(r["source_uri"]).name: (r["status"], r["detail"]) for r in read_rows(tmp_path / "out-audit")}
+    assert got == {
+        "good.dcm": ("written", None),
+        "loopB": ("failed", "read: OSError ELOOP"),
+        "loop\\xe9": ("failed", "read: the file name is not valid UTF-8 (shown with \\x escapes): rename the file"),
+        "locked\\xe9": ("failed", "read: this folder cannot be listed (no permission or an I/O error): "
+                        "the files in it were not processed"),
+    }
+
+
+def test_a_bucket_object_named_like_a_folder_is_input_when_it_holds_data(monkeypatch: pytest.MonkeyPatch):
+    """Only an empty object whose name ends in ``/`` is a folder placeholder (what the Cloud
+    Console creates); one holding data used to vanish without its audit row."""
+    pytest.importorskip("apache_beam.io.gcp.gcsio", reason="gs:// needs the gcp extra")
+    from transforms import beam as deid_beam
+
+    class Blob:
+        def __init__(self, name: str, size: int) -> None:
+            self.name, self.size = name, size
+
+    class Client:
+        def list_blobs(self, bucket: str, prefix: str):
+            assert (bucket, prefix) == ("archive", "in/a/")
+            yield from (Blob("in/a/", 0), Blob("in/a/b/", 39206), Blob("in/a/c.dcm", 10), Blob("in/a/d/", 0))
+
+    monkeypatch.setattr(deid_beam, "_gcs_client", lambda prefix: Client())
+    listed = list(deid_beam.ListPrefixFn().process(("gs://archive/in/**", "gs://archive/in/a/")))
+    assert listed == [("gs://archive/in/a/b/", 39206), ("gs://archive/in/a/c.dcm", 10)]
+
+
 def test_a_bucket_prefix_that_cannot_be_listed_gets_a_row(monkeypatch: pytest.MonkeyPatch):
     """A gs:// prefix whose listing fails part-way (after the client's own retries: access
     denied, the bucket gone) used to end the run with an internal error: the objects listed
@@ -821,3 +882,60 @@ def test_multi_valued_identifiers_are_mapped_up_to_a_bound_per_file(tmp_path: Pa
     for tag, value in ((0x00200052, "1"), (0x00100010, "A")):  # FrameOfReferenceUID, PatientName
         assert run(implicit(tag, "\\".join([value] * 1001)), "implicit.dcm")["reason"] == "too_large"
         assert run(implicit(tag, "\\".join([value] * 999)), f"implicit-{tag}.dcm")["status"] == "written"
+
+
+def test_one_file_output_may_have_the_longest_name(tmp_path: Path):
+    """The temporary copy beside a one-file OUTPUT was named ``.<name>.<12 hex>.tmp``: 18 bytes
+    over the name, so a name of 238 to 255 bytes, which the filesystem allows, failed."""
+    data = CT.read_bytes()
+    for length in (237, 238, 255):
+        target = tmp_path / ("n" * (length - 4) + ".dcm")
+        files.replace_local(data, str(target))
+        assert target.read_bytes() == data
+    assert sorted(len(p.name) for p in tmp_path.iterdir()) == [237, 238, 255]  # no temporaries left
+
+
+def test_a_full_disk_does_not_fail_a_file_already_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A rerun over a full OUTPUT: the temporary copy cannot be written, but a final file that
+    already holds the same bytes is the file (``written``); different bytes are a duplicate
+    as ever, and an absent one the storage error."""
+    import errno
+    import hashlib
+
+    data = CT.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    out = tmp_path / "out"
+    final = out / "study" / "series" / "sop.dcm"
+    files.publish(data, sha, str(final), str(out), "run1")
+
+    def full(fd, parts):
+        os.write(fd, b"DICM")  # part of it, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_write_all", full)
+    files.publish(data, sha, str(final), str(out), "run2")
+    assert final.read_bytes() == data
+    other = bytes(data[:-1]) + b"\x01"
+    with pytest.raises(files.DuplicateInstanceError):
+        files.publish(other, hashlib.sha256(other).hexdigest(), str(final), str(out), "run2")
+    with pytest.raises(OSError) as raised:
+        files.publish(data, sha, str(out / "study" / "series" / "new.dcm"), str(out), "run2")
+    assert raised.value.errno == errno.ENOSPC
+    assert not (out / "study" / "series" / "new.dcm").exists()
+    assert [p.name for p in (out / files.TMP_DIR_NAME / "run2").iterdir()] == []  # no partial copy left
+
+
+def test_an_output_folder_that_cannot_hold_the_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The run's mark in OUTPUT cannot be made (here a file stands where its temporary folder
+    goes; on a full disk, ENOSPC): the message names OUTPUT, not the audit folder, and says
+    that no file was processed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / files.TMP_DIR_NAME).write_bytes(b"")
+    code = cli.main(["anonymize", str(CT), str(out), "--key-file", str(write_key(tmp_path)), "--quiet",
+                     "--processes", "0"])
+    assert code == cli.EXIT_INTERNAL
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dicom-deid: the run stopped before any file on a storage error in OUTPUT {str(out)!r}: "
+        "EEXIST (File exists)")
+    assert not (tmp_path / "out-audit").exists()

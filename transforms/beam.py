@@ -110,9 +110,9 @@ class ExpandInputFn(beam.DoFn):
         bucket, name_prefix = parse_gcs_path(listing_prefix(pattern), object_optional=True)
         listing = client.list_blobs(bucket, prefix=name_prefix, delimiter="/")
         for blob in listing:
-            path = f"gs://{bucket}/{blob.name}"
-            if matches(path) and _is_input(path):
-                yield path, int(blob.size or 0)
+            path, size = f"gs://{bucket}/{blob.name}", int(blob.size or 0)
+            if matches(path) and _is_input(path, size):
+                yield path, size
         for prefix in sorted(listing.prefixes):  # complete once every page was read
             yield pvalue.TaggedOutput(PREFIX_TAG, (pattern, f"gs://{bucket}/{prefix}"))
 
@@ -127,7 +127,7 @@ class ListPrefixFn(beam.DoFn):
         client = _gcs_client(prefix)  # present: ExpandInputFn only fans out when it had one
         try:
             for path, size in list_gcs(client, prefix):
-                if matches(path) and _is_input(path):
+                if matches(path) and _is_input(path, size):
                     yield path, size
         except Exception:  # noqa: BLE001 - after the client's own retries (a denied or lost prefix)
             # The prefix gets its read_error row, as an unlistable local folder does; the run

@@ -221,14 +221,14 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
     names an existing object, or a prefix with objects under it.
     """
     if is_local(uri) and os.path.isdir(uri):
-        yield from (_shown(path, size) for path, size in _walk_local(uri.rstrip("/") or "/") if _is_input(path))
+        yield from (_shown(path, size) for path, size in _walk_local(uri.rstrip("/") or "/") if _is_input(path, size))
         return
     pattern = _input_pattern(uri)
     if pattern is None:
         yield uri, os.path.getsize(uri) if is_local(uri) else FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
         return
     for path, size in _match_streaming(pattern):
-        if _is_input(path):
+        if _is_input(path, size):
             yield path, size
 
 
@@ -308,9 +308,10 @@ def _remote_glob(uri: str) -> str | None:
     return uri
 
 
-def _is_input(path: str) -> bool:
-    """Not our temporaries, not a "folder" placeholder object of an object store."""
-    return f"/{TMP_DIR_NAME}/" not in path and not path.endswith("/")
+def _is_input(path: str, size: int) -> bool:
+    """Not our temporaries, not a "folder" placeholder object of an object store (an empty
+    object whose name ends in ``/``; one that holds data is input like any other)."""
+    return f"/{TMP_DIR_NAME}/" not in path and not (size == 0 and path.endswith("/"))
 
 
 def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
@@ -370,8 +371,14 @@ def _display_name(path: str) -> str:
 
 
 def _shown(path: str, size: int) -> tuple[str, int]:
-    """A listed ``(path, size)`` as it travels on: a name that is not UTF-8 in printable form."""
-    return (_display_name(path), size) if size == UNREADABLE_NAME else (path, size)
+    """A listed ``(path, size)`` as it travels on: a name that is not UTF-8 in printable form,
+    with the size ``UNREADABLE_NAME`` (its ``read_error`` row asks for a rename), whatever made
+    it listed: a file, a symlink loop, an entry that cannot be examined; a folder that cannot
+    be listed keeps ``UNLISTABLE_FOLDER``. Beam carries paths as UTF-8: a raw name would stop
+    the run in its coder."""
+    if size == UNREADABLE_NAME or not utf8_name(path):
+        return _display_name(path), UNLISTABLE_FOLDER if size == UNLISTABLE_FOLDER else UNREADABLE_NAME
+    return path, size
 
 
 def _walk_local(root: str) -> Iterator[tuple[str, int]]:
@@ -714,6 +721,15 @@ def run_tmp_dir(output_root: str, run_id: str) -> str:
     return FileSystems.join(output_root, TMP_DIR_NAME, run_id)
 
 
+class RunFolderError(OSError):
+    """A folder of the run itself (not one file's output) failed; ``where`` names it, e.g.
+    ``OUTPUT 'out/'`` (the folder the user gave, never a file's name)."""
+
+    def __init__(self, number: int | None, strerror: str | None, where: str) -> None:
+        super().__init__(number, strerror)
+        self.where = where
+
+
 #: Open lock files of the runs this process claimed, by (OUTPUT, run id).
 _CLAIMS: dict[tuple[str, str], int] = {}
 
@@ -734,12 +750,18 @@ def claim_local_tmp(output_root: str, run_id: str, sinks: Iterable[str | None] =
     import shutil
 
     tmp_root = os.path.join(output_root, TMP_DIR_NAME)
-    os.makedirs(tmp_root, exist_ok=True)
     own = run_id + ".lock"
-    fd = os.open(os.path.join(tmp_root, own), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    local_sinks = [os.path.abspath(root) for root in sinks if root is not None and is_local(root)]
-    os.write(fd, "".join(f"sink {root}\n" for root in local_sinks).encode("utf-8", "surrogateescape"))
+    fd = None
+    try:
+        os.makedirs(tmp_root, exist_ok=True)
+        fd = os.open(os.path.join(tmp_root, own), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        local_sinks = [os.path.abspath(root) for root in sinks if root is not None and is_local(root)]
+        os.write(fd, "".join(f"sink {root}\n" for root in local_sinks).encode("utf-8", "surrogateescape"))
+    except OSError as exc:  # e.g. ENOSPC, EACCES, EROFS: say which folder, not "the audit"
+        if fd is not None:
+            os.close(fd)
+        raise RunFolderError(exc.errno, exc.strerror, f"OUTPUT {_display_name(output_root)!r}") from None
     _CLAIMS[(output_root, run_id)] = fd
     for name in os.listdir(tmp_root):
         if not name.endswith(".lock") or name == own:
@@ -907,15 +929,27 @@ def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id:
     tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        fd = os.open(tmp, flags, 0o666)
-    except FileNotFoundError:
-        os.makedirs(tmp_dir, exist_ok=True)
-        fd = os.open(tmp, flags, 0o666)
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(tmp_dir, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
+    except OSError:
+        if _already_published(final, sha256):
+            return
+        raise
     try:
         try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        except OSError:
+            # A full disk (ENOSPC, EDQUOT) does not fail a file a previous run already wrote
+            # there: a rerun over a full OUTPUT still ends with every such row `written`.
+            if _already_published(final, sha256):
+                return
+            raise
         try:
             try:
                 os.link(tmp, final)  # atomic create-if-absent
@@ -942,11 +976,30 @@ def _publish_local(data: Any, sha256: str, final: str, output_root: str, run_id:
             pass
 
 
+#: The longest file name (bytes) of the usual local filesystems (ext4, xfs, btrfs, tmpfs).
+_NAME_MAX = 255
+
+
+def _already_published(final: str, sha256: str) -> bool:
+    """Whether ``final`` holds exactly the bytes of ``sha256`` (checked only after the
+    temporary copy could not be written). Different bytes are a duplicate, as ever."""
+    try:
+        existing = _sha256_of(final)
+    except OSError:
+        return False
+    if existing != sha256:
+        raise duplicate_instance_error() from None
+    return True
+
+
 def replace_local(data: Any, target: str) -> None:
     """Write ``target`` atomically (temporary file in the same folder, then ``os.replace``)."""
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
+    name = os.path.basename(target)
+    # ".<name>.<12 hex>.tmp" when that fits in a name (255 bytes), else without <name>.
+    shown = f".{name}" if len(os.fsencode(name)) <= _NAME_MAX - 18 else ""
+    tmp = os.path.join(folder, f"{shown}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         try:
