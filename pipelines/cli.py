@@ -1183,24 +1183,59 @@ def _exit_interrupted() -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-def _stop_children() -> None:
-    """SIGTERM this process's children that run Beam's SDK worker (multi_processing)."""
-    me = os.getpid()
+def _stop_children(wait: float = 5.0) -> None:
+    """SIGTERM the processes below this one that run Beam's SDK worker (multi_processing),
+    and give them ``wait`` seconds to end.
+
+    They are grandchildren (the DirectRunner starts each through ``/bin/sh -c``): stopping only
+    the shells left the workers writing for a moment after the run had removed its temporary
+    folder, which recreated it without its lock, for no later run to remove.
+    """
+    parents: dict[int, int] = {}
     try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        names = os.listdir("/proc")
     except OSError:
         return
-    for pid in pids:
+    for name in names:
+        if not name.isdigit():
+            continue
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
+            with open(f"/proc/{name}/stat", "rb") as f:
                 stat = f.read()
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) != me:
-                continue
+            parents[int(name)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    below: list[int] = []
+    frontier = [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        below.extend(children)
+        frontier.extend(children)
+    stopped = []
+    for pid in below:
+        try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"sdk_worker_main" in f.read():
                     os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError, IndexError):
+                    stopped.append(pid)
+        except OSError:
             continue
+    deadline = time.monotonic() + wait
+    while stopped and time.monotonic() < deadline:
+        stopped = [pid for pid in stopped if _running(pid)]
+        if stopped:
+            time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an ended process its parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
 def _terminate_like_interrupt() -> dict[int, Any]:

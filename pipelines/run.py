@@ -56,6 +56,7 @@ from transforms.files import remove_sink_temporaries, run_tmp_dir  # noqa: F401 
 from transforms.beam import (
     _METRICS_NAMESPACE,
     failed_row,
+    lost_file_matches,
     remove_local_tmp,
     DeidentifyInstances,
     ExpandInput,
@@ -378,6 +379,7 @@ def write_unclaimed(unclaimed: list[Any], cfg: RunConfig, audit_root: str, cross
     for path, size, result in unclaimed:
         if isinstance(result, WorkerLost):
             audit_rows.append(failed_row(path, size, cfg, result, "process"))
+            matched.update(lost_file_matches(path, size, cfg))
             continue
         audit, crosswalk, positions = result
         audit_rows.append(audit)

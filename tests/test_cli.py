@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -866,6 +867,14 @@ def test_a_signal_in_beams_multi_processing_mode_stops_its_workers_first(monkeyp
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
                               "apache_beam.runners.worker.sdk_worker_main"])
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # the DirectRunner starts its workers through /bin/sh -c: a grandchild, stopped as well, and
+    # ended before the cleanup runs (it wrote into the removed temporary folder, recreating it)
+    shell = subprocess.Popen(["/bin/sh", "-c", f"'{sys.executable}' -c 'import time; time.sleep(120)' "
+                              "apache_beam.runners.worker.sdk_worker_main; exit 0"])
+    deadline = time.monotonic() + 30
+    while not (grandchildren := Path(f"/proc/{shell.pid}/task/{shell.pid}/children").read_text().split()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     exits: list[int] = []
     ended = threading.Event()
     monkeypatch.setattr(cli, "INTERRUPT_GRACE_SECONDS", 0.2)
@@ -874,11 +883,13 @@ def test_a_signal_in_beams_multi_processing_mode_stops_its_workers_first(monkeyp
     try:
         with pytest.raises(KeyboardInterrupt):
             cli._on_terminate(signal.SIGTERM, None)
+        assert not cli._running(int(grandchildren[0]))
+        assert shell.wait(timeout=30) == -signal.SIGTERM  # its command line names the worker too
         assert child.wait(timeout=30) == -signal.SIGTERM
         assert ended.wait(timeout=30) and exits == [cli.EXIT_INTERRUPTED]
         assert bystander.poll() is None
     finally:
-        for process in (child, bystander):
+        for process in (child, bystander, shell):
             process.kill()
             process.wait()
 

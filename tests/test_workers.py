@@ -249,6 +249,23 @@ def test_a_worker_crash_is_one_failed_row_and_the_run_goes_on(tmp_path: Path, mo
     assert len(output_files(output)) == 6
 
 
+def test_a_resources_entry_whose_file_crashed_its_worker_was_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``ResourcesNotFound`` lists the entries that matched no input: an entry whose only file
+    ended its worker was listed too (its matches died with the worker); the file's header is
+    read again to say it was there."""
+    folder = tmp_path / "in"
+    inputs = _inputs(folder)
+    crash, other = Path(inputs[2][0]), Path(inputs[3][0])
+    uid = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (crash, other)}
+    monkeypatch.setattr(files, "process_file", _crash_on(crash.name))
+    body = json.dumps({"Resources": ["1.2.3.999", uid[crash], uid[other]]})
+    code, output, audit = _run(tmp_path, folder, "--processes", "2", "--body", body)
+    assert code == cli.EXIT_SOME_FAILED
+    statuses = {Path(r["source_uri"]).name: (r["status"], r["reason"]) for r in read_rows(audit)}
+    assert statuses[crash.name] == ("failed", "internal_error") and statuses[other.name] == ("written", None)
+    assert json.loads((audit / "summary.json").read_text())["ResourcesNotFound"] == [0]
+
+
 def test_pool_and_no_pool_write_the_same_files_and_rows(tmp_path: Path):
     folder = tmp_path / "in"
     _inputs(folder, n_ct=6)

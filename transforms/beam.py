@@ -52,6 +52,7 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     default_memory_budget,
     expand_input,
     failed_row,
+    lost_file_matches,
     failure_reason,
     finish_file,
     is_local,
@@ -248,7 +249,8 @@ class DeidentifyFn(beam.DoFn):
                 yield from (_in_global_window(value) for value in outputs) if windowed else outputs
                 continue
             if isinstance(result, WorkerLost):
-                audit, crosswalk, matched = failed_row(path, size, self._cfg, result, "process"), None, ()
+                audit, crosswalk = failed_row(path, size, self._cfg, result, "process"), None
+                matched = lost_file_matches(path, size, self._cfg)
             else:
                 audit, crosswalk, matched = result
             yield from self._matched(matched, windowed=windowed)

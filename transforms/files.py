@@ -1134,6 +1134,21 @@ def _matching_resources(ids: Identifiers, selection: dict[str, tuple[int, ...]])
     return sorted(position for name in names for position in selection.get(name, ()))
 
 
+def lost_file_matches(path: str, size: int, cfg: RunConfig) -> list[int]:
+    """The ``Resources`` positions that name a file whose worker process died on it (its
+    matches died with the worker): read again from the file's header, in this process, so
+    that ``ResourcesNotFound`` does not list an entry whose file was there and failed. Empty
+    when the request selects nothing or the header does not read."""
+    selection = _selection(cfg.plan)
+    if not selection:
+        return []
+    try:
+        header = read_header(path, size, cfg.max_bytes)
+        return [] if header is None else _matching_resources(identifiers_of(header), selection)
+    except Exception:  # noqa: BLE001 - a file that ended its worker: no matches, never a new failure
+        return []
+
+
 #: Where pydicom's BytesLengthException names the element ("... while trying to parse (0028,0103)").
 _PARSED_TAG = re.compile(r"(?<=parse )\([0-9A-F]{4},[0-9A-F]{4}\)")
 
