@@ -513,6 +513,41 @@ def test_a_copy_cut_short_does_not_take_the_good_copy_down(tmp_path: Path, cut_f
     assert [p.name for p in (tmp_path / "out").rglob("*.dcm")] == [Path(rows[good.name]["output_uri"]).name]
 
 
+def test_a_damaged_sequence_the_plan_rewrites_is_the_file_s_invalid_value(tmp_path: Path):
+    """A (7FE0,0010) of VR SQ and undefined length inside the evidence sequence a split
+    rewrites (a damaged file: a tag byte changed): pydicom's writer raised AttributeError while
+    re-encoding the sequence, and the row said internal_error (found by tests.mutation_run,
+    seed 78)."""
+    import struct
+
+    from tests.pipeline_support import explicit_element as element
+    from transforms.dicomio import write_dataset
+
+    folder = tmp_path / "in"
+    datasets = make_study(seed=19, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    path = next(folder.glob("000_*.dcm"))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+
+    def item(body: bytes) -> bytes:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+    damaged = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"SQ", 0, 0xFFFFFFFF)
+               + item(element(0x0008, 0x1155, b"UI", b"1.2.3.4.5")) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    series = element(0x0008, 0x1115, b"SQ", item(element(0x0020, 0x000E, b"UI", str(ds.SeriesInstanceUID).encode())
+                                                  + damaged))
+    evidence = element(0x0040, 0xA375, b"SQ", item(series + element(0x0020, 0x000D, b"UI",
+                                                                    str(ds.StudyInstanceUID).encode())))
+    path.write_bytes(write_dataset(ds) + evidence)
+    plan, key = _plan_for(folder, datasets)
+    cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
+    row, crosswalk = smf.process_instance(str(path), path.stat().st_size, plan, cfg)
+    assert (row["status"], row["reason"], row["detail"], crosswalk) == (
+        "failed", "invalid_value", "encode: element (0040,A375) cannot be encoded: its value does not fit its VR", None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_keep_source_that_cannot_keep_the_original_writes_nothing(tmp_path: Path):
     """KeepSource writes the original under its own UIDs. Where another file with other content
     already lies there (two inputs sharing Study/Series/SOP UIDs under two PatientIDs, as in the

@@ -1791,7 +1791,12 @@ def _encode_element(ds: Dataset, elem: Any, implicit: bool, little: bool, encodi
             return encoded
     try:
         return _pydicom_element(ds, elem, implicit, little, encodings)
-    except (ValueError, struct.error, OverflowError):  # (UnicodeEncodeError is a ValueError)
+    except (RecursionError, MemoryError):
+        raise  # (reasons of their own: too_deep, too_large)
+    except Exception:  # noqa: BLE001 - ValueError, struct.error, OverflowError (UnicodeEncodeError is a
+        # ValueError), and what pydicom's writer raises on a damaged element, e.g. AttributeError
+        # for a (7FE0,0010) of VR SQ and undefined length in an item: its check of the
+        # encapsulation calls bytes methods on the sequence
         tag = int(elem.tag)  # pydicom's messages quote the value: name the element only
         raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be encoded: its value does not "
                          "fit its VR", reason="invalid_value") from None
