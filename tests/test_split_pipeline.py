@@ -30,6 +30,7 @@ from transforms import splitmerge_files as smf
 from transforms.dicomio import read_dataset
 from tests.conftest import SPLIT_MERGE_KEY_BYTES as KEY_BYTES
 from transforms.errors import InputError
+from transforms.identity import Key
 
 KNEE_STUDY_ID = "0a9b3153-2512774b-2d9580de-1fc3dcf6-3bd83918"
 KNEE_T2_UID = "1.3.46.670589.11.17521.5.0.3124.2008081909090037350"
@@ -546,6 +547,50 @@ def test_a_damaged_sequence_the_plan_rewrites_is_the_file_s_invalid_value(tmp_pa
     assert (row["status"], row["reason"], row["detail"], crosswalk) == (
         "failed", "invalid_value", "encode: element (0040,A375) cannot be encoded: its value does not fit its VR", None)
     assert not (tmp_path / "out").exists()
+
+
+def test_pixel_data_under_a_text_vr_is_the_file_s_invalid_value_in_the_switch_to_utf8(tmp_path: Path):
+    """An encapsulated (7FE0,0010) whose VR was damaged into UC (undefined length) was read as a
+    view of the file, and the switch to UTF-8 (a Replace value the file's character set cannot
+    hold) decodes every text element: pydicom's decoder raised AttributeError on the view, an
+    internal_error (found by tests.mutation_run, seed 79). Read as the text its VR says, it
+    cannot be written back as UC of undefined length: invalid_value; without the switch, the
+    element is copied as read."""
+    import struct
+
+    from transforms.dicomio import write_dataset
+
+    folder = tmp_path / "in"
+    datasets = make_study(seed=20, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    path = next(folder.glob("000_*.dcm"))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG baseline: encapsulated pixel data
+
+    def item(body: bytes) -> bytes:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+    pixels = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"UC", 0, 0xFFFFFFFF) + item(b"") + item(b"\x00\x01" * 40000)
+              + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    path.write_bytes(write_dataset(ds) + pixels)
+    key = Key.from_bytes(KEY_BYTES)
+    index = [sm.index_entry(str(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.glob("*.dcm"))]
+    body = {"Series": [str(ds.SeriesInstanceUID)], "Replace": {"StudyDescription": "\u5317\u4eac"}}  # not Latin-1
+    plan = sm.plan_split(index, sm.parse_split(str(ds.StudyInstanceUID), body), key)
+    cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
+    row, _ = smf.process_instance(str(path), path.stat().st_size, plan, cfg)
+    assert (row["status"], row["reason"], row["detail"]) == (
+        "failed", "invalid_value", "encode: element (7FE0,0010) cannot be encoded: its value does not fit its VR")
+    assert not (tmp_path / "out").exists()
+    ds.StudyDescription = "Kopf"  # the same file, without the switch: copied as read
+    path.write_bytes(write_dataset(ds) + pixels)
+    body["Replace"] = {"StudyDescription": "Kopf"}
+    plan = sm.plan_split(index, sm.parse_split(str(ds.StudyInstanceUID), body), key)
+    row, _ = smf.process_instance(str(path), path.stat().st_size, plan, cfg)
+    assert (row["status"], row["reason"]) == ("moved", None)
+    assert Path(row["output_uri"]).read_bytes().endswith(pixels)
 
 
 def test_keep_source_that_cannot_keep_the_original_writes_nothing(tmp_path: Path):

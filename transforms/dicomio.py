@@ -1098,8 +1098,9 @@ def _scan_explicit_top(data: bytes, pos: int, end: int, little: bool, out: dict)
                 tag = base_tag(group << 16 | element)
                 if vr in ("UN", "SQ") and tag != 0x7FE00010:
                     vr = "SQ"
-                # Encapsulated pixel data (megabytes of fragments) stays a view, like _VIEW_VRS.
-                value = view[value_tell:stop] if tag == 0x7FE00010 else data[value_tell:stop]
+                # Encapsulated pixel data (megabytes of fragments) stays a view, like _VIEW_VRS;
+                # under a VR of text (a damaged file) bytes, as the code reading text expects.
+                value = view[value_tell:stop] if tag == 0x7FE00010 and vr in _VIEW_VRS else data[value_tell:stop]
                 out[tag] = new(raw_type, (tag, vr, length, value, value_tell, False, little, True, False))
                 continue
         else:
