@@ -14,7 +14,7 @@ from pydicom.tag import Tag
 from tests.conftest import samples_required
 from transforms import gen_profiles
 from transforms.errors import RequestError
-from transforms.profiles import BASIC_PROFILE_CODE, DEFAULT_VERSION, VERSIONS, get_profile
+from transforms.profiles import BASIC_PROFILE_CODE, DEFAULT_VERSION, EXTRA_REMOVALS_2024B, VERSIONS, get_profile
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SOURCE = REFERENCE / "orthanc-profiles.json"
@@ -310,3 +310,4 @@ def test_2023b_codes_agree_with_the_2024b_table():
     added_in_2024b = set(codes_2024b) - set(p.ps315_codes)
     assert all(codes_2024b[t] == "X" for t in added_in_2024b)
     assert len(added_in_2024b) == 13  # e.g. clinical trial (0012,00xx), (3006,002D)
+    assert added_in_2024b == EXTRA_REMOVALS_2024B  # removed from 2017c on (transforms.profiles)

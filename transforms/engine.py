@@ -1289,8 +1289,10 @@ class _TopCodes(dict):
                     code = _DELETE if plan.remove_private_tags else None
         else:
             code = self._top.get(tag)
-        if code is None and any(glo <= group <= ghi and elo <= element <= ehi
-                                for glo, ghi, elo, ehi in plan.removed_ranges):
+        if code is None and not group & 1 and any(glo <= group <= ghi and elo <= element <= ehi
+                                                  for glo, ghi, elo, ehi in plan.removed_ranges):
+            # Only the standard's repeating groups (5000-501E, 6000-601E: even): an odd group in
+            # those spans is private, kept by KeepPrivateTags at top level as Orthanc keeps it.
             code = _DELETE
         if len(self) > 65536:
             self.clear()

@@ -47,6 +47,28 @@ EXTRA_REFERENCE_UIDS: frozenset[int] = frozenset({
 })
 
 
+# Attributes the Basic Profile of PS3.15 2024b (Table E.1-1, action X) removes that Orthanc's
+# tables up to 2023b do not list, so they would be kept: dates of an ROI's creation and
+# observation and of the equipment, the people who made or read an ROI, and the issuers of
+# clinical-trial identifiers. From 2017c on we remove them, as EXTRA_REFERENCE_UIDS are
+# mapped (``Keep`` keeps them); the 2008 profile stays Orthanc's table.
+EXTRA_REMOVALS_2024B: frozenset[int] = frozenset({
+    0x00120022,  # IssuerOfClinicalTrialProtocolID
+    0x00120023,  # OtherClinicalTrialProtocolIDsSequence
+    0x00120032,  # IssuerOfClinicalTrialSiteID
+    0x00120041,  # IssuerOfClinicalTrialSubjectID
+    0x00120043,  # IssuerOfClinicalTrialSubjectReadingID
+    0x00120055,  # IssuerOfClinicalTrialTimePointID
+    0x00120073,  # IssuerOfClinicalTrialSeriesID
+    0x00181204,  # DateOfManufacture
+    0x00181205,  # DateOfInstallation
+    0x3006002D,  # ROIDateTime
+    0x3006002E,  # ROIObservationDateTime
+    0x3006004D,  # ROICreatorSequence
+    0x3006004E,  # ROIInterpreterSequence
+})
+
+
 @dataclass(frozen=True)
 class RemovedRange:
     """Tags whose group and element both fall in inclusive ranges (e.g. Curve Data 50xx,xxxx)."""

@@ -486,7 +486,8 @@ def parse_anonymize(
     Raises:
         RequestError: naming the offending key (e.g. ``DicomVersion`` with the allowed list).
     """
-    from transforms.profiles import DEFAULT_VERSION, EXTRA_REFERENCE_UIDS, VERSIONS, get_profile
+    from transforms.profiles import (DEFAULT_VERSION, EXTRA_REFERENCE_UIDS, EXTRA_REMOVALS_2024B, VERSIONS,
+                                     get_profile)
 
     body = _check_keys(body, ANONYMIZE_KEYS, "anonymize")
     common = _common(body, dictionary)
@@ -503,6 +504,7 @@ def parse_anonymize(
     builder.uids = set(profile.uids) | {PATIENT_ID, PATIENT_NAME}
     if profile.version != "2008":
         builder.uids |= EXTRA_REFERENCE_UIDS  # what the table misses (see transforms.profiles)
+        builder.removals |= EXTRA_REMOVALS_2024B  # (none is in any table: removal, clearing or UID)
     pending_method = Value(DEIDENTIFICATION_METHOD, "LO", None)  # text decided below
     pending_code = basic_profile_code()
     builder.replacements = {
