@@ -66,6 +66,23 @@ def test_private_tags_survive_without_remove_private_tags():
     assert result.StationName == "LOGIQBOOK"
 
 
+@pytest.mark.parametrize(("value", "stored"), [("unknowntext", b"unknowntext\x00"),
+                                               ("data:application/octet-stream;base64,AAAA", b"\x00" * 4),
+                                               (None, b"")])
+def test_a_private_sequence_replaced_by_a_value_has_no_items_for_a_path(value, stored):
+    """(6003,1010) of PrivateTags.dcm is a private sequence the dictionaries do not know:
+    replaced by text, bytes or null it is that value (UN), and a path below it reaches no
+    item, as in Orthanc 1.10.1. The path used to read the new bytes as items (pydicom's
+    private dictionary says SQ): the value was lost to one invented item, or the valid input
+    was refused as not_dicom."""
+    source = _read(sample("PrivateTags.dcm"))
+    for path in ("6003,1010[*].DerivationDescription", "(6003,1010)[0].(0008,2111)"):
+        result = _modify({"Replace": {"6003,1010": value, path: "x"}}, source)
+        elem = result._dict[0x60031010]
+        assert (elem.VR, elem.value) == ("UN", stored)
+    edited = _modify({"Replace": {"6003,1010[*].DerivationDescription": "x"}}, source)  # not replaced: items
+    assert [item.DerivationDescription for item in edited[0x60031010].value] == ["x", "x"]
+
 def test_modify_subsequences():  # TC-25, modification half
     source = _read(sample("Issue22-NoPixelData.dcm"))
     result = _modify({

@@ -558,7 +558,7 @@ class _Run:
         cache_key = (index, self.implicit, self.little, tuple(encodings), tuple(fitting))
         cached = self.replacement_cache.get(cache_key)
         if cached is not None:
-            return cached
+            return self.ws.made(cached)
         elem = build_element(value, little_endian=self.little, encodings=fitting)
         if elem.VR == "SQ":
             raw = self._raw_sequence(value.tag, elem, encodings)
@@ -569,7 +569,7 @@ class _Run:
         if len(self.replacement_cache) > 1024:
             self.replacement_cache.clear()
         self.replacement_cache[cache_key] = raw
-        return raw
+        return self.ws.made(raw)
 
     def _raw_sequence(self, tag: int, elem: DataElement,
                       encodings: list[str]) -> RawDataElement | None:

@@ -240,7 +240,16 @@ class Workspace:
     def __init__(self, root: Dataset) -> None:
         self._owned: set[int] = {id(root)}
         self._owned_elements: set[int] = set()
+        self._made: set[int] = set()
         self.items_left = MAX_WALKED_ITEMS
+
+    def made(self, raw: RawDataElement) -> RawDataElement:
+        """Record a raw element a replacement made (shared between outputs, never edited): a
+        path below it reaches items only when it is a sequence. As Orthanc: a private element
+        replaced by text is text, even where the file held a sequence there, and not the
+        items pydicom's dictionary would read into its bytes."""
+        self._made.add(id(raw))
+        return raw
 
     def adopt_sequence(self, elem: DataElement) -> DataElement:
         """Mark a sequence element made for the output (and its items) as owned."""
@@ -257,6 +266,8 @@ class Workspace:
         if current is None:
             return None
         if isinstance(current, RawDataElement):
+            if current.VR != "SQ" and id(current) in self._made:
+                return None  # a top-level Replace's value (text, bytes, null): not a sequence
             from transforms.dicomio import _character_set  # dicomio imports this module
 
             check_item_count(current, self.items_left)
