@@ -209,8 +209,8 @@ def parse_split(study: str, body: Any) -> SplitRequest:
     if not isinstance(replace_body, Mapping):
         raise RequestError("split: Replace must be an object mapping tag names to strings")
     replace: dict[int, str] = {}
-    for name, value in replace_body.items():
-        tag = _module_tag(name, "split: Replace")
+    for name, value in sorted(replace_body.items()):  # one tag under two names: the later name
+        tag = _module_tag(name, "split: Replace")       # in sorted order wins, as in Orthanc (jsoncpp)
         replace[tag] = _cast_split_value(tag, value)
     remove_body = body.get("Remove", [])
     if not isinstance(remove_body, list):
