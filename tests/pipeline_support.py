@@ -107,6 +107,11 @@ def pydicom_converts_all(data: bytes) -> bool:
     return True
 
 
+def explicit_item(body: bytes) -> bytes:
+    """One item of defined length (little endian) holding ``body``."""
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+
 def explicit_element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
     """One explicit VR little endian element, padded to an even length."""
     if len(value) % 2:

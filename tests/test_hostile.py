@@ -240,6 +240,19 @@ def test_a_name_that_spells_out_another_files_escapes_is_a_file_of_its_own(tmp_p
     assert rows == [(shown, "failed", "read_error", None), (shown, "written", None, len(CT.read_bytes()))]
 
 
+def _refuse_listing(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """``os.scandir`` refuses (EACCES) folders whose path ends in ``suffix``: root ignores
+    permissions, so a folder without read permission is simulated."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and path.endswith(suffix):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
 def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]):
     """A sub-folder without read permission (chmod 000; root ignores permissions, so the refusal
@@ -249,14 +262,7 @@ def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: 
     (folder / "locked").mkdir(parents=True)
     (folder / "locked" / "hidden.dcm").write_bytes(CT.read_bytes())
     (folder / "good.dcm").write_bytes(CT.read_bytes())
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if isinstance(path, str) and path.endswith("locked"):
-            raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    _refuse_listing(monkeypatch, "locked")
     assert sorted(files.expand_input(str(folder))) == sorted([
         (str(folder / "good.dcm"), CT.stat().st_size), (str(folder / "locked"), files.UNLISTABLE_FOLDER)])
     code = cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
@@ -288,14 +294,7 @@ def test_names_that_are_not_utf8_get_rows_whatever_made_them_listed(tmp_path: Pa
         pytest.skip("this filesystem refuses file names that are not UTF-8")
     os.symlink(os.path.join(raw, b"loop\xe9"), os.path.join(raw, b"loopB"))
     (folder / "good.dcm").write_bytes(CT.read_bytes())
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if isinstance(path, str) and path.endswith("locked\udce9"):
-            raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    _refuse_listing(monkeypatch, "locked\udce9")
     assert sorted(files.expand_input(str(folder))) == sorted([
         (str(folder / "good.dcm"), CT.stat().st_size), (str(folder / "loopB"), 0),
         (str(folder / "loop\\xe9"), files.UNREADABLE_NAME), (str(folder / "locked\\xe9"), files.UNLISTABLE_FOLDER)])

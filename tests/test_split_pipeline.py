@@ -481,13 +481,24 @@ def test_which_duplicate_moves_is_the_plans_choice_not_the_workers_order(tmp_pat
     assert "ImageComments" not in written or written.ImageComments != "same instance, other content"
 
 
-def _plan_for(folder: Path, datasets: list, keep_source: bool = False) -> tuple[sm.Plan, "Key"]:
-    from transforms.identity import Key
-
+def _plan_for(folder: Path, datasets: list, keep_source: bool = False,
+              replace: dict | None = None) -> tuple[sm.Plan, "Key"]:
     key = Key.from_bytes(KEY_BYTES)
     index = [sm.index_entry(str(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.glob("*.dcm"))]
-    body = {"Series": [str(datasets[0].SeriesInstanceUID)], "KeepSource": keep_source}
+    body = {"Series": [str(datasets[0].SeriesInstanceUID)], "KeepSource": keep_source, "Replace": replace or {}}
     return sm.plan_split(index, sm.parse_split(str(datasets[0].StudyInstanceUID), body), key), key
+
+
+def _one_ct_without_pixels(tmp_path: Path, seed: int) -> tuple[Path, list, Path, pydicom.Dataset]:
+    """A one-CT study in ``tmp_path/in``: (folder, datasets, the CT's path, its data set read
+    back without PixelData, for a test to append damaged elements to)."""
+    folder = tmp_path / "in"
+    datasets = make_study(seed=seed, n_ct=1, rtstruct=False, sr=False)
+    write_study(datasets, folder)
+    path = next(folder.glob("000_*.dcm"))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    return folder, datasets, path, ds
 
 
 @pytest.mark.parametrize("cut_first", [True, False])
@@ -522,18 +533,10 @@ def test_a_damaged_sequence_the_plan_rewrites_is_the_file_s_invalid_value(tmp_pa
     import struct
 
     from tests.pipeline_support import explicit_element as element
+    from tests.pipeline_support import explicit_item as item
     from transforms.dicomio import write_dataset
 
-    folder = tmp_path / "in"
-    datasets = make_study(seed=19, n_ct=1, rtstruct=False, sr=False)
-    write_study(datasets, folder)
-    path = next(folder.glob("000_*.dcm"))
-    ds = pydicom.dcmread(path)
-    del ds.PixelData
-
-    def item(body: bytes) -> bytes:
-        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
-
+    folder, datasets, path, ds = _one_ct_without_pixels(tmp_path, seed=19)
     damaged = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"SQ", 0, 0xFFFFFFFF)
                + item(element(0x0008, 0x1155, b"UI", b"1.2.3.4.5")) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
     series = element(0x0008, 0x1115, b"SQ", item(element(0x0020, 0x000E, b"UI", str(ds.SeriesInstanceUID).encode())
@@ -558,27 +561,16 @@ def test_pixel_data_under_a_text_vr_is_the_file_s_invalid_value_in_the_switch_to
     element is copied as read."""
     import struct
 
+    from tests.pipeline_support import explicit_item as item
     from transforms.dicomio import write_dataset
 
-    folder = tmp_path / "in"
-    datasets = make_study(seed=20, n_ct=1, rtstruct=False, sr=False)
-    write_study(datasets, folder)
-    path = next(folder.glob("000_*.dcm"))
-    ds = pydicom.dcmread(path)
-    del ds.PixelData
+    folder, datasets, path, ds = _one_ct_without_pixels(tmp_path, seed=20)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG baseline: encapsulated pixel data
-
-    def item(body: bytes) -> bytes:
-        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
-
     pixels = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"UC", 0, 0xFFFFFFFF) + item(b"") + item(b"\x00\x01" * 40000)
               + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
     path.write_bytes(write_dataset(ds) + pixels)
-    key = Key.from_bytes(KEY_BYTES)
-    index = [sm.index_entry(str(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.glob("*.dcm"))]
-    body = {"Series": [str(ds.SeriesInstanceUID)], "Replace": {"StudyDescription": "\u5317\u4eac"}}  # not Latin-1
-    plan = sm.plan_split(index, sm.parse_split(str(ds.StudyInstanceUID), body), key)
+    plan, key = _plan_for(folder, datasets, replace={"StudyDescription": "\u5317\u4eac"})  # not Latin-1
     cfg = smf.ApplyConfig(plan_uri="unused", output_root=str(tmp_path / "out"), run_id="run-1", key_id=key.key_id)
     row, _ = smf.process_instance(str(path), path.stat().st_size, plan, cfg)
     assert (row["status"], row["reason"], row["detail"]) == (
@@ -586,8 +578,7 @@ def test_pixel_data_under_a_text_vr_is_the_file_s_invalid_value_in_the_switch_to
     assert not (tmp_path / "out").exists()
     ds.StudyDescription = "Kopf"  # the same file, without the switch: copied as read
     path.write_bytes(write_dataset(ds) + pixels)
-    body["Replace"] = {"StudyDescription": "Kopf"}
-    plan = sm.plan_split(index, sm.parse_split(str(ds.StudyInstanceUID), body), key)
+    plan, _ = _plan_for(folder, datasets, replace={"StudyDescription": "Kopf"})
     row, _ = smf.process_instance(str(path), path.stat().st_size, plan, cfg)
     assert (row["status"], row["reason"]) == ("moved", None)
     assert Path(row["output_uri"]).read_bytes().endswith(pixels)
