@@ -930,3 +930,49 @@ def test_help_offers_one_file_mode_only_where_it_exists(command: str, one_file: 
         cli.main([command, "--help"])
     assert exit_.value.code == 0
     assert ("(or a .dcm file for one INPUT file)" in " ".join(capsys.readouterr().out.split())) is one_file
+
+
+def test_a_run_killed_with_sigkill_is_finished_by_the_next_run(tmp_path: Path):
+    """A real ``kill -9`` of the command and its workers part-way through a folder: what it
+    leaves is what the next run cleans up, and the next run into the same OUTPUT ends with every
+    input written once, byte for byte what an uninterrupted run writes, and no temporaries."""
+    import signal
+
+    from tests.pipeline_support import output_files
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    count = 400
+    for i in range(count):
+        source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{i + 1}"
+        source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+        source.save_as(folder / f"{i:04d}.dcm")
+    exe = Path(sys.executable).with_name("dicom-deid")
+    key = str(write_key(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    out, audit = tmp_path / "out", tmp_path / "out-audit"
+    killed = subprocess.Popen([str(exe), "anonymize", str(folder), str(out), "--key-file", key, "--quiet",
+                               "--processes", "2"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        published: list[Path] = []
+        while not published and killed.poll() is None and time.monotonic() < deadline:
+            if out.is_dir():
+                published = [p for p in out.rglob("*.dcm") if ".dicom-deid-tmp" not in p.parts]
+            time.sleep(0.02)
+        os.killpg(killed.pid, signal.SIGKILL)  # the command and every worker it started
+    finally:
+        killed.wait(timeout=60)
+    assert published and killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert [p.name for p in (out / ".dicom-deid-tmp").iterdir() if p.suffix == ".lock"]  # left behind
+    assert not audit.exists() or not read_rows(audit)  # no audit shard was committed
+
+    assert cli.main(["anonymize", str(folder), str(out), "--key-file", key, "--quiet"]) == 0
+    rows = read_rows(audit)
+    assert sorted(r["source_uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+    assert {r["status"] for r in rows} == {"written"}
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "clean"), "--key-file", key, "--quiet"]) == 0
+    assert output_files(out) == output_files(tmp_path / "clean")
+    assert len(output_files(out)) == count
