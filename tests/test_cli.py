@@ -936,6 +936,7 @@ def test_a_run_killed_with_sigkill_is_finished_by_the_next_run(tmp_path: Path):
     """A real ``kill -9`` of the command and its workers part-way through a folder: what it
     leaves is what the next run cleans up, and the next run into the same OUTPUT ends with every
     input written once, byte for byte what an uninterrupted run writes, and no temporaries."""
+    import fcntl
     import signal
 
     from tests.pipeline_support import output_files
@@ -966,7 +967,18 @@ def test_a_run_killed_with_sigkill_is_finished_by_the_next_run(tmp_path: Path):
     finally:
         killed.wait(timeout=60)
     assert published and killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert [p.name for p in (out / ".dicom-deid-tmp").iterdir() if p.suffix == ".lock"]  # left behind
+    locks = [p for p in (out / ".dicom-deid-tmp").iterdir() if p.suffix == ".lock"]
+    assert len(locks) == 1  # left behind, with the run's folder
+    # The workers die with the command, a moment after it: until then the lock is held and the
+    # next run would rightly take the folder for a live run's.
+    with open(locks[0], "rb") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline + 60, "the killed run's workers still hold its lock"
+                time.sleep(0.05)
     assert not audit.exists() or not read_rows(audit)  # no audit shard was committed
 
     assert cli.main(["anonymize", str(folder), str(out), "--key-file", key, "--quiet"]) == 0
