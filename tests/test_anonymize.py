@@ -867,3 +867,20 @@ def test_every_profile_tag_gets_its_action_at_the_top_level(version):
             wrong.append(f"{tag:08X} {action}: {elem!r}")
     assert wrong == []
     assert checked == {"2008": 47, "2017c": 264, "2021b": 446, "2023b": 594}[version]  # (the table but groups 0000, 0002 and _SET_BY_US)
+
+
+def test_a_sequence_given_in_replace_gets_the_nested_pass():
+    """As in Orthanc, a Replace sequence is walked like the file's own: its UIDs are mapped and
+    the profile's removals apply inside it; a PatientName in it gets the keyed pseudonym of
+    that name (Orthanc leaves nested PatientName alone; README, "Smaller differences")."""
+    source = _read(get_testdata_file("CT_small.dcm"))
+    item = {"ReferencedSOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "ReferencedSOPInstanceUID": "1.2.3.4.5",
+            "PatientName": "Doe^John", "StudyDescription": "free text", "CodeValue": "T-1"}
+    result = _anonymize({"Replace": {"ReferencedImageSequence": [item], "PatientName": "Doe^John"}}, source)
+    [nested] = result.ReferencedImageSequence
+    assert nested.ReferencedSOPInstanceUID == _uid("instance", "1.2.3.4.5")
+    assert nested.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert nested.PatientName == KEY.patient_name("Doe^John") != "Doe^John"
+    assert "StudyDescription" not in nested  # X in 2023b, at every depth
+    assert nested.CodeValue == "T-1"
+    assert result.PatientName == "Doe^John"  # the top-level replacement is the user's value
