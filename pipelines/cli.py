@@ -434,10 +434,16 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
             _refuse_file_in_the_way(name, folder)
     # Compared as real paths: a symbolic link must not hide OUTPUT inside INPUT (and by device
     # and inode, see _inside_local: nor a bind mount).
-    base = _real(input_uri if _scheme(input_uri) is None and os.path.exists(input_uri) else _glob_base(input_uri))
+    existing = _scheme(input_uri) is None and os.path.exists(input_uri)
+    base = _real(input_uri if existing else _glob_base(input_uri))
+    literal = existing or _glob_base(input_uri) == input_uri
     output, audit = _real(output), _real(audit)
     crosswalk = _real(crosswalk) if crosswalk is not None else None
     if _inside_local(output, base) or _inside_local(base, output):
+        if not literal and _inside_local(output, base):
+            raise UsageError(f"OUTPUT and INPUT overlap: INPUT is a pattern, whose files may lie anywhere under "
+                             f"{base!r} (its folder before the first *, ? or [), and OUTPUT is "
+                             "there: choose an OUTPUT outside it")
         raise UsageError("OUTPUT and INPUT overlap: choose an OUTPUT outside INPUT (and not containing it)")
     if _inside_local(audit, output):
         raise UsageError("--audit is inside OUTPUT: the audit must live beside the output, not in it")

@@ -227,6 +227,10 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"crosswalk": "a-file", "file": "a-file"}, "--crosswalk 'IN/a-file' exists and is not a folder"),
         ({"output": "a-file/out", "file": "a-file"}, "OUTPUT 'IN/a-file/out' cannot be created: 'IN/a-file' is a file, not a folder"),
         ({"output": "link/out", "link": "in/sub"}, "OUTPUT and INPUT overlap"),  # a symbolic link into INPUT
+        # a pattern reaches under its folder before the first wildcard ("in [1]" is no folder name there)
+        ({"input": "in [1]/*.dcm", "output": "out"}, "OUTPUT and INPUT overlap: INPUT is a pattern, whose files may "
+         "lie anywhere under 'IN' (its folder before the first *, ? or [), and OUTPUT is there"),
+        ({"input": "in/s*", "output": "in/out"}, "anywhere under 'IN/in' (its folder"),
         ({"output": "out[1]"}, "OUTPUT: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)"),
         ({"audit": "aud*"}, "--audit: the path must not contain *, ? or ["),
         ({"output": "aud/out", "audit": "aud"}, "OUTPUT is inside --audit"),
@@ -250,7 +254,7 @@ def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.Cap
         argv += ["--crosswalk", str(tmp_path / layout["crosswalk"])]
     code = cli.main(argv)
     line = _one_line_error(capsys.readouterr().err)
-    assert message.replace("IN/", f"{tmp_path}/") in line
+    assert message.replace("IN/", f"{tmp_path}/").replace("'IN'", repr(str(tmp_path))) in line
     assert code == cli.EXIT_USAGE
     assert not (tmp_path / "out").exists()
 
