@@ -109,6 +109,8 @@ MORE_PLANS = [
 
 #: A case that raises the process's peak resident size by more than this is a finding.
 _MEMORY_FINDING_MB = 1024
+#: A case that takes longer than this (seconds) is a finding: inputs under 1.5 MB take milliseconds.
+_TIME_FINDING_S = 10.0
 
 
 def _default_memory_mb() -> int:
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = PLANS + MORE_PLANS
     deadline, cases, broken = time.monotonic() + args.seconds, 0, Counter()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    slowest: list[tuple[float, int, str]] = []
     while time.monotonic() < deadline:
         base = rng.choice(files)
         original = base.read_bytes()
@@ -302,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             data = _mutate(original, mutations)
         plan_index = rng.randrange(len(plans))
         cases += 1
+        started = time.monotonic()
         if args.splitmerge:
             plan_index = rng.randrange(2)  # 0 split, 1 merge
             problem = _broken_splitmerge(data, base, rng.choice(files), merge=plan_index == 1,
@@ -313,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None and grown > _MEMORY_FINDING_MB:
             # Inputs under 1.5 MB never need gigabytes: the case that raised the peak is a finding.
             problem = f"memory: the peak resident size grew by {grown} MB"
+        took = time.monotonic() - started
+        slowest = sorted([*slowest, (took, cases, base.name)], reverse=True)[:5]
+        if problem is None and took > _TIME_FINDING_S:
+            # Nor seconds: a worker would stall on such a file (there is no per-file timeout).
+            problem = f"time: the case took {took:.1f} s"
         if problem is not None:
             broken[problem.split(":")[0]] += 1
             print(f"case {cases}: {base.name} {mutations!r} plan {plan_index}: {problem}", flush=True)
@@ -321,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.keep / f"seed{args.seed}-case{cases}-plan{plan_index}.dcm").write_bytes(data)
     print(f"{cases} cases, {sum(broken.values())} broke an invariant: {dict(broken)}")
     print(f"outcomes: {dict(_OUTCOMES.most_common())}")
+    print("slowest: " + ", ".join(f"case {case} ({name}) {took:.2f} s" for took, case, name in slowest))
     return 1 if broken else 0
 
 
