@@ -400,3 +400,26 @@ def test_multi_valued_references_are_compared_up_to_a_bound_per_file(tmp_path: P
     with pytest.raises(InputError, match=message) as raised:
         merged(1001)
     assert raised.value.reason == "too_large"
+
+
+def test_merge_copies_a_target_value_whose_padding_takes_it_past_256_bytes(tmp_path: Path) -> None:
+    """Orthanc 1.10.1's limit of 256 counts the value without its trailing padding: a
+    PatientComments of "Allergic to contrast" padded to 320 bytes is copied (checked against
+    it; it used to be removed), and so are 256 characters plus two spaces; 257 are not."""
+    refs = write_reference_studies(tmp_path)
+    target = pydicom.dcmread(refs["B/ct1.dcm"])
+    target.PatientComments = "Allergic to contrast" + " " * 300
+    target.StudyDescription = "x" * 256 + "  "
+    target.AccessionNumber = "y" * 257
+    target.save_as(refs["B/ct1.dcm"])
+    raw = read_dataset(refs["B/ct1.dcm"].read_bytes())
+    assert (raw._dict[0x00104000].length, raw._dict[0x00081030].length) == (320, 258)  # (written as padded)
+    index = index_of(list(refs.values()), STUDY_B)
+    assert first_instance(index, STUDY_B) == refs["B/ct1.dcm"]
+    plan = sm.plan_merge(index, sm.parse_merge(STUDY_B, {"Resources": [STUDY_A]}), KEY)
+    tags = dict(plan.set_tags)
+    assert (tags[0x00104000], tags[0x00081030]) == ("Allergic to contrast", "x" * 256)
+    assert 0x00080050 in plan.remove_tags and 0x00080050 not in tags
+    merged = applied(plan, refs["A/ct1.dcm"])
+    assert (merged.PatientComments, merged.StudyDescription) == ("Allergic to contrast", "x" * 256)
+    assert "AccessionNumber" not in merged

@@ -748,3 +748,27 @@ def test_the_readme_listing_snippet_names_the_studies_and_series_to_split(tmp_pa
                       for d in study}.values()
     )
     assert done.stdout.splitlines() == expected and done.stderr == ""
+
+
+@pytest.mark.parametrize("copy_unselected", [False, True])
+def test_an_instance_the_first_pass_missed_fails_instead_of_staying_behind(
+        samples: Path, tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch, copy_unselected: bool) -> None:
+    """A file of the moved series that the index pass could not read (a transient gs:// error,
+    or a file replaced between the passes) used to be "not selected": the series ended up in
+    two studies and the run exited 0 (found by a review). It now fails as read_error, exit 3."""
+    src = tmp_path / "in"
+    shutil.copytree(samples / "Knee", src)
+    missed = src / "T2" / "IM-0001-0003.dcm"
+    real = smf.index_file
+    monkeypatch.setattr(smf, "index_file", lambda path, *a: None if path == str(missed) else real(path, *a))
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    argv = ["split", str(src), str(out), "--study", KNEE_STUDY_ID, "--body", json.dumps({"Series": [KNEE_T2_UID]}),
+            "--key-file", str(key_file), "--audit", str(audit)]
+    assert run(argv + (["--copy-unselected"] if copy_unselected else [])) == cli.EXIT_SOME_FAILED
+    rows = {Path(r["source_uri"]).relative_to(src).as_posix(): r for r in audit_rows(audit)}
+    row = rows.pop("T2/IM-0001-0003.dcm")
+    assert (row["status"], row["reason"], row["output_uri"]) == ("failed", "read_error", None)
+    assert row["detail"] == ("select: this instance belongs to what the split moves, but the first pass could not index it "
+                             "(unreadable then, or changed since): rerun to move it")
+    assert {(name.split("/")[0], r["status"]) for name, r in rows.items()} == {
+        ("T1", "copied" if copy_unselected else "skipped"), ("T2", "moved")}

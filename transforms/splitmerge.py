@@ -284,7 +284,11 @@ def _text(ds: Dataset, keyword: str) -> str:
         # the index reads four values of every file of an archive.
         value = raw.value.decode("ascii")
     else:
-        value = peek(ds, keyword)
+        try:
+            value = peek(ds, keyword)
+        except Exception:  # noqa: BLE001 - a damaged VR (a PatientID of VR US, 3 bytes): its bytes
+            # as text, as the audit's identity columns read them (transforms.files.safe_str).
+            value = raw.value.decode("ascii", "replace") if isinstance(getattr(raw, "value", None), bytes) else ""
     if isinstance(value, (MultiValue, list, tuple)):
         value = "\\".join(str(v) for v in value)  # as stored: Orthanc hashes the text
     # A PatientID keeps its leading spaces, as Orthanc's ids do (DCMTK strips trailing only).
@@ -316,9 +320,16 @@ def _plain_string(ds: Dataset, tag: int) -> str | None:
     if raw is None:
         return None
     if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length > MAX_COPIED_LENGTH
-            and b"\0" not in (raw.value or b"")[: MAX_COPIED_LENGTH + 1]):
-        return None  # too long, without decoding it (a NUL would cut it short: see below)
-    elem = ds[tag]
+            and raw.value and raw.value[-1:] not in (b" ", b"\0")
+            and b"\0" not in raw.value[: MAX_COPIED_LENGTH + 1]):
+        # Too long, without decoding it. Not when it ends in padding, which the limit does not
+        # count (Orthanc copies "Allergic to contrast" padded to 320 bytes), nor with a NUL,
+        # which cuts it short: see below.
+        return None
+    try:
+        elem = ds[tag]
+    except Exception:  # noqa: BLE001 - undecodable (a damaged VR or length): not a plain string
+        return None
     if elem.VR == "SQ" or elem.VR in ("OB", "OW", "UN", "OD", "OF", "OL", "OV"):
         return None
     value = elem.value
@@ -909,6 +920,23 @@ def _decode_texts(ds: Dataset, encodings: list[str]) -> None:
                     if implicit is not None:
                         item.set_original_encoding(implicit, little, convert_encodings(_UTF8))
         ds._dict[tag] = elem
+
+
+def check_left_alone(plan: Plan, ds: Dataset) -> None:
+    """Raise when ``ds``, an input the plan does not move, is an instance of what it moves: a
+    file the first pass could not index (unreadable then, or changed since) must not be left
+    behind as "not selected", with its series split between two studies and the run green.
+
+    Raises:
+        InputError: ``read_error``.
+    """
+    sop, series = _text(ds, "SOPInstanceUID"), _text(ds, "SeriesInstanceUID")
+    if sop not in plan.sop_map and (series not in plan.series_map or series in plan.partial):
+        return
+    study = orthanc_ids(_text(ds, "PatientID"), _text(ds, "StudyInstanceUID"), "", "")["study"]
+    if study in plan.source_studies:
+        raise InputError(f"this instance belongs to what the {plan.operation} moves, but the first pass could "
+                         "not index it (unreadable then, or changed since): rerun to move it", reason="read_error")
 
 
 def apply_plan(plan: Plan, ds: Dataset, source: str) -> Dataset:

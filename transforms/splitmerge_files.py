@@ -100,8 +100,8 @@ def index_file(path: str, size: int, selector: IndexSelector, max_bytes: int) ->
         return None
     try:
         entry = sm.index_entry(path, ds, study_tags_for=selector.study_tags_for)
-    except Exception:  # noqa: BLE001 - an undecodable value: pass 2 records the failure
-        return None
+    except Exception:  # noqa: BLE001 - an undecodable value: if it is an instance the plan moves,
+        return None  # pass 2 fails it (splitmerge.check_left_alone), else it is left alone
     if not selector.grouped and not selector.matches(entry):
         return None
     return entry
@@ -202,6 +202,8 @@ def process_instance(
             header = read_header(path, size, cfg.max_bytes)
             if header is not None:
                 describe_input(header, row)
+                stage = "select"
+                sm.check_left_alone(plan, header)
                 row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")
                 return audit_row(**row, finished_at=utc_now()), None
         data = read_input(path, size, cfg.max_bytes, row)
@@ -209,6 +211,8 @@ def process_instance(
         ds = dicomio.read_dataset(data, max_inflated=cfg.max_bytes)
         describe_input(ds, row)
         if unselected:
+            stage = "select"
+            sm.check_left_alone(plan, ds)
             if not cfg.copy_unselected:
                 row.update(status=SKIPPED, reason="not_selected", detail=f"not selected by the {plan.operation}")
                 return audit_row(**row, finished_at=utc_now()), None
