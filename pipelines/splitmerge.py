@@ -269,8 +269,10 @@ def summarize(rows: Iterable[Mapping[str, Any]] | AuditTally, plan: sm.Plan, *, 
               reproducible: bool, copy_unselected: bool, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The run's answer, shaped like Orthanc's split/merge job content (behaviour §11, §12).
 
-    ``InstancesCount`` counts the instances the request moved, ``FailedInstancesCount`` every
-    failed input; ``Resources`` the new instances, series, study and patient (moved rows; at
+    ``InstancesCount`` counts the inputs moved or failed, ``FailedInstancesCount`` the failed
+    ones (within it, as in Orthanc's jobs; the anonymize summary counts written + failed alike:
+    the plan's count would include instances that then failed, and leave out failed inputs that
+    are no instance at all); ``Resources`` the new instances, series, study and patient (moved rows; at
     most ``SUMMARY_MAX_RESOURCES`` per level, ``ResourcesTruncated`` names the levels that had
     more).
     """
@@ -279,7 +281,7 @@ def summarize(rows: Iterable[Mapping[str, Any]] | AuditTally, plan: sm.Plan, *, 
     resources, truncated = tally.resources()
     summary: dict[str, Any] = {
         "Description": f"dicom-deid {plan.operation}",
-        "InstancesCount": plan.instances_count,
+        "InstancesCount": statuses[MOVED] + statuses[FAILED],
         "FailedInstancesCount": statuses[FAILED],
         "TargetStudy": plan.study_id,
         "TargetStudyUID": plan.study_uid,

@@ -772,3 +772,5 @@ def test_an_instance_the_first_pass_missed_fails_instead_of_staying_behind(
                              "(unreadable then, or changed since): rerun to move it")
     assert {(name.split("/")[0], r["status"]) for name, r in rows.items()} == {
         ("T1", "copied" if copy_unselected else "skipped"), ("T2", "moved")}
+    summary = json.loads((audit / "summary.json").read_text())
+    assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (26, 1)  # 25 moved + the failed one

@@ -389,11 +389,6 @@ class Plan:
         """``move`` or ``unselected``."""
         return MOVE if source in self.moves else UNSELECTED
 
-    @property
-    def instances_count(self) -> int:
-        """Number of inputs that move (duplicates included)."""
-        return len(self.moves)
-
     def describe(self) -> str:
         """Short text for the audit's ``request`` column (no identifiers, no values)."""
         parts = [f"{self.operation}: {len(self.moves)} instance(s) in {len(self.series_map)} series"]
