@@ -240,7 +240,7 @@ def group_by_study(instances: int, workers_list: list[int], repeat: int, workdir
     with_tags = [e._replace(study_tags=sm.copied_study_tags(read_dataset(Path(e.source).read_bytes())))
                  if e.study_uid == first_study else e for e in entries]  # fmt: skip
     timing = _median(lambda: sm.plan_merge(with_tags, merge_req, KEY), repeat)
-    record("plan_merge over the index (driver)", 1, timing, f"{timing[2].instances_count} moved")
+    record("plan_merge over the index (driver)", 1, timing, f"{len(timing[2].moves)} moved")
     for workers in workers_list:
         for command, body in (("split", {"Series": [f"{ROOT}.0.0"]}), ("merge", {"Resources": [f"{ROOT}.1"]})):
             def run_cli(command: str = command, body: dict = body, workers: int = workers) -> int:
