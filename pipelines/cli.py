@@ -275,6 +275,11 @@ def parse_json(text: str, where: str) -> Any:
                 raise UsageError(f"{where}: invalid JSON at {_error_position(strict, lenient)}") from None
     except RecursionError:
         raise UsageError(f"{where}: JSON nested too deeply") from None
+    except UsageError:
+        raise
+    except ValueError:  # after JSONDecodeError (a subclass): Python's limit on integer digits
+        raise UsageError(f"{where}: invalid JSON: a number with more digits than can be read "
+                         f"(at most {sys.get_int_max_str_digits():,})") from None
     if constants:
         raise UsageError(f"{where}: invalid JSON: {constants[0]} is not a JSON number")
     if duplicates:
@@ -292,16 +297,22 @@ def _error_position(strict: json.JSONDecodeError, lenient: ValueError) -> str:
     return f"line {found[1]} column {found[3]}: {what}"
 
 
+#: Characters a --config file may hold (a body with large data: URIs stays far below).
+_CONFIG_MAX_CHARS = 64 << 20
+
+
 def load_request(body: str | None, config: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The request body and its optional ``Dictionary`` (private tags), from --body or --config."""
     if config is not None:
         try:
             with open(config, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(_CONFIG_MAX_CHARS + 1)  # /dev/zero, a mistyped log file: bounded
         except OSError as exc:
             raise UsageError(f"--config {config!r}: cannot read ({exc.strerror or type(exc).__name__})") from None
         except UnicodeDecodeError:
             raise UsageError(f"--config {config!r}: not UTF-8 text") from None
+        if len(text) > _CONFIG_MAX_CHARS:
+            raise UsageError(f"--config {config!r}: larger than {_CONFIG_MAX_CHARS >> 20} MiB: not a request body")
         where = f"--config {config!r}"
     elif body is not None:
         text, where = body, "--body"

@@ -145,6 +145,10 @@ def _nested_items(levels: int) -> list:
         (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
         (["--no_such_beam_option", "1"], "dicom-deid: unknown option(s): --no_such_beam_option 1 (not a dicom-deid option nor a Beam pipeline option)"),
         (["--body", "[" * 5000 + "]" * 5000], "dicom-deid: --body: JSON nested too deeply"),
+        # Python's limit on integer digits raised a plain ValueError: "internal error", exit 1
+        (["--body", '{"Replace": {"Rows": ' + "9" * 5000 + "}}"],
+         f"dicom-deid: --body: invalid JSON: a number with more digits than can be read (at most {sys.get_int_max_str_digits():,})"),
+        (["--config", "/dev/zero"], "dicom-deid: --config '/dev/zero': larger than 64 MiB: not a request body"),
         (["--body", json.dumps({"Replace": {"ReferencedImageSequence": _nested_items(100)}})],
          "dicom-deid: Replace: values nested more than 64 sequence levels deep (the most a DICOM file read here may hold)"),
         (["--direct_running_mode", "fast"], "dicom-deid: Beam option: argument --direct_running_mode: invalid choice: 'fast' (choose from 'in_memory', 'multi_threading', 'multi_processing')"),
