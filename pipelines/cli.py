@@ -1055,6 +1055,9 @@ def _check_single_locations(input_file: str, output: str, audit: str | None, cro
             raise UsageError("--crosswalk must not be, or hold, the INPUT or OUTPUT file")
         if real_audit and (_inside(real_cw, real_audit) or _inside(real_audit, real_cw)):
             raise UsageError("--crosswalk is inside --audit (or the reverse): keep original identifiers apart from the audit")
+    # As a folder run: a crosswalk (original identifiers) written into a release folder, or a
+    # DICOM file into an audit folder (whose readers then fail on it), is refused.
+    _refuse_earlier_runs_files(os.path.dirname(real_out), real_audit, real_cw)
 
 
 def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, input_uri: str, output: str) -> int:

@@ -313,6 +313,19 @@ def test_folders_of_an_earlier_run_keep_their_own_kind(tmp_path: Path, capsys: p
         assert cli.main(["anonymize", str(tmp_path / "in"), *args, *key]) == cli.EXIT_USAGE
         assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cw", "deid.key", "in", "rel1", "rel1-audit"]
+    # One-file mode too (it skipped these checks: found by a review): its OUTPUT's folder,
+    # --audit and --crosswalk keep their kinds.
+    one = sorted((tmp_path / "in").rglob("*.dcm"))[0]
+    single = [
+        ([str(tmp_path / "one.dcm"), "--crosswalk", str(rel1)], cases[0][1]),
+        ([str(tmp_path / "rel1-audit" / "x.dcm")], cases[2][1]),
+        ([str(tmp_path / "one.dcm"), "--audit", str(tmp_path / "cw")], cases[3][1]),
+    ]
+    for args, message in single:
+        assert cli.main(["anonymize", str(one), *args, *key]) == cli.EXIT_USAGE
+        assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cw", "deid.key", "in", "rel1", "rel1-audit"]
+    assert not list((tmp_path / "rel1-audit").glob("*.dcm"))
     # the same run again, into the same three folders
     assert cli.main(["anonymize", str(tmp_path / "in"), str(rel1), "--crosswalk", str(tmp_path / "cw"), *key]) == 0
 
