@@ -1215,3 +1215,23 @@ def test_a_derivation_code_sequence_pydicom_cannot_read_is_not_dicom():
     with pytest.raises(InputError, match=r"^sequence \(0008,9215\) cannot be parsed$") as info:
         tc.transcode_for_plan(plan, new, KEY)
     assert info.value.reason == "not_dicom"
+
+
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80",
+                                    "1.2.840.10008.1.2.4.70"])
+@pytest.mark.parametrize("flag", [None, "00"])
+def test_a_lossy_source_decoded_to_a_lossless_syntax_stays_marked_lossy(target: str, flag: str | None) -> None:
+    """A JPEG baseline file without LossyImageCompression: its syntax was the only record of the
+    lossy step, and a lossless transcode dropped it (found by a review; Orthanc writes 01, as
+    PS3.3 C.7.6.1.1.5 asks: once lossy, always 01). A lossless source is not marked."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    if flag is None:
+        del ds.LossyImageCompression
+    else:
+        ds.LossyImageCompression = flag
+    back = _reread(tc.transcode(ds, target))
+    assert back.file_meta.TransferSyntaxUID == target
+    assert back.LossyImageCompression == "01"
+    lossless = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert "LossyImageCompression" not in _reread(tc.transcode(lossless, target))

@@ -108,6 +108,11 @@ SUPPORTED: dict[str, str] = {
 #: Supported targets that lose information (a new SOPInstanceUID is due).
 LOSSY: frozenset[str] = frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEGLS_NEAR_LOSSLESS, J2K})
 
+#: Sources whose pixels may have been through a lossy step: the lossy targets, JPEG 2000 Part 2
+#: multi-component (4.93) and High-Throughput JPEG 2000 without "Lossless Only" (4.203), as
+#: DCMTK counts them. Decoded to a lossless syntax, the file keeps LossyImageCompression 01.
+LOSSY_SOURCES: frozenset[str] = LOSSY | {"1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203"}
+
 #: Targets where only the data set encoding changes; the pixel bytes are not compressed.
 NATIVE: frozenset[str] = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE})
 
@@ -732,6 +737,10 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
             f"written in {', '.join(sorted(NATIVE))}"
         )
     arr, pi = _decode(out, source)
+    if source in LOSSY_SOURCES and target not in LOSSY:
+        # PS3.3 C.7.6.1.1.5: once lossy, always 01; the syntax was the only record of it when
+        # the attribute is missing (Orthanc/DCMTK write 01 too; found by a review).
+        _set(out, "LossyImageCompression", "01")
     if target in NATIVE:
         _store_native(out, arr, pi)
         if not _is_little(target):
