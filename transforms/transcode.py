@@ -784,12 +784,15 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
 
 
 def _check_high_bits(out: Dataset, source: str, target: str) -> None:
-    """Refuse unsigned native pixel data with bits set at or above BitsStored (the retired
-    embedded overlays above HighBit, stray bits, or a HighBit above BitsStored - 1): every
-    compressed target keeps bits 0 to BitsStored - 1 only, and the decoders mask the rest on
-    both sides of the check, so the loss would go unseen."""
-    if source not in NATIVE or int(out.get("PixelRepresentation", 0) or 0) != 0:
+    """Refuse native pixel data with bits set at or above BitsStored (the retired embedded
+    overlays above HighBit, stray bits, or a HighBit above BitsStored - 1): every compressed
+    target keeps bits 0 to BitsStored - 1 only, and the decoders mask the rest on both sides of
+    the check, so the loss would go unseen. Signed data may hold its sign there: bits above
+    BitsStored that are all 1 beside a set sign bit (or all 0) are the value itself (the
+    decoders sign-extend them alike); any other pattern was dropped unseen (found by a review)."""
+    if source not in NATIVE:
         return
+    signed = int(out.get("PixelRepresentation", 0) or 0) != 0
     bits, stored = int(out.BitsAllocated), int(out.get("BitsStored", out.BitsAllocated) or out.BitsAllocated)
     if bits not in (8, 16, 32) or stored >= bits:
         return
@@ -799,6 +802,11 @@ def _check_high_bits(out: Dataset, source: str, target: str) -> None:
     order = "<" if _is_little(source) else ">"
     words = np.frombuffer(value, dtype=f"{order}u{bits // 8}")
     if words.size and int(np.bitwise_or.reduce(words)) >> stored:
+        if signed:
+            upper = words >> stored
+            extended = (upper == (1 << (bits - stored)) - 1) & ((words >> (stored - 1)) & 1 == 1)
+            if bool(np.all((upper == 0) | extended)):
+                return
         high = int(out.get("HighBit", stored - 1) or stored - 1)
         where = f"above HighBit {high}" if high == stored - 1 else f"at or above bit {stored} (HighBit {high})"
         raise CannotTranscode(
