@@ -1285,13 +1285,15 @@ def _storage_error(exc: BaseException) -> str | None:
     number = None
     while current is not None and id(current) not in seen and number is None:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno:
+        # Not a name lookup (socket.gaierror: negative EAI_* numbers, e.g. Beam's Prism runner
+        # failing to download itself offline said "storage error: -2"; found by a review).
+        if isinstance(current, OSError) and current.errno and current.errno > 0:
             number = current.errno
         current = current.__cause__ or current.__context__
     if number is None:
         found = re.search(r"(?:OSError|Error): \[Errno (\d+)\]", str(exc)[:20000])
         number = int(found.group(1)) if found else None
-    if not number:
+    if not number or number < 0:
         return None
     return f"{errno_names.errorcode.get(number, number)} ({os.strerror(number)})"
 

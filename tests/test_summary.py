@@ -136,6 +136,16 @@ def test_storage_errors_are_named_by_their_error_number_only():
     except RuntimeError as chained:
         assert cli._storage_error(chained) == "EACCES (Permission denied)"
     assert cli._storage_error(ValueError("no error number here")) is None
+    # A failed name lookup (offline, a runner downloading itself) is no storage error.
+    import socket
+
+    try:
+        try:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        except OSError as exc:
+            raise RuntimeError("could not fetch the runner") from exc
+    except RuntimeError as lookup:
+        assert cli._storage_error(lookup) is None
 
 
 def test_a_full_audit_disk_is_one_line_naming_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
