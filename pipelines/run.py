@@ -128,10 +128,29 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
         raise UnknownOptions(f"unknown option(s): {discarded[0]} (not a dicom-deid option nor a Beam pipeline option)")
     standard = options.view_as(StandardOptions)
     standard.runner = canonical_runner(standard.runner) if standard.runner else "DirectRunner"
+    if isinstance(standard.runner, str) and "." not in standard.runner and (
+            standard.runner.lower() not in _BEAM_RUNNER_NAMES):
+        # Beam refuses it too, but only after the checks that take an unknown runner for a
+        # remote one ("give the key as gs://"): a typo deserves its own line (found by a review).
+        raise UnknownOptions(f"--runner {standard.runner!r}: not a Beam runner (known: "
+                             f"{', '.join(sorted(StandardOptions.KNOWN_RUNNER_NAMES))}, or a runner class's "
+                             "qualified name)")
     return options
 
 
 _KNOWN_RUNNERS = {name.lower(): name for name in StandardOptions.KNOWN_RUNNER_NAMES}
+
+
+def _beam_runner_names() -> frozenset[str]:
+    """Every short runner name Beam's ``create_runner`` takes (lower case, "Runner" included)."""
+    from apache_beam.runners import runner as beam_runner
+
+    names = {name.lower() for name in StandardOptions.KNOWN_RUNNER_NAMES}
+    names |= {path.rsplit(".", 1)[-1].lower() for path in getattr(beam_runner, "_RUNNER_MAP", {}).values()}
+    return frozenset(names)
+
+
+_BEAM_RUNNER_NAMES = _beam_runner_names()
 
 
 def canonical_runner(name: str) -> str:

@@ -1009,3 +1009,17 @@ def test_a_run_killed_with_sigkill_is_finished_by_the_next_run(tmp_path: Path):
     assert cli.main(["anonymize", str(folder), str(tmp_path / "clean"), "--key-file", key, "--quiet"]) == 0
     assert output_files(out) == output_files(tmp_path / "clean")
     assert len(output_files(out)) == count
+
+
+@pytest.mark.parametrize("runner", ["Direkt", "DirectRuner"])
+def test_a_misspelt_runner_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str], runner: str):
+    """An unknown --runner was taken for a remote runner, and the refusal said to give the key
+    as gs:// (found by a review); Beam would refuse the name anyway, after those checks."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    code = cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                     "--runner", runner])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == cli.EXIT_USAGE
+    assert line.startswith(f"dicom-deid: --runner {runner!r}: not a Beam runner (known: BundleBasedDirectRunner, "
+                           "DataflowRunner, DirectRunner, ")
+    assert not (tmp_path / "out").exists()
