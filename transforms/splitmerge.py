@@ -926,7 +926,9 @@ def check_left_alone(plan: Plan, ds: Dataset) -> None:
         InputError: ``read_error``.
     """
     sop, series = _text(ds, "SOPInstanceUID"), _text(ds, "SeriesInstanceUID")
-    if sop not in plan.sop_map and (series not in plan.series_map or series in plan.partial):
+    # A series that moves whole, or a moved instance of it (the same SOPInstanceUID in a series
+    # that stays is another instance to Orthanc: found by the mutation run).
+    if series not in plan.series_map or (series in plan.partial and sop not in plan.sop_map):
         return
     study = orthanc_ids(_text(ds, "PatientID"), _text(ds, "StudyInstanceUID"), "", "")["study"]
     if study in plan.source_studies:
