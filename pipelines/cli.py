@@ -273,13 +273,11 @@ def parse_json(text: str, where: str) -> Any:
                 parsed = json5.loads(text, object_pairs_hook=pairs, parse_constant=constant)
             except ValueError as lenient:
                 raise UsageError(f"{where}: invalid JSON at {_error_position(strict, lenient)}") from None
+        except ValueError:  # not a JSONDecodeError (above): Python's limit on integer digits
+            raise UsageError(f"{where}: invalid JSON: a number with more digits than can be read "
+                             f"(at most {sys.get_int_max_str_digits():,})") from None
     except RecursionError:
         raise UsageError(f"{where}: JSON nested too deeply") from None
-    except UsageError:
-        raise
-    except ValueError:  # after JSONDecodeError (a subclass): Python's limit on integer digits
-        raise UsageError(f"{where}: invalid JSON: a number with more digits than can be read "
-                         f"(at most {sys.get_int_max_str_digits():,})") from None
     if constants:
         raise UsageError(f"{where}: invalid JSON: {constants[0]} is not a JSON number")
     if duplicates:

@@ -129,7 +129,7 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     standard = options.view_as(StandardOptions)
     standard.runner = canonical_runner(standard.runner) if standard.runner else "DirectRunner"
     if isinstance(standard.runner, str) and "." not in standard.runner and (
-            standard.runner.lower() not in _BEAM_RUNNER_NAMES):
+            standard.runner.lower() not in _KNOWN_RUNNERS):
         # Beam refuses it too, but only after the checks that take an unknown runner for a
         # remote one ("give the key as gs://"): a typo deserves its own line (found by a review).
         raise UnknownOptions(f"--runner {standard.runner!r}: not a Beam runner (known: "
@@ -138,26 +138,25 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-_KNOWN_RUNNERS = {name.lower(): name for name in StandardOptions.KNOWN_RUNNER_NAMES}
-
-
-def _beam_runner_names() -> frozenset[str]:
-    """Every short runner name Beam's ``create_runner`` takes (lower case, "Runner" included)."""
+def _known_runners() -> dict[str, str]:
+    """Every short runner name Beam's ``create_runner`` takes, by its lower-case spelling: the
+    public list and its (private) map, which also holds experimental ones."""
     from apache_beam.runners import runner as beam_runner
 
-    names = {name.lower() for name in StandardOptions.KNOWN_RUNNER_NAMES}
-    names |= {path.rsplit(".", 1)[-1].lower() for path in getattr(beam_runner, "_RUNNER_MAP", {}).values()}
-    return frozenset(names)
+    names = [*StandardOptions.KNOWN_RUNNER_NAMES,
+             *(path.rsplit(".", 1)[-1] for path in getattr(beam_runner, "_RUNNER_MAP", {}).values())]
+    return {name.lower(): name for name in names}
 
 
-_BEAM_RUNNER_NAMES = _beam_runner_names()
+_KNOWN_RUNNERS = _known_runners()
 
 
 def canonical_runner(name: str) -> str:
     """``--runner`` as Beam resolves it (``create_runner``): any case, "Runner" optional
     (``direct``, ``dataflow``), or a Beam runner's qualified class name; so that the command's
     checks (local or remote, where the key may go) see the runner Beam will start. Any other
-    name as given (treated as a remote runner)."""
+    name as given: :func:`pipeline_options` refuses a short one, and takes another module's
+    qualified class name for a remote runner."""
     if not isinstance(name, str):
         return name
     lower = name.lower()
