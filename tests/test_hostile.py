@@ -278,6 +278,40 @@ def test_a_folder_that_cannot_be_listed_gets_a_row(tmp_path: Path, monkeypatch: 
     }
 
 
+def test_a_folder_that_cannot_be_listed_gets_a_row_under_a_glob_too(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """With a glob INPUT (``in/**/*.dcm``, the README's example) the unlistable folder's marker
+    used to be dropped by the pattern (the folder's name is not ``*.dcm``): its files vanished
+    and the run ended with status 0. It is reported wherever files of the pattern may lie in
+    it, and folders where none can are neither reported nor walked."""
+    folder = tmp_path / "in"
+    for sub in ("a/locked", "b", "c/locked"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "b" / "x.dcm").write_bytes(CT.read_bytes())
+    walked: list[str] = []
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        walked.append(str(path))
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    size = CT.stat().st_size
+    assert sorted(files.expand_input(f"{folder}/**/*.dcm")) == [
+        (f"{folder}/a/locked", files.UNLISTABLE_FOLDER), (f"{folder}/b/x.dcm", size),
+        (f"{folder}/c/locked", files.UNLISTABLE_FOLDER)]
+    assert sorted(files.expand_input(f"{folder}/*/locked/*.dcm")) == [
+        (f"{folder}/a/locked", files.UNLISTABLE_FOLDER), (f"{folder}/c/locked", files.UNLISTABLE_FOLDER)]
+    walked.clear()
+    assert sorted(files.expand_input(f"{folder}/[ab]/*.dcm")) == [(f"{folder}/b/x.dcm", size)]
+    assert sorted(walked) == [str(folder), f"{folder}/a", f"{folder}/b"]  # c/ and a/locked: no match can lie there
+    walked.clear()
+    assert sorted(files.expand_input(f"{folder}/*.dcm")) == []
+    assert walked == [str(folder)]
+
+
 def test_names_that_are_not_utf8_get_rows_whatever_made_them_listed(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]):

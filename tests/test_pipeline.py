@@ -284,6 +284,26 @@ def test_rerun_is_idempotent(tmp_path: Path, study_folder: Path):
     assert json.loads((audit / "summary.json").read_text())["RunId"] in runs
 
 
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_a_selected_file_that_fails_after_its_header_was_found(tmp_path: Path, processes: str,
+                                                                capsys: pytest.CaptureFixture[str]):
+    """A file a Resources entry names whose pixel data is cut short: its header matched, the
+    whole read failed (truncated), and ``ResourcesNotFound`` used to list its entry as matching
+    no input, against the audit's own failed row."""
+    ct = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "cut.dcm").write_bytes(ct.read_bytes()[:-1000])
+    (folder / "other.dcm").write_bytes(Path(pydicom.data.get_testdata_file("MR_small.dcm")).read_bytes())
+    body = {"Resources": [str(pydicom.dcmread(ct).SOPInstanceUID), "1.2.3.404"]}
+    code, output, audit = _run(tmp_path, folder, "--body", json.dumps(body), "--processes", processes)
+    assert code == 3
+    got = {Path(r["source_uri"]).name: (r["status"], r["reason"]) for r in read_rows(audit)}
+    assert got == {"cut.dcm": ("failed", "truncated"), "other.dcm": ("skipped", "not_selected")}
+    assert json.loads((audit / "summary.json").read_text())["ResourcesNotFound"] == [1]
+    assert "1 of 2 Resources entries matched no input (positions 1, counting from 0)" in capsys.readouterr().err
+
+
 def test_resources_select_by_uid_and_orthanc_id(tmp_path: Path, study_folder: Path, capsys: pytest.CaptureFixture[str]):
     study_a = make_study(seed=1)
     study_b = make_study(seed=2, patient_name="OTHERFAMILY^OTHERGIVEN", patient_id="PID-OTHER-0002")

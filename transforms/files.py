@@ -329,13 +329,37 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
     matches = pattern_matcher(pattern)
     prefix = listing_prefix(pattern)
     if is_local(pattern):
-        yield from (_shown(p, n) for p, n in _walk_local(os.path.dirname(prefix) or ".") if matches(p))
+        holds = _folder_matcher(pattern)
+        for p, n in _walk_local(os.path.dirname(prefix) or ".", descend=holds):
+            # A folder that cannot be listed is reported where files of the pattern may lie in
+            # it (its name is not one the pattern matches: in/**/*.dcm, in/a/locked).
+            if matches(p) or (n == UNLISTABLE_FOLDER and holds(p)):
+                yield _shown(p, n)
     elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
         yield from ((p, n) for p, n in list_gcs(client, prefix) if matches(p))
     else:
         for result in FileSystems.match([pattern]):
             for meta in result.metadata_list:
                 yield meta.path, int(meta.size_in_bytes)
+
+
+def _folder_matcher(pattern: str) -> Any:
+    """Whether files under a folder may match the local ``pattern``: the folder's names match
+    the pattern's first components one by one, and a component is left for the file's name; a
+    component holding ``**`` matches any depth from there on. (Beam's ``*``, ``?`` and sets
+    never match a ``/``.)"""
+    parts = pattern.split("/")
+    component = [None if "**" in part else pattern_matcher(part) for part in parts]
+
+    def holds(folder: str) -> bool:
+        for i, name in enumerate(folder.split("/")):
+            if component[i] is None:
+                return True
+            if i == len(parts) - 1 or not component[i](name):
+                return False
+        return True
+
+    return holds
 
 
 def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
@@ -381,8 +405,9 @@ def _shown(path: str, size: int) -> tuple[str, int]:
     return path, size
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    """``(path, size)`` of every file under ``root``, one open folder at a time."""
+def _walk_local(root: str, descend: Any = None) -> Iterator[tuple[str, int]]:
+    """``(path, size)`` of every file under ``root``, one open folder at a time; with
+    ``descend``, only in the sub-folders for which it is true."""
     folders = [root]
     while folders:
         folder = folders.pop()
@@ -392,7 +417,7 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                 for entry in it:
                     try:
                         if entry.is_dir():
-                            if not entry.is_symlink():
+                            if not entry.is_symlink() and (descend is None or descend(entry.path)):
                                 folders.append(entry.path)
                         elif not utf8_name(entry.path):  # matched on the real name, then shown
                             entries.append((entry.path, UNREADABLE_NAME))
@@ -1136,9 +1161,10 @@ def _matching_resources(ids: Identifiers, selection: dict[str, tuple[int, ...]])
 
 def lost_file_matches(path: str, size: int, cfg: RunConfig) -> list[int]:
     """The ``Resources`` positions that name a file whose worker process died on it (its
-    matches died with the worker): read again from the file's header, in this process, so
-    that ``ResourcesNotFound`` does not list an entry whose file was there and failed. Empty
-    when the request selects nothing or the header does not read."""
+    matches died with the worker), or that failed to read or parse before its identifiers were
+    known: read again from the file's header, so that ``ResourcesNotFound`` does not list an
+    entry whose file was there and failed. Empty when the request selects nothing or the
+    header does not read."""
     selection = _selection(cfg.plan)
     if not selection:
         return []
@@ -1487,6 +1513,10 @@ def prepare_file(
         if not is_work_failure(exc):  # Exceptions and codec panics; not KeyboardInterrupt
             raise
         failure = exc, stage
+        if matched is not None and stage in ("read", "parse"):
+            # Failed before its identifiers were read (pixel data cut short behind a header that
+            # matched): the header still says which entries named it, as for a lost worker.
+            matched.extend(lost_file_matches(path, size, cfg))
     finally:
         ds = new = None  # drop large data sets before building the row
     return _failed(row, *failure)
