@@ -91,6 +91,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, *, one_file: bool = True) -> None:
     p.add_argument("input", metavar="INPUT", help="file, folder (recursive), glob, or gs:// prefix or glob")
     p.add_argument("output", metavar="OUTPUT", help="output folder or gs:// prefix"
@@ -177,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="local runs (DirectRunner in_memory or multi_threading): processes that de-identify the files, "
             "started before the pipeline (default: one per usable CPU, container quota included; none with "
             "one CPU; 0: in Beam's own process)",
+        )
+        p.add_argument(
+            "--file-timeout",
+            type=_seconds,
+            metavar="S",
+            default=None,
+            help="with worker processes: seconds one file may take before its worker is stopped and the file "
+            "fails with reason timeout (default: 900)",
         )
     for command, (summary, study_help, body_help) in _SPLIT_MERGE_HELP.items():
         p = sub.add_parser(command, help=summary, description=f"{summary}. {body_help}")
@@ -979,6 +997,9 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     else:
         processes = local_processes(options, args.processes, local=local_runner)  # may refuse
         pipeline_run.check_options(options)
+    if args.file_timeout is not None and not processes:
+        raise UsageError("--file-timeout: the deadline is kept by the worker processes of a local run, and this run "
+                         "has none (--processes 0, one CPU, or another runner)")
     _warn_random_key(key)
     mixed = other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
     progress_dir = progress_folder(args, local_runner)
@@ -1001,11 +1022,12 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
 
                 claim_local_tmp(output, run_id, sinks=(where.audit, where.crosswalk))  # also sweeps what killed runs left
             if processes:
-                from transforms.workers import LocalPool
+                from transforms.workers import DEFAULT_FILE_TIMEOUT, LocalPool
 
                 try:
                     # Forked now: before Beam starts its threads (and, early, before it is imported).
-                    pool = LocalPool(cfg, key, processes, head_start=_head_start(input_uri, processes) if early else None)
+                    pool = LocalPool(cfg, key, processes, head_start=_head_start(input_uri, processes) if early else None,
+                                     file_timeout=args.file_timeout or DEFAULT_FILE_TIMEOUT)
                 except OSError as exc:  # e.g. EAGAIN: a process limit
                     _err(f"warning: cannot start {processes} worker processes ({type(exc).__name__}): "
                          "the files are processed in Beam's own process")

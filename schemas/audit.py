@@ -24,7 +24,9 @@ reason                 string       null when written; else a code of ``transfor
                                     ``too_large``, ``invalid_uid``, ``invalid_value``,
                                     ``refused_by_request``, ``duplicate_instance``,
                                     ``cannot_transcode``, ``not_selected``, ``read_error``,
-                                    ``write_error``, ``internal_error``, ``dicomdir`` (skipped)
+                                    ``write_error``, ``internal_error``, ``dicomdir`` (skipped),
+                                    ``timeout`` (a worker process spent more than
+                                    ``--file-timeout`` on the file)
 detail                 string       short explanation for people (names the stage, tag keyword or
                                     exception type; never a value from the file); null when written
 operation              string       ``modify``, ``anonymize``, ``split`` or ``merge``

@@ -123,9 +123,55 @@ def test_a_dead_worker_fails_only_the_file_it_had_in_hand(tmp_path: Path, monkey
     # the row the DoFn makes of it
     row = files.failed_row(lost[0], 123, _cfg(tmp_path / "out"), results[lost[0]], "process")
     assert (row["status"], row["reason"], row["bytes_in"], row["output_uri"]) == ("failed", "internal_error", 123, None)
-    assert row["detail"] == (
-        "process: the worker process ended while processing this file (native crash, out-of-memory kill or signal)"
-    )
+    assert row["detail"] == "process: the worker process ended with status 3 while processing this file"
+
+
+@pytest.mark.parametrize(("exitcode", "detail"), [
+    (-9, "killed by signal 9 (SIGKILL: the out-of-memory killer or kill -9)"),
+    (-11, "killed by signal 11 (SIGSEGV: a native crash)"),
+    (-10, "killed by signal 10 (a signal)"),
+    (None, "ended (native crash, out-of-memory kill or signal)"),
+])
+def test_a_lost_worker_says_how_it_ended(exitcode, detail):
+    assert str(workers.WorkerLost(exitcode)) == f"the worker process {detail} while processing this file"
+
+
+def _hang_on(name: str):
+    real = files.process_file
+
+    def process_file(path, size, cfg, key, **kwargs):
+        if Path(path).name == name:
+            while True:  # as a codec caught in a loop (no signal, no answer)
+                time.sleep(0.05)
+        return real(path, size, cfg, key, **kwargs)
+
+    return process_file
+
+
+def test_a_file_past_the_deadline_fails_with_timeout_and_the_rest_goes_on(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """A file that never finishes used to hold the run forever (and the files queued behind it
+    on that worker): past ``file_timeout`` its worker is killed, the file fails with reason
+    ``timeout`` and the queued files move to the other worker."""
+    inputs = _inputs(tmp_path / "in")
+    stuck = Path(inputs[1][0]).name
+    monkeypatch.setattr(files, "process_file", _hang_on(stuck))
+    started = time.monotonic()
+    with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, depth=3, file_timeout=1.0) as pool:
+        pids = [w.process.pid for w in pool._workers]
+        for path, size in inputs:
+            assert pool.submit("me", path, size)
+        results = _take_all(pool, "me")
+        assert len(pool._workers) == 1
+    assert time.monotonic() - started < 60
+    assert sorted(results) == sorted(p for p, _ in inputs)
+    timed_out = [p for p, r in results.items() if isinstance(r, workers.FileTimedOut)]
+    assert [Path(p).name for p in timed_out] == [stuck]
+    assert sorted(r[0]["status"] for p, r in results.items() if p not in timed_out) == ["failed"] + ["written"] * 6
+    row = files.failed_row(timed_out[0], 123, _cfg(tmp_path / "out"), results[timed_out[0]], "process")
+    assert (row["status"], row["reason"], row["detail"]) == (
+        "failed", "timeout", "process: processing took more than 1 s (--file-timeout): the worker process was stopped")
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]  # the stuck one killed, the other stopped
 
 
 def test_without_workers_the_files_come_back_to_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -188,6 +234,53 @@ def test_workers_end_when_the_command_is_killed(tmp_path: Path):
     while any(map(running, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(map(running, pids))
+
+
+def test_a_worker_stuck_in_a_file_ends_with_the_command(tmp_path: Path):
+    """A worker notices the parent's end between files; one stuck inside a file used to run on
+    as an orphan until killed by hand: the kernel kills it with its parent (PR_SET_PDEATHSIG)."""
+    inputs = _inputs(tmp_path / "in")
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.test_workers import _cfg
+        from tests.pipeline_support import KEY
+        from transforms import files
+        from transforms.workers import LocalPool
+        from pathlib import Path
+        def stuck(*args, **kwargs):
+            Path({str(tmp_path / "began")!r}).touch()
+            while True:
+                time.sleep(0.05)
+        files.process_file = stuck
+        pool = LocalPool(_cfg(Path({str(tmp_path)!r})), KEY, processes=2)
+        print(" ".join(str(w.process.pid) for w in pool._workers), flush=True)
+        pool.submit("me", {inputs[0][0]!r}, {inputs[0][1]})
+        while not os.path.exists({str(tmp_path / "began")!r}):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2 and (tmp_path / "began").exists()
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in pids if running(pid)]
+    for pid in alive:  # (a failure must not leave the stuck worker behind)
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
 
 
 def test_default_processes_is_the_usable_cpus(monkeypatch: pytest.MonkeyPatch):
@@ -285,6 +378,10 @@ def test_pool_and_no_pool_write_the_same_files_and_rows(tmp_path: Path):
     [
         (["--processes", "-1"], "--processes: must be 0 or more"),
         (["--processes", "two"], "--processes: must be a whole number"),
+        (["--file-timeout", "0"], "--file-timeout: must be more than 0 seconds"),
+        (["--file-timeout", "nan"], "--file-timeout: must be more than 0 seconds"),
+        (["--file-timeout", "soon"], "--file-timeout: must be a number of seconds"),
+        (["--processes", "0", "--file-timeout", "60"], "--file-timeout: the deadline is kept by the worker processes"),
         (
             ["--processes", "2", "--direct_running_mode", "multi_processing"],
             "--processes: not with --direct_running_mode multi_processing (Beam's own processes)",
@@ -314,6 +411,31 @@ def _command(tmp_path: Path, folder: Path, patch: str, *extra: str, out: str = "
     ) + textwrap.dedent(patch) + "sys.exit(cli.main(sys.argv[1:]))\n"
     return [sys.executable, "-c", script, "anonymize", str(folder), str(tmp_path / out),
             "--key-file", str(write_key(tmp_path)), "--processes", "2", "--quiet", *extra]
+
+
+def test_the_command_fails_a_file_past_its_deadline_and_finishes(tmp_path: Path):
+    """End to end: one file never finishes; with --file-timeout 2 the run ends, the file has
+    its failed / timeout row, every other file its usual row, the summary counts it."""
+    folder = tmp_path / "in"
+    inputs = _inputs(folder)
+    stuck = Path(inputs[2][0]).name
+    patch = f"""
+    def hang(path, *args, **kwargs):
+        while path.endswith({stuck!r}):
+            time.sleep(0.05)
+        return real(path, *args, **kwargs)
+    files.process_file = hang
+    """
+    done = subprocess.run(_command(tmp_path, folder, patch, "--file-timeout", "2"), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    assert done.stderr == "dicom-deid: 2 of 8 input files failed (not_dicom 1, timeout 1); see " \
+        f"{tmp_path / 'out-audit'}\n"
+    rows = {Path(r["source_uri"]).name: (r["status"], r["reason"]) for r in read_rows(tmp_path / "out-audit")}
+    assert rows[stuck] == ("failed", "timeout")
+    assert sorted(v for k, v in rows.items() if k != stuck) == [("failed", "not_dicom")] + [("written", None)] * 6
+    summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
+    assert summary["Reasons"] == {"not_dicom": 1, "timeout": 1}
 
 
 _SLOW_FILES = """

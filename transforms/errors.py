@@ -24,6 +24,7 @@ REASONS = (
     "write_error",
     "internal_error",
     "dicomdir",
+    "timeout",
 )
 
 #: Reasons whose rows are ``skipped``, not ``failed`` (no alert: nothing is wrong with the run).

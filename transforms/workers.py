@@ -49,11 +49,24 @@ from typing import Any, Hashable
 
 from transforms.errors import DeidError
 
-__all__ = ["LocalPool", "WorkerLost", "cgroup_cpu_quota", "default_processes", "pool_for"]
+__all__ = ["DEFAULT_FILE_TIMEOUT", "FileTimedOut", "LocalPool", "WorkerLost", "cgroup_cpu_quota", "default_processes", "pool_for"]
 
 _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
 _CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the run stops
+
+
+#: Seconds a worker may spend on one file before it is stopped and the file fails (``timeout``).
+DEFAULT_FILE_TIMEOUT = 900.0
+
+_SIGNAL_CAUSES = {
+    signal.SIGKILL: "SIGKILL: the out-of-memory killer or kill -9",
+    signal.SIGSEGV: "SIGSEGV: a native crash",
+    signal.SIGBUS: "SIGBUS: a native crash",
+    signal.SIGABRT: "SIGABRT: a native abort",
+    signal.SIGILL: "SIGILL: a native crash",
+    signal.SIGFPE: "SIGFPE: a native crash",
+}
 
 
 class WorkerLost(DeidError):
@@ -61,9 +74,25 @@ class WorkerLost(DeidError):
 
     reason = "internal_error"
 
-    def __init__(self) -> None:
-        super().__init__(
-            "the worker process ended while processing this file (native crash, out-of-memory kill or signal)"
+    def __init__(self, exitcode: int | None = None) -> None:
+        if exitcode is not None and exitcode < 0:
+            how = f"killed by signal {-exitcode} ({_SIGNAL_CAUSES.get(-exitcode, 'a signal')})"
+        elif exitcode is not None:
+            how = f"ended with status {exitcode}"
+        else:
+            how = "ended (native crash, out-of-memory kill or signal)"
+        super().__init__(f"the worker process {how} while processing this file")
+
+
+class FileTimedOut(WorkerLost):
+    """The file took its worker longer than the run's per-file deadline: the worker was killed."""
+
+    reason = "timeout"
+
+    def __init__(self, seconds: float) -> None:
+        DeidError.__init__(
+            self,
+            f"processing took more than {seconds:g} s (--file-timeout): the worker process was stopped"
         )
 
 
@@ -119,8 +148,23 @@ def pool_for(run_id: str) -> LocalPool | None:
     return _POOLS.get(run_id)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """End with a SIGKILL when the parent ends (Linux ``PR_SET_PDEATHSIG``): a worker stuck
+    inside one file would otherwise outlive a killed command; one that is not stuck notices
+    the parent's end between files anyway, but the file in hand would get no audit row."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent ended before the call
+        os._exit(0)
+
+
 def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: Any,
-                 head_start: list[tuple[str, int]]) -> None:
+                 head_start: list[tuple[str, int]], parent_pid: int) -> None:
     # The parent's ends of this and the earlier workers' pipes came with the fork: close them,
     # so that only the parent holds them and its death means end-of-file in every worker.
     for other in inherited:
@@ -131,6 +175,7 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
     from transforms.files import forget_clients, process_file, quiet_pydicom_warnings
 
     quiet_pydicom_warnings()
@@ -176,12 +221,13 @@ class _Job:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "outstanding")
+    __slots__ = ("process", "conn", "outstanding", "started")
 
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
         self.conn = conn
         self.outstanding: collections.deque = collections.deque()  # _Job, in the order answered
+        self.started = time.monotonic()  # when the file in hand (outstanding[0]) was begun
 
 
 def _file_key(path: str, size: int) -> tuple[str, int | None]:
@@ -208,12 +254,16 @@ class LocalPool:
     """
 
     def __init__(self, cfg: Any, key: Any, processes: int, depth: int = 3,
-                 head_start: list[tuple[str, int]] | None = None) -> None:
+                 head_start: list[tuple[str, int]] | None = None,
+                 file_timeout: float | None = DEFAULT_FILE_TIMEOUT) -> None:
         if processes < 1 or depth < 1:
             raise ValueError("LocalPool: processes and depth must be at least 1")
+        if file_timeout is not None and not file_timeout > 0:
+            raise ValueError("LocalPool: file_timeout must be positive (or None)")
         self.run_id = cfg.run_id
         self.processes = processes
         self.depth = depth
+        self.file_timeout = file_timeout
         self._lock = threading.RLock()
         self._done: dict[Hashable, list[tuple[str, int, Any]]] = collections.defaultdict(list)
         self._outstanding: collections.Counter = collections.Counter()  # owner -> files not yet answered
@@ -233,7 +283,7 @@ class LocalPool:
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 process = ctx.Process(
                     target=_worker_main,
-                    args=(child_end, parent_ends + [parent_end], cfg, key, share),
+                    args=(child_end, parent_ends + [parent_end], cfg, key, share, os.getpid()),
                     name=f"dicom-deid-worker-{number}",
                     daemon=True,
                 )
@@ -331,6 +381,8 @@ class LocalPool:
         except (OSError, EOFError):
             self._lose(worker)
             return False
+        if not worker.outstanding:
+            worker.started = time.monotonic()  # idle until now: this file is begun at once
         worker.outstanding.append(_Job(owner, path, size))
         self._outstanding[owner] += 1
         return True
@@ -348,22 +400,34 @@ class LocalPool:
         busy = [w for w in self._workers if w.outstanding]
         if not busy:
             return
-        ready = wait([w.conn for w in busy], timeout=None if block else 0)
+        timeout: float | None = None if block else 0
+        if block and self.file_timeout is not None:
+            # Wake up when the earliest file in hand reaches its deadline.
+            first = min(w.started for w in busy) + self.file_timeout
+            timeout = max(0.0, first - time.monotonic())
+        ready = wait([w.conn for w in busy], timeout=timeout)
         for worker in busy:
-            if worker.conn not in ready or worker not in self._workers:  # (lost meanwhile: _lose resubmits)
+            if worker not in self._workers:  # (lost meanwhile: _lose resubmits)
+                continue
+            if worker.conn not in ready:
+                if self.file_timeout is not None and time.monotonic() - worker.started > self.file_timeout:
+                    worker.process.kill()  # stuck: a loop in a codec, a read that never returns
+                    self._lose(worker, FileTimedOut(self.file_timeout))
                 continue
             try:
                 while True:
                     reply = worker.conn.recv()
                     self._answered(worker.outstanding.popleft(), reply)
+                    worker.started = time.monotonic()  # the next file (if any) is begun now
                     if not (worker.outstanding and worker.conn.poll()):
                         break
             except (EOFError, OSError):
                 self._lose(worker)
 
-    def _lose(self, worker: _Worker) -> None:
-        """``worker`` died: its file in hand fails, the ones queued behind it move on (an
-        unclaimed head-start file goes back to being an ordinary file)."""
+    def _lose(self, worker: _Worker, failure: BaseException | None = None) -> None:
+        """``worker`` died (or was stopped: ``failure``): its file in hand fails, the ones
+        queued behind it move on (an unclaimed head-start file goes back to being an ordinary
+        file)."""
         if worker not in self._workers:
             return
         self._workers.remove(worker)
@@ -372,7 +436,7 @@ class LocalPool:
         queued = list(worker.outstanding)
         worker.outstanding.clear()
         if queued:
-            self._answered(queued[0], WorkerLost())
+            self._answered(queued[0], failure or WorkerLost(worker.process.exitcode))
         for job in queued[1:]:
             if job.owner is not None:
                 self._outstanding[job.owner] -= 1
