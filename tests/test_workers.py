@@ -127,9 +127,9 @@ def test_a_dead_worker_fails_only_the_file_it_had_in_hand(tmp_path: Path, monkey
 
 
 @pytest.mark.parametrize(("exitcode", "detail"), [
-    (-9, "killed by signal 9 (SIGKILL: the out-of-memory killer or kill -9)"),
-    (-11, "killed by signal 11 (SIGSEGV: a native crash)"),
-    (-10, "killed by signal 10 (a signal)"),
+    (-9, "was killed by signal 9 (SIGKILL: the out-of-memory killer or kill -9)"),
+    (-11, "was killed by signal 11 (SIGSEGV: a native crash)"),
+    (-10, "was killed by signal 10 (a signal)"),
     (None, "ended (native crash, out-of-memory kill or signal)"),
 ])
 def test_a_lost_worker_says_how_it_ended(exitcode, detail):
@@ -162,7 +162,8 @@ def test_a_file_past_the_deadline_fails_with_timeout_and_the_rest_goes_on(tmp_pa
         for path, size in inputs:
             assert pool.submit("me", path, size)
         results = _take_all(pool, "me")
-        assert len(pool._workers) == 1
+        assert (len(pool._workers), pool.replaced) == (2, 1)  # the stuck one replaced
+        pids += [w.process.pid for w in pool._workers]
     assert time.monotonic() - started < 60
     assert sorted(results) == sorted(p for p, _ in inputs)
     timed_out = [p for p, r in results.items() if isinstance(r, workers.FileTimedOut)]
@@ -171,13 +172,42 @@ def test_a_file_past_the_deadline_fails_with_timeout_and_the_rest_goes_on(tmp_pa
     row = files.failed_row(timed_out[0], 123, _cfg(tmp_path / "out"), results[timed_out[0]], "process")
     assert (row["status"], row["reason"], row["detail"]) == (
         "failed", "timeout", "process: processing took more than 1 s (--file-timeout): the worker process was stopped")
-    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]  # the stuck one killed, the other stopped
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]  # the stuck one killed, the others stopped
 
 
-def test_without_workers_the_files_come_back_to_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_lost_worker_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every forked worker dies on its first file; each is replaced by a worker from the fork
+    server (a fresh process: the patch that crashed the forks is not in it), which processes
+    the rest. Before, the files went back to Beam's process once both were gone, where the
+    next native crash ended the run."""
     inputs = _inputs(tmp_path / "in")
     monkeypatch.setattr(files, "process_file", _crash_on("*"))
     with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, depth=2) as pool:
+        forked = [w.process.pid for w in pool._workers]
+        for path, size in inputs:
+            assert pool.submit("me", path, size)
+        results = _take_all(pool, "me")
+        assert pool.replaced == 2 and len(pool._workers) == 2
+        assert not {w.process.pid for w in pool._workers} & set(forked)
+    assert sorted(results) == sorted(p for p, _ in inputs)
+    lost = [p for p, r in results.items() if isinstance(r, workers.WorkerLost)]
+    assert len(lost) == 2 and all(str(results[p]).startswith("the worker process ended with status 3") for p in lost)
+    assert None not in results.values()
+    statuses = sorted(r[0]["status"] for p, r in results.items() if p not in lost)
+    assert statuses in (["failed"] + ["written"] * 5, ["written"] * 6)  # (the text file may be one of the lost)
+
+
+@pytest.mark.parametrize("no_replacement", ["replace=False", "/bin/false", "/nonexistent/python"])
+def test_without_workers_the_files_come_back_to_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           no_replacement: str):
+    """Without replacements (turned off, or one that ends before it is ready, or cannot be
+    started at all: no file is given to it) the files come back to the caller."""
+    inputs = _inputs(tmp_path / "in")
+    monkeypatch.setattr(files, "process_file", _crash_on("*"))
+    if no_replacement != "replace=False":
+        monkeypatch.setattr(sys, "executable", no_replacement)
+    with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, depth=2,
+                           replace=no_replacement != "replace=False") as pool:
         # A worker may die before the last submit: then that file is refused (False) at once.
         refused = [path for path, size in inputs[:4] if not pool.submit("me", path, size)]
         results = _take_all(pool, "me")
@@ -187,6 +217,7 @@ def test_without_workers_the_files_come_back_to_the_caller(tmp_path: Path, monke
     assert sorted([*results, *refused]) == sorted(p for p, _ in inputs[:4])
     assert sum(isinstance(r, workers.WorkerLost) for r in results.values()) == 2
     assert sum(r is None for r in results.values()) + len(refused) == 2
+    assert pool.replaced == 0
 
 
 def test_an_unexpected_error_in_a_worker_fails_the_run_without_its_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -436,6 +467,40 @@ def test_the_command_fails_a_file_past_its_deadline_and_finishes(tmp_path: Path)
     assert sorted(v for k, v in rows.items() if k != stuck) == [("failed", "not_dicom")] + [("written", None)] * 6
     summary = json.loads((tmp_path / "out-audit" / "summary.json").read_text())
     assert summary["Reasons"] == {"not_dicom": 1, "timeout": 1}
+
+
+def test_more_crashing_files_than_workers_end_as_rows_not_as_a_crash(tmp_path: Path):
+    """Three files that crash native code (SIGSEGV), two workers: the third crash used to hit
+    Beam's own process (both workers gone) and end the run with no audit. Lost workers are
+    replaced, so each crash costs its file only. The crash is planted through a
+    ``sitecustomize`` module so that every process of the run has it, fork server included."""
+    folder = tmp_path / "in"
+    inputs = _inputs(folder, n_ct=8)
+    crashing = sorted(Path(p).name for p, _ in inputs if p.endswith(".dcm"))[1:4]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from transforms import files
+        real = files.process_file
+        def crash(path, *args, **kwargs):
+            if os.path.basename(path) in {crashing!r}:
+                os.kill(os.getpid(), signal.SIGSEGV)
+            return real(path, *args, **kwargs)
+        files.process_file = crash
+    """))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run(_command(tmp_path, folder, ""), capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == cli.EXIT_SOME_FAILED, done.stderr
+    rows = {Path(r["source_uri"]).name: r for r in read_rows(tmp_path / "out-audit")}
+    assert sorted(rows) == sorted(Path(p).name for p, _ in inputs)
+    for name in crashing:
+        assert (rows[name]["status"], rows[name]["reason"], rows[name]["detail"]) == (
+            "failed", "internal_error",
+            "process: the worker process was killed by signal 11 (SIGSEGV: a native crash) while processing this file")
+    others = sorted((r["status"], r["reason"]) for name, r in rows.items() if name not in crashing)
+    assert others == [("failed", "not_dicom")] + [("written", None)] * (len(inputs) - 4)
 
 
 _SLOW_FILES = """

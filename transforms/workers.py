@@ -27,10 +27,13 @@ thread for the GIL, the command's own process used 3.3-3.9 s of CPU on 4,808 fil
 2.7-2.8 s, 27 November 2026); during a head start one thread reads the answers until the
 pipeline's first claim. A worker that dies (a native crash in a codec, the
 kernel's out-of-memory killer, a stray ``kill``) had exactly one file in hand, the oldest it
-had not answered: that file gets a ``failed`` row (``internal_error``, "worker process
-ended"), the files queued behind it go to the other workers, and once none is left the rest
-of the run is processed in the Beam process itself. Before the pool, such a crash ended the
-run.
+had not answered: that file gets a ``failed`` row (``internal_error``, how the worker
+ended), the files queued behind it go to the other workers, and a replacement (a fresh interpreter)
+takes its place (:meth:`LocalPool._start_replacement`);
+only if that fails is the rest of the run processed in the Beam process itself. A file still
+in hand after ``file_timeout`` seconds (a codec caught in a loop) fails with ``timeout``: its
+worker is killed and replaced. Workers are killed with the command (``PR_SET_PDEATHSIG``).
+Before the pool, a native crash ended the run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +59,7 @@ __all__ = ["DEFAULT_FILE_TIMEOUT", "FileTimedOut", "LocalPool", "WorkerLost", "c
 _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
 _CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the run stops
+_START_TIMEOUT = 120.0  # seconds a replacement worker may take to import the core
 
 
 #: Seconds a worker may spend on one file before it is stopped and the file fails (``timeout``).
@@ -76,7 +82,7 @@ class WorkerLost(DeidError):
 
     def __init__(self, exitcode: int | None = None) -> None:
         if exitcode is not None and exitcode < 0:
-            how = f"killed by signal {-exitcode} ({_SIGNAL_CAUSES.get(-exitcode, 'a signal')})"
+            how = f"was killed by signal {-exitcode} ({_SIGNAL_CAUSES.get(-exitcode, 'a signal')})"
         elif exitcode is not None:
             how = f"ended with status {exitcode}"
         else:
@@ -164,7 +170,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: Any,
-                 head_start: list[tuple[str, int]], parent_pid: int) -> None:
+                 head_start: list[tuple[str, int]], parent_pid: int | None, announce: bool = False) -> None:
     # The parent's ends of this and the earlier workers' pipes came with the fork: close them,
     # so that only the parent holds them and its death means end-of-file in every worker.
     for other in inherited:
@@ -175,11 +181,19 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent_pid)
+    if parent_pid is not None:
+        # Not in a replacement (parent_pid None): the signal comes when the *thread* that
+        # started the process ends, and that may be one of Beam's; it ends on EOF between files.
+        _die_with_parent(parent_pid)
     from transforms.files import forget_clients, process_file, quiet_pydicom_warnings
 
     quiet_pydicom_warnings()
     forget_clients()  # a gs:// key file was read with a client the parent goes on using
+    if announce:
+        try:
+            conn.send("ready")
+        except OSError:
+            return
     debug = os.environ.get("DICOM_DEID_DEBUG") == "1"
     # Files in the order the parent expects their answers: the head start, then what it sends.
     todo: collections.deque = collections.deque(head_start)
@@ -209,6 +223,44 @@ def _worker_main(conn: Connection, inherited: list[Connection], cfg: Any, key: A
             return  # the parent is gone (no traceback on a terminal it left)
 
 
+class _Spawned:
+    """A replacement worker's ``subprocess.Popen`` with the few calls of
+    ``multiprocessing.Process`` the pool makes."""
+
+    __slots__ = ("_popen", "pid")
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.kill()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()  # (negative: the signal, as multiprocessing says it)
+
+
+def _replacement_main(fd: int) -> None:
+    """``python -m transforms.workers FD``: a replacement worker (:meth:`LocalPool._start_replacement`)."""
+    conn = Connection(fd)
+    try:
+        cfg, key = conn.recv()
+    except (EOFError, OSError):
+        return
+    _worker_main(conn, [], cfg, key, [], None, announce=True)
+
+
 class _Job:
     """A file sent to a worker; ``owner`` is None for a head-start file nobody claimed yet."""
 
@@ -221,11 +273,13 @@ class _Job:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "outstanding", "started")
+    __slots__ = ("process", "conn", "outstanding", "started", "answered", "replacement")
 
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, conn: Connection, replacement: bool = False) -> None:
         self.process = process
         self.conn = conn
+        self.answered = 0
+        self.replacement = replacement  # started from the fork server after a worker was lost
         self.outstanding: collections.deque = collections.deque()  # _Job, in the order answered
         self.started = time.monotonic()  # when the file in hand (outstanding[0]) was begun
 
@@ -255,7 +309,7 @@ class LocalPool:
 
     def __init__(self, cfg: Any, key: Any, processes: int, depth: int = 3,
                  head_start: list[tuple[str, int]] | None = None,
-                 file_timeout: float | None = DEFAULT_FILE_TIMEOUT) -> None:
+                 file_timeout: float | None = DEFAULT_FILE_TIMEOUT, replace: bool = True) -> None:
         if processes < 1 or depth < 1:
             raise ValueError("LocalPool: processes and depth must be at least 1")
         if file_timeout is not None and not file_timeout > 0:
@@ -264,6 +318,9 @@ class LocalPool:
         self.processes = processes
         self.depth = depth
         self.file_timeout = file_timeout
+        self._cfg, self._key = cfg, key
+        self._replace = replace  # start a new worker for each lost one (off once that fails)
+        self.replaced = 0
         self._lock = threading.RLock()
         self._done: dict[Hashable, list[tuple[str, int, Any]]] = collections.defaultdict(list)
         self._outstanding: collections.Counter = collections.Counter()  # owner -> files not yet answered
@@ -418,6 +475,7 @@ class LocalPool:
                 while True:
                     reply = worker.conn.recv()
                     self._answered(worker.outstanding.popleft(), reply)
+                    worker.answered += 1
                     worker.started = time.monotonic()  # the next file (if any) is begun now
                     if not (worker.outstanding and worker.conn.poll()):
                         break
@@ -433,10 +491,15 @@ class LocalPool:
         self._workers.remove(worker)
         worker.conn.close()
         worker.process.join(timeout=5)
+        exitcode = worker.process.exitcode
         queued = list(worker.outstanding)
         worker.outstanding.clear()
+        if worker.replacement and not worker.answered and failure is None and (exitcode is None or exitcode >= 0):
+            self._replace = False  # a new worker that ended by itself before any file: do not loop
+        if self._replace:
+            self._start_replacement()
         if queued:
-            self._answered(queued[0], failure or WorkerLost(worker.process.exitcode))
+            self._answered(queued[0], failure or WorkerLost(exitcode))
         for job in queued[1:]:
             if job.owner is not None:
                 self._outstanding[job.owner] -= 1
@@ -445,6 +508,39 @@ class LocalPool:
                 self._head.pop(_file_key(job.path, job.size), None)
             elif not self.submit(job.owner, job.path, job.size):
                 self._done[job.owner].append((job.path, job.size, None))  # no worker left: the caller runs it
+
+    def _start_replacement(self) -> None:
+        """A new worker in place of a lost one: a fresh interpreter (``python -m
+        transforms.workers``), which receives the request and the key pickled through its
+        socket (never on a command line or a disk) and says when it is ready, before any file
+        is given to it. Not a fork of this process, whose Beam threads a fork would copy
+        mid-flight (a lock one of them holds stays held forever in the child), and not the
+        standard library's fork server, which runs the main script again in each child. Without
+        replacements, the last worker's loss left the files to Beam's process, where the next
+        native crash ended the run. If a replacement cannot start, none is tried again."""
+        parent_sock, child_sock = socket.socketpair()
+        process = None
+        try:
+            try:
+                process = _Spawned(subprocess.Popen(
+                    [sys.executable, "-m", "transforms.workers", str(child_sock.fileno())],
+                    pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL,
+                ))
+            finally:
+                child_sock.close()
+            conn = Connection(parent_sock.detach())
+            conn.send((self._cfg, self._key))
+            if not conn.poll(_START_TIMEOUT) or conn.recv() != "ready":
+                raise EOFError
+        except Exception:  # noqa: BLE001 - no interpreter, a process limit, a failed start: go on without
+            parent_sock.close()
+            if process is not None:
+                process.kill()
+                process.join()
+            self._replace = False
+            return
+        self.replaced += 1
+        self._workers.append(_Worker(process, conn, replacement=True))
 
     def close(self) -> list[tuple[str, int, Any]]:
         """Stop the workers once their current file is done; unregister.
@@ -491,3 +587,7 @@ class LocalPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+if __name__ == "__main__":
+    _replacement_main(int(sys.argv[1]))
