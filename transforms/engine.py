@@ -1291,8 +1291,10 @@ class _TopCodes(dict):
             code = self._top.get(tag)
         if code is None and not group & 1 and any(glo <= group <= ghi and elo <= element <= ehi
                                                   for glo, ghi, elo, ehi in plan.removed_ranges):
-            # Only the standard's repeating groups (5000-501E, 6000-601E: even): an odd group in
-            # those spans is private, kept by KeepPrivateTags at top level as Orthanc keeps it.
+            # Every even group of the ranges (5000-50FF, 6000-60FF: the standard's repeating
+            # groups 5000-501E / 6000-601E and the even groups above them, which Orthanc
+            # removes only when nested): an odd group in those spans is private, kept by
+            # KeepPrivateTags at top level as Orthanc keeps it.
             code = _DELETE
         if len(self) > 65536:
             self.clear()
