@@ -182,6 +182,10 @@ def test_a_lost_worker_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     next native crash ended the run."""
     inputs = _inputs(tmp_path / "in")
     monkeypatch.setattr(files, "process_file", _crash_on("*"))
+    # A folder of the user's with a package of the same name is not imported in its place.
+    (tmp_path / "cwd" / "transforms").mkdir(parents=True)
+    (tmp_path / "cwd" / "transforms" / "__init__.py").write_text("raise SystemExit(5)\n")
+    monkeypatch.chdir(tmp_path / "cwd")
     with workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=2, depth=2) as pool:
         forked = [w.process.pid for w in pool._workers]
         for path, size in inputs:

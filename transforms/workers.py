@@ -54,7 +54,10 @@ from typing import Any, Hashable
 
 from transforms.errors import DeidError
 
-__all__ = ["DEFAULT_FILE_TIMEOUT", "FileTimedOut", "LocalPool", "WorkerLost", "cgroup_cpu_quota", "default_processes", "pool_for"]
+__all__ = [
+    "DEFAULT_FILE_TIMEOUT", "FileTimedOut", "LocalPool", "WorkerLost", "cgroup_cpu_quota", "default_processes",
+    "pool_for",
+]
 
 _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
@@ -279,7 +282,7 @@ class _Worker:
         self.process = process
         self.conn = conn
         self.answered = 0
-        self.replacement = replacement  # started from the fork server after a worker was lost
+        self.replacement = replacement  # started after a worker was lost (_start_replacement)
         self.outstanding: collections.deque = collections.deque()  # _Job, in the order answered
         self.started = time.monotonic()  # when the file in hand (outstanding[0]) was begun
 
@@ -521,10 +524,15 @@ class LocalPool:
         parent_sock, child_sock = socket.socketpair()
         process = None
         try:
+            # The code this process runs, first on the path; -P: not the current folder (a
+            # "transforms" package of the user's own would be imported instead).
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             try:
                 process = _Spawned(subprocess.Popen(
-                    [sys.executable, "-m", "transforms.workers", str(child_sock.fileno())],
+                    [sys.executable, "-P", "-m", "transforms.workers", str(child_sock.fileno())],
                     pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONPATH": path},
                 ))
             finally:
                 child_sock.close()
