@@ -176,8 +176,8 @@ def test_a_file_past_the_deadline_fails_with_timeout_and_the_rest_goes_on(tmp_pa
 
 
 def test_a_lost_worker_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Every forked worker dies on its first file; each is replaced by a worker from the fork
-    server (a fresh process: the patch that crashed the forks is not in it), which processes
+    """Every forked worker dies on its first file; each is replaced by a fresh interpreter
+    (``python -m transforms.workers``: the patch that crashed the forks is not in it), which processes
     the rest. Before, the files went back to Beam's process once both were gone, where the
     next native crash ended the run."""
     inputs = _inputs(tmp_path / "in")
