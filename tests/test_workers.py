@@ -238,6 +238,22 @@ def test_an_unexpected_error_in_a_worker_fails_the_run_without_its_message(tmp_p
     assert str(caught.value) == "in a worker process: ValueError"
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _still_running(pids: list[int], wait: float = 10.0) -> list[int]:
+    """The processes among ``pids`` still running after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if _running(pid)]
+
+
 def test_workers_end_when_the_command_is_killed(tmp_path: Path):
     """SIGKILL leaves no cleanup to the parent: the workers see their pipe close and exit."""
     script = textwrap.dedent(
@@ -258,17 +274,7 @@ def test_workers_end_when_the_command_is_killed(tmp_path: Path):
     pids = [int(p) for p in done.stdout.split()]
     assert len(pids) == 2
 
-    def running(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-
-    deadline = time.monotonic() + 10
-    while any(map(running, pids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(map(running, pids))
+    assert not _still_running(pids)
 
 
 def test_a_worker_stuck_in_a_file_ends_with_the_command(tmp_path: Path):
@@ -302,17 +308,7 @@ def test_a_worker_stuck_in_a_file_ends_with_the_command(tmp_path: Path):
     pids = [int(p) for p in done.stdout.split()]
     assert len(pids) == 2 and (tmp_path / "began").exists()
 
-    def running(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-
-    deadline = time.monotonic() + 10
-    while any(map(running, pids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    alive = [pid for pid in pids if running(pid)]
+    alive = _still_running(pids)
     for pid in alive:  # (a failure must not leave the stuck worker behind)
         os.kill(pid, signal.SIGKILL)
     assert not alive
