@@ -524,37 +524,66 @@ _EARLIER_RUN_SCAN = 10_000
 _UID_NAME = re.compile(r"[0-9]+(\.[0-9]+)+")
 
 
+def _earlier_run_kind(name: str, is_folder: bool) -> str | None:
+    """Which kind of output of this command an entry named ``name`` at the top of a folder is:
+    ``output`` (``*.dcm``, a study folder named by its UID), ``audit`` (``audit-*.parquet``,
+    ``summary*.json``), ``crosswalk`` (``crosswalk-*.parquet``); None for anything else."""
+    if is_folder:
+        return "output" if _UID_NAME.fullmatch(name) else None
+    if name.endswith(".parquet") and name.startswith("crosswalk-"):
+        return "crosswalk"
+    if (name.endswith(".parquet") and name.startswith("audit-")) or (
+            name.startswith("summary") and name.endswith(".json")):
+        return "audit"
+    return "output" if name.lower().endswith(".dcm") else None
+
+
 def _earlier_run_files(folder: str | None) -> set[str]:
-    """What an earlier run left at the top of the existing local ``folder``, by the names this
-    command writes: ``output`` (``*.dcm``, a study folder named by its UID), ``audit``
-    (``audit-*.parquet``, ``summary*.json``), ``crosswalk`` (``crosswalk-*.parquet``)."""
+    """The kinds (:func:`_earlier_run_kind`) of what an earlier run left at the top of the
+    existing local ``folder``."""
     found: set[str] = set()
     if folder is None or _scheme(folder) is not None or not os.path.isdir(folder):
         return found
     try:
         with os.scandir(folder) as entries:
             for entry in islice(entries, _EARLIER_RUN_SCAN):
-                name = entry.name
-                if name.endswith(".parquet") and name.startswith("crosswalk-"):
-                    found.add("crosswalk")
-                elif (name.endswith(".parquet") and name.startswith("audit-")) or (
-                        name.startswith("summary") and name.endswith(".json")):
-                    found.add("audit")
-                elif name.lower().endswith(".dcm") or (_UID_NAME.fullmatch(name) and entry.is_dir()):
-                    found.add("output")
+                kind = _earlier_run_kind(entry.name, _UID_NAME.fullmatch(entry.name) is not None and entry.is_dir())
+                if kind is not None:
+                    found.add(kind)
     except OSError:
         pass  # an unreadable folder is refused elsewhere (no permission to write in it)
     return found
 
 
-def _refuse_earlier_runs_files(output: str, audit: str, crosswalk: str | None) -> None:
+def _earlier_run_objects(folder: str | None) -> set[str]:
+    """:func:`_earlier_run_files` for a ``gs://`` folder: the first objects and "folders"
+    directly under it (one listing with a delimiter, never what lies deeper)."""
+    from transforms.files import list_gcs_top
+
+    found: set[str] = set()
+    if folder is None or not folder.startswith("gs://"):
+        return found
+    try:
+        for name, is_folder in list_gcs_top(folder, _EARLIER_RUN_SCAN):
+            kind = _earlier_run_kind(name, is_folder)
+            if kind is not None:
+                found.add(kind)
+    except Exception:  # noqa: BLE001 - a safeguard: write access without list access is allowed
+        pass
+    return found
+
+
+def _refuse_earlier_runs_files(output: str, audit: str, crosswalk: str | None, *, remote: bool = False) -> None:
     """Refuse a folder that already holds another kind of output of an earlier run: the
     original identifiers of a crosswalk beside a release, an audit among the DICOM files (the
-    audit's readers take every file there for Parquet), DICOM files in an audit folder."""
+    audit's readers take every file there for Parquet), DICOM files in an audit folder. Local
+    folders; ``gs://`` ones with ``remote`` (runs on this machine, which can list them; a
+    Dataflow launcher may lack the workers' access)."""
     what = {"output": "de-identified DICOM files", "audit": "an audit", "crosswalk": "a crosswalk"}
+    held_by = _earlier_run_objects if remote else _earlier_run_files
     for name, folder, allowed in (("OUTPUT", output, "output"), ("--audit", audit, "audit"),
                                   ("--crosswalk", crosswalk, "crosswalk")):
-        other = sorted(_earlier_run_files(folder) - {allowed})
+        other = sorted(held_by(folder) - {allowed})
         if other:
             held = " and ".join(what[kind] for kind in other)
             raise UsageError(f"{name} {folder!r} already holds {held} of an earlier run: give {name} a folder "
@@ -863,6 +892,7 @@ def prepare_runner(options: Any, args: argparse.Namespace, beam_args: list[str],
         probe_remote_locations(
             run_id, OUTPUT=locations.output, **{"--audit": locations.audit, "--crosswalk": locations.crosswalk}
         )
+        _refuse_earlier_runs_files(locations.output, locations.audit, locations.crosswalk, remote=True)
     return local_runner
 
 
@@ -1192,8 +1222,19 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
     it would de-identify or write into wherever the command runs."""
     for attribute, name in _PATH_ARGUMENTS:
         value = getattr(args, attribute, None)
-        if isinstance(value, str) and not value.strip():
+        if not isinstance(value, str):
+            continue
+        if not value.strip():
             raise UsageError(f"{name} is empty: give a path (an unset shell variable?)")
+        # "gs://$BUCKET" or "file://$OUT" with the variable unset: "gs:" would become a local
+        # folder of that name, "file://" the current folder.
+        scheme = _scheme(value)
+        rest = value[len(scheme) + 3:] if scheme is not None else None
+        if scheme is not None and scheme.lower() == "file" and not rest.strip():
+            raise UsageError(f"{name} {value!r} names no path: give one after file:// (an unset shell variable?)")
+        if scheme is not None and scheme.lower() != "file" and not rest.split("/", 1)[0].strip():
+            raise UsageError(f"{name} {value!r} names no bucket: give one after {scheme}:// "
+                             "(an unset shell variable?)")
 
 
 #: Set for Beam's multi_processing mode: a signal stops the command's child processes first.

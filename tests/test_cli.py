@@ -272,6 +272,21 @@ def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.Cap
         (["anonymize", "IN", "OUT", "--audit", " "], "--audit is empty: give a path (an unset shell variable?)"),
         (["modify", "IN", "OUT", "--key-file", ""], "--key-file is empty: give a path (an unset shell variable?)"),
         (["split", "IN", "", "--study", "1.2.3", "--body", "{}"], "OUTPUT is empty: give a path (an unset shell variable?)"),
+        # "gs://$BUCKET", "file://$OUT" with the variable unset: "gs:" would be a local folder
+        # in the current one (a crosswalk of original identifiers there), "file://" the
+        # current folder itself.
+        (["anonymize", "IN", "OUT", "--crosswalk", "gs://"],
+         "--crosswalk 'gs://' names no bucket: give one after gs:// (an unset shell variable?)"),
+        (["anonymize", "IN", "gs:///deid"],
+         "OUTPUT 'gs:///deid' names no bucket: give one after gs:// (an unset shell variable?)"),
+        (["anonymize", "IN", "OUT", "--audit", "gs:// "],
+         "--audit 'gs:// ' names no bucket: give one after gs:// (an unset shell variable?)"),
+        (["anonymize", "gs://", "OUT"], "INPUT 'gs://' names no bucket: give one after gs:// (an unset shell variable?)"),
+        (["anonymize", "IN", "file://"], "OUTPUT 'file://' names no path: give one after file:// (an unset shell variable?)"),
+        (["modify", "IN", "OUT", "--key-file", "file://"],
+         "--key-file 'file://' names no path: give one after file:// (an unset shell variable?)"),
+        (["merge", "IN", "gs://", "--study", "1.2.3", "--body", "{}"],
+         "OUTPUT 'gs://' names no bucket: give one after gs:// (an unset shell variable?)"),
     ],
 )
 def test_an_empty_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, argv, message):

@@ -438,3 +438,39 @@ def test_an_audit_bucket_that_cannot_be_written_is_refused_before_any_output(tmp
     fine = _dicom_deid(env, "anonymize", "gs://probe-in/a", "gs://probe-out/deid", "--key-file", str(key), "--quiet")
     assert fine.returncode == 0, fine.stderr
     assert not [name for name in _objects(gcs, "probe-out", "") if ".dicom-deid-probe" in name]
+
+
+def test_gcs_folders_of_an_earlier_run_keep_their_own_kind(tmp_path: Path, emulator, gcs):
+    """As local folders do (tests/test_cli.py): a prefix that an earlier run filled with a
+    crosswalk, an audit or de-identified files is refused as another kind of folder, before
+    anything is written (a release next to original identifiers used to be exit 0)."""
+    _, env = emulator
+    for name in ("kind-in", "kind-out"):
+        gcs.create_bucket(name)
+    write_study(make_study(seed=14, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    _upload_folder(gcs, "kind-in", "a", tmp_path / "in")
+    key = tmp_path / "deid.key"
+    key.write_bytes(SECRET)
+    run = ["anonymize", "gs://kind-in/a", "--key-file", str(key), "--quiet"]
+    first = _dicom_deid(env, *run, "gs://kind-out/rel1", "--crosswalk", "gs://kind-out/cw")
+    assert first.returncode == 0, first.stderr
+    before = _objects(gcs, "kind-out", "")
+    own = " (keep original identifiers apart)"
+    cases = [
+        (["gs://kind-out/cw"], "OUTPUT 'gs://kind-out/cw' already holds a crosswalk of an earlier run: give OUTPUT a "
+                               "folder of its own" + own),
+        (["gs://kind-out/rel2", "--crosswalk", "gs://kind-out/rel1"],  # study "folders" named by their UIDs
+         "--crosswalk 'gs://kind-out/rel1' already holds de-identified DICOM files of an earlier run: give "
+         "--crosswalk a folder of its own" + own),
+        (["gs://kind-out/rel1-audit"], "OUTPUT 'gs://kind-out/rel1-audit' already holds an audit of an earlier run: "
+                                       "give OUTPUT a folder of its own"),
+        (["gs://kind-out/rel3", "--audit", "gs://kind-out/cw"],
+         "--audit 'gs://kind-out/cw' already holds a crosswalk of an earlier run: give --audit a folder of its own"
+         + own),
+    ]
+    for extra, message in cases:
+        done = _dicom_deid(env, *run, *extra)
+        assert (done.returncode, done.stderr) == (2, f"dicom-deid: {message}\n"), extra
+    assert _objects(gcs, "kind-out", "") == before
+    again = _dicom_deid(env, *run, "gs://kind-out/rel1", "--crosswalk", "gs://kind-out/cw")
+    assert again.returncode == 0, again.stderr

@@ -372,6 +372,28 @@ def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
         yield f"gs://{bucket}/{blob.name}", int(blob.size or 0)
 
 
+def list_gcs_top(folder: str, limit: int) -> Iterator[tuple[str, bool]]:
+    """``(name, is_folder)`` of up to ``limit`` objects and "folders" (prefixes ending at the
+    next ``/``) directly under the ``gs://`` ``folder``, names relative to it (pages of 1,000,
+    as GCS lists them, until ``limit`` is reached). Nothing when this Beam lends no storage
+    client; a listing error is the caller's."""
+    from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+    client = _gcs_client(folder)
+    if client is None:
+        return
+    bucket, name_prefix = parse_gcs_path(folder.rstrip("/") + "/", object_optional=True)
+    seen = 0
+    for page in client.list_blobs(bucket, prefix=name_prefix, delimiter="/").pages:
+        for blob in page:
+            yield blob.name[len(name_prefix):], False
+        for prefix in page.prefixes:
+            yield prefix[len(name_prefix):].rstrip("/"), True
+        seen += page.num_items + len(page.prefixes)
+        if seen >= limit:
+            return
+
+
 #: The size listed for a file whose name is not valid UTF-8 (Latin-1 names from old archives):
 #: Beam carries paths as UTF-8 strings, so such a file is listed under a printable form of its
 #: name (undecodable bytes as ``\xNN``) and gets a ``read_error`` row asking for a rename.
