@@ -332,10 +332,10 @@ def fanned_out(uri):
     files = []
     for out in ExpandInputFn().process(uri):
         files += ListPrefixFn().process(out.value) if isinstance(out, pvalue.TaggedOutput) else [out]
-    return sorted(path for path, _ in files)
+    return sorted(files)
 
 uris = json.loads(sys.argv[1])
-print(json.dumps({u: [sorted(p for p, _ in expand_input(u)), fanned_out(u)] for u in uris}))
+print(json.dumps({u: [sorted(expand_input(u)), fanned_out(u)] for u in uris}))
 """
 
 
@@ -375,12 +375,18 @@ def test_gcs_names_with_glob_characters_are_taken_literally_when_they_exist(emul
              "in/qq/e.dcm"]  # fmt: skip
     for name in names:
         bucket.blob(name).upload_from_string(b"v")
+    # One object, with its own size: its name used to be matched as a glob for the size (the
+    # first object "st*r" matches, "st(r"; "[2]" matching "2": none, a listing error).
+    for name, size in (("in/st(r.dcm", 5000), ("in/st*r.dcm", 3), ("in/scan[2].dcm", 7)):
+        bucket.blob(name).upload_from_string(b"v" * size)
     base = "gs://literal/in"
     uris = [f"{base}/scan[1]/", f"{base}/scan[1]", f"{base}/scan[12]/**", f"{base}/x*y.dcm", f"{base}/x?y.dcm",
-            f"{base}/q?", f"{base}/q[q]/*"]  # fmt: skip
+            f"{base}/q?", f"{base}/q[q]/*", f"{base}/st*r.dcm", f"{base}/scan[2].dcm"]  # fmt: skip
     found = _run_probe(_LITERAL_PROBE, uris, env)
-    listed = {u: streamed for u, (streamed, fanned) in found.items()}
-    assert {u: fanned for u, (_, fanned) in found.items()} == listed  # the pipeline lists the same
+    assert {u: fanned for u, (_, fanned) in found.items()} == {u: s for u, (s, _) in found.items()}  # the same
+    assert found[f"{base}/st*r.dcm"][0] == [[f"{base}/st*r.dcm", 3]]
+    assert found[f"{base}/scan[2].dcm"][0] == [[f"{base}/scan[2].dcm", 7]]
+    listed = {u: [path for path, _ in streamed] for u, (streamed, _) in found.items()}
     assert listed == {
         f"{base}/scan[1]/": [f"{base}/scan[1]/a.dcm", f"{base}/scan[1]/deep/b.dcm"],
         f"{base}/scan[1]": [f"{base}/scan[1]/a.dcm", f"{base}/scan[1]/deep/b.dcm"],
@@ -389,6 +395,8 @@ def test_gcs_names_with_glob_characters_are_taken_literally_when_they_exist(emul
         f"{base}/x?y.dcm": [f"{base}/x*y.dcm", f"{base}/xzy.dcm"],
         f"{base}/q?": [f"{base}/q?/d.dcm"],
         f"{base}/q[q]/*": [f"{base}/qq/e.dcm"],
+        f"{base}/st*r.dcm": [f"{base}/st*r.dcm"],
+        f"{base}/scan[2].dcm": [f"{base}/scan[2].dcm"],
     }
 
 

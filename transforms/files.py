@@ -225,7 +225,10 @@ def expand_input(uri: str) -> Iterator[tuple[str, int]]:
         return
     pattern = _input_pattern(uri)
     if pattern is None:
-        yield uri, os.path.getsize(uri) if is_local(uri) else FileSystems.match([uri])[0].metadata_list[0].size_in_bytes
+        # The object's own metadata: ``match`` would read ``[``, ``*`` or ``?`` in its name as a
+        # pattern (no object, or another one's size).
+        yield uri, os.path.getsize(uri) if is_local(uri) else int(
+            FileSystems.get_filesystem(uri).metadata(uri).size_in_bytes)
         return
     for path, size in _match_streaming(pattern):
         if _is_input(path, size):
