@@ -323,6 +323,79 @@ def test_gcs_listing_streams_and_matches_beam(tmp_path: Path, emulator, gcs):
     assert [p for p, _ in found["folder"]] == sorted(f"gs://listing/{n}" for n in names if n.startswith("x/"))
 
 
+_LISTING_CALLS_PROBE = """
+import json, sys
+import transforms.beam as deid_beam
+import transforms.files as files
+
+real = files._gcs_client
+calls = []
+
+class Spy:
+    def __init__(self, client):
+        self._client = client
+
+    def list_blobs(self, bucket, **kwargs):
+        if kwargs.get("max_results") != 1:  # (not _remote_glob's look for a literal name)
+            calls.append([kwargs.get("prefix"), kwargs.get("delimiter")])
+        return self._client.list_blobs(bucket, **kwargs)
+
+files._gcs_client = deid_beam._gcs_client = lambda uri: Spy(real(uri))
+
+def fanned_out(uri):
+    from apache_beam import pvalue
+
+    found = []
+    for out in deid_beam.ExpandInputFn().process(uri):
+        found += deid_beam.ListPrefixFn().process(out.value) if isinstance(out, pvalue.TaggedOutput) else [out]
+    return sorted(found)
+
+result = {}
+for pattern in json.loads(sys.argv[1]):
+    calls.clear()
+    streamed = sorted(files._match_streaming(pattern))
+    streamed_calls = sorted(calls)
+    calls.clear()
+    fanned = fanned_out(pattern)
+    result[pattern] = [streamed, streamed_calls, fanned, sorted(calls)]
+print(json.dumps(result))
+"""
+
+
+def test_gcs_listing_never_descends_where_the_pattern_cannot_match(emulator, gcs):
+    """``*``, ``?`` and sets never cross a ``/``: ``gs://b/x/*`` used to list every object under
+    every "folder" of x/ (a bucket of millions to find a few), and ``x/*/*.dcm`` everything
+    below x/a/, x/b/... Now a folder is listed only where objects of the pattern may lie, and
+    only as deep as they may lie; ``**`` lists everything below, page by page."""
+    _, env = emulator
+    bucket = gcs.create_bucket("pruned")
+    names = ["x/top.dcm", "x/a/1.dcm", "x/a/deep/2.dcm", "x/a/deep/er/3.dcm", "x/b/4.dcm", "x/c/5.dcm", "y/6.dcm"]
+    for name in names:
+        bucket.blob(name).upload_from_string(b"v")
+    base = "gs://pruned/x"
+    patterns = [f"{base}/*", f"{base}/*/*.dcm", f"{base}/[ab]/*.dcm", f"{base}/**", f"{base}/a/*/*.dcm"]
+    found = _run_probe(_LISTING_CALLS_PROBE, patterns, env)
+    for pattern, (streamed, _, fanned, _) in found.items():
+        assert fanned == streamed, pattern  # the pipeline's fan-out lists the same objects
+    listed = {p: [path[len(base) + 1:] for path, _ in streamed] for p, (streamed, *_) in found.items()}
+    assert listed == {
+        f"{base}/*": ["top.dcm"],
+        f"{base}/*/*.dcm": ["a/1.dcm", "b/4.dcm", "c/5.dcm"],
+        f"{base}/[ab]/*.dcm": ["a/1.dcm", "b/4.dcm"],
+        f"{base}/**": ["a/1.dcm", "a/deep/2.dcm", "a/deep/er/3.dcm", "b/4.dcm", "c/5.dcm", "top.dcm"],
+        f"{base}/a/*/*.dcm": ["a/deep/2.dcm"],
+    }
+    one_level = {
+        f"{base}/*": [["x/", "/"]],
+        f"{base}/*/*.dcm": [["x/", "/"], ["x/a/", "/"], ["x/b/", "/"], ["x/c/", "/"]],
+        f"{base}/[ab]/*.dcm": [["x/", "/"], ["x/a/", "/"], ["x/b/", "/"]],
+        f"{base}/**": [["x/", "/"], ["x/a/", None], ["x/b/", None], ["x/c/", None]],
+        f"{base}/a/*/*.dcm": [["x/a/", "/"], ["x/a/deep/", "/"]],
+    }
+    assert {p: calls for p, (_, calls, _, _) in found.items()} == one_level
+    assert {p: calls for p, (_, _, _, calls) in found.items()} == one_level
+
+
 _LITERAL_PROBE = """
 import json, sys
 from apache_beam import pvalue

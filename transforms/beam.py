@@ -54,6 +54,8 @@ from transforms.files import (  # noqa: F401 - re-exported: the per-file API as 
     failed_row,
     failure_reason,
     finish_file,
+    gcs_first_level,
+    gcs_under,
     is_local,
     list_gcs,
     listing_prefix,
@@ -105,17 +107,11 @@ class ExpandInputFn(beam.DoFn):
         if client is None:
             yield from expand_input(uri)
             return
-        from apache_beam.io.gcp.gcsio import parse_gcs_path
-
-        matches = pattern_matcher(pattern)
-        bucket, name_prefix = parse_gcs_path(listing_prefix(pattern), object_optional=True)
-        listing = client.list_blobs(bucket, prefix=name_prefix, delimiter="/")
-        for blob in listing:
-            path, size = f"gs://{bucket}/{blob.name}", int(blob.size or 0)
-            if matches(path) and _is_input(path, size):
+        for path, size in gcs_first_level(client, pattern):
+            if size is None:  # a "folder" where objects of the pattern may lie
+                yield pvalue.TaggedOutput(PREFIX_TAG, (pattern, path))
+            elif _is_input(path, size):
                 yield path, size
-        for prefix in sorted(listing.prefixes):  # complete once every page was read
-            yield pvalue.TaggedOutput(PREFIX_TAG, (pattern, f"gs://{bucket}/{prefix}"))
 
 
 class ListPrefixFn(beam.DoFn):
@@ -124,11 +120,10 @@ class ListPrefixFn(beam.DoFn):
 
     def process(self, element: tuple[str, str]) -> Iterator[tuple[str, int]]:
         pattern, prefix = element
-        matches = pattern_matcher(pattern)
         client = _gcs_client(prefix)  # present: ExpandInputFn only fans out when it had one
         try:
-            for path, size in list_gcs(client, prefix):
-                if matches(path) and _is_input(path, size):
+            for path, size in gcs_under(client, pattern, prefix):
+                if _is_input(path, size):
                     yield path, size
         except Exception:  # noqa: BLE001 - after the client's own retries (a denied or lost prefix)
             # The prefix gets its read_error row, as an unlistable local folder does; the run

@@ -339,7 +339,11 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
             if matches(p) or (n == UNLISTABLE_FOLDER and holds(p)):
                 yield _shown(p, n)
     elif pattern.startswith("gs://") and (client := _gcs_client(pattern)) is not None:
-        yield from ((p, n) for p, n in list_gcs(client, prefix) if matches(p))
+        for p, n in gcs_first_level(client, pattern):
+            if n is None:
+                yield from gcs_under(client, pattern, p)
+            else:
+                yield p, n
     else:
         for result in FileSystems.match([pattern]):
             for meta in result.metadata_list:
@@ -363,6 +367,45 @@ def _folder_matcher(pattern: str) -> Any:
         return True
 
     return holds
+
+
+def gcs_first_level(client: Any, pattern: str) -> Iterator[tuple[str, int | None]]:
+    """One listing with a delimiter from the literal start of the ``gs://`` ``pattern``:
+    ``(path, size)`` of each object there that the pattern matches, then ``(folder, None)`` of
+    each deeper "folder" (``gs://b/x/``) under which objects of the pattern may lie
+    (:func:`_folder_matcher`: ``*``, ``?`` and sets never cross a ``/``, so ``gs://b/*.dcm``
+    never descends into ``gs://b/archive/``)."""
+    from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+    matches, holds = pattern_matcher(pattern), _folder_matcher(pattern)
+    bucket, name_prefix = parse_gcs_path(listing_prefix(pattern), object_optional=True)
+    listing = client.list_blobs(bucket, prefix=name_prefix, delimiter="/")
+    for blob in listing:
+        path = f"gs://{bucket}/{blob.name}"
+        if matches(path):
+            yield path, int(blob.size or 0)
+    for prefix in sorted(listing.prefixes):  # complete once every page was read
+        folder = f"gs://{bucket}/{prefix}"
+        if holds(folder[:-1]):  # (one "/" off: "a//" is the folder "a/" holds)
+            yield folder, None
+
+
+def gcs_under(client: Any, pattern: str, folder: str) -> Iterator[tuple[str, int]]:
+    """``(path, size)`` of the objects under the ``gs://`` ``folder`` (one
+    :func:`gcs_first_level` gave) that the pattern matches, page by page: only the objects
+    directly in it when the pattern's files lie there (``gs://b/*/*.dcm`` under
+    ``gs://b/s1/``: what lies deeper is never listed), else every object under it."""
+    from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+    matches = pattern_matcher(pattern)
+    if "**" in pattern or len(folder[:-1].split("/")) != len(pattern.split("/")) - 1:
+        yield from ((p, n) for p, n in list_gcs(client, folder) if matches(p))
+        return
+    bucket, name_prefix = parse_gcs_path(folder, object_optional=True)
+    for blob in client.list_blobs(bucket, prefix=name_prefix, delimiter="/"):
+        path = f"gs://{bucket}/{blob.name}"
+        if matches(path):
+            yield path, int(blob.size or 0)
 
 
 def list_gcs(client: Any, prefix: str) -> Iterator[tuple[str, int]]:
