@@ -179,3 +179,33 @@ def test_an_existing_output_is_compared_by_its_metadata(fake_gcs, client):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == [["written", "written", "duplicate_instance", "duplicate_instance"], 0]
     assert _objects(client, "republish", "")[final] == b"first content"
+
+
+def test_a_large_output_asks_for_create_if_absent_too(client, monkeypatch):
+    """Outputs over 8 MiB (most multi-frame files) go up as resumable uploads. fake-gcs-server
+    ignores the precondition on those (a second, different upload overwrites there), so the
+    refusal cannot be shown here as above; real GCS applies it to the upload's first request
+    (ifGenerationMatch on the resumable session). Checked: that request asks for it, and a
+    small one's does too."""
+    import os
+    from urllib.parse import parse_qs, urlparse
+
+    from transforms import files
+
+    client.create_bucket("large")
+    sent: list[tuple[str, str]] = []
+    real = client._http.request
+
+    def recorded(method, url, *args, **kwargs):
+        sent.append((method, url))
+        return real(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(client._http, "request", recorded)
+    for name, size in (("large", 9 << 20), ("small", 1000)):
+        sent.clear()
+        data = os.urandom(size)
+        files._publish_gcs(data, hashlib.sha256(data).hexdigest(), f"gs://large/o/{name}.dcm", client)
+        first = parse_qs(urlparse(sent[0][1]).query)
+        kind = "resumable" if size > 8 << 20 else "multipart"
+        assert (sent[0][0], first["uploadType"], first["ifGenerationMatch"]) == ("POST", [kind], ["0"]), name
+        assert _objects(client, "large", f"o/{name}.dcm")[f"gs://large/o/{name}.dcm"] == data
