@@ -1052,7 +1052,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
 
                 claim_local_tmp(output, run_id, sinks=(where.audit, where.crosswalk))  # also sweeps what killed runs left
             if processes:
-                from transforms.workers import DEFAULT_FILE_TIMEOUT, LocalPool
+                from transforms.workers import DEFAULT_FILE_TIMEOUT, STOPPED_RUN_GRACE, LocalPool
 
                 try:
                     # Forked now: before Beam starts its threads (and, early, before it is imported).
@@ -1078,9 +1078,13 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
                 pool=pool,
                 remote_progress=remote_progress(args, local_runner),
             )
+        except BaseException:
+            if pool is not None:  # stopped before the run's own close (Ctrl-C while Beam starts)
+                pool.close(grace=STOPPED_RUN_GRACE)
+            raise
         finally:
             if pool is not None:
-                pool.close()
+                pool.close()  # (nothing left to wait for when the run closed it)
     return report(args, outcome.summary, outcome.exit_code, where.audit, terse_on_tty=True,
                   warnings=mixed + _resources_not_found(outcome.summary, plan))
 

@@ -559,6 +559,7 @@ def execute(
     pipeline = make_pipeline(options)
     build(pipeline, input_uri, cfg, audit_root, crosswalk_root, spread=pool is None)
     unclaimed: list[Any] = []
+    stopped = False
     try:
         if progress and cfg.progress_dir:
             with ProgressPrinter(cfg.progress_dir):
@@ -566,13 +567,18 @@ def execute(
         else:
             run_and_wait(pipeline, options, remote_progress)
     except BaseException:
+        stopped = True
         for root in (audit_root, crosswalk_root):
             remove_sink_temporaries(root, cfg.run_id)
         raise
     finally:
         try:
             if pool is not None:
-                unclaimed = pool.close()
+                # A stopped run (Ctrl-C, a failure) writes no more rows: its workers get a few
+                # seconds for the file in hand, not the minute a finishing run waits for them.
+                from transforms.workers import STOPPED_RUN_GRACE
+
+                unclaimed = pool.close(grace=STOPPED_RUN_GRACE if stopped else None)
         finally:
             cleanup_tmp(cfg.output_root, cfg.run_id)
     unclaimed_matches = write_unclaimed(unclaimed, cfg, audit_root, crosswalk_root)

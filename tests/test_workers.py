@@ -558,6 +558,40 @@ def test_ctrl_c_stops_the_workers_after_their_file(tmp_path: Path, signum: int):
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
 
 
+def test_ctrl_c_does_not_wait_a_minute_for_a_file_that_never_ends(tmp_path: Path):
+    """A worker busy with a long file (a huge transcode, a stuck read) used to hold an
+    interrupted run for the full minute a finishing run gives its workers, in silence: a
+    stopped run writes no more rows, so its workers get STOPPED_RUN_GRACE seconds, then are
+    killed, and nothing half-written is left."""
+    folder = tmp_path / "in"
+    _inputs(folder, n_ct=4)
+    started = tmp_path / "started"
+    started.mkdir()
+    patch = f"""
+    import os
+    def endless(path, *args, **kwargs):
+        open(os.path.join({str(started)!r}, os.path.basename(path)), "w").close()
+        while True:
+            time.sleep(0.05)
+    files.process_file = endless
+    start = workers.LocalPool.__init__
+    def announce(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        print(" ".join(str(w.process.pid) for w in self._workers), flush=True)
+    workers.LocalPool.__init__ = announce
+    """
+    child = subprocess.Popen(_command(tmp_path, folder, patch), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True, preexec_fn=default_signals)
+    pids = [int(p) for p in child.stdout.readline().split()]
+    _wait_for(lambda: len(list(started.iterdir())) >= 2, "both workers busy")
+    began = time.monotonic()
+    _interrupt(child, tmp_path / "out")
+    waited = time.monotonic() - began
+    assert waited < workers._CLOSE_TIMEOUT / 2, waited  # ~STOPPED_RUN_GRACE; it used to be a minute
+    assert not list((tmp_path / "out").rglob("*.dcm"))
+    assert len(pids) == 2 and _still_running(pids) == []
+
+
 def test_workers_make_their_own_storage_clients(tmp_path: Path):
     """A client the command made before the fork (reading a gs:// key file) holds connections
     the parent goes on using: a worker must not share them."""

@@ -61,7 +61,10 @@ __all__ = [
 
 _POOLS: dict[str, LocalPool] = {}
 _POOLS_LOCK = threading.Lock()
-_CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the run stops
+_CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the run ends
+#: Seconds a stopped run's workers (Ctrl-C, a failure: no more rows are written) get to finish
+#: the file in hand before they are killed.
+STOPPED_RUN_GRACE = 5.0
 _START_TIMEOUT = 120.0  # seconds a replacement worker may take to import the core
 
 
@@ -550,8 +553,9 @@ class LocalPool:
         self.replaced += 1
         self._workers.append(_Worker(process, conn, replacement=True))
 
-    def close(self) -> list[tuple[str, int, Any]]:
-        """Stop the workers once their current file is done; unregister.
+    def close(self, grace: float | None = None) -> list[tuple[str, int, Any]]:
+        """Stop the workers once their current file is done (within ``grace`` seconds, default
+        ``_CLOSE_TIMEOUT``; then they are killed); unregister.
 
         Returns:
             The head-start files that were processed but never claimed, as
@@ -571,7 +575,7 @@ class LocalPool:
                     worker.conn.send(None)  # (a worker answers what it has done, then ends)
                 except (OSError, EOFError):
                     pass
-            deadline = time.monotonic() + _CLOSE_TIMEOUT
+            deadline = time.monotonic() + (_CLOSE_TIMEOUT if grace is None else grace)
             for worker in workers:
                 try:
                     while worker.outstanding and worker.conn.poll(max(0.0, deadline - time.monotonic())):
