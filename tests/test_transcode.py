@@ -386,6 +386,85 @@ def test_big_endian_swaps_nested_ow_values() -> None:
     assert list(lut.LUTDescriptor) == [4, 0, 16]
 
 
+def _with_compressed_icon() -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """A JPEG Lossless (.70) image whose Icon Image Sequence item holds JPEG Lossless pixel
+    data too (PS3.5 A.4 lets nested Pixel Data be encapsulated), read back from its bytes."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from pydicom.encaps import encapsulate
+
+    rng = np.random.default_rng(7)
+    main = rng.integers(0, 256, (96, 80), dtype=np.uint8)
+    icon = rng.integers(0, 256, (64, 48), dtype=np.uint8)
+
+    def pixel_module(d: Dataset, arr: np.ndarray) -> None:
+        d.Rows, d.Columns = arr.shape
+        d.SamplesPerPixel, d.PhotometricInterpretation = 1, "MONOCHROME2"
+        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 8, 8, 7, 0
+        d.PixelData = encapsulate([imagecodecs.jpeg8_encode(arr, lossless=True, predictor=1, bitspersample=8)])
+        d["PixelData"].VR = "OB"
+        d["PixelData"].is_undefined_length = True
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEG_LOSSLESS[1]
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientName, ds.Modality = "ICON^TEST", "OT"
+    pixel_module(ds, main)
+    item = Dataset()
+    pixel_module(item, icon)
+    ds.IconImageSequence = [item]
+    return _reread(ds), main, icon
+
+
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2.1", BIG_ENDIAN, RLE, JLS, J2K_LOSSLESS, JPEG_LOSSLESS[0]])
+def test_a_compressed_icon_becomes_native_with_the_image(target: str) -> None:
+    """The icon's JPEG fragments used to be copied as they were: encapsulated data in a native
+    syntax, or a JPEG codestream labelled RLE or JPEG-LS (exit 0, an undecodable icon). Nested
+    Pixel Data may be native in any syntax: it is decoded, stored native (defined length, the
+    target's byte order), its pixels exact; the input is untouched."""
+    ds, main, icon = _with_compressed_icon()
+    snapshot = copy.deepcopy(ds)
+    back = _reread(tc.transcode(ds, target))
+    assert ds == snapshot
+    assert str(back.file_meta.TransferSyntaxUID) == target
+    assert np.array_equal(tc.decode_pixels(back)[0][0, ..., 0], main)
+    item = back.IconImageSequence[0]
+    assert item["PixelData"].is_undefined_length is False
+    assert len(item.PixelData) == icon.size
+    assert np.frombuffer(item.PixelData, np.uint8).reshape(icon.shape).tolist() == icon.tolist()
+    assert (item.Rows, item.Columns, item.BitsAllocated, item.PhotometricInterpretation) == (64, 48, 8, "MONOCHROME2")
+
+
+def test_an_icon_that_cannot_be_decoded_fails_the_transcode() -> None:
+    ds, _, _ = _with_compressed_icon()
+    from pydicom.encaps import encapsulate
+
+    ds.IconImageSequence[0].PixelData = encapsulate([b"\xff\xd8 not a codestream \xff\xd9"])
+    ds.IconImageSequence[0]["PixelData"].is_undefined_length = True
+    with pytest.raises(CannotTranscode) as caught:
+        tc.transcode(ds, "1.2.840.10008.1.2.1")
+    assert str(caught.value).startswith(
+        "Transcode to 1.2.840.10008.1.2.1 (Explicit VR Little Endian): the Pixel Data in IconImageSequence "
+        "cannot be decoded (")
+    assert "ICON" not in str(caught.value)
+
+
+@pytest.mark.parametrize("target", [J2K_LOSSLESS, RLE, BIG_ENDIAN])
+def test_a_pixel_attribute_that_is_not_an_integer_is_named(target: str) -> None:
+    """pydicom's badVR.dcm has NumberOfFrames "1A": it used to fail as "ValueError raised",
+    a codec's failure; it is the file's (invalid_value), and the attribute is named."""
+    from transforms.errors import InputError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("badVR.dcm"))
+        with pytest.raises(InputError) as caught:
+            tc.transcode(ds, target)
+    assert (caught.value.reason, str(caught.value)) == (
+        "invalid_value", "NumberOfFrames is not an integer: the pixels cannot be transcoded")
+
+
 def test_float_pixel_data_only_goes_to_native_syntaxes() -> None:
     ds = _float_dataset()
     with pytest.raises(CannotTranscode, match="FloatPixelData"):

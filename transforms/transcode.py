@@ -278,8 +278,12 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
     keyword = next((k for k in _PIXEL_KEYWORDS if k in out), None)
     try:
         if keyword is None or source == target:
+            if source != target:
+                _nested_pixels_native(out, source, target)
             _change_byte_order(out, source, target)
             return _done(out, source, target)
+        _check_pixel_integers(out)
+        _nested_pixels_native(out, source, target)
         if keyword != "PixelData":
             if target not in NATIVE:
                 raise CannotTranscode(
@@ -511,6 +515,80 @@ def _as4d(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 #: The Image Pixel module attributes pydicom's decoders read (``ds`` is always a copy here).
 _DECODE_NEEDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
                  "BitsStored", "PixelRepresentation")
+
+
+#: Integer attributes of the Image Pixel module that decoding and encoding read.
+_PIXEL_INTEGERS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+                   "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames")
+
+
+def _check_pixel_integers(ds: Dataset) -> None:
+    """Refuse a file whose pixel description holds a value that is not an integer (an IS
+    NumberOfFrames of "1A"): named, as the file's fault (``invalid_value``), not as a codec's
+    ("ValueError raised")."""
+    for keyword in _PIXEL_INTEGERS:
+        if keyword not in ds:
+            continue
+        try:
+            value = ds[keyword].value
+            if value not in (None, "", b""):
+                int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"{keyword} is not an integer: the pixels cannot be transcoded",
+                             reason="invalid_value") from None
+
+
+def _nested_pixels_native(out: Dataset, source: str, target: str) -> None:
+    """Decode encapsulated Pixel Data nested in sequences (an Icon Image Sequence's, compressed
+    like the image) to native, which every transfer syntax allows there (PS3.5 A.4: nested
+    Pixel Data "may be encapsulated or native"). Left as it was, it would be written as it
+    was: fragments in a native syntax, or one codec's codestream labelled as another's.
+    Sequences are found without parsing the rest of the data set (the tag's bytes in their
+    raw value); ``out`` is a copy whose sequences parse into new items."""
+    # (7FE0,0010) in little endian: nested encapsulated data is only valid in (little endian)
+    # encapsulated syntaxes.
+    needle = b"\xe0\x7f\x10\x00"
+    for tag in list(out._dict):
+        elem = out._dict[tag]
+        if tag == _PIXEL_DATA_TAG:
+            continue
+        if isinstance(elem, RawDataElement):
+            if elem.VR not in ("SQ", None) or not isinstance(elem.value, (bytes, bytearray, memoryview)) \
+                    or needle not in bytes(elem.value):
+                continue
+            elem = out[tag]
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _item_pixels_native(item, source, target, elem.keyword or str(elem.tag))
+
+
+def _item_pixels_native(item: Dataset, source: str, target: str, where: str) -> None:
+    for elem in list(item):
+        if elem.VR == "SQ":
+            for nested in elem.value or ():
+                _item_pixels_native(nested, source, target, where)
+    pixels = item.get(_PIXEL_DATA_TAG)
+    if pixels is None or not pixels.is_undefined_length:
+        return
+    sub = Dataset()
+    sub.file_meta = FileMetaDataset()
+    sub.file_meta.TransferSyntaxUID = UID(source)
+    for keyword in (*_PIXEL_INTEGERS, "PhotometricInterpretation"):
+        if keyword in item:
+            sub[keyword] = copy.deepcopy(item[keyword])
+    sub[_PIXEL_DATA_TAG] = copy.deepcopy(pixels)
+    try:
+        _check_pixel_integers(sub)
+        arr, pi = _decode(sub, source)
+    except (CannotTranscode, InputError) as exc:
+        raise CannotTranscode(f"{_target_text(target)}: the Pixel Data in {where} cannot be decoded "
+                              f"({exc})") from None
+    except BaseException as exc:  # noqa: BLE001 - a codec failure on the nested image
+        if not is_work_failure(exc):
+            raise
+        raise CannotTranscode(f"{_target_text(target)}: the Pixel Data in {where} cannot be decoded "
+                              f"({_describe(exc)})") from None
+    _store_native(item, arr, pi)
 
 
 def _require_pixel_module(ds: Dataset) -> None:
