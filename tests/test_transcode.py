@@ -465,6 +465,16 @@ def test_a_pixel_attribute_that_is_not_an_integer_is_named(target: str) -> None:
         "invalid_value", "NumberOfFrames is not an integer: the pixels cannot be transcoded")
 
 
+def test_a_pixel_attribute_that_is_not_an_integer_does_not_stop_a_change_of_vr_encoding() -> None:
+    """Explicit to implicit VR little endian keeps the pixel bytes: nothing reads NumberOfFrames."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("badVR.dcm"))
+        back = tc.transcode(ds, "1.2.840.10008.1.2")
+    assert str(back.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2"
+    assert back.PixelData == ds.PixelData
+
+
 def test_float_pixel_data_only_goes_to_native_syntaxes() -> None:
     ds = _float_dataset()
     with pytest.raises(CannotTranscode, match="FloatPixelData"):

@@ -282,7 +282,6 @@ def transcode_result(ds: Dataset, ts_uid: str, *, verify: bool = True) -> Transc
                 _nested_pixels_native(out, source, target)
             _change_byte_order(out, source, target)
             return _done(out, source, target)
-        _check_pixel_integers(out)
         _nested_pixels_native(out, source, target)
         if keyword != "PixelData":
             if target not in NATIVE:
@@ -467,6 +466,7 @@ def _native_to_native(out: Dataset, source: str, target: str, verify: bool) -> T
     if _is_little(source) == _is_little(target):
         # Same pixel bytes, only the data set encoding changes: lossless by construction.
         return _done(out, source, target)
+    _check_pixel_integers(out)
     before = _decode(out, source)[0] if verify else None
     _change_byte_order(out, source, target)
     _set(out.file_meta, "TransferSyntaxUID", UID(target))
@@ -808,6 +808,7 @@ def _decode_jpeg_imagecodecs(ds: Dataset, ts: str) -> tuple[np.ndarray, str]:
 
 
 def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeResult:
+    _check_pixel_integers(out)
     _require_pixel_module(out)
     if int(out.BitsAllocated) == 1 and target not in NATIVE:
         raise CannotTranscode(
