@@ -123,3 +123,37 @@ def test_split_with_references_differs_only_where_we_follow_them(orthanc: Orthan
         judge(results, DELIBERATE_DIFFERENCES)
     finally:
         orthanc.delete("studies", job["TargetStudy"])
+
+
+def test_merging_comunix_into_brainix_matches_orthanc_tag_for_tag(orthanc: OrthancClient) -> None:
+    """The issue's example: Comunix's CT and PET join Brainix's study. Nothing moved references
+    another moved instance, so no deliberate difference applies: every tag matches Orthanc's
+    (its MPPS reference, whose value equals Comunix's StudyInstanceUID, used to be rewritten as
+    if it named the study)."""
+    brainix_rel = "Brainix/Flair/IM-0001-0001.dcm"
+    comunix = ("Comunix/Ct/IM-0001-0001.dcm", "Comunix/Ct/IM-0001-0002.dcm", "Comunix/Pet/IM-0001-0001.dcm")
+    files = {rel: sample(rel).read_bytes() for rel in (brainix_rel, *comunix)}
+    brainix_study, _ = orthanc.upload_study({brainix_rel: files[brainix_rel]})
+    comunix_study, _ = orthanc.upload_study({rel: files[rel] for rel in comunix})
+    before = set(orthanc.study_instances(brainix_study))
+    body = {"Resources": [comunix_study], "KeepSource": True}
+    job = orthanc.run_job("studies", brainix_study, "merge", body)
+    try:
+        assert job["InstancesCount"] == 3 and job["FailedInstancesCount"] == 0
+        references = {(r.Modality, int(r.InstanceNumber)): r
+                      for r in (read(f) for f in new_instances(orthanc, brainix_study, before))}  # fmt: skip
+        index = [sm.index_entry(rel, read_dataset(d), study_tags_for=brainix_study) for rel, d in files.items()]
+        plan = sm.plan_merge(index, sm.parse_merge(brainix_study, body), Key.from_bytes(KEY_BYTES))
+        uids = UidStructure(collect_identifiers(read(d) for d in files.values()))
+        results = []
+        for rel in comunix:
+            mine = ours(plan, rel, files[rel])
+            reference = references[(mine.Modality, int(mine.InstanceNumber))]
+            assert mine.ReferencedPerformedProcedureStepSequence[0].ReferencedSOPInstanceUID == \
+                read(files[rel]).ReferencedPerformedProcedureStepSequence[0].ReferencedSOPInstanceUID
+            results.append((rel, compare_datasets(mine, reference, uids=uids, where=rel)))
+        assert len(results) == len(references) == 3
+        judge(results, WRITER_DIFFERENCES)
+    finally:
+        for instance in set(orthanc.study_instances(brainix_study)) - before:
+            orthanc.delete("instances", instance)

@@ -82,6 +82,26 @@ _SERIES_UID = 0x0020000E
 _SOP_UID = 0x00080018
 _CHARSET = 0x00080005
 _HIERARCHY = frozenset({_STUDY_UID, _SERIES_UID, _SOP_UID})
+_REFERENCED_SOP_UID = 0x00081155
+#: Which map a UID reference is looked up in, by its tag (as Orthanc's relationships visitor
+#: chooses, orthanc-behavior.md 4.4): a nested StudyInstanceUID names a study, never a series
+#: or an instance whose UID happens to be equal (an SR's evidence in a file whose study and
+#: series UIDs are one value); a SOP reference an instance. Other UIDs (an SR content item's
+#: UID, 0040,A124) are looked up in every map.
+_MAP_OF_TAG = {_STUDY_UID: "study", _SERIES_UID: "series", _SOP_UID: "sop", _REFERENCED_SOP_UID: "sop",
+               0x00041511: "sop"}  # (ReferencedSOPInstanceUIDInFile)
+#: Sequences whose ReferencedSOPInstanceUID names a study (the Study "SOP instance"):
+#: ReferencedStudySequence, RTReferencedStudySequence (Orthanc's RT-STRUCT rule).
+_STUDY_REFERENCE_SEQUENCES = frozenset({0x00081110, 0x30060012})
+#: UIDs that are never references to the hierarchy, whatever their value: frames of reference
+#: (a modification keeps them, as Orthanc's does; some files reuse the StudyInstanceUID as
+#: FrameOfReferenceUID), classes, and the MPPS an instance came from.
+_NOT_REMAPPED = frozenset({
+    0x00200052, 0x00200200, 0x30060024, 0x300600C2,  # FrameOfReferenceUID and its references
+    0x00080016, 0x00081150, 0x00020002, 0x00020010,  # SOP classes, transfer syntax
+})
+#: Sequences whose SOP references name no instance of a study: the performed procedure step.
+_NOT_HIERARCHY_SEQUENCES = frozenset({0x00081111})  # ReferencedPerformedProcedureStepSequence
 #: Tags a split's Replace/Remove may name (StudyInstanceUID is the split's own business).
 SPLIT_MODIFIABLE_TAGS = frozenset(MODULE_TAGS) - {_STUDY_UID, _SERIES_UID}
 #: Orthanc's ORTHANC_MAXIMUM_TAG_LENGTH: longer values are not "plain strings" for merge.
@@ -759,12 +779,19 @@ class _Remapper:
         memo[id(item)] = (moved, staying)
         return moved, staying
 
-    def new_value(self, uid: str, context: tuple[bool, bool]) -> str | None:
+    def new_value(self, uid: str, context: tuple[bool, bool], kind: str = "any") -> str | None:
+        """The new UID of the reference ``uid`` in the map ``kind`` (``sop``, ``series``,
+        ``study``; ``any``: the SOP map first, then series, then study)."""
         plan = self.plan
-        found = plan.sop_map.get(uid)
-        if found is not None:
-            return found
-        found = plan.series_map.get(uid) or plan.study_map.get(uid)
+        if kind == "sop":
+            return plan.sop_map.get(uid)
+        if kind == "any":
+            found = plan.sop_map.get(uid)
+            if found is not None:
+                return found
+            found = plan.series_map.get(uid) or plan.study_map.get(uid)
+        else:
+            found = (plan.series_map if kind == "series" else plan.study_map).get(uid)
         if found is None:
             return None
         if uid not in plan.partial:
@@ -772,23 +799,30 @@ class _Remapper:
         moved, staying = context
         return found if moved and not staying else None
 
-    def rewrite(self, item: Dataset, memo: dict[int, tuple[bool, bool]], *, top: bool) -> set[int]:
-        """Rewrite ``item`` in place (it is private to us); returns the tags that changed."""
+    def rewrite(self, item: Dataset, memo: dict[int, tuple[bool, bool]], *, top: bool,
+                within: int | None = None) -> set[int]:
+        """Rewrite ``item`` in place (it is private to us); returns the tags that changed.
+        ``within``: the tag of the sequence ``item`` belongs to."""
         changed: set[int] = set()
         context = self.flags(item, memo)
         for tag, elem in list(item._dict.items()):
-            if top and tag in _HIERARCHY:
+            if (top and tag in _HIERARCHY) or tag in _NOT_REMAPPED:
                 continue
             vr = _vr_of(tag, elem)
             if vr == "UI":
+                kind = _MAP_OF_TAG.get(tag, "any")
+                if tag == _REFERENCED_SOP_UID and within in _STUDY_REFERENCE_SEQUENCES:
+                    kind = "study"
+                elif within in _NOT_HIERARCHY_SEQUENCES and kind == "sop":
+                    continue
                 old = _uids(elem)
-                new = [self.new_value(uid, context) or uid for uid in old]
+                new = [self.new_value(uid, context, kind) or uid for uid in old]
                 if new != old:
                     item._dict[tag] = DataElement(tag, "UI", new[0] if len(new) == 1 else new)
                     changed.add(tag)
             elif vr == "SQ":
                 for sub in self._items(item, tag, elem):
-                    if self.rewrite(sub, memo, top=False):
+                    if self.rewrite(sub, memo, top=False, within=tag):
                         changed.add(tag)
         return changed
 
