@@ -111,7 +111,7 @@ def test_merge_a_whole_study_by_uid(samples: Path) -> None:
     index = index_of(paths, BRAINIX_STUDY_UID)
     plan = sm.plan_merge(index, sm.parse_merge(BRAINIX_STUDY_UID, {"Resources": ["2.16.840.1.113669.632.20.121711.10000160881"]}), KEY)
     assert len(plan.moves) == 50 and len(plan.series_map) == 2
-    assert plan.partial == frozenset()
+    assert plan.partial == plan.partial_studies == frozenset()
     assert plan.study_map == {"2.16.840.1.113669.632.20.121711.10000160881": BRAINIX_STUDY_UID}
     assert plan.describe() == "merge: 50 instance(s) in 2 series; KeepSource false"
 
@@ -174,7 +174,7 @@ def test_merge_one_series_keeps_study_references_elsewhere(tmp_path: Path) -> No
     index = index_of(list(refs.values()), STUDY_B)
     plan = sm.plan_merge(index, sm.parse_merge(STUDY_B, {"Resources": [MR_SERIES]}), KEY)
     assert sorted(plan.moves) == sorted(str(refs[f"A/mr{i}.dcm"]) for i in (1, 2))
-    assert STUDY_A in plan.partial and MR_SERIES not in plan.partial
+    assert STUDY_A in plan.partial_studies and MR_SERIES not in plan.partial | plan.partial_studies
     assert plan.staying == {*CT_SOPS, RT_SOP, SR_SOP}
     mr = applied(plan, refs["A/mr2.dcm"])
     assert (mr.StudyInstanceUID, mr.SeriesInstanceUID) == (STUDY_B, plan.series_map[MR_SERIES])

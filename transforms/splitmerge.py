@@ -385,7 +385,8 @@ class Plan:
     maps each to the first) get the same new UIDs: identical files give identical outputs; a
     differing one fails as a duplicate, whatever the order the workers reach them in.
     ``sop_map`` / ``series_map`` / ``study_map`` map old UIDs to new ones for references;
-    ``partial`` holds the old series / study UIDs from which only some instances move, and
+    ``partial`` holds the old series UIDs and ``partial_studies`` the old study UIDs from
+    which only some instances move (apart: one UID may be both a study's and a series'), and
     ``staying`` the SOPInstanceUIDs left behind in them.
     """
 
@@ -404,6 +405,7 @@ class Plan:
     remove_tags: tuple[int, ...] = ()
     source_studies: tuple[str, ...] = field(default=())  # Orthanc ids, sorted
     duplicate_of: Mapping[str, str] = field(default_factory=dict)  # duplicate source -> defining one
+    partial_studies: frozenset[str] = frozenset()
 
     def disposition(self, source: str) -> str:
         """``move`` or ``unselected``."""
@@ -558,6 +560,7 @@ def _build(
     # Containers some of whose instances stay behind: references to them follow the move only
     # where the referring item points at moved instances alone (see apply_plan).
     partial: set[str] = set()
+    partial_studies: set[str] = set()
     staying: set[str] = set()
     for e in index.entries:
         if e.source in moved_sources or e.source in duplicates:
@@ -566,7 +569,7 @@ def _build(
             partial.add(e.series_uid)
             staying.add(e.sop_uid)
         if e.study_uid in study_uids and e.study in source_studies and e.sop_uid not in moved_sops:
-            partial.add(e.study_uid)
+            partial_studies.add(e.study_uid)
             staying.add(e.sop_uid)
     return Plan(
         operation=operation,
@@ -580,6 +583,7 @@ def _build(
         series_map=series_map,
         study_map={uid: study_map_to for uid in sorted(study_uids) if uid != study_map_to},
         partial=frozenset(partial),
+        partial_studies=frozenset(partial_studies),
         staying=frozenset(staying),
         set_tags=set_tags,
         remove_tags=remove_tags,
@@ -783,21 +787,19 @@ class _Remapper:
         """The new UID of the reference ``uid`` in the map ``kind`` (``sop``, ``series``,
         ``study``; ``any``: the SOP map first, then series, then study)."""
         plan = self.plan
-        if kind == "sop":
-            return plan.sop_map.get(uid)
-        if kind == "any":
+        if kind == "sop" or kind == "any":
             found = plan.sop_map.get(uid)
-            if found is not None:
+            if found is not None or kind == "sop":
                 return found
-            found = plan.series_map.get(uid) or plan.study_map.get(uid)
-        else:
-            found = (plan.series_map if kind == "series" else plan.study_map).get(uid)
-        if found is None:
-            return None
-        if uid not in plan.partial:
-            return found
-        moved, staying = context
-        return found if moved and not staying else None
+        for level in ("series", "study") if kind == "any" else (kind,):
+            found = (plan.series_map if level == "series" else plan.study_map).get(uid)
+            if found is None:
+                continue
+            if uid not in (plan.partial if level == "series" else plan.partial_studies):
+                return found
+            moved, staying = context
+            return found if moved and not staying else None
+        return None
 
     def rewrite(self, item: Dataset, memo: dict[int, tuple[bool, bool]], *, top: bool,
                 within: int | None = None) -> set[int]:
