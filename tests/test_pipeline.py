@@ -119,8 +119,13 @@ def test_streaming_listing_matches_what_beam_matches(tmp_path: Path, monkeypatch
     (root / "c").symlink_to(root / "a", target_is_directory=True)  # a symlinked folder is not entered
     base = str(root)
     patterns = [f"{base}/**", f"{base}/*", f"{base}/**.dcm", f"{base}/*/*.dcm", f"{base}/b/*", f"{base}/b/t?o.dcm",
-                f"{base}/[bc]/**", f"{base}/a/00*", f"{base}/a/deep/**", f"{base}/missing/**"]  # fmt: skip
+                f"{base}/[bc]/**", f"{base}/a/00*", f"{base}/a/deep/**", f"{base}/missing/**",
+                f"{base}/a?deep/er/z.dcm", f"{base}/[!b]?deep?er/*.dcm"]  # fmt: skip
     reference = {p: _beam_match(p) for p in patterns}
+    # Beam's "?" and negated sets match a "/" too: a pattern component holding them is no
+    # reason to leave a folder unvisited.
+    assert reference[f"{base}/a?deep/er/z.dcm"] == reference[f"{base}/[!b]?deep?er/*.dcm"] == [
+        (f"{base}/a/deep/er/z.dcm", 2)]
     assert len(reference[f"{base}/**"]) == 1500 + 1 + 3  # a/, a/deep/er/, b/ (two, "t o", link)
     assert reference[f"{base}/missing/**"] == []
 

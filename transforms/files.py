@@ -350,13 +350,22 @@ def _match_streaming(pattern: str) -> Iterator[tuple[str, int]]:
                 yield meta.path, int(meta.size_in_bytes)
 
 
+def _may_cross_folders(part: str) -> bool:
+    """Whether a component of a pattern can match across a ``/``: in Beam's syntax
+    (``FileSystem.translate_pattern``) ``**`` and ``?`` match any character, and so does a
+    negated set (``[!a]``); only ``*`` stops at ``/``. (Escaped characters, ``[?]``, are
+    themselves.)"""
+    rest = re.sub(r"\[[\[*?]\]", "", part)
+    return "**" in rest or "?" in rest or "[!" in rest or "[^" in rest
+
+
 def _folder_matcher(pattern: str) -> Any:
-    """Whether files under a folder may match the local ``pattern``: the folder's names match
-    the pattern's first components one by one, and a component is left for the file's name; a
-    component holding ``**`` matches any depth from there on. (Beam's ``*``, ``?`` and sets
-    never match a ``/``.)"""
+    """Whether files under a folder may match the ``pattern``: the folder's names match the
+    pattern's first components one by one, and a component is left for the file's name; a
+    component that can match across folders (:func:`_may_cross_folders`: ``**``, ``?``, a
+    negated set) matches any depth from there on."""
     parts = pattern.split("/")
-    component = [None if "**" in part else pattern_matcher(part) for part in parts]
+    component = [None if _may_cross_folders(part) else pattern_matcher(part) for part in parts]
 
     def holds(folder: str) -> bool:
         for i, name in enumerate(folder.split("/")):
@@ -373,8 +382,8 @@ def gcs_first_level(client: Any, pattern: str) -> Iterator[tuple[str, int | None
     """One listing with a delimiter from the literal start of the ``gs://`` ``pattern``:
     ``(path, size)`` of each object there that the pattern matches, then ``(folder, None)`` of
     each deeper "folder" (``gs://b/x/``) under which objects of the pattern may lie
-    (:func:`_folder_matcher`: ``*``, ``?`` and sets never cross a ``/``, so ``gs://b/*.dcm``
-    never descends into ``gs://b/archive/``)."""
+    (:func:`_folder_matcher`: ``*`` never crosses a ``/``, so ``gs://b/*.dcm`` never descends
+    into ``gs://b/archive/``)."""
     from apache_beam.io.gcp.gcsio import parse_gcs_path
 
     matches, holds = pattern_matcher(pattern), _folder_matcher(pattern)
@@ -398,7 +407,8 @@ def gcs_under(client: Any, pattern: str, folder: str) -> Iterator[tuple[str, int
     from apache_beam.io.gcp.gcsio import parse_gcs_path
 
     matches = pattern_matcher(pattern)
-    if "**" in pattern or len(folder[:-1].split("/")) != len(pattern.split("/")) - 1:
+    parts = pattern.split("/")
+    if any(map(_may_cross_folders, parts)) or len(folder[:-1].split("/")) != len(parts) - 1:
         yield from ((p, n) for p, n in list_gcs(client, folder) if matches(p))
         return
     bucket, name_prefix = parse_gcs_path(folder, object_optional=True)
