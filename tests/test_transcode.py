@@ -436,6 +436,45 @@ def test_a_compressed_icon_becomes_native_with_the_image(target: str) -> None:
     assert (item.Rows, item.Columns, item.BitsAllocated, item.PhotometricInterpretation) == (64, 48, 8, "MONOCHROME2")
 
 
+def test_a_compressed_icon_in_a_sequence_read_as_un_becomes_native_too() -> None:
+    """The same Icon Image Sequence with VR UN in its header (as some writers store what they do
+    not know): read as the dictionary's SQ, decoded like it."""
+    ds, main, icon = _with_compressed_icon()
+    data = _to_bytes(ds)
+    header = b"\x88\x00\x00\x02SQ"
+    assert data.count(header) == 1
+    ds = pydicom.dcmread(io.BytesIO(data.replace(header, b"\x88\x00\x00\x02UN")))
+    assert ds.get_item(0x00880200).VR == "UN"
+    back = _reread(tc.transcode(ds, "1.2.840.10008.1.2.1"))
+    item = back.IconImageSequence[0]
+    assert item["PixelData"].is_undefined_length is False
+    assert np.frombuffer(item.PixelData, np.uint8).reshape(icon.shape).tolist() == icon.tolist()
+
+
+def test_text_beside_a_decoded_icon_keeps_the_bytes_read() -> None:
+    """Only the icon's pixel module changes: text in its item (here bytes that are not the UTF-8
+    the file declares) is written as read, as everywhere else in a transcode."""
+    from transforms.dicomio import read_dataset, write_dataset
+
+    ds, _, _ = _with_compressed_icon()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.IconImageSequence[0].ImageComments = "Cafe"
+    data = _to_bytes(ds)
+    assert data.count(b"Cafe") == 1
+    data = data.replace(b"Cafe", b"Caf\xe9")  # Latin-1 in a UTF-8 file
+    out = write_dataset(tc.transcode(read_dataset(data), "1.2.840.10008.1.2.1"))
+    assert b"Caf\xe9" in out
+    assert pydicom.dcmread(io.BytesIO(out)).IconImageSequence[0]["PixelData"].is_undefined_length is False
+
+
+def test_a_nested_image_is_held_to_the_decoded_size_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds, _, _ = _with_compressed_icon()
+    monkeypatch.setattr(tc, "MAX_DECODED_BYTES", 64 * 48 - 1)  # the icon's size; the image's is larger
+    with pytest.raises(CannotTranscode, match=r"the Pixel Data in IconImageSequence cannot be decoded \(the "
+                                               r"decoded pixel data would take 3,072 bytes"):
+        tc.transcode(ds, "1.2.840.10008.1.2.1")
+
+
 def test_an_icon_that_cannot_be_decoded_fails_the_transcode() -> None:
     ds, _, _ = _with_compressed_icon()
     from pydicom.encaps import encapsulate

@@ -544,41 +544,62 @@ def _nested_pixels_native(out: Dataset, source: str, target: str) -> None:
     Pixel Data "may be encapsulated or native"). Left as it was, it would be written as it
     was: fragments in a native syntax, or one codec's codestream labelled as another's.
     Sequences are found without parsing the rest of the data set (the tag's bytes in their
-    raw value); ``out`` is a copy whose sequences parse into new items."""
-    # (7FE0,0010) in little endian: nested encapsulated data is only valid in (little endian)
-    # encapsulated syntaxes.
-    needle = b"\xe0\x7f\x10\x00"
-    for tag in list(out._dict):
-        elem = out._dict[tag]
+    raw value, VR SQ or UN); only a sequence whose pixels change is put back, parsed, and in it
+    only the nested pixel module changes: other elements keep the bytes read."""
+    _nested_in(out, source, target, None)
+
+
+#: (7FE0,0010) in little endian: nested encapsulated Pixel Data is only valid in (little endian)
+#: encapsulated syntaxes.
+_PIXEL_DATA_BYTES = b"\xe0\x7f\x10\x00"
+
+
+def _nested_in(ds: Dataset, source: str, target: str, where: str | None) -> bool:
+    """:func:`_nested_pixels_native` over the sequences of ``ds`` (a private copy, or an item
+    parsed into one); whether something changed."""
+    changed = False
+    for tag in list(ds._dict):
         if tag == _PIXEL_DATA_TAG:
             continue
+        elem = ds._dict[tag]
         if isinstance(elem, RawDataElement):
-            if elem.VR not in ("SQ", None) or not isinstance(elem.value, (bytes, bytearray, memoryview)) \
-                    or needle not in bytes(elem.value):
+            value = elem.value
+            if elem.VR not in ("SQ", "UN", None) or not isinstance(value, (bytes, bytearray, memoryview)) \
+                    or _PIXEL_DATA_BYTES not in bytes(value):
                 continue
-            elem = out[tag]
-        if elem.VR == "SQ":
-            for item in elem.value or ():
-                _item_pixels_native(item, source, target, elem.keyword or str(elem.tag))
+            parsed = paths.convert_sequence(elem, tag, _character_set(ds), ds)
+            if parsed.VR != "SQ":
+                continue
+            if _items_native(parsed, source, target, where):
+                ds._dict[tag] = parsed
+                changed = True
+        elif elem.VR == "SQ":
+            changed |= _items_native(elem, source, target, where)
+    return changed
+
+
+def _items_native(sequence: DataElement, source: str, target: str, where: str | None) -> bool:
+    where = where or sequence.keyword or str(sequence.tag)
+    changed = False
+    for item in sequence.value or ():
+        changed |= _nested_in(item, source, target, where)
+        if _PIXEL_DATA_TAG in item._dict and item[_PIXEL_DATA_TAG].is_undefined_length:
+            _item_pixels_native(item, source, target, where)
+            changed = True
+    return changed
 
 
 def _item_pixels_native(item: Dataset, source: str, target: str, where: str) -> None:
-    for elem in list(item):
-        if elem.VR == "SQ":
-            for nested in elem.value or ():
-                _item_pixels_native(nested, source, target, where)
-    pixels = item.get(_PIXEL_DATA_TAG)
-    if pixels is None or not pixels.is_undefined_length:
-        return
     sub = Dataset()
     sub.file_meta = FileMetaDataset()
     sub.file_meta.TransferSyntaxUID = UID(source)
     for keyword in (*_PIXEL_INTEGERS, "PhotometricInterpretation"):
         if keyword in item:
             sub[keyword] = copy.deepcopy(item[keyword])
-    sub[_PIXEL_DATA_TAG] = copy.deepcopy(pixels)
+    sub[_PIXEL_DATA_TAG] = copy.deepcopy(item[_PIXEL_DATA_TAG])
     try:
         _check_pixel_integers(sub)
+        _check_decoded_size(sub)
         arr, pi = _decode(sub, source)
     except (CannotTranscode, InputError) as exc:
         raise CannotTranscode(f"{_target_text(target)}: the Pixel Data in {where} cannot be decoded "
