@@ -567,7 +567,10 @@ def _nested_in(ds: Dataset, source: str, target: str, where: str | None) -> bool
             if elem.VR not in ("SQ", "UN", None) or not isinstance(value, (bytes, bytearray, memoryview)) \
                     or _PIXEL_DATA_BYTES not in bytes(value):
                 continue
-            parsed = paths.convert_sequence(elem, tag, _character_set(ds), ds)
+            try:
+                parsed = paths.convert_sequence(elem, tag, _character_set(ds), ds)
+            except InputError:  # bytes that are not items: written as read, as before
+                continue
             if parsed.VR != "SQ":
                 continue
             if _items_native(parsed, source, target, where):
