@@ -95,10 +95,10 @@ _MAP_OF_TAG = {_STUDY_UID: "study", _SERIES_UID: "series", _SOP_UID: "sop", _REF
 _STUDY_REFERENCE_SEQUENCES = frozenset({0x00081110, 0x30060012})
 #: UIDs that are never references to the hierarchy, whatever their value: frames of reference
 #: (a modification keeps them, as Orthanc's does; some files reuse the StudyInstanceUID as
-#: FrameOfReferenceUID), classes, and the MPPS an instance came from.
+#: FrameOfReferenceUID) and classes.
 _NOT_REMAPPED = frozenset({
     0x00200052, 0x00200200, 0x30060024, 0x300600C2,  # FrameOfReferenceUID and its references
-    0x00080016, 0x00081150, 0x00020002, 0x00020010,  # SOP classes, transfer syntax
+    0x00080016, 0x00081150,  # SOPClassUID, ReferencedSOPClassUID
 })
 #: Sequences whose SOP references name no instance of a study: the performed procedure step.
 _NOT_HIERARCHY_SEQUENCES = frozenset({0x00081111})  # ReferencedPerformedProcedureStepSequence
