@@ -306,6 +306,72 @@ def test_characters_the_file_charset_cannot_encode_are_dropped():
     assert result.ReferencedStudySequence[0].StudyDescription == "\u03a9"
 
 
+
+def _item_charset_file(top: str | None, item: str | None) -> Dataset:
+    """CT_small with a ReferencedPatientSequence item that declares its own character set."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if top is None:
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = top
+    inner = Dataset()
+    if item is not None:
+        inner.SpecificCharacterSet = item
+    inner.PatientID = "REF"
+    ds.ReferencedPatientSequence = [inner]
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return dicomio.read_dataset(buffer.getvalue(), check_uids=False)
+
+
+@pytest.mark.parametrize(("top", "item", "expected"), [
+    ("ISO_IR 100", "ISO_IR 144", "\u041f\u0440\u0438"),    # Cyrillic fits the item, é does not
+    (None, "ISO_IR 192", "\u041f\u0440\u0438 \u00e9"),     # UTF-8 item in a Latin-1 file
+    ("ISO_IR 192", "ISO_IR 100", " \u00e9"),               # Latin-1 item in a UTF-8 file
+    ("ISO_IR 144", None, "\u041f\u0440\u0438"),            # no charset in the item: the file's
+])
+def test_text_written_into_an_item_fits_the_items_own_character_set(top, item, expected):
+    """PS3.5 7.5.3: an item's SpecificCharacterSet governs its text. A replacement is cut to
+    that repertoire and encoded in it, never "?" for what the file's repertoire had and the
+    item's lacks (Orthanc fits and encodes in the top level's: mojibake in such items)."""
+    import io
+
+    import pydicom
+
+    text = "\u041f\u0440\u0438 \u00e9"
+    for body in ({"Replace": {"ReferencedPatientSequence[0].StudyDescription": text}},
+                 {"Replace": {"ReferencedPatientSequence": [
+                     {**({"SpecificCharacterSet": item} if item else {}), "StudyDescription": text}]}}):
+        out = dicomio.write_dataset(apply(parse_modify(body), _item_charset_file(top, item), KEY))
+        back = pydicom.dcmread(io.BytesIO(out))
+        described = back.ReferencedPatientSequence[0]
+        assert b"?" not in described.get_item(0x00081030).value, body  # raw, before decoding
+        assert described.StudyDescription == expected, body
+
+
+def test_an_item_relabelled_by_the_same_body_drops_what_its_new_set_lacks():
+    """PatientComments sorts before SpecificCharacterSet, so it is fitted to the file's Latin-1
+    and then written in the item's new Cyrillic set: "é" is dropped, never written as "?";
+    StudyDescription, after it, fits the new set."""
+    import io
+    import warnings
+
+    import pydicom
+
+    body = {"Replace": {"ReferencedPatientSequence[0].PatientComments": "\u041f\u0440\u0438 \u00e9",
+                        "ReferencedPatientSequence[0].SpecificCharacterSet": "ISO_IR 144",
+                        "ReferencedPatientSequence[0].StudyDescription": "\u041f\u0440\u0438 \u00e9"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns where it writes "?"
+        out = dicomio.write_dataset(apply(parse_modify(body), _item_charset_file("ISO_IR 100", None), KEY))
+    item = pydicom.dcmread(io.BytesIO(out)).ReferencedPatientSequence[0]
+    assert item.get_item(0x00104000).value == b"  "
+    assert item.get_item(0x00081030).value == b"\xbf\xe0\xd8 "
+    assert item.StudyDescription == "\u041f\u0440\u0438"
 def test_od_of_ol_arrays_are_written_as_binary_lists():  # TC-41 (Orthanc >= 1.12.11)
     import io
 

@@ -89,11 +89,11 @@ def test_edits_copy_on_write_and_never_create_items():
     out = shallow_copy(source)
     ws = Workspace(out)
     rois = parse_path("StructureSetROISequence[*].ROIName", key="Replace")
-    replace_at(ws, out, rois, lambda: DataElement(ROI_NAME, "LO", "X"))
+    replace_at(ws, out, rois, lambda _: DataElement(ROI_NAME, "LO", "X"))
     remove_at(ws, out, parse_path("StructureSetROISequence[0].ROINumber", key="Remove"))
     # Index beyond the items and a missing sequence: nothing happens, no error.
     replace_at(ws, out, parse_path("StructureSetROISequence[9].ROIName", key="Replace"),
-               lambda: DataElement(ROI_NAME, "LO", "Y"))
+               lambda _: DataElement(ROI_NAME, "LO", "Y"))
     remove_at(ws, out, parse_path("ReferencedImageSequence[*].ReferencedSOPClassUID",
                                   key="Remove"))
     assert [item.ROIName for item in out.StructureSetROISequence] == ["X", "X", "X"]
@@ -113,7 +113,7 @@ def test_edits_on_an_already_decoded_input_copy_the_shared_items():
     out = shallow_copy(source)
     ws = Workspace(out)
     replace_at(ws, out, parse_path("StructureSetROISequence[1].ROIName", key="Replace"),
-               lambda: DataElement(ROI_NAME, "LO", "Z"))
+               lambda _: DataElement(ROI_NAME, "LO", "Z"))
     assert [item.ROIName for item in out.StructureSetROISequence] == [names[0], "Z", names[2]]
     assert [item.ROIName for item in source.StructureSetROISequence] == names
     assert out.StructureSetROISequence[0] is not source.StructureSetROISequence[0]

@@ -522,12 +522,12 @@ class _Run:
         for path in plan.remove_paths:
             remove_at(self.ws, out, path)
             sequences.append(path.parents[0][0])
-        if plan.replace_paths:
-            encodings = _python_encodings(out)
         for path, value in plan.replace_paths:
+            # Text fits the character set of the item it lands in (its own, PS3.5 7.5.3).
             replace_at(self.ws, out, path,
-                       lambda value=value: build_element(value, little_endian=self.little,
-                                                         encodings=_fitting(out, encodings)))
+                       lambda owner, value=value: build_element(
+                           value, little_endian=self.little,
+                           encodings=_fitting(owner, _python_encodings(owner))))
             sequences.append(path.parents[0][0])
 
         # Changed sequences are encoded here, once, and handed to the writer as raw bytes:

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from transforms.errors import InputError, RequestError
+from transforms.tags import SPECIFIC_CHARACTER_SET as _SPECIFIC_CHARACTER_SET
 from transforms.tags import PrivateDictionary, parse_tag
 
 Parent = tuple[int, int | None]  # (sequence tag, item index or None for [*])
@@ -323,7 +324,26 @@ def remove_at(ws: Workspace, ds: Dataset, path: TagPath) -> None:
 
 
 def replace_at(ws: Workspace, ds: Dataset, path: TagPath,
-               make: Callable[[], DataElement]) -> None:
-    """Set ``path``'s final tag (insert if absent) in every existing item it reaches."""
-    for target in ws.targets(ds, path.parents):
-        target[path.tag] = ws.owned_element(make())
+               make: Callable[[Dataset], DataElement]) -> None:
+    """Set ``path``'s final tag (insert if absent) in every existing item it reaches.
+
+    ``make`` gets the data set whose SpecificCharacterSet applies to the item's text: the
+    nearest one on the way from ``ds`` that declares one (PS3.5 7.5.3), else ``ds``."""
+    for target, charset_owner in _charset_targets(ws, ds, path.parents, ds):
+        target[path.tag] = ws.owned_element(make(charset_owner))
+
+
+def _charset_targets(ws: Workspace, ds: Dataset, parents: tuple[Parent, ...],
+                     owner: Dataset) -> Iterator[tuple[Dataset, Dataset]]:
+    """:meth:`Workspace.targets`, each with the data set whose character set it uses."""
+    if _SPECIFIC_CHARACTER_SET in ds._dict:
+        owner = ds
+    if not parents:
+        yield ds, owner
+        return
+    tag, index = parents[0]
+    items = ws.items(ds, tag)
+    if not items:
+        return
+    for item in items if index is None else items[index:index + 1]:
+        yield from _charset_targets(ws, item, parents[1:], owner)

@@ -431,8 +431,13 @@ def _encode_string(value: str, encodings: Sequence_[str]) -> bytes:
     IR 159, pydicom 3.0's encoder read the empty value's first character (IndexError, an
     internal error for the file; 'a\\\\b' in JSON is such a list, and 'A^^B' a person name
     with an empty component, both of which Orthanc writes), and its escape back to the first
-    set would have run into the next value's delimiter."""
-    return b"" if value == "" else _pydicom_encode_string(value, encodings)
+    set would have run into the next value's delimiter. Characters none of ``encodings`` holds
+    are dropped (:func:`fit_text`) where pydicom would write "?": text is fitted to its data
+    set's character set when it is built, but a SpecificCharacterSet replaced later in the
+    same body can still take some away."""
+    if value == "":
+        return b""
+    return _pydicom_encode_string(value if value.isascii() else fit_text(value, encodings), encodings)
 
 
 _pydicom_encode_string = _pydicom_charset.encode_string
@@ -448,7 +453,8 @@ def build_element(value: Value, *, little_endian: bool = True,
         value: from :func:`prepare_value`.
         little_endian: byte order for packed OF/OD/OL/OV values.
         encodings: Python codecs of the target dataset's character set; text that they
-            cannot represent is dropped (see :func:`fit_text`).
+            cannot represent is dropped (see :func:`fit_text`). A new sequence item that
+            declares a SpecificCharacterSet fits its text (and its items') to that one.
     """
     vr = value.vr
     raw = value.value
@@ -456,8 +462,14 @@ def build_element(value: Value, *, little_endian: bool = True,
         items = []
         for item_values in raw or ():
             item = Dataset()
+            item_encodings = encodings
             for v in item_values:
-                item[v.tag] = build_element(v, little_endian=little_endian, encodings=encodings)
+                if v.tag == SPECIFIC_CHARACTER_SET:  # the item's own (PS3.5 7.5.3)
+                    item[v.tag] = build_element(v, little_endian=little_endian)
+                    item_encodings = fitting_encodings(item, dataset_encodings(item))
+            for v in item_values:
+                if v.tag != SPECIFIC_CHARACTER_SET:
+                    item[v.tag] = build_element(v, little_endian=little_endian, encodings=item_encodings)
             items.append(item)
         return DataElement(value.tag, "SQ", Sequence(items), validation_mode=_NO_VALIDATION)
     if raw is None:
