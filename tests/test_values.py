@@ -39,6 +39,9 @@ def _prepare(tag, value, **kwargs):
         (WINDOW_CENTER, "40.5\\-2e3", Value(WINDOW_CENTER, "DS", "40.5\\-2e3")),
         (0x00200032, "1\\\\3", Value(0x00200032, "DS", "1\\\\3")),  # an empty value in a list (PS3.5 6.4)
         (0x00200013, "-2147483648", Value(0x00200013, "IS", "-2147483648")),
+        (0x00101030, "  ", Value(0x00101030, "DS", None)),  # only padding: an empty value
+        (WINDOW_CENTER, "40\\ ", Value(WINDOW_CENTER, "DS", "40\\ ")),  # and an empty one in a list
+        (0x00200013, " 7 ", Value(0x00200013, "IS", " 7 ")),  # spaces around: PS3.5 allows them
         (0x00180050, "-1.234567890e-10", Value(0x00180050, "DS", "-1.234567890e-10")),  # 16 characters
         (0x00189327, "1.25", Value(0x00189327, "FD", (1.25,))),
         (0x00209165, "0020,9056", Value(0x00209165, "AT", (0x00209056,))),  # test_modify_attribute

@@ -278,14 +278,14 @@ def _cast_string(tag: int, vr: str, text: str, ctx: _Context) -> Value:
     if vr in TEXT_VRS:
         return Value(tag, vr, text or None)
     if vr in ("IS", "DS"):
-        if text == "":
-            return Value(tag, vr, None)
+        if text.strip(" ") == "":
+            return Value(tag, vr, None)  # spaces are padding (PS3.5 6.2): an empty value
         parts = text.split("\\")
         if len(parts) > 1 and _single_valued(tag):
             raise RequestError(f"{_label(tag, vr, ctx)}: takes a single value (VM 1), got "
                                f"{len(parts)} backslash-separated values")
         for part in parts:
-            if part == "" and len(parts) > 1:
+            if part.strip(" ") == "" and len(parts) > 1:
                 continue  # an empty value inside a list (PS3.5 6.4), as Orthanc stores it
             _check_number_string(tag, vr, part, ctx)
         return Value(tag, vr, text)
