@@ -456,7 +456,9 @@ def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | No
     check_names(input_uri, output, audit, crosswalk)
     for name, folder in (("OUTPUT", output), ("--audit", audit), ("--crosswalk", crosswalk)):
         if folder is not None and any(c in folder for c in "*?["):
-            raise UsageError(f"{name}: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)")
+            raise UsageError(f"{name} {folder!r}: the path must not contain *, ? or [ (Beam's file sinks read "
+                             "them as patterns; a relative path counts from the current folder, whose own path "
+                             "may hold them)")
         if folder is not None and _scheme(folder) in (None, "file"):
             _refuse_file_in_the_way(name, folder)
     # Compared as real paths: a symbolic link must not hide OUTPUT inside INPUT (and by device
@@ -974,6 +976,9 @@ def _resources_not_found(summary: dict[str, Any], plan: Any) -> list[str]:
 
 
 def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
+    if args.command == "anonymize" and any(a == "--level" or a.startswith("--level=") for a in beam_args):
+        raise UsageError("--level is an option of modify: an anonymization replaces the identifiers of every "
+                         "level (a Level in its body is ignored, as in Orthanc)")
     request, dictionary = load_request(args.body, args.config)
     plan = parse_plan(args.command, request, dictionary, getattr(args, "level", None))
     if request.get("KeepSource") is False:
@@ -991,6 +996,8 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     single = (local_in and os.path.isfile(input_uri) and output.lower().endswith(".dcm") and _scheme(output) is None
               and not as_folder)
     if not single and output.lower().endswith(".dcm") and not as_folder:
+        if local_in and not _local_input_exists(input_uri):
+            raise UsageError(f"INPUT {args.input!r} does not exist")
         raise UsageError("OUTPUT ends in .dcm (one file) but INPUT is not one local file: give an OUTPUT folder")
     if single and os.path.isdir(output):
         raise UsageError(f"OUTPUT {output!r} is an existing folder: end it with / to write into it, or name a file")
@@ -1094,6 +1101,8 @@ def _check_single_locations(input_file: str, output: str, audit: str | None, cro
     real_in, real_out = os.path.realpath(input_file), os.path.realpath(output)
     if real_in == real_out:
         raise UsageError("OUTPUT is the INPUT file: dicom-deid never overwrites its inputs")
+    # The file's folder, like the folder options: refused now, not a write_error after the work.
+    _refuse_file_in_the_way("OUTPUT's folder", os.path.dirname(output))
     for name, folder in (("--audit", audit), ("--crosswalk", crosswalk)):
         if folder is not None:
             _refuse_file_in_the_way(name, folder)
@@ -1109,6 +1118,12 @@ def _check_single_locations(input_file: str, output: str, audit: str | None, cro
             raise UsageError("--crosswalk must not be, or hold, the INPUT or OUTPUT file")
         if real_audit and (_inside(real_cw, real_audit) or _inside(real_audit, real_cw)):
             raise UsageError("--crosswalk is inside --audit (or the reverse): keep original identifiers apart from the audit")
+        # Original identifiers never sit with de-identified files: the OUTPUT file's folder is
+        # a release folder unless the INPUT file (identifiers itself) lies in it too.
+        out_folder = os.path.dirname(real_out)
+        if _inside(real_cw, out_folder) and os.path.dirname(real_in) != out_folder:
+            raise UsageError(f"--crosswalk is inside OUTPUT's folder {out_folder!r}: original identifiers must "
+                             "never sit with de-identified files (give the crosswalk a folder outside it)")
     # As a folder run: a crosswalk (original identifiers) written into a release folder, or a
     # DICOM file into an audit folder (whose readers then fail on it), is refused.
     _refuse_earlier_runs_files(os.path.dirname(real_out), real_audit, real_cw)
@@ -1206,6 +1221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _err(f"the run stopped on a storage error outside the per-file work (the audit, crosswalk "
                      f"or summary folder, or a listing): {storage}; the audit may be incomplete")
             return EXIT_INTERNAL
+        prism = _prism_failure(exc)
+        if prism is not None:
+            _err(f"--runner PrismRunner could not start Prism: {prism} (Beam downloads or builds its Prism "
+                 "binary on first use: without a network, give --prism_location a local copy of it, or use "
+                 "--runner DirectRunner)")
+            return EXIT_INTERNAL
         _err(f"internal error ({type(exc).__name__}); rerun with DICOM_DEID_DEBUG=1 for a traceback")
         return EXIT_INTERNAL
     finally:
@@ -1232,6 +1253,10 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
             raise UsageError(f"{name} is empty: give a path (an unset shell variable?)")
         # "gs://$BUCKET" or "file://$OUT" with the variable unset: "gs:" would become a local
         # folder of that name, "file://" the current folder.
+        typo = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)", value)
+        if typo:  # "gs:/bucket/out" would be a local folder named "gs:" in the current one
+            raise UsageError(f"{name} {value!r}: one slash after {typo.group(1)}: (give {typo.group(1)}:// for a "
+                             f"location there, or ./{value} for a local path)")
         scheme = _scheme(value)
         rest = value[len(scheme) + 3:] if scheme is not None else None
         if scheme is not None and scheme.lower() == "file" and not rest.strip():
@@ -1337,6 +1362,19 @@ def _terminate_like_interrupt() -> dict[int, Any]:
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
         pass
     return previous
+
+
+def _prism_failure(exc: BaseException) -> str | None:
+    """The first line of an error raised while Beam prepared the Prism runner's binary (no
+    network to download it, a --prism_location that is not one), else None. Its text names
+    the binary's location, never data."""
+    import traceback
+
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename.endswith(os.path.join("portability", "prism_runner.py")):
+            text = str(exc).strip()
+            return (text.splitlines()[0][:300] if text else type(exc).__name__)
+    return None
 
 
 def _storage_error(exc: BaseException) -> str | None:

@@ -205,8 +205,8 @@ def check_options(options: PipelineOptions) -> None:
     shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)  # made by Pipeline(), removed by run()
 
 
-def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions, progress: TextIO | None = None) -> None:
-    """Run ``pipeline`` (made by :func:`make_pipeline`) to completion.
+def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions, progress: TextIO | None = None) -> Any:
+    """Run ``pipeline`` (made by :func:`make_pipeline`) to completion; its result (metrics).
 
     Beam skips its test round trip through the runner API (to_runner_api + from_runner_api of
     the whole graph, ~0.3 s) for the DirectRunner in batch, recognising it by class name; our
@@ -230,6 +230,7 @@ def run_and_wait(pipeline: beam.Pipeline, options: PipelineOptions, progress: Te
         except Exception:  # noqa: BLE001 - already finished, or the service unreachable
             pass
         raise
+    return result
 
 
 def audit_prefix(audit_root: str, run_id: str) -> str:

@@ -68,6 +68,21 @@ from transforms.files import (  # noqa: F401 - TMP_DIR_NAME re-exported
 CROSSWALK_TAG = "crosswalk"
 AUDIT_TAG = "audit"
 _METRICS_NAMESPACE = "dicom_deid_splitmerge"
+#: The index pass's counter of files over --max-bytes, which it does not read.
+_NOT_INDEXED_TOO_LARGE = "not_indexed_too_large"
+
+
+def _too_large_files(result: Any) -> int:
+    """Files the index pass did not read because they are over --max-bytes (0 if the runner
+    cannot say)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(
+            MetricsFilter().with_namespace(_METRICS_NAMESPACE).with_name(_NOT_INDEXED_TOO_LARGE))["counters"]
+    except Exception:  # noqa: BLE001 - only a hint in an error message
+        return 0
+    return sum(int((c.committed if c.committed is not None else c.attempted) or 0) for c in counters)
 
 
 # --------------------------------------------------------------------------- pass 1: the index
@@ -78,12 +93,15 @@ class _IndexFn(beam.DoFn):
         self._selector = selector
         self._max_bytes = max_bytes
         self._indexed = Metrics.counter(_METRICS_NAMESPACE, "indexed")
+        self._too_large = Metrics.counter(_METRICS_NAMESPACE, _NOT_INDEXED_TOO_LARGE)
 
     def setup(self) -> None:
         quiet_pydicom_warnings()
 
     def process(self, element: tuple[str, int]) -> Iterator[sm.IndexEntry]:
         path, size = element
+        if size > self._max_bytes:
+            self._too_large.inc()  # not read (pass 2 gives it a too_large row if it moves)
         entry = smf.index_file(path, size, self._selector, self._max_bytes)
         if entry is not None:
             self._indexed.inc()
@@ -373,13 +391,23 @@ def execute(
         index_prefix = FileSystems.join(tmp, "index")
         pipeline = make_pipeline(options)
         build_index_pass(pipeline, input_uri, selector, max_bytes, index_prefix)
-        run_and_wait(pipeline, options)
+        index_result = run_and_wait(pipeline, options)
         used.append(tmp)  # the index is there now
         entries = read_index(index_prefix)
-        if isinstance(request, sm.SplitRequest):
-            plan = sm.plan_split(entries, request, key)
-        else:
-            plan = sm.plan_merge(entries, request, key)
+        try:
+            if isinstance(request, sm.SplitRequest):
+                plan = sm.plan_split(entries, request, key)
+            else:
+                plan = sm.plan_merge(entries, request, key)
+        except RequestError as exc:
+            # "not in INPUT" may mean "not read": say so rather than blame the selection.
+            skipped = _too_large_files(index_result)
+            if skipped:
+                raise RequestError(
+                    f"{exc}; {skipped:,} input file{'s' if skipped > 1 else ''} over --max-bytes "
+                    f"({max_bytes:,} bytes) {'were' if skipped > 1 else 'was'} not read: raise --max-bytes "
+                    "if what you selected is among them") from None
+            raise
         plan_uri = FileSystems.join(tmp, "plan.pickle")
         smf.write_plan(plan_uri, plan)
         cfg = smf.ApplyConfig(

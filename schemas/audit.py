@@ -36,7 +36,9 @@ level                  string       ``Patient``, ``Study``, ``Series`` or ``Inst
 request                string       the plan's short description (``Plan.describe()``)
 key_id                 string       12 hex characters naming the key (not the key)
 run_id                 string       identifies the run; every row of one run shares it
-study_instance_uid     string       new StudyInstanceUID of the output (null if nothing written)
+study_instance_uid     string       new StudyInstanceUID of the output (null if nothing written, except
+                                    on a ``duplicate_instance`` row: the UIDs and ids of the output
+                                    it collided with, which holds the other file's content)
 series_instance_uid    string       new SeriesInstanceUID of the output
 sop_instance_uid       string       new SOPInstanceUID of the output
 patient_orthanc_id     string       Orthanc-style id of the new patient (SHA-1 of the new PatientID)

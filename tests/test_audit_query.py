@@ -4,6 +4,7 @@ types of schemas.audit, and the answers match the run's summary."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,14 @@ def test_the_readme_audit_snippet_runs_on_a_run_s_audit(tmp_path: Path, monkeypa
     write_study(make_study(seed=4, n_ct=1), folder / "study")
     (folder / "notes.txt").write_text("not DICOM\n")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["anonymize", "in", "out", "--key-file", str(write_key(tmp_path)), "--quiet",
-                     "--runner", "DirectRunner"]) == 3
+    for _ in range(2):  # a run and its rerun: the audit folder keeps both
+        assert cli.main(["anonymize", "in", "out", "--key-file", str(write_key(tmp_path)), "--quiet",
+                         "--runner", "DirectRunner"]) == 3
     capsys.readouterr()
     exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own README
     shown = capsys.readouterr().out
-    assert "not_dicom" in shown and "written" in shown
-    assert shown.rstrip().endswith("\n4")  # 1 CT + RTSTRUCT + SR written, the text file failed
+    every_run, last_run = shown.split("\n\n")[:2]
+    # per run: 1 CT + RTSTRUCT + SR written, the text file failed
+    assert re.search(r"written\W+NULL\W+6\b", every_run) and re.search(r"not_dicom\W+2\b", every_run)
+    assert re.search(r"written\W+3\b", last_run) and re.search(r"failed\W+1\b", last_run)
+    assert shown.rstrip().endswith("\n8")

@@ -144,6 +144,9 @@ def _nested_items(levels: int) -> list:
         (["--body", "{}", "--config", "x.json"], "dicom-deid: argument --config: not allowed with argument --body (see `dicom-deid anonymize --help`)"),
         (["--max-bytes", "lots"], "dicom-deid: argument --max-bytes: expected a size such as 2GiB, 500MB or 1048576, not 'lots' (see `dicom-deid anonymize --help`)"),
         (["--no_such_beam_option", "1"], "dicom-deid: unknown option(s): --no_such_beam_option 1 (not a dicom-deid option nor a Beam pipeline option)"),
+        (["--level", "Patient"], "dicom-deid: --level is an option of modify: an anonymization replaces the identifiers "
+         "of every level (a Level in its body is ignored, as in Orthanc)"),
+        (["--level=Study"], "dicom-deid: --level is an option of modify: an anonymization replaces the identifiers"),
         (["--body", "[" * 5000 + "]" * 5000], "dicom-deid: --body: JSON nested too deeply"),
         # Python's limit on integer digits raised a plain ValueError: "internal error", exit 1
         (["--body", '{"Replace": {"Rows": ' + "9" * 5000 + "}}"],
@@ -167,7 +170,7 @@ def test_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
     line = _one_line_error(capsys.readouterr().err)
     assert code == cli.EXIT_USAGE
     if expected is not None:
-        assert line == expected
+        assert line.startswith(expected) and (line == expected or expected.endswith("identifiers"))
     else:
         assert "DicomVersion" in line
     assert not (tmp_path / "out").exists()
@@ -235,8 +238,9 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ({"input": "in [1]/*.dcm", "output": "out"}, "OUTPUT and INPUT overlap: INPUT is a pattern, whose files may "
          "lie anywhere under 'IN' (its folder before the first *, ? or [), and OUTPUT is there"),
         ({"input": "in/s*", "output": "in/out"}, "anywhere under 'IN/in' (its folder"),
-        ({"output": "out[1]"}, "OUTPUT: the path must not contain *, ? or [ (Beam's file sinks read them as patterns)"),
-        ({"audit": "aud*"}, "--audit: the path must not contain *, ? or ["),
+        ({"output": "out[1]"}, "OUTPUT 'IN/out[1]': the path must not contain *, ? or [ (Beam's file sinks read them as "
+         "patterns; a relative path counts from the current folder, whose own path may hold them)"),
+        ({"audit": "aud*"}, "--audit 'IN/aud*': the path must not contain *, ? or ["),
         ({"output": "aud/out", "audit": "aud"}, "OUTPUT is inside --audit"),
         ({"input": "in/sub", "audit": "in"}, "INPUT is inside --audit: the audit folder must hold the audit only"),
         ({"audit": "cw/aud", "crosswalk": "cw"}, "OUTPUT, --audit or INPUT is inside --crosswalk"),
@@ -287,6 +291,14 @@ def test_locations_are_checked_before_running(tmp_path: Path, capsys: pytest.Cap
          "--key-file 'file://' names no path: give one after file:// (an unset shell variable?)"),
         (["merge", "IN", "gs://", "--study", "1.2.3", "--body", "{}"],
          "OUTPUT 'gs://' names no bucket: give one after gs:// (an unset shell variable?)"),
+        # one slash: a local folder "gs:" in the current one, even for a one-file OUTPUT
+        (["anonymize", "IN", "gs:/bucket/out"],
+         "OUTPUT 'gs:/bucket/out': one slash after gs: (give gs:// for a location there, or "
+         "./gs:/bucket/out for a local path)"),
+        (["anonymize", "IN/0.dcm", "gs:/bucket/out.dcm"], "OUTPUT 'gs:/bucket/out.dcm': one slash after gs:"),
+        (["anonymize", "IN", "OUT", "--crosswalk", "gs:/b/cw"], "--crosswalk 'gs:/b/cw': one slash after gs:"),
+        (["modify", "IN", "OUT", "--key-file", "gs:/secrets/k"], "--key-file 'gs:/secrets/k': one slash after gs:"),
+        (["split", "file:/in", "OUT", "--study", "1.2.3", "--body", "{}"], "INPUT 'file:/in': one slash after file:"),
     ],
 )
 def test_an_empty_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, argv, message):
@@ -297,7 +309,7 @@ def test_an_empty_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
     argv = [{"IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out")}.get(a, a) for a in argv]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert cli.main(argv) == cli.EXIT_USAGE
-    assert _one_line_error(capsys.readouterr().err) == f"dicom-deid: {message}"
+    assert _one_line_error(capsys.readouterr().err).startswith(f"dicom-deid: {message}")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -332,7 +344,7 @@ def test_folders_of_an_earlier_run_keep_their_own_kind(tmp_path: Path, capsys: p
     # --audit and --crosswalk keep their kinds.
     one = sorted((tmp_path / "in").rglob("*.dcm"))[0]
     single = [
-        ([str(tmp_path / "one.dcm"), "--crosswalk", str(rel1)], cases[0][1]),
+        ([str(tmp_path / "single" / "one.dcm"), "--crosswalk", str(rel1)], cases[0][1]),
         ([str(tmp_path / "rel1-audit" / "x.dcm")], cases[2][1]),
         ([str(tmp_path / "one.dcm"), "--audit", str(tmp_path / "cw")], cases[3][1]),
     ]
@@ -427,6 +439,13 @@ def test_single_file_locations_are_checked_before_anything_is_written(tmp_path: 
          "would read the audit as input)"),
         ([str(source), str(tmp_path / "x" / "b.dcm"), "--audit", str(tmp_path / "x")],
          "--audit holds the INPUT or OUTPUT file: the audit folder must hold the audit only"),
+        # original identifiers beside the de-identified file, in a folder without the input
+        ([str(source), str(tmp_path / "x" / "b.dcm"), "--crosswalk", str(tmp_path / "x" / "cw")],
+         f"--crosswalk is inside OUTPUT's folder {str(tmp_path / 'x')!r}: original identifiers must never sit "
+         "with de-identified files (give the crosswalk a folder outside it)"),
+        # refused, not a write_error row after the work (exit 3)
+        ([str(source), str(source / "b.dcm")], f"OUTPUT's folder {str(source)!r} exists and is not a folder"),
+        ([str(tmp_path / "a-typo.dcm"), str(tmp_path / "b.dcm")], f"INPUT {str(tmp_path / 'a-typo.dcm')!r} does not exist"),
     ]
     for args, message in cases:
         assert cli.main(["anonymize", *args, *key]) == cli.EXIT_USAGE
@@ -684,7 +703,7 @@ def test_one_file_mode_and_help_never_import_beam(tmp_path: Path):
         "import sys, contextlib, io\n"
         "from pipelines import cli\n"
         "ct, out, key = sys.argv[1:4]\n"
-        "codes = [cli.main(['anonymize', ct, out + '/a.dcm', '--key-file', key, '--quiet', '--audit', out + '/audit',\n"
+        "codes = [cli.main(['anonymize', ct, out + '/rel/a.dcm', '--key-file', key, '--quiet', '--audit', out + '/audit',\n"
         "                   '--crosswalk', out + '/cw'])]\n"
         "codes.append(cli.main(['modify', ct, out + '/b.dcm', '--body', '{\"Replace\": {\"Rows\": \"abc\"}}']))\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -701,7 +720,7 @@ def test_one_file_mode_and_help_never_import_beam(tmp_path: Path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "[0, 2, 0] False"
-    assert pydicom.dcmread(tmp_path / "a.dcm").PatientIdentityRemoved == "YES"
+    assert pydicom.dcmread(tmp_path / "rel" / "a.dcm").PatientIdentityRemoved == "YES"
     assert sorted(p.name for p in (tmp_path / "audit").iterdir() if p.name.startswith("summary")) == [
         "summary-" + json.loads((tmp_path / "audit" / "summary.json").read_text())["RunId"] + ".json",
         "summary.json",
@@ -1038,3 +1057,17 @@ def test_a_misspelt_runner_is_named_as_such(tmp_path: Path, capsys: pytest.Captu
     assert line.startswith(f"dicom-deid: --runner {runner!r}: not a Beam runner (known: BundleBasedDirectRunner, "
                            "DataflowRunner, DirectRunner, ")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prism_runner_that_cannot_start_is_named_not_an_internal_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Beam fetches Prism's binary on first use: offline, or with a --prism_location that is
+    not one, the run used to end as "internal error (RuntimeError)"."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    missing = str(tmp_path / "no-such-prism.zip")
+    code = cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--key-file", str(write_key(tmp_path)),
+                     "--runner", "PrismRunner", "--prism_location", missing, "--quiet"])
+    assert code == cli.EXIT_INTERNAL
+    err = _one_line_error(capsys.readouterr().err)
+    assert err.startswith(f'dicom-deid: --runner PrismRunner could not start Prism: Unable to parse binary URL "{missing}"')
+    assert err.endswith("(Beam downloads or builds its Prism binary on first use: without a network, give "
+                        "--prism_location a local copy of it, or use --runner DirectRunner)")

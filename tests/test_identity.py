@@ -268,6 +268,21 @@ def test_from_env_takes_the_raw_bytes_of_a_binary_value(tmp_path):
     assert from_env == from_file == Key.from_bytes(raw).key_id
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_a_key_file_and_its_content_in_the_variable_are_the_same_key(tmp_path, ending):
+    """A Kubernetes secret made with ``--from-file`` keeps the file's newline in the variable:
+    one trailing newline is ignored in both places, as it always was in the file. A second one
+    is part of the key in both."""
+    (tmp_path / "k.key").write_bytes(SECRET + ending)
+    assert Key.from_env({ENV_VAR: (SECRET + ending).decode()}) == Key.from_file(tmp_path / "k.key") \
+        == Key.from_bytes(SECRET)
+    (tmp_path / "k2.key").write_bytes(SECRET + b"\n\n")
+    assert Key.from_env({ENV_VAR: (SECRET + b"\n\n").decode()}) == Key.from_file(tmp_path / "k2.key") \
+        == Key.from_bytes(SECRET + b"\n")
+    with pytest.raises(InvalidKey, match="set but empty"):
+        Key.from_env({ENV_VAR: "\n"})
+
+
 def test_from_env_refusals(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     with pytest.raises(InvalidKey, match=f"{ENV_VAR} is not set"):

@@ -401,6 +401,32 @@ def test_a_refused_split_leaves_no_folder_it_created(tmp_path: Path, capsys: pyt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "k.key"]
 
 
+def test_a_selection_lost_to_max_bytes_is_blamed_on_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Files over --max-bytes are not read by the index pass: a series all of whose files are
+    that large is "not in the study", which the refusal now says may be --max-bytes's doing."""
+    folder = tmp_path / "in"
+    datasets = make_study(seed=13, n_ct=2, rtstruct=True, sr=False)
+    paths = write_study(datasets, folder)
+    rt = [(p, ds) for p, ds in zip(paths, datasets) if ds.Modality == "RTSTRUCT"]
+    ct = [p for p, ds in zip(paths, datasets) if ds.Modality == "CT"]
+    limit = min(p.stat().st_size for p, _ in rt) - 1
+    assert len(rt) == 1 and len(ct) == 2 and max(p.stat().st_size for p in ct) <= limit  # the CTs are read
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    study, series = rt[0][1].StudyInstanceUID, rt[0][1].SeriesInstanceUID
+    code = cli.main(["split", str(folder), str(tmp_path / "out"), "--study", study, "--max-bytes", str(limit),
+                     "--body", json.dumps({"Series": [series]}), "--key-file", str(key), "--quiet"])
+    assert code == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "dicom-deid: split: Series[0]: this series does not belong to the study to be split (give a "
+        "SeriesInstanceUID or an Orthanc series id of that study); 1 input file over --max-bytes "
+        f"({limit:,} bytes) was not read: raise --max-bytes if what you selected is among them\n")
+    assert not (tmp_path / "out").exists()
+    # without the limit, the same selection splits
+    assert cli.main(["split", str(folder), str(tmp_path / "out"), "--study", study,
+                     "--body", json.dumps({"Series": [series]}), "--key-file", str(key), "--quiet"]) == 0
+
+
 def test_one_sop_uid_filed_in_two_series_is_two_instances(tmp_path: Path):
     """Orthanc's instance ids hash PatientID, Study, Series and SOP Instance UIDs: the same
     SOPInstanceUID in two series is two instances, each moved into its own new series (the

@@ -139,7 +139,10 @@ class Key:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Key:
         """Key from the ``DICOM_DEID_KEY`` environment variable (its bytes as the process got
-        them: the UTF-8 of a text value, the raw bytes of ``$(head -c 32 /dev/urandom)``).
+        them: the UTF-8 of a text value, the raw bytes of ``$(head -c 32 /dev/urandom)``), with
+        the key file's rule: one trailing newline (``\\n`` or ``\\r\\n``) is ignored, so a key
+        file and the same file's content in the variable (a Kubernetes secret made with
+        ``--from-file`` keeps the newline) give the same key.
 
         Raises:
             InvalidKey: the variable is unset, empty or shorter than 16 bytes.
@@ -151,7 +154,11 @@ class Key:
         if not value:
             raise InvalidKey(f"{ENV_VAR} is set but empty")
         # os.environ holds undecodable bytes as lone surrogates (PEP 383): give them back.
-        return cls(value.encode("utf-8", "surrogateescape"), source=ENV_VAR)
+        data = value.encode("utf-8", "surrogateescape")
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+        if not data:
+            raise InvalidKey(f"{ENV_VAR} is set but empty")
+        return cls(data, source=ENV_VAR)
 
     @classmethod
     def random(cls) -> Key:
