@@ -776,6 +776,25 @@ def test_a_value_the_dictionary_vr_cannot_read_in_implicit_vr_is_invalid_value(n
         "does not fit")
 
 
+def test_a_group_length_in_an_item_that_implicit_vr_would_read_as_ul_is_invalid_value():
+    """(0006,0000) of VR OB and 6 bytes in an item (a mutated ELSCINT1 RLE file, tag bytes
+    turned into StructureSetROISequence's): no dictionary lists it, but every reader takes a
+    group length for UL, so in implicit VR six bytes did not read back (pydicom failed on the
+    output, not on the input). Refused before writing, as the dictionary's VRs are."""
+    element = struct.pack("<HH2sHI", 0x0006, 0x0000, b"OB", 0, 6) + b"\x06\x00\x00\x003\xf3"
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
+    sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
+    data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+    ds = dicomio.read_dataset(data)
+    assert dicomio.read_dataset(dicomio.write_dataset(ds)).ReferencedImageSequence[0][0x00060000].VR == "OB"
+    with pytest.raises(InputError) as refused:
+        dicomio.write_dataset(ds, "1.2.840.10008.1.2")
+    assert (refused.value.reason, str(refused.value)) == (
+        "invalid_value",
+        "written in implicit VR, element (0006,0000) would read back with the dictionary's VR UL, which its value "
+        "does not fit")
+
+
 @pytest.mark.parametrize("undefined", [True, False])
 def test_a_damaged_item_tag_is_refused(undefined: bool):
     """SourceImageSequence's item tag (FFFE,E000) damaged into (FFFE,063B) (8 bytes inserted

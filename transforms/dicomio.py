@@ -1554,7 +1554,9 @@ def _check_values_convert(ds: Dataset) -> None:
         if tag >> 16 & 1:
             continue
         try:
-            vr = dictionary_VR(tag)
+            # Any group length is UL to a reader (pydicom's, DCMTK's), listed or not: (0006,0000)
+            # in an item is in no dictionary.
+            vr = "UL" if tag & 0xFFFF == 0 else dictionary_VR(tag)
         except KeyError:
             continue
         if vr == "SQ":
