@@ -58,7 +58,7 @@ def _implicit(tag: int, value: bytes, vr: bytes = b"LO") -> bytes:
 
 def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
     value = _pad(value, vr)
-    if vr in (b"SQ", b"UN", b"OB"):
+    if vr in (b"SQ", b"UN", b"OB", b"OW", b"UT"):
         return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
@@ -274,6 +274,63 @@ def test_sequences_named_by_paths_are_bounded_too(monkeypatch):
         apply(plan, dicomio.read_dataset(too_many), KEY)
     assert (info.value.reason, str(info.value)) == ("too_large", TOO_MANY)
     assert built == [-1]  # counted (at most 1001 built) before pydicom decoded anything
+
+
+@pytest.mark.parametrize("vr", [b"OB", b"OW", b"LO", b"UT"])
+@pytest.mark.parametrize("nested", [False, True], ids=["top-level", "in-an-item"])
+def test_a_sequence_tag_stored_under_another_vr_is_refused(vr, nested):
+    """ReferencedImageSequence written with VR OB (or OW, LO, UT) around a patient's items: the
+    file's VR makes it opaque here, so its names and UIDs were copied; a reader that goes by
+    the dictionary (the same output transcoded to implicit VR) read them back. Refused, at any
+    depth and by both walks, naming the element without its content."""
+    element = _explicit(REFERENCED_IMAGE_SQ, vr, _secret_item(implicit=True))
+    if nested:  # inside SourceImageSequence's item
+        element = _explicit(0x00082112, b"SQ", _item(element))
+    data = _file([(0x00082112 if nested else REFERENCED_IMAGE_SQ, element)], implicit=False)
+    for body in ({}, {"Transcode": "1.2.840.10008.1.2"}, {"DicomVersion": "2017c"}):
+        with pytest.raises(InputError) as info:
+            apply(parse_anonymize(body), dicomio.read_dataset(data), KEY)
+        assert (info.value.reason, str(info.value)) == (
+            "invalid_value", f"element (0008,1140) is a sequence stored with VR {vr.decode()}: readers that go by "
+            "the dictionary read its items, which cannot be de-identified under that VR")
+    # what holds nothing, what the profile removes anyway, and a modification are not refused
+    empty = _file([(REFERENCED_IMAGE_SQ, _explicit(REFERENCED_IMAGE_SQ, vr, b""))], implicit=False)
+    assert _anonymize(empty)[1][REFERENCED_IMAGE_SQ].VR == vr.decode()
+    request_attributes = 0x00400275  # X in every profile
+    removed = _file([(request_attributes, _explicit(request_attributes, vr, _secret_item(implicit=True)))],
+                    implicit=False)
+    out, ds = _anonymize(removed)
+    assert request_attributes not in ds and SECRET not in out
+    modified = apply(parse_modify({}), dicomio.read_dataset(data), KEY)
+    assert SECRET in dicomio.write_dataset(modified)
+
+
+@pytest.mark.parametrize("vr", [b"OB", b"OW"])
+def test_items_under_a_binary_vr_on_an_unknown_public_tag_are_refused(vr):
+    """(0018,9999), unknown to the dictionary, as OB around a patient's items: a sequence whose
+    VR was lost (walked when that VR is UN); under OB its items were copied unread."""
+    data = _file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, vr, _secret_item(implicit=True)))], implicit=False)
+    with pytest.raises(InputError) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert (info.value.reason, str(info.value)) == (
+        "invalid_value", f"element (0018,9999) of VR {vr.decode()} holds sequence items, which cannot be "
+        "de-identified under that VR")
+    opaque = b"\xfe\xff\x00\xe0" + b"\x01" * 12  # only starts like an item: binary, kept
+    out, ds = _anonymize(_file([(UNKNOWN_PUBLIC, _explicit(UNKNOWN_PUBLIC, vr, opaque))], implicit=False))
+    assert ds[UNKNOWN_PUBLIC].value == opaque
+
+
+def test_explicit_vr_items_of_an_unknown_tag_in_an_implicit_vr_file_are_walked():
+    """A writer that converted an explicit VR file to implicit VR copied the bytes of a sequence
+    it did not know: explicit VR items in an implicit VR file. They were tried in implicit VR
+    only, failed to parse and were copied, a PatientName in them."""
+    data = _file([(UNKNOWN_PUBLIC, _implicit(UNKNOWN_PUBLIC, _secret_item(implicit=False)))], implicit=True)
+    assert data.count(SECRET) == 1
+    out, ds = _anonymize(data)
+    assert SECRET not in out and SOP.encode() not in out
+    (item,) = _items_of(ds[UNKNOWN_PUBLIC])
+    assert item.ReferencedSOPInstanceUID == _new_sop()
+    assert item.PatientName == KEY.patient_name("Nested^Secret")
 
 
 @pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr-un"])

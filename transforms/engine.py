@@ -149,6 +149,48 @@ def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
         type(elem.value) is bytes and _item_shaped(elem.value, 0, len(elem.value), tag))
 
 
+#: Binary VRs a sequence may hide under (after the top-level maybe-sequence VRs, the ones
+#: the top-level scan also looks at).
+_BINARY_ITEM_VRS = frozenset({"OB", "OW"})
+_CHECKED_TOP_VRS = _MAYBE_SQ_VRS | _BINARY_ITEM_VRS
+
+
+def _refuse_disguised_sequence(elem: RawDataElement, tag: int) -> None:
+    """Refuse (``invalid_value``) a public element that holds a sequence under another VR, which
+    the nested pass would copy unread: a sequence tag of the dictionary stored with a VR other
+    than SQ or UN (a reader that goes by the dictionary, such as any reader of the output in
+    implicit VR, reads its items, identifiers and all), or a tag the dictionary does not know
+    stored as OB or OW whose value starts like an item (a sequence whose VR was lost, as UN
+    values are walked for). Empty values hold nothing."""
+    if not elem.length or tag >> 16 & 1:
+        return
+    vr = elem.VR
+    if tag in SQ_TAGS and vr not in _MAYBE_SQ_VRS:
+        raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is a sequence stored with VR {vr}: "
+                         "readers that go by the dictionary read its items, which cannot be de-identified "
+                         "under that VR", reason="invalid_value")
+    if vr in _BINARY_ITEM_VRS and type(elem.value) is bytes and tag != PIXEL_DATA \
+            and _item_shaped(elem.value, 0, len(elem.value), tag) and _tiled_by_items(elem.value):
+        raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr} holds sequence items, "
+                         "which cannot be de-identified under that VR", reason="invalid_value")
+
+
+def _tiled_by_items(data: bytes) -> bool:
+    """Whether little-endian item headers tile ``data`` (items of defined length, up to one of
+    undefined length): a sequence's value, not binary data that starts like an item."""
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 8 > end:
+            return False
+        group, element, length = _STRUCTS[True][0](data, pos)
+        if (group << 16 | element) != _ITEM:
+            return False
+        if length == _UNDEFINED:
+            return True
+        pos += 8 + length
+    return pos == end
+
+
 def _declared_sequence(elem: RawDataElement, tag: int) -> bool:
     """A raw element the file or the dictionary calls a sequence: SQ, undefined length, or a
     sequence tag of the dictionary."""
@@ -438,12 +480,20 @@ class _Run:
         captured: dict[Any, tuple[BaseTag, Any]] = {}  # by code: (key as in d, element)
         if anonymize:
             for tag, elem, code in compress(zip(tags, values, codes),
-                                            map(_MAYBE_SQ_VRS.__contains__,
+                                            map(_CHECKED_TOP_VRS.__contains__,
                                                 map(_GET_VR, values))):
-                if code is None and (
-                        elem.VR == "SQ" if type(elem) is not RawDataElement else
-                        _may_hold_items(elem, tag)):
+                if code is not None:
+                    continue
+                if elem.VR in _BINARY_ITEM_VRS:
+                    if type(elem) is RawDataElement:
+                        _refuse_disguised_sequence(elem, tag)
+                elif elem.VR == "SQ" if type(elem) is not RawDataElement else _may_hold_items(elem, tag):
                     sequences.append(tag)
+            for tag in SQ_TAGS.intersection(tags):  # (few; a C-level scan of the tags)
+                elem = d[tag]
+                if type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS \
+                        and self.top_codes[int(tag)] is None:
+                    _refuse_disguised_sequence(elem, tag)
         for tag, elem, code in compress(zip(tags, values, codes), codes):
             if code is _DELETE:
                 del d[tag]
@@ -700,6 +750,8 @@ class _Run:
                     if range_lo <= group <= range_hi and self.in_range(tag):
                         new = _DELETE
                     elif type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
+                        if elem.VR in _BINARY_ITEM_VRS or tag in SQ_TAGS:
+                            _refuse_disguised_sequence(elem, tag)
                         continue
                     else:
                         new = self._nested_sequence(elem, tag, parents, item)
@@ -882,14 +934,19 @@ class _Run:
                         raise _Unusual
                     if action is _PLAIN:
                         if vr != "SQ":
-                            if (vr is None or vr == "UN") and _item_shaped(data, pos, value_end, tag):
-                                raise _Unusual  # may be items of unknown VR: _opaque_items
+                            if (vr is None or vr == "UN" or vr in _BINARY_ITEM_VRS) \
+                                    and _item_shaped(data, pos, value_end, tag):
+                                # may be items of unknown VR (_opaque_items), or items under a
+                                # binary VR (refused by the object walk)
+                                raise _Unusual
                             pos = value_end
                             continue
                     elif action is _SEQ_TAG:
                         if vr == "UN":
                             raise _Unusual  # pydicom decides whether it is a sequence
                         if vr is not None and vr != "SQ":
+                            if length:
+                                raise _Unusual  # a sequence under another VR: the object walk refuses it
                             pos = value_end
                             continue
                     if action is _PLAIN or action is _SEQ_TAG:
@@ -1158,8 +1215,9 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
     # Implicit VR as the standard says; explicit VR little endian as some writers leave it
     # (an explicit-VR sequence whose VR alone was lost).
     try:
-        items = _le_items(data, (True,) if elem.is_implicit_VR else (True, False), charset, depth,
-                          _MAX_OPAQUE_ITEMS)
+        # (In an implicit VR file too: a writer that converted an explicit VR file copied the
+        # bytes of a sequence it did not know, and a PatientName in them survived.)
+        items = _le_items(data, (True, False), charset, depth, _MAX_OPAQUE_ITEMS)
     except InputError as exc:
         if exc.reason == "too_large":
             raise too_many(None) from None
