@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from io import BytesIO
 from pathlib import Path
@@ -793,6 +794,21 @@ def test_a_group_length_in_an_item_that_implicit_vr_would_read_as_ul_is_invalid_
         "invalid_value",
         "written in implicit VR, element (0006,0000) would read back with the dictionary's VR UL, which its value "
         "does not fit")
+
+
+def test_bytes_read_as_a_tag_once_the_reader_lost_its_place_are_not_shown():
+    """A PatientName whose length is short by six bytes: the reader takes "ZZHP" of the name
+    for a tag and "!!" for its VR. The message named that tag, (5A5A,505A), four bytes of a
+    patient's name in hex in the audit's detail column; now it says where the element starts.
+    A tag the dictionary knows with a damaged VR is still named."""
+    name = struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 2) + b"AB" + b"ZZHP!!" + struct.pack("<H", 4) + b"Smith "
+    data = _explicit_file(_UIDS) + name
+    with pytest.raises(InputError) as refused:
+        dicomio.read_dataset(data)
+    message = str(refused.value)
+    assert refused.value.reason == "not_dicom"
+    assert re.fullmatch(r"an element at byte \d+ has no valid VR in an explicit VR data set", message), message
+    assert "5A5A" not in message and "ZZ" not in message
 
 
 @pytest.mark.parametrize("undefined", [True, False])

@@ -502,10 +502,8 @@ def _attach_source(ds: Dataset, data: bytes) -> None:
                 # Explicit VR bytes pydicom could not read (it then takes the length as if
                 # implicit): garbage, typically a partial element at the end of a damaged file.
                 # Copied verbatim it would make an unreadable output.
-                raise InputError(
-                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
-                    reason="not_dicom",
-                )
+                raise InputError(f"{_unreadable_element(tag, elem)} has no valid VR in an explicit VR data set",
+                                 reason="not_dicom")
             vr_long = elem.VR in _LONG_VRS if elem.VR else False
             header = 8 if elem.is_implicit_VR or not vr_long else 12
             start = elem.value_tell - header
@@ -597,6 +595,17 @@ def _check_read_to_the_end(data: bytes, stopped: int, ds: Dataset) -> None:
     raise InputError(f"the data set ends {rest} bytes before the end of the file", reason="not_dicom")
 
 
+def _unreadable_element(tag: int, elem: Any) -> str:
+    """An element whose VR is not one, for a message: by its tag where the dictionary knows it
+    (a damaged VR), else by where its value starts: the reader has lost its place in the bytes,
+    and four bytes of a value taken for a tag (text, a name) are not shown."""
+    try:
+        dictionary_VR(tag)
+    except KeyError:
+        return f"an element at byte {getattr(elem, 'value_tell', '?')}"
+    return f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 def _check_parsed(ds: Dataset) -> None:
     """For a data set pydicom read in a layout the scanner gives up on: refuse, at every depth,
     item tags where elements should be and explicit VR elements whose VR pydicom could not
@@ -619,10 +628,8 @@ def _check_parsed(ds: Dataset) -> None:
             # (An implicit VR element, even inside an explicit VR file, has its VR from the
             # dictionary, e.g. "OB or OW": nothing in its bytes to be damaged.)
             if explicit and (vr is None or vr not in _KNOWN_VRS):
-                raise InputError(
-                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR in an explicit VR data set",
-                    reason="not_dicom",
-                )
+                raise InputError(f"{_unreadable_element(tag, elem)} has no valid VR in an explicit VR data set",
+                                 reason="not_dicom")
             undefined = elem.length == 0xFFFFFFFF if type(elem) is RawDataElement else elem.is_undefined_length
             if undefined and vr not in ("SQ", "UN") and tag != 0x7FE00010 and (vr is not None or _not_a_sequence(tag)):
                 raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has VR {vr or dictionary_VR(tag)} "
