@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -152,9 +154,17 @@ def test_setup_file_packages_the_code_for_workers(tmp_path: Path):
     out.mkdir()
     # Beam runs `python -m build --no-isolation --sdist` itself when `build` is installed; here
     # the same PEP 517 build runs first (offline, setuptools only) and the stager picks it up.
+    # Built from a copy of what a clone holds: setuptools adds the files an earlier build's
+    # egg-info listed (SOURCES.txt), which would hide a package the configuration leaves out.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy2(REPO / name, source / name)
+    for package in ("pipelines", "transforms", "schemas"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-c", "import sys, setuptools.build_meta as b; b.build_sdist(sys.argv[1])", str(out)],
-        cwd=REPO,
+        cwd=source,
         check=True,
         capture_output=True,
         timeout=300,
@@ -171,18 +181,25 @@ def test_setup_file_packages_the_code_for_workers(tmp_path: Path):
     (sdist,) = out.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
-    for module in (
-        "pipelines/cli.py",
-        "pipelines/run.py",
-        "pipelines/splitmerge.py",
-        "transforms/beam.py",
-        "transforms/splitmerge.py",
-        "transforms/splitmerge_files.py",
-        "transforms/engine.py",
-        "transforms/data/profiles.json",
-        "schemas/audit.py",
-    ):
-        assert module in members
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    # What workers install is the wheel pip builds from that sdist: every module and data file
+    # of the three packages, sub-packages included, and no test (they need the repository).
+    code = {str(p.relative_to(REPO)) for package in ("pipelines", "transforms", "schemas")
+            for p in (REPO / package).rglob("*") if p.suffix in (".py", ".json") and "__pycache__" not in p.parts}
+    assert "transforms/data/profiles.json" in code and "transforms/engine.py" in code
+    assert code <= members, sorted(code - members)
+    assert not [m for m in members if m.startswith(("tests/", "benchmarks/"))]
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    wheels = tmp_path / "wheel"
+    wheels.mkdir()
+    subprocess.run(
+        [sys.executable, "-c", "import sys, setuptools.build_meta as b; b.build_wheel(sys.argv[1])", str(wheels)],
+        cwd=unpacked, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        installed = {name for name in archive.namelist() if ".dist-info/" not in name}
+    assert installed == code, (sorted(code - installed), sorted(installed - code))
 
 
 @pytest.mark.skipif(
