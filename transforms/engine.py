@@ -153,6 +153,8 @@ def _may_hold_items(elem: RawDataElement, tag: int) -> bool:
 #: the top-level scan also looks at).
 _BINARY_ITEM_VRS = frozenset({"OB", "OW"})
 _CHECKED_TOP_VRS = _MAYBE_SQ_VRS | _BINARY_ITEM_VRS
+#: Raw VRs (None: implicit) whose value the byte-level walk looks at for items.
+_OPAQUE_VRS = frozenset({None, "UN"}) | _BINARY_ITEM_VRS
 
 
 def _refuse_disguised_sequence(elem: RawDataElement, tag: int) -> None:
@@ -243,6 +245,7 @@ _PLAIN = object()
 _SEQ_TAG = object()
 _FALLBACK = object()
 _NOTHING = object()  # a kept private tag: not even the nested pass
+_SEQUENCE_TAG = object()  # anonymization: a sequence tag of the dictionary without action
 _PSEUDONYM = object()  # PatientName, pseudonymized in step 5
 _HIERARCHY_CODES = {tag: object() for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID,
                                               SOP_INSTANCE_UID)}  # regenerated in step 6
@@ -482,18 +485,13 @@ class _Run:
             for tag, elem, code in compress(zip(tags, values, codes),
                                             map(_CHECKED_TOP_VRS.__contains__,
                                                 map(_GET_VR, values))):
-                if code is not None:
+                if code is not None and code is not _SEQUENCE_TAG:
                     continue
                 if elem.VR in _BINARY_ITEM_VRS:
                     if type(elem) is RawDataElement:
                         _refuse_disguised_sequence(elem, tag)
                 elif elem.VR == "SQ" if type(elem) is not RawDataElement else _may_hold_items(elem, tag):
                     sequences.append(tag)
-            for tag in SQ_TAGS.intersection(tags):  # (few; a C-level scan of the tags)
-                elem = d[tag]
-                if type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS \
-                        and self.top_codes[int(tag)] is None:
-                    _refuse_disguised_sequence(elem, tag)
         for tag, elem, code in compress(zip(tags, values, codes), codes):
             if code is _DELETE:
                 del d[tag]
@@ -505,6 +503,9 @@ class _Run:
                     d[tag] = new
             elif code in _CAPTURED:  # PatientName, hierarchy UIDs: read by steps 5 and 6
                 captured[code] = (tag, elem)
+            elif code is _SEQUENCE_TAG:  # walked above when it is one; under another VR, refused
+                if type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
+                    _refuse_disguised_sequence(elem, int(tag))
             # _KEEP, _SKIP and _NOTHING: nothing here
 
         # 5. Replacements, then (anonymization) the PatientName pseudonym.
@@ -934,8 +935,7 @@ class _Run:
                         raise _Unusual
                     if action is _PLAIN:
                         if vr != "SQ":
-                            if (vr is None or vr == "UN" or vr in _BINARY_ITEM_VRS) \
-                                    and _item_shaped(data, pos, value_end, tag):
+                            if vr in _OPAQUE_VRS and _item_shaped(data, pos, value_end, tag):
                                 # may be items of unknown VR (_opaque_items), or items under a
                                 # binary VR (refused by the object walk)
                                 raise _Unusual
@@ -1327,7 +1327,8 @@ class _Tables:
 
 class _TopCodes(dict):
     """Top-level action by int tag, filled as tags are met: None (none, but a sequence gets
-    the nested pass), _DELETE (also private tags and removed ranges), _CLEAR, PATIENT,
+    the nested pass), _SEQUENCE_TAG (the same, for a sequence tag of the dictionary in an
+    anonymization), _DELETE (also private tags and removed ranges), _CLEAR, PATIENT,
     INSTANCE, _KEEP, _SKIP, or _NOTHING (a kept private tag: not even the nested pass)."""
 
     def __init__(self, top: dict[int, Any], plan: Plan) -> None:
@@ -1354,6 +1355,8 @@ class _TopCodes(dict):
             # removes only when nested): an odd group in those spans is private, kept by
             # KeepPrivateTags at top level as Orthanc keeps it.
             code = _DELETE
+        if code is None and plan.is_anonymization and tag in SQ_TAGS:
+            code = _SEQUENCE_TAG  # (its VR is checked: _refuse_disguised_sequence)
         if len(self) > 65536:
             self.clear()
         self[tag] = code
