@@ -721,3 +721,47 @@ def test_an_unchanged_input_item_re_encoded_in_another_syntax_is_not_modified():
     assert type(private_item._dict[PRIVATE_CREATOR]) is RawDataElement
     assert out[0x30060010].value[0].ReferencedSOPInstanceUID == KEY.uid("anonymize.instance", OTHER_SOP)
     assert out[0x30060010].value[1][0x00091001].value == b"kept"
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr"])
+@pytest.mark.parametrize("dropped_vr_too", [False, True], ids=["sq", "un"])
+def test_a_tag_repeated_in_an_item_is_refused(implicit, dropped_vr_too):
+    """PatientName twice in one item, the second copy empty: the item's elements are a dict,
+    which saw only the empty copy, so nothing changed and the item's bytes were copied, first
+    copy included, which DCMTK (hence Orthanc) reads back. PS3.5 7.1 allows one; refused."""
+    if implicit:
+        names = _implicit(0x00100010, SECRET, b"PN") + _implicit(0x00100010, b"", b"PN")
+        body = _item(_implicit(0x00081150, CT.encode(), b"UI") + names)
+        tag = UNKNOWN_PUBLIC if dropped_vr_too else REFERENCED_IMAGE_SQ
+        element = _implicit(tag, body)
+    else:
+        names = _explicit(0x00100010, b"PN", SECRET) + _explicit(0x00100010, b"PN", b"")
+        body = _item(_explicit(0x00081150, b"UI", CT.encode()) + names)
+        tag = UNKNOWN_PUBLIC if dropped_vr_too else REFERENCED_IMAGE_SQ
+        element = _explicit(tag, b"UN" if dropped_vr_too else b"SQ", body)
+    data = _file([(tag, element)], implicit=implicit)
+    for plan in (DEFAULT, KEEP_PRIVATE, parse_anonymize({"Transcode": "1.2.840.10008.1.2.1"})):
+        with pytest.raises(InputError) as info:
+            apply(plan, dicomio.read_dataset(data), KEY)
+        assert (info.value.reason, str(info.value)) == (
+            "invalid_value", "a sequence item holds element (0010,0010) twice")
+
+
+@pytest.mark.parametrize("tag", [0x00000902, 0x00020016, 0x00030010, 0x00100000])
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr"])
+def test_groups_no_data_set_may_hold_are_dropped_from_items(tag, implicit):
+    """ErrorComment (0000,0902), a file meta AE title (0002,0016), a reserved odd group's
+    element, a group length holding text: the writer drops them at top level, and an item kept
+    them (the command group's free text in the clear, read back by pydicom). Dropped at every
+    depth, by both walks, KeepPrivateTags or not."""
+    text = b"Nested^Secret AE"
+    stray = _implicit(tag, text) if implicit else _explicit(tag, b"LO" if tag >> 16 != 2 else b"AE", text)
+    ids = (_implicit(0x00081150, CT.encode(), b"UI") if implicit else _explicit(0x00081150, b"UI", CT.encode()))
+    item = _item(stray + ids)
+    element = _implicit(REFERENCED_IMAGE_SQ, item) if implicit else _explicit(REFERENCED_IMAGE_SQ, b"SQ", item)
+    data = _file([(REFERENCED_IMAGE_SQ, element)], implicit=implicit)
+    for plan in (DEFAULT, KEEP_PRIVATE):
+        out, ds = _anonymize(data, plan)
+        assert SECRET not in out
+        (kept,) = ds.ReferencedImageSequence
+        assert tag not in kept and kept.ReferencedSOPClassUID == CT

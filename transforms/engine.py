@@ -246,6 +246,8 @@ _SEQ_TAG = object()
 _FALLBACK = object()
 _NOTHING = object()  # a kept private tag: not even the nested pass
 _SEQUENCE_TAG = object()  # anonymization: a sequence tag of the dictionary without action
+#: Groups no data set may hold (PS3.5 7.1, 7.8.1; dicomio drops them at top level).
+_NOT_NESTED_GROUPS = frozenset({0x0000, 0x0001, 0x0002, 0x0003, 0x0005, 0x0007, 0xFFFF})
 _PSEUDONYM = object()  # PatientName, pseudonymized in step 5
 _HIERARCHY_CODES = {tag: object() for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID,
                                               SOP_INSTANCE_UID)}  # regenerated in step 6
@@ -735,7 +737,12 @@ class _Run:
             if keep_paths and any(p.matches(parents, tag) for p in keep_paths):
                 continue  # a kept element and its whole subtree are untouched
             group = tag >> 16
-            if group & 1:
+            if group in _NOT_NESTED_GROUPS or not tag & 0xFFFF:
+                # Groups no data set may hold (the command group's free-text ErrorComment, file
+                # meta, the reserved odd groups), written at top level by no writer of ours, and
+                # group lengths (retired; one may hold anything): not copied from an item either.
+                new = _DELETE
+            elif group & 1:
                 # Kept private tags still lose what Remove or a removed range names (Orthanc's
                 # nested rule 3 applies to every tag, private ones included).
                 if remove_private or actions.get(int(tag)) is _DELETE or (
@@ -1142,7 +1149,9 @@ class _Run:
     def _byte_action(self, tag: int) -> Any:
         """The nested action for ``tag`` (as ``_walk_item`` decides it), cached per plan."""
         group = tag >> 16
-        if group & 1:  # as _walk_item: private tags are deleted, or only what removals name
+        if group in _NOT_NESTED_GROUPS or not tag & 0xFFFF:
+            action = _DELETE  # as _walk_item
+        elif group & 1:  # as _walk_item: private tags are deleted, or only what removals name
             if self.plan.remove_private_tags or self.nested_actions.get(tag) is _DELETE or (
                     self.range_lo <= group <= self.range_hi and self.in_range(tag)):
                 action = _DELETE
@@ -1236,7 +1245,7 @@ def _le_items(data: bytes, encodings: tuple[bool, ...], charset: Any, depth: int
     for implicit in encodings:
         try:
             return _items(data, 0, len(data), implicit, True, charset, depth, limit)
-        except _HiddenData:
+        except (_HiddenData, _RepeatedTag):
             raise
         except InputError as exc:
             if exc.reason == "too_large":
@@ -1519,6 +1528,8 @@ def _elements(data: bytes, pos: int, end: int, implicit: bool, little: bool, dep
             stop = _sequence_end(data, value_pos, end, implicit, little, depth + 1)
             if collect:
                 btag = BaseTag(tag)
+                if btag in elements:
+                    raise _repeated(tag)
                 elements[btag] = RawDataElement(btag, "SQ", _UNDEFINED, data[value_pos:stop],
                                                 value_pos, implicit, little)
             pos = stop + 8
@@ -1529,9 +1540,22 @@ def _elements(data: bytes, pos: int, end: int, implicit: bool, little: bool, dep
                                  reason="truncated")
             if collect:
                 btag = BaseTag(tag)
+                if btag in elements:
+                    raise _repeated(tag)
                 elements[btag] = RawDataElement(btag, vr, length, data[value_pos:pos],
                                                 value_pos, implicit, little)
     return elements, pos
+
+
+class _RepeatedTag(InputError):
+    """A tag twice in one item (PS3.5 7.1 allows one): readers disagree on which copy counts
+    (DCMTK keeps the first, pydicom the last), and the copy a reader of ours would not see was
+    copied with the item, a PatientName in it. Refused, never taken for opaque bytes."""
+
+
+def _repeated(tag: int) -> InputError:
+    return _RepeatedTag(f"a sequence item holds element ({tag >> 16:04X},{tag & 0xFFFF:04X}) twice",
+                        reason="invalid_value")
 
 
 def _sequence_end(data: bytes, pos: int, end: int, implicit: bool, little: bool,
