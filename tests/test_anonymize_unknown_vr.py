@@ -765,3 +765,18 @@ def test_groups_no_data_set_may_hold_are_dropped_from_items(tag, implicit):
         assert SECRET not in out
         (kept,) = ds.ReferencedImageSequence
         assert tag not in kept and kept.ReferencedSOPClassUID == CT
+
+
+def test_data_after_a_delimiter_in_a_nested_sequence_is_refused_by_the_byte_walk_too():
+    """Implicit VR: an unknown tag's item holds ReferencedImageSequence of defined length laid
+    out as [item][sequence delimiter][item naming the patient]. The object walk refused it; the
+    byte walk stopped at the delimiter, dropped where it stopped and copied the rest."""
+    first = _item(_implicit(0x00081150, CT.encode(), b"UI"))
+    hidden = _item(_implicit(0x00100010, SECRET, b"PN"))
+    inner = first + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + hidden
+    outer = _item(_implicit(REFERENCED_IMAGE_SQ, inner))
+    data = _file([(UNKNOWN_PUBLIC, _implicit(UNKNOWN_PUBLIC, outer))], implicit=True)
+    with pytest.raises(InputError) as info:
+        apply(DEFAULT, dicomio.read_dataset(data), KEY)
+    assert info.value.reason == "not_dicom"
+    assert str(info.value).startswith("a sequence of defined length goes on after its delimiter")

@@ -963,7 +963,9 @@ class _Run:
                         found = sequences_memo.get(memo_key)
                         if found is None:
                             values_left = self.values_left
-                            body = self._byte_items(data, pos, value_end, ptags + (tag,), depth + 1)[0]
+                            body, stop, closed = self._byte_items(data, pos, value_end, ptags + (tag,), depth + 1)
+                            if closed and stop + 8 < value_end:
+                                raise _Unusual  # data after the delimiter: the object walk refuses it
                             found = sequences_memo[memo_key] = (body, values_left - self.values_left)
                         elif found[1]:
                             self._spend_values(found[1])  # its mapped values written again
