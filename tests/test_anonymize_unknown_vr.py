@@ -780,3 +780,27 @@ def test_data_after_a_delimiter_in_a_nested_sequence_is_refused_by_the_byte_walk
         apply(DEFAULT, dicomio.read_dataset(data), KEY)
     assert info.value.reason == "not_dicom"
     assert str(info.value).startswith("a sequence of defined length goes on after its delimiter")
+
+
+@pytest.mark.parametrize("vr", [b"UT", b"LO", b"CS", b"FD", b"UL"])
+@pytest.mark.parametrize("nested", [False, True], ids=["top-level", "in-an-item"])
+def test_items_under_a_text_or_number_vr_on_an_unknown_public_tag_are_refused(vr, nested):
+    """(0018,9999), newer than the dictionary, labelled UT (or LO, CS, FD, UL) around a patient's
+    items: neither walked nor refused, and a Transcode to implicit VR dropped the label, so a
+    reader whose dictionary knows the tag as a sequence read the name back. Refused like the
+    OB and OW case, at any depth; a tag the dictionary knows keeps what its text holds."""
+    element = _explicit(UNKNOWN_PUBLIC, vr, _secret_item(implicit=True))
+    if vr in (b"FD", b"UL"):  # a short header: the value must fit 16 bits, as it does
+        assert len(_secret_item(implicit=True)) < 0x10000
+    if nested:
+        element = _explicit(0x00082112, b"SQ", _item(element))
+    data = _file([(0x00082112 if nested else UNKNOWN_PUBLIC, element)], implicit=False)
+    for body in ({}, {"Transcode": "1.2.840.10008.1.2"}):
+        with pytest.raises(InputError) as info:
+            apply(parse_anonymize(body), dicomio.read_dataset(data), KEY)
+        assert (info.value.reason, str(info.value)) == (
+            "invalid_value", f"element (0018,9999) of VR {vr.decode()} holds sequence items, which cannot be "
+            "de-identified under that VR")
+    known = 0x00081030  # StudyDescription (LO, kept by 2017c): its own text, whatever it holds
+    plain = _file([(known, _explicit(known, b"LO", b"\xfe\xff\x00\xe0\x00\x00\x00\x00"))], implicit=False)
+    assert _anonymize(plain, parse_anonymize({"DicomVersion": "2017c", "Keep": ["StudyDescription"]}))[1][known].VR == "LO"

@@ -162,17 +162,25 @@ def _refuse_disguised_sequence(elem: RawDataElement, tag: int) -> None:
     the nested pass would copy unread: a sequence tag of the dictionary stored with a VR other
     than SQ or UN (a reader that goes by the dictionary, such as any reader of the output in
     implicit VR, reads its items, identifiers and all), or a tag the dictionary does not know
-    stored as OB or OW whose value starts like an item (a sequence whose VR was lost, as UN
-    values are walked for). Empty values hold nothing."""
+    stored under any VR but SQ or UN whose value is a run of items (a sequence whose VR was
+    lost, as UN values are walked for: a reader with a newer dictionary reads it as one in
+    implicit VR). Empty values hold nothing."""
     if not elem.length or tag >> 16 & 1:
         return
     vr = elem.VR
-    if tag in SQ_TAGS and vr not in _MAYBE_SQ_VRS:
-        raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is a sequence stored with VR {vr}: "
-                         "readers that go by the dictionary read its items, which cannot be de-identified "
-                         "under that VR", reason="invalid_value")
-    if vr in _BINARY_ITEM_VRS and type(elem.value) is bytes and tag != PIXEL_DATA \
-            and _item_shaped(elem.value, 0, len(elem.value), tag) and _tiled_by_items(elem.value):
+    if tag in SQ_TAGS:
+        if vr not in _MAYBE_SQ_VRS:
+            raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is a sequence stored with VR {vr}: "
+                             "readers that go by the dictionary read its items, which cannot be de-identified "
+                             "under that VR", reason="invalid_value")
+        return
+    value = elem.value
+    if vr in _MAYBE_SQ_VRS or tag == PIXEL_DATA or type(value) is not bytes or not value.startswith(_LE_ITEM_START):
+        return
+    # (_item_shaped refuses items under a tag the dictionary calls text; a text VR on one is
+    # its own text, whatever it holds)
+    if (_item_shaped(value, 0, len(value), tag) if vr in _BINARY_ITEM_VRS else _dict_vr(tag) is None) \
+            and _tiled_by_items(value):
         raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr} holds sequence items, "
                          "which cannot be de-identified under that VR", reason="invalid_value")
 
@@ -242,10 +250,12 @@ _REFERENCED = "referenced"  # ReferencedSOPInstanceUID: instance map, except the
 # undefined), a dictionary sequence tag without action (also walked with implicit VR), and
 # "let the object walk handle this sequence".
 _PLAIN = object()
+_UNKNOWN = object()  # as _PLAIN, for a public tag the dictionary does not know
 _SEQ_TAG = object()
 _FALLBACK = object()
 _NOTHING = object()  # a kept private tag: not even the nested pass
 _SEQUENCE_TAG = object()  # anonymization: a sequence tag of the dictionary without action
+_UNKNOWN_TAG = object()  # anonymization: a public tag the dictionary does not know, without action
 #: Groups no data set may hold (PS3.5 7.1, 7.8.1; dicomio drops them at top level).
 _NOT_NESTED_GROUPS = frozenset({0x0000, 0x0001, 0x0002, 0x0003, 0x0005, 0x0007, 0xFFFF})
 _PSEUDONYM = object()  # PatientName, pseudonymized in step 5
@@ -487,7 +497,7 @@ class _Run:
             for tag, elem, code in compress(zip(tags, values, codes),
                                             map(_CHECKED_TOP_VRS.__contains__,
                                                 map(_GET_VR, values))):
-                if code is not None and code is not _SEQUENCE_TAG:
+                if code is not None and code is not _SEQUENCE_TAG and code is not _UNKNOWN_TAG:
                     continue
                 if elem.VR in _BINARY_ITEM_VRS:
                     if type(elem) is RawDataElement:
@@ -505,7 +515,8 @@ class _Run:
                     d[tag] = new
             elif code in _CAPTURED:  # PatientName, hierarchy UIDs: read by steps 5 and 6
                 captured[code] = (tag, elem)
-            elif code is _SEQUENCE_TAG:  # walked above when it is one; under another VR, refused
+            elif code is _SEQUENCE_TAG or code is _UNKNOWN_TAG:
+                # walked above when it is a sequence; items under another VR are refused
                 if type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
                     _refuse_disguised_sequence(elem, int(tag))
             # _KEEP, _SKIP and _NOTHING: nothing here
@@ -758,7 +769,8 @@ class _Run:
                     if range_lo <= group <= range_hi and self.in_range(tag):
                         new = _DELETE
                     elif type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
-                        if elem.VR in _BINARY_ITEM_VRS or tag in SQ_TAGS:
+                        value = elem.value
+                        if tag in SQ_TAGS or (type(value) is bytes and value.startswith(_LE_ITEM_START)):
                             _refuse_disguised_sequence(elem, tag)
                         continue
                     else:
@@ -918,7 +930,7 @@ class _Run:
                 if length == _UNDEFINED:
                     if (vr is not None and vr != "SQ") or tag == PIXEL_DATA:
                         raise _Unusual
-                    if action is _PLAIN or action is _SEQ_TAG:
+                    if action is _PLAIN or action is _SEQ_TAG or action is _UNKNOWN:
                         body, stop = self._byte_undefined(data, pos, item_end, tag, ptags,
                                                           depth)
                     elif action is _DELETE or action is _CLEAR:
@@ -956,7 +968,15 @@ class _Run:
                                 raise _Unusual  # a sequence under another VR: the object walk refuses it
                             pos = value_end
                             continue
-                    if action is _PLAIN or action is _SEQ_TAG:
+                    elif action is _UNKNOWN:
+                        if vr != "SQ":
+                            if _item_shaped(data, pos, value_end, tag):
+                                # items of unknown VR, or under another VR (the object walk
+                                # walks the first and refuses the second)
+                                raise _Unusual
+                            pos = value_end
+                            continue
+                    if action is _PLAIN or action is _SEQ_TAG or action is _UNKNOWN:
                         # Multi-frame objects repeat identical nested sequences: the result
                         # depends only on these bytes, where they are and how deep.
                         memo_key = (tag, ptags, depth, data[pos:value_end])
@@ -1165,7 +1185,12 @@ class _Run:
                     and self.in_range(tag):
                 action = _DELETE
         if action is None:
-            action = _SEQ_TAG if tag in SQ_TAGS else _PLAIN
+            if tag in SQ_TAGS:
+                action = _SEQ_TAG
+            elif not group & 1 and _dict_vr(tag) is None:
+                action = _UNKNOWN  # a public tag newer than the dictionary
+            else:
+                action = _PLAIN
         cache = self.byte_actions
         if len(cache) > 65536:
             cache.clear()
@@ -1338,8 +1363,8 @@ class _Tables:
 
 class _TopCodes(dict):
     """Top-level action by int tag, filled as tags are met: None (none, but a sequence gets
-    the nested pass), _SEQUENCE_TAG (the same, for a sequence tag of the dictionary in an
-    anonymization), _DELETE (also private tags and removed ranges), _CLEAR, PATIENT,
+    the nested pass), _SEQUENCE_TAG and _UNKNOWN_TAG (the same, for a sequence tag of the
+    dictionary and a public tag it does not know, in an anonymization), _DELETE (also private tags and removed ranges), _CLEAR, PATIENT,
     INSTANCE, _KEEP, _SKIP, or _NOTHING (a kept private tag: not even the nested pass)."""
 
     def __init__(self, top: dict[int, Any], plan: Plan) -> None:
@@ -1366,8 +1391,12 @@ class _TopCodes(dict):
             # removes only when nested): an odd group in those spans is private, kept by
             # KeepPrivateTags at top level as Orthanc keeps it.
             code = _DELETE
-        if code is None and plan.is_anonymization and tag in SQ_TAGS:
-            code = _SEQUENCE_TAG  # (its VR is checked: _refuse_disguised_sequence)
+        if code is None and plan.is_anonymization and not group & 1:
+            # (the VR of these is checked: _refuse_disguised_sequence)
+            if tag in SQ_TAGS:
+                code = _SEQUENCE_TAG
+            elif _dict_vr(tag) is None:
+                code = _UNKNOWN_TAG
         if len(self) > 65536:
             self.clear()
         self[tag] = code
