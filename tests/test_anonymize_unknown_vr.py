@@ -804,3 +804,20 @@ def test_items_under_a_text_or_number_vr_on_an_unknown_public_tag_are_refused(vr
     known = 0x00081030  # StudyDescription (LO, kept by 2017c): its own text, whatever it holds
     plain = _file([(known, _explicit(known, b"LO", b"\xfe\xff\x00\xe0\x00\x00\x00\x00"))], implicit=False)
     assert _anonymize(plain, parse_anonymize({"DicomVersion": "2017c", "Keep": ["StudyDescription"]}))[1][known].VR == "LO"
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["byte-walk", "object-walk"])
+def test_an_empty_sequence_written_as_un_is_no_internal_error(keep):
+    """PerFrameFunctionalGroupsSequence written as UN with length 0 (a mutated RicSmi file): its
+    value reads as None, which the object walk (a Keep path takes the plan there) handed to the
+    item parser: internal_error (TypeError). It holds nothing and is copied."""
+    tag = 0x52009230
+    data = _file([(tag, _explicit(tag, b"UN", b""))], implicit=False)
+    # a bare data set (no file meta): read by pydicom's reader, which leaves an empty value None
+    bare = data[len(dicomio.encode_file_meta(CT, SOP, ExplicitVRLittleEndian)):]
+    source = dicomio.read_dataset(bare, check_uids=False)
+    assert source._dict[tag].value is None and source._dict[tag].VR == "UN"
+    plan = parse_anonymize({"Keep": ["ReferencedImageSequence[*].ReferencedSOPInstanceUID"]} if keep else {})
+    out = dicomio.write_dataset(apply(plan, source, KEY))
+    ds = dicomio.read_dataset(out, check_uids=False)
+    assert ds[tag].VR in ("UN", "SQ") and not ds[tag].value and SECRET not in out

@@ -711,7 +711,8 @@ class _Run:
                 # 6.2.2) whatever the file's syntax (or, as some writers leave it, explicit VR
                 # little endian): pydicom reads them in a big endian file's byte order, one
                 # garbage item, and the value used to be copied unread.
-                items = _le_items(elem.value, (True, False), _character_set(holder), len(parents), allowance)
+                items = _le_items(elem.value or b"", (True, False), _character_set(holder), len(parents),
+                                  allowance)  # (an empty value is None: no item)
             if items is None:  # a layout the item scanner leaves to pydicom
                 parsed = paths.convert_sequence(elem, tag, _character_set(holder), holder)
                 if parsed.VR != "SQ":
