@@ -399,7 +399,7 @@ def execute(
                 plan = sm.plan_split(entries, request, key)
             else:
                 plan = sm.plan_merge(entries, request, key)
-        except RequestError as exc:
+        except sm.NotInInput as exc:
             # "not in INPUT" may mean "not read": say so rather than blame the selection.
             skipped = _too_large_files(index_result)
             if skipped:

@@ -821,3 +821,16 @@ def test_an_empty_sequence_written_as_un_is_no_internal_error(keep):
     out = dicomio.write_dataset(apply(plan, source, KEY))
     ds = dicomio.read_dataset(out, check_uids=False)
     assert ds[tag].VR in ("UN", "SQ") and not ds[tag].value and SECRET not in out
+
+
+def test_a_vendor_s_transfer_syntax_in_a_kept_private_item_is_kept():
+    """GE's (6003,1010) items in PrivateTags.dcm name with TransferSyntaxUID (0002,0010) the
+    encoding of the private bytes beside it: KeepPrivateTags keeps it, though other file meta
+    elements are dropped from items."""
+    from tests.conftest import sample
+
+    source = dicomio.read_dataset(sample("PrivateTags.dcm").read_bytes())
+    items = source[0x60031010].value
+    assert [0x00020010 in item for item in items] == [True, True]
+    out, ds = _anonymize(dicomio.write_dataset(source), KEEP_PRIVATE)
+    assert [item[0x00020010].value for item in ds[0x60031010].value] == [item[0x00020010].value for item in items]

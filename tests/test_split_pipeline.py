@@ -422,6 +422,16 @@ def test_a_selection_lost_to_max_bytes_is_blamed_on_it(tmp_path: Path, capsys: p
         "SeriesInstanceUID or an Orthanc series id of that study); 1 input file over --max-bytes "
         f"({limit:,} bytes) was not read: raise --max-bytes if what you selected is among them\n")
     assert not (tmp_path / "out").exists()
+    # a refusal the limit cannot explain gets no such hint (a patient's id where a merge wants
+    # a study, series or instance)
+    from transforms.orthanc_ids import orthanc_ids
+
+    patient = orthanc_ids(rt[0][1].PatientID, study, series, rt[0][1].SOPInstanceUID)["patient"]
+    code = cli.main(["merge", str(folder), str(tmp_path / "out"), "--study", study, "--max-bytes", str(limit),
+                     "--body", json.dumps({"Resources": [patient]}), "--key-file", str(key), "--quiet"])
+    assert code == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "dicom-deid: merge: Resources[0]: this is a patient, neither a study, nor a series, nor an instance\n")
     # without the limit, the same selection splits
     assert cli.main(["split", str(folder), str(tmp_path / "out"), "--study", study,
                      "--body", json.dumps({"Series": [series]}), "--key-file", str(key), "--quiet"]) == 0

@@ -258,6 +258,9 @@ _SEQUENCE_TAG = object()  # anonymization: a sequence tag of the dictionary with
 _UNKNOWN_TAG = object()  # anonymization: a public tag the dictionary does not know, without action
 #: Groups no data set may hold (PS3.5 7.1, 7.8.1; dicomio drops them at top level).
 _NOT_NESTED_GROUPS = frozenset({0x0000, 0x0001, 0x0002, 0x0003, 0x0005, 0x0007, 0xFFFF})
+#: Except TransferSyntaxUID: vendors' private items name with it the encoding of the private
+#: bytes beside it (GE's (6003,1010) items in PrivateTags.dcm), which KeepPrivateTags keeps.
+_NESTED_TRANSFER_SYNTAX = 0x00020010
 _PSEUDONYM = object()  # PatientName, pseudonymized in step 5
 _HIERARCHY_CODES = {tag: object() for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID,
                                               SOP_INSTANCE_UID)}  # regenerated in step 6
@@ -749,7 +752,7 @@ class _Run:
             if keep_paths and any(p.matches(parents, tag) for p in keep_paths):
                 continue  # a kept element and its whole subtree are untouched
             group = tag >> 16
-            if group in _NOT_NESTED_GROUPS or not tag & 0xFFFF:
+            if (group in _NOT_NESTED_GROUPS and tag != _NESTED_TRANSFER_SYNTAX) or not tag & 0xFFFF:
                 # Groups no data set may hold (the command group's free-text ErrorComment, file
                 # meta, the reserved odd groups), written at top level by no writer of ours, and
                 # group lengths (retired; one may hold anything): not copied from an item either.
@@ -1172,7 +1175,7 @@ class _Run:
     def _byte_action(self, tag: int) -> Any:
         """The nested action for ``tag`` (as ``_walk_item`` decides it), cached per plan."""
         group = tag >> 16
-        if group in _NOT_NESTED_GROUPS or not tag & 0xFFFF:
+        if (group in _NOT_NESTED_GROUPS and tag != _NESTED_TRANSFER_SYNTAX) or not tag & 0xFFFF:
             action = _DELETE  # as _walk_item
         elif group & 1:  # as _walk_item: private tags are deleted, or only what removals name
             if self.plan.remove_private_tags or self.nested_actions.get(tag) is _DELETE or (
@@ -1269,17 +1272,23 @@ def _le_items(data: bytes, encodings: tuple[bool, ...], charset: Any, depth: int
               limit: int | None) -> list[Dataset] | None:
     """The little-endian items a value of unknown VR holds, read in implicit VR (``True``
     in ``encodings``) and then explicit VR, or None when neither reads. Data hidden after a
-    delimiter and too many items are errors; anything else only means "not this encoding"."""
+    delimiter and too many items are errors, and so is a tag repeated in an item when no
+    encoding reads; anything else only means "not this encoding"."""
+    repeated = None
     for implicit in encodings:
         try:
             return _items(data, 0, len(data), implicit, True, charset, depth, limit)
-        except (_HiddenData, _RepeatedTag):
+        except _HiddenData:
             raise
+        except _RepeatedTag as exc:  # refused unless the other encoding reads (a misparse)
+            repeated = repeated or exc
         except InputError as exc:
             if exc.reason == "too_large":
                 raise
         except (_Unusual, struct.error):
             pass
+    if repeated is not None:
+        raise repeated
     return None
 
 

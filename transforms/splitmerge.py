@@ -138,6 +138,10 @@ class MergeRequest:
     keep_source: bool = False
 
 
+class NotInInput(RequestError):
+    """A study, series or instance the request names that the index of INPUT does not hold."""
+
+
 def _check_keys(body: Any, allowed: frozenset[str], what: str) -> Mapping[str, Any]:
     if not isinstance(body, Mapping):
         raise RequestError(f"{what}: the body must be a JSON object")
@@ -464,10 +468,10 @@ class _Index:
         if is_orthanc_id(spec):
             if spec in self.by_study:
                 return spec
-            raise RequestError(f"{where}: {missing}")
+            raise NotInInput(f"{where}: {missing}")
         found = self.study_ids_by_uid.get(spec, set())
         if not found:
-            raise RequestError(f"{where}: {missing}")
+            raise NotInInput(f"{where}: {missing}")
         if len(found) > 1:
             raise RequestError(
                 f"{where}: this StudyInstanceUID names {len(found)} studies in INPUT (different "
@@ -488,7 +492,7 @@ def _resolve_members(entries: Sequence[IndexEntry], specs: Sequence[str], level:
     for i, spec in enumerate(specs):
         hits = by_name.get(spec, [])
         if not hits:
-            raise RequestError(
+            raise NotInInput(
                 f"split: {name}[{i}]: this {level} does not belong to the study to be split "
                 f"(give a {'SeriesInstanceUID' if level == 'series' else 'SOPInstanceUID'} or "
                 f"an Orthanc {level} id of that study)"
@@ -666,7 +670,7 @@ def plan_merge(entries: Iterable[IndexEntry], request: MergeRequest, key: Key) -
             matches += [(s, "series") for s in sorted(index.series_ids_by_uid.get(spec, ()))]
             matches += [(s, "instance") for s in sorted(index.instance_ids_by_uid.get(spec, ()))]
         if not matches:
-            raise RequestError(f"{where}: no study, series or instance in INPUT has this identifier")
+            raise NotInInput(f"{where}: no study, series or instance in INPUT has this identifier")
         if len(matches) > 1:
             raise RequestError(
                 f"{where}: this identifier names {len(matches)} resources in INPUT (a UID shared "
