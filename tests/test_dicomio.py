@@ -751,6 +751,14 @@ def test_a_vr_that_implicit_vr_cannot_carry_is_invalid_value():
         "written in the output's transfer syntax, the data set would not read back: sequence (0054,0016) cannot be read")
 
 
+def _file_with_one_item(element: bytes) -> bytes:
+    """An explicit VR file whose ReferencedImageSequence (0008,1140), between its 0008 and 0020
+    UIDs, holds one item of ``element``."""
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
+    sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
+    return _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_a_value_the_dictionary_vr_cannot_read_in_implicit_vr_is_invalid_value(nested: bool):
     """Explicit CS "SE" on BackgroundLuminance (0024,0020), whose dictionary VR is FL (a
@@ -758,10 +766,8 @@ def test_a_value_the_dictionary_vr_cannot_read_in_implicit_vr_is_invalid_value(n
     it keeps its VR and reads back; in implicit VR a reader takes FL and two bytes are no float,
     so it is refused before writing, at any depth, naming the element without its value."""
     element = struct.pack("<HH2sH", 0x0024, 0x0020, b"CS", 2) + b"SE"
-    if nested:  # in an item of ReferencedImageSequence (0008,1140), between the 0008 and 0020 UIDs
-        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
-        sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
-        data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
+    if nested:
+        data = _file_with_one_item(element)
     else:
         data = _explicit_file(_UIDS) + element
     ds = dicomio.read_dataset(data)
@@ -783,10 +789,7 @@ def test_a_group_length_in_an_item_that_implicit_vr_would_read_as_ul_is_invalid_
     group length for UL, so in implicit VR six bytes did not read back (pydicom failed on the
     output, not on the input). Refused before writing, as the dictionary's VRs are."""
     element = struct.pack("<HH2sHI", 0x0006, 0x0000, b"OB", 0, 6) + b"\x06\x00\x00\x003\xf3"
-    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
-    sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
-    data = _explicit_file(_UIDS[:2]) + sequence + _explicit_file(_UIDS[2:])[132 + 28:]
-    ds = dicomio.read_dataset(data)
+    ds = dicomio.read_dataset(_file_with_one_item(element))
     assert dicomio.read_dataset(dicomio.write_dataset(ds)).ReferencedImageSequence[0][0x00060000].VR == "OB"
     with pytest.raises(InputError) as refused:
         dicomio.write_dataset(ds, "1.2.840.10008.1.2")

@@ -180,25 +180,29 @@ def _refuse_disguised_sequence(elem: RawDataElement, tag: int) -> None:
     # (_item_shaped refuses items under a tag the dictionary calls text; a text VR on one is
     # its own text, whatever it holds)
     if (_item_shaped(value, 0, len(value), tag) if vr in _BINARY_ITEM_VRS else _dict_vr(tag) is None) \
-            and _tiled_by_items(value):
+            and _items_tiling(value) is not None:
         raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr} holds sequence items, "
                          "which cannot be de-identified under that VR", reason="invalid_value")
 
 
-def _tiled_by_items(data: bytes) -> bool:
-    """Whether little-endian item headers tile ``data`` (items of defined length, up to one of
-    undefined length): a sequence's value, not binary data that starts like an item."""
-    pos, end = 0, len(data)
+def _items_tiling(data: bytes) -> int | None:
+    """How many defined-length items' little-endian headers tile ``data`` from its start, up
+    to one of undefined length (whose end only parsing finds); None when item headers do not
+    tile it: binary data that only starts like an item, not a sequence's value."""
+    pos, end, count = 0, len(data), 0
     while pos < end:
         if pos + 8 > end:
-            return False
+            return None
         group, element, length = _STRUCTS[True][0](data, pos)
         if (group << 16 | element) != _ITEM:
-            return False
+            return None
         if length == _UNDEFINED:
-            return True
+            break
+        if pos + 8 + length > end:
+            return None
         pos += 8 + length
-    return pos == end
+        count += 1
+    return count
 
 
 def _declared_sequence(elem: RawDataElement, tag: int) -> bool:
@@ -519,8 +523,9 @@ class _Run:
             elif code in _CAPTURED:  # PatientName, hierarchy UIDs: read by steps 5 and 6
                 captured[code] = (tag, elem)
             elif code is _SEQUENCE_TAG or code is _UNKNOWN_TAG:
-                # walked above when it is a sequence; items under another VR are refused
-                if type(elem) is RawDataElement and elem.VR not in _MAYBE_SQ_VRS:
+                # walked above when it is a sequence, OB and OW checked there; items under
+                # another VR are refused
+                if type(elem) is RawDataElement and elem.VR not in _CHECKED_TOP_VRS:
                     _refuse_disguised_sequence(elem, int(tag))
             # _KEEP, _SKIP and _NOTHING: nothing here
 
@@ -1225,22 +1230,12 @@ def _opaque_items(elem: RawDataElement, charset: Any, depth: int,
     data = elem.value
     if type(data) is not bytes or not data.startswith(_LE_ITEM_START) or elem.length == _UNDEFINED:
         return None
-    pos, end, count = 0, len(data), 0
-    while pos < end:  # items of defined length tiling the value, up to one of undefined length
-        if pos + 8 > end:
-            return None
-        group, element, length = _STRUCTS[True][0](data, pos)
-        if (group << 16 | element) != _ITEM:
-            return None
-        if length == _UNDEFINED:
-            # Its end is its delimiter, found by parsing it (below): an item of undefined
-            # length used to make the whole value opaque, copied as it was, with a PatientName
-            # nested in it.
-            break
-        if pos + 8 + length > end:
-            return None
-        pos += 8 + length
-        count += 1
+    # An item of undefined length ends the count: its end is its delimiter, found by parsing
+    # it (below); such an item used to make the whole value opaque, copied as it was, with a
+    # PatientName nested in it.
+    count = _items_tiling(data)
+    if count is None:
+        return None
 
     def too_many(count: int | None) -> InputError:
         held = f"{count} items (more than {_MAX_OPAQUE_ITEMS})" if count else f"more than {_MAX_OPAQUE_ITEMS} items"

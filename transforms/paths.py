@@ -302,10 +302,15 @@ class Workspace:
                         self.owned_element(sub)
         return elem
 
-    def targets(self, ds: Dataset, parents: tuple[Parent, ...]) -> Iterator[Dataset]:
-        """The owned item datasets a path's parent chain reaches from ``ds``."""
+    def targets(self, ds: Dataset, parents: tuple[Parent, ...],
+                owner: Dataset | None = None) -> Iterator[tuple[Dataset, Dataset]]:
+        """The owned item datasets a path's parent chain reaches from ``ds``, each with the
+        data set whose SpecificCharacterSet applies to its text: the nearest one on the way
+        that declares one (PS3.5 7.5.3), else ``ds``."""
+        if owner is None or _SPECIFIC_CHARACTER_SET in ds._dict:
+            owner = ds
         if not parents:
-            yield ds
+            yield ds, owner
             return
         tag, index = parents[0]
         items = self.items(ds, tag)
@@ -313,12 +318,12 @@ class Workspace:
             return
         chosen = items if index is None else (items[index:index + 1])
         for item in chosen:
-            yield from self.targets(item, parents[1:])
+            yield from self.targets(item, parents[1:], owner)
 
 
 def remove_at(ws: Workspace, ds: Dataset, path: TagPath) -> None:
     """Delete ``path``'s final tag in every item it reaches (missing: nothing happens)."""
-    for target in ws.targets(ds, path.parents):
+    for target, _ in ws.targets(ds, path.parents):
         if path.tag in target._dict:
             del target[path.tag]
 
@@ -327,23 +332,7 @@ def replace_at(ws: Workspace, ds: Dataset, path: TagPath,
                make: Callable[[Dataset], DataElement]) -> None:
     """Set ``path``'s final tag (insert if absent) in every existing item it reaches.
 
-    ``make`` gets the data set whose SpecificCharacterSet applies to the item's text: the
-    nearest one on the way from ``ds`` that declares one (PS3.5 7.5.3), else ``ds``."""
-    for target, charset_owner in _charset_targets(ws, ds, path.parents, ds):
+    ``make`` gets the data set whose SpecificCharacterSet applies to the item's text
+    (:meth:`Workspace.targets`)."""
+    for target, charset_owner in ws.targets(ds, path.parents):
         target[path.tag] = ws.owned_element(make(charset_owner))
-
-
-def _charset_targets(ws: Workspace, ds: Dataset, parents: tuple[Parent, ...],
-                     owner: Dataset) -> Iterator[tuple[Dataset, Dataset]]:
-    """:meth:`Workspace.targets`, each with the data set whose character set it uses."""
-    if _SPECIFIC_CHARACTER_SET in ds._dict:
-        owner = ds
-    if not parents:
-        yield ds, owner
-        return
-    tag, index = parents[0]
-    items = ws.items(ds, tag)
-    if not items:
-        return
-    for item in items if index is None else items[index:index + 1]:
-        yield from _charset_targets(ws, item, parents[1:], owner)
