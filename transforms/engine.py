@@ -38,7 +38,8 @@ Deliberate differences from Orthanc 1.12 (listed for the README):
   PatientName/PatientID stay pseudonymized when the user replaces the top-level value (only
   ``Keep`` exempts them);
 * curve and overlay data (50xx,xxxx; 60xx,3000; 60xx,4000) are removed at top level too, as
-  PS3.15 requires (Orthanc removes them only inside sequences);
+  PS3.15 requires (Orthanc removes them only inside sequences), and overlays embedded in the
+  unused bits of native pixel data are cleared (pixel values unchanged);
 * DeidentificationMethodCodeSequence (0012,0064) gets the Basic Profile code (113100, DCM) for
   an uncustomised anonymization; a customised one writes DeidentificationMethod
   ``dicom-deid <version>`` (Orthanc >= 1.12.7 style) and no code;
@@ -271,6 +272,79 @@ _HIERARCHY_CODES = {tag: object() for tag in (STUDY_INSTANCE_UID, SERIES_INSTANC
 _CAPTURED = frozenset({_PSEUDONYM, *_HIERARCHY_CODES.values()})
 _GET_VR = attrgetter("VR")
 _BYTE_MAX_DEPTH = _MAX_DEPTH - 4  # below the scanner's limit: deeper input gets the object walk's errors
+
+
+_OVERLAY_DATA = 0x60003000
+_OVERLAY_DATA_TAGS = tuple(0x60003000 + (group << 16) for group in range(0, 0x100, 2))  # the removed range
+
+
+def _pixel_integer(ds: Dataset, tag: int, little: bool) -> int | None:
+    """The US value of a pixel-description element (BitsAllocated, ...), or None where it is
+    absent or not one plain 16-bit value."""
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if type(elem) is RawDataElement:
+        if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != 2:
+            return None
+        return int.from_bytes(value, "little" if little else "big")
+    return value if type(value) is int else None
+
+
+def _unused_bits_cleared(ds: Dataset, elem: Any, little: bool) -> Any | None:
+    """The native PixelData ``elem`` with the bits above HighBit restored to what the pixel
+    values imply (zero for unsigned data; copies of the sign bit for signed data), or None where
+    no pixel holds anything else there.
+
+    Those bits are where the retired embedded overlays live (OverlayBitPosition 12 in 16-bit
+    words holding 12-bit pixels): overlay-aware viewers (DCMTK) draw them, so an annotation
+    written there (a name, an ID) would survive the removal of OverlayData (60xx,3000). Pixel
+    values are untouched: every reader takes BitsStored bits at HighBit and sign-extends them.
+    Signed data whose negatives all have those bits zero (writers that do not sign-extend) or
+    all have them copy the sign bit hold nothing else and are left as they are; a mix of the
+    two forms is a plane of its own, and becomes sign-extended. Only the layout PS3.5 8.1.1 describes
+    for every current IOD (HighBit = BitsStored - 1) is handled; the pixel data is never
+    decoded beyond whole words.
+    """
+    value = elem.value
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return None
+    bits = _pixel_integer(ds, 0x00280100, little)
+    stored = _pixel_integer(ds, 0x00280101, little)
+    high = _pixel_integer(ds, 0x00280102, little)
+    sign = _pixel_integer(ds, 0x00280103, little) or 0
+    if bits not in (8, 16, 32) or stored is None or not 0 < stored < bits:
+        return None
+    if high is not None and high != stored - 1:
+        return None
+    import numpy as np
+
+    size = bits // 8
+    count = len(value) // size
+    if not count:
+        return None
+    words = np.frombuffer(value, dtype=f"{'<' if little else '>'}u{size}", count=count)
+    limit = 1 << stored
+    if int(words.max()) < limit:
+        return None  # no bit above HighBit anywhere (the common case: one SIMD pass)
+    if sign:
+        half = limit >> 1
+        values = words.view(f"{'<' if little else '>'}i{size}")
+        low, top = int(values.min()), int(values.max())
+        if (low >= -half and top < half) or (low >= 0 and top < limit):
+            # negatives all sign-extended, or all zero-filled: the values themselves (a mix
+            # of the two forms would be a plane of its own)
+            return None
+        shift = bits - stored
+        fixed = ((values << shift) >> shift).astype(values.dtype, copy=False)
+    else:
+        fixed = (words & (limit - 1)).astype(words.dtype, copy=False)  # ufuncs answer in native order
+    data = fixed.tobytes() + bytes(value[count * size:])
+    if type(elem) is RawDataElement:
+        return _raw(elem.tag, elem.VR, len(data), data, elem.value_tell, elem.is_implicit_VR,
+                    elem.is_little_endian)
+    return DataElement(elem.tag, elem.VR, data)
 
 
 def _raw(tag: int, vr: str | None, length: int, value: bytes, value_tell: int,
@@ -601,6 +675,16 @@ class _Run:
                            value, little_endian=self.little,
                            encodings=_fitting(owner, _python_encodings(owner))))
             sequences.append(path.parents[0][0])
+
+        # 9. Overlays embedded in the pixel data's unused high bits (anonymization with the
+        # profile's overlay removals): cleared like the separate OverlayData the profile removes.
+        if anonymize and self.in_range(_OVERLAY_DATA) and PIXEL_DATA not in replaced \
+                and PIXEL_DATA not in keep and not any(tag in keep for tag in _OVERLAY_DATA_TAGS):
+            elem = d.get(PIXEL_DATA)
+            if elem is not None and not _encapsulated(self.source):
+                cleared = _unused_bits_cleared(out, elem, self.little)
+                if cleared is not None:
+                    d[PIXEL_DATA] = cleared
 
         # Changed sequences are encoded here, once, and handed to the writer as raw bytes:
         # pydicom's writer would spend tens of microseconds on every nested element.
