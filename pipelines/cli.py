@@ -91,6 +91,24 @@ def _count(text: str) -> int:
     return value
 
 
+#: ``--processes`` above this many per CPU (or above the floor) is refused: each process holds
+#: the core and a file in hand, and thousands of them only fork for minutes (found by a review).
+PROCESSES_PER_CPU, PROCESSES_FLOOR = 8, 64
+
+
+def max_processes() -> int:
+    return max(PROCESSES_FLOOR, PROCESSES_PER_CPU * (os.cpu_count() or 1))
+
+
+def _processes(text: str) -> int:
+    value = _count(text)
+    limit = max_processes()
+    if value > limit:
+        raise argparse.ArgumentTypeError(
+            f"at most {limit} on this machine ({PROCESSES_PER_CPU} per CPU, or {PROCESSES_FLOOR})")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -182,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (anonymize, modify):
         p.add_argument(
             "--processes",
-            type=_count,
+            type=_processes,
             metavar="N",
             help="local runs (DirectRunner in_memory or multi_threading): processes that de-identify the files, "
             "started before the pipeline (default: one per usable CPU, container quota included; none with "
@@ -608,9 +626,15 @@ def _refuse_file_in_the_way(name: str, folder: str) -> None:
     # Refused now rather than after the run: an audit that cannot be written would leave
     # de-identified files without their rows.
     existing = _existing_ancestor(folder)
+    what = "write in it" if existing == folder else f"create it in {existing!r}"
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "write in it" if existing == folder else f"create it in {existing!r}"
         raise UsageError(f"{name} {folder!r}: no permission to {what}")
+    # access() answers for the permission bits only: root is let through where the filesystem
+    # itself refuses (/sys, /proc; found by a review). A folder made and removed at once asks it.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dicom-deid-probe-", dir=existing))
+    except OSError as exc:
+        raise UsageError(f"{name} {folder!r}: cannot {what} ({exc.strerror or type(exc).__name__})") from None
 
 
 def _existing_ancestor(folder: str) -> str:

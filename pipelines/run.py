@@ -127,6 +127,10 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     if discarded:
         raise UnknownOptions(f"unknown option(s): {discarded[0]} (not a dicom-deid option nor a Beam pipeline option)")
     standard = options.view_as(StandardOptions)
+    if isinstance(standard.runner, str) and not standard.runner.strip():
+        # ``--runner "$RUNNER"`` with the variable unset: not the default (found by a review)
+        raise UnknownOptions("--runner is empty: give a runner (DirectRunner, DataflowRunner, ...; "
+                             "an unset shell variable?), or leave --runner out for the DirectRunner")
     standard.runner = canonical_runner(standard.runner) if standard.runner else "DirectRunner"
     if isinstance(standard.runner, str) and "." not in standard.runner and (
             standard.runner.lower() not in _KNOWN_RUNNERS):

@@ -162,6 +162,13 @@ def _nested_items(levels: int) -> list:
                      "not installed (pip install dill, or leave the option out)",
                      marks=pytest.mark.skipif(importlib.util.find_spec("dill") is not None, reason="dill is installed")),
         (["--body", '{"DicomVersion": "1999"}'], None),
+        # found by a review: an unset "$RUNNER" ran the DirectRunner; thousands of processes
+        # forked for minutes
+        (["--runner", ""], "dicom-deid: --runner is empty: give a runner (DirectRunner, DataflowRunner, ...; an unset "
+         "shell variable?), or leave --runner out for the DirectRunner"),
+        (["--processes", str(cli.max_processes() + 1)],
+         f"dicom-deid: argument --processes: at most {cli.max_processes()} on this machine (8 per CPU, or 64) "
+         "(see `dicom-deid anonymize --help`)"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, expected):
@@ -824,6 +831,45 @@ def test_a_location_that_cannot_be_written_is_refused_before_any_output(
     assert capsys.readouterr().err == f"dicom-deid: {name} {target!r}: no permission to create it in {str(locked)!r}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deid.key", "in", "locked"]
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--audit", "--crosswalk", "OUTPUT"])
+def test_a_location_the_filesystem_refuses_is_refused_before_any_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], option: str
+):
+    """Found by a review: the check asked access() only, which lets root through where the
+    filesystem itself refuses (/sys, /proc, a read-only mount): every file was written, then
+    the audit failed (exit 1, no rows). A folder made and removed at once asks the filesystem
+    (the refusal is simulated: CI may run as root or not)."""
+    import errno
+    import tempfile
+
+    folder = tmp_path / "in"
+    write_study(make_study(seed=12, n_ct=1, rtstruct=False, sr=False), folder)
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kw):
+        if dir is not None and os.fspath(dir) == str(frozen):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdtemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    target = str(frozen / "sub")
+    output = target if option == "OUTPUT" else str(tmp_path / "out")
+    extra = [] if option == "OUTPUT" else [option, target]
+    code = cli.main(["anonymize", str(folder), output, "--key-file", str(write_key(tmp_path)), *extra])
+    assert code == 2
+    assert capsys.readouterr().err == \
+        f"dicom-deid: {option} {target!r}: cannot create it in {str(frozen)!r} (Read-only file system)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deid.key", "frozen", "in"]
+    assert list(frozen.iterdir()) == []
+    # and a folder that can be written gets no probe left behind
+    monkeypatch.undo()
+    assert cli.main(["anonymize", str(folder), str(tmp_path / "out"), "--key-file", str(tmp_path / "deid.key"),
+                     "--audit", str(frozen)]) == 0
+    assert not [p for p in frozen.iterdir() if "probe" in p.name]
 
 
 def test_one_file_mode_refuses_a_name_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -718,6 +718,21 @@ def test_audit_default_location_is_a_sibling(tmp_path: Path, study_folder: Path)
     assert os.listdir(output)  # the outputs themselves
 
 
+def test_a_glob_star_matches_names_with_a_backslash(tmp_path: Path):
+    """Found by a review: Beam's "*" stops at a backslash too (a Windows separator), so
+    "back\\slash.dcm" (a Windows upload's name) vanished from a glob run without an audit row;
+    "*" stops at "/" only, as the README says."""
+    from transforms.beam import _match_streaming
+
+    (tmp_path / "ser\\1").mkdir()
+    for name in ("plain.dcm", "back\\slash.dcm", "ser\\1/img.dcm"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(_match_streaming(f"{tmp_path}/*.dcm")) == [
+        (f"{tmp_path}/back\\slash.dcm", 1), (f"{tmp_path}/plain.dcm", 1)]
+    assert sorted(_match_streaming(f"{tmp_path}/*/*.dcm")) == [(f"{tmp_path}/ser\\1/img.dcm", 1)]
+    assert sorted(_match_streaming(f"{tmp_path}/ser[\\]1/*")) == [(f"{tmp_path}/ser\\1/img.dcm", 1)]
+
+
 def test_a_glob_lists_names_that_are_not_utf8(tmp_path: Path):
     """Matched on the real name, listed under its printable form (size -1: a read_error row)."""
     from transforms.beam import _match_streaming

@@ -823,3 +823,30 @@ def test_ctrl_c_before_the_pipeline_runs_leaves_no_temporaries(tmp_path: Path):
     _wait_for(lambda: any(files.TMP_DIR_NAME not in p.parts for p in out.rglob("*.dcm")), "a published file")
     _interrupt(child, tmp_path / "out")
     assert list((tmp_path / "out").rglob("*.dcm"))  # some were published before the interrupt
+
+
+def test_a_stop_signal_while_the_pool_forks_arrives_after_the_forks(tmp_path: Path, monkeypatch):
+    """Found by a review: Ctrl-C or SIGTERM reaching the command's handler inside an at-fork
+    hook was dropped (CPython ignores exceptions raised there) and the run went on to exit 0.
+    The pool notes the stop signals while it forks: one sent during the forks (whichever
+    thread takes it) is raised once every worker is started, the pool closes them, and the
+    handler is the command's again."""
+    started: list[object] = []
+    real_worker = workers._Worker
+
+    def worker(process, conn, replacement=False):
+        started.append(process)
+        if len(started) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # pending until the forks are done
+        return real_worker(process, conn, replacement)
+
+    monkeypatch.setattr(workers, "_Worker", worker)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            workers.LocalPool(_cfg(tmp_path / "out"), KEY, processes=3, depth=1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(started) == 3
+    _wait_for(lambda: not any(p.is_alive() for p in started), "the workers to end")

@@ -255,15 +255,23 @@ def _escape_glob(text: str) -> str:
     return re.sub(r"([\[*?])", r"[\1]", text)
 
 
+_BEAM_STAR = "[^/\\\\]*"  # what FileSystem.translate_pattern writes for "*"
+
+
 def pattern_matcher(pattern: str) -> Any:
     """``re.match`` of Beam's pattern syntax (``FileSystem.translate_pattern``), where a set of
     one ``[``, ``*`` or ``?`` (``[[]``, as :func:`_escape_glob` writes) is translated as that
     character: Beam would write ``[[]`` into the regular expression, which Python warns may
-    become a nested set one day. Sets are delimited as Beam (and fnmatch) delimit them."""
+    become a nested set one day, and ``*`` stops at ``/`` only. Sets are delimited as Beam (and
+    fnmatch) delimit them."""
     from apache_beam.io.filesystem import FileSystem
 
     def translated(chunk: str) -> str:
-        return FileSystem.translate_pattern(chunk)[len("(?ms)"):-len("\\Z")] if chunk else ""
+        if not chunk:
+            return ""
+        # Beam's "*" also stops at a backslash (a Windows separator): a name such as
+        # "ser\\1.dcm" would vanish from the run without an audit row (found by a review).
+        return FileSystem.translate_pattern(chunk)[len("(?ms)"):-len("\\Z")].replace(_BEAM_STAR, "[^/]*")
 
     parts, start, i, n = [], 0, 0, len(pattern)
     while i < n:

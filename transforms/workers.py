@@ -39,6 +39,7 @@ Before the pool, a native crash ended the run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import multiprocessing
 import os
@@ -50,6 +51,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
+from collections.abc import Iterator
 from typing import Any, Hashable
 
 from transforms.errors import DeidError
@@ -65,6 +67,8 @@ _CLOSE_TIMEOUT = 60.0  # seconds a worker may take to finish its file when the r
 #: Seconds a stopped run's workers (Ctrl-C, a failure: no more rows are written) get to finish
 #: the file in hand before they are killed.
 STOPPED_RUN_GRACE = 5.0
+#: Deferred while the pool forks (:func:`_stop_signals_deferred`): the command's stop signals.
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _START_TIMEOUT = 120.0  # seconds a replacement worker may take to import the core
 
 
@@ -158,6 +162,35 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
 def pool_for(run_id: str) -> LocalPool | None:
     """The pool started for ``run_id`` in this process, if any."""
     return _POOLS.get(run_id)
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM or SIGHUP arriving inside the block is noted, then delivered again to
+    its own handler when the block ends.
+
+    The command's handler raises KeyboardInterrupt; run inside one of the at-fork hooks that
+    every fork calls (logging's), that exception is dropped by CPython, and the run went on to
+    exit 0 (found by a review). Blocking the signals would not do: another thread may take
+    them, and Python runs the handler in the main thread all the same. Off the main thread
+    (where handlers cannot be set) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for signum in _DEFERRED_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not None and handler is not signal.SIG_IGN:  # (None: set outside Python)
+                previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -338,26 +371,10 @@ class LocalPool:
         self._stop_draining = threading.Event()
         self._drain_error: BaseException | None = None
         ctx = multiprocessing.get_context("fork")
-        parent_ends: list[Connection] = []
         head_start = list({_file_key(*f): f for f in head_start or ()}.values())  # (one job per file)
         try:
-            for number in range(processes):
-                share = head_start[number::processes]
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                process = ctx.Process(
-                    target=_worker_main,
-                    args=(child_end, parent_ends + [parent_end], cfg, key, share, os.getpid()),
-                    name=f"dicom-deid-worker-{number}",
-                    daemon=True,
-                )
-                process.start()
-                child_end.close()
-                parent_ends.append(parent_end)
-                worker = _Worker(process, parent_end)
-                for path, size in share:
-                    job = self._head[_file_key(path, size)] = _Job(None, path, size)
-                    worker.outstanding.append(job)
-                self._workers.append(worker)
+            with _stop_signals_deferred():
+                self._fork_all(ctx, processes, head_start, cfg, key)
         except BaseException:
             self.close()
             raise
@@ -368,6 +385,26 @@ class LocalPool:
             self._drainer.start()
         with _POOLS_LOCK:
             _POOLS[self.run_id] = self
+
+    def _fork_all(self, ctx: Any, processes: int, head_start: list[tuple[str, int]], cfg: Any, key: Any) -> None:
+        parent_ends: list[Connection] = []
+        for number in range(processes):
+            share = head_start[number::processes]
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            process = ctx.Process(
+                target=_worker_main,
+                args=(child_end, parent_ends + [parent_end], cfg, key, share, os.getpid()),
+                name=f"dicom-deid-worker-{number}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            parent_ends.append(parent_end)
+            worker = _Worker(process, parent_end)
+            for path, size in share:
+                job = self._head[_file_key(path, size)] = _Job(None, path, size)
+                worker.outstanding.append(job)
+            self._workers.append(worker)
 
     def _drain(self) -> None:
         try:
