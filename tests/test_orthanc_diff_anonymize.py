@@ -273,7 +273,7 @@ def _datasets(data: dict[str, bytes]) -> list[Dataset]:
 
 def _differences(ours: Dataset, reference: Dataset, uids: UidStructure, label: str) -> tuple[str, list[Any]]:
     return label, compare_datasets(ours, reference, uids=uids, structural_tags=[PATIENT_NAME],
-                                   where=label)
+                                   where=label, anonymized=True)
 
 
 @pytest.mark.parametrize("case", STUDY_CASES, ids=[c.name for c in STUDY_CASES])

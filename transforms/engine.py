@@ -40,6 +40,8 @@ Deliberate differences from Orthanc 1.12 (listed for the README):
 * curve and overlay data (50xx,xxxx; 60xx,3000; 60xx,4000) are removed at top level too, as
   PS3.15 requires (Orthanc removes them only inside sequences), and overlays embedded in the
   unused bits of native pixel data are cleared (pixel values unchanged);
+* free text in compressed pixel data's codestream headers (JPEG comments, Exif, JPEG 2000
+  comments) is blanked, lengths kept (``transforms/codestreams.py``);
 * DeidentificationMethodCodeSequence (0012,0064) gets the Basic Profile code (113100, DCM) for
   an uncustomised anonymization; a customised one writes DeidentificationMethod
   ``dicom-deid <version>`` (Orthanc >= 1.12.7 style) and no code;
@@ -74,6 +76,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from transforms import paths
+from transforms.codestreams import blanked_pixel_data
 
 # The header scanner's vocabulary, shared with the reader so the two cannot drift apart.
 from transforms.dicomio import (
@@ -685,6 +688,23 @@ class _Run:
                 cleared = _unused_bits_cleared(out, elem, self.little)
                 if cleared is not None:
                     d[PIXEL_DATA] = cleared
+
+        # 10. Free text in the compressed pixel data's codestream headers (JPEG comments, Exif,
+        # JPEG 2000 comments): blanked, lengths kept (transforms/codestreams.py).
+        if anonymize and PIXEL_DATA not in replaced and PIXEL_DATA not in keep:
+            elem = d.get(PIXEL_DATA)
+            raw = type(elem) is RawDataElement
+            if elem is not None and isinstance(elem.value, (bytes, bytearray, memoryview)) and (
+                    elem.length == _UNDEFINED if raw else elem.is_undefined_length):
+                blanked = blanked_pixel_data(elem.value)
+                if blanked is not None:  # (encapsulated pixel data is OB, PS3.5 A.4, some say OW)
+                    vr = "OB" if elem.VR == "OW" else elem.VR
+                    if raw:
+                        d[PIXEL_DATA] = _raw(elem.tag, vr, _UNDEFINED, blanked, elem.value_tell,
+                                             elem.is_implicit_VR, elem.is_little_endian)
+                    else:
+                        d[PIXEL_DATA] = new = DataElement(elem.tag, vr, blanked)
+                        new.is_undefined_length = True
 
         # Changed sequences are encoded here, once, and handed to the writer as raw bytes:
         # pydicom's writer would spend tens of microseconds on every nested element.
