@@ -277,7 +277,6 @@ _GET_VR = attrgetter("VR")
 _BYTE_MAX_DEPTH = _MAX_DEPTH - 4  # below the scanner's limit: deeper input gets the object walk's errors
 
 
-_OVERLAY_DATA = 0x60003000
 _OVERLAY_DATA_TAGS = tuple(0x60003000 + (group << 16) for group in range(0, 0x100, 2))  # the removed range
 
 
@@ -448,7 +447,7 @@ class _Run:
         self.implicit: bool | None = None if implicit is None else bool(implicit)
         self.little = True if little is None else bool(little)
         self.anonymize = plan.is_anonymization
-        tables = _tables(plan)
+        self.tables = tables = _tables(plan)
         self.ns = tables.namespaces
         self.nested_actions = tables.nested
         self.top_codes = tables.top_codes
@@ -681,8 +680,7 @@ class _Run:
 
         # 9. Overlays embedded in the pixel data's unused high bits (anonymization with the
         # profile's overlay removals): cleared like the separate OverlayData the profile removes.
-        if anonymize and self.in_range(_OVERLAY_DATA) and PIXEL_DATA not in replaced \
-                and PIXEL_DATA not in keep and not any(tag in keep for tag in _OVERLAY_DATA_TAGS):
+        if self.tables.clear_embedded_overlays:
             elem = d.get(PIXEL_DATA)
             if elem is not None and not _encapsulated(self.source):
                 cleared = _unused_bits_cleared(out, elem, self.little)
@@ -691,7 +689,7 @@ class _Run:
 
         # 10. Free text in the compressed pixel data's codestream headers (JPEG comments, Exif,
         # JPEG 2000 comments): blanked, lengths kept (transforms/codestreams.py).
-        if anonymize and PIXEL_DATA not in replaced and PIXEL_DATA not in keep:
+        if self.tables.blank_codestream_text:
             elem = d.get(PIXEL_DATA)
             raw = type(elem) is RawDataElement
             if elem is not None and isinstance(elem.value, (bytes, bytearray, memoryview)) and (
@@ -1468,6 +1466,12 @@ class _Tables:
             (value, BaseTag(value.tag), plan.is_anonymization and value.vr == "SQ"
              and value != _BASIC_PROFILE_CODE) for value in plan.replacements)
         self.replacement_cache: dict[tuple, RawDataElement] = {}
+        # Steps 9 and 10 of an anonymization that leaves PixelData to the profile.
+        pixels_free = plan.is_anonymization and PIXEL_DATA not in plan.replaced_tags \
+            and PIXEL_DATA not in plan.keep
+        self.blank_codestream_text = pixels_free
+        self.clear_embedded_overlays = pixels_free and plan.keep.isdisjoint(_OVERLAY_DATA_TAGS) and any(
+            glo <= 0x6000 <= ghi and elo <= 0x3000 <= ehi for glo, ghi, elo, ehi, *_ in plan.removed_ranges)
 
 
 class _TopCodes(dict):
