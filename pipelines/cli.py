@@ -466,6 +466,10 @@ def check_names(input_uri: str, output: str, audit: str | None, crosswalk: str |
         if _scheme(location) not in _SCHEMES:
             raise UsageError(f"{name} {location!r}: unsupported storage {_scheme(location)}:// "
                              "(give a local path, file:// or gs://)")
+        if _scheme(location) == "gs" and ("\n" in location or "\r" in location):
+            # Cloud Storage names hold no line break; Beam's path parser fails on one after the
+            # outputs are written (an emulator accepts them: found by a review)
+            raise UsageError(f"{name} {location!r}: a gs:// name cannot hold a line break")
 
 
 def check_locations(input_uri: str, output: str, audit: str, crosswalk: str | None) -> None:
@@ -860,6 +864,11 @@ def prepare_locations(args: argparse.Namespace, input_uri: str, output: str) -> 
     that matches no file."""
     if not _local_input_exists(input_uri):
         raise UsageError(f"INPUT {args.input!r} does not exist")
+    if not args.audit and _scheme(output) == "gs" and "/" not in output[len("gs://"):].strip("/"):
+        # OUTPUT + "-audit" would name another bucket, perhaps someone else's (found by a review)
+        raise UsageError(f"OUTPUT {output!r} is a whole bucket: give --audit (its default, "
+                         f"{output.rstrip('/') + '-audit'!r}, would be another bucket; the audit must lie "
+                         "outside OUTPUT: in a bucket of yours or a local folder)")
     audit = normalize(args.audit) if args.audit else output.rstrip("/") + "-audit"
     crosswalk = normalize(args.crosswalk) if args.crosswalk else None
     check_locations(input_uri, output, audit, crosswalk)

@@ -83,3 +83,22 @@ def test_an_empty_value_in_a_list_under_iso_2022_multibyte_sets(charset: str):
     written = pydicom.dcmread(io.BytesIO(out))
     assert list(written.StudyDescription) == ["a", "", "b"]
     assert written.get_item("OperatorsName").value == b"Doe^^John "  # an empty name component too
+
+
+def test_a_name_whose_characters_its_iso_2022_set_cannot_hold_is_no_internal_error():
+    """Mutation seed 103: UTF-8 Cyrillic bytes under ISO 2022 IR 87 alone. pydicom decodes
+    them as replacement characters, then re-encodes the name (to keep its original string)
+    through the project's encoder, which dropped every character it could not hold and
+    handed pydicom an empty group: its IR 87 encoder read the first character (IndexError,
+    'internal_error' for the file). The name gets the pseudonym of what was read."""
+    data = _file("ISO_IR 192", "\u0413\u0443\u0441\u0435\u0432\u0430^\u0410\u043c\u0443\u0440")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SpecificCharacterSet = "ISO 2022 IR 87"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    raw = buffer.getvalue()
+    assert "\u0413\u0443\u0441\u0435\u0432\u0430".encode("utf-8") in raw  # bytes IR 87 does not define
+    source = dicomio.read_dataset(raw)
+    read_name = str(pydicom.dcmread(io.BytesIO(raw)).PatientName)
+    out = dicomio.read_dataset(dicomio.write_dataset(apply(PLAN, source, KEY)))
+    assert str(out.PatientName) == KEY.patient_name(read_name)

@@ -1117,3 +1117,63 @@ def test_a_prism_runner_that_cannot_start_is_named_not_an_internal_error(tmp_pat
     assert err.startswith(f'dicom-deid: --runner PrismRunner could not start Prism: Unable to parse binary URL "{missing}"')
     assert err.endswith("(Beam downloads or builds its Prism binary on first use: without a network, give "
                         "--prism_location a local copy of it, or use --runner DirectRunner)")
+
+
+def test_gs_locations_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Found by a review (GCS emulator): a whole-bucket OUTPUT put its default audit into
+    another bucket (``gs://release-audit``, perhaps someone else's); a line break in a gs://
+    --audit or --crosswalk (no Cloud Storage name holds one) passed the checks, and Beam's path
+    parser failed after every output was written (exit 1). Neither reaches storage here."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    key = ["--key-file", str(write_key(tmp_path))]
+    cases = [
+        (["gs://release"], "OUTPUT 'gs://release' is a whole bucket: give --audit (its default, "
+         "'gs://release-audit', would be another bucket; the audit must lie outside OUTPUT: in a bucket of yours or "
+         "a local folder)"),
+        (["gs://release/"], "OUTPUT 'gs://release' is a whole bucket: give --audit"),
+        ([str(tmp_path / "out"), "--audit", "gs://b/a\nb"], "--audit 'gs://b/a\\nb': a gs:// name cannot hold a line break"),
+        ([str(tmp_path / "out"), "--crosswalk", "gs://b/cw\r"], "--crosswalk 'gs://b/cw\\r': a gs:// name cannot hold a line break"),
+        (["gs://b/out\n"], "OUTPUT 'gs://b/out\\n': a gs:// name cannot hold a line break"),
+    ]
+    for args, message in cases:
+        assert cli.main(["anonymize", str(tmp_path / "in"), *args, *key]) == cli.EXIT_USAGE, args
+        assert _one_line_error(capsys.readouterr().err).startswith(f"dicom-deid: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deid.key", "in"]
+
+
+def test_a_bucket_that_keeps_what_is_written_is_refused(monkeypatch: pytest.MonkeyPatch):
+    """Found by a review: objects can be made but not deleted (a retention policy, no delete
+    permission): the probe passed, every output was written, then Beam's audit sink failed to
+    delete its temporary shard (exit 1, no audit)."""
+    from transforms import files
+
+    class Forbidden(Exception):
+        pass
+
+    made: list[str] = []
+
+    class Blob:
+        def __init__(self, name):
+            self.name = name
+
+        def upload_from_string(self, data):
+            made.append(self.name)
+
+        def delete(self):
+            raise Forbidden("retention policy")
+
+    class Bucket:
+        def blob(self, name):
+            return Blob(name)
+
+    class Client:
+        def bucket(self, name):
+            assert name == "locked"
+            return Bucket()
+
+    monkeypatch.setattr(files, "_gcs_client", lambda uri: Client())
+    assert files.probe_gcs_writable("gs://locked/audit", "run1") == \
+        "Forbidden when deleting what it wrote: a retention policy or no delete permission"
+    assert made == ["audit/.dicom-deid-probe-run1"]
+    with pytest.raises(cli.UsageError, match=r"^--audit 'gs://locked/audit': cannot write there \(Forbidden when "):
+        cli.probe_remote_locations("run1", **{"--audit": "gs://locked/audit"})

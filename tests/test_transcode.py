@@ -586,6 +586,25 @@ def test_lossy_steps_are_appended() -> None:
     assert ds.LossyImageCompressionRatio == "5" and "DerivationCodeSequence" not in ds
 
 
+@pytest.mark.parametrize("earlier", [b"abc ", b"1.2.3 ", b"nan "])
+def test_an_earlier_ratio_that_is_no_number_gives_way_to_the_new_step(earlier: bytes) -> None:
+    """Found by a review: an earlier LossyImageCompressionRatio such as "abc" failed every lossy
+    target as 'ValueError raised' (the encoder blamed); it is unreadable history, recorded
+    alone as where ratios and methods do not pair up."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = "5"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    data = buffer.getvalue().replace(b"DS\x02\x005 ", b"DS" + len(earlier).to_bytes(2, "little") + earlier)
+    assert earlier in data
+    ds = pydicom.dcmread(io.BytesIO(data))
+    result = tc.transcode_result(ds, J2K)
+    assert result.dataset.LossyImageCompressionRatio == f"{result.compression_ratio:.5g}"
+    assert result.dataset.LossyImageCompressionMethod == "ISO_15444_1"
+
+
 def test_jpeg_baseline_of_rgb_matches_dcmtk_conventions() -> None:
     ds = pydicom.dcmread(get_testdata_file("examples_rgb_color.dcm"))
     result = tc.transcode_result(ds, JPEG_LOSSY[0])

@@ -1149,7 +1149,7 @@ def _gcs_client(final: str) -> Any:
 
 
 def probe_gcs_writable(folder: str, run_id: str) -> str | None:
-    """Write and delete an empty object under the ``gs://`` ``folder``: None if that works,
+    """Write and delete an empty object under the ``gs://`` ``folder``: None if both work,
     else the error's type name (a missing bucket, no permission, an unreachable endpoint). Run
     before a run writes anything, so that an audit that cannot be written is found before its
     outputs exist. The probe's name starts with a dot, which the audit's readers ignore."""
@@ -1165,8 +1165,11 @@ def probe_gcs_writable(folder: str, run_id: str) -> str | None:
         return type(exc).__name__
     try:
         blob.delete()
-    except Exception:  # noqa: BLE001 - create but not delete: the empty probe stays, harmless
-        pass
+    except Exception as exc:  # noqa: BLE001 - named by type, as above
+        # Create but not delete (a retention policy, no delete permission): Beam's file sinks
+        # delete their temporary shards, so the audit would fail after every output is
+        # written (found by a review). The empty probe stays.
+        return f"{type(exc).__name__} when deleting what it wrote: a retention policy or no delete permission"
     return None
 
 

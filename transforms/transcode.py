@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import struct
 from collections.abc import Iterator
 
@@ -840,6 +841,10 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
             f"written in {', '.join(sorted(NATIVE))}"
         )
     arr, pi = _decode(out, source)
+    if source not in NATIVE and arr.size and arr.dtype.kind in "iu":
+        # A codestream of more bits than BitsStored: no target keeps them (native targets are
+        # read back through BitsStored), so say so rather than "round trip differs" (a review)
+        _check_decoded_range(out, arr, target)
     if source in LOSSY_SOURCES and target not in LOSSY:
         # PS3.3 C.7.6.1.1.5: once lossy, always 01; the syntax was the only record of it when
         # the attribute is missing (Orthanc/DCMTK write 01 too; found by a review).
@@ -854,7 +859,7 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
             _check(out, target, arr)
         return _done(out, source, target, recoded=True, verified=verify)
 
-    _check_encodable(out, arr, pi, target)
+    _check_encodable(out, arr, pi, target, source_native=source in NATIVE)
     _check_high_bits(out, source, target)
     if not _is_little(source):
         # Every compressed syntax is little endian: the other OW/OL/OF/OD/OV values (palette
@@ -918,7 +923,18 @@ def _check_high_bits(out: Dataset, source: str, target: str) -> None:
         )
 
 
-def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None:
+def _check_decoded_range(out: Dataset, arr: np.ndarray, target: str) -> None:
+    bits_stored = int(out.BitsStored)
+    signed = int(out.get("PixelRepresentation", 0) or 0) == 1
+    low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    if int(arr.min()) < low or int(arr.max()) > high:
+        raise CannotTranscode(
+            f"{_target_text(target)}: pixel values lie outside the range BitsStored ({bits_stored}) allows "
+            "(the source's codestream holds more bits than its header says)"
+        )
+
+
+def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str, source_native: bool = True) -> None:
     signed = int(out.get("PixelRepresentation", 0) or 0) == 1
     bits_stored = int(out.BitsStored)
     text = _target_text(target)
@@ -939,12 +955,14 @@ def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> Non
         raise CannotTranscode(f"{text}: BitsStored must be at most 16")
     if target in _JPEG and int(out.BitsAllocated) not in (8, 16):
         raise CannotTranscode(f"{text}: BitsAllocated must be 8 or 16 (PS3.5 8.2.1)")
-    if target in _JPEG and arr.size:
+    if arr.size and arr.dtype.kind in "iu":  # every codec keeps BitsStored bits (found by a review:
+        # the others failed as "ValueError raised", the cause unsaid)
         low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (
             0, (1 << bits_stored) - 1)
         if int(arr.min()) < low or int(arr.max()) > high:
             raise CannotTranscode(
-                f"{text}: pixel values lie outside the range BitsStored allows"
+                f"{text}: pixel values lie outside the range BitsStored ({bits_stored}) allows"
+                + ("" if source_native else " (the source's codestream holds more bits than its header says)")
             )
     if target in (JPEG_LOSSLESS, JPEG_LOSSLESS_SV1) and pi.startswith("YBR"):
         # libjpeg-turbo marks 3-sample lossless data as RGB (Adobe APP14) or corrupts it when
@@ -1154,13 +1172,23 @@ _STALE_AFTER_LOSSY = ("SmallestImagePixelValue", "LargestImagePixelValue", "Smal
 _DERIVATION_CODE_SEQUENCE = 0x00089215
 
 
+_DS_TEXT = re.compile(r" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")  # PS3.5 Table 6.2-1
+
+
 def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     """Record a lossy step (PS3.3 C.7.6.1.1.5) the way DCMTK does for Orthanc: ImageType value
     1 DERIVED (the whole value when there was none), the extreme and padding values dropped."""
     ratio_text = f"{ratio:.5g}"
     method = _LOSSY_METHOD[target]
-    ratios = list(_values(out, "LossyImageCompressionRatio"))
-    methods = list(_values(out, "LossyImageCompressionMethod"))
+    try:
+        ratios = list(_values(out, "LossyImageCompressionRatio"))
+        methods = list(_values(out, "LossyImageCompressionMethod"))
+        if not all(_DS_TEXT.fullmatch(text) for text in ratios):
+            raise ValueError("not a decimal string")  # (pydicom reads "abc" as text, refuses to write it)
+    except (ValueError, TypeError, OverflowError):
+        # an earlier step's values unreadable: the new step is recorded alone, as where they do
+        # not pair up (it failed as the encoder's error: found by a review)
+        ratios, methods = [], []
     if len(ratios) != len(methods) or out.get("LossyImageCompression") != "01":
         ratios, methods = [], []
     _set(out, "LossyImageCompression", "01")

@@ -435,9 +435,11 @@ def _encode_string(value: str, encodings: Sequence_[str]) -> bytes:
     are dropped (:func:`fit_text`) where pydicom would write "?": text is fitted to its data
     set's character set when it is built, but a SpecificCharacterSet replaced later in the
     same body can still take some away."""
+    if not value.isascii():
+        value = fit_text(value, encodings)  # (may leave nothing: mutation seed 103)
     if value == "":
         return b""
-    return _pydicom_encode_string(value if value.isascii() else fit_text(value, encodings), encodings)
+    return _pydicom_encode_string(value, encodings)
 
 
 _pydicom_encode_string = _pydicom_charset.encode_string
