@@ -545,6 +545,9 @@ def _inside_local(child: str, parent: str) -> bool:
 
 #: Entries looked at in an existing OUTPUT (study folders can number millions).
 _EARLIER_RUN_SCAN = 10_000
+#: Sub-folders not named like studies whose top is looked at too (a crosswalk given as
+#: ``rel/cw`` by one run, ``rel`` as OUTPUT by the next: found by a review).
+_EARLIER_RUN_SUBFOLDERS = 16
 _UID_NAME = re.compile(r"[0-9]+(\.[0-9]+)+")
 
 
@@ -562,52 +565,68 @@ def _earlier_run_kind(name: str, is_folder: bool) -> str | None:
     return "output" if name.lower().endswith(".dcm") else None
 
 
-def _earlier_run_files(folder: str | None) -> set[str]:
+def _earlier_run_files(folder: str | None, *, deeper: bool = True) -> set[str]:
     """The kinds (:func:`_earlier_run_kind`) of what an earlier run left at the top of the
-    existing local ``folder``."""
+    existing local ``folder``, and the audits and crosswalks in its first sub-folders that are
+    not study folders (:data:`_EARLIER_RUN_SUBFOLDERS`; ``deeper``)."""
     found: set[str] = set()
     if folder is None or _scheme(folder) is not None or not os.path.isdir(folder):
         return found
+    others: list[str] = []
     try:
         with os.scandir(folder) as entries:
             for entry in islice(entries, _EARLIER_RUN_SCAN):
-                kind = _earlier_run_kind(entry.name, _UID_NAME.fullmatch(entry.name) is not None and entry.is_dir())
+                uid_named = _UID_NAME.fullmatch(entry.name) is not None
+                kind = _earlier_run_kind(entry.name, uid_named and entry.is_dir())
                 if kind is not None:
                     found.add(kind)
+                elif deeper and not uid_named and len(others) < _EARLIER_RUN_SUBFOLDERS \
+                        and entry.is_dir(follow_symlinks=False):
+                    others.append(entry.path)
     except OSError:
         pass  # an unreadable folder is refused elsewhere (no permission to write in it)
+    for other in others:
+        found |= _earlier_run_files(other, deeper=False) & {"audit", "crosswalk"}
     return found
 
 
-def _earlier_run_objects(folder: str | None) -> set[str]:
+def _earlier_run_objects(folder: str | None, *, deeper: bool = True) -> set[str]:
     """:func:`_earlier_run_files` for a ``gs://`` folder: the first objects and "folders"
-    directly under it (one listing with a delimiter, never what lies deeper)."""
+    directly under it (one listing with a delimiter), and one listing of each of its first
+    "folders" that are not study folders."""
     from transforms.files import list_gcs_top
 
     found: set[str] = set()
     if folder is None or not folder.startswith("gs://"):
         return found
+    others: list[str] = []
     try:
         for name, is_folder in list_gcs_top(folder, _EARLIER_RUN_SCAN):
             kind = _earlier_run_kind(name, is_folder)
             if kind is not None:
                 found.add(kind)
+            elif deeper and is_folder and name and len(others) < _EARLIER_RUN_SUBFOLDERS:
+                others.append(f"{folder.rstrip('/')}/{name}")
     except Exception:  # noqa: BLE001 - a safeguard: write access without list access is allowed
         pass
+    for other in others:
+        found |= _earlier_run_objects(other, deeper=False) & {"audit", "crosswalk"}
     return found
 
 
-def _refuse_earlier_runs_files(output: str, audit: str, crosswalk: str | None, *, remote: bool = False) -> None:
+def _refuse_earlier_runs_files(output: str, audit: str, crosswalk: str | None, *, remote: bool = False,
+                               deeper: bool = True) -> None:
     """Refuse a folder that already holds another kind of output of an earlier run: the
     original identifiers of a crosswalk beside a release, an audit among the DICOM files (the
     audit's readers take every file there for Parquet), DICOM files in an audit folder. Local
     folders; ``gs://`` ones with ``remote`` (runs on this machine, which can list them; a
-    Dataflow launcher may lack the workers' access)."""
+    Dataflow launcher may lack the workers' access). ``deeper``: sub-folders too (not for
+    the folder of one-file mode's OUTPUT file, a work folder rather than a release)."""
     what = {"output": "de-identified DICOM files", "audit": "an audit", "crosswalk": "a crosswalk"}
     held_by = _earlier_run_objects if remote else _earlier_run_files
     for name, folder, allowed in (("OUTPUT", output, "output"), ("--audit", audit, "audit"),
                                   ("--crosswalk", crosswalk, "crosswalk")):
-        other = sorted(held_by(folder) - {allowed})
+        other = sorted(held_by(folder, deeper=deeper) - {allowed})
         if other:
             held = " and ".join(what[kind] for kind in other)
             raise UsageError(f"{name} {folder!r} already holds {held} of an earlier run: give {name} a folder "
@@ -1159,7 +1178,7 @@ def _check_single_locations(input_file: str, output: str, audit: str | None, cro
                              "never sit with de-identified files (give the crosswalk a folder outside it)")
     # As a folder run: a crosswalk (original identifiers) written into a release folder, or a
     # DICOM file into an audit folder (whose readers then fail on it), is refused.
-    _refuse_earlier_runs_files(os.path.dirname(real_out), real_audit, real_cw)
+    _refuse_earlier_runs_files(os.path.dirname(real_out), real_audit, real_cw, deeper=False)
 
 
 def _run_single(args: argparse.Namespace, plan: Any, key: Any, run_id: str, input_uri: str, output: str) -> int:

@@ -1177,3 +1177,43 @@ def test_a_bucket_that_keeps_what_is_written_is_refused(monkeypatch: pytest.Monk
     assert made == ["audit/.dicom-deid-probe-run1"]
     with pytest.raises(cli.UsageError, match=r"^--audit 'gs://locked/audit': cannot write there \(Forbidden when "):
         cli.probe_remote_locations("run1", **{"--audit": "gs://locked/audit"})
+
+
+def test_a_crosswalk_in_a_sub_folder_keeps_a_later_release_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Found by a review: the kinds of an earlier run's folders were looked for at the top of
+    each folder only, so a crosswalk written to rel/cw by one run let the next write its
+    release into rel, beside original identifiers. The first sub-folders that are not study
+    folders are looked at too; study folders (UID names) are not opened."""
+    write_study(make_study(seed=5, n_ct=1, rtstruct=False, sr=False), tmp_path / "in")
+    key = ["--key-file", str(write_key(tmp_path)), "--quiet"]
+    rel = tmp_path / "rel"
+    assert cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "first"), "--crosswalk", str(rel / "cw"),
+                     "--audit", str(rel / "audit"), *key]) == 0
+    assert cli.main(["anonymize", str(tmp_path / "in"), str(rel), *key]) == cli.EXIT_USAGE
+    assert _one_line_error(capsys.readouterr().err) == (
+        f"dicom-deid: OUTPUT {str(rel)!r} already holds an audit and a crosswalk of an earlier run: give OUTPUT a "
+        "folder of its own (keep original identifiers apart)")
+    assert sorted(p.name for p in rel.iterdir()) == ["audit", "cw"]
+    # a rerun into the release itself, whose study folders hold DICOM files: still allowed
+    assert cli.main(["anonymize", str(tmp_path / "in"), str(tmp_path / "first"), "--crosswalk", str(rel / "cw"),
+                     "--audit", str(rel / "audit"), *key]) == 0
+
+
+def test_a_crosswalk_in_a_sub_folder_of_a_gs_output_is_found(monkeypatch: pytest.MonkeyPatch):
+    """The gs:// side of the check above: one listing of OUTPUT, one of each non-study
+    "folder" in it, never of the study folders."""
+    from transforms import files
+
+    tree = {"gs://b/rel": [("1.2.3", True), ("cw", True), ("notes.txt", False)],
+            "gs://b/rel/cw": [("crosswalk-run1-00000-of-00001.parquet", False)]}
+    listed: list[str] = []
+
+    def list_top(folder, limit):
+        listed.append(folder)
+        return iter(tree.get(folder, []))
+
+    monkeypatch.setattr(files, "list_gcs_top", list_top)
+    assert cli._earlier_run_objects("gs://b/rel") == {"output", "crosswalk"}
+    assert listed == ["gs://b/rel", "gs://b/rel/cw"]
+    with pytest.raises(cli.UsageError, match=r"^OUTPUT 'gs://b/rel' already holds a crosswalk of an earlier run"):
+        cli._refuse_earlier_runs_files("gs://b/rel", "gs://b/rel-audit", None, remote=True)
