@@ -564,6 +564,24 @@ def test_signed_12_bit_lossless_is_exact(target: str) -> None:
     assert np.array_equal(got.reshape(source.shape), source)
 
 
+def test_signed_near_lossless_needs_values_away_from_the_range_ends() -> None:
+    """_signed_12_bit reaches -2048 and 2047: JPEG-LS does not record the sign and NEAR=2 could
+    flip it there, so pydicom refuses; the reason used to be "ValueError raised" (a review).
+    Two steps in from both ends, the same image is encoded."""
+    ds = _signed_12_bit()
+    with pytest.raises(tc.CannotTranscode) as refused:
+        tc.transcode(ds, JLS_NEAR)
+    assert str(refused.value) == (
+        "Transcode to 1.2.840.10008.1.2.4.81 (JPEG-LS Lossy (Near-Lossless)): signed pixel values must lie within "
+        "-2046..2045 (JPEG-LS does not record the sign, and an error of up to NEAR=2 would flip it at the range's "
+        "ends)")
+    inside = np.frombuffer(ds.PixelData, "<i2").clip(-2046, 2045)
+    ds.PixelData = inside.astype("<i2").tobytes()
+    back = _reread(tc.transcode(ds, JLS_NEAR))
+    got, _ = tc.decode_pixels(back)
+    assert int(np.abs(got.reshape(-1).astype(int) - inside.astype(int)).max()) <= 2
+
+
 def test_lossy_steps_are_appended() -> None:
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.LossyImageCompression = "01"

@@ -964,6 +964,13 @@ def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str, source
                 f"{text}: pixel values lie outside the range BitsStored ({bits_stored}) allows"
                 + ("" if source_native else " (the source's codestream holds more bits than its header says)")
             )
+        if target == JPEGLS_NEAR_LOSSLESS and signed and (
+                int(arr.min()) < low + JLS_NEAR or int(arr.max()) > high - JLS_NEAR):
+            # pydicom's check (it failed as "ValueError raised": found by a review)
+            raise CannotTranscode(
+                f"{text}: signed pixel values must lie within {low + JLS_NEAR}..{high - JLS_NEAR} (JPEG-LS "
+                f"does not record the sign, and an error of up to NEAR={JLS_NEAR} would flip it at the range's ends)"
+            )
     if target in (JPEG_LOSSLESS, JPEG_LOSSLESS_SV1) and pi.startswith("YBR"):
         # libjpeg-turbo marks 3-sample lossless data as RGB (Adobe APP14) or corrupts it when
         # told it is YCbCr; readers would then show the YCbCr samples as RGB.
