@@ -892,7 +892,8 @@ _NAME_BITS = [int(bit) for byte in b"DOE^JOHN" for bit in f"{byte:08b}"]  # 64 o
 
 
 def _overlay_image(bits: int, stored: int, signed: bool, syntax: str, overlay: bool = True,
-                   high_bit: int | None = None, zero_filled: bool = False) -> tuple[Dataset, list[int]]:
+                   high_bit: int | None = None, zero_filled: bool = False,
+                   declared: bool = True) -> tuple[Dataset, list[int]]:
     """A 8x8 greyscale image of ``stored``-bit values in ``bits``-bit words, the name's bits
     (an embedded overlay, OverlayBitPosition ``stored``) set in the unused bit just above
     HighBit; returns the data set and its pixel values."""
@@ -919,7 +920,8 @@ def _overlay_image(bits: int, stored: int, signed: bool, syntax: str, overlay: b
     ds.PixelRepresentation = int(signed)
     for element, vr, value in ((0x0010, "US", 8), (0x0011, "US", 8), (0x0040, "CS", "G"),
                                (0x0050, "SS", [1, 1]), (0x0100, "US", bits), (0x0102, "US", stored)):
-        ds.add_new(0x60000000 | element, vr, value)
+        if declared:  # the overlay group that embeds the plane at bit `stored`
+            ds.add_new(0x60000000 | element, vr, value)
     order = "<" if syntax != "1.2.840.10008.1.2.2" else ">"
     ds.PixelData = struct.pack(f"{order}{len(words)}{'BHI'[bits // 16]}", *words)
     ds["PixelData"].VR = "OB" if bits == 8 else "OW"
@@ -961,6 +963,35 @@ def test_signed_values_without_overlay_keep_their_pixel_bytes(zero_filled):
     assert bool(max(_words(source, 16)) >> 12) is not zero_filled
     result = _anonymize({}, source)
     assert bytes(result.PixelData) == bytes(source.PixelData)
+
+
+def test_signed_zero_filled_negatives_keep_zero_in_the_plane():
+    """A writer that does not sign-extend: the plane's bits become zero like the other bits
+    above HighBit of its negatives, so its words stay as it wrote them, the name gone."""
+    source, values = _overlay_image(16, 12, True, "1.2.840.10008.1.2.1", zero_filled=True)
+    plain = [v & 0x0FFF for v in values]
+    assert [((w ^ p) >> 12) & 1 for w, p in zip(_words(source, 16), plain)] == _NAME_BITS
+    assert _words(_anonymize({}, source), 16) == plain
+
+
+def test_bits_above_high_bit_that_no_overlay_group_names_are_left_alone():
+    """Found by a review of the first version, which cleared every bit above HighBit: values
+    that overflow BitsStored (a signed CT from -1024 to 3071 labelled 12 bits) kept their
+    words only for readers that mask them; no viewer draws a plane no 60xx group declares."""
+    source, _ = _overlay_image(16, 12, True, "1.2.840.10008.1.2.1", declared=False)
+    assert bytes(_anonymize({}, source).PixelData) == bytes(source.PixelData)
+
+
+def test_pixel_data_that_is_not_the_native_size_is_left_alone():
+    """Found by a review: a file whose transfer syntax says native but whose PixelData holds
+    encapsulated JPEG items; read as 16-bit words, its item tags and markers were cleared."""
+    source, _ = _overlay_image(16, 12, False, "1.2.840.10008.1.2.1")
+    jpeg = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes()
+    ds = source.copy()
+    ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\x00\xe0\x10\x00\x00\x00" + jpeg[-16:]
+    ds = dicomio.read_dataset(dicomio.write_dataset(ds), check_uids=False)
+    assert max(struct.unpack("<16H", bytes(ds.PixelData))) >> 12  # bits the plane's position names
+    assert bytes(_anonymize({}, ds).PixelData) == bytes(ds.PixelData)
 
 
 def test_signed_negatives_mixing_zero_fill_and_sign_extension_become_sign_extended():

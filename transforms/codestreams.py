@@ -29,23 +29,24 @@ _J2K_COM, _J2K_SOT, _J2K_SOD = 0xFF64, 0xFF90, 0xFF93
 def blanked_pixel_data(value: bytes | bytearray | memoryview) -> bytes | None:
     """The encapsulated PixelData ``value`` (its items, without the sequence delimiter) with
     the payload of every text segment in its codestreams' headers set to zero bytes, or None
-    where it has none. The Basic Offset Table (the first item) is not a codestream; a
-    fragment that starts no codestream continues one and is not walked."""
-    data = memoryview(value).cast("B") if not isinstance(value, bytes) else value
+    where it has none. Every item that starts a codestream is walked: the Basic Offset Table
+    never does (its first offset is 0), and a file that leaves the table out starts with its
+    first frame (found by a review); a fragment that starts no codestream continues one and
+    is not walked."""
+    data = memoryview(value).cast("B")  # slices are views, whatever ``value`` is
     ranges: list[tuple[int, int]] = []
-    pos, size, first = 0, len(data), True
+    pos, size = 0, len(data)
     while pos + 8 <= size and data[pos:pos + 4] == _ITEM:
         start = pos + 8
         end = start + int.from_bytes(data[pos + 4:pos + 8], "little")
         if end > size:
             break
-        if not first and end - start >= 4:
+        if end - start >= 4:
             fragment = data[start:end]
             if fragment[0] == 0xFF and fragment[1] == 0xD8:
                 _jpeg_text(fragment, start, ranges)
             elif fragment[:4] == b"\xff\x4f\xff\x51":
                 _j2k_text(fragment, start, ranges)
-        first = False
         pos = end
     if not ranges:
         return None

@@ -38,8 +38,8 @@ Deliberate differences from Orthanc 1.12 (listed for the README):
   PatientName/PatientID stay pseudonymized when the user replaces the top-level value (only
   ``Keep`` exempts them);
 * curve and overlay data (50xx,xxxx; 60xx,3000; 60xx,4000) are removed at top level too, as
-  PS3.15 requires (Orthanc removes them only inside sequences), and overlays embedded in the
-  unused bits of native pixel data are cleared (pixel values unchanged);
+  PS3.15 requires (Orthanc removes them only inside sequences), and overlays a 60xx group
+  embeds in the unused bits of native pixel data are cleared (pixel values unchanged);
 * free text in compressed pixel data's codestream headers (JPEG comments, Exif, JPEG 2000
   comments) is blanked, lengths kept (``transforms/codestreams.py``);
 * DeidentificationMethodCodeSequence (0012,0064) gets the Basic Profile code (113100, DCM) for
@@ -294,55 +294,89 @@ def _pixel_integer(ds: Dataset, tag: int, little: bool) -> int | None:
     return value if type(value) is int else None
 
 
-def _unused_bits_cleared(ds: Dataset, elem: Any, little: bool) -> Any | None:
-    """The native PixelData ``elem`` with the bits above HighBit restored to what the pixel
-    values imply (zero for unsigned data; copies of the sign bit for signed data), or None where
-    no pixel holds anything else there.
+#: OverlayBitPosition (60xx,0102) of the overlay groups a viewer draws (6000-601E, PS3.3 C.9.2).
+_OVERLAY_BIT_POSITIONS = tuple(0x60000102 + (group << 16) for group in range(0, 0x20, 2))
 
-    Those bits are where the retired embedded overlays live (OverlayBitPosition 12 in 16-bit
-    words holding 12-bit pixels): overlay-aware viewers (DCMTK) draw them, so an annotation
-    written there (a name, an ID) would survive the removal of OverlayData (60xx,3000). Pixel
-    values are untouched: every reader takes BitsStored bits at HighBit and sign-extends them.
-    Signed data whose negatives all have those bits zero (writers that do not sign-extend) or
-    all have them copy the sign bit hold nothing else and are left as they are; a mix of the
-    two forms is a plane of its own, and becomes sign-extended. Only the layout PS3.5 8.1.1 describes
-    for every current IOD (HighBit = BitsStored - 1) is handled; the pixel data is never
-    decoded beyond whole words.
+
+def _frames(ds: Dataset) -> int | None:
+    """NumberOfFrames (IS) as read, 1 when absent, None when it is no plain positive number."""
+    elem = ds._dict.get(0x00280008)
+    if elem is None:
+        return 1
+    value = elem.value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).strip(b" \x00")
+        return int(text) if text.isdigit() and 0 < int(text) < 1 << 31 else None
+    return int(value) if isinstance(value, int) and value > 0 else None  # (pydicom's IS is an int)
+
+
+def _embedded_overlays_cleared(ds: Dataset, elem: Any, little: bool) -> Any | None:
+    """The native PixelData ``elem`` with the bits of the overlays the data set embeds in it
+    set to what the pixel values imply (zero for unsigned data, copies of the sign bit for
+    signed data), or None where there are none or they are already so.
+
+    An embedded overlay (retired) is an overlay group 60xx whose OverlayBitPosition (60xx,0102)
+    names a bit of the pixel cells above HighBit (OverlayBitPosition 12 in 16-bit words holding
+    12-bit pixels); overlay-aware viewers (DCMTK) draw it, so an annotation written there (a
+    name, an ID) would survive the removal of OverlayData (60xx,3000). Only the bits such a
+    group names change, so every reader that takes BitsStored bits at HighBit reads the same
+    values; bits no group declares are left alone (no viewer draws them, and files whose values
+    overflow BitsStored keep their words). Only the layout PS3.5 8.1.1 describes for every
+    current IOD (HighBit = BitsStored - 1), whole words of 8, 16 or 32 bits, and pixel data of
+    exactly the size the image module gives (one pad byte allowed) are handled: a file whose
+    transfer syntax says native but whose pixel data is not (found by a review) is left as it is.
     """
+    bits = _pixel_integer(ds, 0x00280100, little)
+    stored = _pixel_integer(ds, 0x00280101, little)
+    if bits not in (8, 16, 32) or stored is None or not 0 < stored < bits:
+        return None
+    d = ds._dict
+    planes = 0
+    for tag in _OVERLAY_BIT_POSITIONS:
+        if tag in d:
+            position = _pixel_integer(ds, tag, little)
+            if position is not None and stored <= position < bits:
+                planes |= 1 << position
+    if not planes:
+        return None  # the common case: no overlay group names a bit of the pixel cells
+    high = _pixel_integer(ds, 0x00280102, little)
+    if high is not None and high != stored - 1:
+        return None
     value = elem.value
     if not isinstance(value, (bytes, bytearray, memoryview)):
         return None
-    bits = _pixel_integer(ds, 0x00280100, little)
-    stored = _pixel_integer(ds, 0x00280101, little)
-    high = _pixel_integer(ds, 0x00280102, little)
-    sign = _pixel_integer(ds, 0x00280103, little) or 0
-    if bits not in (8, 16, 32) or stored is None or not 0 < stored < bits:
+    rows, columns = _pixel_integer(ds, 0x00280010, little), _pixel_integer(ds, 0x00280011, little)
+    samples, frames = _pixel_integer(ds, 0x00280002, little) or 1, _frames(ds)
+    size = bits // 8
+    if not rows or not columns or frames is None:
         return None
-    if high is not None and high != stored - 1:
+    count = rows * columns * samples * frames
+    if len(value) not in (count * size, count * size + 1):
         return None
     import numpy as np
 
-    size = bits // 8
-    count = len(value) // size
-    if not count:
-        return None
-    words = np.frombuffer(value, dtype=f"{'<' if little else '>'}u{size}", count=count)
-    limit = 1 << stored
-    if int(words.max()) < limit:
-        return None  # no bit above HighBit anywhere (the common case: one SIMD pass)
-    if sign:
-        half = limit >> 1
-        values = words.view(f"{'<' if little else '>'}i{size}")
-        low, top = int(values.min()), int(values.max())
-        if (low >= -half and top < half) or (low >= 0 and top < limit):
-            # negatives all sign-extended, or all zero-filled: the values themselves (a mix
-            # of the two forms would be a plane of its own)
+    order = "<" if little else ">"
+    words = np.frombuffer(value, dtype=f"{order}u{size}", count=count)
+    kind = words.dtype.type
+    wanted = None  # unsigned data: the planes' bits become zero
+    if _pixel_integer(ds, 0x00280103, little):
+        # Signed data: they become what the writer put in the other bits above HighBit of its
+        # negative values, copies of the sign bit (sign-extended) or zero; copies where no
+        # other bit tells (the planes fill every bit above HighBit).
+        other = kind(((1 << bits) - 1) & ~((1 << stored) - 1) & ~planes)
+        negative = (words >> (stored - 1)) & kind(1)
+        if not other or (words[negative.astype(bool)] & other).any():
+            wanted = negative * kind(planes)
+    held = words & kind(planes)
+    if wanted is None:
+        if not held.any():
             return None
-        shift = bits - stored
-        fixed = ((values << shift) >> shift).astype(values.dtype, copy=False)
+        fixed = words & kind(~planes & ((1 << bits) - 1))
     else:
-        fixed = (words & (limit - 1)).astype(words.dtype, copy=False)  # ufuncs answer in native order
-    data = fixed.tobytes() + bytes(value[count * size:])
+        if np.array_equal(held, wanted):
+            return None
+        fixed = (words & kind(~planes & ((1 << bits) - 1))) | wanted
+    data = fixed.astype(words.dtype, copy=False).tobytes() + bytes(value[count * size:])
     if type(elem) is RawDataElement:
         return _raw(elem.tag, elem.VR, len(data), data, elem.value_tell, elem.is_implicit_VR,
                     elem.is_little_endian)
@@ -678,12 +712,12 @@ class _Run:
                            encodings=_fitting(owner, _python_encodings(owner))))
             sequences.append(path.parents[0][0])
 
-        # 9. Overlays embedded in the pixel data's unused high bits (anonymization with the
-        # profile's overlay removals): cleared like the separate OverlayData the profile removes.
+        # 9. Overlays a 60xx group embeds in the pixel data's unused high bits (anonymization
+        # with the profile's overlay removals): cleared like the OverlayData the profile removes.
         if self.tables.clear_embedded_overlays:
             elem = d.get(PIXEL_DATA)
             if elem is not None and not _encapsulated(self.source):
-                cleared = _unused_bits_cleared(out, elem, self.little)
+                cleared = _embedded_overlays_cleared(self.source, elem, self.little)
                 if cleared is not None:
                     d[PIXEL_DATA] = cleared
 
