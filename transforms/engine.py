@@ -326,21 +326,23 @@ def _embedded_overlays_cleared(ds: Dataset, elem: Any, little: bool) -> Any | No
     exactly the size the image module gives (one pad byte allowed) are handled: a file whose
     transfer syntax says native but whose pixel data is not (found by a review) is left as it is.
     """
+    d = ds._dict
+    declared = [tag for tag in _OVERLAY_BIT_POSITIONS if tag in d]
+    if not declared:
+        return None  # the common case: no overlay group at all
     bits = _pixel_integer(ds, 0x00280100, little)
     stored = _pixel_integer(ds, 0x00280101, little)
     if bits not in (8, 16, 32) or stored is None or not 0 < stored < bits:
         return None
-    d = ds._dict
     planes = 0
-    for tag in _OVERLAY_BIT_POSITIONS:
-        if tag in d:
-            position = _pixel_integer(ds, tag, little)
-            if position is not None and stored <= position < bits:
-                planes |= 1 << position
+    for tag in declared:
+        position = _pixel_integer(ds, tag, little)
+        if position is not None and stored <= position < bits:
+            planes |= 1 << position
     if not planes:
-        return None  # the common case: no overlay group names a bit of the pixel cells
+        return None  # overlays in OverlayData of their own
     high = _pixel_integer(ds, 0x00280102, little)
-    if high is not None and high != stored - 1:
+    if (high is not None and high != stored - 1) or _encapsulated(ds):
         return None
     value = elem.value
     if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -716,7 +718,7 @@ class _Run:
         # with the profile's overlay removals): cleared like the OverlayData the profile removes.
         if self.tables.clear_embedded_overlays:
             elem = d.get(PIXEL_DATA)
-            if elem is not None and not _encapsulated(self.source):
+            if elem is not None:
                 cleared = _embedded_overlays_cleared(self.source, elem, self.little)
                 if cleared is not None:
                     d[PIXEL_DATA] = cleared
