@@ -895,11 +895,9 @@ def prepare_locations(args: argparse.Namespace, input_uri: str, output: str) -> 
     return RunLocations(input_uri, output, audit, crosswalk)
 
 
-def other_key_warning(locations: RunLocations, key_id: str) -> list[str]:
-    """The warning (printed now and again at the end) when the last run recorded in the audit
-    folder wrote files into the same OUTPUT with another key: two sets of pseudonyms and UIDs
-    would sit side by side there (a rerun with a new random key, a trial run, then the real one
-    with the key file). Read from that run's ``summary.json``; none when there is none."""
+def _last_run(locations: RunLocations) -> tuple[dict[str, Any], int] | None:
+    """The summary of the last run recorded in the audit folder, when it wrote files into the
+    same OUTPUT, and how many it wrote; None when there is none (or it is not ours)."""
     uri = (os.path.join(locations.audit, "summary.json") if _scheme(locations.audit) is None
            else f"{locations.audit.rstrip('/')}/summary.json")
     try:
@@ -908,11 +906,45 @@ def other_key_warning(locations: RunLocations, key_id: str) -> list[str]:
         previous = json.loads(read_bounded(uri, 64 << 20))
         statuses = previous.get("Statuses") or {}
         written = sum(n for s, n in statuses.items() if s in ("written", "moved", "copied") and type(n) is int)
-        earlier, run = previous.get("KeyId"), previous.get("RunId")
         same_output = previous.get("Output") == locations.output
     except Exception:  # noqa: BLE001 - no summary, or not ours: nothing to compare with
+        return None
+    return (previous, written) if same_output and written else None
+
+
+def refuse_mixed_release(locations: RunLocations, anonymization: bool, command: str) -> None:
+    """Refuse (UsageError) to write into an OUTPUT whose last run (from its ``summary.json``)
+    anonymized when this one keeps original identifiers (modify, split, merge), or the reverse:
+    files with original identifiers would sit in a release (found by a newcomer's run of the
+    README's examples, which put a split into the quick start's OUTPUT)."""
+    last = _last_run(locations)
+    if last is None:
+        return
+    previous, written = last
+    earlier_anonymized = previous.get("IsAnonymization") is True
+    if earlier_anonymized == anonymization:
+        return
+    earlier = str(previous.get("Description") or "dicom-deid").removeprefix("dicom-deid ") or "earlier"
+    if anonymization:
+        raise UsageError(f"OUTPUT {locations.output!r} holds {written} files of a {earlier} run "
+                         f"({previous.get('RunId')}), which keeps original identifiers: de-identified files beside "
+                         "them would make no release; give OUTPUT a folder of its own")
+    raise UsageError(f"OUTPUT {locations.output!r} holds {written} de-identified files of an anonymize run "
+                     f"({previous.get('RunId')}): the files of this {command} keep original identifiers and must not "
+                     "sit beside them; give OUTPUT a folder of its own")
+
+
+def other_key_warning(locations: RunLocations, key_id: str) -> list[str]:
+    """The warning (printed now and again at the end) when the last run recorded in the audit
+    folder wrote files into the same OUTPUT with another key: two sets of pseudonyms and UIDs
+    would sit side by side there (a rerun with a new random key, a trial run, then the real one
+    with the key file). Read from that run's ``summary.json``; none when there is none."""
+    last = _last_run(locations)
+    if last is None:
         return []
-    if not same_output or not written or not isinstance(earlier, str) or earlier == key_id:
+    previous, written = last
+    earlier, run = previous.get("KeyId"), previous.get("RunId")
+    if not isinstance(earlier, str) or earlier == key_id:
         return []
     warning = (f"warning: OUTPUT already holds {written} files that run {run} wrote with key {earlier}; this "
                f"run's key is {key_id}, so its pseudonyms and UIDs differ and both sets will sit side by side "
@@ -1089,6 +1121,7 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.file_timeout is not None and not processes:
         raise UsageError("--file-timeout: the deadline is kept by the worker processes of a local run, and this run "
                          "has none (--processes 0, one CPU, or another runner)")
+    refuse_mixed_release(where, plan.is_anonymization, args.command)  # (reads gs:// too)
     _warn_random_key(key)
     mixed = other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
     progress_dir = progress_folder(args, local_runner)

@@ -776,8 +776,8 @@ def test_the_readme_listing_snippet_names_the_studies_and_series_to_split(tmp_pa
                           cwd=tmp_path, timeout=60, check=True)
     from transforms.orthanc_ids import orthanc_ids
 
-    expected = sorted(
-        "  ".join([orthanc_ids(ds.PatientID, ds.StudyInstanceUID, "", "")["study"], str(ds.PatientID),
+    expected = ["orthanc_study\tpatient_id\tstudy_uid\tseries_uid\tmodality\tseries_description\tfiles"] + sorted(
+        "\t".join([orthanc_ids(ds.PatientID, ds.StudyInstanceUID, "", "")["study"], str(ds.PatientID),
                    str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.Modality,
                    str(ds.get("SeriesDescription", "")), str(n)])
         for ds, n in {str(d.SeriesInstanceUID): (d, sum(x.SeriesInstanceUID == d.SeriesInstanceUID for x in study))
@@ -810,3 +810,39 @@ def test_an_instance_the_first_pass_missed_fails_instead_of_staying_behind(
         ("T1", "copied" if copy_unselected else "skipped"), ("T2", "moved")}
     summary = json.loads((audit / "summary.json").read_text())
     assert (summary["InstancesCount"], summary["FailedInstancesCount"]) == (26, 1)  # 25 moved + the failed one
+
+
+def test_a_release_and_files_with_original_identifiers_never_share_an_output(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Found by a newcomer following the README: a split written into the quick start's
+    anonymized OUTPUT put files with original identifiers into the release (the only word was
+    the other-key warning). The last run's summary.json (in the default audit folder) says
+    which kind OUTPUT holds; the other kinds are refused before anything is written, and the
+    same kind runs again."""
+    folder = tmp_path / "in"
+    write_reference_studies(folder)
+    key = tmp_path / "k.key"
+    key.write_bytes(KEY_BYTES)
+    common = ["--key-file", str(key), "--quiet"]
+    out = tmp_path / "out"
+    assert cli.main(["anonymize", str(folder), str(out), *common]) == 0
+    files_before = sorted(p for p in out.rglob("*") if p.is_file())
+    run_id = json.loads((tmp_path / "out-audit" / "summary.json").read_text())["RunId"]
+    capsys.readouterr()
+    body = json.dumps({"Series": [CT_SERIES]})
+    for argv, command in ((["split", str(folder), str(out), "--study", STUDY_A, "--body", body], "split"),
+                          (["modify", str(folder), str(out)], "modify")):
+        assert cli.main([*argv, *common]) == cli.EXIT_USAGE
+        assert capsys.readouterr().err == (
+            f"dicom-deid: OUTPUT {str(out)!r} holds {len(files_before)} de-identified files of an anonymize run "
+            f"({run_id}): the files of this {command} keep original identifiers and must not sit beside them; give "
+            "OUTPUT a folder of its own\n")
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files_before
+    assert cli.main(["anonymize", str(folder), str(out), *common]) == 0  # the same kind: a rerun
+    # and the reverse: an anonymization into a split's OUTPUT
+    split_out = tmp_path / "split"
+    assert cli.main(["split", str(folder), str(split_out), "--study", STUDY_A, "--body", body, *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["anonymize", str(folder), str(split_out), *common]) == cli.EXIT_USAGE
+    assert "which keeps original identifiers: de-identified files beside them would make no release" in \
+        capsys.readouterr().err

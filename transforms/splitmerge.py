@@ -475,7 +475,8 @@ class _Index:
         if len(found) > 1:
             raise RequestError(
                 f"{where}: this StudyInstanceUID names {len(found)} studies in INPUT (different "
-                "PatientIDs); give the Orthanc id of the one you mean"
+                "PatientIDs); give the Orthanc id of the one you mean (the README's listing of "
+                "studies shows them)"
             )
         return next(iter(found))
 
@@ -674,7 +675,8 @@ def plan_merge(entries: Iterable[IndexEntry], request: MergeRequest, key: Key) -
         if len(matches) > 1:
             raise RequestError(
                 f"{where}: this identifier names {len(matches)} resources in INPUT (a UID shared "
-                "by several patients or levels); give the Orthanc id of the one you mean"
+                "by several patients or levels); give the Orthanc id of the one you mean (the "
+                "README's listing of studies shows them)"
             )
         resource, level = matches[0]
         if resource == target or index.study_of.get(resource) == target:
