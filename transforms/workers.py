@@ -50,8 +50,8 @@ import sys
 import threading
 import time
 import traceback
-from multiprocessing.connection import Connection, wait
 from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
 from typing import Any, Hashable
 
 from transforms.errors import DeidError
@@ -387,6 +387,7 @@ class LocalPool:
             _POOLS[self.run_id] = self
 
     def _fork_all(self, ctx: Any, processes: int, head_start: list[tuple[str, int]], cfg: Any, key: Any) -> None:
+        """Fork the ``processes`` workers, each with its share of the head-start files."""
         parent_ends: list[Connection] = []
         for number in range(processes):
             share = head_start[number::processes]
