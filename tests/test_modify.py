@@ -83,6 +83,28 @@ def test_a_private_sequence_replaced_by_a_value_has_no_items_for_a_path(value, s
     edited = _modify({"Replace": {"6003,1010[*].DerivationDescription": "x"}}, source)  # not replaced: items
     assert [item.DerivationDescription for item in edited[0x60031010].value] == ["x", "x"]
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_path_edits_reach_into_a_sequence_the_same_body_replaces(syntax):
+    """Found by a differential fuzz against Orthanc 1.10.1: in an implicit VR file the replaced
+    sequence is a raw element without a VR, and the path edits below it were dropped
+    (ProcedureCodeSequence[0].CodeMeaning stayed unset, a Remove below it kept its element);
+    explicit VR files were right. Both now give Orthanc's result."""
+    ds = _read(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = syntax
+    source = dicomio.read_dataset(dicomio.write_dataset(ds), check_uids=False)
+    assert source.original_encoding[0] is (syntax == "1.2.840.10008.1.2")
+    result = _modify({"Replace": {"ProcedureCodeSequence": [{}, {"CodeValue": "A"}],
+                                  "ProcedureCodeSequence[0].CodeMeaning": "DELTA-X",
+                                  "ReferencedSeriesSequence": [{"SeriesInstanceUID": "1.2.3", "Modality": "CT"}],
+                                  "ReferencedStudySequence": [{"PatientName": "Inner^Name"}],
+                                  "ReferencedStudySequence[*].PatientName": "Mull^J"},
+                      "Remove": ["ReferencedSeriesSequence[0].SeriesInstanceUID"]}, source)
+    assert [(i.get("CodeValue"), i.get("CodeMeaning")) for i in result.ProcedureCodeSequence] == \
+        [(None, "DELTA-X"), ("A", None)]
+    assert [sorted(i.dir()) for i in result.ReferencedSeriesSequence] == [["Modality"]]
+    assert [str(i.PatientName) for i in result.ReferencedStudySequence] == ["Mull^J"]
+
+
 def test_modify_subsequences():  # TC-25, modification half
     source = _read(sample("Issue22-NoPixelData.dcm"))
     result = _modify({

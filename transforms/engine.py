@@ -768,9 +768,11 @@ class _Run:
         cache_key = (index, self.implicit, self.little, tuple(encodings), tuple(fitting))
         cached = self.replacement_cache.get(cache_key)
         if cached is not None:
-            return self.ws.made(cached)
+            raw, sequence = cached
+            return raw if sequence else self.ws.made(raw)
         elem = build_element(value, little_endian=self.little, encodings=fitting)
-        if elem.VR == "SQ":
+        sequence = elem.VR == "SQ"
+        if sequence:
             raw = self._raw_sequence(value.tag, elem, encodings)
         else:
             raw = _raw_element(elem, self.implicit, self.little, encodings)
@@ -778,8 +780,11 @@ class _Run:
             return self.ws.owned_element(elem)
         if len(self.replacement_cache) > 1024:
             self.replacement_cache.clear()
-        self.replacement_cache[cache_key] = raw
-        return self.ws.made(raw)
+        self.replacement_cache[cache_key] = (raw, sequence)
+        # A replaced sequence is items for the path edits below it, also in implicit VR, where
+        # its raw element has no VR to say so (its edits were dropped: found by a differential
+        # fuzz against Orthanc); anything else is not, whatever its bytes hold.
+        return raw if sequence else self.ws.made(raw)
 
     def _raw_sequence(self, tag: int, elem: DataElement,
                       encodings: list[str]) -> RawDataElement | None:
@@ -1501,7 +1506,7 @@ class _Tables:
         self.replacements = tuple(
             (value, BaseTag(value.tag), plan.is_anonymization and value.vr == "SQ"
              and value != _BASIC_PROFILE_CODE) for value in plan.replacements)
-        self.replacement_cache: dict[tuple, RawDataElement] = {}
+        self.replacement_cache: dict[tuple, tuple[RawDataElement, bool]] = {}  # (raw, is a sequence)
         # Steps 9 and 10 of an anonymization that leaves PixelData to the profile.
         pixels_free = plan.is_anonymization and PIXEL_DATA not in plan.replaced_tags \
             and PIXEL_DATA not in plan.keep
