@@ -312,8 +312,9 @@ def _frames(ds: Dataset) -> int | None:
 
 def _embedded_overlays_cleared(ds: Dataset, elem: Any, little: bool) -> Any | None:
     """The native PixelData ``elem`` with the bits of the overlays the data set embeds in it
-    set to what the pixel values imply (zero for unsigned data, copies of the sign bit for
-    signed data), or None where there are none or they are already so.
+    set to what the pixel values imply (zero for unsigned data; for signed data, what the
+    writer put in its negatives' other bits above HighBit: copies of the sign bit, or zero), or
+    None where there are none or they are already so.
 
     An embedded overlay (retired) is an overlay group 60xx whose OverlayBitPosition (60xx,0102)
     names a bit of the pixel cells above HighBit (OverlayBitPosition 12 in 16-bit words holding
