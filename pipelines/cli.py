@@ -912,18 +912,19 @@ def _last_run(locations: RunLocations) -> tuple[dict[str, Any], int] | None:
     return (previous, written) if same_output and written else None
 
 
-def refuse_mixed_release(locations: RunLocations, anonymization: bool, command: str) -> None:
+def refuse_mixed_release(locations: RunLocations, anonymization: bool, command: str) -> Any:
     """Refuse (UsageError) to write into an OUTPUT whose last run (from its ``summary.json``)
     anonymized when this one keeps original identifiers (modify, split, merge), or the reverse:
     files with original identifiers would sit in a release (found by a newcomer's run of the
-    README's examples, which put a split into the quick start's OUTPUT)."""
+    README's examples, which put a split into the quick start's OUTPUT). Returns that last run
+    for :func:`other_key_warning` (one read of the summary)."""
     last = _last_run(locations)
     if last is None:
-        return
+        return None
     previous, written = last
     earlier_anonymized = previous.get("IsAnonymization") is True
     if earlier_anonymized == anonymization:
-        return
+        return last
     earlier = str(previous.get("Description") or "dicom-deid").removeprefix("dicom-deid ") or "earlier"
     if anonymization:
         raise UsageError(f"OUTPUT {locations.output!r} holds {written} files of a {earlier} run "
@@ -934,12 +935,14 @@ def refuse_mixed_release(locations: RunLocations, anonymization: bool, command: 
                      "sit beside them; give OUTPUT a folder of its own")
 
 
-def other_key_warning(locations: RunLocations, key_id: str) -> list[str]:
+def other_key_warning(locations: RunLocations, key_id: str, last: Any = ...) -> list[str]:
     """The warning (printed now and again at the end) when the last run recorded in the audit
     folder wrote files into the same OUTPUT with another key: two sets of pseudonyms and UIDs
     would sit side by side there (a rerun with a new random key, a trial run, then the real one
-    with the key file). Read from that run's ``summary.json``; none when there is none."""
-    last = _last_run(locations)
+    with the key file). Read from that run's ``summary.json`` (``last``: as
+    :func:`refuse_mixed_release` read it); none when there is none."""
+    if last is ...:
+        last = _last_run(locations)
     if last is None:
         return []
     previous, written = last
@@ -1121,9 +1124,9 @@ def run_deid(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.file_timeout is not None and not processes:
         raise UsageError("--file-timeout: the deadline is kept by the worker processes of a local run, and this run "
                          "has none (--processes 0, one CPU, or another runner)")
-    refuse_mixed_release(where, plan.is_anonymization, args.command)  # (reads gs:// too)
+    last = refuse_mixed_release(where, plan.is_anonymization, args.command)  # (reads gs:// too)
     _warn_random_key(key)
-    mixed = other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
+    mixed = other_key_warning(where, key.key_id, last)  # after every refusal
     progress_dir = progress_folder(args, local_runner)
     cfg = RunConfig(
         plan=plan,

@@ -497,9 +497,9 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             # The study index is written there by Beam's text sink, which reads the name as a glob.
             raise cli.UsageError(f"{args.command}: the temporary directory {tempfile.gettempdir()!r} holds *, ? or [, "
                                  "which Beam's file sinks read as patterns: set TMPDIR to another folder")
-    cli.refuse_mixed_release(where, False, args.command)  # (reads gs:// too)
+    last = cli.refuse_mixed_release(where, False, args.command)  # (reads gs:// too)
     cli._warn_random_key(key)
-    mixed = cli.other_key_warning(where, key.key_id)  # after every refusal: it may read gs://
+    mixed = cli.other_key_warning(where, key.key_id, last)  # after every refusal
     progress_dir = cli.progress_folder(args, local_runner)
     with cli.run_leftovers_removed(output, run_id, progress_dir):
         outcome = execute(

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import struct
 from collections.abc import Iterator
 
@@ -74,6 +73,7 @@ from transforms.dicomio import (
     unsigned_without_pixel_representation,
 )
 from transforms.errors import CannotTranscode, InputError, RequestError, is_work_failure
+from transforms.values import _DS_RE  # PS3.5 Table 6.2-1, as replacements are checked
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -859,7 +859,7 @@ def _recode(out: Dataset, source: str, target: str, verify: bool) -> TranscodeRe
             _check(out, target, arr)
         return _done(out, source, target, recoded=True, verified=verify)
 
-    _check_encodable(out, arr, pi, target, source_native=source in NATIVE)
+    _check_encodable(out, arr, pi, target)
     _check_high_bits(out, source, target)
     if not _is_little(source):
         # Every compressed syntax is little endian: the other OW/OL/OF/OD/OV values (palette
@@ -923,10 +923,16 @@ def _check_high_bits(out: Dataset, source: str, target: str) -> None:
         )
 
 
-def _check_decoded_range(out: Dataset, arr: np.ndarray, target: str) -> None:
+def _stored_range(out: Dataset) -> tuple[int, int, int]:
+    """``(BitsStored, lowest, highest)`` value the data set's pixel cells can hold."""
     bits_stored = int(out.BitsStored)
-    signed = int(out.get("PixelRepresentation", 0) or 0) == 1
-    low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    if int(out.get("PixelRepresentation", 0) or 0) == 1:
+        return bits_stored, -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    return bits_stored, 0, (1 << bits_stored) - 1
+
+
+def _check_decoded_range(out: Dataset, arr: np.ndarray, target: str) -> None:
+    bits_stored, low, high = _stored_range(out)
     if int(arr.min()) < low or int(arr.max()) > high:
         raise CannotTranscode(
             f"{_target_text(target)}: pixel values lie outside the range BitsStored ({bits_stored}) allows "
@@ -934,7 +940,7 @@ def _check_decoded_range(out: Dataset, arr: np.ndarray, target: str) -> None:
         )
 
 
-def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str, source_native: bool = True) -> None:
+def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str) -> None:
     signed = int(out.get("PixelRepresentation", 0) or 0) == 1
     bits_stored = int(out.BitsStored)
     text = _target_text(target)
@@ -957,15 +963,11 @@ def _check_encodable(out: Dataset, arr: np.ndarray, pi: str, target: str, source
         raise CannotTranscode(f"{text}: BitsAllocated must be 8 or 16 (PS3.5 8.2.1)")
     if arr.size and arr.dtype.kind in "iu":  # every codec keeps BitsStored bits (found by a review:
         # the others failed as "ValueError raised", the cause unsaid)
-        low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (
-            0, (1 << bits_stored) - 1)
-        if int(arr.min()) < low or int(arr.max()) > high:
-            raise CannotTranscode(
-                f"{text}: pixel values lie outside the range BitsStored ({bits_stored}) allows"
-                + ("" if source_native else " (the source's codestream holds more bits than its header says)")
-            )
-        if target == JPEGLS_NEAR_LOSSLESS and signed and (
-                int(arr.min()) < low + JLS_NEAR or int(arr.max()) > high - JLS_NEAR):
+        _, low, high = _stored_range(out)
+        lowest, highest = int(arr.min()), int(arr.max())
+        if lowest < low or highest > high:
+            raise CannotTranscode(f"{text}: pixel values lie outside the range BitsStored ({bits_stored}) allows")
+        if target == JPEGLS_NEAR_LOSSLESS and signed and (lowest < low + JLS_NEAR or highest > high - JLS_NEAR):
             # pydicom's check (it failed as "ValueError raised": found by a review)
             raise CannotTranscode(
                 f"{text}: signed pixel values must lie within {low + JLS_NEAR}..{high - JLS_NEAR} (JPEG-LS "
@@ -1179,9 +1181,6 @@ _STALE_AFTER_LOSSY = ("SmallestImagePixelValue", "LargestImagePixelValue", "Smal
 _DERIVATION_CODE_SEQUENCE = 0x00089215
 
 
-_DS_TEXT = re.compile(r" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")  # PS3.5 Table 6.2-1
-
-
 def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     """Record a lossy step (PS3.3 C.7.6.1.1.5) the way DCMTK does for Orthanc: ImageType value
     1 DERIVED (the whole value when there was none), the extreme and padding values dropped."""
@@ -1190,7 +1189,7 @@ def _mark_lossy(out: Dataset, target: str, ratio: float) -> None:
     try:
         ratios = list(_values(out, "LossyImageCompressionRatio"))
         methods = list(_values(out, "LossyImageCompressionMethod"))
-        if not all(_DS_TEXT.fullmatch(text) for text in ratios):
+        if not all(_DS_RE.match(text) for text in ratios):
             raise ValueError("not a decimal string")  # (pydicom reads "abc" as text, refuses to write it)
     except (ValueError, TypeError, OverflowError):
         # an earlier step's values unreadable: the new step is recorded alone, as where they do
